@@ -1,0 +1,101 @@
+"""Error types with stable snake_case codes, shared by the API, the worker and the CLI.
+
+Every error a user can see carries a `code` that scripts can rely on and a sentence a person can act
+on. `http_status` is what the API answers with; `retryable` tells the worker whether trying again
+could help (a broker hiccup) or not (a broken image).
+"""
+
+from __future__ import annotations
+
+
+class ModtagError(Exception):
+    """Base error: a stable code, a human message, an HTTP status and whether a retry may help."""
+
+    code: str = "internal_error"
+    http_status: int = 500
+    retryable: bool = False
+
+    def __init__(self, message: str, *, code: str | None = None, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if http_status is not None:
+            self.http_status = http_status
+
+    def to_dict(self) -> dict[str, str]:
+        return {"detail": self.message, "code": self.code}
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.code})"
+
+
+class BadRequest(ModtagError):
+    code = "bad_request"
+    http_status = 400
+
+
+class NotFound(ModtagError):
+    code = "not_found"
+    http_status = 404
+
+
+class InvalidField(ModtagError):
+    code = "invalid_field"
+    http_status = 422
+
+
+class PayloadTooLarge(ModtagError):
+    code = "payload_too_large"
+    http_status = 413
+
+
+class ImageError(ModtagError):
+    """The image cannot be used: empty, not an image, truncated, too big, a decompression bomb...
+
+    Permanent: the same bytes will fail the same way, so the worker never retries it.
+    """
+
+    code = "image_invalid"
+    http_status = 415
+
+
+class FetchError(ModtagError):
+    """An `image_url` could not be fetched (refused address, timeout, too large, HTTP error)."""
+
+    code = "fetch_failed"
+    http_status = 422
+
+
+class PolicyError(ModtagError):
+    """A policy file is invalid or a policy name is unknown."""
+
+    code = "policy_invalid"
+    http_status = 422
+
+
+class ConfigError(ModtagError):
+    """A setting or a command-line argument is wrong; raised before anything starts."""
+
+    code = "config_invalid"
+    http_status = 500
+
+
+class ModelError(ModtagError):
+    """Model weights cannot be found or loaded."""
+
+    code = "model_unavailable"
+    http_status = 503
+
+
+class NotReady(ModtagError):
+    code = "not_ready"
+    http_status = 503
+
+
+class TransientError(ModtagError):
+    """Something outside the job failed (database, broker, out of memory): retrying may succeed."""
+
+    code = "transient"
+    http_status = 503
+    retryable = True

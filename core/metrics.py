@@ -1,0 +1,50 @@
+"""Every Prometheus metric modtag exports, defined once. Labels are bounded (never a job id)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+from core import __version__
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_MODEL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+BUILD_INFO = Info("modtag_build", "modtag version and component of this process")
+
+JOBS_SUBMITTED = Counter("modtag_jobs_submitted_total", "Jobs accepted by the API", ["policy", "source"])
+JOBS_COMPLETED = Counter("modtag_jobs_completed_total", "Jobs that reached a final state", ["policy", "outcome"])
+JOBS_FAILED = Counter("modtag_jobs_failed_total", "Jobs that ended failed, by error code", ["policy", "code"])
+JOBS_RETRIED = Counter("modtag_jobs_retried_total", "Job attempts retried after a transient error", ["reason"])
+JOBS_REENQUEUED = Counter("modtag_jobs_reenqueued_total", "Jobs the reconciler put back on the queue", ["status"])
+DECISIONS = Counter("modtag_decisions_total", "Decisions stored", ["policy", "action"])
+CATEGORY_DECISIONS = Counter(
+    "modtag_category_decisions_total", "Per-category outcomes of stored decisions", ["policy", "category", "action"]
+)
+JOB_DURATION = Histogram(
+    "modtag_job_duration_seconds", "From submission to final state", ["policy"], buckets=_LATENCY_BUCKETS
+)
+STAGE_DURATION = Histogram(
+    "modtag_stage_duration_seconds",
+    "Time per stage of a job in the worker (fetch, decode, infer, evaluate, store)",
+    ["stage"],
+    buckets=_LATENCY_BUCKETS,
+)
+MODEL_INFERENCE = Histogram(
+    "modtag_model_inference_seconds",
+    "Model compute per batch, by model role and stage",
+    ["model", "stage"],
+    buckets=_MODEL_BUCKETS,
+)
+BATCH_SIZE = Histogram("modtag_batch_size_images", "Images per engine batch", buckets=(1, 2, 4, 8, 16, 32, 64))
+MODEL_LOAD = Gauge("modtag_model_load_seconds", "Time the last load of each model took", ["model"])
+QUEUE_DEPTH = Gauge("modtag_queue_depth", "Messages waiting in each Celery queue", ["queue"])
+JOBS_BY_STATUS = Gauge("modtag_jobs", "Jobs in the database by status", ["status"])
+REVIEW_QUEUE = Gauge("modtag_review_queue_size", "Decisions waiting for a human reviewer")
+HTTP_REQUESTS = Counter("modtag_http_requests_total", "HTTP requests served by the API", ["method", "route", "status"])
+HTTP_DURATION = Histogram(
+    "modtag_http_request_duration_seconds", "API request latency", ["method", "route"], buckets=_LATENCY_BUCKETS
+)
+
+
+def set_build_info(component: str) -> None:
+    BUILD_INFO.info({"version": __version__, "component": component})
