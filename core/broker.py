@@ -1,0 +1,82 @@
+"""The Celery app configuration shared by the API (which only sends) and the worker (which consumes).
+
+Tasks are enqueued by name, so the API never imports the worker (and with it torch).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from celery import Celery
+
+from core.queues import Queue, TaskName
+from core.settings import Settings
+
+UNACKED_KEY = "unacked"  # kombu's Redis transport keeps delivered-but-unacknowledged messages here
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app wired for at-least-once delivery of long model jobs."""
+    app = Celery("modtag", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        task_default_queue=Queue.INFERENCE.value,
+        task_routes={
+            TaskName.PROCESS_JOB.value: {"queue": Queue.INFERENCE.value},
+            TaskName.RECONCILE.value: {"queue": Queue.MAINTENANCE.value},
+        },
+        # A worker holds enough messages to fill one model batch while the previous batch computes.
+        worker_prefetch_multiplier=max(1, settings.batch_max_images // 2),
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_time_limit=settings.job_timeout_s + 30,
+        task_soft_time_limit=settings.job_timeout_s,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # Longer than any job, so a slow job is not redelivered to a second worker while it runs.
+            "visibility_timeout": settings.visibility_timeout_s,
+            "socket_timeout": 10,
+            "socket_connect_timeout": 5,
+        },
+        broker_pool_limit=10,
+    )
+    return app
+
+
+def task_id_for(job_id: str) -> str:
+    """The Celery task id of a job's message: lets the reconciler find a job's message in Redis."""
+    return f"job-{job_id}"
+
+
+def enqueue_job(app: Celery, job_id: str) -> None:
+    app.send_task(TaskName.PROCESS_JOB.value, args=[job_id], queue=Queue.INFERENCE.value, task_id=task_id_for(job_id))
+
+
+def queued_task_ids(client: Any, queue: str, limit: int = 100_000) -> set[str] | None:
+    """Task ids waiting in `queue` or delivered but unacknowledged; None when the queue is too long to scan."""
+    if client.llen(queue) > limit or client.hlen(UNACKED_KEY) > limit:
+        return None
+    ids: set[str] = set()
+    for raw in client.lrange(queue, 0, -1):
+        ids.add(_task_id(raw))
+    for raw in client.hvals(UNACKED_KEY):
+        try:
+            message = json.loads(raw)[0]
+        except (ValueError, IndexError, TypeError):
+            continue
+        ids.add(_task_id(json.dumps(message) if isinstance(message, dict) else message))
+    ids.discard("")
+    return ids
+
+
+def _task_id(raw: bytes | str) -> str:
+    try:
+        message = json.loads(raw)
+        return str(message.get("headers", {}).get("id", ""))
+    except (ValueError, AttributeError):
+        return ""

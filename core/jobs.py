@@ -1,0 +1,305 @@
+"""Job and decision records: the one place that reads and writes them (API, worker, reconciler, CLI)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, func, select
+
+from core.errors import BadRequest
+from core.tables import Decision, DecisionCategory, Job, JobStatus, utcnow
+
+FINAL_STATUSES = (JobStatus.DONE, JobStatus.FAILED)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What the API knows about a job at submission."""
+
+    tenant: str
+    policy: str
+    policy_version: str | None
+    source: str
+    blob_key: str | None = None
+    image_sha256: str | None = None
+    image_bytes: int | None = None
+    image_width: int | None = None
+    image_height: int | None = None
+    image_format: str | None = None
+    image_url: str | None = None
+    context: dict[str, Any] | None = None
+    callback_url: str | None = None
+    idempotency_key: str | None = None
+
+
+def create_job(session: Session, new: NewJob) -> tuple[Job, bool]:
+    """Insert and commit a queued job. With an idempotency key already used, return that job instead."""
+    if new.idempotency_key:
+        existing = find_by_idempotency_key(session, new.tenant, new.idempotency_key)
+        if existing:
+            return existing, False
+    job = Job(**new.__dict__)
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:
+        # Two requests with the same key raced; the other one won.
+        session.rollback()
+        existing = find_by_idempotency_key(session, new.tenant, new.idempotency_key or "")
+        if existing is None:
+            raise
+        return existing, False
+    return job, True
+
+
+def find_by_idempotency_key(session: Session, tenant: str, key: str) -> Job | None:
+    return session.exec(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key)).first()
+
+
+def get_job(session: Session, job_id: str, tenant: str | None = None) -> Job | None:
+    job = session.get(Job, job_id)
+    if job is None or (tenant is not None and job.tenant != tenant):
+        return None
+    return job
+
+
+def get_decision(session: Session, job_id: str) -> Decision | None:
+    return session.exec(select(Decision).where(Decision.job_id == job_id)).first()
+
+
+def claim_job(session: Session, job_id: str, worker: str, lease_s: float) -> Job | None:
+    """Mark a job running for this worker, unless it is final or another worker holds a live lease."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(
+            col(Job.id) == job_id,
+            or_(
+                col(Job.status) == JobStatus.QUEUED,
+                and_(col(Job.status) == JobStatus.RUNNING, col(Job.started_at) < now - timedelta(seconds=lease_s)),
+            ),
+        )
+        .values(status=JobStatus.RUNNING, started_at=now, updated_at=now, worker=worker, attempts=Job.attempts + 1)
+    )
+    session.commit()
+    if getattr(result, "rowcount", 0) != 1:
+        return None
+    job = session.get(Job, job_id)
+    if job is not None:
+        session.refresh(job)
+    return job
+
+
+def store_decision(session: Session, job: Job, decision: Decision) -> Decision:
+    """Write the decision, its category rows and the job's `done` state in one transaction (idempotent)."""
+    existing = get_decision(session, job.id)
+    if existing is not None:
+        return existing
+    now = utcnow()
+    decision.job_id = job.id
+    decision.tenant = job.tenant
+    session.add(decision)
+    for name, result in decision.categories.items():
+        session.add(
+            DecisionCategory(
+                decision_id=decision.id,
+                category=name,
+                score=float(result["score"]),
+                action=str(result["action"]),
+                fired=bool(result["fired"]),
+            )
+        )
+    session.execute(
+        update(Job)
+        .where(col(Job.id) == job.id)
+        .values(
+            status=JobStatus.DONE,
+            policy_version=decision.policy_version,
+            finished_at=now,
+            updated_at=now,
+            error_code=None,
+            error_message=None,
+        )
+    )
+    try:
+        session.commit()
+    except IntegrityError:
+        # A redelivered copy of this job finished first: keep its decision, never a second one.
+        session.rollback()
+        existing = get_decision(session, job.id)
+        if existing is None:
+            raise
+        return existing
+    return decision
+
+
+def fail_job(session: Session, job_id: str, code: str, message: str) -> None:
+    """Final `failed` state with a stable code and a sentence. Never overrides a stored decision."""
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(col(Job.id) == job_id, col(Job.status) != JobStatus.DONE)
+        .values(status=JobStatus.FAILED, error_code=code, error_message=message[:2000], finished_at=now, updated_at=now)
+    )
+    session.commit()
+
+
+def requeue_job(session: Session, job_id: str) -> None:
+    """Hand a running job back to the queue (a transient failure; the task will be retried)."""
+    session.execute(
+        update(Job)
+        .where(col(Job.id) == job_id, col(Job.status) == JobStatus.RUNNING)
+        .values(status=JobStatus.QUEUED, updated_at=utcnow())
+    )
+    session.commit()
+
+
+def stale_jobs(
+    session: Session, *, queued_before: datetime, running_before: datetime, limit: int = 500
+) -> Sequence[Job]:
+    """Jobs that may have lost their message: queued for long, or running past their lease."""
+    query = (
+        select(Job)
+        .where(
+            or_(
+                and_(col(Job.status) == JobStatus.QUEUED, col(Job.updated_at) < queued_before),
+                and_(col(Job.status) == JobStatus.RUNNING, col(Job.started_at) < running_before),
+            )
+        )
+        .order_by(col(Job.created_at))
+        .limit(limit)
+    )
+    return session.exec(query).all()
+
+
+def reset_stale_running(session: Session, job_id: str, running_before: datetime) -> bool:
+    """Put a running job whose lease expired back to queued; False if someone else already moved it."""
+    result = session.execute(
+        update(Job)
+        .where(col(Job.id) == job_id, col(Job.status) == JobStatus.RUNNING, col(Job.started_at) < running_before)
+        .values(status=JobStatus.QUEUED, updated_at=utcnow())
+    )
+    session.commit()
+    return getattr(result, "rowcount", 0) == 1
+
+
+def touch_queued(session: Session, job_id: str) -> bool:
+    """Record a re-enqueue of a queued job (bumps updated_at so it is not re-enqueued again at once)."""
+    result = session.execute(
+        update(Job).where(col(Job.id) == job_id, col(Job.status) == JobStatus.QUEUED).values(updated_at=utcnow())
+    )
+    session.commit()
+    return getattr(result, "rowcount", 0) == 1
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    rows = session.exec(select(Job.status, func.count()).group_by(Job.status)).all()
+    return {str(status): int(count) for status, count in rows}
+
+
+def list_decisions(
+    session: Session,
+    *,
+    tenant: str | None = None,
+    action: str | None = None,
+    policy: str | None = None,
+    category: str | None = None,
+    since: datetime | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[Decision], str | None]:
+    """Decisions newest first, filtered; keyset pagination with an opaque cursor."""
+    query = select(Decision)
+    if tenant is not None:
+        query = query.where(Decision.tenant == tenant)
+    if action:
+        query = query.where(Decision.action == action)
+    if policy:
+        query = query.where(Decision.policy == policy)
+    if since:
+        query = query.where(col(Decision.decided_at) >= since)
+    if category:
+        fired = select(DecisionCategory.decision_id).where(
+            DecisionCategory.category == category, col(DecisionCategory.fired).is_(True)
+        )
+        query = query.where(col(Decision.id).in_(fired))
+    if cursor:
+        decided_at, decision_id = decode_cursor(cursor)
+        query = query.where(
+            or_(
+                col(Decision.decided_at) < decided_at,
+                and_(col(Decision.decided_at) == decided_at, col(Decision.id) < decision_id),
+            )
+        )
+    query = query.order_by(col(Decision.decided_at).desc(), col(Decision.id).desc()).limit(limit + 1)
+    rows = list(session.exec(query).all())
+    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def encode_cursor(decision: Decision) -> str:
+    raw = f"{decision.decided_at.isoformat()}|{decision.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        stamp, decision_id = raw.split("|", 1)
+        return datetime.fromisoformat(stamp), decision_id
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise BadRequest("cursor is not one this API returned", code="invalid_cursor") from None
+
+
+def decision_public(decision: Decision) -> dict[str, Any]:
+    """A decision as the API and callbacks show it (DESIGN.md, 'HTTP API')."""
+    return {
+        "id": decision.id,
+        "job_id": decision.job_id,
+        "action": decision.action,
+        "categories": decision.categories,
+        "caption": decision.caption,
+        "evidence": decision.evidence,
+        "tags": decision.tags,
+        "policy": decision.policy,
+        "policy_version": decision.policy_version,
+        "models": decision.models,
+        "decided_at": _iso(decision.decided_at),
+        "duration_ms": decision.duration_ms,
+    }
+
+
+def job_public(job: Job, decision: Decision | None) -> dict[str, Any]:
+    """A job as the API and callbacks show it."""
+    return {
+        "id": job.id,
+        "status": job.status,
+        "policy": job.policy,
+        "policy_version": job.policy_version,
+        "source": job.source,
+        "image_url": job.image_url,
+        "context": job.context,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "attempts": job.attempts,
+        "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
+        "decision": decision_public(decision) if decision else None,
+    }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:  # SQLite hands back naive datetimes; they were written in UTC
+        from datetime import UTC
+
+        moment = moment.replace(tzinfo=UTC)
+    return moment.isoformat()

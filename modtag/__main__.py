@@ -1,0 +1,3 @@
+from modtag.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""The embedded stack: Redis, the database, the API and N workers on one machine, as child processes.
+
+`modtag up` runs it until Ctrl-C; `modtag scan` without `--api` starts one for the duration of a scan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from core.db import migrate
+from core.errors import ConfigError
+from core.settings import Settings
+from modtag.servers import RedisServer, free_port
+
+
+class StackError(ConfigError):
+    code = "stack_failed"
+
+
+class Stack:
+    """Child processes of one local modtag installation. Use as a context manager."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        workers: int = 1,
+        embedded_redis: bool | None = None,
+        quiet: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.host = host
+        self.port = port if port is not None else settings.api_port
+        self.workers = workers
+        # Start our own Redis unless the operator pointed us at one.
+        self.embedded_redis = "MODTAG_REDIS_URL" not in os.environ if embedded_redis is None else embedded_redis
+        self.quiet = quiet
+        self.data_dir = settings.data_dir.resolve()
+        self.log_dir = self.data_dir / "logs"
+        self.redis: RedisServer | None = None
+        self.redis_url = settings.redis_url
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def api_url(self) -> str:
+        shown = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{shown}:{self.port}"
+
+    def __enter__(self) -> Stack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+        self.stop()
+
+    def start(self, ready_timeout_s: float = 600) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.embedded_redis:
+            self.redis = RedisServer(self.data_dir / "redis").start()
+            self.redis_url = self.redis.url
+        migrate(self.settings.resolved_database_url)
+        if self.port == 0:
+            self.port = free_port()
+        env = self._child_env()
+        self._spawn("api", [sys.executable, "-m", "modtag", "api", "--host", self.host, "--port", str(self.port)], env)
+        for index in range(self.workers):
+            worker_env = dict(env)
+            base_port = self.settings.worker_metrics_port
+            worker_env["MODTAG_WORKER_METRICS_PORT"] = str(base_port + index if base_port else 0)
+            self._spawn(f"worker-{index}", [sys.executable, "-m", "modtag", "worker"], worker_env)
+        self.wait_ready(ready_timeout_s)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Wait for the API's /readyz and a ping answer from every worker; fail fast if a child dies."""
+        from core.broker import make_celery
+
+        deadline = time.monotonic() + timeout_s
+        api_ready = False
+        celery = make_celery(self.settings.model_copy(update={"redis_url": self.redis_url}))
+        try:
+            while time.monotonic() < deadline:
+                self._check_alive()
+                if not api_ready:
+                    with contextlib.suppress(httpx.HTTPError):
+                        api_ready = httpx.get(f"{self.api_url}/readyz", timeout=2).status_code == 200
+                if api_ready:
+                    answers = celery.control.ping(timeout=1.0) or []
+                    if len(answers) >= self.workers:
+                        return
+                else:
+                    time.sleep(0.2)
+        finally:
+            celery.close()
+        raise StackError(f"the stack was not ready after {timeout_s:.0f}s; logs are in {self.log_dir}")
+
+    def stop(self) -> None:
+        """Warm shutdown: workers finish or hand back their jobs, then the API, then Redis."""
+        order = sorted(self.processes, key=lambda name: name == "api")  # workers first
+        for name in order:
+            process = self.processes[name]
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for name in order:
+            process = self.processes[name]
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        self.processes.clear()
+        if self.redis:
+            self.redis.stop()
+            self.redis = None
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "MODTAG_REDIS_URL": self.redis_url,
+                "MODTAG_DATABASE_URL": self.settings.resolved_database_url,
+                "MODTAG_DATA_DIR": str(self.data_dir),
+                "MODTAG_MODELS": self.settings.models,
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        return env
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        log = (self.log_dir / f"{name}.log").open("ab")
+        self.processes[name] = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def _check_alive(self) -> None:
+        for name, process in self.processes.items():
+            code = process.poll()
+            if code is not None:
+                raise StackError(f"{name} exited with status {code}:\n{self.log_tail(name)}")
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        path: Path = self.log_dir / f"{name}.log"
+        try:
+            text = path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join("    " + line for line in text[-lines:])

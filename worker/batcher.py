@@ -1,0 +1,80 @@
+"""Micro-batching: concurrent jobs' images are gathered into one engine call.
+
+Task threads decode and prepare their image, then `submit` it and wait; one model thread takes up to
+`max_images` requests, or whatever arrived within `wait_ms` of the first, and runs them as a batch.
+Decoding in the task threads overlaps with model compute in the model thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Generic, TypeVar
+
+from core import metrics
+
+log = logging.getLogger(__name__)
+
+Request = TypeVar("Request")
+Output = TypeVar("Output")
+
+
+class Batcher(Generic[Request, Output]):
+    """Runs `run_batch` on batches of submitted requests in one background thread."""
+
+    def __init__(
+        self, run_batch: Callable[[Sequence[Request]], list[Output]], *, max_images: int, wait_ms: float
+    ) -> None:
+        self._run_batch = run_batch
+        self._max_images = max(1, max_images)
+        self._wait_s = max(0.0, wait_ms) / 1000.0
+        self._pending: queue.Queue[tuple[Request, Future[Output]]] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="modtag-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Request) -> Future[Output]:
+        future: Future[Output] = Future()
+        self._pending.put((request, future))
+        return future
+
+    def run(self, request: Request, timeout_s: float | None = None) -> Output:
+        """Submit one request and wait for its output (raises what the batch raised for it)."""
+        return self.submit(request).result(timeout=timeout_s)
+
+    def _loop(self) -> None:
+        while True:
+            batch = [self._pending.get()]
+            deadline = time.monotonic() + self._wait_s
+            while len(batch) < self._max_images:
+                remaining = deadline - time.monotonic()
+                try:
+                    batch.append(self._pending.get(timeout=remaining) if remaining > 0 else self._pending.get_nowait())
+                except queue.Empty:
+                    break
+            self._execute(batch)
+
+    def _execute(self, batch: list[tuple[Request, Future[Output]]]) -> None:
+        live = [(request, future) for request, future in batch if future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        metrics.BATCH_SIZE.observe(len(live))
+        try:
+            outputs = self._run_batch([request for request, _ in live])
+        except Exception as exc:
+            if len(live) == 1:
+                live[0][1].set_exception(exc)
+                return
+            # One bad request must not fail its neighbours: run each alone to find it.
+            log.warning("batch of %d failed (%s); retrying one by one", len(live), exc)
+            for request, future in live:
+                try:
+                    future.set_result(self._run_batch([request])[0])
+                except Exception as single_exc:
+                    future.set_exception(single_exc)
+            return
+        for (_, future), output in zip(live, outputs, strict=True):
+            future.set_result(output)

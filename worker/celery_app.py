@@ -1,0 +1,88 @@
+"""The worker's Celery app and its task. Start it with `modtag worker` (or `celery -A worker.celery_app`).
+
+The pool is `threads` in one process: the models are loaded once per process and shared by the task
+threads, whose images the batcher gathers into model batches. No fork happens after torch starts,
+so CUDA is never initialised in a forked parent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_ready, worker_shutdown
+
+from core import metrics
+from core.broker import make_celery
+from core.errors import TransientError
+from core.queues import TaskName
+from core.reconcile import start_reconciler
+from core.settings import get_settings
+from worker.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+settings = get_settings()
+app = make_celery(settings)
+
+_runtime: WorkerRuntime | None = None
+_runtime_lock = threading.Lock()
+_stop = threading.Event()
+
+
+def runtime() -> WorkerRuntime:
+    """This process's runtime, created on first use (or handed in by `modtag worker` after preloading)."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = WorkerRuntime(settings)
+        return _runtime
+
+
+def install_runtime(instance: WorkerRuntime) -> None:
+    global _runtime
+    with _runtime_lock:
+        _runtime = instance
+
+
+@app.task(name=TaskName.PROCESS_JOB.value, bind=True, max_retries=None)
+def process_job(self: Task, job_id: str) -> dict[str, Any]:
+    """Judge one job. Permanent problems end the job `failed`; transient ones retry with backoff."""
+    current = runtime()
+    try:
+        result = current.process(job_id)
+    except TransientError as exc:
+        attempt = self.request.retries + 1
+        metrics.JOBS_RETRIED.labels(exc.code).inc()
+        if attempt >= settings.max_attempts:
+            current.fail_exhausted(job_id, exc)
+            return {"job_id": job_id, "outcome": "failed", "code": exc.code}
+        raise self.retry(exc=exc, countdown=min(60, 2**attempt)) from exc
+    except SoftTimeLimitExceeded:
+        current.fail_exhausted(
+            job_id, TransientError(f"the job ran over {settings.job_timeout_s}s", code="job_timeout")
+        )
+        return {"job_id": job_id, "outcome": "failed", "code": "job_timeout"}
+    return {"job_id": result.job_id, "outcome": result.outcome, "code": result.code}
+
+
+@worker_ready.connect
+def _on_ready(**_: Any) -> None:
+    metrics.set_build_info("worker")
+    if settings.worker_metrics_port:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(settings.worker_metrics_port, addr="0.0.0.0")
+            log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
+        except OSError as exc:
+            log.warning("worker metrics port %d unavailable: %s", settings.worker_metrics_port, exc)
+    start_reconciler(settings, app, _stop)
+
+
+@worker_shutdown.connect
+def _on_shutdown(**_: Any) -> None:
+    _stop.set()

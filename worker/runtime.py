@@ -1,0 +1,243 @@
+"""What a worker process does with a job id: claim, fetch, decode, infer, evaluate, store.
+
+One `WorkerRuntime` per process holds the policies, the models (loaded once) and the batcher.
+Every permanent problem ends as a `failed` job with a code and a sentence; transient ones raise
+`TransientError` so the Celery task retries; the process keeps serving either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC
+from typing import TYPE_CHECKING, Any
+
+from core.images import ImageLimits, decode_image
+from core.urls import fetch_image_bytes
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from core import jobs, metrics
+from core.blobs import LocalBlobStore
+from core.db import migrate, session_scope
+from core.errors import ModtagError, PolicyError, TransientError
+from core.settings import Settings
+from core.tables import Decision, Job, JobStatus, utcnow
+from policies import ModelOutputs, Policy, collect_evidence, evaluate, load_policies
+
+if TYPE_CHECKING:
+    from worker.engine import Engine, ImageOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobResult:
+    """What happened to one delivery of a job (for logs and tests)."""
+
+    job_id: str
+    outcome: str  # done, failed, duplicate, busy, missing
+    code: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class WorkerRuntime:
+    """Policies, models and batcher of one worker process; `process(job_id)` runs one job."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.name = f"{socket.gethostname()}:{id(self):x}"
+        self.policies: dict[str, Policy] = load_policies(self._policy_dirs())
+        self.blobs = LocalBlobStore(settings.resolved_blob_dir)
+        self.limits = ImageLimits.from_settings(settings)
+        self._engine: Engine | None = None
+        self._batcher: Any = None
+        self._lock = threading.Lock()
+        migrate(settings.resolved_database_url)
+
+    def roles_needed(self) -> set[str]:
+        """Only the models some loaded policy needs."""
+        roles: set[str] = set()
+        for policy in self.policies.values():
+            needs = policy.requirements()
+            if needs.caption:
+                roles.add("caption")
+            if needs.probes:
+                roles.add("vqa")
+            if needs.texts:
+                roles.add("itm")
+        return roles
+
+    def load(self) -> Engine:
+        """Load the models once (thread-safe); raises ModelError with how to get the weights."""
+        with self._lock:
+            if self._engine is None:
+                from worker.engine import Engine
+                from worker.models import load_models
+
+                from worker.batcher import Batcher
+
+                loaded = load_models(
+                    self.settings.models,
+                    self.roles_needed(),
+                    cache_dir=self.settings.resolved_models_cache_dir,
+                    device=self.settings.device,
+                    dtype=self.settings.dtype,
+                    threads=self.settings.torch_threads,
+                )
+                for role, seconds in loaded.load_seconds.items():
+                    metrics.MODEL_LOAD.labels(role).set(seconds)
+                self._engine = Engine(loaded)
+                self._batcher = Batcher(
+                    self._engine.run,
+                    max_images=self.settings.batch_max_images,
+                    wait_ms=self.settings.batch_wait_ms,
+                )
+            return self._engine
+
+    def process(self, job_id: str) -> JobResult:
+        """Run one delivery of a job. Raises TransientError when a retry may succeed."""
+        url = self.settings.resolved_database_url
+        try:
+            with session_scope(url) as session:
+                job = jobs.claim_job(session, job_id, self.name, self.settings.running_lease_s)
+                if job is None:
+                    return self._unclaimed(session, job_id)
+        except (OperationalError, DBAPIError) as exc:
+            raise TransientError(
+                f"database unavailable: {exc.__class__.__name__}", code="database_unavailable"
+            ) from exc
+        try:
+            return self._run(job)
+        except ModtagError as exc:
+            if exc.retryable:
+                self._requeue(job.id)
+                raise
+            return self._fail(job, exc.code, exc.message)
+        except (OperationalError, DBAPIError) as exc:
+            self._requeue(job.id)
+            raise TransientError(f"database error: {exc.__class__.__name__}", code="database_unavailable") from exc
+        except TimeoutError:
+            return self._fail(job, "job_timeout", f"inference did not finish within {self.settings.job_timeout_s}s")
+        except MemoryError as exc:
+            self._requeue(job.id)
+            raise TransientError("out of memory while processing the image", code="out_of_memory") from exc
+        except Exception as exc:  # a bug must fail the job, not the worker
+            log.exception("job %s failed unexpectedly", job.id)
+            return self._fail(job, "internal_error", f"unexpected {exc.__class__.__name__}: {exc}")
+
+    def fail_exhausted(self, job_id: str, exc: BaseException) -> None:
+        """After the last retry of a transient error: the job fails with that error's code."""
+        code = getattr(exc, "code", "transient")
+        message = f"gave up after {self.settings.max_attempts} attempts: {getattr(exc, 'message', exc)}"
+        with session_scope(self.settings.resolved_database_url) as session:
+            job = jobs.get_job(session, job_id)
+            if job is not None:
+                jobs.fail_job(session, job_id, code, message)
+                metrics.JOBS_FAILED.labels(job.policy, code).inc()
+                metrics.JOBS_COMPLETED.labels(job.policy, "failed").inc()
+
+    def _run(self, job: Job) -> JobResult:
+        timings: dict[str, float] = {}
+        policy = self.policies.get(job.policy)
+        if policy is None:
+            raise PolicyError(f"policy {job.policy!r} is not loaded on this worker", code="policy_not_found")
+        with _stage(timings, "fetch"):
+            data = self._image_bytes(job)
+        with _stage(timings, "decode"):
+            image = decode_image(data, self.limits)
+        needs = policy.requirements()
+        self.load()
+        from worker.engine import ImageRequest
+
+        request = ImageRequest(image=image, caption=needs.caption, probes=needs.probes, texts=needs.texts)
+        with _stage(timings, "infer"):
+            output: ImageOutput = self._batcher.run(request, timeout_s=self.settings.job_timeout_s)
+        for stage, seconds in output.timings.items():
+            timings[f"infer.{stage}"] = seconds
+        with _stage(timings, "evaluate"):
+            outputs = ModelOutputs(caption=output.caption, probes=output.probes, matches=output.matches)
+            verdict = evaluate(collect_evidence(policy, outputs), policy)
+        started = job.started_at or utcnow()
+        if started.tzinfo is None:
+            started = started.replace(tzinfo=UTC)
+        decision = Decision(
+            job_id=job.id,
+            action=verdict.action,
+            policy=policy.name,
+            policy_version=policy.version,
+            caption=output.caption,
+            categories={name: result.model_dump(mode="json") for name, result in verdict.categories.items()},
+            evidence=[item.model_dump(mode="json") for item in verdict.evidence],
+            tags=[],
+            models=self._engine.describe() if self._engine else {},
+            duration_ms=round((utcnow() - started).total_seconds() * 1000, 1),
+        )
+        with _stage(timings, "store"), session_scope(self.settings.resolved_database_url) as session:
+            stored = jobs.store_decision(session, job, decision)
+        if stored.id == decision.id:
+            self._count_done(job, stored)
+        return JobResult(job.id, "done", timings=timings)
+
+    def _image_bytes(self, job: Job) -> bytes:
+        if job.blob_key:
+            return self.blobs.get(job.blob_key)
+        if not job.image_url:
+            raise ModtagError("job has neither an uploaded image nor an image_url", code="job_invalid")
+        return fetch_image_bytes(
+            job.image_url,
+            max_bytes=self.settings.max_upload_bytes,
+            timeout_s=self.settings.fetch_timeout_s,
+            allow_private=self.settings.fetch_allow_private,
+        )
+
+    def _unclaimed(self, session: Any, job_id: str) -> JobResult:
+        job = jobs.get_job(session, job_id)
+        if job is None:
+            log.warning("job %s does not exist; dropping its message", job_id)
+            return JobResult(job_id, "missing")
+        if job.status in (JobStatus.DONE, JobStatus.FAILED):
+            return JobResult(job_id, "duplicate")
+        # Another worker holds a live lease; if it died, the reconciler hands the job back later.
+        return JobResult(job_id, "busy")
+
+    def _fail(self, job: Job, code: str, message: str) -> JobResult:
+        with session_scope(self.settings.resolved_database_url) as session:
+            jobs.fail_job(session, job.id, code, message)
+        metrics.JOBS_FAILED.labels(job.policy, code).inc()
+        metrics.JOBS_COMPLETED.labels(job.policy, "failed").inc()
+        log.info("job %s failed: %s (%s)", job.id, message, code)
+        return JobResult(job.id, "failed", code=code)
+
+    def _requeue(self, job_id: str) -> None:
+        try:
+            with session_scope(self.settings.resolved_database_url) as session:
+                jobs.requeue_job(session, job_id)
+        except (OperationalError, DBAPIError):
+            log.warning("could not hand job %s back to the queue; the reconciler will", job_id)
+
+    def _count_done(self, job: Job, decision: Decision) -> None:
+        metrics.JOBS_COMPLETED.labels(job.policy, "done").inc()
+        metrics.DECISIONS.labels(decision.policy, decision.action).inc()
+        for name, result in decision.categories.items():
+            metrics.CATEGORY_DECISIONS.labels(decision.policy, name, result["action"]).inc()
+        created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=UTC)
+        metrics.JOB_DURATION.labels(job.policy).observe((utcnow() - created).total_seconds())
+
+    def _policy_dirs(self) -> list[Any]:
+        return [self.settings.policies_dir] if self.settings.policies_dir else []
+
+
+@contextmanager
+def _stage(timings: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - start
+        timings[stage] = elapsed
+        metrics.STAGE_DURATION.labels(stage).observe(elapsed)
