@@ -1,0 +1,106 @@
+"""A real modtag deployment in child processes: the API (`modtag api`) and workers (`modtag worker`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from modtag.servers import free_port
+
+
+@dataclass
+class Deployment:
+    """Env and child processes of one test deployment; every process shares the database and blobs."""
+
+    env: dict[str, str]
+    log_dir: Path
+    api_url: str = ""
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start_api(self) -> subprocess.Popen[bytes]:
+        port = free_port()
+        self.api_url = f"http://127.0.0.1:{port}"
+        process = self._spawn("api", ["api", "--port", str(port)])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert process.poll() is None, self.log("api")
+            try:
+                if httpx.get(f"{self.api_url}/readyz", timeout=1).status_code == 200:
+                    return process
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("API not ready:\n" + self.log("api"))
+
+    def start_worker(self, name: str = "worker", **extra_env: str) -> subprocess.Popen[bytes]:
+        process = self._spawn(name, ["worker", "--concurrency", "4"], extra_env)
+        from celery import Celery
+
+        app = Celery(broker=self.env["MODTAG_REDIS_URL"])
+        deadline = time.monotonic() + 120
+        try:
+            while time.monotonic() < deadline:
+                assert process.poll() is None, self.log(name)
+                # The hostname carries the pid, so this waits for this very process.
+                if any(str(process.pid) in next(iter(answer)) for answer in app.control.ping(timeout=0.5) or []):
+                    return process
+        finally:
+            app.close()
+        raise AssertionError("worker not ready:\n" + self.log(name))
+
+    def stop(self, process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+        if process.poll() is None:
+            process.send_signal(sig)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else "(no log)"
+
+    def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        env = {**self.env, **(extra_env or {})}
+        log = (self.log_dir / f"{name}.log").open("ab")
+        process = subprocess.Popen([sys.executable, "-m", "modtag", *args], env=env, stdout=log, stderr=log)
+        self.processes.append(process)
+        return process
+
+
+@pytest.fixture(scope="session")
+def models_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random models are built once per session and shared by every worker."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, redis_url: str, database_url: str, models_cache: Path) -> Iterator[Deployment]:
+    env = {
+        **os.environ,
+        "MODTAG_DATA_DIR": str(tmp_path / "data"),
+        "MODTAG_DATABASE_URL": database_url,
+        "MODTAG_REDIS_URL": redis_url,
+        "MODTAG_MODELS": "tiny-random",
+        "MODTAG_MODELS_CACHE_DIR": str(models_cache),
+        "MODTAG_WORKER_METRICS_PORT": "0",
+        "MODTAG_FETCH_ALLOW_PRIVATE": "true",
+        "MODTAG_BATCH_WAIT_MS": "5",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    deployment = Deployment(env=env, log_dir=log_dir)
+    yield deployment
+    for process in deployment.processes:
+        deployment.stop(process)
