@@ -79,6 +79,11 @@ class WorkerRuntime:
                 from worker.engine import Engine
                 from worker.models import load_models
 
+                if self.settings.torch_threads:
+                    import torch
+
+                    torch.set_num_threads(self.settings.torch_threads)
+
                 from worker.batcher import Batcher
 
                 loaded = load_models(
@@ -87,7 +92,6 @@ class WorkerRuntime:
                     cache_dir=self.settings.resolved_models_cache_dir,
                     device=self.settings.device,
                     dtype=self.settings.dtype,
-                    threads=self.settings.torch_threads,
                 )
                 for role, seconds in loaded.load_seconds.items():
                     metrics.MODEL_LOAD.labels(role).set(seconds)
