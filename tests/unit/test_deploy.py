@@ -1,0 +1,713 @@
+"""deploy/ and examples/ agree with the code: metric names and labels, settings, files, Dockerfiles, tool checks.
+
+Docker cannot run here, so the images are not built; the files are checked statically, and with
+promtool and a compose validator when those tools are installed (the tests that need them say so).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tomllib
+import typing
+from collections.abc import Iterator
+from fnmatch import fnmatch
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+COMPOSE = DEPLOY / "compose.yaml"
+RULES = DEPLOY / "prometheus" / "rules" / "modtag.rules.yml"
+PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+RULE_TESTS = DEPLOY / "prometheus" / "tests" / "modtag.rules.test.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "modtag.json"
+K8S = DEPLOY / "k8s"
+EXAMPLES = ROOT / "examples"
+
+# Labels Prometheus attaches to every scraped series.
+TARGET_LABELS = frozenset({"job", "instance"})
+SCRAPE_JOBS = {"modtag-api", "modtag-worker"}
+METRIC_NAME = re.compile(r"\bmodtag_[a-z0-9_]+")
+RECORDED_NAME = re.compile(r"\bmodtag:[a-z0-9_:]+")
+SELECTOR = re.compile(r"\b(modtag_[a-z0-9_]+|modtag:[a-z0-9_:]+|up)\s*\{([^}]*)\}")
+MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+GROUPING = re.compile(r"\b(by|without)\s*\(([^)]*)\)")
+
+
+# --- metric names and labels -------------------------------------------------------------------
+
+
+def test_every_metric_the_dashboard_and_rules_use_is_exported() -> None:
+    exported = exported_samples()
+    used = {name: where for where, expr in all_expressions() for name in METRIC_NAME.findall(expr)}
+    assert used, "no modtag_ metric found in the dashboard or the rules"
+    unknown = {name: where for name, where in used.items() if name not in exported}
+    assert not unknown, f"metrics used but not exported by core/metrics.py: {unknown}"
+
+
+def test_the_dashboard_covers_the_monitoring_brief() -> None:
+    text = " ".join(expr for _, expr in dashboard_expressions())
+    for metric in (
+        "modtag_decisions_total",
+        "modtag_category_decisions_total",
+        "modtag_queue_depth",
+        "modtag_job_duration_seconds_bucket",
+        "modtag_jobs_failed_total",
+        "modtag_model_inference_seconds_bucket",
+        "modtag_batch_size_images_bucket",
+        "modtag_review_queue_size",
+    ):
+        assert metric in text, f"the dashboard shows nothing from {metric}"
+    for quantile in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({quantile}, sum by (le) (rate(modtag_job_duration_seconds_bucket" in text
+
+
+def test_recorded_series_used_anywhere_are_defined_by_a_rule() -> None:
+    recorded = recording_rules()
+    for where, expr in all_expressions():
+        for name in RECORDED_NAME.findall(expr):
+            assert name in recorded, f"{where}: {name} is not recorded in {RULES.name}"
+
+
+def test_label_matchers_name_real_labels_and_values() -> None:
+    allowed_values = {
+        "action": set(typing.get_args(_action_type())),
+        "queue": {queue.value for queue in _queues()},
+        "job": SCRAPE_JOBS,
+    }
+    checked = 0
+    for where, expr in all_expressions():
+        for metric, body in SELECTOR.findall(expr):
+            labels = labels_of(metric)
+            for label, op, value in MATCHER.findall(body):
+                checked += 1
+                assert label in labels, f"{where}: {metric} has no label {label!r} (it has {sorted(labels)})"
+                if op in ("=", "!=") and "$" not in value and label in allowed_values:
+                    assert value in allowed_values[label], f"{where}: {label}={value!r} never occurs"
+    assert checked > 10
+
+
+def test_grouping_labels_exist_on_the_metrics_they_group() -> None:
+    checked = 0
+    for where, expr in all_expressions():
+        for scope_metrics, labels in groupings(expr):
+            for metric in scope_metrics:
+                known = labels_of(metric)
+                for label in labels:
+                    checked += 1
+                    assert label in known, f"{where}: {metric} has no label {label!r} to group by"
+    assert checked > 20
+
+
+def test_histogram_quantiles_keep_the_le_label() -> None:
+    for where, expr in all_expressions():
+        for match in re.finditer(r"histogram_quantile\(", expr):
+            inner = balanced_group(expr, match.end() - 1)
+            assert re.search(r"by \([^)]*\ble\b", inner), f"{where}: histogram_quantile without `by (le, ...)`"
+            assert "_bucket" in inner, f"{where}: histogram_quantile over something other than _bucket"
+
+
+def test_dashboard_legends_name_labels_the_query_keeps() -> None:
+    for panel in dashboard_panels():
+        for target in panel.get("targets", []):
+            kept = {label for _, labels in groupings(target["expr"]) for label in labels}
+            kept |= {label for name in RECORDED_NAME.findall(target["expr"]) for label in recording_rules()[name]}
+            for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")):
+                assert label in kept, f"panel {panel['title']!r}: legend {{{{{label}}}}} is not a label of its result"
+
+
+def test_dashboard_is_well_formed() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = list(dashboard_panels())
+    ids = [panel["id"] for panel in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    variables = {variable["name"] for variable in dashboard["templating"]["list"]}
+    assert {"datasource", "policy"} <= variables
+    for panel in panels:
+        if panel["type"] == "row":
+            continue
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24 and grid["h"] > 0, panel["title"]
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"], f"panel {panel['title']!r} has no query"
+        for target in panel["targets"]:
+            for variable in re.findall(r"\$\{?(\w+)", target["expr"]):
+                assert variable in variables or variable.startswith("__"), f"{panel['title']}: unknown ${variable}"
+
+
+def test_grafana_provisioning_points_at_the_dashboards_and_prometheus() -> None:
+    provisioning = DEPLOY / "grafana" / "provisioning"
+    datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert [source["type"] for source in datasources] == ["prometheus"]
+    assert datasources[0]["url"] == "http://prometheus:9090"
+    dashboard = json.loads(DASHBOARD.read_text())
+    variable = next(v for v in dashboard["templating"]["list"] if v["name"] == "datasource")
+    assert variable["current"]["value"] == datasources[0]["uid"]
+    provider = yaml.safe_load((provisioning / "dashboards" / "modtag.yml").read_text())["providers"][0]
+    grafana = compose()["services"]["grafana"]
+    mounts = {target: source for source, target in bind_mounts(grafana)}
+    assert (COMPOSE.parent / mounts[provider["options"]["path"]]).resolve() == DASHBOARD.parent
+    assert (COMPOSE.parent / mounts["/etc/grafana/provisioning"]).resolve() == provisioning
+
+
+def test_prometheus_scrapes_the_api_and_worker_ports() -> None:
+    from core.settings import Settings
+
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) >= SCRAPE_JOBS
+    defaults = Settings.model_fields
+    assert jobs["modtag-api"]["dns_sd_configs"][0]["port"] == defaults["api_port"].default
+    assert jobs["modtag-worker"]["dns_sd_configs"][0]["port"] == defaults["worker_metrics_port"].default
+    assert set(jobs["modtag-api"]["dns_sd_configs"][0]["names"]) == {"api"}
+    assert set(jobs["modtag-worker"]["dns_sd_configs"][0]["names"]) == {"worker", "worker-gpu"}
+    assert all(job.get("metrics_path", "/metrics") == "/metrics" for job in jobs.values())
+    assert [path for pattern in config["rule_files"] for path in PROMETHEUS_CONFIG.parent.glob(pattern)] == [RULES]
+
+
+# --- promtool ------------------------------------------------------------------------------------
+
+
+def test_promtool_accepts_the_config_and_rules() -> None:
+    promtool = require_tool("promtool", "apt-get install prometheus")
+    run_ok([promtool, "check", "config", str(PROMETHEUS_CONFIG)])
+    output = run_ok([promtool, "check", "rules", str(RULES)])
+    assert f"{len(recording_rules()) + len(alert_names())} rules found" in output
+
+
+def test_promtool_rule_unit_tests_pass() -> None:
+    promtool = require_tool("promtool", "apt-get install prometheus")
+    tested = {item["alertname"] for case in yaml.safe_load(RULE_TESTS.read_text())["tests"]
+              for item in case.get("alert_rule_test", [])}  # fmt: skip
+    assert {"ModtagNoWorker", "ModtagBacklogGrowing", "ModtagJobFailureRateHigh", "ModtagFlagRateSpike"} <= tested
+    run_ok([promtool, "test", "rules", str(RULE_TESTS)])
+
+
+def test_promtool_rule_tests_can_fail(tmp_path: Path) -> None:
+    promtool = require_tool("promtool", "apt-get install prometheus")
+    broken = RULE_TESTS.read_text().replace("../rules/modtag.rules.yml", str(RULES))
+    broken = broken.replace("(600 waiting)", "(601 waiting)")
+    (tmp_path / "broken.test.yml").write_text(broken)
+    result = subprocess.run(
+        [promtool, "test", "rules", str(tmp_path / "broken.test.yml")], capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "ModtagBacklogGrowing" in result.stdout + result.stderr
+
+
+def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
+    promtool = require_tool("promtool", "apt-get install prometheus")
+    rules = [
+        {"record": f"dashboard:query_{i}", "expr": grafana_to_promql(expr)}
+        for i, (_, expr) in enumerate(dashboard_expressions())
+        if not expr.startswith("label_values(")
+    ]
+    path = tmp_path / "dashboard.rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    assert f"{len(rules)} rules found" in run_ok([promtool, "check", "rules", str(path)])
+
+
+# --- compose -------------------------------------------------------------------------------------
+
+
+def test_compose_has_the_stack_and_references_only_existing_files() -> None:
+    services = compose()["services"]
+    assert {"redis", "postgres", "api", "worker", "worker-gpu", "prometheus", "grafana"} <= set(services)
+    for name, service in services.items():
+        build = service.get("build")
+        if build:
+            context = (COMPOSE.parent / build["context"]).resolve()
+            assert (context / build["dockerfile"]).is_file(), f"{name}: {build['dockerfile']} missing"
+        for source, _ in bind_mounts(service):
+            assert (COMPOSE.parent / source).exists(), f"{name}: mounts {source}, which does not exist"
+    assert (COMPOSE.parent / "prometheus" / "prometheus.yml").is_file()
+
+
+def test_compose_modtag_env_names_are_settings_and_values_validate() -> None:
+    services = compose()["services"]
+    with_env = [name for name, service in services.items() if modtag_env(service)]
+    assert {"api", "worker", "worker-gpu"} <= set(with_env)
+    for name in with_env:
+        env = modtag_env(services[name])
+        assert_settings_env(env, f"compose service {name}")
+        assert env["MODTAG_ENVIRONMENT"] == "production"
+        assert env["MODTAG_DATABASE_URL"].startswith("postgresql://")
+        assert "@postgres:5432/" in env["MODTAG_DATABASE_URL"]
+        assert env["MODTAG_REDIS_URL"].startswith("redis://redis:6379/")
+
+
+def test_compose_api_and_workers_share_the_blob_volume_at_the_blob_dir() -> None:
+    services = compose()["services"]
+    for name in ("api", "worker", "worker-gpu"):
+        blob_dir = modtag_env(services[name])["MODTAG_BLOB_DIR"]
+        named = [v for v in services[name]["volumes"] if not v.startswith((".", "/"))]
+        assert f"blobs:{blob_dir}" in named, f"{name} does not mount the blobs volume at {blob_dir}"
+    assert "blobs" in compose()["volumes"]
+
+
+def test_compose_services_are_wired_for_production() -> None:
+    services = compose()["services"]
+    assert "--appendonly" in services["redis"]["command"] and "yes" in services["redis"]["command"]
+    assert services["postgres"]["image"].startswith("postgres:16")
+    for name in ("api", "worker", "worker-gpu"):
+        for dependency in ("redis", "postgres"):
+            assert services[name]["depends_on"][dependency]["condition"] == "service_healthy", name
+    gpu = services["worker-gpu"]
+    assert gpu["profiles"] == ["gpu"] and "profiles" not in services["worker"]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert modtag_env(gpu)["MODTAG_DEVICE"] == "cuda"
+    assert "whl/cu12" in gpu["build"]["args"]["TORCH_INDEX_URL"]
+    assert "whl/cpu" in services["worker"]["build"]["args"]["TORCH_INDEX_URL"]
+    for name in ("worker", "worker-gpu"):
+        grace = int(services[name]["stop_grace_period"].removesuffix("s"))
+        assert grace > job_timeout_s(modtag_env(services[name])), f"{name} is killed before a job may finish"
+
+
+def test_compose_validates_with_docker_compose(tmp_path: Path) -> None:
+    command = compose_command()
+    for profile in ([], ["--profile", "gpu"]):
+        run_ok([*command, "-f", str(COMPOSE), *profile, "config", "-q"], cwd=ROOT)
+    broken = tmp_path / "compose.yaml"
+    broken.write_text(COMPOSE.read_text().replace("    restart: unless-stopped\n", "    restartt: always\n", 1))
+    result = subprocess.run([*command, "-f", str(broken), "config", "-q"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0, "the validator accepted an unknown service key"
+
+
+# --- Dockerfiles ---------------------------------------------------------------------------------
+
+
+def test_api_image_installs_no_torch() -> None:
+    dockerfile = dockerfile_lines("Dockerfile.api")
+    installs = [line for line in dockerfile if "pip install" in line]
+    assert installs == ["RUN pip install ."]
+    text = "\n".join(dockerfile)
+    for forbidden in ("[worker]", "torch", "transformers", "TORCH_INDEX_URL"):
+        assert forbidden not in text
+    assert dockerfile[0] == "FROM python:3.11-slim"
+    assert any(line.startswith("USER ") and "root" not in line for line in dockerfile)
+    assert any(line.startswith("HEALTHCHECK") and "/healthz" in line for line in dockerfile)
+    assert dockerfile[-1] == 'CMD ["modtag", "api", "--host", "0.0.0.0", "--port", "8000"]'
+    # `pip install .` brings only the base dependencies: torch must not be among them.
+    base = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert not [dep for dep in base if re.match(r"(torch|transformers|nvidia)", dep)], base
+
+
+def test_worker_image_installs_the_worker_extra_from_a_torch_index() -> None:
+    raw = (DEPLOY / "docker" / "Dockerfile.worker").read_text()
+    dockerfile = dockerfile_lines("Dockerfile.worker")
+    assert dockerfile[0] == "FROM python:3.11-slim"
+    assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu12\d$", raw, re.M)
+    assert "https://download.pytorch.org/whl/cpu" in raw  # how to build for CPU
+    assert 'RUN pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"' in dockerfile
+    assert 'RUN pip install ".[worker]"' in dockerfile
+    assert "HF_HOME=/models/" in raw and 'VOLUME ["/models"]' in dockerfile
+    assert any(line.startswith("USER ") and "root" not in line for line in dockerfile)
+    assert dockerfile[-1] == 'CMD ["modtag", "worker"]'
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.api", "Dockerfile.worker"])
+def test_dockerfile_copies_every_package_and_nothing_ignored(name: str) -> None:
+    ignored = [
+        line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip() and line[0] != "#"
+    ]
+    copied: set[str] = set()
+    for line in dockerfile_lines(name):
+        if line.startswith("COPY "):
+            *sources, _ = line.split()[1:]
+            for source in sources:
+                assert (ROOT / source).exists(), f"{name}: COPY {source}, which is not in the repository"
+                assert not any(fnmatch(source, pattern) for pattern in ignored), f"{name}: {source} is dockerignored"
+                copied.add(source)
+    assert {"pyproject.toml", "README.md"} <= copied  # pip reads both
+    assert packages_to_install() <= copied, f"{name} misses a package pyproject installs"
+
+
+def test_dockerignore_keeps_local_state_out() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", ".modtag", "tests"} <= set(ignored)
+
+
+# --- Kubernetes ----------------------------------------------------------------------------------
+
+
+def test_kustomization_lists_every_manifest_but_the_secret_example() -> None:
+    resources = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    assert set(resources) == manifests
+    for document in k8s_documents():
+        assert document["metadata"]["name"]
+        if document["kind"] != "Namespace":
+            assert document["metadata"]["namespace"] == "modtag", document["metadata"]["name"]
+
+
+def test_k8s_env_names_are_settings_and_values_validate() -> None:
+    configmap = k8s_object("ConfigMap", "modtag-config")["data"]
+    secret = k8s_object("Secret", "modtag-secrets")["stringData"]
+    assert_settings_env({**configmap, **secret}, "k8s configmap and secret")
+    for workload in k8s_workloads():
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            env = {
+                item["name"]: item["value"] for item in container.get("env", []) if item["name"].startswith("MODTAG_")
+            }
+            assert_settings_env({**configmap, **secret, **env}, f"k8s {workload['metadata']['name']}")
+
+
+def test_k8s_workloads_reference_what_exists() -> None:
+    names = {(doc["kind"], doc["metadata"]["name"]) for doc in k8s_documents()}
+    for workload in k8s_workloads():
+        spec = workload["spec"]
+        template = spec["template"]
+        assert spec["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+        volumes = {volume["name"]: volume for volume in template["spec"].get("volumes", [])}
+        claim_templates = {claim["metadata"]["name"] for claim in spec.get("volumeClaimTemplates", [])}
+        for volume in volumes.values():
+            if "persistentVolumeClaim" in volume:
+                assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in names
+        for container in template["spec"]["containers"]:
+            ports = {port["name"] for port in container.get("ports", [])}
+            for source in container.get("envFrom", []):
+                if "configMapRef" in source:
+                    assert ("ConfigMap", source["configMapRef"]["name"]) in names
+                if "secretRef" in source:
+                    assert ("Secret", source["secretRef"]["name"]) in names
+            for mount in container.get("volumeMounts", []):
+                assert mount["name"] in volumes or mount["name"] in claim_templates
+            for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+                handler = container.get(probe, {})
+                port = (handler.get("httpGet") or handler.get("tcpSocket") or {}).get("port")
+                assert port is None or port in ports or isinstance(port, int)
+    for service in (doc for doc in k8s_documents() if doc["kind"] == "Service"):
+        selected = [w for w in k8s_workloads() if service["spec"]["selector"].items() <= _pod_labels(w).items()]
+        assert selected, f"service {service['metadata']['name']} selects no pod"
+        for port in service["spec"]["ports"]:
+            container_ports = {
+                p["name"] for c in selected[0]["spec"]["template"]["spec"]["containers"] for p in c["ports"]
+            }
+            assert port["targetPort"] in container_ports
+
+
+def test_k8s_api_probes_and_worker_shutdown() -> None:
+    api = k8s_object("Deployment", "modtag-api")["spec"]["template"]["spec"]["containers"][0]
+    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert api["command"] == ["modtag", "api", "--host", "0.0.0.0", "--port", "8000"]
+    worker = k8s_object("Deployment", "modtag-worker")["spec"]["template"]["spec"]
+    configmap = k8s_object("ConfigMap", "modtag-config")["data"]
+    assert worker["terminationGracePeriodSeconds"] > job_timeout_s(configmap)
+    assert worker["containers"][0]["command"] == ["modtag", "worker"]
+    assert re.search(r"^\s*# nvidia\.com/gpu: 1$", (K8S / "worker.yaml").read_text(), re.M)
+    claim = k8s_object("PersistentVolumeClaim", "modtag-blobs")["spec"]
+    assert claim["accessModes"] == ["ReadWriteMany"]
+    blob_dir = configmap["MODTAG_BLOB_DIR"]
+    for workload in ("modtag-api", "modtag-worker"):
+        mounts = k8s_object("Deployment", workload)["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        assert {"name": "blobs", "mountPath": blob_dir} in mounts, workload
+
+
+# --- examples ------------------------------------------------------------------------------------
+
+
+def test_examples_are_small_attributed_photos() -> None:
+    from PIL import Image
+
+    photos = sorted(EXAMPLES.glob("*.jpg"))
+    assert 4 <= len(photos) <= 6
+    attribution = (EXAMPLES / "ATTRIBUTION.md").read_text()
+    for photo in photos:
+        assert photo.stat().st_size < 150_000, photo.name
+        with Image.open(photo) as image:
+            assert image.format == "JPEG" and image.mode == "RGB"
+            assert max(image.size) <= 512
+        function = photo.stem
+        assert f"`{photo.name}` | `{function}()`" in attribution, f"{photo.name} has no attribution row"
+
+
+def test_make_examples_reproduces_the_photos(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    script = _load_make_examples()
+    written = script.main(tmp_path)
+    assert sorted(p.name for p in written) == sorted(p.name for p in EXAMPLES.glob("*.jpg"))
+    for path in written:
+        committed = EXAMPLES / path.name
+        if path.read_bytes() == committed.read_bytes():
+            continue
+        # Another libjpeg build may encode differently; the pixels must still be the same photo.
+        with Image.open(path) as fresh, Image.open(committed) as kept:
+            assert fresh.size == kept.size
+            difference = np.abs(np.asarray(fresh, dtype=np.int16) - np.asarray(kept, dtype=np.int16))
+            assert float(difference.mean()) < 2.0, path.name
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+@cache
+def exported_samples() -> dict[str, frozenset[str]]:
+    """Every sample name core.metrics exports (counters' _total, histograms' _bucket...) -> its label names."""
+    from prometheus_client import REGISTRY
+
+    import core.metrics  # noqa: F401  (registers the metrics)
+
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "info": ("_info",),
+    }
+    labels = _declared_labels()
+    samples: dict[str, frozenset[str]] = {}
+    for family in REGISTRY.collect():
+        if not family.name.startswith("modtag_"):
+            continue
+        assert family.type in suffixes, f"{family.name}: unexpected metric type {family.type}"
+        for suffix in suffixes[family.type]:
+            extra = {"le"} if suffix == "_bucket" else set()
+            samples[family.name + suffix] = frozenset(labels[family.name] | extra)
+    assert len(samples) > 30
+    return samples
+
+
+def _declared_labels() -> dict[str, set[str]]:
+    from prometheus_client import CollectorRegistry, Info
+    from prometheus_client.metrics import MetricWrapperBase
+
+    import core.metrics as metrics
+
+    labels = {
+        obj._name: set(obj._labelnames)
+        for obj in vars(metrics).values()
+        if isinstance(obj, MetricWrapperBase) and obj._type != "info"
+    }
+    # Info labels are the keys set_build_info writes: call it on a private Info, not the process's.
+    probe = Info("modtag_build", "probe", registry=CollectorRegistry())
+    original, metrics.BUILD_INFO = metrics.BUILD_INFO, probe
+    try:
+        metrics.set_build_info("probe")
+    finally:
+        metrics.BUILD_INFO = original
+    labels["modtag_build"] = {key for sample in next(iter(probe.collect())).samples for key in sample.labels}
+    return labels
+
+
+def labels_of(metric: str) -> frozenset[str]:
+    """Labels a series of this name carries in Prometheus (target labels included)."""
+    if metric == "up":
+        return TARGET_LABELS
+    if metric.startswith("modtag:"):
+        return frozenset(recording_rules()[metric]) | TARGET_LABELS
+    return exported_samples()[metric] | TARGET_LABELS
+
+
+@cache
+def recording_rules() -> dict[str, frozenset[str]]:
+    """Recorded series -> the labels they keep (their outermost `by`)."""
+    recorded = {}
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            if "record" in rule:
+                first = GROUPING.search(rule["expr"])
+                kept = {label.strip() for label in first.group(2).split(",")} if first else set()
+                recorded[rule["record"]] = frozenset(kept - {"le"})
+    return recorded
+
+
+def alert_names() -> list[str]:
+    return [
+        rule["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for rule in g["rules"] if "alert" in rule
+    ]
+
+
+def all_expressions() -> Iterator[tuple[str, str]]:
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            yield f"{RULES.name}:{rule.get('record') or rule.get('alert')}", rule["expr"]
+    yield from dashboard_expressions()
+
+
+def dashboard_expressions() -> Iterator[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in dashboard_panels():
+        for target in panel.get("targets", []):
+            yield f"{DASHBOARD.name}:{panel['title']}", target["expr"]
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            yield f"{DASHBOARD.name}:${variable['name']}", variable["definition"]
+
+
+def dashboard_panels() -> Iterator[dict[str, Any]]:
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        yield panel
+        yield from panel.get("panels", [])  # collapsed rows hold their panels
+
+
+def groupings(expr: str) -> Iterator[tuple[set[str], list[str]]]:
+    """For each `by (...)`/`without (...)`: the metrics it aggregates and the labels it names."""
+    for match in GROUPING.finditer(expr):
+        labels = [label.strip() for label in match.group(2).split(",") if label.strip()]
+        after = expr[match.end() :].lstrip()
+        if after.startswith("("):  # sum by (x) (expr)
+            scope = balanced_group(expr, match.end() + (len(expr[match.end() :]) - len(after)))
+        else:  # sum(expr) by (x)
+            scope = _preceding_group(expr, match.start())
+        metrics = set(METRIC_NAME.findall(scope)) | set(RECORDED_NAME.findall(scope))
+        if re.search(r"\bup\b", scope):
+            metrics.add("up")
+        yield metrics, labels
+
+
+def balanced_group(text: str, open_index: int) -> str:
+    assert text[open_index] == "(", text[open_index:]
+    depth = 0
+    for index in range(open_index, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[index], 0)
+        if depth == 0:
+            return text[open_index + 1 : index]
+    raise AssertionError(f"unbalanced parentheses in {text!r}")
+
+
+def _preceding_group(text: str, before: int) -> str:
+    close = text.rindex(")", 0, before)
+    depth = 0
+    for index in range(close, -1, -1):
+        depth += {")": 1, "(": -1}.get(text[index], 0)
+        if depth == 0:
+            return text[index + 1 : close]
+    raise AssertionError(f"unbalanced parentheses in {text!r}")
+
+
+def grafana_to_promql(expr: str) -> str:
+    """A dashboard query with Grafana's variables replaced by plain values Prometheus accepts."""
+    expr = expr.replace("$__rate_interval", "5m").replace("$__range", "1h").replace("$__interval", "1m")
+    return re.sub(r"\$\{?\w+\}?", ".*", expr)
+
+
+@cache
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return loaded
+
+
+def bind_mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
+    mounts = []
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith((".", "/")):
+            mounts.append((source, target))
+    return mounts
+
+
+def modtag_env(service: dict[str, Any]) -> dict[str, str]:
+    """The service's MODTAG_* variables with `${VAR:-default}` replaced by its default."""
+    env = service.get("environment", {})
+    assert isinstance(env, dict), "use the mapping form of environment"
+    return {
+        key: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value)) for key, value in env.items() if key.startswith("MODTAG_")
+    }
+
+
+def assert_settings_env(env: dict[str, str], where: str) -> None:
+    from core.settings import Settings
+
+    fields = {f"MODTAG_{name.upper()}": name for name in Settings.model_fields}
+    unknown = sorted(set(env) - set(fields))
+    assert not unknown, f"{where}: {unknown} are not settings (core/settings.py)"
+    # Validation only: no environment variable or .env file of this machine takes part.
+    Settings.model_validate({fields[key]: value for key, value in env.items()})  # raises if a value is invalid
+
+
+def job_timeout_s(env: dict[str, str]) -> int:
+    from core.settings import Settings
+
+    return int(env.get("MODTAG_JOB_TIMEOUT_S", Settings.model_fields["job_timeout_s"].default))
+
+
+def compose_command() -> list[str]:
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    standalone = shutil.which("docker-compose")
+    if standalone:
+        return [standalone]
+    pytest.skip(
+        "neither the `docker compose` plugin nor `docker-compose` is installed (apt-get install docker-compose)"
+    )
+
+
+def dockerfile_lines(name: str) -> list[str]:
+    """Instructions with continuation lines joined and comments dropped."""
+    text = (DEPLOY / "docker" / name).read_text()
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n\s*", "", "\n".join(lines))
+    return [" ".join(line.split()) for line in joined.splitlines() if line.strip()]
+
+
+def packages_to_install() -> set[str]:
+    """Top-level packages pyproject's `packages.find` takes from the repository."""
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    return {
+        path.name
+        for path in ROOT.iterdir()
+        if (path / "__init__.py").is_file() and any(fnmatch(path.name, pattern) for pattern in patterns)
+    }
+
+
+@cache
+def k8s_documents() -> list[dict[str, Any]]:
+    documents = [doc for path in sorted(K8S.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return [doc for doc in documents if doc.get("kind") not in (None, "Kustomization")]
+
+
+def k8s_object(kind: str, name: str) -> dict[str, Any]:
+    return next(doc for doc in k8s_documents() if doc["kind"] == kind and doc["metadata"]["name"] == name)
+
+
+def k8s_workloads() -> list[dict[str, Any]]:
+    return [doc for doc in k8s_documents() if doc["kind"] in ("Deployment", "StatefulSet")]
+
+
+def _pod_labels(workload: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = workload["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def require_tool(name: str, install: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed ({install})")
+    return path
+
+
+def run_ok(command: list[str], cwd: Path | None = None) -> str:
+    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=60)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def _action_type() -> Any:
+    from policies.evaluate import Action
+
+    return Action
+
+
+def _queues() -> Any:
+    from core.queues import Queue
+
+    return Queue
+
+
+def _load_make_examples() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_examples", EXAMPLES / "make_examples.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
