@@ -91,3 +91,16 @@ def photo_bytes(name: str, fmt: str = "JPEG", size: tuple[int, int] | None = Non
 @pytest.fixture(scope="session")
 def photos() -> dict[str, bytes]:
     return {name: photo_bytes(name) for name in ("astronaut", "chelsea", "coffee", "rocket")}
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny-random models (caption/, vqa/, itm/), built once per session without network.
+
+    Load them by path (`load_models(str(tiny_models_dir), ...)`) or by preset with its parent as the
+    cache: `load_models("tiny-random", ..., cache_dir=tiny_models_dir.parent)`.
+    """
+    from worker.models import ROLES, resolve_model_dirs
+
+    dirs = resolve_model_dirs("tiny-random", tmp_path_factory.mktemp("models"))
+    return Path(dirs[ROLES[0]]).parent
