@@ -1,0 +1,63 @@
+"""Dependencies the routes declare: settings, a database session, the tenant and the app's services."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Request
+from redis import Redis
+from sqlmodel import Session
+
+from core.blobs import BlobStore
+from core.db import get_engine
+from core.settings import Settings
+from policies import Policy
+
+DEFAULT_TENANT = "default"
+
+
+@dataclass
+class Services:
+    """What the lifespan builds once per process and every request shares."""
+
+    settings: Settings
+    policies: Mapping[str, Policy]
+    celery: Celery
+    blobs: BlobStore
+    redis: Redis  # readiness and queue-depth gauges, with short timeouts
+    gauges_refreshed_at: float = float("-inf")  # monotonic time of the last scrape-time gauge refresh
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def get_app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_session(settings: Annotated[Settings, Depends(get_app_settings)]) -> Iterator[Session]:
+    """A session per request; repository functions in core.jobs commit their own writes."""
+    with Session(get_engine(settings.resolved_database_url), expire_on_commit=False) as session:
+        yield session
+
+
+def get_tenant() -> str:
+    """The caller's tenant. Everyone is `default` until authentication lands; it replaces this function."""
+    return DEFAULT_TENANT
+
+
+def get_policies(services: Annotated[Services, Depends(get_services)]) -> Mapping[str, Policy]:
+    return services.policies
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+TenantDep = Annotated[str, Depends(get_tenant)]
+PoliciesDep = Annotated[Mapping[str, Policy], Depends(get_policies)]

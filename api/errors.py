@@ -1,0 +1,117 @@
+"""Exception handlers: every error body is `{"detail": "<sentence>", "code": "<snake_case>"}`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.schemas import ErrorBody
+from core.errors import ModtagError
+
+logger = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_field",
+    429: "rate_limited",
+    503: "not_ready",
+}
+_LOCATIONS = {"query": "query parameter", "path": "path parameter", "header": "header", "body": "field"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers on `app`; the catch-all one sits in Starlette's outermost middleware."""
+    app.add_exception_handler(ModtagError, _modtag_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(OperationalError, _database_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected_error)
+
+
+def error_response(
+    status: int, detail: str, code: str, *, headers: Mapping[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    """The one way an error leaves the API."""
+    return JSONResponse({"detail": detail, "code": code, **extra}, status_code=status, headers=headers)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting the error body for these statuses."""
+    return {
+        status: {"model": ErrorBody, "description": HTTPStatus(status).phrase + " (see `code`)"} for status in statuses
+    }
+
+
+async def _modtag_error(_request: Request, exc: ModtagError) -> JSONResponse:
+    if exc.http_status >= 500:
+        logger.warning("request failed: %s", exc)
+    return error_response(exc.http_status, exc.message, exc.code)
+
+
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    if not errors:
+        return error_response(422, "the request is invalid", "invalid_field")
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ())]
+    where = _LOCATIONS.get(loc[0], "field") if loc else "field"
+    name = ".".join(loc[1:]) or (loc[0] if loc else "request")
+    detail = f"{where} `{name[:100]}`: {first.get('msg', 'is invalid')}"
+    if len(errors) > 1:
+        detail += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return error_response(422, detail, "invalid_field")
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    status = exc.status_code
+    code = _HTTP_CODES.get(status) or _phrase_code(status)
+    path = request.url.path[:200]
+    if status == 404:
+        detail = f"there is no {path}; see /docs for the API's routes"
+    elif status == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        detail = f"{request.method[:16]} is not allowed on {path}" + (f"; use {allowed}" if allowed else "")
+    elif isinstance(exc.detail, str) and exc.detail and exc.detail != _phrase(status):
+        detail = exc.detail
+    else:
+        detail = f"the request failed: {_phrase(status).lower()}"
+    return error_response(status, detail, code, headers=exc.headers)
+
+
+async def _database_error(_request: Request, exc: OperationalError) -> JSONResponse:
+    # A database outage is not the client's fault and may pass: 503 tells clients to retry.
+    logger.warning("database unavailable: %s", type(exc.orig).__name__ if exc.orig else exc)
+    return error_response(503, "the database is unavailable; retry shortly", "database_unavailable")
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette re-raises after this response is sent, so the server logs the traceback; never the client.
+    logger.error("unexpected %s on %s %s", type(exc).__name__, request.method, request.url.path[:200])
+    return error_response(500, "an unexpected error occurred; it has been logged", "internal_error")
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def _phrase_code(status: int) -> str:
+    return "_".join(_phrase(status).lower().replace("-", " ").split())

@@ -1,0 +1,100 @@
+"""Operations: liveness `/healthz`, readiness `/readyz`, Prometheus `/metrics`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from sqlmodel import Session
+
+from api.deps import Services, ServicesDep
+from api.errors import error_response
+from api.schemas import Liveness, NotReadyBody, Readiness
+from core.db import get_engine, ping
+from core.jobs import count_by_status
+from core.metrics import JOBS_BY_STATUS, QUEUE_DEPTH
+from core.queues import Queue
+from core.tables import JobStatus
+
+logger = logging.getLogger(__name__)
+router = APIRouter(tags=["operations"])
+
+CHECK_TIMEOUT_S = 2.0
+GAUGE_REFRESH_S = 5.0
+# Checks run here so a hung dependency costs a worker of this pool, not the request past its timeout.
+_checks = ThreadPoolExecutor(max_workers=4, thread_name_prefix="readyz")
+_refresh_lock = threading.Lock()
+
+
+@router.get("/healthz", response_model=Liveness)
+def healthz() -> dict[str, str]:
+    """Liveness: the process answers. No I/O."""
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": NotReadyBody, "description": "A dependency is unreachable (see `checks`)."}},
+)
+def readyz(services: ServicesDep) -> Response | dict[str, object]:
+    """Readiness: the database and Redis both answer within 2 s."""
+    url = services.settings.resolved_database_url
+    checks = _run_checks({"database": lambda: ping(url), "redis": lambda: services.redis.ping()})
+    failed = sorted(name for name, result in checks.items() if result != "ok")
+    if failed:
+        return error_response(503, f"not ready: {', '.join(failed)} unreachable", "not_ready", checks=checks)
+    return {"status": "ready", "checks": checks}
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text exposition."}},
+)
+def metrics(services: ServicesDep) -> Response:
+    """Prometheus metrics; queue depth and job counts are refreshed at most every 5 s."""
+    _refresh_gauges(services)
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+def _run_checks(checks: dict[str, Callable[[], object]]) -> dict[str, str]:
+    futures = {name: _checks.submit(check) for name, check in checks.items()}
+    deadline = time.monotonic() + CHECK_TIMEOUT_S
+    results: dict[str, str] = {}
+    for name, future in futures.items():
+        try:
+            future.result(timeout=max(0.0, deadline - time.monotonic()))
+            results[name] = "ok"
+        except FutureTimeout:
+            results[name] = f"timed out after {CHECK_TIMEOUT_S:.0f} s"
+        except Exception as exc:  # any failure means not ready; the class name says which kind
+            results[name] = f"failed: {type(exc).__name__}"
+    return results
+
+
+def _refresh_gauges(services: Services) -> None:
+    with _refresh_lock:
+        now = time.monotonic()
+        if now - services.gauges_refreshed_at < GAUGE_REFRESH_S:
+            return
+        services.gauges_refreshed_at = now
+    # A scrape must succeed even when a dependency is down: the gauges keep their last values.
+    try:
+        for queue in Queue:
+            QUEUE_DEPTH.labels(queue=queue.value).set(services.redis.llen(queue.value))
+    except Exception as exc:
+        logger.warning("queue depth not refreshed: %s", type(exc).__name__)
+    try:
+        with Session(get_engine(services.settings.resolved_database_url)) as session:
+            counts = count_by_status(session)
+        for job_status in JobStatus:
+            JOBS_BY_STATUS.labels(status=job_status.value).set(counts.get(job_status.value, 0))
+    except Exception as exc:
+        logger.warning("job counts not refreshed: %s", type(exc).__name__)
