@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from modtag.servers import free_port
 
@@ -51,7 +52,11 @@ class Deployment:
             while time.monotonic() < deadline:
                 assert process.poll() is None, self.log(name)
                 # The hostname carries the pid, so this waits for this very process.
-                if any(str(process.pid) in next(iter(answer)) for answer in app.control.ping(timeout=0.5) or []):
+                try:
+                    answers = app.control.ping(timeout=0.5) or []
+                except (OSError, redis.RedisError):  # a connection kept from before a Redis restart
+                    continue
+                if any(str(process.pid) in next(iter(answer)) for answer in answers):
                     return process
         finally:
             app.close()

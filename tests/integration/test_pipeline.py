@@ -57,7 +57,9 @@ def test_photos_get_stored_explainable_decisions(deployment: Deployment, photos:
         assert {"probe", "match", "caption"} <= kinds
         assert all(0.0 <= item["score"] <= 1.0 for item in decision["evidence"])
         assert isinstance(decision["caption"], str)
-        assert decision["models"] and all(info["random"] for info in decision["models"].values())
+        models = decision["models"]
+        assert models["random"] is True and set(models["roles"]) == {"caption", "vqa", "itm"}
+        assert all(info["random"] for info in models["roles"].values())
         assert len(decisions_for(deployment.env["MODTAG_DATABASE_URL"], job["id"])) == 1
     listed = httpx.get(f"{deployment.api_url}/v1/decisions", params={"limit": 10}).json()
     assert {d["job_id"] for d in listed["data"]} == {job["id"] for job in submitted}
@@ -155,6 +157,7 @@ def test_jobs_survive_redis_restarted_empty(deployment: Deployment, redis_server
     assert client.llen("modtag.inference") == 3
     redis_server.stop(wipe=True)
     redis_server.start()
+    client.connection_pool.disconnect()
     assert client.llen("modtag.inference") == 0
     deployment.start_worker()
     for job in submitted:
