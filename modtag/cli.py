@@ -131,7 +131,6 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 def cmd_api(args: argparse.Namespace) -> int:
     from api.app import run
-
     from core.settings import get_settings
 
     settings = get_settings()

@@ -89,10 +89,10 @@ def print_table(results: Sequence[ScanResult], out: TextIO) -> None:
     """One line per image: action (or failure), top category, caption or error message."""
     rows = [("IMAGE", "RESULT", "TOP CATEGORY", "CAPTION / ERROR")]
     for result in results:
-        rows.append((str(result.path), *_row(result)))
-    widths = [min(max(len(row[i]) for row in rows), 48) for i in range(3)]
+        rows.append((_shown_path(result.path), *_row(result)))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
-        cells = [row[i][: widths[i]].ljust(widths[i]) for i in range(3)]
+        cells = [row[i].ljust(widths[i]) for i in range(3)]
         out.write("  ".join([*cells, row[3]]).rstrip() + "\n")
     done = sum(1 for r in results if r.job and r.job.get("status") == "done")
     failed = sum(1 for r in results if r.failed)
@@ -117,6 +117,15 @@ def _row(result: ScanResult) -> tuple[str, str, str]:
     top = max(categories.items(), key=lambda item: item[1]["score"], default=None)
     top_text = f"{top[0]} {top[1]['score']:.2f}" if top else ""
     return str(decision.get("action", job.get("status"))), top_text, str(decision.get("caption") or "")
+
+
+def _shown_path(path: Path, width: int = 48) -> str:
+    """The path relative to the working directory when under it; long ones keep their file name."""
+    try:
+        text = str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        text = str(path)
+    return text if len(text) <= width else "..." + text[-(width - 3) :]
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

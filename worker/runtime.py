@@ -17,16 +17,16 @@ from dataclasses import dataclass, field
 from datetime import UTC
 from typing import TYPE_CHECKING, Any
 
-from core.images import ImageLimits, decode_image
-from core.urls import fetch_image_bytes
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core import jobs, metrics
 from core.blobs import LocalBlobStore
 from core.db import migrate, session_scope
 from core.errors import ModtagError, PolicyError, TransientError
+from core.images import ImageLimits, decode_image
 from core.settings import Settings
 from core.tables import Decision, Job, JobStatus, utcnow
+from core.urls import fetch_image_bytes
 from policies import ModelOutputs, Policy, collect_evidence, evaluate, load_policies
 
 if TYPE_CHECKING:
