@@ -20,9 +20,9 @@ _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("MODTAG_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=os.environ.get("MODTAG_LOG_LEVEL", "INFO"), format=_LOG_FORMAT)
+    for chatty in ("httpx", "alembic"):  # a line per request or migration step drowns the command's output
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         _apply_overrides(args)
         return int(args.handler(args))
@@ -88,9 +88,11 @@ def _stack_options(parser: argparse.ArgumentParser) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from core.settings import get_settings
+    from modtag.preflight import check_models_reachable
     from modtag.stack import Stack
 
     settings = get_settings()
+    check_models_reachable(settings.models)
     stack = Stack(settings, host=args.host or settings.api_host, port=args.port, workers=args.workers)
     stop = _install_stop_signals()
     with stack:
@@ -115,10 +117,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
         results = scan(args.api, files, policy=args.policy, timeout_s=args.timeout, progress=progress)
     else:
         from core.settings import get_settings
+        from modtag.preflight import check_models_reachable
         from modtag.servers import free_port
         from modtag.stack import Stack
 
         settings = get_settings()
+        check_models_reachable(settings.models)
         print(f"starting a local modtag stack (models: {settings.models})...", file=sys.stderr)
         with Stack(settings, port=free_port(), workers=args.workers) as stack:
             results = scan(stack.api_url, files, policy=args.policy, timeout_s=args.timeout, progress=progress)

@@ -148,7 +148,19 @@ class Stack:
         for name, process in self.processes.items():
             code = process.poll()
             if code is not None:
+                reason = self._own_error(name)
+                if reason:
+                    raise StackError(f"{name} could not start: {reason}")
                 raise StackError(f"{name} exited with status {code}:\n{self.log_tail(name)}")
+
+    def _own_error(self, name: str) -> str | None:
+        """The error line a modtag command printed before exiting (`modtag: <sentence> [code]`), if any."""
+        try:
+            lines = (self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return None
+        found = [line.removeprefix("modtag: ") for line in lines if line.startswith("modtag: ")]
+        return found[-1] if found else None
 
     def log_tail(self, name: str, lines: int = 15) -> str:
         path: Path = self.log_dir / f"{name}.log"
