@@ -1,0 +1,113 @@
+"""The `modtag` command line with broken, hostile and missing arguments and settings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from core.errors import ModelError
+from core.settings import get_settings
+from modtag.cli import main
+from modtag.preflight import check_models_reachable
+from policies import builtin_dir
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("MODTAG_MODELS", "MODTAG_DATA_DIR", "MODTAG_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    get_settings.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["up", "--workers", "0"],
+        ["up", "--workers", "many"],
+        ["up", "--port", "70000"],
+        ["scan", "--timeout", "-1", "x"],
+        ["scan"],
+        ["frobnicate"],
+        [],
+        ["policy", "validate"],
+    ],
+)
+def test_bad_arguments_exit_2_with_usage(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "usage: modtag" in capsys.readouterr().err
+
+
+def test_scan_of_a_missing_path_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["scan", "--api", "http://127.0.0.1:9", "/no/such/dir"]) == 2
+    assert "/no/such/dir: no such file or directory" in capsys.readouterr().err
+
+
+def test_scan_of_a_folder_without_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("no images here")
+    assert main(["scan", "--api", "http://127.0.0.1:9", str(tmp_path)]) == 2
+    assert "no images found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "named"),
+    [
+        ("MODTAG_MAX_UPLOAD_BYTES", "lots", "MODTAG_MAX_UPLOAD_BYTES"),
+        ("MODTAG_MAX_UPLOAD_BYTES", "-5", "MODTAG_MAX_UPLOAD_BYTES"),
+        ("MODTAG_DTYPE", "float8", "MODTAG_DTYPE"),
+        ("MODTAG_API_PORT", "99999", "MODTAG_API_PORT"),
+        ("MODTAG_RUNNING_LEASE_S", "10", "running_lease_s must be longer than job_timeout_s"),
+        ("MODTAG_MODELS", "   ", "MODTAG_MODELS"),
+    ],
+)
+def test_bad_settings_stop_before_anything_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], variable: str, value: str, named: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    assert main(["scan", "--api", "http://127.0.0.1:9", "."]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "settings_invalid" in err
+
+
+def test_policy_validate_prints_versions_and_locates_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["policy", "validate", str(builtin_dir() / "moderation.yaml")]) == 0
+    assert "ok: policy 'moderation' version" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: broken\ndescription: x\ncategories:\n  - name: a\n    description: a\n    combine: max\n"
+        "    review: 2.5\n    block: 0.9\n    checks:\n      - kind: probe\n        question: is it?\n"
+    )
+    assert main(["policy", "validate", str(bad), str(tmp_path / "missing.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:7:" in err
+    assert "missing.yaml" in err
+
+
+def test_hub_models_offline_fail_fast_with_what_to_do(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No weights cached and no hub: the message names the way out (download, a directory, tiny-random)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelError) as error:
+        check_models_reachable("base")
+    assert error.value.code == "model_unavailable"
+    assert "Salesforce/blip-vqa-base" in error.value.message and "tiny-random" in error.value.message
+    check_models_reachable("tiny-random")  # built locally: nothing to reach
+
+
+def test_scan_with_unreachable_models_exits_in_seconds(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache"),
+           "MODTAG_MODELS": "base", "MODTAG_DATA_DIR": str(tmp_path / "data")}  # fmt: skip
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "modtag", "scan", str(examples)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 3, done.stderr
+    assert "[model_unavailable]" in done.stderr and "MODTAG_MODELS=tiny-random" in done.stderr
+    assert time.monotonic() - started < 30
