@@ -61,10 +61,18 @@ class ImageError(ModtagError):
 
 
 class FetchError(ModtagError):
-    """An `image_url` could not be fetched (refused address, timeout, too large, HTTP error)."""
+    """An `image_url` could not be fetched (refused address, timeout, too large, HTTP error).
+
+    Timeouts, refused connections and 5xx/429 answers may pass: those are retried by the worker.
+    """
 
     code = "fetch_failed"
     http_status = 422
+    _TRANSIENT_CODES = frozenset({"fetch_timeout", "fetch_connect"})
+
+    def __init__(self, message: str, *, code: str | None = None, http_status: int | None = None) -> None:
+        super().__init__(message, code=code, http_status=http_status)
+        self.retryable = self.code in self._TRANSIENT_CODES
 
 
 class PolicyError(ModtagError):

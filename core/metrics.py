@@ -36,10 +36,21 @@ MODEL_INFERENCE = Histogram(
     buckets=_MODEL_BUCKETS,
 )
 BATCH_SIZE = Histogram("modtag_batch_size_images", "Images per engine batch", buckets=(1, 2, 4, 8, 16, 32, 64))
+CALLBACKS = Counter("modtag_callbacks_total", "Job callbacks sent to callback_url, by outcome", ["outcome"])
 MODEL_LOAD = Gauge("modtag_model_load_seconds", "Time the last load of each model took", ["model"])
 QUEUE_DEPTH = Gauge("modtag_queue_depth", "Messages waiting in each Celery queue", ["queue"])
 JOBS_BY_STATUS = Gauge("modtag_jobs", "Jobs in the database by status", ["status"])
 REVIEW_QUEUE = Gauge("modtag_review_queue_size", "Decisions waiting for a human reviewer")
+REVIEW_OLDEST_AGE = Gauge(
+    "modtag_review_oldest_age_seconds", "How long the oldest open review item has waited (0 when the queue is empty)"
+)
+REVIEW_RESOLUTION = Histogram(
+    "modtag_review_resolution_seconds",
+    "From entering the review queue (or being reopened) to a person's resolution",
+    ["policy", "resolution"],
+    buckets=(60.0, 300.0, 900.0, 1800.0, 3600.0, 3 * 3600.0, 8 * 3600.0, 86400.0, 3 * 86400.0, 7 * 86400.0),
+)
+AUTH_FAILURES = Counter("modtag_auth_failures_total", "Requests refused by access control, by error code", ["code"])
 HTTP_REQUESTS = Counter("modtag_http_requests_total", "HTTP requests served by the API", ["method", "route", "status"])
 HTTP_DURATION = Histogram(
     "modtag_http_request_duration_seconds", "API request latency", ["method", "route"], buckets=_LATENCY_BUCKETS

@@ -134,6 +134,18 @@ def fetch_image_bytes(
     return _run_blocking(fetch.run(url, timeout_s))
 
 
+def post_json(url: str, payload: bytes, *, timeout_s: float, allow_private: bool) -> int:
+    """POST a JSON body (a job's callback) with the same address rules as fetching. Returns the status."""
+    sender = _Fetch(
+        max_bytes=0,
+        allow_private=allow_private,
+        max_redirects=0,
+        allowed_networks=(),
+        ssl_context=_default_ssl_context(),
+    )
+    return _run_blocking(sender.post(url, payload, timeout_s))
+
+
 # --- helpers ---------------------------------------------------------------------------------------
 
 
@@ -163,7 +175,7 @@ class _Fetch:
             port = parts.port or (443 if parts.scheme == "https" else 80)
             addresses = await _resolve(host, port)
             self._vet(host, addresses)
-            status, location, body = await self._get(parts, host, port, addresses)
+            status, location, body = await self._send(parts, host, port, addresses)
             if status in _REDIRECTS:
                 if not location:
                     raise _http_error(url, status, "; the redirect has no Location header")
@@ -200,10 +212,31 @@ class _Fetch:
                     code="fetch_forbidden_address",
                 )
 
-    async def _get(
-        self, parts: SplitResult, host: str, port: int, addresses: list[IPAddress]
+    async def post(self, url: str, payload: bytes, timeout_s: float) -> int:
+        """One POST of a JSON body to a vetted address; redirects are not followed. Returns the status."""
+        parts = urlsplit(validate_image_url(url))
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            async with asyncio.timeout(timeout_s):
+                addresses = await _resolve(host, port)
+                self._vet(host, addresses)
+                status, _, _ = await self._send(parts, host, port, addresses, method="POST", content=payload)
+                return status
+        except (TimeoutError, httpx.TimeoutException):
+            raise FetchError(f"{_short(url)} did not answer within {timeout_s:g} s", code="fetch_timeout") from None
+
+    async def _send(
+        self,
+        parts: SplitResult,
+        host: str,
+        port: int,
+        addresses: list[IPAddress],
+        *,
+        method: str = "GET",
+        content: bytes | None = None,
     ) -> tuple[int, str | None, bytes]:
-        """One GET to the vetted addresses in turn (the next only if connecting failed)."""
+        """One request to the vetted addresses in turn (the next only if connecting failed)."""
         default_port = 443 if parts.scheme == "https" else 80
         bracketed = f"[{host}]" if ":" in host else host
         headers = {
@@ -213,6 +246,8 @@ class _Fetch:
             "Accept": "image/jpeg, image/png, image/webp, image/gif, image/bmp, image/tiff, */*;q=0.5",
             "Accept-Encoding": "identity",
         }
+        if content is not None:
+            headers["Content-Type"] = "application/json"
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         # The request goes to the IP; the hostname travels as the Host header and, for https, as
         # the TLS server name, which httpcore also uses to verify the certificate.
@@ -225,7 +260,11 @@ class _Fetch:
                 ip_host = f"[{address}]" if address.version == 6 else str(address)
                 try:
                     request = client.build_request(
-                        "GET", f"{parts.scheme}://{ip_host}:{port}{target}", headers=headers, extensions=extensions
+                        method,
+                        f"{parts.scheme}://{ip_host}:{port}{target}",
+                        headers=headers,
+                        extensions=extensions,
+                        content=content,
                     )
                 except httpx.InvalidURL as exc:
                     raise _invalid(f"the URL cannot be requested ({exc})") from None
@@ -239,7 +278,7 @@ class _Fetch:
                 except httpx.HTTPError as exc:
                     raise _failed(parts, exc) from None
                 try:
-                    if response.status_code >= 300:
+                    if response.status_code >= 300 or method != "GET":
                         return response.status_code, response.headers.get("location"), b""
                     return response.status_code, None, await self._read_body(response, parts)
                 finally:
@@ -413,7 +452,10 @@ def _invalid(message: str) -> FetchError:
 
 def _http_error(url: str, status: int, detail: str = "") -> FetchError:
     reason = httpx.codes.get_reason_phrase(status)
-    return FetchError(f"{_short(url)} answered HTTP {status} {reason}{detail}".rstrip(), code="fetch_http_error")
+    error = FetchError(f"{_short(url)} answered HTTP {status} {reason}{detail}".rstrip(), code="fetch_http_error")
+    # A busy or failing server may answer later; a 404 or 403 will not change.
+    error.retryable = status == 429 or status >= 500
+    return error
 
 
 def _failed(parts: SplitResult, exc: httpx.HTTPError) -> FetchError:

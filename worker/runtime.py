@@ -7,6 +7,7 @@ Every permanent problem ends as a `failed` job with a code and a sentence; trans
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -26,7 +27,7 @@ from core.errors import ModtagError, PolicyError, TransientError
 from core.images import ImageLimits, decode_image
 from core.settings import Settings
 from core.tables import Decision, Job, JobStatus, utcnow
-from core.urls import fetch_image_bytes
+from core.urls import fetch_image_bytes, post_json
 from policies import ModelOutputs, Policy, collect_evidence, evaluate, load_policies
 
 if TYPE_CHECKING:
@@ -120,7 +121,9 @@ class WorkerRuntime:
         except ModtagError as exc:
             if exc.retryable:
                 self._requeue(job.id)
-                raise
+                if isinstance(exc, TransientError):
+                    raise
+                raise TransientError(exc.message, code=exc.code) from exc
             return self._fail(job, exc.code, exc.message)
         except (OperationalError, DBAPIError) as exc:
             self._requeue(job.id)
@@ -185,6 +188,7 @@ class WorkerRuntime:
             stored = jobs.store_decision(session, job, decision)
         if stored.id == decision.id:
             self._count_done(job, stored)
+            self._send_callback(job)
         return JobResult(job.id, "done", timings=timings)
 
     def _image_bytes(self, job: Job) -> bytes:
@@ -215,7 +219,30 @@ class WorkerRuntime:
         metrics.JOBS_FAILED.labels(job.policy, code).inc()
         metrics.JOBS_COMPLETED.labels(job.policy, "failed").inc()
         log.info("job %s failed: %s (%s)", job.id, message, code)
+        self._send_callback(job)
         return JobResult(job.id, "failed", code=code)
+
+    def _send_callback(self, job: Job) -> None:
+        """POST the final job to its callback_url, once, best effort: the API stays the source of truth."""
+        if not job.callback_url:
+            return
+        try:
+            with session_scope(self.settings.resolved_database_url) as session:
+                current = jobs.get_job(session, job.id)
+                body = jobs.job_public(current, jobs.get_decision(session, job.id)) if current else None
+            if body is None:
+                return
+            status = post_json(
+                job.callback_url,
+                json.dumps(body).encode(),
+                timeout_s=self.settings.fetch_timeout_s,
+                allow_private=self.settings.fetch_allow_private,
+            )
+            outcome = "delivered" if 200 <= status < 300 else "rejected"
+        except (ModtagError, OperationalError, DBAPIError) as exc:
+            log.warning("callback for job %s not delivered: %s", job.id, exc)
+            outcome = "failed"
+        metrics.CALLBACKS.labels(outcome).inc()
 
     def _requeue(self, job_id: str) -> None:
         try:
