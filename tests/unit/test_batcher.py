@@ -1,0 +1,81 @@
+"""The micro-batcher: concurrent requests share one call; one bad request never fails its neighbours."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from worker.batcher import Batcher
+
+
+class Recorder:
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.fail_on = fail_on
+        self.lock = threading.Lock()
+
+    def __call__(self, requests: Sequence[int]) -> list[int]:
+        with self.lock:
+            self.batches.append(list(requests))
+        if self.fail_on is not None and self.fail_on in requests:
+            raise ValueError(f"cannot handle {self.fail_on}")
+        return [request * 10 for request in requests]
+
+
+def run_concurrently(batcher: Batcher[int, int], values: list[int]) -> dict[int, object]:
+    results: dict[int, object] = {}
+    barrier = threading.Barrier(len(values))
+
+    def one(value: int) -> None:
+        barrier.wait()
+        try:
+            results[value] = batcher.run(value, timeout_s=10)
+        except Exception as exc:
+            results[value] = exc
+
+    threads = [threading.Thread(target=one, args=(value,)) for value in values]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_concurrent_requests_are_gathered_up_to_the_batch_size() -> None:
+    recorder = Recorder()
+    batcher: Batcher[int, int] = Batcher(recorder, max_images=4, wait_ms=300)
+    results = run_concurrently(batcher, list(range(8)))
+    assert results == {value: value * 10 for value in range(8)}
+    assert sorted(len(batch) for batch in recorder.batches) == [4, 4]
+    assert sorted(v for batch in recorder.batches for v in batch) == list(range(8))
+
+
+def test_a_lone_request_does_not_wait_past_the_window() -> None:
+    recorder = Recorder()
+    batcher: Batcher[int, int] = Batcher(recorder, max_images=64, wait_ms=0)
+    assert batcher.run(3, timeout_s=5) == 30
+    assert recorder.batches == [[3]]
+
+
+def test_one_failing_request_fails_alone() -> None:
+    recorder = Recorder(fail_on=2)
+    batcher: Batcher[int, int] = Batcher(recorder, max_images=4, wait_ms=300)
+    results = run_concurrently(batcher, [1, 2, 3, 4])
+    assert isinstance(results[2], ValueError)
+    assert {value: results[value] for value in (1, 3, 4)} == {1: 10, 3: 30, 4: 40}
+    assert [2] in recorder.batches  # retried on its own after the batch failed
+
+
+def test_timeout_while_waiting_raises_timeout_error() -> None:
+    release = threading.Event()
+
+    def slow(requests: Sequence[int]) -> list[int]:
+        release.wait(5)
+        return list(requests)
+
+    batcher: Batcher[int, int] = Batcher(slow, max_images=1, wait_ms=0)
+    with pytest.raises(TimeoutError):
+        batcher.run(1, timeout_s=0.2)
+    release.set()
