@@ -1,4 +1,4 @@
-"""Dependencies the routes declare: settings, a database session, the tenant and the app's services."""
+"""Dependencies the routes declare: settings, a database session and the app's services (the caller: api/auth.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ from core.blobs import BlobStore
 from core.db import get_engine
 from core.settings import Settings
 from policies import Policy
-
-DEFAULT_TENANT = "default"
 
 
 @dataclass
@@ -47,11 +45,6 @@ def get_session(settings: Annotated[Settings, Depends(get_app_settings)]) -> Ite
         yield session
 
 
-def get_tenant() -> str:
-    """The caller's tenant. Everyone is `default` until authentication lands; it replaces this function."""
-    return DEFAULT_TENANT
-
-
 def get_policies(services: Annotated[Services, Depends(get_services)]) -> Mapping[str, Policy]:
     return services.policies
 
@@ -59,5 +52,4 @@ def get_policies(services: Annotated[Services, Depends(get_services)]) -> Mappin
 ServicesDep = Annotated[Services, Depends(get_services)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
-TenantDep = Annotated[str, Depends(get_tenant)]
 PoliciesDep = Annotated[Mapping[str, Policy], Depends(get_policies)]

@@ -72,8 +72,42 @@ class JobError(BaseModel):
     message: str | None
 
 
+class ReviewActor(BaseModel):
+    id: str | None = Field(description="The API key's id (or a label for the CLI / the machine).")
+    name: str | None
+
+
+class ReviewClaim(BaseModel):
+    by: ReviewActor
+    expires_at: Timestamp
+
+
+class ReviewResolution(BaseModel):
+    action: Literal["allow", "block"]
+    reason: str | None
+    by: ReviewActor
+    at: Timestamp
+
+
+class ReviewItemPublic(BaseModel):
+    """A `review` decision in the human queue; the machine decision itself is never changed."""
+
+    model_config = ConfigDict(extra="allow")
+
+    job_id: str
+    decision_id: str
+    policy: str
+    category: str | None = Field(description="The highest-scoring flagged category.")
+    score: float
+    state: Literal["open", "resolved"]
+    queued_at: Timestamp
+    claim: ReviewClaim | None = Field(description="A live claim; an expired one is shown as null.")
+    resolution: ReviewResolution | None
+    reopen_count: int
+
+
 class JobPublic(BaseModel):
-    """A job and, once done, its decision."""
+    """A job and, once done, its decision and any human review beside it."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -90,6 +124,7 @@ class JobPublic(BaseModel):
     attempts: int
     error: JobError | None
     decision: DecisionPublic | None
+    review: ReviewItemPublic | None = Field(default=None, description="The human review, for `review` decisions.")
 
 
 class DecisionPage(BaseModel):
@@ -104,8 +139,18 @@ class PolicySummary(BaseModel):
     categories: list[str]
 
 
+class PolicyReloadError(BaseModel):
+    code: str
+    message: str = Field(description="file:line:col: what is wrong, one line per problem.")
+    at: Timestamp
+
+
 class PolicyList(BaseModel):
     data: list[PolicySummary]
+    reload_error: PolicyReloadError | None = Field(
+        default=None,
+        description="The policy files changed but could not be loaded: the versions listed stay in use until fixed.",
+    )
 
 
 class Liveness(BaseModel):
@@ -119,3 +164,55 @@ class Readiness(BaseModel):
 
 class NotReadyBody(ErrorBody):
     checks: dict[str, str] = Field(description="Each dependency and `ok` or what failed.")
+
+
+class ReviewQueueEntry(ReviewItemPublic):
+    decision: DecisionPublic
+
+
+class ReviewQueuePage(BaseModel):
+    data: list[ReviewQueueEntry]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+
+
+class ResolveRequest(BaseModel):
+    """A person's call on a queued item, kept beside the machine decision."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["allow", "block"]
+    reason: str = Field(min_length=1, max_length=2000, description="Why; kept with the resolution.")
+
+
+class ReopenRequest(BaseModel):
+    """An appeal: why the resolved item goes back to the queue."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class AuditActor(BaseModel):
+    key_id: str | None
+    name: str
+    role: str | None
+
+
+class AuditTarget(BaseModel):
+    type: str
+    id: str
+
+
+class AuditEntryPublic(BaseModel):
+    id: int
+    at: Timestamp
+    actor: AuditActor
+    action: str = Field(description="review.enqueued, review.claimed, review.resolved, review.reopened, key.created...")
+    target: AuditTarget
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+
+
+class AuditPage(BaseModel):
+    data: list[AuditEntryPublic]
+    next_cursor: str | None

@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect
 
 from api.deps import SettingsDep
 from api.schemas import JobRequest
-from core.errors import BadRequest, FetchError, InvalidField, ModtagError, NotFound, PayloadTooLarge
+from core.errors import BadRequest, FetchError, InvalidField, ModtagError, NotFound, PayloadTooLarge, PolicyError
 from core.settings import Settings
 from core.urls import validate_image_url
 from policies import Policy
@@ -114,6 +114,17 @@ def parse_context(submission: RawSubmission, limit: int) -> dict[str, Any] | Non
     if _depth(value) > MAX_CONTEXT_DEPTH:
         raise InvalidField(f"`context` is nested deeper than {MAX_CONTEXT_DEPTH} levels", code="invalid_context")
     return value
+
+
+def require_context(policy: Policy, context: Mapping[str, Any] | None) -> None:
+    """Refuse (422 `context_missing`) a job whose context lacks a field the policy's checks require."""
+    missing = policy.missing_context(context or {})
+    if missing:
+        raise PolicyError(
+            f"policy '{policy.name}' needs context this job does not have: {'; '.join(missing)}. "
+            "Send it in `context` (a listing's title, description and attributes)",
+            code="context_missing",
+        )
 
 
 def check_url(url: str, field: str) -> str:

@@ -13,8 +13,9 @@ from sqlalchemy import and_, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
+from core import review
 from core.errors import BadRequest
-from core.tables import Decision, DecisionCategory, Job, JobStatus, utcnow
+from core.tables import Decision, DecisionCategory, Job, JobStatus, ReviewItem, ShadowDecision, iso, utcnow
 
 FINAL_STATUSES = (JobStatus.DONE, JobStatus.FAILED)
 
@@ -37,6 +38,9 @@ class NewJob:
     context: dict[str, Any] | None = None
     callback_url: str | None = None
     idempotency_key: str | None = None
+    submitted_by: str | None = None  # the API key's id
+    listing_id: str | None = None
+    listing_index: int | None = None
 
 
 def create_job(session: Session, new: NewJob) -> tuple[Job, bool]:
@@ -97,8 +101,9 @@ def claim_job(session: Session, job_id: str, worker: str, lease_s: float) -> Job
     return job
 
 
-def store_decision(session: Session, job: Job, decision: Decision) -> Decision:
-    """Write the decision, its category rows and the job's `done` state in one transaction (idempotent)."""
+def store_decision(session: Session, job: Job, decision: Decision, shadows: Sequence[ShadowDecision] = ()) -> Decision:
+    """Write the decision, its category rows, the job's `done` state, what shadow policies would have decided and,
+    for a `review` decision, its place in the review queue (with the audit entry), in one transaction (idempotent)."""
     existing = get_decision(session, job.id)
     if existing is not None:
         return existing
@@ -106,6 +111,10 @@ def store_decision(session: Session, job: Job, decision: Decision) -> Decision:
     decision.job_id = job.id
     decision.tenant = job.tenant
     session.add(decision)
+    for shadow in shadows:
+        shadow.job_id = job.id
+        shadow.tenant = job.tenant
+        session.add(shadow)
     for name, result in decision.categories.items():
         session.add(
             DecisionCategory(
@@ -129,6 +138,8 @@ def store_decision(session: Session, job: Job, decision: Decision) -> Decision:
         )
     )
     try:
+        if decision.action == "review":
+            review.enqueue(session, decision)
         session.commit()
     except IntegrityError:
         # A redelivered copy of this job finished first: keep its decision, never a second one.
@@ -212,15 +223,21 @@ def list_decisions(
     policy: str | None = None,
     category: str | None = None,
     since: datetime | None = None,
+    until: datetime | None = None,
+    flagged: bool = False,
     limit: int = 50,
     cursor: str | None = None,
 ) -> tuple[list[Decision], str | None]:
-    """Decisions newest first, filtered; keyset pagination with an opaque cursor."""
+    """Decisions newest first, filtered (`flagged`: review or block); keyset pagination with an opaque cursor."""
     query = select(Decision)
     if tenant is not None:
         query = query.where(Decision.tenant == tenant)
     if action:
         query = query.where(Decision.action == action)
+    if flagged:
+        query = query.where(col(Decision.action).in_(("review", "block")))
+    if until:
+        query = query.where(col(Decision.decided_at) < until)
     if policy:
         query = query.where(Decision.policy == policy)
     if since:
@@ -268,16 +285,18 @@ def decision_public(decision: Decision) -> dict[str, Any]:
         "caption": decision.caption,
         "evidence": decision.evidence,
         "tags": decision.tags,
+        "contradictions": decision.contradictions or [],
+        "reason": decision.reason,
         "policy": decision.policy,
         "policy_version": decision.policy_version,
         "models": decision.models,
-        "decided_at": _iso(decision.decided_at),
+        "decided_at": iso(decision.decided_at),
         "duration_ms": decision.duration_ms,
     }
 
 
-def job_public(job: Job, decision: Decision | None) -> dict[str, Any]:
-    """A job as the API and callbacks show it."""
+def job_public(job: Job, decision: Decision | None, review_item: ReviewItem | None = None) -> dict[str, Any]:
+    """A job as the API and callbacks show it: the machine decision and, beside it, the human review if any."""
     return {
         "id": job.id,
         "status": job.status,
@@ -286,20 +305,12 @@ def job_public(job: Job, decision: Decision | None) -> dict[str, Any]:
         "source": job.source,
         "image_url": job.image_url,
         "context": job.context,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
         "attempts": job.attempts,
         "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
+        "listing": {"id": job.listing_id, "index": job.listing_index} if job.listing_id else None,
         "decision": decision_public(decision) if decision else None,
+        "review": review.item_public(review_item) if review_item else None,
     }
-
-
-def _iso(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    if moment.tzinfo is None:  # SQLite hands back naive datetimes; they were written in UTC
-        from datetime import UTC
-
-        moment = moment.replace(tzinfo=UTC)
-    return moment.isoformat()

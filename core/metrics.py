@@ -56,6 +56,15 @@ HTTP_DURATION = Histogram(
     "modtag_http_request_duration_seconds", "API request latency", ["method", "route"], buckets=_LATENCY_BUCKETS
 )
 
+SHADOW_DECISIONS = Counter(
+    "modtag_shadow_decisions_total",
+    "Shadow policy decisions recorded beside an active decision, by whether they agreed (agree, disagree, error)",
+    ["policy", "shadow", "outcome"],
+)
+POLICY_RELOADS = Counter(
+    "modtag_policy_reloads_total", "Reloads of changed policy files, by outcome (loaded, failed)", ["outcome"]
+)
+
 
 def set_build_info(component: str) -> None:
     BUILD_INFO.info({"version": __version__, "component": component})

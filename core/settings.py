@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ConfigError
 
 MODEL_PRESETS = ("base", "large", "tiny-random", "random-base")
+# A key chosen by an operator (MODTAG_ADMIN_KEY): long and printable, so it fits a header and is hard to guess.
+KEY_PATTERN = re.compile(r"^[\x21-\x7e]{32,256}$")
 
 
 class Settings(BaseSettings):
@@ -39,6 +42,7 @@ class Settings(BaseSettings):
     max_image_side: int = Field(default=16_384, gt=0)
     min_image_side: int = Field(default=8, gt=0)
     max_context_bytes: int = Field(default=64 * 1024, gt=0)
+    listing_max_images: int = Field(default=10, gt=0, le=100, description="Photos one POST /v1/listings may carry.")
     fetch_timeout_s: float = Field(default=10.0, gt=0)
     fetch_allow_private: bool = Field(default=False, description="Allow image_url on loopback/private nets.")
 
@@ -57,6 +61,13 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8000, ge=0, le=65535)
     worker_metrics_port: int = Field(default=9808, ge=0, le=65535, description="0 disables it.")
 
+    # Access control (api/auth.py).
+    auth: bool = Field(default=True, description="Require API keys; false is for development only.")
+    admin_key: SecretStr | None = Field(default=None, description="Bootstrap admin key for `modtag up` / `api`.")
+    api_key: SecretStr | None = Field(default=None, description="The key `modtag scan --api` sends.")
+    review_claim_lease_s: int = Field(default=600, gt=0, le=86_400, description="How long a review claim lasts.")
+    session_ttl_s: int = Field(default=8 * 3600, gt=0, le=30 * 86_400, description="Dashboard sign-in lifetime.")
+
     @field_validator("models")
     @classmethod
     def _models_known(cls, value: str) -> str:
@@ -65,8 +76,23 @@ class Settings(BaseSettings):
             raise ValueError("must be a preset (base, large, tiny-random, random-base) or a directory")
         return value
 
+    @field_validator("admin_key", "api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        # `MODTAG_ADMIN_KEY=` (as compose writes an unset variable) means no key, not an invalid one.
+        return None if value == "" else value
+
+    @field_validator("admin_key", "api_key")
+    @classmethod
+    def _key_shape(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not KEY_PATTERN.match(value.get_secret_value()):
+            raise ValueError("must be 32 to 256 printable ASCII characters without spaces (use a random string)")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if not self.auth and self.environment == "production":
+            raise ValueError("auth=false (MODTAG_AUTH) is for development only; production requires API keys")
         if self.running_lease_s <= self.job_timeout_s:
             raise ValueError("running_lease_s must be longer than job_timeout_s")
         if self.visibility_timeout_s <= self.job_timeout_s:

@@ -1,4 +1,4 @@
-"""Database tables: jobs, their decisions, and one row per decision category for filtering."""
+"""Database tables: jobs and decisions (with categories, shadow decisions, listings); API keys, review, audit log."""
 
 from __future__ import annotations
 
@@ -7,12 +7,21 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every one was written in UTC."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def iso(moment: datetime | None) -> str | None:
+    return None if moment is None else as_utc(moment).isoformat()
 
 
 def new_id() -> str:
@@ -55,6 +64,9 @@ class Job(SQLModel, table=True):
     error_code: str | None = Field(default=None, max_length=64)
     error_message: str | None = Field(default=None, max_length=2000)
     worker: str | None = Field(default=None, max_length=255)
+    submitted_by: str | None = Field(default=None, max_length=32)  # the API key's id; None for unauthenticated
+    listing_id: str | None = Field(default=None, max_length=32, index=True)  # listings.id (no FK: see 0003)
+    listing_index: int | None = None  # the photo's 0-based position in its listing
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
     updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
     started_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
@@ -80,6 +92,9 @@ class Decision(SQLModel, table=True):
     models: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     duration_ms: float = 0.0
     decided_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    reason: str | None = Field(default=None, max_length=2000)  # which category and check decided, as a sentence
+    # Claims of the job's context the photo contradicts (listing policies): [{category, field, claimed, seen, score}].
+    contradictions: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON))
 
 
 class DecisionCategory(SQLModel, table=True):
@@ -93,3 +108,147 @@ class DecisionCategory(SQLModel, table=True):
     score: float
     action: str = Field(max_length=16)
     fired: bool
+
+
+class Role(StrEnum):
+    """What an API key may do (api/auth.py maps each role to its permissions)."""
+
+    SUBMIT = "submit"
+    REVIEW = "review"
+    ADMIN = "admin"
+
+
+class ApiKey(SQLModel, table=True):
+    """An API key: only its SHA-256 is stored; `prefix` is the non-secret part shown in listings."""
+
+    __tablename__ = "api_keys"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    key_hash: str = Field(max_length=64, unique=True)
+    prefix: str = Field(max_length=32)
+    name: str = Field(max_length=128)
+    role: str = Field(max_length=16)
+    tenant: str = Field(max_length=64, index=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    last_used_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    revoked_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+
+
+class DashboardSession(SQLModel, table=True):
+    """A signed-in browser: the cookie holds a random token whose SHA-256 is `id`; revoking the key ends it."""
+
+    __tablename__ = "dashboard_sessions"
+
+    id: str = Field(primary_key=True, max_length=64)
+    key_id: str = Field(foreign_key="api_keys.id", max_length=32, index=True)
+    csrf_token: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class ReviewState(StrEnum):
+    OPEN = "open"
+    RESOLVED = "resolved"
+
+
+class ReviewItem(SQLModel, table=True):
+    """A `review` decision waiting for (or resolved by) a person. The machine decision is never changed."""
+
+    __tablename__ = "review_items"
+    __table_args__ = (
+        Index("ix_review_items_tenant_state_queued_at", "tenant", "state", "queued_at"),
+        Index("ix_review_items_tenant_state_score", "tenant", "state", "score"),
+    )
+
+    job_id: str = Field(foreign_key="jobs.id", primary_key=True, max_length=32)
+    decision_id: str = Field(foreign_key="decisions.id", unique=True, max_length=32)
+    tenant: str = Field(max_length=64)
+    policy: str = Field(max_length=64)
+    category: str | None = Field(default=None, max_length=64)  # the highest-scoring flagged category
+    score: float = 0.0
+    state: str = Field(default=ReviewState.OPEN, max_length=16)
+    queued_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    claimed_by: str | None = Field(default=None, max_length=32)
+    claimed_by_name: str | None = Field(default=None, max_length=128)
+    claim_expires_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    resolution: str | None = Field(default=None, max_length=16)
+    reason: str | None = Field(default=None, max_length=2000)
+    resolved_by: str | None = Field(default=None, max_length=32)
+    resolved_by_name: str | None = Field(default=None, max_length=128)
+    resolved_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    reopen_count: int = 0
+
+
+class AuditEntry(SQLModel, table=True):
+    """One change, who made it and when, with the record before and after. Append-only."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        Index("ix_audit_log_tenant_id", "tenant", "id"),
+        Index("ix_audit_log_target", "target_type", "target_id"),
+    )
+
+    # BIGSERIAL on PostgreSQL; SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    )
+    at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    tenant: str = Field(max_length=64)
+    actor_key_id: str | None = Field(default=None, max_length=32)
+    actor_name: str = Field(max_length=128)
+    actor_role: str | None = Field(default=None, max_length=16)
+    action: str = Field(max_length=64)
+    target_type: str = Field(max_length=32)
+    target_id: str = Field(max_length=64)
+    before: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    after: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+
+
+class Listing(SQLModel, table=True):
+    """A marketplace listing: its text and attributes, checked photo by photo (one job per photo)."""
+
+    __tablename__ = "listings"
+    __table_args__ = (
+        UniqueConstraint("tenant", "idempotency_key", name="uq_listings_tenant_idempotency_key"),
+        Index("ix_listings_tenant_created_at", "tenant", "created_at"),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    tenant: str = Field(default="default", max_length=64)
+    policy: str = Field(max_length=64)
+    policy_version: str | None = Field(default=None, max_length=64)
+    title: str | None = Field(default=None, max_length=500)
+    description: str | None = Field(default=None, sa_column=Column(Text))
+    attributes: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    image_count: int = 0
+    idempotency_key: str | None = Field(default=None, max_length=255)
+    submitted_by: str | None = Field(default=None, max_length=32)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class ShadowDecision(SQLModel, table=True):
+    """What a shadow policy would have decided for a job, beside the active decision. Never acted on."""
+
+    __tablename__ = "shadow_decisions"
+    __table_args__ = (
+        UniqueConstraint("job_id", "policy", name="uq_shadow_decisions_job_policy"),
+        Index("ix_shadow_decisions_active_policy_decided_at", "active_policy", "decided_at"),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    job_id: str = Field(foreign_key="jobs.id", max_length=32, index=True)
+    tenant: str = Field(default="default", max_length=64)
+    policy: str = Field(max_length=64)  # the shadow policy
+    policy_version: str = Field(max_length=64)
+    active_policy: str = Field(max_length=64)
+    active_version: str = Field(max_length=64)
+    active_action: str = Field(max_length=16)
+    action: str | None = Field(default=None, max_length=16)  # None when the shadow could not decide (error_code)
+    categories: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    evidence: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    tags: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    reason: str | None = Field(default=None, max_length=2000)
+    error_code: str | None = Field(default=None, max_length=64)
+    error_message: str | None = Field(default=None, max_length=2000)
+    decided_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))

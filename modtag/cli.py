@@ -1,4 +1,4 @@
-"""The `modtag` command line: run the stack, scan images, run one component, validate policies."""
+"""The `modtag` command line: run the stack, scan images, run one component, manage API keys, validate policies."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.errors import ModtagError
+from core.errors import InvalidField, ModtagError
 
 EXIT_OK, EXIT_FAILED_JOBS, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -28,7 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except ModtagError as exc:
         print(f"modtag: {exc.message} [{exc.code}]", file=sys.stderr)
-        return EXIT_USAGE if exc.code in ("settings_invalid", "config_invalid") else EXIT_ERROR
+        usage = exc.code in ("settings_invalid", "config_invalid") or isinstance(exc, InvalidField)
+        return EXIT_USAGE if usage else EXIT_ERROR
     except FileNotFoundError as exc:
         print(f"modtag: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run Redis, the database, the API and workers on this machine")
     _stack_options(up)
+    _admin_key_option(up)
     up.add_argument("--host", default=None, help="address the API listens on (default 127.0.0.1)")
     up.add_argument("--port", type=_port, default=None, help="API port (default 8000)")
     up.set_defaults(handler=cmd_up)
@@ -49,11 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     scan = sub.add_parser("scan", help="judge every image under PATH... and print the decisions")
     scan.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     scan.add_argument("--api", default=None, help="submit to this API URL instead of starting a local stack")
+    scan.add_argument(
+        "--api-key", default=None, help="the key to send with --api (default MODTAG_API_KEY; role submit or admin)"
+    )
     scan.add_argument("--policy", default="moderation")
     scan.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds to wait for results")
     scan.add_argument("--json", action="store_true", help="print the jobs as JSON instead of a table")
     scan.add_argument("--no-progress", action="store_true")
     _stack_options(scan)
+    _admin_key_option(scan)
     scan.set_defaults(handler=cmd_scan)
 
     api = sub.add_parser("api", help="run the HTTP API only")
@@ -71,9 +77,91 @@ def build_parser() -> argparse.ArgumentParser:
     validate = policy_sub.add_parser("validate", help="check policy files and print their versions")
     validate.add_argument("files", nargs="+", type=Path, metavar="FILE")
     validate.set_defaults(handler=cmd_policy_validate)
+    replay = policy_sub.add_parser(
+        "replay", help="re-decide stored jobs with a new policy version and print how decisions would change"
+    )
+    replay.add_argument("file", type=Path, metavar="NEW.yaml")
+    replay.add_argument("--since", required=True, help="jobs decided since: ISO date/time or an age (7d, 12h)")
+    replay.add_argument("--until", default=None, help="and before this moment (default: now)")
+    replay.add_argument("--target", default=None, help="whose jobs (default: the policy it shadows, else its name)")
+    replay.add_argument("--tenant", default=None, help="only this tenant's jobs")
+    replay.add_argument("--limit", type=int, default=1000, help="at most this many jobs, oldest first (default 1000)")
+    replay.add_argument("--all", action="store_true", help="list every job, not only those that would change")
+    replay.add_argument("--json", action="store_true")
+    replay.add_argument("--models", default=None, help=_MODELS_HELP)
+    replay.set_defaults(handler=cmd_policy_replay)
+    test = policy_sub.add_parser("test", help="run a policy on example images in allow/ review/ block/ folders")
+    test.add_argument("file", type=Path, metavar="FILE")
+    test.add_argument("cases", type=Path, metavar="CASES_DIR")
+    test.add_argument("--json", action="store_true")
+    test.add_argument("--models", default=None, help=_MODELS_HELP)
+    test.set_defaults(handler=cmd_policy_test)
+
+    listing_cmd = sub.add_parser("listing", help="marketplace listings")
+    listing_sub = listing_cmd.add_subparsers(dest="listing_command", required=True, metavar="ACTION")
+    check = listing_sub.add_parser("check", help="check a listing's photos against its title, description, attributes")
+    check.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    check.add_argument("--title", required=True)
+    check.add_argument("--description", default=None)
+    check.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE", help="e.g. --attr color=red")
+    check.add_argument("--policy", default="listing")
+    check.add_argument("--api", default=None, help="submit to this API URL instead of starting a local stack")
+    check.add_argument("--api-key", default=None, help="the key to send with --api (default MODTAG_API_KEY)")
+    check.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds to wait for the verdict")
+    check.add_argument("--json", action="store_true", help="print the listing as JSON")
+    _stack_options(check)
+    _admin_key_option(check)
+    check.set_defaults(handler=cmd_listing_check)
 
     reconcile = sub.add_parser("reconcile", help="re-enqueue jobs whose messages were lost, once")
     reconcile.set_defaults(handler=cmd_reconcile)
+
+    bench = sub.add_parser("bench", help="time the engine against the stock per-call way; print a JSON report")
+    bench.add_argument(
+        "--models", default="random-base", help="random-base (default; no download), base, large or a directory"
+    )
+    bench.add_argument(
+        "--models-cache",
+        type=Path,
+        default=None,
+        help="where random models are built (default: MODTAG_MODELS_CACHE_DIR)",
+    )
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1...")
+    bench.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the fast dtype (auto: bf16 where the hardware computes it natively, fp16 on older GPUs)",
+    )
+    bench.add_argument("--batch-size", type=_positive_int, default=8, help="images per engine call (default 8)")
+    bench.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: one per core)")
+    bench.add_argument("--images", type=_positive_int, default=8, help="photos in the workload (default 8)")
+    bench.add_argument(
+        "--baseline-images", type=_positive_int, default=None, help="run the slow baseline on the first K only"
+    )
+    bench.add_argument("--skip-baseline", action="store_true", help="no baseline: no speedups or fp32 parity")
+    bench.add_argument("--repeat", type=_positive_int, default=2, help="timed engine runs; the best counts (default 2)")
+    bench.add_argument("--through-stack", action="store_true", help="also time jobs through API, Redis, worker, DB")
+    bench.add_argument("--stack-jobs", type=_positive_int, default=16, help="jobs submitted with --through-stack")
+    bench.add_argument("--json", action="store_true", help="print only the JSON report")
+    bench.add_argument("--no-progress", action="store_true")
+    bench.set_defaults(handler=cmd_bench)
+
+    keys = sub.add_parser("keys", help="API keys: create, list, revoke (works on the database directly)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = keys_sub.add_parser("create", help="create a key and print it (once: only its hash is stored)")
+    create.add_argument("--role", required=True, choices=["submit", "review", "admin"])
+    create.add_argument("--tenant", required=True, help="the tenant whose jobs the key sees (one install: `default`)")
+    create.add_argument("--name", default=None, help="who or what uses the key, shown in listings and the audit log")
+    create.add_argument("--json", action="store_true", help="print the key and its record as JSON")
+    create.set_defaults(handler=cmd_keys_create)
+    listing = keys_sub.add_parser("list", help="list keys (never the secrets)")
+    listing.add_argument("--tenant", default=None)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=cmd_keys_list)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id; it stops working at once, sign-ins too")
+    revoke.add_argument("key_id", metavar="ID")
+    revoke.set_defaults(handler=cmd_keys_revoke)
     return parser
 
 
@@ -86,6 +174,15 @@ def _stack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=None, help="where the database, blobs and logs go")
 
 
+def _admin_key_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--admin-key",
+        default=None,
+        metavar="KEY",
+        help="use this admin key instead of creating one (MODTAG_ADMIN_KEY; the variable keeps it out of `ps`)",
+    )
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from core.settings import get_settings
     from modtag.preflight import check_models_reachable
@@ -96,8 +193,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     stack = Stack(settings, host=args.host or settings.api_host, port=args.port, workers=args.workers)
     stop = _install_stop_signals()
     with stack:
-        print(f"modtag is up: API {stack.api_url}  (docs {stack.api_url}/docs, metrics {stack.api_url}/metrics)")
-        print(f"models {settings.models}, {args.workers} worker(s), data in {stack.data_dir}; Ctrl-C stops")
+        lines = [
+            f"modtag is up: API {stack.api_url}  (docs {stack.api_url}/docs, metrics {stack.api_url}/metrics)",
+            f"models {settings.models}, {args.workers} worker(s), data in {stack.data_dir}; Ctrl-C stops",
+        ]
+        if stack.admin_key and settings.admin_key is None:
+            lines.append(f"admin key: {stack.admin_key}")
+            lines.append("  (shown once; send it as `Authorization: Bearer <key>`; the previous one is revoked)")
+        elif stack.admin_key:
+            lines.append("admin key: the one given by --admin-key / MODTAG_ADMIN_KEY")
+        else:
+            lines.append("auth is off (MODTAG_AUTH=false): every caller is an admin; for development only")
+        lines.append(f"dashboard: {stack.api_url}/dashboard (sign in with the admin key)")
+        # One write: a script watching for "modtag is up" finds the key in the same read.
+        sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()
         while not stop.wait(0.5):
             stack._check_alive()
@@ -113,19 +222,25 @@ def cmd_scan(args: argparse.Namespace) -> int:
         print("modtag: no images found under " + ", ".join(map(str, args.paths)), file=sys.stderr)
         return EXIT_USAGE
     progress = not args.no_progress and not args.json
+    from core.settings import get_settings
+
+    settings = get_settings()
     if args.api:
-        results = scan(args.api, files, policy=args.policy, timeout_s=args.timeout, progress=progress)
+        key = args.api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        results = scan(args.api, files, policy=args.policy, timeout_s=args.timeout, headers=headers, progress=progress)
     else:
-        from core.settings import get_settings
         from modtag.preflight import check_models_reachable
         from modtag.servers import free_port
         from modtag.stack import Stack
 
-        settings = get_settings()
         check_models_reachable(settings.models)
         print(f"starting a local modtag stack (models: {settings.models})...", file=sys.stderr)
-        with Stack(settings, port=free_port(), workers=args.workers) as stack:
-            results = scan(stack.api_url, files, policy=args.policy, timeout_s=args.timeout, progress=progress)
+        with Stack(settings, port=free_port(), workers=args.workers, temporary_key=True) as stack:
+            headers = {"Authorization": f"Bearer {stack.admin_key}"} if stack.admin_key else {}
+            results = scan(
+                stack.api_url, files, policy=args.policy, timeout_s=args.timeout, headers=headers, progress=progress
+            )
     if args.json:
         print(to_json(results))
     else:
@@ -193,6 +308,116 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_policy_replay(args: argparse.Namespace) -> int:
+    from core.db import migrate
+    from core.settings import get_settings
+    from modtag.policytools import parse_since, print_replay, replay_json
+    from policies import load_policy
+    from worker.replay import replay_policy
+
+    try:
+        since = parse_since(args.since)
+        until = parse_since(args.until) if args.until else None
+    except ValueError as exc:
+        raise InvalidField(str(exc), code="invalid_field") from None
+    if args.limit < 1:
+        raise InvalidField("--limit must be at least 1", code="invalid_field")
+    policy = load_policy(args.file)
+    settings = get_settings()
+    migrate(settings.resolved_database_url)
+    report = replay_policy(
+        policy, settings, since=since, until=until, target=args.target, tenant=args.tenant, limit=args.limit
+    )
+    if args.json:
+        print(replay_json(report))
+    else:
+        print_replay(report, sys.stdout, all_jobs=args.all)
+    return EXIT_OK
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    from core.settings import get_settings
+    from modtag.policytools import cases_json, print_cases
+    from policies import load_policy
+    from worker.replay import run_cases
+
+    policy = load_policy(args.file)
+    results = run_cases(policy, args.cases, get_settings())
+    if args.json:
+        print(cases_json(results))
+    else:
+        print_cases(results, sys.stdout)
+    return EXIT_OK if all(result.passed for result in results) else EXIT_FAILED_JOBS
+
+
+def cmd_listing_check(args: argparse.Namespace) -> int:
+    import json
+
+    from core.settings import get_settings
+    from modtag.listing import check_listing, listing_failed, parse_attributes, print_listing
+
+    missing = [path for path in args.images if not path.is_file()]
+    if missing:
+        print(f"modtag: not a file: {', '.join(map(str, missing))}", file=sys.stderr)
+        return EXIT_USAGE
+    attributes = parse_attributes(args.attr)
+    settings = get_settings()
+    options = {
+        "title": args.title,
+        "description": args.description,
+        "attributes": attributes,
+        "policy": args.policy,
+        "timeout_s": args.timeout,
+    }
+    if args.api:
+        key = args.api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        listing = check_listing(args.api, args.images, headers=headers, **options)
+    else:
+        from modtag.preflight import check_models_reachable
+        from modtag.servers import free_port
+        from modtag.stack import Stack
+
+        check_models_reachable(settings.models)
+        print(f"starting a local modtag stack (models: {settings.models})...", file=sys.stderr)
+        with Stack(settings, port=free_port(), workers=args.workers, temporary_key=True) as stack:
+            headers = {"Authorization": f"Bearer {stack.admin_key}"} if stack.admin_key else {}
+            listing = check_listing(stack.api_url, args.images, headers=headers, **options)
+    if args.json:
+        print(json.dumps(listing, indent=2, sort_keys=True))
+    else:
+        print_listing(listing, args.images, sys.stdout)
+    return EXIT_FAILED_JOBS if listing_failed(listing) else EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from core.settings import get_settings
+    from modtag.bench import BenchOptions, format_report, run_bench
+
+    options = BenchOptions(
+        cache_dir=args.models_cache or get_settings().resolved_models_cache_dir,
+        models=args.models,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        images=args.images,
+        baseline_images=args.baseline_images,
+        repeat=args.repeat,
+        skip_baseline=args.skip_baseline,
+        through_stack=args.through_stack,
+        stack_jobs=args.stack_jobs,
+        progress=not args.no_progress,
+    )
+    report = run_bench(options)
+    if not args.json:
+        print(format_report(report) + "\n")
+    print(json.dumps(report, indent=2))
+    return EXIT_OK
+
+
 def cmd_reconcile(_: argparse.Namespace) -> int:
     import redis
 
@@ -206,10 +431,77 @@ def cmd_reconcile(_: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    import json
+
+    from core.auth import cli_principal, create_key, key_public
+
+    with _keys_session() as session:
+        actor = cli_principal(args.tenant)
+        row, secret = create_key(
+            session, role=args.role, tenant=args.tenant, name=args.name or f"{args.role} key", actor=actor
+        )
+    if args.json:
+        print(json.dumps({"key": secret, **key_public(row)}, indent=2))
+        return EXIT_OK
+    print(f"created {row.role} key {row.id} ({row.prefix}, {row.name!r}) for tenant {row.tenant!r}")
+    print(f"key: {secret}")
+    print("this is the only time the key is shown: store it now. Send it as `Authorization: Bearer <key>`.")
+    return EXIT_OK
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    import json
+
+    from core.auth import check_tenant, key_public, list_keys
+
+    with _keys_session() as session:
+        rows = [key_public(row) for row in list_keys(session, check_tenant(args.tenant) if args.tenant else None)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    header = ("ID", "PREFIX", "ROLE", "TENANT", "NAME", "CREATED", "LAST USED", "REVOKED")
+    table = [header] + [
+        (
+            str(row["id"]), str(row["prefix"]), str(row["role"]), str(row["tenant"]), str(row["name"]),
+            _short_time(row["created_at"]), _short_time(row["last_used_at"]), _short_time(row["revoked_at"]),
+        )
+        for row in rows
+    ]  # fmt: skip
+    widths = [min(max(len(line[i]) for line in table), 40) for i in range(len(header))]
+    for line in table:
+        print("  ".join(cell[:40].ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    return EXIT_OK
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from core.auth import cli_principal, revoke_key
+
+    with _keys_session() as session:
+        row = revoke_key(session, args.key_id.strip(), cli_principal("default"))
+    print(f"revoked {row.role} key {row.id} ({row.prefix}, {row.name!r}) of tenant {row.tenant!r}")
+    return EXIT_OK
+
+
+def _keys_session() -> Any:
+    from core.db import migrate, session_scope
+    from core.settings import get_settings
+
+    url = get_settings().resolved_database_url
+    migrate(url)
+    return session_scope(url)
+
+
+def _short_time(value: object) -> str:
+    return str(value)[:19].replace("T", " ") if value else "-"
+
+
 def _apply_overrides(args: argparse.Namespace) -> None:
     """Command-line flags become MODTAG_* variables, so the settings object and child processes agree."""
     from core.settings import get_settings
 
+    if getattr(args, "admin_key", None):
+        os.environ["MODTAG_ADMIN_KEY"] = args.admin_key
     if getattr(args, "models", None):
         os.environ["MODTAG_MODELS"] = args.models
     if getattr(args, "data_dir", None):

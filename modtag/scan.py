@@ -12,6 +12,8 @@ from typing import Any, TextIO
 import httpx
 from tqdm import tqdm
 
+from core.errors import ModtagError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
 
@@ -60,6 +62,13 @@ def scan(
                     data={"policy": policy},
                 )
             body = _json(response)
+            if response.status_code in (401, 403):
+                # Every other file would be refused the same way: stop with what to do instead.
+                raise ModtagError(
+                    f"the API refused the request: {body.get('detail')} Pass a key with --api-key or "
+                    "MODTAG_API_KEY (role submit or admin).",
+                    code=str(body.get("code") or "auth_required"),
+                )
             if response.status_code in (200, 202):
                 result.job = body
             else:

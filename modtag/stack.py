@@ -16,10 +16,10 @@ from types import TracebackType
 
 import httpx
 
-from core.db import migrate
+from core.db import migrate, session_scope
 from core.errors import ConfigError
 from core.settings import Settings
-from modtag.servers import RedisServer, free_port
+from modtag.servers import RedisServer, die_with_parent, free_port
 
 
 class StackError(ConfigError):
@@ -38,6 +38,7 @@ class Stack:
         workers: int = 1,
         embedded_redis: bool | None = None,
         quiet: bool = False,
+        temporary_key: bool = False,
     ) -> None:
         self.settings = settings
         self.host = host
@@ -51,6 +52,11 @@ class Stack:
         self.redis: RedisServer | None = None
         self.redis_url = settings.redis_url
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        # The admin key for this stack's user (None with MODTAG_AUTH=false). A temporary one (`modtag scan`)
+        # is revoked when the stack stops; the `modtag up` one lasts until the next `modtag up`.
+        self.temporary_key = temporary_key
+        self.admin_key: str | None = None
+        self._admin_key_id: str | None = None
 
     @property
     def api_url(self) -> str:
@@ -74,6 +80,7 @@ class Stack:
             self.redis = RedisServer(self.data_dir / "redis").start()
             self.redis_url = self.redis.url
         migrate(self.settings.resolved_database_url)
+        self._bootstrap_admin_key()
         if self.port == 0:
             self.port = free_port()
         env = self._child_env()
@@ -126,6 +133,22 @@ class Stack:
         if self.redis:
             self.redis.stop()
             self.redis = None
+        if self.temporary_key and self._admin_key_id and self.settings.admin_key is None:
+            from core.auth import cli_principal, revoke_key
+
+            with session_scope(self.settings.resolved_database_url) as session:
+                revoke_key(session, self._admin_key_id, cli_principal("default"))
+            self._admin_key_id = None
+
+    def _bootstrap_admin_key(self) -> None:
+        if not self.settings.auth:
+            return
+        from core.auth import bootstrap_admin_key
+
+        given = self.settings.admin_key.get_secret_value() if self.settings.admin_key else None
+        with session_scope(self.settings.resolved_database_url) as session:
+            row, self.admin_key = bootstrap_admin_key(session, given, temporary=self.temporary_key)
+        self._admin_key_id = row.id
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -142,7 +165,9 @@ class Stack:
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
         log = (self.log_dir / f"{name}.log").open("ab")
-        self.processes[name] = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.processes[name] = subprocess.Popen(
+            args, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+        )
 
     def _check_alive(self) -> None:
         for name, process in self.processes.items():

@@ -1,9 +1,11 @@
-"""Loading policy files safely (size, YAML bombs, tags, nesting) with errors that point at file:line:col."""
+"""Loading policy and taxonomy files safely (size, YAML bombs, tags, nesting), with errors at file:line:col."""
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +13,16 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from core.errors import PolicyError
-from policies.schema import CHECK_KINDS, CHECK_TYPES, Policy, PolicyProblems, format_location
+from policies.problems import PolicyProblems, format_location
+from policies.schema import CHECK_KINDS, CHECK_TYPES, Policy
+from policies.taxonomy import Taxonomy
 
 MAX_FILE_BYTES = 1 << 20  # 1 MiB: a real policy is a few KiB
 MAX_NODES = 50_000  # counted with aliases expanded, so an alias bomb stops here
 MAX_DEPTH = 32  # a policy nests about 7 levels deep
 MAX_REPORTED_ERRORS = 20
 POLICY_SUFFIXES = (".yaml", ".yml")
+TAXONOMY_DIR = "taxonomies"
 
 Loc = tuple[str | int, ...]
 
@@ -27,47 +32,162 @@ def builtin_dir() -> Path:
     return Path(__file__).resolve().parent / "builtin"
 
 
-def load_policy(path: Path) -> Policy:
-    """Read and validate one policy file; PolicyError (with file:line:col) when it cannot be used."""
-    return _load_file(path)[0]
+def builtin_taxonomy_dir() -> Path:
+    """The directory of the taxonomies that ship with modtag."""
+    return Path(__file__).resolve().parent / TAXONOMY_DIR
 
 
-def load_policy_text(text: str, source: str = "<text>") -> Policy:
+@lru_cache(maxsize=1)
+def builtin_taxonomies() -> dict[str, Taxonomy]:
+    """The taxonomies that ship with modtag, by name (read once)."""
+    return load_taxonomies(())
+
+
+def load_taxonomies(dirs: Sequence[Path] = ()) -> dict[str, Taxonomy]:
+    """The built-in taxonomies, then every *.yaml / *.yml file in each `<dir>/taxonomies/`, by name."""
+    taxonomies: dict[str, Taxonomy] = {}
+    origins: dict[str, str] = {}
+    for directory in _unique_dirs([builtin_taxonomy_dir(), *(d / TAXONOMY_DIR for d in dirs)]):
+        if not directory.is_dir():
+            continue  # an operator's policies directory need not have taxonomies
+        for path in _yaml_files(directory):
+            root, data = _read_document(path, "a taxonomy is a mapping with name, description and groups")
+            try:
+                taxonomy = Taxonomy.model_validate(data)
+            except ValidationError as exc:
+                raise PolicyError(
+                    _validation_message(exc, root, str(path), Taxonomy), code="taxonomy_invalid"
+                ) from None
+            origin = _position(str(path), _locate(root, ("name",))[1])
+            if taxonomy.name in taxonomies:
+                raise PolicyError(
+                    f"{origin}: name: taxonomy '{taxonomy.name}' is already defined at {origins[taxonomy.name]}; "
+                    "taxonomy names must be unique, so rename one of them",
+                    code="policy_duplicate",
+                )
+            taxonomies[taxonomy.name] = taxonomy
+            origins[taxonomy.name] = origin
+    return taxonomies
+
+
+def load_policy(path: Path, taxonomies: Mapping[str, Taxonomy] | None = None) -> Policy:
+    """Read and validate one policy file; PolicyError (with file:line:col) when it cannot be used.
+
+    Taxonomies default to the built-ins plus a `taxonomies/` directory beside the file.
+    """
+    if taxonomies is None:
+        taxonomies = load_taxonomies([path.parent]) if (path.parent / TAXONOMY_DIR).is_dir() else builtin_taxonomies()
+    return _load_file(path, taxonomies).policy
+
+
+def load_policy_text(text: str, source: str = "<text>", taxonomies: Mapping[str, Taxonomy] | None = None) -> Policy:
     """Validate a policy given as text; `source` names it in error messages."""
     if len(text) > MAX_FILE_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
         raise PolicyError(f"{source}: the policy is larger than 1 MiB; split it or trim it", code="policy_too_large")
-    return _parse(text, source)[0]
+    return _parse(text, source, taxonomies if taxonomies is not None else builtin_taxonomies()).policy
 
 
 def load_policies(dirs: Sequence[Path] = ()) -> dict[str, Policy]:
-    """The built-in policies, then every *.yaml / *.yml file in `dirs`, by name; a name defined twice is an error."""
-    policies: dict[str, Policy] = {}
-    origins: dict[str, str] = {}
-    seen_dirs: set[Path] = set()
-    for directory in (builtin_dir(), *dirs):
+    """The built-in policies, then every *.yaml / *.yml file in `dirs`, by name; a name defined twice is an error.
+
+    Taxonomies come from `taxonomies/` beside the built-ins and inside each directory. A policy that
+    `shadows` another must name a loaded policy that is not itself a shadow.
+    """
+    for directory in dirs:
         if not directory.is_dir():
             raise PolicyError(
                 f"{directory}: the policies directory does not exist or is not a directory", code="policy_not_found"
             )
-        if directory.resolve() in seen_dirs:
-            continue
-        seen_dirs.add(directory.resolve())
-        # Hidden files are skipped: editors and macOS leave `._name.yaml` companions that are not policies.
-        paths = sorted(p for p in directory.iterdir() if p.suffix in POLICY_SUFFIXES and not p.name.startswith("."))
-        for path in paths:
-            policy, origin = _load_file(path)
-            if policy.name in policies:
+    taxonomies = load_taxonomies(dirs)
+    loaded: dict[str, _Loaded] = {}
+    for directory in _unique_dirs([builtin_dir(), *dirs]):
+        for path in _yaml_files(directory):
+            found = _load_file(path, taxonomies)
+            policy = found.policy
+            if policy.name in loaded:
                 raise PolicyError(
-                    f"{origin}: name: policy '{policy.name}' is already defined at {origins[policy.name]}; "
+                    f"{found.origin}: name: policy '{policy.name}' is already defined at {loaded[policy.name].origin}; "
                     "policy names must be unique across all policy files, so rename one of them",
                     code="policy_duplicate",
                 )
-            policies[policy.name] = policy
-            origins[policy.name] = origin
-    return policies
+            loaded[policy.name] = found
+    for found in loaded.values():
+        _check_shadow(found, loaded)
+    return {name: found.policy for name, found in loaded.items()}
 
 
-def _load_file(path: Path) -> tuple[Policy, str]:
+def policy_files(dirs: Sequence[Path] = ()) -> list[Path]:
+    """Every file `load_policies(dirs)` reads (policies and taxonomies), built-ins first: what a reload watches."""
+    files: list[Path] = []
+    for directory in _unique_dirs([builtin_dir(), *dirs]):
+        if directory.is_dir():
+            files.extend(_yaml_files(directory))
+    for directory in _unique_dirs([builtin_taxonomy_dir(), *(d / TAXONOMY_DIR for d in dirs)]):
+        if directory.is_dir():
+            files.extend(_yaml_files(directory))
+    return files
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    policy: Policy
+    origin: str  # file:line:col of its name
+    shadows_at: str | None  # file:line:col of its `shadows` value
+
+
+def _check_shadow(found: _Loaded, loaded: Mapping[str, _Loaded]) -> None:
+    target = found.policy.shadows
+    if target is None:
+        return
+    if target not in loaded:
+        known = ", ".join(sorted(name for name, other in loaded.items() if other.policy.shadows is None))
+        raise PolicyError(
+            f"{found.shadows_at}: shadows: no policy named '{target}' to shadow; active policies: {known}",
+            code="policy_invalid",
+        )
+    if loaded[target].policy.shadows is not None:
+        raise PolicyError(
+            f"{found.shadows_at}: shadows: '{target}' is itself a shadow of '{loaded[target].policy.shadows}'; "
+            "a shadow runs beside an active policy, so name that one",
+            code="policy_invalid",
+        )
+
+
+def _unique_dirs(dirs: Sequence[Path]) -> list[Path]:
+    seen: set[Path] = set()
+    unique: list[Path] = []
+    for directory in dirs:
+        key = directory.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(directory)
+    return unique
+
+
+def _yaml_files(directory: Path) -> list[Path]:
+    # Hidden files are skipped: editors and macOS leave `._name.yaml` companions that are not policies.
+    return sorted(p for p in directory.iterdir() if p.suffix in POLICY_SUFFIXES and not p.name.startswith("."))
+
+
+def _load_file(path: Path, taxonomies: Mapping[str, Taxonomy]) -> _Loaded:
+    return _parse(_read_text(path), str(path), taxonomies)
+
+
+def _read_document(path: Path, what: str) -> tuple[yaml.Node, Any]:
+    """The YAML root node and data of a file that must hold a mapping."""
+    source = str(path)
+    root, data = _read_yaml(_read_text(path), source)
+    if root is None:
+        raise PolicyError(f"{source}:1:1: the file is empty; {what}", code="policy_invalid")
+    if not isinstance(data, dict):
+        raise PolicyError(
+            f"{_position(source, root)}: the top level must be a mapping, not {_yaml_type(data)}; {what}",
+            code="policy_invalid",
+        )
+    return root, data
+
+
+def _read_text(path: Path) -> str:
     source = str(path)
     try:
         if not path.exists():
@@ -84,7 +204,7 @@ def _load_file(path: Path) -> tuple[Policy, str]:
         ) from None
     if len(raw) > MAX_FILE_BYTES:
         raise PolicyError(_too_large(source, len(raw)), code="policy_too_large")
-    return _parse(_decode(raw, source), source)
+    return _decode(raw, source)
 
 
 def _too_large(source: str, size: int) -> str:
@@ -104,8 +224,8 @@ def _decode(raw: bytes, source: str) -> str:
         ) from None
 
 
-def _parse(text: str, source: str) -> tuple[Policy, str]:
-    """The validated policy and the file:line:col of its name."""
+def _parse(text: str, source: str, taxonomies: Mapping[str, Taxonomy]) -> _Loaded:
+    """The validated policy and where its name and `shadows` are."""
     root, data = _read_yaml(text, source)
     if root is None:
         raise PolicyError(
@@ -119,11 +239,12 @@ def _parse(text: str, source: str) -> tuple[Policy, str]:
             code="policy_invalid",
         )
     try:
-        policy = Policy.model_validate(data)
+        policy = Policy.model_validate(data, context={"taxonomies": taxonomies})
     except ValidationError as exc:
-        raise PolicyError(_validation_message(exc, root, source), code="policy_invalid") from None
+        raise PolicyError(_validation_message(exc, root, source, Policy), code="policy_invalid") from None
     _, name_node = _locate(root, ("name",))
-    return policy, _position(source, name_node)
+    shadows_at = _position(source, _locate(root, ("shadows",))[1]) if policy.shadows else None
+    return _Loaded(policy, _position(source, name_node), shadows_at)
 
 
 class _LimitExceeded(yaml.MarkedYAMLError):
@@ -241,7 +362,7 @@ def _read_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
             loader.dispose()
 
 
-def _validation_message(exc: ValidationError, root: yaml.Node, source: str) -> str:
+def _validation_message(exc: ValidationError, root: yaml.Node, source: str, model: type[BaseModel]) -> str:
     problems: list[tuple[int, int, str]] = []
     for error in exc.errors(include_url=False):
         loc: Loc = tuple(error["loc"])
@@ -250,7 +371,7 @@ def _validation_message(exc: ValidationError, root: yaml.Node, source: str) -> s
             for sub_loc, message in found.problems:
                 problems.append(_problem(root, source, (*loc, *sub_loc), message, "value_error"))
         else:
-            problems.append(_problem(root, source, loc, _sentence(error, loc), error["type"]))
+            problems.append(_problem(root, source, loc, _sentence(error, loc, model), error["type"]))
     problems.sort(key=lambda problem: (problem[0], problem[1]))
     lines = [text for _, _, text in problems[:MAX_REPORTED_ERRORS]]
     if len(problems) > MAX_REPORTED_ERRORS:
@@ -270,9 +391,11 @@ def _locate(root: yaml.Node, loc: Loc) -> tuple[yaml.Node, yaml.Node]:
     """The (key node, value node) at a pydantic location; the nearest existing ancestor when it is missing."""
     key_node: yaml.Node = root
     node: yaml.Node = root
+    skipped: yaml.Node | None = None  # pydantic inserts the tag once: `checks[0].tags.tags[3]` is the field `tags`
     for part in loc:
         if isinstance(node, yaml.MappingNode):
-            if _is_union_tag(node, part):
+            if node is not skipped and _is_union_tag(node, part):
+                skipped = node
                 continue
             pair = next((pair for pair in node.value if _scalar(pair[0]) == str(part)), None)
             if pair is None:
@@ -290,8 +413,10 @@ def _user_path(root: yaml.Node, loc: Loc) -> Loc:
     """The location without the discriminator tags pydantic inserts (`checks[0].probe.question`)."""
     path: list[str | int] = []
     node: yaml.Node | None = root
+    skipped: yaml.Node | None = None
     for part in loc:
-        if isinstance(node, yaml.MappingNode) and _is_union_tag(node, part):
+        if isinstance(node, yaml.MappingNode) and node is not skipped and _is_union_tag(node, part):
+            skipped = node
             continue
         path.append(part)
         if isinstance(node, yaml.MappingNode):
@@ -308,7 +433,7 @@ def _is_union_tag(node: yaml.MappingNode, part: str | int) -> bool:
     return isinstance(part, str) and part in CHECK_TYPES and kind == part
 
 
-def _sentence(error: Any, loc: Loc) -> str:
+def _sentence(error: Any, loc: Loc, root_model: type[BaseModel]) -> str:
     kind = error["type"]
     ctx = error.get("ctx", {})
     got = _shown(error.get("input"))
@@ -318,8 +443,8 @@ def _sentence(error: Any, loc: Loc) -> str:
         field = str(loc[-1])
         if loc == ("version",):
             return "unknown field 'version': the version is computed from the content, so remove it"
-        model = _model_at(loc[:-1])
-        allowed = sorted(model.model_fields) if model is not None else []
+        model = _model_at(loc[:-1], root_model)
+        allowed = sorted(info.alias or name for name, info in model.model_fields.items()) if model is not None else []
         close = difflib.get_close_matches(field, allowed, n=1, cutoff=0.6)
         hint = f"did you mean '{close[0]}'? " if close else ""
         return f"unknown field '{field}'; {hint}allowed fields: {', '.join(allowed)}"
@@ -340,9 +465,9 @@ def _sentence(error: Any, loc: Loc) -> str:
     return f"{message} (got {got})" if got else message
 
 
-def _model_at(loc: Loc) -> type[BaseModel] | None:
+def _model_at(loc: Loc, root_model: type[BaseModel]) -> type[BaseModel] | None:
     """The model class that validates the mapping at `loc`, to list its fields in a hint."""
-    model: type[BaseModel] | None = Policy
+    model: type[BaseModel] | None = root_model
     for part in loc:
         if isinstance(part, int):
             continue

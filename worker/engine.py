@@ -10,7 +10,15 @@ the parity tests hold it to 1e-4 in float32) with far less work:
   tokens (577 at base size, the bulk of a text pass) are computed once per image, not once per text;
 - the yes/no answers of all probes of all images come from one decoder step, batched (by question
   length: see `Engine._probe`);
-- captions are generated greedily for all images at once, with the KV cache.
+- captions are generated greedily for all images at once (`worker/captioning.py`: a preallocated
+  self-attention cache, and the image side of cross-attention folded into the queries, which saves
+  the per-layer key/value projections of the 577 image tokens);
+- on the engine's own model instances (never their classes), attention runs fused (`worker/attention.py`:
+  SDPA, or cache-sized chunks for bf16 on CPUs) and, on CPUs, linear layers run on weights packed
+  once for oneDNN with the bias and the MLPs' GELU fused (`worker/linear.py`); everything runs under
+  `torch.inference_mode`.
+
+On CUDA the pixel tensors are prepared in pinned host memory and copied without blocking.
 
 Stages are separate methods (`preprocess` on the CPU, `forward` on the device, `postprocess` to
 plain Python), so a worker can overlap the preprocessing of a batch with the forward of the previous.
@@ -35,6 +43,9 @@ from transformers import (
 )
 
 from core.errors import ConfigError, ModelError
+from worker.attention import install_fused_attention
+from worker.captioning import greedy_captions, plain_greedy
+from worker.linear import install_packed_linear
 from worker.models import LoadedModels, Role
 
 STAGES = ("preprocess", "vision", "caption", "probes", "matches")
@@ -100,7 +111,15 @@ class RawOutputs:
 
 
 class Engine:
-    """Runs captions, probes and matches for batches of images on loaded BLIP models."""
+    """Runs captions, probes and matches for batches of images on loaded BLIP models.
+
+    With `fused_attention` and `packed_linear` (the defaults) the engine replaces the attention and the
+    linear layers of the given models' modules (not of their classes): the same results within float
+    rounding, faster. Load a separate copy to run the stock arithmetic beside it, as `modtag bench`
+    and the parity tests do. On CPUs the packed weights are a second copy of the linear layers' weights,
+    nearly doubling the models' memory. `fast_decoding` generates captions with `worker/captioning.py`
+    (when the decoder's generation config is plain greedy search) instead of transformers' `generate`.
+    """
 
     def __init__(
         self,
@@ -111,6 +130,9 @@ class Engine:
         max_batch: int = 16,
         max_row_tokens: int = 512,
         token_cache_size: int = 4096,
+        fused_attention: bool = True,
+        packed_linear: bool = True,
+        fast_decoding: bool = True,
     ) -> None:
         if max_caption_tokens < 1 or not 0 <= min_caption_tokens <= max_caption_tokens:
             raise ConfigError(
@@ -123,6 +145,12 @@ class Engine:
                 code="engine_config_invalid",
             )
         self.models = models
+        self.fast_decoding = fast_decoding
+        for loaded in models.models.values():
+            if fused_attention:
+                install_fused_attention(loaded.model)
+            if packed_linear:
+                install_packed_linear(loaded.model)
         self.max_caption_tokens = max_caption_tokens
         self.min_caption_tokens = min_caption_tokens
         self.max_batch = max_batch
@@ -225,7 +253,7 @@ class Engine:
         model = cast(_BlipModel, self.models.get(role).model)
         chunks = []
         for chunk in pixels.split(self.max_batch):
-            pixel_values = chunk.to(self.models.device, self.models.dtype)
+            pixel_values = chunk.to(self.models.device, self.models.dtype, non_blocking=chunk.is_pinned())
             chunks.append(model.vision_model(pixel_values=pixel_values).last_hidden_state)
         return torch.cat(chunks)
 
@@ -236,6 +264,19 @@ class Engine:
         text = self._text["caption"]
         extra = {"min_new_tokens": self.min_caption_tokens} if self.min_caption_tokens else {}
         tokens: list[torch.Tensor] = []
+        if self.fast_decoding and plain_greedy(model.text_decoder.generation_config):
+            for chunk in image_embeds.split(self.max_batch):
+                generated = greedy_captions(
+                    model.text_decoder,
+                    chunk,
+                    bos=text.bos,
+                    eos=text.sep,
+                    pad=text.pad,
+                    max_new_tokens=self.max_caption_tokens,
+                    min_new_tokens=self.min_caption_tokens,
+                )
+                tokens.extend(generated.cpu())
+            return tokens
         for chunk in image_embeds.split(self.max_batch):
             bos = torch.full((chunk.shape[0], 1), text.bos, dtype=torch.long, device=chunk.device)
             generated = model.text_decoder.generate(
@@ -320,10 +361,14 @@ class Engine:
             union = sorted({i for role in roles for i in images[role]})
             image_processor = self.models.get(roles[0]).processor.image_processor
             values = image_processor(images=[reqs[i].image for i in union], return_tensors="pt")["pixel_values"]
+            if self.models.device.type == "cuda":
+                values = values.pin_memory()  # the forward's copy to the GPU then need not block
             row_of = {request_index: row for row, request_index in enumerate(union)}
             for role in roles:
                 rows = [row_of[i] for i in images[role]]
                 pixels[role] = values if rows == list(range(len(union))) else values[rows]
+                if values.is_pinned() and not pixels[role].is_pinned():
+                    pixels[role] = pixels[role].pin_memory()
         return pixels
 
     def _pack(self, role: Role, pairs: list[tuple[int, str]], image_requests: list[int]) -> list[TextPass]:

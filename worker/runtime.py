@@ -12,7 +12,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC
@@ -23,17 +23,21 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from core import jobs, metrics
 from core.blobs import LocalBlobStore
 from core.db import migrate, session_scope
-from core.errors import ModtagError, PolicyError, TransientError
+from core.errors import ModelError, ModtagError, PolicyError, TransientError
 from core.images import ImageLimits, decode_image
 from core.settings import Settings
-from core.tables import Decision, Job, JobStatus, utcnow
+from core.tables import Decision, Job, JobStatus, ShadowDecision, utcnow
 from core.urls import fetch_image_bytes, post_json
-from policies import ModelOutputs, Policy, collect_evidence, evaluate, load_policies
+from policies import ModelOutputs, Policy, PolicyDecision, Requirements, decide
+from policies.registry import PolicyRegistry
 
 if TYPE_CHECKING:
-    from worker.engine import Engine, ImageOutput
+    from PIL import Image
+
+    from worker.engine import Engine, ImageOutput, ImageRequest
 
 log = logging.getLogger(__name__)
+POLICY_RELOAD_S = 2.0  # how often a worker looks for edited policy files (a hash of a few small files)
 
 
 @dataclass
@@ -52,7 +56,12 @@ class WorkerRuntime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.name = f"{socket.gethostname()}:{id(self):x}"
-        self.policies: dict[str, Policy] = load_policies(self._policy_dirs())
+        # Re-read when the files change (polled at most every POLICY_RELOAD_S), so edits need no restart.
+        self.registry = PolicyRegistry(
+            self._policy_dirs(),
+            interval_s=POLICY_RELOAD_S,
+            on_reload=lambda outcome: metrics.POLICY_RELOADS.labels(outcome).inc(),
+        )
         self.blobs = LocalBlobStore(settings.resolved_blob_dir)
         self.limits = ImageLimits.from_settings(settings)
         self._engine: Engine | None = None
@@ -60,17 +69,16 @@ class WorkerRuntime:
         self._lock = threading.Lock()
         migrate(settings.resolved_database_url)
 
+    @property
+    def policies(self) -> Mapping[str, Policy]:
+        """The loaded policies, as of the last reload."""
+        return self.registry
+
     def roles_needed(self) -> set[str]:
         """Only the models some loaded policy needs."""
         roles: set[str] = set()
         for policy in self.policies.values():
-            needs = policy.requirements()
-            if needs.caption:
-                roles.add("caption")
-            if needs.probes:
-                roles.add("vqa")
-            if needs.texts:
-                roles.add("itm")
+            roles |= roles_for(policy.requirements())
         return roles
 
     def load(self) -> Engine:
@@ -153,22 +161,28 @@ class WorkerRuntime:
         policy = self.policies.get(job.policy)
         if policy is None:
             raise PolicyError(f"policy {job.policy!r} is not loaded on this worker", code="policy_not_found")
+        context = job.context or {}
+        needs = policy.requirements(context)  # a missing context field fails the job before any work
+        loaded = self.load()
+        _check_roles(policy, needs, set(loaded.models.models))
+        shadows = self._shadow_plans(policy, context, set(loaded.models.models))
+        for _, shadow_needs, _ in shadows:
+            if shadow_needs is not None:
+                needs = needs.merge(shadow_needs)
         with _stage(timings, "fetch"):
             data = self._image_bytes(job)
         with _stage(timings, "decode"):
             image = decode_image(data, self.limits)
-        needs = policy.requirements()
-        self.load()
-        from worker.engine import ImageRequest
-
-        request = ImageRequest(image=image, caption=needs.caption, probes=needs.probes, texts=needs.texts)
         with _stage(timings, "infer"):
-            output: ImageOutput = self._batcher.run(request, timeout_s=self.settings.job_timeout_s)
+            output: ImageOutput = self._batcher.run(image_request(image, needs), timeout_s=self.settings.job_timeout_s)
         for stage, seconds in output.timings.items():
             timings[f"infer.{stage}"] = seconds
         with _stage(timings, "evaluate"):
-            outputs = ModelOutputs(caption=output.caption, probes=output.probes, matches=output.matches)
-            verdict = evaluate(collect_evidence(policy, outputs), policy)
+            outputs = model_outputs(output)
+            verdict = decide(policy, outputs, context)
+            shadow_rows = [
+                _shadow_row(shadow, policy, verdict, outputs, context, error) for shadow, _, error in shadows
+            ]
         started = job.started_at or utcnow()
         if started.tzinfo is None:
             started = started.replace(tzinfo=UTC)
@@ -180,16 +194,39 @@ class WorkerRuntime:
             caption=output.caption,
             categories={name: result.model_dump(mode="json") for name, result in verdict.categories.items()},
             evidence=[item.model_dump(mode="json") for item in verdict.evidence],
-            tags=[],
+            tags=[tag.model_dump(mode="json") for tag in verdict.tags],
+            contradictions=[item.model_dump(mode="json") for item in verdict.contradictions],
+            reason=verdict.reason[:2000],
             models=self._engine.describe() if self._engine else {},
             duration_ms=round((utcnow() - started).total_seconds() * 1000, 1),
         )
         with _stage(timings, "store"), session_scope(self.settings.resolved_database_url) as session:
-            stored = jobs.store_decision(session, job, decision)
+            stored = jobs.store_decision(session, job, decision, shadow_rows)
         if stored.id == decision.id:
             self._count_done(job, stored)
+            for row in shadow_rows:
+                outcome = "error" if row.action is None else ("agree" if row.action == stored.action else "disagree")
+                metrics.SHADOW_DECISIONS.labels(policy.name, row.policy, outcome).inc()
             self._send_callback(job)
         return JobResult(job.id, "done", timings=timings)
+
+    def _shadow_plans(
+        self, policy: Policy, context: Mapping[str, Any], roles: set[str]
+    ) -> list[tuple[Policy, Requirements | None, PolicyError | None]]:
+        """Each shadow of `policy` with what it needs, or why it cannot run on this job (never failing the job)."""
+        plans: list[tuple[Policy, Requirements | None, PolicyError | None]] = []
+        for shadow in self.registry.shadows_of(policy.name):
+            try:
+                shadow_needs = shadow.requirements(context)
+                _check_roles(shadow, shadow_needs, roles)
+            except PolicyError as exc:
+                plans.append((shadow, None, exc))
+                continue
+            except ModtagError as exc:
+                plans.append((shadow, None, PolicyError(exc.message, code=exc.code)))
+                continue
+            plans.append((shadow, shadow_needs, None))
+        return plans
 
     def _image_bytes(self, job: Job) -> bytes:
         if job.blob_key:
@@ -261,6 +298,87 @@ class WorkerRuntime:
 
     def _policy_dirs(self) -> list[Any]:
         return [self.settings.policies_dir] if self.settings.policies_dir else []
+
+
+def roles_for(needs: Requirements) -> set[str]:
+    """The models a set of requirements runs on."""
+    roles: set[str] = set()
+    if needs.caption:
+        roles.add("caption")
+    if needs.probes or needs.answers:
+        roles.add("vqa")
+    if needs.texts or needs.describe or needs.tag_sets:
+        roles.add("itm")
+    return roles
+
+
+def image_request(image: Image.Image, needs: Requirements) -> ImageRequest:
+    """The engine request that computes `needs` for one decoded image."""
+    from worker.engine import ImageRequest
+
+    extra: dict[str, Any] = {}
+    if needs.answers:
+        from worker.engine import AnswerRequest  # type: ignore[attr-defined]
+
+        extra["answers"] = tuple(AnswerRequest(q.key, q.question, q.candidates, q.required) for q in needs.answers)
+    if needs.tag_sets:
+        from worker.engine import TagQuery  # type: ignore[attr-defined]
+
+        extra["tags"] = tuple(TagQuery(t.key, t.texts, t.groups, t.top_k) for t in needs.tag_sets)
+    return ImageRequest(image=image, caption=needs.caption, probes=needs.probes, texts=needs.texts, **extra)
+
+
+def model_outputs(output: ImageOutput) -> ModelOutputs:
+    """The engine's results as the policy domain reads them."""
+    return ModelOutputs(
+        caption=output.caption,
+        probes=output.probes,
+        matches=output.matches,
+        answers=getattr(output, "answers", {}),
+        tags=getattr(output, "tags", {}),
+    )
+
+
+def _check_roles(policy: Policy, needs: Requirements, loaded: set[str]) -> None:
+    missing = roles_for(needs) - loaded
+    if missing:
+        raise ModelError(
+            f"policy '{policy.name}' needs the {', '.join(sorted(missing))} model(s), which this worker did not load "
+            "(the policy arrived in a reload); restart the worker to load them",
+            code="model_not_loaded",
+        )
+
+
+def _shadow_row(
+    shadow: Policy,
+    active: Policy,
+    verdict: PolicyDecision,
+    outputs: ModelOutputs,
+    context: Mapping[str, Any],
+    error: PolicyError | None,
+) -> ShadowDecision:
+    row = ShadowDecision(
+        job_id="",
+        policy=shadow.name,
+        policy_version=shadow.version,
+        active_policy=active.name,
+        active_version=active.version,
+        active_action=verdict.action,
+    )
+    if error is None:
+        try:
+            shadowed = decide(shadow, outputs, context)
+        except PolicyError as exc:
+            error = exc
+        else:
+            row.action = shadowed.action
+            row.categories = {name: result.model_dump(mode="json") for name, result in shadowed.categories.items()}
+            row.evidence = [item.model_dump(mode="json") for item in shadowed.evidence]
+            row.tags = [tag.model_dump(mode="json") for tag in shadowed.tags]
+            row.reason = shadowed.reason[:2000]
+    if error is not None:
+        row.error_code, row.error_message = error.code, error.message[:2000]
+    return row
 
 
 @contextmanager

@@ -18,9 +18,10 @@ from api.errors import error_response
 from api.schemas import Liveness, NotReadyBody, Readiness
 from core.db import get_engine, ping
 from core.jobs import count_by_status
-from core.metrics import JOBS_BY_STATUS, QUEUE_DEPTH
+from core.metrics import JOBS_BY_STATUS, QUEUE_DEPTH, REVIEW_OLDEST_AGE, REVIEW_QUEUE
 from core.queues import Queue
-from core.tables import JobStatus
+from core.review import queue_stats
+from core.tables import JobStatus, utcnow
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["operations"])
@@ -59,7 +60,8 @@ def readyz(services: ServicesDep) -> Response | dict[str, object]:
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text exposition."}},
 )
 def metrics(services: ServicesDep) -> Response:
-    """Prometheus metrics; queue depth and job counts are refreshed at most every 5 s."""
+    """Prometheus metrics (open: scrapers carry no key). Queue depth, job counts and the review backlog are
+    refreshed at most every 5 s."""
     _refresh_gauges(services)
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
@@ -94,7 +96,11 @@ def _refresh_gauges(services: Services) -> None:
     try:
         with Session(get_engine(services.settings.resolved_database_url)) as session:
             counts = count_by_status(session)
+            backlog = queue_stats(session)
         for job_status in JobStatus:
             JOBS_BY_STATUS.labels(status=job_status.value).set(counts.get(job_status.value, 0))
+        REVIEW_QUEUE.set(backlog.open)
+        oldest = backlog.oldest_queued_at
+        REVIEW_OLDEST_AGE.set(max(0.0, (utcnow() - oldest).total_seconds()) if oldest else 0.0)
     except Exception as exc:
         logger.warning("job counts not refreshed: %s", type(exc).__name__)

@@ -1,4 +1,4 @@
-"""Job submission and status: `POST /v1/jobs`, `GET /v1/jobs/{job_id}`."""
+"""Job submission and status: `POST /v1/jobs`, `GET /v1/jobs/{job_id}`, `GET /v1/jobs/{job_id}/thumbnail`."""
 
 from __future__ import annotations
 
@@ -8,15 +8,25 @@ from typing import Any
 from fastapi import APIRouter, Response, status
 from sqlmodel import Session
 
-from api.deps import ServicesDep, SessionDep, TenantDep
+from api.auth import Reader, Submitter
+from api.deps import ServicesDep, SessionDep
 from api.errors import error_responses
 from api.schemas import ID_PATTERN, JobPublic, JobRequest
-from api.submissions import IdempotencyKeyDep, SubmissionDep, check_url, parse_context, resolve_policy
+from api.submissions import (
+    IdempotencyKeyDep,
+    SubmissionDep,
+    check_url,
+    parse_context,
+    require_context,
+    resolve_policy,
+)
+from api.thumbnails import thumbnail_response
 from core.broker import enqueue_job
 from core.errors import NotFound
 from core.images import ImageLimits, sniff_image
 from core.jobs import NewJob, create_job, find_by_idempotency_key, get_decision, get_job, job_public
 from core.metrics import JOBS_SUBMITTED
+from core.review import get_item
 from core.tables import Job
 
 logger = logging.getLogger(__name__)
@@ -50,25 +60,27 @@ _SUBMIT_OPENAPI = {
     openapi_extra=_SUBMIT_OPENAPI,
     responses={
         200: {"model": JobPublic, "description": "A job with this Idempotency-Key already exists; it is returned."},
-        **error_responses(400, 404, 413, 415, 422),
+        **error_responses(400, 401, 403, 404, 413, 415, 422),
     },
 )
 def submit_job(
+    principal: Submitter,  # first: the body is not read for a caller who may not submit
     idempotency_key: IdempotencyKeyDep,
     submission: SubmissionDep,
     services: ServicesDep,
     session: SessionDep,
-    tenant: TenantDep,
     response: Response,
 ) -> dict[str, Any]:
-    """Submit an image (multipart upload or JSON `image_url`) to be judged against a policy."""
+    """Submit an image (multipart upload or JSON `image_url`) to be judged against a policy (role submit)."""
     settings = services.settings
+    tenant = principal.tenant
     # Cheapest checks first; the body was already read under a hard size cap.
     header = (
         sniff_image(submission.image, ImageLimits.from_settings(settings)) if submission.image is not None else None
     )
     policy = resolve_policy(services.policies, submission.policy)
     context = parse_context(submission, settings.max_context_bytes)
+    require_context(policy, context)
     image_url = check_url(submission.image_url, "image_url") if submission.image_url else None
     callback_url = check_url(submission.callback_url, "callback_url") if submission.callback_url else None
 
@@ -93,6 +105,7 @@ def submit_job(
             context=context,
             callback_url=callback_url,
             idempotency_key=idempotency_key,
+            submitted_by=principal.key_id,
         ),
     )
     if not created:  # a concurrent request with the same key won the race
@@ -109,17 +122,37 @@ def submit_job(
     return job_public(job, None)
 
 
-@router.get("/{job_id}", response_model=JobPublic, responses=error_responses(404, 422))
-def read_job(job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    """The job's status and, once done, its decision."""
+@router.get("/{job_id}", response_model=JobPublic, responses=error_responses(401, 403, 404, 422))
+def read_job(job_id: str, session: SessionDep, principal: Reader) -> dict[str, Any]:
+    """The job's status and, once done, its decision and any human review beside it."""
+    job = tenant_job(session, job_id, principal.tenant)
+    return job_public(job, get_decision(session, job.id), get_item(session, job.id, principal.tenant))
+
+
+@router.get(
+    "/{job_id}/thumbnail",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/jpeg": {}}, "description": "A JPEG at most 320 px on a side (Cache-Control private)."},
+        **error_responses(401, 403, 404, 422),
+    },
+)
+def read_thumbnail(job_id: str, session: SessionDep, services: ServicesDep, principal: Reader) -> Response:
+    """A small JPEG of the job's uploaded image, for the caller's own tenant only."""
+    job = tenant_job(session, job_id, principal.tenant)
+    return thumbnail_response(job, services)
+
+
+def tenant_job(session: Session, job_id: str, tenant: str) -> Job:
+    """The job if it exists in this tenant; another tenant's job is reported as unknown (404), never 403."""
     job = get_job(session, job_id, tenant) if ID_PATTERN.match(job_id) else None
     if job is None:
         raise NotFound(f"no job with id {job_id[:64]!r}", code="job_not_found")
-    return job_public(job, get_decision(session, job.id))
+    return job
 
 
 def _replay(job: Job, session: Session, response: Response) -> dict[str, Any]:
     response.status_code = status.HTTP_200_OK
     response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return job_public(job, get_decision(session, job.id))
+    return job_public(job, get_decision(session, job.id), get_item(session, job.id, job.tenant))

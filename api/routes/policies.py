@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter
 
+from api.auth import Reader
 from api.deps import PoliciesDep
 from api.errors import error_responses
 from api.schemas import PolicyList
 from api.submissions import resolve_policy
+from policies import Policy
 
 router = APIRouter(prefix="/v1/policies", tags=["policies"])
 
 
-@router.get("", response_model=PolicyList)
-def list_policies(policies: PoliciesDep) -> dict[str, Any]:
+@router.get("", response_model=PolicyList, responses=error_responses(401, 403))
+def list_policies(policies: PoliciesDep, _: Reader) -> dict[str, Any]:
     """Every loaded policy with its version and category names."""
     return {
         "data": [
@@ -26,7 +29,8 @@ def list_policies(policies: PoliciesDep) -> dict[str, Any]:
                 "categories": [category.name for category in policy.categories],
             }
             for _, policy in sorted(policies.items())
-        ]
+        ],
+        "reload_error": _reload_error(policies),
     }
 
 
@@ -35,10 +39,17 @@ def list_policies(policies: PoliciesDep) -> dict[str, Any]:
     response_model=dict[str, Any],
     responses={
         200: {"description": "The policy as loaded: categories, checks, thresholds and its version."},
-        **error_responses(404, 422),
+        **error_responses(401, 403, 404, 422),
     },
 )
-def read_policy(name: str, policies: PoliciesDep) -> dict[str, Any]:
+def read_policy(name: str, policies: PoliciesDep, _: Reader) -> dict[str, Any]:
     """One policy in full, with its content-hash version."""
     policy = resolve_policy(policies, name)
     return {**policy.model_dump(mode="json"), "version": policy.version}
+
+
+def _reload_error(policies: Mapping[str, Policy]) -> dict[str, Any] | None:
+    error = getattr(policies, "error", None)  # a PolicyRegistry's last failed reload
+    if error is None:
+        return None
+    return {"code": error.code, "message": error.message, "at": error.at.isoformat()}

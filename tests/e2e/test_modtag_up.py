@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,6 +48,17 @@ class Up:
         self.log.seek(0)
         return self.log.read().decode(errors="replace")
 
+    @property
+    def key(self) -> str:
+        """The admin key `modtag up` printed (a new one each start)."""
+        match = re.search(r"^admin key: (mtk_\S+)$", self.output(), re.M)
+        assert match, self.output()
+        return match.group(1)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
     def wait_up(self, timeout_s: float = 180) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -75,10 +87,10 @@ def up(tmp_path: Path, models_cache: Path) -> Iterator[Up]:
         stack.process.wait()
 
 
-def wait_final(url: str, job_id: str, timeout_s: float = 60) -> dict[str, Any]:
+def wait_final(up: Up, job_id: str, timeout_s: float = 60) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        job = httpx.get(f"{url}/v1/jobs/{job_id}").json()
+        job = httpx.get(f"{up.url}/v1/jobs/{job_id}", headers=up.headers).json()
         if job["status"] in ("done", "failed"):
             return dict(job)
         time.sleep(0.1)
@@ -88,9 +100,14 @@ def wait_final(url: str, job_id: str, timeout_s: float = 60) -> dict[str, Any]:
 def test_up_judges_photos_refuses_bad_input_and_stops_cleanly(up: Up, tmp_path: Path, models_cache: Path) -> None:
     up.wait_up()
     assert up.url in up.output()
+    assert f"dashboard: {up.url}/dashboard" in up.output()
+    refused = httpx.post(f"{up.url}/v1/jobs", files={"image": ("a.png", photo_bytes("rocket", "PNG"))})
+    assert refused.status_code == 401 and refused.json()["code"] == "auth_required"
     ids = []
     for name in ("astronaut", "chelsea", "coffee"):
-        response = httpx.post(f"{up.url}/v1/jobs", files={"image": (f"{name}.png", photo_bytes(name, "PNG"))})
+        response = httpx.post(
+            f"{up.url}/v1/jobs", files={"image": (f"{name}.png", photo_bytes(name, "PNG"))}, headers=up.headers
+        )
         assert response.status_code == 202, response.text
         ids.append(response.json()["id"])
     bad_inputs = {
@@ -100,24 +117,31 @@ def test_up_judges_photos_refuses_bad_input_and_stops_cleanly(up: Up, tmp_path: 
         "huge": (b"\xff\xd8\xff" + b"\0" * 2_500_000, {413}, "image_too_large"),
     }
     for name, (data, statuses, code) in bad_inputs.items():
-        response = httpx.post(f"{up.url}/v1/jobs", files={"image": (name, data)})
+        response = httpx.post(f"{up.url}/v1/jobs", files={"image": (name, data)}, headers=up.headers)
         assert response.status_code in statuses, (name, response.text)
         body = response.json()
         assert set(body) == {"detail", "code"} and body["detail"], (name, body)
         assert body["code"] == code, (name, body)
     for job_id in ids:
-        final = wait_final(up.url, job_id)
+        final = wait_final(up, job_id)
         assert final["status"] == "done", final
-    metrics = httpx.get(f"{up.url}/metrics").text
+    metrics = httpx.get(f"{up.url}/metrics").text  # open: Prometheus carries no key
     assert "modtag_jobs_submitted_total" in metrics
 
     # `modtag scan --api` against the running stack: a table, exit status 0 for the example photos.
     scan = subprocess.run(
-        [sys.executable, "-m", "modtag", "scan", "--api", up.url, "--no-progress", str(EXAMPLES)],
+        [sys.executable, "-m", "modtag", "scan", "--api", up.url, "--no-progress", "--api-key", up.key, str(EXAMPLES)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert scan.returncode == 0, scan.stdout + scan.stderr
     assert "decided, 0 failed" in scan.stdout
+    # Without a key it stops at the first refusal and says what to do.
+    keyless = subprocess.run(
+        [sys.executable, "-m", "modtag", "scan", "--api", up.url, "--no-progress", str(EXAMPLES)],
+        capture_output=True, text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "MODTAG_API_KEY"},
+    )  # fmt: skip
+    assert keyless.returncode == 3 and "--api-key" in keyless.stderr and "auth_required" in keyless.stderr
+    first_key = up.key
 
     assert up.interrupt() == 0, up.output()
     assert "modtag stopped" in up.output()
@@ -128,9 +152,13 @@ def test_up_judges_photos_refuses_bad_input_and_stops_cleanly(up: Up, tmp_path: 
     again = Up(tmp_path / "data", models_cache)
     try:
         again.wait_up()
+        assert again.key != first_key
         for job_id in ids:
-            job = httpx.get(f"{again.url}/v1/jobs/{job_id}").json()
+            job = httpx.get(f"{again.url}/v1/jobs/{job_id}", headers=again.headers).json()
             assert job["status"] == "done" and job["decision"]["action"] in ("allow", "review", "block")
+        # Only the key of the last `modtag up` works.
+        stale = httpx.get(f"{again.url}/v1/jobs/{ids[0]}", headers={"Authorization": f"Bearer {first_key}"})
+        assert stale.status_code == 401 and stale.json()["code"] == "auth_revoked"
         assert again.interrupt() == 0
     finally:
         if again.process.poll() is None:
@@ -145,7 +173,7 @@ def test_scan_exits_nonzero_when_a_job_fails(up: Up, tmp_path: Path) -> None:
     (folder / "broken.jpg").write_bytes(photo_bytes("rocket")[:3000])
     scan = subprocess.run(
         [sys.executable, "-m", "modtag", "scan", "--api", up.url, "--no-progress", str(folder)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, env={**os.environ, "MODTAG_API_KEY": up.key},
     )  # fmt: skip
     assert scan.returncode == 1, scan.stdout + scan.stderr
     assert "broken.jpg" in scan.stdout and "image_truncated" in scan.stdout

@@ -1,4 +1,5 @@
-"""A real modtag deployment in child processes: the API (`modtag api`) and workers (`modtag worker`)."""
+"""A real modtag deployment in child processes (the API, `modtag api`, and workers, `modtag worker`), an API served
+in-process by uvicorn, API keys made through core code, and the error-shape assertion every API test uses."""
 
 from __future__ import annotations
 
@@ -6,16 +7,65 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import redis
+import uvicorn
+from fastapi import FastAPI
 
 from modtag.servers import free_port
+
+
+def admin_key(database_url: str, *, role: str = "admin", tenant: str = "default", name: str = "test admin") -> str:
+    """A new key made through core code (the same as `modtag keys create`), on a migrated database."""
+    from core.auth import cli_principal, create_key
+    from core.db import migrate, session_scope
+
+    migrate(database_url)
+    with session_scope(database_url) as session:
+        _, secret = create_key(session, role=role, tenant=tenant, name=name, actor=cli_principal(tenant))
+    return secret
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """The documented error shape: exactly `detail` (a sentence) and `code` (snake_case)."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"detail", "code"}, body
+    assert body["code"] == code, body
+    assert isinstance(body["detail"], str) and len(body["detail"]) > 10, body
+    assert "Traceback" not in body["detail"]
+    return dict(body)
+
+
+@contextmanager
+def serve(app: FastAPI) -> Iterator[str]:
+    """Run `app` under uvicorn in a thread on a free port; yield its base URL; stop it cleanly."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the API failed to start; its log is above")
+        if time.monotonic() > deadline:
+            raise TimeoutError("the API did not start within 30 s")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        assert not thread.is_alive(), "uvicorn did not stop"
 
 
 @dataclass
@@ -25,7 +75,12 @@ class Deployment:
     env: dict[str, str]
     log_dir: Path
     api_url: str = ""
+    key: str = ""  # an admin key of tenant `default`; `headers` carries it
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
 
     def start_api(self) -> subprocess.Popen[bytes]:
         port = free_port()
@@ -105,7 +160,7 @@ def deployment(tmp_path: Path, redis_url: str, database_url: str, models_cache: 
     }
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
-    deployment = Deployment(env=env, log_dir=log_dir)
+    deployment = Deployment(env=env, log_dir=log_dir, key=admin_key(database_url))
     yield deployment
     for process in deployment.processes:
         deployment.stop(process)

@@ -14,11 +14,9 @@ import struct
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -28,7 +26,6 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import redis
-import uvicorn
 from fastapi import FastAPI
 from sqlalchemy import text
 from sqlmodel import func, select
@@ -41,6 +38,7 @@ from core.queues import Queue
 from core.settings import Settings
 from core.tables import Decision, Job
 from modtag.servers import free_port
+from tests.integration.conftest import admin_key, assert_error, serve
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,12 +49,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @dataclass
 class Api:
-    """A running API and what a test needs to look behind it."""
+    """A running API and what a test needs to look behind it. `client` sends an admin key of tenant default."""
 
     client: httpx.Client
     base_url: str
     settings: Settings
     redis: redis.Redis
+    key: str = ""
 
     @property
     def db_url(self) -> str:
@@ -91,9 +90,14 @@ def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="module")
 def api(db_url: str, redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     settings = _settings(tmp_path_factory.mktemp("api"), db_url, redis_server.url)
-    with serve(create_app(settings)) as base_url, httpx.Client(base_url=base_url, timeout=30) as client:
+    key = admin_key(db_url)
+    headers = {"Authorization": f"Bearer {key}"}
+    with (
+        serve(create_app(settings)) as base_url,
+        httpx.Client(base_url=base_url, timeout=30, headers=headers) as client,
+    ):
         connection = redis.Redis.from_url(redis_server.url)
-        yield Api(client, base_url, settings, connection)
+        yield Api(client, base_url, settings, connection, key)
         connection.close()
 
 
@@ -104,30 +108,10 @@ def dead_redis_api(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     settings = _settings(tmp_path_factory.mktemp("api-dead"), db_url, dead_url)
     app = create_app(settings)
     _add_failing_route(app)
-    with serve(app) as base_url, httpx.Client(base_url=base_url, timeout=30) as client:
-        yield Api(client, base_url, settings, redis.Redis.from_url(dead_url))
-
-
-@contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Run `app` under uvicorn in a thread on a free port; yield its base URL; stop it cleanly."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("the API failed to start; its log is above")
-        if time.monotonic() > deadline:
-            raise TimeoutError("the API did not start within 30 s")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        assert not thread.is_alive(), "uvicorn did not stop"
+    key = admin_key(db_url)
+    headers = {"Authorization": f"Bearer {key}"}
+    with serve(app) as base_url, httpx.Client(base_url=base_url, timeout=30, headers=headers) as client:
+        yield Api(client, base_url, settings, redis.Redis.from_url(dead_url), key)
 
 
 def _settings(data_dir: Path, db_url: str, redis_url: str) -> Settings:
@@ -150,17 +134,6 @@ def _add_failing_route(app: FastAPI) -> None:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    """The documented error shape: exactly `detail` (a sentence) and `code` (snake_case)."""
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"detail", "code"}, body
-    assert body["code"] == code, body
-    assert isinstance(body["detail"], str) and len(body["detail"]) > 10, body
-    assert "Traceback" not in body["detail"]
-    return dict(body)
 
 
 def png_declaring(width: int, height: int) -> bytes:
@@ -433,7 +406,7 @@ def test_image_over_the_byte_limit_is_413(api: Api, redis_url: str) -> None:
 def test_declared_length_over_the_limit_is_refused_before_the_body_is_sent(api: Api) -> None:
     _, content_type = multipart_body({}, b"")
     head = f"POST /v1/jobs HTTP/1.1\nHost: test\nContent-Type: {content_type}\nContent-Length: 10000000000\n"
-    head += "Connection: close\n"
+    head += f"Authorization: Bearer {api.key}\nConnection: close\n"
     status, body = raw_http(api.base_url, head)  # not one byte of the promised 10 GB is sent
     assert status == 413 and body["code"] == "image_too_large"
 
@@ -441,7 +414,7 @@ def test_declared_length_over_the_limit_is_refused_before_the_body_is_sent(api: 
 def test_lying_content_length_cannot_smuggle_a_big_image(api: Api, redis_url: str) -> None:
     body, content_type = multipart_body({"policy": "moderation"}, noise_png(320, 320))
     head = f"POST /v1/jobs HTTP/1.1\nHost: test\nContent-Type: {content_type}\nContent-Length: 1000\n"
-    head += "Connection: close\n"
+    head += f"Authorization: Bearer {api.key}\nConnection: close\n"
     status, error = raw_http(api.base_url, head, body)
 
     # The server reads the declared 1000 bytes only: a truncated form, refused as such.
@@ -685,7 +658,8 @@ def test_routing_errors_have_the_error_shape(api: Api) -> None:
 
 
 def test_unexpected_errors_are_500_without_internals(dead_redis_api: Api) -> None:
-    response = dead_redis_api.client.get("/test-only/boom")
+    # uvicorn drops the connection after an unhandled exception: don't let the pool reuse it for the next test.
+    response = dead_redis_api.client.get("/test-only/boom", headers={"Connection": "close"})
     body = assert_error(response, 500, "internal_error")
     assert "secret" not in response.text and "passwd" not in response.text and "RuntimeError" not in body["detail"]
 

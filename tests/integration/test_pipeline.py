@@ -21,16 +21,22 @@ from tests.integration.conftest import Deployment
 pytestmark = pytest.mark.timeout(240)
 
 
-def submit(api_url: str, data: bytes, name: str = "photo.jpg", **fields: str) -> dict[str, Any]:
-    response = httpx.post(f"{api_url}/v1/jobs", files={"image": (name, data)}, data=fields, timeout=30)
+def submit(deployment: Deployment, data: bytes, name: str = "photo.jpg", **fields: str) -> dict[str, Any]:
+    response = httpx.post(
+        f"{deployment.api_url}/v1/jobs",
+        files={"image": (name, data)},
+        data=fields,
+        headers=deployment.headers,
+        timeout=30,
+    )
     assert response.status_code == 202, response.text
     return dict(response.json())
 
 
-def wait_final(api_url: str, job_id: str, timeout_s: float = 60) -> dict[str, Any]:
+def wait_final(deployment: Deployment, job_id: str, timeout_s: float = 60) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        job = httpx.get(f"{api_url}/v1/jobs/{job_id}", timeout=10).json()
+        job = httpx.get(f"{deployment.api_url}/v1/jobs/{job_id}", headers=deployment.headers, timeout=10).json()
         if job["status"] in ("done", "failed"):
             return dict(job)
         time.sleep(0.1)
@@ -45,9 +51,9 @@ def decisions_for(database_url: str, job_id: str) -> list[Decision]:
 def test_photos_get_stored_explainable_decisions(deployment: Deployment, photos: dict[str, bytes]) -> None:
     deployment.start_api()
     deployment.start_worker()
-    submitted = [submit(deployment.api_url, data, f"{name}.jpg") for name, data in photos.items()]
+    submitted = [submit(deployment, data, f"{name}.jpg") for name, data in photos.items()]
     for job in submitted:
-        final = wait_final(deployment.api_url, job["id"])
+        final = wait_final(deployment, job["id"])
         assert final["status"] == "done", final
         decision = final["decision"]
         assert decision["action"] in ("allow", "review", "block")
@@ -61,7 +67,7 @@ def test_photos_get_stored_explainable_decisions(deployment: Deployment, photos:
         assert models["random"] is True and set(models["roles"]) == {"caption", "vqa", "itm"}
         assert all(info["random"] for info in models["roles"].values())
         assert len(decisions_for(deployment.env["MODTAG_DATABASE_URL"], job["id"])) == 1
-    listed = httpx.get(f"{deployment.api_url}/v1/decisions", params={"limit": 10}).json()
+    listed = httpx.get(f"{deployment.api_url}/v1/decisions", params={"limit": 10}, headers=deployment.headers).json()
     assert {d["job_id"] for d in listed["data"]} == {job["id"] for job in submitted}
 
 
@@ -102,27 +108,33 @@ def test_bad_images_fail_cleanly_and_the_worker_keeps_serving(deployment: Deploy
     good = photo_bytes("chelsea")
     truncated = good[: len(good) // 2]
     odd_modes = {"cmyk.jpg": _cmyk_jpeg(), "anim.gif": _animated_gif()}
-    job = submit(deployment.api_url, truncated, "half.jpg")
-    final = wait_final(deployment.api_url, job["id"])
+    job = submit(deployment, truncated, "half.jpg")
+    final = wait_final(deployment, job["id"])
     assert final["status"] == "failed"
     assert final["error"]["code"] == "image_truncated", final["error"]
     assert final["error"]["message"]
     assert final["decision"] is None
     for name, data in odd_modes.items():
-        final = wait_final(deployment.api_url, submit(deployment.api_url, data, name)["id"])
+        final = wait_final(deployment, submit(deployment, data, name)["id"])
         assert final["status"] == "done", (name, final)
     # The same worker still serves the next good job.
-    assert wait_final(deployment.api_url, submit(deployment.api_url, good)["id"])["status"] == "done"
-    bomb = httpx.post(f"{deployment.api_url}/v1/jobs", files={"image": ("bomb.png", _bomb_png())})
+    assert wait_final(deployment, submit(deployment, good)["id"])["status"] == "done"
+    bomb = httpx.post(
+        f"{deployment.api_url}/v1/jobs", files={"image": ("bomb.png", _bomb_png())}, headers=deployment.headers
+    )
     assert bomb.status_code in (413, 422) and bomb.json()["code"] in ("image_too_many_pixels", "image_dimensions")
 
 
 def test_unreachable_image_url_fails_with_fetch_code(deployment: Deployment) -> None:
     deployment.start_api()
     deployment.start_worker()
-    response = httpx.post(f"{deployment.api_url}/v1/jobs", json={"image_url": "http://127.0.0.1:9/nothing.jpg"})
+    response = httpx.post(
+        f"{deployment.api_url}/v1/jobs",
+        json={"image_url": "http://127.0.0.1:9/nothing.jpg"},
+        headers=deployment.headers,
+    )
     assert response.status_code == 202, response.text
-    final = wait_final(deployment.api_url, response.json()["id"])
+    final = wait_final(deployment, response.json()["id"])
     assert final["status"] == "failed"
     assert final["error"]["code"].startswith("fetch_"), final["error"]
 
@@ -132,9 +144,11 @@ def test_worker_killed_mid_job_finishes_with_one_decision(deployment: Deployment
     deployment.start_api()
     # A long batching window keeps the job `running` inside the first worker long enough to kill it.
     first = deployment.start_worker("worker-1", MODTAG_BATCH_WAIT_MS="30000", MODTAG_BATCH_MAX_IMAGES="64")
-    job = submit(deployment.api_url, photo_bytes("astronaut"))
+    job = submit(deployment, photo_bytes("astronaut"))
     deadline = time.monotonic() + 30
-    while httpx.get(f"{deployment.api_url}/v1/jobs/{job['id']}").json()["status"] != "running":
+    while (
+        httpx.get(f"{deployment.api_url}/v1/jobs/{job['id']}", headers=deployment.headers).json()["status"] != "running"
+    ):
         assert time.monotonic() < deadline, "job never started"
         time.sleep(0.05)
     deployment.stop(first, signal.SIGKILL)
@@ -142,7 +156,7 @@ def test_worker_killed_mid_job_finishes_with_one_decision(deployment: Deployment
     deployment.start_worker(
         "worker-2", MODTAG_JOB_TIMEOUT_S="2", MODTAG_RUNNING_LEASE_S="3", MODTAG_RECONCILE_INTERVAL_S="0.5"
     )
-    final = wait_final(deployment.api_url, job["id"], timeout_s=60)
+    final = wait_final(deployment, job["id"], timeout_s=60)
     assert final["status"] == "done", final
     assert final["attempts"] >= 2
     assert len(decisions_for(deployment.env["MODTAG_DATABASE_URL"], job["id"])) == 1
@@ -152,7 +166,7 @@ def test_jobs_survive_redis_restarted_empty(deployment: Deployment, redis_server
     """Jobs accepted while no worker ran; Redis loses everything; the reconciler re-enqueues them."""
     deployment.env.update({"MODTAG_QUEUED_GRACE_S": "1", "MODTAG_RECONCILE_INTERVAL_S": "0.5"})
     deployment.start_api()
-    submitted = [submit(deployment.api_url, photo_bytes(name)) for name in ("coffee", "rocket", "chelsea")]
+    submitted = [submit(deployment, photo_bytes(name)) for name in ("coffee", "rocket", "chelsea")]
     client = redis.Redis.from_url(deployment.env["MODTAG_REDIS_URL"])
     assert client.llen("modtag.inference") == 3
     redis_server.stop(wipe=True)
@@ -161,4 +175,4 @@ def test_jobs_survive_redis_restarted_empty(deployment: Deployment, redis_server
     assert client.llen("modtag.inference") == 0
     deployment.start_worker()
     for job in submitted:
-        assert wait_final(deployment.api_url, job["id"])["status"] == "done"
+        assert wait_final(deployment, job["id"])["status"] == "done"

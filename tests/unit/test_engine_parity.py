@@ -1,6 +1,8 @@
 """The engine computes what the stock per-image, per-question, per-text calls compute, with less work.
 
 Real BLIP classes with tiny random weights loaded through the real loader, real photos, float32.
+The engine installs fused attention on the models it is given, so the stock calls run on a second,
+separately loaded copy (`stock`) that no engine ever touches.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from PIL import Image
 from skimage import data
 
 from core.errors import ConfigError, ModelError
-from worker import baseline
+from worker import attention, baseline
+from worker.attention import has_fused_attention
 from worker.engine import STAGES, Engine, ImageOutput, ImageRequest
 from worker.models import LoadedModels, load_models
 
@@ -40,6 +43,13 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def loaded(tiny_models_dir: Path) -> LoadedModels:
+    """The engine's models (engines install fused attention on them)."""
+    return load_models("tiny-random", {"caption", "vqa", "itm"}, cache_dir=tiny_models_dir.parent)
+
+
+@pytest.fixture(scope="module")
+def stock(tiny_models_dir: Path) -> LoadedModels:
+    """The same weights, loaded again, for the stock calls: never given to an engine."""
     return load_models("tiny-random", {"caption", "vqa", "itm"}, cache_dir=tiny_models_dir.parent)
 
 
@@ -53,6 +63,7 @@ def photos() -> dict[str, Image.Image]:
 
 def _assert_same(engine_outputs: list[ImageOutput], requests: list[ImageRequest], loaded: LoadedModels) -> float:
     """Compare with the stock calls one by one; returns the largest difference seen."""
+    assert not any(has_fused_attention(model.model) for model in loaded.models.values()), "not the stock models"
     largest = 0.0
     for output, request in zip(engine_outputs, requests, strict=True):
         if request.caption:
@@ -74,7 +85,9 @@ def _assert_same(engine_outputs: list[ImageOutput], requests: list[ImageRequest]
     return largest
 
 
-def test_engine_equals_stock_calls_for_mixed_batches(loaded: LoadedModels, photos: dict[str, Image.Image]) -> None:
+def test_engine_equals_stock_calls_for_mixed_batches(
+    loaded: LoadedModels, stock: LoadedModels, photos: dict[str, Image.Image]
+) -> None:
     engine = Engine(loaded, max_caption_tokens=8)
     single = [ImageRequest(photos["rocket"], probes=QUESTIONS[:2], texts=TEXTS[:3])]
     mixed = [
@@ -85,7 +98,7 @@ def test_engine_equals_stock_calls_for_mixed_batches(loaded: LoadedModels, photo
     largest = 0.0
     for requests in (single, mixed):
         outputs = engine.run(requests)
-        largest = max(largest, _assert_same(outputs, requests, loaded))
+        largest = max(largest, _assert_same(outputs, requests, stock))
 
     # The comparison means something: random weights still tell images and texts apart.
     astronaut, chelsea, coffee = engine.run(mixed)
@@ -102,7 +115,7 @@ def test_engine_equals_stock_calls_for_mixed_batches(loaded: LoadedModels, photo
 
 
 def test_parity_holds_when_texts_split_into_many_rows_and_passes(
-    loaded: LoadedModels, photos: dict[str, Image.Image]
+    loaded: LoadedModels, stock: LoadedModels, photos: dict[str, Image.Image]
 ) -> None:
     # One text per row, one row per forward, one image per vision batch: every chunking path.
     engine = Engine(loaded, max_caption_tokens=8, max_batch=1, max_row_tokens=1)
@@ -110,10 +123,10 @@ def test_parity_holds_when_texts_split_into_many_rows_and_passes(
         ImageRequest(photos["coffee"], probes=QUESTIONS[:3], texts=TEXTS[:2]),
         ImageRequest(photos["rocket"], caption=True, probes=QUESTIONS[3:], texts=TEXTS[2:]),
     ]
-    _assert_same(engine.run(requests), requests, loaded)
+    _assert_same(engine.run(requests), requests, stock)
     # And with rows of a few texts each.
     engine = Engine(loaded, max_caption_tokens=8, max_batch=2, max_row_tokens=24)
-    _assert_same(engine.run(requests), requests, loaded)
+    _assert_same(engine.run(requests), requests, stock)
 
 
 def test_each_image_is_encoded_once_per_model(loaded: LoadedModels, photos: dict[str, Image.Image]) -> None:
@@ -148,11 +161,13 @@ def test_each_image_is_encoded_once_per_model(loaded: LoadedModels, photos: dict
     assert rows == {"caption.vision": 2, "vqa.vision": 2, "itm.vision": 2, "vqa.text": 2, "itm.text": 2}
 
 
-def test_caption_length_limits_match_stock(loaded: LoadedModels, photos: dict[str, Image.Image]) -> None:
+def test_caption_length_limits_match_stock(
+    loaded: LoadedModels, stock: LoadedModels, photos: dict[str, Image.Image]
+) -> None:
     engine = Engine(loaded, max_caption_tokens=5, min_caption_tokens=5)
     outputs = engine.run([ImageRequest(photos[name]) for name in ("astronaut", "rocket")])
     for output, name in zip(outputs, ("astronaut", "rocket"), strict=True):
-        stock_ids, _ = baseline.caption(loaded.get("caption"), photos[name], max_new_tokens=5, min_new_tokens=5)
+        stock_ids, _ = baseline.caption(stock.get("caption"), photos[name], max_new_tokens=5, min_new_tokens=5)
         assert len(output.caption_ids) == 5
         assert output.caption_ids == tuple(stock_ids[1:])
         assert isinstance(output.caption, str)
@@ -162,7 +177,7 @@ def test_caption_length_limits_match_stock(loaded: LoadedModels, photos: dict[st
         Engine(loaded, max_batch=0)
 
 
-def test_hostile_and_odd_inputs(loaded: LoadedModels, photos: dict[str, Image.Image]) -> None:
+def test_hostile_and_odd_inputs(loaded: LoadedModels, stock: LoadedModels, photos: dict[str, Image.Image]) -> None:
     engine = Engine(loaded, max_caption_tokens=8)
     huge_text = "weapon " * 3000  # far past the 512 positions: truncated, where the stock call would fail
     odd_images = [
@@ -179,7 +194,7 @@ def test_hostile_and_odd_inputs(loaded: LoadedModels, photos: dict[str, Image.Im
         assert all(0.0 <= value <= 1.0 for value in values)
     # Grey and RGBA images are converted like the stock processor converts them.
     converted = [ImageRequest(image, probes=["   ", QUESTIONS[1]], texts=["\n\t"]) for image in odd_images[1:3]]
-    _assert_same(engine.run(converted), converted, loaded)
+    _assert_same(engine.run(converted), converted, stock)
 
     assert engine.run([]) == []
     [idle] = engine.run([ImageRequest(photos["rocket"], caption=False)])
@@ -228,13 +243,58 @@ def test_token_cache_is_bounded(loaded: LoadedModels, photos: dict[str, Image.Im
     assert first[0].matches == again[0].matches
 
 
-def test_lower_precision_runs(tiny_models_dir: Path, photos: dict[str, Image.Image]) -> None:
+def test_bfloat16_runs_close_to_float32(
+    loaded: LoadedModels, tiny_models_dir: Path, photos: dict[str, Image.Image], monkeypatch: pytest.MonkeyPatch
+) -> None:
     loaded_bf16 = load_models(
         "tiny-random", {"caption", "vqa", "itm"}, cache_dir=tiny_models_dir.parent, dtype="bfloat16"
     )
-    [output] = Engine(loaded_bf16, max_caption_tokens=4).run(
-        [ImageRequest(photos["astronaut"], probes=QUESTIONS[:3], texts=TEXTS[:3])]
-    )
-    values = [*output.probes.values(), *output.matches.values()]
-    assert all(0.0 <= value <= 1.0 for value in values)
-    assert output.caption is not None and len(output.caption_ids) <= 4
+    requests = [ImageRequest(photos[name], probes=QUESTIONS, texts=TEXTS) for name in ("astronaut", "rocket")]
+    engine = Engine(loaded_bf16, max_caption_tokens=4)
+    fast = engine.run(requests)
+    exact = Engine(loaded, max_caption_tokens=4).run(requests)
+    diffs = []
+    for low, high in zip(fast, exact, strict=True):
+        assert low.caption is not None and len(low.caption_ids) <= 4
+        diffs += [abs(low.probes[q] - high.probes[q]) for q in QUESTIONS]
+        diffs += [abs(low.matches[t] - high.matches[t]) for t in TEXTS]
+    # bfloat16 keeps 8 bits of mantissa: close to float32, not equal.
+    assert max(diffs) < 0.2 and sum(diffs) / len(diffs) < 0.03
+    assert max(diffs) > 0
+
+    # The CPU's chunked bfloat16 attention gives the same numbers however it is chunked.
+    monkeypatch.setattr(attention, "_CHUNK_SCORES", 64)
+    chunked = engine.run(requests)
+    for small, large in zip(chunked, fast, strict=True):
+        assert small.caption_ids == large.caption_ids
+        for question in QUESTIONS:
+            assert small.probes[question] == pytest.approx(large.probes[question], abs=1e-3)
+        for text in TEXTS:
+            assert small.matches[text] == pytest.approx(large.matches[text], abs=1e-3)
+
+
+def test_engine_runs_fused_attention_on_its_own_models(tiny_models_dir: Path, loaded: LoadedModels) -> None:
+    Engine(loaded)
+    assert all(has_fused_attention(model.model) for model in loaded.models.values())
+    plain = load_models("tiny-random", {"itm"}, cache_dir=tiny_models_dir.parent)
+    Engine(plain, fused_attention=False)
+    assert not has_fused_attention(plain.get("itm").model)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_parity_for_every_batch_size(
+    loaded: LoadedModels, stock: LoadedModels, photos: dict[str, Image.Image], batch_size: int
+) -> None:
+    # Images with different numbers of checks and question lengths, in batches of every size.
+    requests = [
+        ImageRequest(photos["astronaut"], probes=QUESTIONS[:1], texts=TEXTS),
+        ImageRequest(photos["chelsea"], probes=QUESTIONS, texts=TEXTS[:1]),
+        ImageRequest(photos["coffee"], caption=False, probes=QUESTIONS[4:], texts=TEXTS[2:4]),
+        ImageRequest(photos["rocket"], probes=QUESTIONS[2:4], texts=[]),
+        ImageRequest(photos["astronaut"], caption=True, probes=[], texts=TEXTS[3:]),
+    ]
+    engine = Engine(loaded, max_caption_tokens=8, max_batch=batch_size)
+    outputs = []
+    for start in range(0, len(requests), batch_size):
+        outputs += engine.run(requests[start : start + batch_size])
+    _assert_same(outputs, requests, stock)

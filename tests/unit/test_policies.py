@@ -128,7 +128,7 @@ def decide(policy: Policy, **outputs: object) -> tuple[str, float]:
             "single line",
         ),
         (MINIMAL.replace("question: is there", "question: " + "x" * 300), ":11:19:", "at most 300"),
-        (MINIMAL.replace("kind: probe", "kind: describe"), ":10:9: categories[0].checks[0]:", "known kinds: caption"),
+        (MINIMAL.replace("kind: probe", "kind: ocr"), ":10:9: categories[0].checks[0]:", "known kinds: attribute"),
         (
             MINIMAL.replace("      - kind: probe\n", "      - weight: 1\n"),
             ":10:9: categories[0].checks[0]:",
@@ -589,7 +589,11 @@ def test_requirements_are_deduplicated_in_first_seen_order() -> None:
         ("billion_laughs.yaml", "policy_too_large", "expands to more than 50000 values"),
         ("python_tag.yaml", "policy_yaml_syntax", "'!!python/object/apply:os.system' is not allowed"),
         ("recursive_alias.yaml", "policy_yaml_syntax", "recursive structures are not allowed"),
-        ("unknown_kind.yaml", "policy_invalid", "unknown check kind 'describe'; known kinds: caption, match, probe"),
+        (
+            "unknown_kind.yaml",
+            "policy_invalid",
+            "unknown check kind 'ocr'; known kinds: attribute, caption, describe, match, probe, tags",
+        ),
     ],
 )
 def test_hostile_case_files_are_refused_quickly(name: str, code: str, says: str) -> None:
@@ -697,7 +701,7 @@ def test_load_policies_reads_builtins_then_operator_dirs(tmp_path: Path) -> None
     (tmp_path / "notes.txt").write_text("not a policy")
     (tmp_path / "._tiny.yaml").write_bytes(b"\x00\x05\x16\x07 mac resource fork")
     policies = load_policies([tmp_path])
-    assert list(policies) == ["moderation", "other", "tiny"]
+    assert list(policies) == ["listing", "moderation", "tagging", "other", "tiny"]
     assert load_policies([builtin_dir(), tmp_path]).keys() == policies.keys()  # builtin_dir given twice: read once
 
 

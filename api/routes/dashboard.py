@@ -1,0 +1,469 @@
+"""The dashboard: server-rendered pages (flagged content, review queue, job detail, summary, audit).
+
+No JavaScript is needed: every button is a form POST carrying the session's CSRF token, answered with
+a redirect back to the page (post/redirect/get). Pages are tenant-scoped like the API they mirror.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import re
+import secrets
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlmodel import Session, col, select
+
+from api.auth import (
+    SESSION_COOKIE,
+    Auditor,
+    Reader,
+    Reopener,
+    Reviewer,
+    check_csrf,
+    cookie_is_secure,
+    end_session,
+    session_principal,
+    start_session,
+)
+from api.deps import SessionDep, SettingsDep
+from api.errors import error_response
+from api.pages import render
+from api.routes.decisions import as_utc
+from api.routes.jobs import tenant_job
+from api.schemas import ID_PATTERN, SLUG_PATTERN
+from core import review
+from core.audit import entry_public, list_entries
+from core.auth import AuthError, Permission, authenticate
+from core.errors import ModtagError
+from core.jobs import decision_public, get_decision, list_decisions
+from core.metrics import AUTH_FAILURES
+from core.stats import category_counts, flag_rates
+from core.tables import Job, ReviewState, iso, utcnow
+
+router = APIRouter(prefix="/dashboard", tags=["dashboard"], include_in_schema=False)
+
+LOGIN_CSRF_COOKIE = "modtag_login_csrf"
+DEFAULT_PAGE = "/dashboard/flagged"
+_NEXT = re.compile(r"^/dashboard(/[A-Za-z0-9_/-]*)?(\?[A-Za-z0-9_=&%.:+-]*)?$")
+_SLUG = re.compile(SLUG_PATTERN)
+_RANGES = {"24h": (timedelta(hours=24), timedelta(hours=1)), "7d": (timedelta(days=7), timedelta(days=1)),
+           "30d": (timedelta(days=30), timedelta(days=1))}  # fmt: skip
+# Messages shown after a form POST. Only these codes are shown: the query string never carries text.
+NOTICES = {
+    "claimed": "Claimed: the item is yours until the lease runs out.",
+    "resolved": "Resolved: your decision is stored beside the machine's.",
+    "reopened": "Reopened: the item is back in the queue.",
+    "review_claimed": "Someone else has claimed this item; pick another one.",
+    "review_resolved": "This item was already resolved.",
+    "review_not_found": "That item is not in your review queue.",
+    "review_not_resolved": "That item is not resolved, so it cannot be reopened.",
+    "reason_missing": "Give a reason: it is kept with the resolution.",
+    "reason_invalid": "The reason is too long (at most 2000 characters).",
+    "resolution_invalid": "Choose allow or block.",
+}
+
+Flagged = Literal["flagged", "review", "block", "allow", "all"]
+
+
+@router.get("", response_class=RedirectResponse)
+def dashboard_home() -> RedirectResponse:
+    """The flagged-content page."""
+    return RedirectResponse(DEFAULT_PAGE, status_code=303)
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request, settings: SettingsDep, next: str = DEFAULT_PAGE) -> Response:
+    """The sign-in form (paste an API key)."""
+    return login_page(request, settings, next_path=safe_next(next))
+
+
+@router.post("/login", response_class=HTMLResponse)
+def login(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    key: Annotated[str, Form(max_length=4096)] = "",
+    csrf_token: Annotated[str, Form(max_length=256)] = "",
+    next: Annotated[str, Form(max_length=1024)] = DEFAULT_PAGE,
+) -> Response:
+    """Check the key, start a session (HttpOnly, SameSite=Strict cookie) and go to `next`."""
+    next_path = safe_next(next)
+    expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    if not expected or not hmac.compare_digest(expected.encode(), csrf_token.encode()):
+        return login_page(request, settings, next_path, "The form expired; sign in again.", status=403)
+    try:
+        row = authenticate(session, key.strip())
+    except AuthError as exc:
+        AUTH_FAILURES.labels(code=exc.code).inc()
+        return login_page(request, settings, next_path, exc.message, status=401)
+    token, _ = start_session(session, row, settings)
+    response = RedirectResponse(next_path, status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        token,
+        max_age=settings.session_ttl_s,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=cookie_is_secure(request, settings),
+    )
+    response.delete_cookie(LOGIN_CSRF_COOKIE, path="/dashboard/login")
+    return response
+
+
+@router.post("/logout", response_class=RedirectResponse)
+def logout(request: Request, session: SessionDep, csrf_token: Annotated[str, Form(max_length=256)] = "") -> Response:
+    """End the session and forget the cookie."""
+    token = request.cookies.get(SESSION_COOKIE)
+    if token:
+        # An expired or revoked sign-in needs no CSRF check: forgetting the cookie is all that is left to do.
+        with contextlib.suppress(AuthError):
+            check_csrf(session_principal(session, token), csrf_token)
+        end_session(session, token)
+    response = RedirectResponse("/dashboard/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+@router.get("/flagged", response_class=HTMLResponse)
+def flagged_page(
+    request: Request,
+    session: SessionDep,
+    principal: Reader,
+    action: Flagged = "flagged",
+    policy: Annotated[str | None, Query(max_length=64)] = None,
+    category: Annotated[str | None, Query(max_length=64)] = None,
+    since: Annotated[str | None, Query(max_length=40)] = None,
+    until: Annotated[str | None, Query(max_length=40)] = None,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> Response:
+    """Flagged content: thumbnails, captions and category scores; filter by policy, category, action, time."""
+    clean_policy, clean_category = _slug_or_none(policy), _slug_or_none(category)
+    since_at, until_at = _parse_time(since), _parse_time(until)
+    decisions, next_cursor = list_decisions(
+        session,
+        tenant=principal.tenant,
+        action=action if action in ("review", "block", "allow") else None,
+        flagged=action == "flagged",
+        policy=clean_policy,
+        category=clean_category,
+        since=since_at,
+        until=until_at,
+        limit=30,
+        cursor=_decision_cursor(cursor),
+    )
+    job_ids = [decision.job_id for decision in decisions]
+    items = review.items_for(session, job_ids)
+    sources = _sources(session, job_ids)
+    rows = [
+        {
+            **decision_public(decision),
+            "review": review.item_public(items[decision.job_id]) if decision.job_id in items else None,
+            "source": sources.get(decision.job_id),
+        }
+        for decision in decisions
+    ]
+    return render(
+        request,
+        "flagged.html",
+        principal,
+        rows=rows,
+        filters={
+            "action": action,
+            "policy": clean_policy or "",
+            "category": clean_category or "",
+            "since": since if since_at else "",
+            "until": until if until_at else "",
+        },
+        next_cursor=next_cursor,
+    )
+
+
+@router.get("/review", response_class=HTMLResponse)
+def review_page(
+    request: Request,
+    session: SessionDep,
+    principal: Reviewer,
+    state: Literal["open", "resolved"] = "open",
+    order: review.Order = "oldest",
+    policy: Annotated[str | None, Query(max_length=64)] = None,
+    category: Annotated[str | None, Query(max_length=64)] = None,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    notice: Annotated[str | None, Query(max_length=64)] = None,
+) -> Response:
+    """The review queue, with claim / allow / block buttons (and reopen for admins)."""
+    try:
+        items, next_cursor = review.list_queue(
+            session,
+            tenant=principal.tenant,
+            state=ReviewState(state),
+            order=order,
+            policy=_slug_or_none(policy),
+            category=_slug_or_none(category),
+            limit=30,
+            cursor=cursor,
+        )
+    except ModtagError:  # a stale cursor from another ordering: start from the top
+        items, next_cursor = review.list_queue(session, tenant=principal.tenant, state=ReviewState(state), order=order)
+    now = utcnow()
+    me = review.claimant_id(principal)
+    sources = _sources(session, [item.job_id for item, _ in items])
+    rows = [
+        {
+            **review.item_public(item, now=now),
+            "decision": decision_public(decision),
+            "mine": item.claimed_by == me,
+            "source": sources.get(item.job_id),
+        }
+        for item, decision in items
+    ]
+    return render(
+        request,
+        "review.html",
+        principal,
+        rows=rows,
+        filters={"state": state, "order": order, "policy": policy or "", "category": category or ""},
+        next_cursor=next_cursor,
+        notice=NOTICES.get(notice or ""),
+        can_reopen=principal.can(Permission.REOPEN),
+        here=str(request.url.path) + (f"?{request.url.query}" if request.url.query else ""),
+    )
+
+
+@router.post("/review/{job_id}/claim", response_class=RedirectResponse)
+def claim_button(
+    job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: Reviewer,
+    csrf_token: Annotated[str, Form(max_length=256)] = "",
+    next: Annotated[str, Form(max_length=1024)] = "/dashboard/review",
+) -> Response:
+    """The Claim button."""
+    check_csrf(principal, csrf_token)
+    return _after(next, lambda: review.claim(session, job_id, principal, settings.review_claim_lease_s), "claimed")
+
+
+@router.post("/review/{job_id}/resolve", response_class=RedirectResponse)
+def resolve_button(
+    job_id: str,
+    session: SessionDep,
+    principal: Reviewer,
+    action: Annotated[str, Form(max_length=16)] = "",
+    reason: Annotated[str, Form(max_length=4000)] = "",
+    csrf_token: Annotated[str, Form(max_length=256)] = "",
+    next: Annotated[str, Form(max_length=1024)] = "/dashboard/review",
+) -> Response:
+    """The Allow and Block buttons."""
+    check_csrf(principal, csrf_token)
+    return _after(next, lambda: review.resolve(session, job_id, principal, action, reason), "resolved")  # type: ignore[arg-type]
+
+
+@router.post("/review/{job_id}/reopen", response_class=RedirectResponse)
+def reopen_button(
+    job_id: str,
+    session: SessionDep,
+    principal: Reopener,
+    reason: Annotated[str, Form(max_length=4000)] = "",
+    csrf_token: Annotated[str, Form(max_length=256)] = "",
+    next: Annotated[str, Form(max_length=1024)] = "/dashboard/review",
+) -> Response:
+    """The Reopen button (admins)."""
+    check_csrf(principal, csrf_token)
+    return _after(next, lambda: review.reopen(session, job_id, principal, reason), "reopened")
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+def job_page(
+    request: Request,
+    job_id: str,
+    session: SessionDep,
+    principal: Reader,
+    notice: Annotated[str | None, Query(max_length=64)] = None,
+) -> Response:
+    """One job: the image, the decision with the evidence of every check, and the human review."""
+    job = tenant_job(session, job_id, principal.tenant)
+    decision = get_decision(session, job.id)
+    item = review.get_item(session, job.id, principal.tenant)
+    history: list[dict[str, Any]] = []
+    if principal.can(Permission.AUDIT):
+        entries, _ = list_entries(session, tenant=principal.tenant, target_id=job.id, limit=100)
+        history = [entry_public(entry) for entry in entries]
+    return render(
+        request,
+        "job.html",
+        principal,
+        job=job,
+        created_at=iso(job.created_at),
+        decision=decision_public(decision) if decision else None,
+        evidence=_evidence_by_category(decision_public(decision)) if decision else {},
+        item=review.item_public(item) if item else None,
+        mine=item is not None and item.claimed_by == review.claimant_id(principal),
+        history=history,
+        notice=NOTICES.get(notice or ""),
+        can_review=principal.can(Permission.REVIEW),
+        can_reopen=principal.can(Permission.REOPEN),
+        here=f"/dashboard/jobs/{job.id}",
+    )
+
+
+@router.get("/summary", response_class=HTMLResponse)
+def summary_page(
+    request: Request,
+    session: SessionDep,
+    principal: Reader,
+    range: Literal["24h", "7d", "30d"] = "7d",
+    policy: Annotated[str | None, Query(max_length=64)] = None,
+) -> Response:
+    """Flag rates over time (review + block share per hour or day), by category, and the review backlog."""
+    span, width = _RANGES[range]
+    now = utcnow()
+    until = _ceil(now, width)
+    since = until - span
+    policy = _slug_or_none(policy)
+    buckets = flag_rates(session, tenant=principal.tenant, since=since, until=until, width=width, policy=policy)
+    categories = category_counts(session, tenant=principal.tenant, since=since, until=until, policy=policy)
+    total = sum(bucket.total for bucket in buckets)
+    flagged = sum(bucket.flagged for bucket in buckets)
+    return render(
+        request,
+        "summary.html",
+        principal,
+        buckets=buckets,
+        width_label="hour" if width < timedelta(days=1) else "day",
+        categories=categories,
+        total=total,
+        flagged=flagged,
+        review_counts=review.count_by_resolution(session, principal.tenant),
+        filters={"range": range, "policy": policy or ""},
+    )
+
+
+@router.get("/audit", response_class=HTMLResponse)
+def audit_page(
+    request: Request,
+    session: SessionDep,
+    principal: Auditor,
+    action: Annotated[str | None, Query(max_length=64)] = None,
+    job_id: Annotated[str | None, Query(max_length=64)] = None,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> Response:
+    """The audit log: who did what, when, with before and after."""
+    clean_action = action if action and re.fullmatch(r"[a-z_]+\.([a-z_]+)?", action) else None
+    clean_job = job_id if job_id and ID_PATTERN.match(job_id) else None
+    try:
+        entries, next_cursor = list_entries(
+            session, tenant=principal.tenant, action=clean_action, target_id=clean_job, limit=50, cursor=cursor
+        )
+    except ModtagError:
+        entries, next_cursor = list_entries(session, tenant=principal.tenant, action=clean_action, target_id=clean_job)
+    return render(
+        request,
+        "audit.html",
+        principal,
+        entries=[entry_public(entry) for entry in entries],
+        filters={"action": action or "", "job_id": job_id or ""},
+        next_cursor=next_cursor,
+    )
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def login_page(
+    request: Request, settings: Any, next_path: str, message: str | None = None, *, status: int = 200
+) -> Response:
+    """The sign-in form with a fresh login CSRF token (double-submit: a cookie and the same value in the form)."""
+    token = secrets.token_urlsafe(32)
+    response = render(
+        request, "login.html", None, next_path=next_path, message=message, csrf_token=token, status_code=status
+    )
+    response.set_cookie(
+        LOGIN_CSRF_COOKIE,
+        token,
+        max_age=3600,
+        path="/dashboard/login",
+        httponly=True,
+        samesite="strict",
+        secure=cookie_is_secure(request, settings),
+    )
+    return response
+
+
+def safe_next(value: str) -> str:
+    """Only a path inside the dashboard: never another site (`//evil`, `https://...`)."""
+    return value if len(value) <= 512 and _NEXT.match(value) else DEFAULT_PAGE
+
+
+def _after(next_path: str, change: Any, done: str) -> Response:
+    target = safe_next(next_path)
+    try:
+        change()
+        code = done
+    except ModtagError as exc:
+        code = exc.code
+    separator = "&" if "?" in target else "?"
+    return RedirectResponse(f"{target}{separator}notice={code}", status_code=303)
+
+
+def refusal(request: Request, exc: ModtagError) -> Response:
+    """401/403 as the sign-in form or a 'not allowed' page for a browser on the dashboard, JSON for anyone else."""
+    wants_html = request.url.path.startswith("/dashboard") and "text/html" in request.headers.get("accept", "")
+    if wants_html and exc.http_status == 401:
+        settings = request.app.state.settings
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return login_page(request, settings, safe_next(target), exc.message, status=401)
+    if wants_html:
+        return render(request, "forbidden.html", None, message=exc.message, status_code=exc.http_status)
+    headers = {"WWW-Authenticate": 'Bearer realm="modtag"'} if exc.http_status == 401 else None
+    return error_response(exc.http_status, exc.message, exc.code, headers=headers)
+
+
+def _sources(session: Session, job_ids: list[str]) -> dict[str, str]:
+    if not job_ids:
+        return {}
+    rows = session.exec(select(Job.id, Job.source).where(col(Job.id).in_(job_ids))).all()
+    return {str(job_id): str(source) for job_id, source in rows}
+
+
+def _slug_or_none(value: str | None) -> str | None:
+    return value if value and _SLUG.match(value) else None
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    """A `datetime-local` input (naive: UTC) or ISO-8601; anything else is ignored."""
+    if not value:
+        return None
+    try:
+        return as_utc(datetime.fromisoformat(value))
+    except ValueError:
+        return None
+
+
+def _decision_cursor(cursor: str | None) -> str | None:
+    if not cursor:
+        return None
+    from api.routes.decisions import check_cursor
+
+    try:
+        check_cursor(cursor)
+    except ModtagError:
+        return None
+    return cursor
+
+
+def _ceil(moment: datetime, width: timedelta) -> datetime:
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    steps = -(-(moment - epoch) // width)
+    return epoch + steps * width
+
+
+def _evidence_by_category(decision: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = {name: [] for name in decision["categories"]}
+    for item in decision["evidence"]:
+        grouped.setdefault(str(item.get("category")), []).append(item)
+    return grouped

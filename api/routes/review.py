@@ -1,0 +1,72 @@
+"""The human review queue: list, claim (a lease), resolve allow/block, reopen (appeals, admin only)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+
+from api.auth import Reopener, Reviewer
+from api.deps import SessionDep, SettingsDep
+from api.errors import error_responses
+from api.schemas import SLUG_PATTERN, ReopenRequest, ResolveRequest, ReviewItemPublic, ReviewQueuePage
+from core import review
+from core.jobs import decision_public
+from core.tables import ReviewState
+
+router = APIRouter(prefix="/v1/review", tags=["review"])
+
+StateFilter = Literal["open", "resolved", "all"]
+
+
+@router.get("/queue", response_model=ReviewQueuePage, responses=error_responses(400, 401, 403, 422))
+def read_queue(
+    session: SessionDep,
+    principal: Reviewer,
+    state: Annotated[StateFilter, Query(description="`open` (default), `resolved` or `all`.")] = "open",
+    order: Annotated[review.Order, Query(description="`oldest` first (default) or highest `score` first.")] = "oldest",
+    policy: Annotated[str | None, Query(max_length=64, pattern=SLUG_PATTERN)] = None,
+    category: Annotated[
+        str | None, Query(max_length=64, pattern=SLUG_PATTERN, description="Only items where it fired.")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> dict[str, Any]:
+    """The tenant's review queue with each item's machine decision (role review or admin)."""
+    items, next_cursor = review.list_queue(
+        session,
+        tenant=principal.tenant,
+        state=None if state == "all" else ReviewState(state),
+        order=order,
+        policy=policy,
+        category=category,
+        limit=limit,
+        cursor=cursor,
+    )
+    data = [{**review.item_public(item), "decision": decision_public(decision)} for item, decision in items]
+    return {"data": data, "next_cursor": next_cursor}
+
+
+@router.post("/{job_id}/claim", response_model=ReviewItemPublic, responses=error_responses(401, 403, 404, 409, 422))
+def claim_item(job_id: str, session: SessionDep, settings: SettingsDep, principal: Reviewer) -> dict[str, Any]:
+    """Claim an open item for MODTAG_REVIEW_CLAIM_LEASE_S seconds; 409 `review_claimed` if someone else holds it."""
+    item = review.claim(session, job_id, principal, settings.review_claim_lease_s)
+    return review.item_public(item)
+
+
+@router.post(
+    "/{job_id}/resolve", response_model=ReviewItemPublic, responses=error_responses(400, 401, 403, 404, 409, 422)
+)
+def resolve_item(job_id: str, body: ResolveRequest, session: SessionDep, principal: Reviewer) -> dict[str, Any]:
+    """Resolve an open item `allow` or `block` with a reason; the machine decision is kept beside it."""
+    item = review.resolve(session, job_id, principal, body.action, body.reason)
+    return review.item_public(item)
+
+
+@router.post(
+    "/{job_id}/reopen", response_model=ReviewItemPublic, responses=error_responses(400, 401, 403, 404, 409, 422)
+)
+def reopen_item(job_id: str, body: ReopenRequest, session: SessionDep, principal: Reopener) -> dict[str, Any]:
+    """Put a resolved item back in the queue (an appeal; role admin). The old resolution stays in the audit log."""
+    item = review.reopen(session, job_id, principal, body.reason)
+    return review.item_public(item)

@@ -1,0 +1,110 @@
+"""Listing records: a listing and its photos' jobs, written together; read back with the listing-level verdict."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from core.jobs import NewJob, decision_public, job_public
+from core.tables import Decision, Job, Listing, iso
+from policies.listing import ListingImage, listing_verdict
+
+
+@dataclass(frozen=True)
+class NewListing:
+    """What the API knows about a listing at submission (its photos are NewJobs)."""
+
+    tenant: str
+    policy: str
+    policy_version: str | None
+    title: str | None
+    description: str | None
+    attributes: dict[str, Any]
+    idempotency_key: str | None = None
+    submitted_by: str | None = None
+
+
+def listing_context(title: str | None, description: str | None, attributes: dict[str, Any]) -> dict[str, Any]:
+    """The context every photo's job carries: what the listing says, as the checks read it."""
+    context: dict[str, Any] = {"attributes": attributes}
+    if title is not None:
+        context["title"] = title
+    if description is not None:
+        context["description"] = description
+    return context
+
+
+def create_listing(session: Session, new: NewListing, photos: Sequence[NewJob]) -> tuple[Listing, list[Job], bool]:
+    """Insert and commit the listing and one queued job per photo, in one transaction.
+
+    With an idempotency key already used, return that listing and its jobs instead (False: not created).
+    """
+    if new.idempotency_key:
+        existing = _by_idempotency_key(session, new.tenant, new.idempotency_key)
+        if existing is not None:
+            return existing, [job for job, _ in listing_jobs(session, existing.id)], False
+    listing = Listing(**dataclasses.asdict(new), image_count=len(photos))
+    session.add(listing)
+    jobs = [
+        Job(**dataclasses.replace(photo, listing_id=listing.id, listing_index=index).__dict__)
+        for index, photo in enumerate(photos)
+    ]
+    session.add_all(jobs)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()  # two requests with the same key raced; the other one won
+        existing = _by_idempotency_key(session, new.tenant, new.idempotency_key or "")
+        if existing is None:
+            raise
+        return existing, [job for job, _ in listing_jobs(session, existing.id)], False
+    return listing, jobs, True
+
+
+def get_listing(session: Session, listing_id: str, tenant: str) -> Listing | None:
+    listing = session.get(Listing, listing_id)
+    return listing if listing is not None and listing.tenant == tenant else None
+
+
+def listing_jobs(session: Session, listing_id: str) -> list[tuple[Job, Decision | None]]:
+    """The listing's photos' jobs in photo order, each with its decision once done."""
+    rows = session.exec(
+        select(Job, Decision)
+        .join(Decision, col(Decision.job_id) == col(Job.id), isouter=True)
+        .where(Job.listing_id == listing_id)
+        .order_by(col(Job.listing_index))
+    ).all()
+    return [(job, decision) for job, decision in rows]
+
+
+def listing_public(listing: Listing, rows: Sequence[tuple[Job, Decision | None]]) -> dict[str, Any]:
+    """The listing, its photos (each job as `GET /v1/jobs/{id}` shows it) and the listing-level verdict."""
+    images = [
+        ListingImage(
+            index=job.listing_index or 0,
+            status=job.status,
+            decision=decision_public(decision) if decision is not None else None,
+            error={"code": job.error_code, "message": job.error_message} if job.error_code else None,
+        )
+        for job, decision in rows
+    ]
+    return {
+        "id": listing.id,
+        "policy": listing.policy,
+        "policy_version": listing.policy_version,
+        "title": listing.title,
+        "description": listing.description,
+        "attributes": listing.attributes,
+        "created_at": iso(listing.created_at),
+        "verdict": listing_verdict(images),
+        "photos": [{"index": (job.listing_index or 0) + 1, **job_public(job, decision)} for job, decision in rows],
+    }
+
+
+def _by_idempotency_key(session: Session, tenant: str, key: str) -> Listing | None:
+    return session.exec(select(Listing).where(Listing.tenant == tenant, Listing.idempotency_key == key)).first()

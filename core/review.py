@@ -1,0 +1,347 @@
+"""The human review queue: `review` decisions wait here to be claimed (a lease) and resolved allow/block.
+
+The machine's decision row is never changed: a resolution is stored on the queue item beside it, with
+who and when, and every step (enqueued, claimed, resolved, reopened) goes into the audit log in the
+same transaction as the change. Claims and resolutions are single conditional UPDATEs, so two
+reviewers racing for one item cannot both win, on SQLite or PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import and_, or_, update
+from sqlmodel import Session, col, func, select
+
+from core.audit import record
+from core.auth import Principal, system_principal
+from core.errors import BadRequest, ModtagError, NotFound
+from core.metrics import REVIEW_RESOLUTION
+from core.tables import Decision, DecisionCategory, ReviewItem, ReviewState, as_utc, iso, utcnow
+
+Order = Literal["oldest", "score"]
+Resolution = Literal["allow", "block"]
+MAX_REASON_CHARS = 2000
+_JOB_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+
+
+class Conflict(ModtagError):
+    """The item is not in a state that allows this (claimed by someone else, already resolved...)."""
+
+    code = "conflict"
+    http_status = 409
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    open: int
+    oldest_queued_at: datetime | None
+
+
+def enqueue(session: Session, decision: Decision) -> ReviewItem:
+    """Put a `review` decision in the queue (caller commits, in the decision's own transaction)."""
+    flagged = [(name, result) for name, result in decision.categories.items() if result.get("action") != "allow"]
+    top = max(flagged, key=lambda item: (float(item[1]["score"]), item[0]), default=None)
+    item = ReviewItem(
+        job_id=decision.job_id,
+        decision_id=decision.id,
+        tenant=decision.tenant,
+        policy=decision.policy,
+        category=top[0] if top else None,
+        score=float(top[1]["score"]) if top else 0.0,
+        queued_at=utcnow(),
+    )
+    session.add(item)
+    record(
+        session,
+        system_principal(decision.tenant),
+        "review.enqueued",
+        "job",
+        decision.job_id,
+        before=None,
+        after=item_public(item),
+    )
+    return item
+
+
+def get_item(session: Session, job_id: str, tenant: str) -> ReviewItem | None:
+    if not _JOB_ID.match(job_id):
+        return None
+    item = session.get(ReviewItem, job_id)
+    return item if item is not None and item.tenant == tenant else None
+
+
+def list_queue(
+    session: Session,
+    *,
+    tenant: str,
+    state: ReviewState | None = ReviewState.OPEN,
+    order: Order = "oldest",
+    policy: str | None = None,
+    category: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[tuple[ReviewItem, Decision]], str | None]:
+    """Queue items with their decisions: oldest first or highest score first; keyset paging."""
+    query = select(ReviewItem, Decision).join(Decision, col(Decision.id) == col(ReviewItem.decision_id))
+    query = query.where(ReviewItem.tenant == tenant)
+    if state is not None:
+        query = query.where(ReviewItem.state == state)
+    if policy:
+        query = query.where(ReviewItem.policy == policy)
+    if category:
+        fired = select(DecisionCategory.decision_id).where(
+            DecisionCategory.category == category, col(DecisionCategory.fired).is_(True)
+        )
+        query = query.where(col(ReviewItem.decision_id).in_(fired))
+    queued, job = col(ReviewItem.queued_at), col(ReviewItem.job_id)
+    if cursor:
+        position = _decode_cursor(cursor, order)
+        after_time = or_(queued > position["t"], and_(queued == position["t"], job > position["j"]))
+        if order == "score":
+            score = col(ReviewItem.score)
+            query = query.where(or_(score < position["s"], and_(score == position["s"], after_time)))
+        else:
+            query = query.where(after_time)
+    ordering: list[Any] = [queued.asc(), job.asc()]
+    if order == "score":
+        ordering.insert(0, col(ReviewItem.score).desc())
+    rows = [(item, decision) for item, decision in session.exec(query.order_by(*ordering).limit(limit + 1)).all()]
+    next_cursor = _encode_cursor(rows[limit - 1][0], order) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def claim(session: Session, job_id: str, actor: Principal, lease_s: float) -> ReviewItem:
+    """Take the item for `lease_s` seconds (claiming again extends it). Conflict if someone else holds it."""
+    before = _existing(session, job_id, actor.tenant)
+    now = utcnow()
+    me = claimant_id(actor)
+    result = session.execute(
+        update(ReviewItem)
+        .where(
+            col(ReviewItem.job_id) == job_id,
+            col(ReviewItem.tenant) == actor.tenant,
+            col(ReviewItem.state) == ReviewState.OPEN,
+            _claimable_by(me, now),
+        )
+        .values(claimed_by=me, claimed_by_name=actor.name[:128], claim_expires_at=now + timedelta(seconds=lease_s))
+    )
+    if getattr(result, "rowcount", 0) != 1:
+        session.rollback()
+        raise _refusal(session, job_id, actor.tenant, me, "claim")
+    item = _reload(session, job_id)
+    record(session, actor, "review.claimed", "job", job_id, before=before, after=item_public(item, now=now))
+    session.commit()
+    return item
+
+
+def resolve(session: Session, job_id: str, actor: Principal, action: Resolution, reason: str) -> ReviewItem:
+    """Record a person's allow/block beside the machine decision. Needs no claim, unless someone else holds one."""
+    if action not in ("allow", "block"):
+        raise BadRequest("a resolution is `allow` or `block`", code="resolution_invalid")
+    reason = check_reason(reason)
+    before = _existing(session, job_id, actor.tenant)
+    now = utcnow()
+    me = claimant_id(actor)
+    result = session.execute(
+        update(ReviewItem)
+        .where(
+            col(ReviewItem.job_id) == job_id,
+            col(ReviewItem.tenant) == actor.tenant,
+            col(ReviewItem.state) == ReviewState.OPEN,
+            _claimable_by(me, now),
+        )
+        .values(
+            state=ReviewState.RESOLVED,
+            resolution=action,
+            reason=reason,
+            resolved_by=me,
+            resolved_by_name=actor.name[:128],
+            resolved_at=now,
+            claimed_by=None,
+            claimed_by_name=None,
+            claim_expires_at=None,
+        )
+    )
+    if getattr(result, "rowcount", 0) != 1:
+        session.rollback()
+        raise _refusal(session, job_id, actor.tenant, me, "resolve")
+    item = _reload(session, job_id)
+    record(session, actor, "review.resolved", "job", job_id, before=before, after=item_public(item, now=now))
+    session.commit()
+    REVIEW_RESOLUTION.labels(policy=item.policy, resolution=action).observe(
+        max(0.0, (now - as_utc(item.queued_at)).total_seconds())
+    )
+    return item
+
+
+def reopen(session: Session, job_id: str, actor: Principal, reason: str) -> ReviewItem:
+    """An appeal: a resolved item goes back to the queue. The old resolution stays in the audit log."""
+    reason = check_reason(reason)
+    before = _existing(session, job_id, actor.tenant)
+    now = utcnow()
+    result = session.execute(
+        update(ReviewItem)
+        .where(
+            col(ReviewItem.job_id) == job_id,
+            col(ReviewItem.tenant) == actor.tenant,
+            col(ReviewItem.state) == ReviewState.RESOLVED,
+        )
+        .values(
+            state=ReviewState.OPEN,
+            resolution=None,
+            reason=None,
+            resolved_by=None,
+            resolved_by_name=None,
+            resolved_at=None,
+            queued_at=now,
+            reopen_count=ReviewItem.reopen_count + 1,
+        )
+    )
+    if getattr(result, "rowcount", 0) != 1:
+        session.rollback()
+        raise Conflict(f"job {job_id} is not resolved, so there is nothing to reopen", code="review_not_resolved")
+    item = _reload(session, job_id)
+    after = {**item_public(item, now=now), "reopen_reason": reason}
+    record(session, actor, "review.reopened", "job", job_id, before=before, after=after)
+    session.commit()
+    return item
+
+
+def queue_stats(session: Session) -> QueueStats:
+    """Open items over every tenant, for the gauges."""
+    count, oldest = session.exec(
+        select(func.count(), func.min(ReviewItem.queued_at)).where(ReviewItem.state == ReviewState.OPEN)
+    ).one()
+    return QueueStats(open=int(count or 0), oldest_queued_at=as_utc(oldest) if oldest else None)
+
+
+def item_public(item: ReviewItem, *, now: datetime | None = None) -> dict[str, Any]:
+    """A queue item as the API and the audit log show it. An expired claim is shown as no claim."""
+    now = now or utcnow()
+    live = item.claimed_by is not None and item.claim_expires_at is not None and as_utc(item.claim_expires_at) > now
+    return {
+        "job_id": item.job_id,
+        "decision_id": item.decision_id,
+        "policy": item.policy,
+        "category": item.category,
+        "score": item.score,
+        "state": item.state,
+        "queued_at": iso(item.queued_at),
+        "claim": (
+            {"by": {"id": item.claimed_by, "name": item.claimed_by_name}, "expires_at": iso(item.claim_expires_at)}
+            if live
+            else None
+        ),
+        "resolution": (
+            {
+                "action": item.resolution,
+                "reason": item.reason,
+                "by": {"id": item.resolved_by, "name": item.resolved_by_name},
+                "at": iso(item.resolved_at),
+            }
+            if item.state == ReviewState.RESOLVED
+            else None
+        ),
+        "reopen_count": item.reopen_count,
+    }
+
+
+def claimant_id(actor: Principal) -> str:
+    """Who holds a claim: the key's id; without keys (CLI, auth off) a label of the actor."""
+    return actor.key_id or f"{actor.via}:{actor.name}"[:32]
+
+
+def check_reason(reason: str) -> str:
+    reason = reason.strip()
+    if not reason:
+        raise BadRequest("give a reason: it is kept with the resolution", code="reason_missing")
+    if len(reason) > MAX_REASON_CHARS or "\x00" in reason:
+        raise BadRequest(f"a reason is at most {MAX_REASON_CHARS} characters of text", code="reason_invalid")
+    return reason
+
+
+def count_by_resolution(session: Session, tenant: str) -> dict[str, int]:
+    rows = session.exec(
+        select(ReviewItem.state, ReviewItem.resolution, func.count())
+        .where(ReviewItem.tenant == tenant)
+        .group_by(col(ReviewItem.state), col(ReviewItem.resolution))
+    ).all()
+    counts: dict[str, int] = {}
+    for state, resolution, count in rows:
+        counts[str(resolution or state)] = counts.get(str(resolution or state), 0) + int(count)
+    return counts
+
+
+def items_for(session: Session, job_ids: Sequence[str]) -> dict[str, ReviewItem]:
+    if not job_ids:
+        return {}
+    rows = session.exec(select(ReviewItem).where(col(ReviewItem.job_id).in_(list(job_ids)))).all()
+    return {row.job_id: row for row in rows}
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def _claimable_by(me: str, now: datetime) -> Any:
+    return or_(
+        col(ReviewItem.claimed_by).is_(None),
+        col(ReviewItem.claimed_by) == me,
+        col(ReviewItem.claim_expires_at) < now,
+    )
+
+
+def _existing(session: Session, job_id: str, tenant: str) -> dict[str, Any]:
+    item = get_item(session, job_id, tenant)
+    if item is None:
+        raise NotFound(f"job {job_id[:64]!r} is not in the review queue", code="review_not_found")
+    snapshot = item_public(item)
+    session.expunge(item)  # the UPDATE below is the source of truth; reload afterwards
+    return snapshot
+
+
+def _reload(session: Session, job_id: str) -> ReviewItem:
+    item = session.get(ReviewItem, job_id, populate_existing=True)
+    assert item is not None
+    return item
+
+
+def _refusal(session: Session, job_id: str, tenant: str, me: str, verb: str) -> ModtagError:
+    item = get_item(session, job_id, tenant)
+    if item is None:
+        return NotFound(f"job {job_id[:64]!r} is not in the review queue", code="review_not_found")
+    if item.state == ReviewState.RESOLVED:
+        return Conflict(
+            f"job {job_id} was already resolved ({item.resolution}) by {item.resolved_by_name}; an admin can reopen it",
+            code="review_resolved",
+        )
+    until = iso(item.claim_expires_at)
+    return Conflict(
+        f"cannot {verb}: {item.claimed_by_name} has claimed job {job_id} until {until}; try another item",
+        code="review_claimed",
+    )
+
+
+def _encode_cursor(item: ReviewItem, order: Order) -> str:
+    position = {"o": order, "t": iso(item.queued_at), "j": item.job_id, "s": item.score}
+    return base64.urlsafe_b64encode(json.dumps(position, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, order: Order) -> dict[str, Any]:
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(raw, dict) or raw.get("o") != order or not _JOB_ID.match(str(raw.get("j"))):
+            raise ValueError("not a queue cursor for this order")
+        score = float(raw["s"])
+        if score != score:  # NaN
+            raise ValueError("score")
+        return {"t": as_utc(datetime.fromisoformat(str(raw["t"]))), "j": str(raw["j"]), "s": score}
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise BadRequest("cursor is not one this API returned (for this order)", code="invalid_cursor") from None

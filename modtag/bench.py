@@ -1,0 +1,664 @@
+"""`modtag bench`: the engine against the stock tutorial way, on the same models, photos and checks, in one run.
+
+The workload is fixed so that runs compare: real photos (scikit-image's public-domain data), a caption
+of exactly `CAPTION_TOKENS` greedy tokens, `PROBES` (yes/no questions) and `TEXTS` (image-text
+matches) per image. The phases, each on its own copy of the models (the engine installs fused
+attention on the models it runs, and the baseline must run the stock code):
+
+1. baseline: `worker/baseline.py`, float32, one processor call and one generate/forward per image,
+   question and text, as the model cards show;
+2. engine at float32: a first run counts the FLOPs (`FlopCounterMode`) and gives the parity outputs,
+   then `repeat` timed runs;
+3. engine at the fast dtype (bf16 on CPUs with AVX512-BF16/AMX and recent GPUs, fp16 on older GPUs):
+   a first run for the parity against float32, then `repeat` timed runs;
+4. the throughput of a plain matrix product at both dtypes: the machine's practical peak;
+5. optionally (`through_stack`), jobs/s through API -> Redis -> worker -> database against the engine
+   alone, on the built-in moderation policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from core.errors import ConfigError
+from worker.attention import has_fused_attention
+from worker.engine import Engine, ImageOutput, ImageRequest
+from worker.linear import has_packed_linear, packed_linear_available
+from worker.models import LoadedModels, fast_dtype, load_models, resolve_device, resolve_dtype
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "hubble_deep_field", "moon")
+"""scikit-image's bundled public-domain photos; the grey ones (camera, coins, moon) are converted to RGB."""
+
+PROBES = (
+    "is there a gun in the picture?",
+    "is anyone holding a weapon?",
+    "is the person naked?",
+    "is this picture sexually explicit?",
+    "is there blood in the picture?",
+    "are there drugs in the picture?",
+    "is there a swastika in the picture?",
+    "is the person hurting themselves?",
+)
+TEXTS = (
+    "a photo of a handgun",
+    "a person holding a rifle",
+    "a knife pointed at a person",
+    "a photo of a naked person",
+    "an explicit sexual image",
+    "a woman in lingerie",
+    "a photo of a bloody wound",
+    "people fighting violently",
+    "a dead body on the ground",
+    "a photo of illegal drugs",
+    "white powder and a rolled banknote",
+    "a person smoking marijuana",
+    "a nazi flag with a swastika",
+    "people doing a nazi salute",
+    "a photo of self harm cuts on an arm",
+    "a burning car in a street riot",
+)
+CAPTION_TOKENS = 20
+ROLES = frozenset({"caption", "vqa", "itm"})
+
+# The issue's targets, checked in every report.
+TARGET_SPEEDUP_FP32 = 3.0
+TARGET_SPEEDUP_FAST = 25.0
+TARGET_PARITY_FP32 = 1e-4
+TARGET_FRACTION_OF_PEAK = 0.5
+TARGET_STACK_RATIO = 0.9
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What `modtag bench` runs; `cache_dir` is where random models are built (the settings' models cache)."""
+
+    cache_dir: Path
+    models: str = "random-base"
+    device: str = "auto"
+    dtype: str = "auto"  # the fast dtype; auto: the fastest the hardware computes natively
+    batch_size: int = 8
+    threads: int | None = None
+    images: int = 8
+    baseline_images: int | None = None  # None: all images
+    repeat: int = 2
+    skip_baseline: bool = False
+    through_stack: bool = False
+    stack_jobs: int = 16
+    progress: bool = True
+    peak_size: int | None = None  # the square matrix product's size; None: 3072 on CPUs, 8192 on GPUs
+
+
+def run_bench(options: BenchOptions) -> dict[str, Any]:
+    """Run every phase and return the report (the JSON object `modtag bench --json` prints)."""
+    _check(options)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    device = resolve_device(options.device)
+    fast = fast_dtype(device) if options.dtype == "auto" else resolve_dtype(options.dtype, device)
+    requests = workload(options.images)
+    log = _Log(options.progress)
+    load_before = _load_average()
+    with _quiet_transformers():
+        baseline, baseline_outputs = (None, []) if options.skip_baseline else _baseline(options, requests, log)
+        log(f"engine float32: loading {options.models} and counting FLOPs")
+        engine_fp32, fp32_outputs, flops = _engine_phase(options, requests, torch.float32, log, count=True)
+        if fast == torch.float32:
+            engine_fast, fast_outputs = dict(engine_fp32), fp32_outputs
+        else:
+            log(f"engine {_name(fast)}: loading {options.models}")
+            engine_fast, fast_outputs, _ = _engine_phase(options, requests, fast, log, count=False)
+        log("matrix-product peak")
+        peak_fast = matmul_peak(device, fast, options.peak_size)
+        peak_fp32 = peak_fast if fast == torch.float32 else matmul_peak(device, torch.float32, options.peak_size)
+
+    flops_per_image = flops / len(requests)
+    report: dict[str, Any] = {
+        "workload": {
+            "images": len(requests),
+            "photos": [PHOTOS[i % len(PHOTOS)] for i in range(len(requests))],
+            "probes": len(PROBES),
+            "texts": len(TEXTS),
+            "caption_tokens": CAPTION_TOKENS,
+            "models": options.models,
+        },
+        # Other processes on the machine slow any phase down: the load average tells how busy it was.
+        "machine": {**_machine(device), "load_average_before": load_before, "load_average_after": _load_average()},
+        "baseline": baseline,
+        "engine_fp32": engine_fp32,
+        "engine_fast": engine_fast,
+        "speedup_fp32": _ratio(engine_fp32["images_per_s"], baseline["images_per_s"] if baseline else None),
+        "speedup_fast": _ratio(engine_fast["images_per_s"], baseline["images_per_s"] if baseline else None),
+        "parity": {
+            "compared_images": len(baseline_outputs),
+            "max_abs_score_diff_fp32": max_score_diff(fp32_outputs, baseline_outputs) if baseline_outputs else None,
+            "caption_token_agreement_fp32": (
+                caption_agreement(fp32_outputs, baseline_outputs) if baseline_outputs else None
+            ),
+            "max_abs_score_diff_fast": max_score_diff(fast_outputs, fp32_outputs),
+            "mean_abs_score_diff_fast": mean_score_diff(fast_outputs, fp32_outputs),
+            "caption_token_agreement_fast": caption_agreement(fast_outputs, fp32_outputs),
+        },
+        "flops_per_image": flops_per_image,
+        "peak_flops_fast": peak_fast,
+        "peak_flops_fp32": peak_fp32,
+        "achieved_flops_fast": flops_per_image * engine_fast["images_per_s"],
+        "fraction_of_peak_fast": flops_per_image * engine_fast["images_per_s"] / peak_fast,
+        "fraction_of_peak_fp32": flops_per_image * engine_fp32["images_per_s"] / peak_fp32,
+        "through_stack": None,
+    }
+    if options.through_stack:
+        with _quiet_transformers():
+            report["through_stack"] = through_stack(options, fast, log)
+    report["targets"] = _targets(report)
+    return report
+
+
+def workload(count: int) -> list[ImageRequest]:
+    """The bench's requests: `count` photos (cycling through PHOTOS), each with a caption, PROBES and TEXTS."""
+    return [ImageRequest(image, caption=True, probes=PROBES, texts=TEXTS) for image in photos(count)]
+
+
+def photos(count: int) -> list[Image.Image]:
+    """`count` RGB photos from scikit-image, in PHOTOS order, repeated when `count` exceeds it."""
+    from skimage import data
+
+    loaded: dict[str, Image.Image] = {}
+    result = []
+    for index in range(count):
+        name = PHOTOS[index % len(PHOTOS)]
+        if name not in loaded:
+            loaded[name] = Image.fromarray(getattr(data, name)()).convert("RGB")
+        result.append(loaded[name])
+    return result
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = None, reps: int = 5) -> float:
+    """FLOP/s of the best of `reps` square matrix products big enough to keep every core busy.
+
+    On CPUs both `torch.mm` and the packed oneDNN product the engine's linear layers use are timed, and
+    the faster counts: the engine is held to the best the machine does, not to a slow reference.
+    """
+    size = size or (8192 if device.type == "cuda" else 3072)
+    generator = torch.Generator().manual_seed(0)
+    left = torch.randn(size, size, generator=generator).to(device, dtype)
+    right = torch.randn(size, size, generator=generator).to(device, dtype)
+    out = torch.empty(size, size, dtype=dtype, device=device)
+    products: list[Callable[[], object]] = [lambda: torch.mm(left, right, out=out)]
+    if device.type == "cpu" and packed_linear_available(dtype):
+        packed = torch.ops.mkldnn._reorder_linear_weight(right, size)
+        products.append(lambda: torch.ops.mkldnn._linear_pointwise(left, packed, None, "none", [], ""))
+    best = math.inf
+    with torch.inference_mode():
+        for product in products:
+            for attempt in range(reps + 1):
+                _sync(device)
+                started = time.perf_counter()
+                product()
+                _sync(device)
+                if attempt:  # the first product warms up the kernels
+                    best = min(best, time.perf_counter() - started)
+    return 2.0 * size**3 / best
+
+
+def count_flops(run: Callable[[], object]) -> tuple[float, object]:
+    """The matrix-product FLOPs (matmul, linear, convolution, attention) `run()` performs, and its result."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # PyTorch counts the CUDA attention kernels, not the CPU flash kernel nor oneDNN's packed linear.
+    mapping = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+        torch.ops.mkldnn._linear_pointwise: _linear_flops,
+    }
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        result = run()
+    return float(counter.get_total_flops()), result
+
+
+def max_score_diff(outputs: Sequence[ImageOutput], reference: Sequence[ImageOutput]) -> float:
+    """The largest |difference| over every probe and match score of the images both lists cover."""
+    return max(_score_diffs(outputs, reference), default=0.0)
+
+
+def mean_score_diff(outputs: Sequence[ImageOutput], reference: Sequence[ImageOutput]) -> float:
+    diffs = _score_diffs(outputs, reference)
+    return sum(diffs) / len(diffs) if diffs else 0.0
+
+
+def caption_agreement(outputs: Sequence[ImageOutput], reference: Sequence[ImageOutput]) -> float:
+    """The share of caption token positions (over the images both cover) holding the same token."""
+    same = total = 0
+    for output, ref in zip(outputs, reference, strict=False):
+        same += sum(a == b for a, b in zip(output.caption_ids, ref.caption_ids, strict=False))
+        total += max(len(output.caption_ids), len(ref.caption_ids))
+    return same / total if total else 1.0
+
+
+def through_stack(options: BenchOptions, dtype: torch.dtype, log: Callable[[str], None]) -> dict[str, Any]:
+    """Jobs/s through the embedded stack (API, Redis, one worker, SQLite) against the engine alone.
+
+    Both run the built-in moderation policy's checks on the same JPEG-encoded photos, at `dtype`, with
+    the worker's engine settings and batches of `options.batch_size`.
+    """
+    from policies import load_policies
+    from worker.runtime import image_request, roles_for
+
+    needs = load_policies([])["moderation"].requirements()
+    encoded = [_jpeg(image) for image in photos(options.stack_jobs)]
+    # What the worker computes for each job, from the same decoded JPEG files.
+    requests = [image_request(Image.open(io.BytesIO(data)).convert("RGB"), needs) for data in encoded]
+    roles = roles_for(needs)
+
+    log(f"engine alone, moderation policy, {_name(dtype)}")
+    loaded = load_models(options.models, roles, cache_dir=options.cache_dir, device=options.device, dtype=_name(dtype))
+    engine = Engine(loaded, max_batch=options.batch_size)
+    engine.run(requests[: options.batch_size])  # warm-up, as the stack's worker gets below
+    started = time.perf_counter()
+    for start in range(0, len(requests), options.batch_size):
+        engine.run(requests[start : start + options.batch_size])
+    engine_seconds = time.perf_counter() - started
+    del engine, loaded
+    gc.collect()
+
+    log("through the stack: starting API, Redis and a worker")
+    with tempfile.TemporaryDirectory(prefix="modtag-bench-") as tmp:
+        root = Path(tmp)
+        files = []
+        for index, data in enumerate(encoded):
+            path = root / "photos" / f"{index:03d}-{PHOTOS[index % len(PHOTOS)]}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            files.append(path)
+        env = {
+            "MODTAG_DATA_DIR": str(root / "data"),
+            "MODTAG_DATABASE_URL": f"sqlite:///{root / 'data' / 'modtag.db'}",
+            "MODTAG_MODELS": options.models,
+            "MODTAG_MODELS_CACHE_DIR": str(options.cache_dir),
+            "MODTAG_DEVICE": options.device,
+            "MODTAG_DTYPE": _name(dtype),
+            "MODTAG_BATCH_MAX_IMAGES": str(options.batch_size),
+            "MODTAG_WORKER_METRICS_PORT": "0",
+            "MODTAG_TORCH_THREADS": str(options.threads or 0),
+        }
+        with _environment(env, remove=("MODTAG_REDIS_URL",)):
+            stack_seconds, done, failed = _run_stack(files, log, options.progress)
+    return {
+        "policy": "moderation",
+        "dtype": _name(dtype),
+        "jobs": len(files),
+        "done": done,
+        "failed": failed,
+        "seconds": stack_seconds,
+        "jobs_per_s": done / stack_seconds,
+        "engine_images_per_s": len(requests) / engine_seconds,
+        "ratio": (done / stack_seconds) / (len(requests) / engine_seconds),
+        "checks_per_image": {"caption": needs.caption, "probes": len(needs.probes), "texts": len(needs.texts)},
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a short table for people; the JSON has every figure."""
+    workload, machine = report["workload"], report["machine"]
+    load = machine.get("load_average_after")
+    lines = [
+        f"modtag bench: {workload['images']} photos x (caption of {workload['caption_tokens']} tokens, "
+        f"{workload['probes']} probes, {workload['texts']} texts), models {workload['models']}",
+        f"machine: {machine['processor']} ({machine['device']}, {machine['threads']} threads), "
+        f"torch {machine['torch']}, transformers {machine['transformers']}"
+        + (f"; load average {load[0]:.1f} at the end" if load else ""),
+        "",
+        f"{'run':<16}{'dtype':<10}{'images/s':>10}{'s/image':>10}{'speedup':>10}",
+    ]
+    baseline = report["baseline"]
+    rows = [("baseline", baseline), ("engine fp32", report["engine_fp32"]), ("engine fast", report["engine_fast"])]
+    speedups = {"engine fp32": report["speedup_fp32"], "engine fast": report["speedup_fast"]}
+    for label, run in rows:
+        if run is None:
+            lines.append(f"{label:<16}{'-':<10}{'skipped':>10}")
+            continue
+        speedup = speedups.get(label)
+        shown = "1.0x" if label == "baseline" else (f"{speedup:.1f}x" if speedup else "-")
+        lines.append(
+            f"{label:<16}{run['dtype']:<10}{run['images_per_s']:>10.3f}{1 / run['images_per_s']:>10.2f}{shown:>10}"
+        )
+    if baseline and baseline["images"] < workload["images"]:
+        lines.append(f"(the baseline ran on the first {baseline['images']} of {workload['images']} images)")
+    parity = report["parity"]
+    lines.append("")
+    if parity["max_abs_score_diff_fp32"] is not None:
+        lines.append(
+            f"parity fp32 vs baseline ({parity['compared_images']} images): max |score diff| "
+            f"{parity['max_abs_score_diff_fp32']:.2e}, caption tokens identical "
+            f"{parity['caption_token_agreement_fp32']:.1%}"
+        )
+    lines.append(
+        f"parity {report['engine_fast']['dtype']} vs fp32: max |score diff| {parity['max_abs_score_diff_fast']:.3f} "
+        f"(mean {parity['mean_abs_score_diff_fast']:.4f}), caption tokens identical "
+        f"{parity['caption_token_agreement_fast']:.1%}"
+    )
+    lines.append(
+        f"useful work {report['flops_per_image'] / 1e9:.0f} GFLOP/image; engine fast "
+        f"{report['achieved_flops_fast'] / 1e9:.0f} GFLOP/s = {report['fraction_of_peak_fast']:.0%} of the "
+        f"{report['peak_flops_fast'] / 1e9:.0f} GFLOP/s a plain matrix product reaches here"
+    )
+    stack = report.get("through_stack")
+    if stack:
+        lines.append(
+            f"through the stack ({stack['policy']}, {stack['dtype']}): {stack['jobs_per_s']:.3f} jobs/s vs engine "
+            f"alone {stack['engine_images_per_s']:.3f} images/s = {stack['ratio']:.0%}"
+            + (f" ({stack['failed']} jobs failed)" if stack["failed"] else "")
+        )
+    lines.append("")
+    lines.append(
+        "targets: "
+        + ", ".join(
+            f"{name} {'met' if met else 'MISSED'}" for name, met in report["targets"].items() if met is not None
+        )
+    )
+    return "\n".join(lines)
+
+
+# Phases.
+
+
+def _baseline(
+    options: BenchOptions, requests: list[ImageRequest], log: Callable[[str], None]
+) -> tuple[dict[str, Any], list[ImageOutput]]:
+    from worker.baseline import run_baseline
+
+    count = min(options.baseline_images or len(requests), len(requests))
+    log(f"baseline float32: loading {options.models}")
+    models = _load(options, torch.float32)
+    outputs: list[ImageOutput] = []
+    image_seconds: list[float] = []
+    bar = tqdm(requests[:count], desc="baseline", unit="img", disable=not options.progress, leave=False)
+    for request in bar:
+        started = time.perf_counter()
+        outputs.extend(
+            run_baseline(models, [request], max_caption_tokens=CAPTION_TOKENS, min_caption_tokens=CAPTION_TOKENS)
+        )
+        _sync(models.device)
+        image_seconds.append(time.perf_counter() - started)
+    del models
+    gc.collect()
+    seconds = sum(image_seconds)
+    stats = {
+        "dtype": "float32",
+        "images": count,
+        "seconds": seconds,
+        "image_seconds": image_seconds,
+        "seconds_per_image": seconds / count,
+        "images_per_s": count / seconds,
+        "stages_s": _stage_totals(outputs),
+    }
+    return stats, outputs
+
+
+def _engine_phase(
+    options: BenchOptions, requests: list[ImageRequest], dtype: torch.dtype, log: Callable[[str], None], *, count: bool
+) -> tuple[dict[str, Any], list[ImageOutput], float]:
+    models = _load(options, dtype)
+    engine = Engine(
+        models, max_caption_tokens=CAPTION_TOKENS, min_caption_tokens=CAPTION_TOKENS, max_batch=options.batch_size
+    )
+
+    def run_all() -> list[ImageOutput]:
+        outputs: list[ImageOutput] = []
+        for start in range(0, len(requests), options.batch_size):
+            outputs.extend(engine.run(requests[start : start + options.batch_size]))
+        return outputs
+
+    # The first run warms up (and, at float32, counts the FLOPs); its outputs are the parity outputs.
+    log(f"engine {_name(dtype)}: first run" + (" (counting FLOPs)" if count else ""))
+    if count:
+        flops, first = count_flops(run_all)
+        outputs: list[ImageOutput] = first  # type: ignore[assignment]
+    else:
+        flops, outputs = 0.0, run_all()
+    runs: list[tuple[float, list[ImageOutput]]] = []
+    for _ in tqdm(range(options.repeat), desc=f"engine {_name(dtype)}", disable=not options.progress, leave=False):
+        started = time.perf_counter()
+        timed = run_all()
+        runs.append((time.perf_counter() - started, timed))
+    seconds, best_outputs = min(runs, key=lambda run: run[0])
+    stats = {
+        "dtype": _name(dtype),
+        "images": len(requests),
+        "batch_size": options.batch_size,
+        "seconds": seconds,
+        "runs_s": [run[0] for run in runs],
+        "images_per_s": len(requests) / seconds,
+        "stages_s": _stage_totals(best_outputs),
+        "techniques": {
+            "fused_attention": all(has_fused_attention(loaded.model) for loaded in models.models.values()),
+            "packed_linear": all(has_packed_linear(loaded.model) for loaded in models.models.values()),
+            "fast_decoding": engine.fast_decoding,
+        },
+    }
+    return stats, outputs, flops  # the models go with this frame: the next phase has the memory
+
+
+# Helpers.
+
+
+class _Log:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.started = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            tqdm.write(f"[{time.perf_counter() - self.started:6.0f}s] {message}", file=sys.stderr)
+
+
+def _check(options: BenchOptions) -> None:
+    for name in ("batch_size", "images", "repeat", "stack_jobs"):
+        if getattr(options, name) < 1:
+            raise ConfigError(f"bench: {name} must be at least 1", code="bench_invalid")
+    if options.baseline_images is not None and options.baseline_images < 1:
+        raise ConfigError("bench: baseline_images must be at least 1", code="bench_invalid")
+
+
+def _load(options: BenchOptions, dtype: torch.dtype) -> LoadedModels:
+    return load_models(options.models, ROLES, cache_dir=options.cache_dir, device=options.device, dtype=_name(dtype))
+
+
+def _stage_totals(outputs: Sequence[ImageOutput]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for output in outputs:
+        for stage, seconds in output.timings.items():
+            totals[stage] = totals.get(stage, 0.0) + seconds
+    return totals
+
+
+def _score_diffs(outputs: Sequence[ImageOutput], reference: Sequence[ImageOutput]) -> list[float]:
+    diffs = []
+    for output, ref in zip(outputs, reference, strict=False):
+        diffs += [abs(output.probes[q] - ref.probes[q]) for q in ref.probes]
+        diffs += [abs(output.matches[t] - ref.matches[t]) for t in ref.matches]
+    return diffs
+
+
+def _sdpa_flops(
+    query_shape: tuple[int, ...], key_shape: tuple[int, ...], value_shape: tuple[int, ...], *_: Any, **__: Any
+) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return int(sdpa_flop_count(query_shape, key_shape, value_shape))
+
+
+def _linear_flops(input_shape: tuple[int, ...], weight_shape: tuple[int, ...], *_: Any, **__: Any) -> int:
+    # (..., K) x (N, K)^T: 2 K N per input row.
+    return 2 * math.prod(input_shape) * weight_shape[0]
+
+
+def _targets(report: dict[str, Any]) -> dict[str, bool | None]:
+    parity = report["parity"]
+    stack = report.get("through_stack")
+    fp32_parity = None
+    if parity["max_abs_score_diff_fp32"] is not None:
+        fp32_parity = (
+            parity["max_abs_score_diff_fp32"] <= TARGET_PARITY_FP32 and parity["caption_token_agreement_fp32"] == 1.0
+        )
+    return {
+        "speedup_fp32": None if report["speedup_fp32"] is None else report["speedup_fp32"] >= TARGET_SPEEDUP_FP32,
+        "parity_fp32": fp32_parity,
+        "speedup_fast": None if report["speedup_fast"] is None else report["speedup_fast"] >= TARGET_SPEEDUP_FAST,
+        "fraction_of_peak_fast": report["fraction_of_peak_fast"] >= TARGET_FRACTION_OF_PEAK,
+        "through_stack": None if not stack else stack["ratio"] >= TARGET_STACK_RATIO,
+    }
+
+
+def _ratio(value: float, reference: float | None) -> float | None:
+    return value / reference if reference else None
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    processor = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {
+        "device": str(device),
+        "processor": processor,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    # The loading bars of three models per phase would bury the bench's own progress.
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str], remove: Sequence[str] = ()) -> Iterator[None]:
+    # The stack's children read their settings from MODTAG_* variables; set them for the run only.
+    from core.settings import get_settings
+
+    saved = {name: os.environ.get(name) for name in [*values, *remove]}
+    os.environ.update(values)
+    for name in remove:
+        os.environ.pop(name, None)
+    get_settings.cache_clear()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        get_settings.cache_clear()
+
+
+def _run_stack(files: list[Path], log: Callable[[str], None], progress: bool) -> tuple[float, int, int]:
+    from core.settings import get_settings
+    from modtag.servers import free_port
+    from modtag.stack import Stack
+
+    settings = get_settings()
+    with Stack(settings, port=free_port(), workers=1, temporary_key=True, quiet=True) as stack:
+        headers = {"Authorization": f"Bearer {stack.admin_key}"} if stack.admin_key else {}
+        # One job first: the worker's first batch pays one-time costs the engine's warm-up paid too.
+        _judge(stack.api_url, files[:1], headers, progress=False)
+        log(f"through the stack: {len(files)} jobs")
+        started = time.perf_counter()
+        statuses = _judge(stack.api_url, files, headers, progress=progress)
+        seconds = time.perf_counter() - started
+    done = statuses.count("done")
+    return seconds, done, len(statuses) - done
+
+
+def _judge(
+    api_url: str, files: list[Path], headers: dict[str, str], *, progress: bool, timeout_s: float = 1800
+) -> list[str]:
+    """Submit every file, then wait for each job's final status (polling gently: the API shares the cores)."""
+    import httpx
+
+    with httpx.Client(base_url=api_url, timeout=60, headers=headers) as client:
+        ids = []
+        for path in files:
+            response = client.post(
+                "/v1/jobs",
+                files={"image": (path.name, path.read_bytes(), "image/jpeg")},
+                data={"policy": "moderation"},
+            )
+            if response.status_code not in (200, 202):
+                raise ConfigError(
+                    f"the bench's stack refused a job ({response.status_code}: {response.text[:200]})",
+                    code="bench_stack_failed",
+                )
+            ids.append(str(response.json()["id"]))
+        statuses = []
+        deadline = time.monotonic() + timeout_s
+        bar = tqdm(total=len(ids), desc="through the stack", unit="job", disable=not progress, leave=False)
+        # Jobs finish roughly in order: asking about the oldest unfinished one only keeps the API idle.
+        for job_id in ids:
+            while (status := str(client.get(f"/v1/jobs/{job_id}").json().get("status"))) not in ("done", "failed"):
+                if time.monotonic() > deadline:
+                    raise ConfigError(
+                        f"the bench's stack did not finish job {job_id} within {timeout_s:.0f}s",
+                        code="bench_stack_failed",
+                    )
+                time.sleep(0.2)
+            statuses.append(status)
+            bar.update(1)
+        bar.close()
+    return statuses

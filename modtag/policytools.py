@@ -1,0 +1,137 @@
+"""`modtag policy replay` and `modtag policy test`: argument parsing and the tables they print."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from worker.replay import CaseResult, ReplayReport
+
+_RELATIVE = re.compile(r"^(\d{1,6})\s*([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """A moment: ISO 8601 (`2026-11-01`, `2026-11-01T12:00:00+00:00`, naive means UTC) or an age (`7d`, `12h`).
+
+    Raises ValueError with what is accepted.
+    """
+    text = text.strip()
+    relative = _RELATIVE.match(text.lower())
+    if relative:
+        amount, unit = int(relative.group(1)), relative.group(2)
+        try:
+            return (now or datetime.now(UTC)) - timedelta(**{_UNITS[unit]: amount})
+        except OverflowError:
+            raise ValueError(f"{text!r} is not a date: it reaches before year 1") from None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a date: use ISO 8601 (2026-11-01 or 2026-11-01T12:00:00Z) or an age such as 7d, 12h, 30m"
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def print_replay(report: ReplayReport, out: TextIO, *, all_jobs: bool = False) -> None:
+    """The jobs whose decision would change (or every job), then the totals and the confusion table."""
+    rows = [("JOB", "DECIDED", "STORED", "REPLAYED", "CHANGES")]
+    shown = report.jobs if all_jobs else report.changed
+    for job in shown:
+        rows.append(
+            (
+                job.job_id,
+                job.decided_at.strftime("%Y-%m-%d %H:%M"),
+                job.old_action,
+                job.new_action or "skipped",
+                job.skipped or "; ".join(job.changed) or "-",
+            )
+        )
+    skipped = [job for job in report.jobs if job.new_action is None]
+    if not all_jobs:
+        for job in skipped:
+            rows.append(
+                (job.job_id, job.decided_at.strftime("%Y-%m-%d %H:%M"), job.old_action, "skipped", job.skipped or "")
+            )
+    if len(rows) > 1:
+        _table(rows, out)
+        out.write("\n")
+    decided = [job for job in report.jobs if job.new_action is not None]
+    inferred = sum(1 for job in decided if job.inferred)
+    out.write(
+        f"policy {report.policy} {report.version} replayed over {len(report.jobs)} stored '{report.target}' jobs: "
+        f"{len(decided)} re-decided ({len(decided) - inferred} from stored evidence alone, {inferred} with inference "
+        f"for new checks{' on ' + ', '.join(report.roles_loaded) if report.roles_loaded else ''}), "
+        f"{len(skipped)} skipped\n"
+    )
+    changed_action = sum(1 for job in decided if job.new_action != job.old_action)
+    out.write(f"{changed_action} would change action, {len(report.changed)} would change some category\n\n")
+    confusion = report.confusion()
+    _table(
+        [("STORED \\ REPLAYED", "allow", "review", "block")]
+        + [(old, *(str(confusion[old][new]) for new in ("allow", "review", "block"))) for old in confusion],
+        out,
+    )
+
+
+def replay_json(report: ReplayReport) -> str:
+    return json.dumps(
+        {
+            "policy": report.policy,
+            "version": report.version,
+            "target": report.target,
+            "roles_loaded": report.roles_loaded,
+            "confusion": report.confusion(),
+            "jobs": [
+                {
+                    "job_id": job.job_id,
+                    "decided_at": job.decided_at.isoformat(),
+                    "stored": job.old_action,
+                    "replayed": job.new_action,
+                    "changes": job.changed,
+                    "inferred": job.inferred,
+                    "skipped": job.skipped,
+                }
+                for job in report.jobs
+            ],
+        },
+        indent=2,
+    )
+
+
+def print_cases(results: Sequence[CaseResult], out: TextIO) -> None:
+    """One line per example image, mismatches marked, then the totals."""
+    rows = [("", "IMAGE", "EXPECTED", "DECIDED", "WHY")]
+    for result in results:
+        mark = "ok" if result.passed else "FAIL"
+        rows.append((mark, str(result.path), result.expected, result.actual or "error", result.error or result.reason))
+    _table(rows, out)
+    failed = sum(1 for result in results if not result.passed)
+    out.write(f"\n{len(results)} cases: {len(results) - failed} passed, {failed} failed\n")
+
+
+def cases_json(results: Sequence[CaseResult]) -> str:
+    data: list[dict[str, Any]] = [
+        {
+            "path": str(r.path),
+            "expected": r.expected,
+            "decided": r.actual,
+            "passed": r.passed,
+            "reason": r.reason,
+            "error": r.error,
+        }
+        for r in results
+    ]
+    return json.dumps(data, indent=2)
+
+
+def _table(rows: Sequence[Sequence[str]], out: TextIO, width: int = 60) -> None:
+    columns = len(rows[0])
+    widths = [min(max(len(row[i]) for row in rows), width) for i in range(columns - 1)]
+    for row in rows:
+        cells = [row[i][:width].ljust(widths[i]) for i in range(columns - 1)]
+        out.write("  ".join([*cells, row[-1]]).rstrip() + "\n")

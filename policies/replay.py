@@ -1,0 +1,71 @@
+"""Replay: model outputs rebuilt from stored evidence, and what a new policy still needs the models for.
+
+A stored decision's evidence keeps the model's numbers behind each score (P(yes) of a probe, ITM per
+text and per describe chunk, log-likelihoods of an attribute's ranked answers, ITM per re-ranked tag) and the
+caption. A new policy version is re-decided from those numbers wherever it asks the models the same
+things; only questions, texts, answers or tag sets it adds need inference. Reuse is keyed by what
+the model was asked, not by where the check sits, so moving a probe to another category, negating
+it or changing a threshold costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from policies.evaluate import ModelOutputs
+from policies.schema import Requirements
+
+
+def outputs_from_evidence(evidence: Sequence[Mapping[str, Any]], caption: str | None) -> ModelOutputs:
+    """The model outputs a stored decision was made from, as far as its evidence records them."""
+    probes: dict[str, float] = {}
+    matches: dict[str, float] = {}
+    answers: dict[str, dict[str, float]] = {}
+    tags: dict[str, dict[str, float]] = {}
+    for entry in evidence:
+        kind, text = entry.get("kind"), str(entry.get("text", ""))
+        score = entry.get("score")
+        if not isinstance(score, (int, float)) or isinstance(score, bool):
+            continue
+        scores = entry.get("scores") or {}
+        if kind == "probe":
+            probes[text] = round(1.0 - score, 6) if entry.get("negate") else float(score)
+        elif kind == "match":
+            matches[text] = float(score)
+        elif kind == "describe":
+            matches.update({chunk: float(value) for chunk, value in scores.items()})
+        elif kind == "attribute" and entry.get("query") and scores:
+            answers[str(entry["query"])] = {answer: float(value) for answer, value in scores.items()}
+        elif kind == "tags" and entry.get("query"):
+            tags[str(entry["query"])] = {tag: float(value) for tag, value in scores.items()}
+    return ModelOutputs(caption=caption, probes=probes, matches=matches, answers=answers, tags=tags)
+
+
+def missing_requirements(needs: Requirements, outputs: ModelOutputs) -> Requirements:
+    """The part of `needs` that `outputs` does not hold: what inference must still compute."""
+    # A ranking is reused whole or not at all: which answers it holds depends on the candidate set.
+    answers = [
+        query
+        for query in needs.answers
+        if query.key not in outputs.answers or any(a not in outputs.answers[query.key] for a in query.required)
+    ]
+    return Requirements(
+        caption=needs.caption and outputs.caption is None,
+        probes=tuple(q for q in needs.probes if q not in outputs.probes),
+        texts=tuple(t for t in needs.texts if t not in outputs.matches),
+        answers=tuple(answers),
+        tag_sets=tuple(t for t in needs.tag_sets if t.key not in outputs.tags),
+        describe=False,
+    )
+
+
+def merge_outputs(stored: ModelOutputs, fresh: ModelOutputs) -> ModelOutputs:
+    """Stored outputs completed with freshly computed ones (fresh wins where both have a value)."""
+    return ModelOutputs(
+        caption=fresh.caption if fresh.caption is not None else stored.caption,
+        probes={**stored.probes, **fresh.probes},
+        matches={**stored.matches, **fresh.matches},
+        answers={**stored.answers, **fresh.answers},
+        tags={**stored.tags, **fresh.tags},
+    )

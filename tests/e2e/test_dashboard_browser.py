@@ -1,0 +1,232 @@
+"""A reviewer works the queue in a real Chromium: sign in, see the flagged item, claim, block; an admin finds the audit.
+
+The stack is real: `modtag api` and a `modtag worker` (tiny random BLIP models) as child processes, Redis,
+SQLite. A test policy sends every image to review, so the worker's own decision fills the queue.
+Chromium is Debian's (`apt-get install chromium`), driven by Playwright for Python (`pip install
+playwright`; `playwright install` is not needed). Screenshots go to $MODTAG_SCREENSHOT_DIR (default: the
+test's temporary directory); their paths are printed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import photo_bytes
+from tests.integration.conftest import Deployment, admin_key
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+
+CHROMIUM = os.environ.get("MODTAG_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+REVIEW_ALL_POLICY = """\
+name: review-all
+description: Test policy that sends every image to human review.
+categories:
+  - name: suspicious
+    description: Anything at all (the caption rule matches any caption).
+    review: 0.0
+    block: null
+    checks:
+      - kind: probe
+        question: is there a weapon in the picture?
+      - kind: caption
+        patterns: ['.']
+        score: 0.7
+"""
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import Error, sync_playwright
+    except ImportError:
+        pytest.skip("Playwright for Python is not installed (pip install playwright)")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set MODTAG_CHROMIUM)")
+    with sync_playwright() as playwright:
+        try:
+            chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        except Error as exc:
+            pytest.skip(f"Chromium at {CHROMIUM} cannot be launched here: {str(exc).splitlines()[0]}")
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def screenshots(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("MODTAG_SCREENSHOT_DIR") or tmp_path / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def stack(tmp_path: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "review-all.yaml").write_text(REVIEW_ALL_POLICY)
+    database_url = f"sqlite:///{tmp_path / 'modtag.db'}"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MODTAG_")},
+        "MODTAG_DATA_DIR": str(tmp_path / "data"),
+        "MODTAG_DATABASE_URL": database_url,
+        "MODTAG_REDIS_URL": redis_url,
+        "MODTAG_MODELS": "tiny-random",
+        "MODTAG_MODELS_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "e2e-models"),  # shared with test_modtag_up
+        "MODTAG_POLICIES_DIR": str(policies),
+        "MODTAG_WORKER_METRICS_PORT": "0",
+        "MODTAG_BATCH_WAIT_MS": "5",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    deployment = Deployment(env=env, log_dir=log_dir, key=admin_key(database_url, name="Ada (admin)"))
+    deployment.start_api()
+    deployment.start_worker()
+    yield deployment
+    for process in deployment.processes:
+        deployment.stop(process)
+
+
+def test_reviewer_works_the_queue_and_the_admin_finds_the_audit_trail(
+    stack: Deployment, browser: Any, screenshots: Path
+) -> None:
+    database_url = stack.env["MODTAG_DATABASE_URL"]
+    reviewer_key = admin_key(database_url, role="review", name="Rui (reviewer)")
+    outsider_key = admin_key(database_url, role="admin", tenant="globex", name="Other tenant admin")
+    job_id = _judged_by_the_worker(stack)
+    shots: list[Path] = []
+
+    def shot(page: Any, name: str) -> None:
+        path = screenshots / f"{len(shots) + 1:02d}-{name}.png"
+        page.screenshot(path=str(path), full_page=True)
+        shots.append(path)
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    try:
+        # Not signed in: the dashboard answers with the sign-in form.
+        response = page.goto(f"{stack.api_url}/dashboard/review")
+        assert response.status == 401
+        page.fill("#key", "not-a-key")
+        page.click("button[type=submit]")
+        assert "not valid" in page.inner_text("[role=alert]")
+        page.fill("#key", reviewer_key)
+        page.click("button[type=submit]")
+        page.wait_for_url(re.compile(r"/dashboard/review$"))
+        cookie = next(c for c in context.cookies() if c["name"] == "modtag_session")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+
+        # The worker's decision is in the queue, with its thumbnail, caption and scores.
+        card = page.locator(f"article[data-job='{job_id}']")
+        card.wait_for()
+        assert "review" in card.inner_text() and "suspicious" in card.inner_text()
+        image = card.locator("img.thumb")
+        image.scroll_into_view_if_needed()
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+        shot(page, "review-queue")
+
+        card.locator("[data-testid=claim]").click()
+        page.wait_for_load_state()
+        assert "Claimed" in page.inner_text("[role=status]")
+        card = page.locator(f"article[data-job='{job_id}']")
+        assert "claimed by you" in card.inner_text()
+        shot(page, "claimed")
+
+        card.locator("textarea[name=reason]").fill("Replica rifle pointed at the camera: block per policy 4.2")
+        card.locator("[data-testid=block]").click()
+        page.wait_for_load_state()
+        assert "Resolved" in page.inner_text("[role=status]")
+        assert page.locator(f"article[data-job='{job_id}']").count() == 0  # it left the open queue
+        shot(page, "queue-after-resolve")
+
+        page.goto(f"{stack.api_url}/dashboard/jobs/{job_id}")
+        text = page.inner_text("main")
+        assert "Machine decision: review" in text and "Human review: block" in text
+        assert "Replica rifle" in text and "Evidence of every check" in text
+        assert "probe" in text and "caption" in text
+        shot(page, "job-detail")
+
+        # Reviewers cannot read the audit log; admins can.
+        assert page.goto(f"{stack.api_url}/dashboard/audit").status == 403
+        page.goto(f"{stack.api_url}/dashboard/review")
+        page.click("text=Sign out")
+        page.wait_for_url(re.compile(r"/dashboard/login$"))
+
+        page.fill("#key", stack.key)
+        page.click("button[type=submit]")
+        page.wait_for_url(re.compile(r"/dashboard/flagged$"))
+        assert page.locator(f"article[data-job='{job_id}']").count() == 1
+        shot(page, "flagged-content")
+
+        page.goto(f"{stack.api_url}/dashboard/audit?job_id={job_id}")
+        rows = page.locator("tr.audit-entry")
+        actions = [rows.nth(i).get_attribute("data-action") for i in range(rows.count())]
+        assert actions == ["review.resolved", "review.claimed", "review.enqueued"]
+        resolved = rows.nth(0).inner_text()
+        assert "Rui (reviewer)" in resolved and "block" in resolved and "Replica rifle" in resolved
+        shot(page, "audit-log")
+
+        page.goto(f"{stack.api_url}/dashboard/summary?range=24h")
+        assert "Flag rate per hour" in page.inner_text("main")
+        assert page.locator("svg rect").count() >= 1
+        shot(page, "summary")
+        context.close()
+
+        # Another tenant's admin sees none of it.
+        other = browser.new_context()
+        page = other.new_page()
+        page.goto(f"{stack.api_url}/dashboard/login")
+        page.fill("#key", outsider_key)
+        page.click("button[type=submit]")
+        page.wait_for_url(re.compile(r"/dashboard/flagged$"))
+        assert job_id not in page.content()
+        assert page.goto(f"{stack.api_url}/dashboard/jobs/{job_id}").status == 404
+        page.goto(f"{stack.api_url}/dashboard/audit")
+        assert job_id not in page.content()
+        shot(page, "other-tenant-audit")
+        other.close()
+    finally:
+        print("\nscreenshots:\n" + "\n".join(f"  {path}" for path in shots))
+
+    job = httpx.get(f"{stack.api_url}/v1/jobs/{job_id}", headers=stack.headers).json()
+    assert job["decision"]["action"] == "review"  # the machine's call is kept
+    assert job["review"]["resolution"]["action"] == "block"
+    assert job["review"]["resolution"]["by"]["name"] == "Rui (reviewer)"
+    assert all(path.stat().st_size > 5000 for path in shots)
+
+
+def _judged_by_the_worker(stack: Deployment) -> str:
+    response = httpx.post(
+        f"{stack.api_url}/v1/jobs",
+        files={"image": ("astronaut.jpg", photo_bytes("astronaut"))},
+        data={"policy": "review-all", "context": '{"title": "<b>vintage</b> toy rifle"}'},
+        headers=stack.headers,
+        timeout=30,
+    )
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["id"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{stack.api_url}/v1/jobs/{job_id}", headers=stack.headers).json()
+        if job["status"] in ("done", "failed"):
+            assert job["status"] == "done", job
+            assert job["decision"]["action"] == "review" and job["review"]["state"] == "open", job
+            return job_id
+        time.sleep(0.1)
+    raise AssertionError("the worker did not judge the job:\n" + stack.log("worker"))

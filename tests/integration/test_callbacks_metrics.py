@@ -1,0 +1,63 @@
+"""A job's callback reaches the caller's server, and the worker's own /metrics shows its work."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+
+from modtag.servers import free_port
+from tests.conftest import photo_bytes
+from tests.integration.conftest import Deployment
+from tests.integration.test_pipeline import submit, wait_final
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A real HTTP server on loopback that records every JSON body POSTed to it."""
+    received: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", "0"))
+            received.append(json.loads(self.rfile.read(length)))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+    server.shutdown()
+
+
+def test_callback_and_worker_metrics(deployment: Deployment, receiver: tuple[str, list[dict[str, Any]]]) -> None:
+    hook, received = receiver
+    metrics_port = free_port()
+    deployment.start_api()
+    deployment.start_worker(MODTAG_WORKER_METRICS_PORT=str(metrics_port))
+    done = submit(deployment, photo_bytes("coffee"), callback_url=hook)
+    failed = submit(deployment, photo_bytes("coffee")[:2000], "cut.jpg", callback_url=hook)
+    assert wait_final(deployment, done["id"])["status"] == "done"
+    assert wait_final(deployment, failed["id"])["status"] == "failed"
+    by_id = {body["id"]: body for body in received}
+    assert by_id[done["id"]]["status"] == "done" and by_id[done["id"]]["decision"]["action"]
+    assert by_id[failed["id"]]["error"]["code"] == "image_truncated"
+
+    exposition = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    assert 'modtag_jobs_completed_total{outcome="done",policy="moderation"} 1.0' in exposition
+    assert 'modtag_jobs_failed_total{code="image_truncated",policy="moderation"} 1.0' in exposition
+    assert 'modtag_callbacks_total{outcome="delivered"} 2.0' in exposition
+    assert 'modtag_model_load_seconds{model="vqa"}' in exposition
+    assert "modtag_batch_size_images_count" in exposition
+    assert 'modtag_build_info{component="worker"' in exposition

@@ -1,0 +1,250 @@
+"""Shadow decisions, `modtag policy replay` and `modtag policy test` on the worker's code path, in-process: real tiny
+random models, a real database (SQLite and PostgreSQL), stored images."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlmodel import select
+
+from core.blobs import LocalBlobStore
+from core.db import session_scope
+from core.jobs import NewJob, create_job
+from core.settings import Settings, get_settings
+from core.tables import Decision, ShadowDecision
+from modtag.cli import main
+from policies import builtin_dir, load_policy
+from tests.conftest import photo_bytes
+from worker import engine as engine_module
+from worker.replay import replay_policy, run_cases
+from worker.runtime import WorkerRuntime
+
+pytestmark = pytest.mark.timeout(300)
+
+SHADOW = """\
+name: moderation-next
+description: A candidate that flags anything a little gun-like.
+shadows: moderation
+categories:
+  - name: weapons
+    description: Guns.
+    review: 0.0
+    checks:
+      - kind: probe
+        question: is there a gun in the picture?
+"""
+PHOTOS = ("astronaut", "chelsea", "coffee")
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str, tiny_models_dir: Path) -> Settings:
+    policies_dir = tmp_path / "policies"
+    policies_dir.mkdir()
+    (policies_dir / "next.yaml").write_text(SHADOW)
+    return Settings(
+        _env_file=None,
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        models="tiny-random",
+        models_cache_dir=tiny_models_dir.parent,
+        policies_dir=policies_dir,
+        batch_wait_ms=1,
+    )
+
+
+@pytest.fixture
+def decided(settings: Settings) -> list[str]:
+    """Three moderation jobs decided by the worker runtime, with the shadow beside them."""
+    blobs = LocalBlobStore(settings.resolved_blob_dir)
+    runtime = WorkerRuntime(settings)
+    ids = []
+    for name in PHOTOS:
+        data = photo_bytes(name, size=(96, 64))
+        key = blobs.put(data)
+        with session_scope(settings.resolved_database_url) as session:
+            job, _ = create_job(
+                session,
+                NewJob(tenant="default", policy="moderation", policy_version=None, source="upload", blob_key=key),
+            )
+        assert runtime.process(job.id).outcome == "done"
+        ids.append(job.id)
+    return ids
+
+
+def moderation_variant(tmp_path: Path, old: str, new: str, name: str = "new.yaml") -> Path:
+    text = (builtin_dir() / "moderation.yaml").read_text()
+    assert old in text
+    path = tmp_path / name
+    path.write_text(text.replace(old, new))
+    return path
+
+
+class CountingEngines:
+    """Builds real engines (through the worker's loader), recording which models each replay asked for."""
+
+    def __init__(self, settings: Settings) -> None:
+        from worker.replay import _engine_factory
+
+        self.build = _engine_factory(settings)
+        self.roles: list[set[str]] = []
+
+    def __call__(self, roles: set[str]) -> Any:
+        self.roles.append(set(roles))
+        return self.build(roles)
+
+
+def test_shadows_are_recorded_beside_the_decision_and_never_acted_on(settings: Settings, decided: list[str]) -> None:
+    with session_scope(settings.resolved_database_url) as session:
+        rows = session.exec(select(ShadowDecision)).all()
+        decisions = {d.job_id: d for d in session.exec(select(Decision)).all()}
+    assert sorted(row.job_id for row in rows) == sorted(decided)
+    for row in rows:
+        assert (row.policy, row.active_policy, row.action) == ("moderation-next", "moderation", "review")
+        assert row.active_action == decisions[row.job_id].action and row.evidence[0]["kind"] == "probe"
+        assert row.policy_version == load_policy(settings.policies_dir / "next.yaml").version  # type: ignore[operator]
+    assert all(d.reason and d.policy == "moderation" for d in decisions.values())
+
+
+def test_replay_of_unchanged_checks_needs_no_models_and_reproduces_decisions(
+    settings: Settings, decided: list[str], tmp_path: Path
+) -> None:
+    since = datetime.now(UTC) - timedelta(hours=1)
+    engines = CountingEngines(settings)
+    same = replay_policy(load_policy(builtin_dir() / "moderation.yaml"), settings, since=since, engine_factory=engines)
+    assert len(same.jobs) == 3 and same.changed == [] and engines.roles == []
+    assert all(job.new_action == job.old_action and not job.inferred for job in same.jobs)
+
+    # Every category reviews at 0: stored evidence alone re-decides every job.
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(re.sub(r"review: [0-9.]+", "review: 0.0", (builtin_dir() / "moderation.yaml").read_text()))
+    report = replay_policy(load_policy(strict), settings, since=since, engine_factory=engines)
+    assert engines.roles == [] and {job.new_action for job in report.jobs} <= {"review", "block"}
+    assert all(job.changed for job in report.jobs)  # categories that allowed now review
+    assert report.confusion()["allow"]["allow"] == 0
+
+
+def test_replay_runs_inference_only_for_new_checks(settings: Settings, decided: list[str], tmp_path: Path) -> None:
+    new = moderation_variant(
+        tmp_path,
+        "      - kind: probe\n        question: is there a gun in the picture?",
+        "      - kind: probe\n        question: is there a gun in the picture?\n"
+        "      - kind: probe\n        question: is there a cannon in the picture?",
+    )
+    engines = CountingEngines(settings)
+    report = replay_policy(
+        load_policy(new), settings, since=datetime.now(UTC) - timedelta(hours=1), engine_factory=engines
+    )
+    assert engines.roles == [{"vqa"}]  # one model, for the one new question
+    assert all(job.inferred and job.new_action is not None for job in report.jobs)
+    # Jobs of another policy, or older than --since, are not touched.
+    later = replay_policy(load_policy(new), settings, since=datetime.now(UTC) + timedelta(minutes=1))
+    assert later.jobs == []
+
+
+def test_replay_skips_jobs_whose_image_is_gone(settings: Settings, decided: list[str], tmp_path: Path) -> None:
+    shutil.rmtree(settings.resolved_blob_dir)
+    new = moderation_variant(tmp_path, "question: is anyone holding a weapon?", "question: is anyone holding a sword?")
+    report = replay_policy(load_policy(new), settings, since=datetime.now(UTC) - timedelta(hours=1))
+    assert all(job.new_action is None and "cannot be read again" in (job.skipped or "") for job in report.jobs)
+
+
+def test_policy_commands_print_what_would_change(
+    settings: Settings,
+    decided: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name, value in {
+        "MODTAG_DATABASE_URL": settings.resolved_database_url,
+        "MODTAG_DATA_DIR": str(settings.data_dir),
+        "MODTAG_MODELS": settings.models,
+        "MODTAG_MODELS_CACHE_DIR": str(settings.models_cache_dir),
+    }.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    shadow = settings.policies_dir / "next.yaml"  # type: ignore[operator]
+    assert main(["policy", "replay", str(shadow), "--since", "1h"]) == 0
+    out = capsys.readouterr().out
+    # The shadow replays over the active policy's jobs: it reviews everything.
+    assert "replayed over 3 stored 'moderation' jobs" in out and "STORED \\ REPLAYED" in out
+    assert main(["policy", "replay", str(shadow), "--since", "yesterday"]) == 2
+    assert "not a date" in capsys.readouterr().err
+    get_settings.cache_clear()
+
+
+def test_policy_test_compares_decisions_with_the_case_folders(
+    settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cases = tmp_path / "cases"
+    for folder, names in {"review": ("astronaut", "coffee"), "allow": ("rocket",)}.items():
+        (cases / folder).mkdir(parents=True)
+        for name in names:
+            (cases / folder / f"{name}.jpg").write_bytes(photo_bytes(name, size=(80, 60)))
+    shadow = load_policy(settings.policies_dir / "next.yaml")  # type: ignore[operator]
+    results = run_cases(shadow, cases, settings)  # review at 0: every image is reviewed
+    assert [(r.path.name, r.expected, r.actual, r.passed) for r in results] == [
+        ("rocket.jpg", "allow", "review", False),
+        ("astronaut.jpg", "review", "review", True),
+        ("coffee.jpg", "review", "review", True),
+    ]
+    (cases / "review" / "notes.txt").write_text("ignored")
+    (cases / "review" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    broken = run_cases(shadow, cases, settings)
+    assert [r.error is not None for r in broken].count(True) == 1 and len(broken) == 4
+    (cases / "blocked").mkdir()
+    from core.errors import InvalidField
+
+    with pytest.raises(InvalidField, match="unexpected folder"):
+        run_cases(shadow, cases, settings)
+
+
+def test_listing_cases_read_a_sidecar_context(settings: Settings, tmp_path: Path) -> None:
+    cases = tmp_path / "cases"
+    (cases / "review").mkdir(parents=True)
+    (cases / "review" / "mug.jpg").write_bytes(photo_bytes("coffee", size=(80, 60)))
+    policy = load_policy(moderation_variant(tmp_path, "name: moderation", "name: ctx"))
+    assert run_cases(policy, cases, settings)[0].actual in ("allow", "review", "block")
+    (cases / "review" / "mug.json").write_text("[not an object]")
+    [result] = run_cases(policy, cases, settings)
+    assert result.error is not None and "context" in result.error
+
+
+@pytest.mark.skipif(
+    not hasattr(engine_module, "AnswerRequest"), reason="worker/engine.py has no answer ranking or tags yet"
+)
+def test_listing_decisions_replay_from_stored_answers_and_tags(settings: Settings, tmp_path: Path) -> None:
+    blobs = LocalBlobStore(settings.resolved_blob_dir)
+    runtime = WorkerRuntime(settings)
+    context = {"title": "Red ceramic mug", "attributes": {"color": "crimson", "material": "ceramic"}}
+    for name in ("coffee", "chelsea"):
+        key = blobs.put(photo_bytes(name, size=(96, 64)))
+        with session_scope(settings.resolved_database_url) as session:
+            job, _ = create_job(
+                session,
+                NewJob(
+                    tenant="default",
+                    policy="listing",
+                    policy_version=None,
+                    source="upload",
+                    blob_key=key,
+                    context=context,
+                ),
+            )
+        assert runtime.process(job.id).outcome == "done"
+    since = datetime.now(UTC) - timedelta(hours=1)
+    listing = (builtin_dir() / "listing.yaml").read_text()
+    engines = CountingEngines(settings)
+    same = replay_policy(load_policy(builtin_dir() / "listing.yaml"), settings, since=since, engine_factory=engines)
+    assert len(same.jobs) == 2 and same.changed == [] and engines.roles == []
+    (tmp_path / "thresholds.yaml").write_text(listing.replace("review: 0.7", "review: 0.0"))
+    report = replay_policy(load_policy(tmp_path / "thresholds.yaml"), settings, since=since, engine_factory=engines)
+    assert engines.roles == [] and all(job.new_action == "review" for job in report.jobs)
+    (tmp_path / "more_tags.yaml").write_text(listing.replace("top_k: 3", "top_k: 4"))
+    replay_policy(load_policy(tmp_path / "more_tags.yaml"), settings, since=since, engine_factory=engines)
+    assert engines.roles == [{"itm"}]  # only the tag set changed

@@ -1,0 +1,84 @@
+"""Packed oneDNN linear layers: the stock layers' numbers, per model instance, with safe fallbacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers.models.blip.modeling_blip import BlipMLP
+from transformers.models.blip.modeling_blip_text import BlipTextIntermediate
+
+from worker.linear import has_packed_linear, install_packed_linear, packed_linear_available
+from worker.models import load_models
+
+pytestmark = pytest.mark.skipif(
+    not packed_linear_available(torch.float32),
+    reason="this PyTorch has no oneDNN linear kernels (the layers stay stock)",
+)
+
+
+def _layers() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 24, bias=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_layers_give_the_stock_numbers(dtype: torch.dtype) -> None:
+    stock, packed = _layers().to(dtype), _layers().to(dtype)
+    assert install_packed_linear(packed) == 2
+    assert install_packed_linear(packed) == 0  # idempotent
+    assert has_packed_linear(packed) and not has_packed_linear(stock)
+    assert list(packed.state_dict()) == list(stock.state_dict())  # the packed copy is no parameter
+    inputs = torch.randn(4, 9, 48).to(dtype)
+    strided = torch.randn(9, 4, 48).to(dtype).transpose(0, 1)  # a view with gaps between rows
+    with torch.inference_mode():
+        for batch in (inputs, strided, inputs[:1, :1]):
+            got, expected = packed(batch), stock(batch)
+            # bfloat16: the stock layer may round once more (adding the bias after the product).
+            tolerance = 1e-5 if dtype == torch.float32 else 0.01 * (1 + expected.abs().max().item())
+            assert (got.float() - expected.float()).abs().max().item() < tolerance
+
+
+def test_bfloat16_is_bitwise_stock_at_the_base_models_size() -> None:
+    torch.manual_seed(0)
+    stock = nn.Linear(768, 3072).bfloat16()
+    packed = nn.Linear(768, 3072).bfloat16()
+    packed.load_state_dict(stock.state_dict())
+    install_packed_linear(packed)
+    inputs = torch.randn(2, 577, 768).bfloat16()
+    with torch.inference_mode():
+        assert torch.equal(packed(inputs), stock(inputs))
+
+
+def test_falls_back_to_the_stock_layer_when_the_packed_copy_does_not_fit() -> None:
+    layers = _layers()
+    install_packed_linear(layers)
+    inputs = torch.randn(3, 48)
+    reference = _layers()(inputs)
+    # With gradients (no backward in the packed kernel), and after a cast the copy does not follow.
+    output = layers(inputs)
+    assert output.requires_grad and torch.allclose(output, reference, atol=1e-6)
+    layers.to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(layers(inputs.bfloat16()), _layers().bfloat16()(inputs.bfloat16()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blip_mlps_fuse_their_gelu(tiny_models_dir: Path, dtype: torch.dtype) -> None:
+    fused = load_models("tiny-random", {"itm"}, cache_dir=tiny_models_dir.parent, dtype=str(dtype)[6:])
+    stock = load_models("tiny-random", {"itm"}, cache_dir=tiny_models_dir.parent, dtype=str(dtype)[6:])
+    model = fused.get("itm").model
+    linears = sum(type(m) is nn.Linear for m in model.modules())
+    assert install_packed_linear(model) == linears
+    mlps = [m for m in model.modules() if isinstance(m, BlipMLP | BlipTextIntermediate)]
+    assert mlps and all("forward" in vars(m) for m in mlps)  # replaced on the instances
+    stock_mlps = [m for m in stock.get("itm").model.modules() if isinstance(m, BlipMLP | BlipTextIntermediate)]
+    width = mlps[0].fc1.in_features if isinstance(mlps[0], BlipMLP) else mlps[0].dense.in_features
+    inputs = torch.randn(2, 7, width).to(dtype)
+    with torch.inference_mode():
+        got, expected = mlps[0](inputs).float(), stock_mlps[0](inputs).float()
+    # float32: 1e-5; bfloat16: the fused GELU rounds once where the stock layers round twice.
+    tolerance = 1e-5 if dtype == torch.float32 else 0.02 * (1 + expected.abs().max().item())
+    assert (got - expected).abs().max().item() < tolerance

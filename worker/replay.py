@@ -1,0 +1,305 @@
+"""Offline policy tools on the worker's code path: replay a policy over stored jobs; test one against example images.
+
+Both run in-process: the same decoding, engine requests and evaluation as a worker, loading only the
+models the work at hand needs (a replay whose checks are all unchanged loads none).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlmodel import col, select
+
+from core.blobs import LocalBlobStore
+from core.db import session_scope
+from core.errors import InvalidField, ModtagError, PolicyError
+from core.images import ImageLimits, decode_image
+from core.settings import Settings
+from core.tables import Decision, Job, JobStatus
+from core.urls import fetch_image_bytes
+from policies import ModelOutputs, Policy, PolicyDecision, Requirements, decide
+from policies.replay import merge_outputs, missing_requirements, outputs_from_evidence
+from worker.runtime import image_request, model_outputs, roles_for
+
+ACTIONS = ("allow", "review", "block")
+_T = TypeVar("_T")
+CASE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+
+
+@dataclass
+class ReplayedJob:
+    """One stored job re-decided by the new policy."""
+
+    job_id: str
+    decided_at: datetime
+    old_action: str
+    new_action: str | None  # None: skipped (see `skipped`)
+    changed: list[str] = field(default_factory=list)  # "weapons: review -> block"
+    inferred: bool = False  # the new policy asked the models something the stored evidence lacks
+    skipped: str | None = None
+
+
+@dataclass
+class ReplayReport:
+    policy: str
+    version: str
+    target: str  # the policy whose stored jobs were re-decided
+    jobs: list[ReplayedJob]
+    roles_loaded: list[str]
+
+    @property
+    def changed(self) -> list[ReplayedJob]:
+        """Jobs whose action or any category's action would change."""
+        decided = [job for job in self.jobs if job.new_action is not None]
+        return [job for job in decided if job.changed or job.new_action != job.old_action]
+
+    def confusion(self) -> dict[str, dict[str, int]]:
+        """Counts of (stored action -> replayed action)."""
+        table = {old: dict.fromkeys(ACTIONS, 0) for old in ACTIONS}
+        for job in self.jobs:
+            if job.new_action is not None:
+                table.setdefault(job.old_action, dict.fromkeys(ACTIONS, 0))[job.new_action] += 1
+        return table
+
+
+@dataclass
+class CaseResult:
+    """One example image of `modtag policy test`: what was expected and what the policy decided."""
+
+    path: Path
+    expected: str
+    actual: str | None = None
+    reason: str = ""
+    error: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and self.actual == self.expected
+
+
+def replay_policy(
+    policy: Policy,
+    settings: Settings,
+    *,
+    since: datetime,
+    until: datetime | None = None,
+    target: str | None = None,
+    tenant: str | None = None,
+    limit: int = 1000,
+    engine_factory: Callable[[set[str]], Any] | None = None,
+) -> ReplayReport:
+    """Re-decide the stored decisions of `target` (default: the policy `policy` shadows, else its own name).
+
+    Stored evidence supplies every model output the new policy shares with the old; inference runs only
+    for what is new, on the stored image (or the URL, fetched again).
+    """
+    target = target or policy.shadows or policy.name
+    with session_scope(settings.resolved_database_url) as session:
+        query = (
+            select(Job, Decision)
+            .join(Decision, col(Decision.job_id) == col(Job.id))
+            .where(Job.policy == target, Job.status == JobStatus.DONE, col(Decision.decided_at) >= since)
+        )
+        if until is not None:
+            query = query.where(col(Decision.decided_at) < until)
+        if tenant is not None:
+            query = query.where(Job.tenant == tenant)
+        rows = list(session.exec(query.order_by(col(Decision.decided_at), col(Decision.id)).limit(limit)).all())
+
+    replayed: list[ReplayedJob] = []
+    pending: list[tuple[ReplayedJob, Job, Decision, ModelOutputs, Requirements]] = []
+    for job, decision in rows:
+        entry = ReplayedJob(job.id, decision.decided_at, decision.action, None)
+        replayed.append(entry)
+        try:
+            needs = policy.requirements(job.context or {})
+        except PolicyError as exc:
+            entry.skipped = f"{exc.message} ({exc.code})"
+            continue
+        stored = outputs_from_evidence(decision.evidence, decision.caption)
+        pending.append((entry, job, decision, stored, missing_requirements(needs, stored)))
+
+    roles: set[str] = set()
+    for _, _, _, _, missing in pending:
+        roles |= roles_for(missing)
+    engine = (engine_factory or _engine_factory(settings))(roles) if roles else None
+    fresh = _infer(engine, settings, [(job, missing) for _, job, _, _, missing in pending if not missing.empty])
+    for entry, job, decision, stored, missing in pending:
+        try:
+            outputs = merge_outputs(stored, fresh[job.id]) if not missing.empty else stored
+            verdict = decide(policy, outputs, job.context or {})
+        except KeyError:
+            continue  # `fresh` has no entry: the image could not be read; `_infer` set the reason below
+        except ModtagError as exc:
+            entry.skipped = f"{exc.message} ({exc.code})"
+            continue
+        entry.inferred = not missing.empty
+        entry.new_action = verdict.action
+        entry.changed = _category_changes(decision.categories, verdict)
+    for entry in replayed:
+        if entry.new_action is None and entry.skipped is None:
+            entry.skipped = fresh.errors.get(entry.job_id, "not re-decided")
+    return ReplayReport(policy.name, policy.version, target, replayed, sorted(roles))
+
+
+def run_cases(
+    policy: Policy,
+    cases_dir: Path,
+    settings: Settings,
+    *,
+    engine_factory: Callable[[set[str]], Any] | None = None,
+) -> list[CaseResult]:
+    """Decide every example image under `cases_dir/{allow,review,block}/` and compare with its folder.
+
+    A `<image>.json` beside an image is that job's context (a listing's title, description, attributes);
+    `cases_dir/context.json`, if present, is the context of images without their own.
+    """
+    cases = find_cases(cases_dir)
+    default_context = _read_context(cases_dir / "context.json") if (cases_dir / "context.json").is_file() else {}
+    results = [CaseResult(path, expected) for path, expected in cases]
+    plans: list[tuple[CaseResult, dict[str, Any], Requirements]] = []
+    for result in results:
+        sidecar = result.path.with_suffix(".json")
+        try:
+            context = _read_context(sidecar) if sidecar.is_file() else default_context
+            plans.append((result, context, policy.requirements(context)))
+        except ModtagError as exc:
+            result.error = f"{exc.message} ({exc.code})"
+    roles: set[str] = set()
+    for _, _, needs in plans:
+        roles |= roles_for(needs)
+    engine = (engine_factory or _engine_factory(settings))(roles) if roles else None
+    limits = ImageLimits.from_settings(settings)
+    for chunk in _chunks(plans, settings.batch_max_images):
+        ready = []
+        for result, context, needs in chunk:
+            try:
+                ready.append((result, context, image_request(decode_image(result.path.read_bytes(), limits), needs)))
+            except (ModtagError, OSError) as exc:
+                result.error = getattr(exc, "message", str(exc))
+        outputs = engine.run([request for _, _, request in ready]) if engine is not None and ready else []
+        for index, (result, context, _) in enumerate(ready):
+            try:
+                verdict = decide(policy, model_outputs(outputs[index]) if outputs else ModelOutputs(), context)
+            except ModtagError as exc:
+                result.error = f"{exc.message} ({exc.code})"
+                continue
+            result.actual, result.reason = verdict.action, verdict.reason
+    return results
+
+
+def find_cases(cases_dir: Path) -> list[tuple[Path, str]]:
+    """(image, expected action) for every image in `allow/`, `review/` and `block/` (subfolders included)."""
+    if not cases_dir.is_dir():
+        raise InvalidField(f"{cases_dir}: not a directory of cases", code="cases_invalid")
+    unexpected = sorted(
+        p.name for p in cases_dir.iterdir() if p.is_dir() and p.name not in ACTIONS and not p.name.startswith(".")
+    )
+    if unexpected:
+        raise InvalidField(
+            f"{cases_dir}: unexpected folder(s) {', '.join(unexpected)}; cases go in allow/, review/ and block/",
+            code="cases_invalid",
+        )
+    cases = [
+        (path, action)
+        for action in ACTIONS
+        if (cases_dir / action).is_dir()
+        for path in sorted((cases_dir / action).rglob("*"))
+        if path.is_file() and path.suffix.lower() in CASE_SUFFIXES and not path.name.startswith(".")
+    ]
+    if not cases:
+        raise InvalidField(
+            f"{cases_dir}: no images found; put examples in allow/, review/ and block/ subfolders",
+            code="cases_invalid",
+        )
+    return cases
+
+
+class _Fresh(dict[str, ModelOutputs]):
+    """Freshly computed outputs by job id, and why a job's image could not be read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: dict[str, str] = {}
+
+
+def _infer(engine: Any, settings: Settings, work: Sequence[tuple[Job, Requirements]]) -> _Fresh:
+    fresh = _Fresh()
+    if engine is None or not work:
+        return fresh
+    blobs = LocalBlobStore(settings.resolved_blob_dir)
+    limits = ImageLimits.from_settings(settings)
+    for chunk in _chunks(list(work), settings.batch_max_images):
+        ready = []
+        for job, missing in chunk:
+            try:
+                data = blobs.get(job.blob_key) if job.blob_key else _fetch(job, settings)
+                ready.append((job, image_request(decode_image(data, limits), missing)))
+            except (ModtagError, OSError) as exc:
+                fresh.errors[job.id] = f"the image cannot be read again: {getattr(exc, 'message', exc)}"
+        if ready:
+            for (job, _), output in zip(ready, engine.run([request for _, request in ready]), strict=True):
+                fresh[job.id] = model_outputs(output)
+    return fresh
+
+
+def _fetch(job: Job, settings: Settings) -> bytes:
+    if not job.image_url:
+        raise ModtagError("the job has neither a stored image nor an image_url", code="job_invalid")
+    return fetch_image_bytes(
+        job.image_url,
+        max_bytes=settings.max_upload_bytes,
+        timeout_s=settings.fetch_timeout_s,
+        allow_private=settings.fetch_allow_private,
+    )
+
+
+def _engine_factory(settings: Settings) -> Callable[[set[str]], Any]:
+    def build(roles: set[str]) -> Any:
+        from worker.engine import Engine
+        from worker.models import load_models
+
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
+        loaded = load_models(
+            settings.models,
+            roles,
+            cache_dir=settings.resolved_models_cache_dir,
+            device=settings.device,
+            dtype=settings.dtype,
+        )
+        return Engine(loaded)
+
+    return build
+
+
+def _category_changes(stored: Mapping[str, Any], verdict: PolicyDecision) -> list[str]:
+    changes = []
+    for name in dict.fromkeys([*stored, *verdict.categories]):
+        before = (stored.get(name) or {}).get("action", "-")
+        after = verdict.categories[name].action if name in verdict.categories else "-"
+        if before != after:
+            changes.append(f"{name}: {before} -> {after}")
+    return changes
+
+
+def _read_context(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InvalidField(f"{path}: not a readable JSON context: {exc}", code="cases_invalid") from None
+    if not isinstance(value, dict):
+        raise InvalidField(f"{path}: a context is a JSON object (title, description, attributes)", code="cases_invalid")
+    return value
+
+
+def _chunks(items: list[_T], size: int) -> Iterator[list[_T]]:
+    for start in range(0, len(items), max(size, 1)):
+        yield items[start : start + size]
