@@ -152,9 +152,9 @@ def test_worker_killed_mid_job_finishes_with_one_decision(deployment: Deployment
         assert time.monotonic() < deadline, "job never started"
         time.sleep(0.05)
     deployment.stop(first, signal.SIGKILL)
-    # The new worker treats a job running for over 3 s as abandoned (its own lease setting).
+    # The new worker treats a job running for over 7 s as abandoned (its own lease setting).
     deployment.start_worker(
-        "worker-2", MODTAG_JOB_TIMEOUT_S="2", MODTAG_RUNNING_LEASE_S="3", MODTAG_RECONCILE_INTERVAL_S="0.5"
+        "worker-2", MODTAG_JOB_TIMEOUT_S="6", MODTAG_RUNNING_LEASE_S="7", MODTAG_RECONCILE_INTERVAL_S="0.5"
     )
     final = wait_final(deployment, job["id"], timeout_s=60)
     assert final["status"] == "done", final
