@@ -26,6 +26,7 @@ plain Python), so a worker can overlap the preprocessing of a batch with the for
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -35,6 +36,7 @@ from typing import Any, cast
 
 import torch
 from PIL import Image
+from torch.nn import functional
 from transformers import (
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
@@ -48,7 +50,34 @@ from worker.captioning import greedy_captions, plain_greedy
 from worker.linear import install_packed_linear
 from worker.models import LoadedModels, Role
 
-STAGES = ("preprocess", "vision", "caption", "probes", "matches")
+STAGES = ("preprocess", "vision", "caption", "probes", "matches", "answers", "tags")
+ANSWER_BUDGET = 16  # at most this many answers of one question are scored in full (see Engine._rank_answers)
+ANSWER_ROUND = 8  # answers scored per round while one could still beat the best
+TAG_FEATURE_CACHE = 16  # tag sets whose ITC text features are kept
+
+
+@dataclass(frozen=True)
+class AnswerRequest:
+    """An open question whose candidate answers are ranked by the VQA decoder's likelihood.
+
+    The result holds exact log-likelihoods for the `required` answers and for every candidate that
+    could be the most likely one; candidates proven less likely than the best may be left out.
+    """
+
+    key: str  # names the ranking in the output
+    question: str
+    candidates: tuple[str, ...]
+    required: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TagQuery:
+    """Tags to score: ITC similarity of every text, then ITM of the best `top_k` texts of each group."""
+
+    key: str  # names the tag set: its text features are cached under it, so keep it a hash of the texts
+    texts: tuple[str, ...]
+    groups: tuple[int, ...]  # the group of each text
+    top_k: int
 
 
 @dataclass
@@ -59,6 +88,8 @@ class ImageRequest:
     caption: bool = True
     probes: Sequence[str] = ()
     texts: Sequence[str] = ()
+    answers: Sequence[AnswerRequest] = ()
+    tags: Sequence[TagQuery] = ()
 
 
 @dataclass
@@ -71,6 +102,10 @@ class ImageOutput:
     timings: dict[str, float]
     caption_ids: tuple[int, ...] = ()
     """The generated caption tokens after the bos, up to and including the eos if one was generated."""
+    answers: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per AnswerRequest key: the log-likelihood of each scored answer."""
+    tags: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per TagQuery key: the ITM probability of each re-ranked text."""
 
 
 @dataclass
@@ -93,11 +128,13 @@ class PreparedBatch:
     requests: list[ImageRequest]
     images: dict[Role, list[int]]  # per role: the request index of each row of pixels[role]
     pixels: dict[Role, torch.Tensor]
-    probe_pairs: list[tuple[int, str]]  # (request index, question), unique per request
+    probe_pairs: list[tuple[int, str]]  # (request index, question), unique per request: probes and answer questions
     match_pairs: list[tuple[int, str]]
     probe_passes: list[TextPass]
     match_passes: list[TextPass]
     timings: dict[str, float] = field(default_factory=dict)
+    answer_work: list[_AnswerWork] = field(default_factory=list)
+    tag_work: list[tuple[int, TagQuery]] = field(default_factory=list)  # (request index, query)
 
 
 @dataclass
@@ -108,6 +145,8 @@ class RawOutputs:
     probe_yes: torch.Tensor  # (probe pairs,) P(yes)
     match_scores: torch.Tensor  # (match pairs,) P(match)
     timings: dict[str, float] = field(default_factory=dict)
+    answers: list[dict[str, float]] = field(default_factory=list)  # per answer work item
+    tags: list[dict[str, float]] = field(default_factory=list)  # per tag work item
 
 
 class Engine:
@@ -133,6 +172,7 @@ class Engine:
         fused_attention: bool = True,
         packed_linear: bool = True,
         fast_decoding: bool = True,
+        answer_budget: int = ANSWER_BUDGET,
     ) -> None:
         if max_caption_tokens < 1 or not 0 <= min_caption_tokens <= max_caption_tokens:
             raise ConfigError(
@@ -155,11 +195,13 @@ class Engine:
         self.min_caption_tokens = min_caption_tokens
         self.max_batch = max_batch
         self.max_row_tokens = max_row_tokens
+        self.answer_budget = max(answer_budget, 1)
         self._token_cache: OrderedDict[tuple[Role, str], tuple[int, ...]] = OrderedDict()
         self._token_cache_size = token_cache_size
         self._lock = threading.Lock()
         self._text = {role: _TextConfig.of(loaded.model) for role, loaded in models.models.items()}
         self._answer_ids = self._yes_no_ids() if "vqa" in models else None
+        self._tag_features: OrderedDict[str, tuple[torch.Tensor, list[torch.Tensor]]] = OrderedDict()
 
     def describe(self) -> dict[str, Any]:
         """The loaded models, for a decision's `models` field."""
@@ -179,15 +221,27 @@ class Engine:
             _validate(request)
         images: dict[Role, list[int]] = {
             "caption": [i for i, r in enumerate(reqs) if r.caption],
-            "vqa": [i for i, r in enumerate(reqs) if r.probes],
-            "itm": [i for i, r in enumerate(reqs) if r.texts],
+            "vqa": [i for i, r in enumerate(reqs) if r.probes or r.answers],
+            "itm": [i for i, r in enumerate(reqs) if r.texts or r.tags],
         }
         images = {role: rows for role, rows in images.items() if rows}
         for role in images:
             self.models.get(role)  # a clear error now rather than a KeyError later
         pixels = self._pixels(reqs, images)
-        probe_pairs = [(i, q) for i in images.get("vqa", []) for q in dict.fromkeys(reqs[i].probes)]
+        # An answer's question is encoded like a probe's: one packed pass for both, and one first decoder step.
+        probe_pairs = [
+            (i, q)
+            for i in images.get("vqa", [])
+            for q in dict.fromkeys([*reqs[i].probes, *(a.question for a in reqs[i].answers)])
+        ]
         match_pairs = [(i, t) for i in images.get("itm", []) for t in dict.fromkeys(reqs[i].texts)]
+        pair_index = {pair: index for index, pair in enumerate(probe_pairs)}
+        answer_work = [
+            _AnswerWork(i, answer, pair_index[(i, answer.question)], self._answer_pieces(answer))
+            for i in images.get("vqa", [])
+            for answer in {a.key: a for a in reqs[i].answers}.values()
+        ]
+        tag_work = [(i, query) for i in images.get("itm", []) for query in {q.key: q for q in reqs[i].tags}.values()]
         probe_passes = self._pack("vqa", probe_pairs, images.get("vqa", []))
         match_passes = self._pack("itm", match_pairs, images.get("itm", []))
         return PreparedBatch(
@@ -199,6 +253,8 @@ class Engine:
             probe_passes=probe_passes,
             match_passes=match_passes,
             timings={"preprocess": time.perf_counter() - started},
+            answer_work=answer_work,
+            tag_work=tag_work,
         )
 
     def forward(self, batch: PreparedBatch) -> RawOutputs:
@@ -214,18 +270,41 @@ class Engine:
             timings["caption"] = time.perf_counter() - started
 
             started = time.perf_counter()
+            questions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            keep = {work.pair for work in batch.answer_work}
             probe_yes = (
-                self._probe(embeds["vqa"], batch.probe_passes, len(batch.probe_pairs)) if "vqa" in embeds else _EMPTY
+                self._probe(embeds["vqa"], batch.probe_passes, len(batch.probe_pairs), keep, questions)
+                if "vqa" in embeds
+                else _EMPTY
             )
             timings["probes"] = time.perf_counter() - started
 
             started = time.perf_counter()
-            match_scores = (
-                self._match(embeds["itm"], batch.match_passes, len(batch.match_pairs)) if "itm" in embeds else _EMPTY
-            )
+            answers = self._rank_answers(batch.answer_work, questions) if batch.answer_work else []
+            timings["answers"] = time.perf_counter() - started
+
+            started = time.perf_counter()
+            chosen = self._choose_tags(embeds["itm"], batch.images["itm"], batch.tag_work) if batch.tag_work else []
+            timings["tags"] = time.perf_counter() - started
+
+            started = time.perf_counter()
+            tags: list[dict[str, float]] = []
+            if chosen:
+                match_scores, tags = self._match_with_tags(embeds["itm"], batch, chosen)
+            else:
+                match_scores = (
+                    self._match(embeds["itm"], batch.match_passes, len(batch.match_pairs))
+                    if "itm" in embeds
+                    else _EMPTY
+                )
             timings["matches"] = time.perf_counter() - started
         return RawOutputs(
-            caption_tokens=caption_tokens, probe_yes=probe_yes, match_scores=match_scores, timings=timings
+            caption_tokens=caption_tokens,
+            probe_yes=probe_yes,
+            match_scores=match_scores,
+            timings=timings,
+            answers=answers,
+            tags=tags,
         )
 
     def postprocess(self, batch: PreparedBatch, raw: RawOutputs) -> list[ImageOutput]:
@@ -240,9 +319,14 @@ class Engine:
                 outputs[request_index].caption_ids = tuple(ids)
                 outputs[request_index].caption = tokenizer.decode(ids, skip_special_tokens=True).strip()
         for (request_index, question), p_yes in zip(batch.probe_pairs, raw.probe_yes.tolist(), strict=True):
-            outputs[request_index].probes[question] = p_yes
+            if question in batch.requests[request_index].probes:  # not an answer question's own first step
+                outputs[request_index].probes[question] = p_yes
         for (request_index, text), score in zip(batch.match_pairs, raw.match_scores.tolist(), strict=True):
             outputs[request_index].matches[text] = score
+        for work, ranked in zip(batch.answer_work, raw.answers, strict=True):
+            outputs[work.request].answers[work.answer.key] = ranked
+        for (request_index, query), scored in zip(batch.tag_work, raw.tags, strict=True):
+            outputs[request_index].tags[query.key] = scored
         decode_seconds = time.perf_counter() - started
         self._share_timings(batch, raw, outputs, decode_seconds)
         return outputs
@@ -293,7 +377,14 @@ class Engine:
             tokens.extend(generated[:, 1:].cpu())
         return tokens
 
-    def _probe(self, image_embeds: torch.Tensor, passes: list[TextPass], count: int) -> torch.Tensor:
+    def _probe(
+        self,
+        image_embeds: torch.Tensor,
+        passes: list[TextPass],
+        count: int,
+        keep: set[int] | None = None,
+        kept: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
         # BlipForQuestionAnswering.generate's first step: the question encoder over the image, then
         # the decoder from [DEC] over the question tokens, whose mask stock generate sets to all ones.
         # Masking the padding of batched questions would not help: BLIP's text attention in
@@ -319,6 +410,11 @@ class Engine:
                 ).logits[:, -1, :]
                 yes_no = logits[:, self._answer_ids].float().softmax(dim=-1)[:, 0]
                 result[text_pass.pairs[positions]] = yes_no.cpu()
+                if keep and kept is not None:
+                    # Answer questions: their states and first-step log-probabilities start Engine._rank_answers.
+                    for row, pair in enumerate(text_pass.pairs[positions].tolist()):
+                        if pair in keep:
+                            kept[pair] = (questions[row], logits[row].float().log_softmax(dim=-1))
         return result
 
     def _match(self, image_embeds: torch.Tensor, passes: list[TextPass], count: int) -> torch.Tensor:
@@ -331,6 +427,155 @@ class Engine:
             scores = model.itm_head(cls).float().softmax(dim=-1)[:, 1]
             result[text_pass.pairs] = scores.cpu()
         return result
+
+    def _rank_answers(
+        self, work: list[_AnswerWork], questions: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    ) -> list[dict[str, float]]:
+        # An answer's log-likelihood is the decoder's sum of log-probabilities of its pieces and the
+        # eos ([SEP]) after [DEC], over the question's states (what stock BlipForQuestionAnswering is
+        # trained on). Every later term is <= 0, so the first step (already computed with the probes)
+        # bounds each candidate by its first piece's log-probability. Candidates are scored in full in
+        # rounds, best bound first, while one left unscored could still beat the best full score,
+        # up to `answer_budget` per question (then the best among those scored stands). The required
+        # answers (claims) are always scored. A ranking over 400 product types thus costs about as much
+        # as one over 20 colours.
+        results: list[dict[str, float]] = [{} for _ in work]
+        bounds: list[list[float]] = []
+        order: list[list[int]] = []
+        pending: list[list[int]] = []
+        for item in work:
+            first = questions[item.pair][1]
+            limits = [first[pieces[0]].item() if pieces else -math.inf for pieces in item.pieces]
+            ranked = sorted((c for c, pieces in enumerate(item.pieces) if pieces), key=lambda c: -limits[c])
+            required = [item.answer.candidates.index(answer) for answer in item.answer.required]
+            bounds.append(limits)
+            order.append(ranked)
+            claims = [c for c in required if item.pieces[c]]
+            first_round = ranked[: max(0, min(ANSWER_ROUND, self.answer_budget - len(claims)))]
+            pending.append(list(dict.fromkeys(claims + first_round)))
+        while any(pending):
+            rows = [(index, candidate) for index, candidates in enumerate(pending) for candidate in candidates]
+            scores = self._score_answers([(questions[work[i].pair][0], work[i].pieces[c]) for i, c in rows])
+            for (index, candidate), score in zip(rows, scores, strict=True):
+                results[index][work[index].answer.candidates[candidate]] = score
+            for index, item in enumerate(work):
+                scored = results[index]
+                best = max(scored.values(), default=-math.inf)
+                left = [c for c in order[index] if item.answer.candidates[c] not in scored and bounds[index][c] > best]
+                room = self.answer_budget - len(scored)
+                pending[index] = left[: min(ANSWER_ROUND, room)] if room > 0 else []
+        return results
+
+    def _score_answers(self, rows: list[tuple[torch.Tensor, tuple[int, ...]]]) -> list[float]:
+        # Teacher forcing: [DEC] + pieces in, pieces + [SEP] as targets. Rows are right-padded, which
+        # the causal self-attention never sees before a row's end; question states of one length go
+        # together, since the cross-attention ignores its mask (see Engine._probe).
+        model = cast(BlipForQuestionAnswering, self.models.get("vqa").model)
+        text = self._text["vqa"]
+        scores = [0.0] * len(rows)
+        by_length: dict[int, list[int]] = {}
+        for index, (states, _) in enumerate(rows):
+            by_length.setdefault(states.shape[0], []).append(index)
+        for indices in by_length.values():
+            for start in range(0, len(indices), self.max_batch * 4):
+                chunk = indices[start : start + self.max_batch * 4]
+                width = max(len(rows[i][1]) for i in chunk) + 1
+                input_ids = torch.full((len(chunk), width), text.pad, dtype=torch.long)
+                targets = torch.full((len(chunk), width), -1, dtype=torch.long)
+                for row, index in enumerate(chunk):
+                    pieces = torch.tensor(rows[index][1], dtype=torch.long)
+                    input_ids[row, 0] = text.bos
+                    input_ids[row, 1 : len(pieces) + 1] = pieces
+                    targets[row, : len(pieces)] = pieces
+                    targets[row, len(pieces)] = text.sep
+                states = torch.stack([rows[index][0] for index in chunk])
+                device = states.device
+                logits = model.text_decoder(
+                    input_ids=input_ids.to(device),
+                    encoder_hidden_states=states,
+                    encoder_attention_mask=torch.ones(states.shape[:-1], dtype=torch.long, device=device),
+                    use_cache=False,
+                ).logits
+                log_probs = logits.float().log_softmax(dim=-1)
+                valid = (targets >= 0).to(device)
+                picked = log_probs.gather(-1, targets.clamp(min=0).to(device)[..., None])[..., 0]
+                totals = (picked * valid).sum(dim=-1).cpu().tolist()
+                for row, index in enumerate(chunk):
+                    scores[index] = totals[row]
+        return scores
+
+    def _choose_tags(
+        self, image_embeds: torch.Tensor, image_requests: list[int], work: list[tuple[int, TagQuery]]
+    ) -> list[list[str]]:
+        # ITC as BlipForImageTextRetrieval(use_itm_head=False) computes it: the image's [CLS] through
+        # vision_proj against each text's unimodal [CLS] through text_proj, both L2-normalised. Text
+        # features of a tag set are computed once and cached under its key, so each image costs one
+        # matrix product over all its tags. The best `top_k` texts of each group are returned, for ITM.
+        model = cast(BlipForImageTextRetrieval, self.models.get("itm").model)
+        row_of = {request: row for row, request in enumerate(image_requests)}
+        image_features = functional.normalize(model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
+        chosen: list[list[str]] = []
+        for request, query in work:
+            features, groups = self._tag_text_features(query)
+            similarity = (features @ image_features[row_of[request]]).cpu()
+            texts: list[str] = []
+            for members in groups:
+                best = members[similarity[members].topk(min(query.top_k, len(members))).indices]
+                texts.extend(query.texts[i] for i in best.tolist())
+            chosen.append(texts)
+        return chosen
+
+    def _match_with_tags(
+        self, image_embeds: torch.Tensor, batch: PreparedBatch, chosen: list[list[str]]
+    ) -> tuple[torch.Tensor, list[dict[str, float]]]:
+        # The chosen tag texts join the image's match texts in the same packed passes, so the image's
+        # cross-attention keys and values are still computed once per image.
+        image_requests = batch.images["itm"]
+        row_of = {request: row for row, request in enumerate(image_requests)}
+        extra = [(request, text) for (request, _), texts in zip(batch.tag_work, chosen, strict=True) for text in texts]
+        pairs = sorted(dict.fromkeys([*batch.match_pairs, *extra]), key=lambda pair: row_of[pair[0]])
+        scores = self._match(image_embeds, self._pack("itm", pairs, image_requests), len(pairs)).tolist()
+        by_pair = dict(zip(pairs, scores, strict=True))
+        match_scores = torch.tensor([by_pair[pair] for pair in batch.match_pairs], dtype=torch.float32)
+        tags = [
+            {text: by_pair[(request, text)] for text in texts}
+            for (request, _), texts in zip(batch.tag_work, chosen, strict=True)
+        ]
+        return match_scores, tags
+
+    def _tag_text_features(self, query: TagQuery) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The L2-normalised ITC features of a tag set's texts (cached by key) and the text indices of each group."""
+        with self._lock:
+            cached = self._tag_features.get(query.key)
+            if cached is not None:
+                self._tag_features.move_to_end(query.key)
+                return cached
+        model = cast(BlipForImageTextRetrieval, self.models.get("itm").model)
+        pad = self._text["itm"].pad
+        tokens = [self._tokens("itm", text) for text in query.texts]
+        device = self.models.device
+        features = []
+        for start in range(0, len(tokens), self.max_batch * 4):
+            chunk = tokens[start : start + self.max_batch * 4]
+            width = max(len(ids) for ids in chunk)
+            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, ids in enumerate(chunk):
+                input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                mask[row, : len(ids)] = 1
+            hidden = model.text_encoder(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device)
+            ).last_hidden_state
+            features.append(functional.normalize(model.text_proj(hidden[:, 0, :]).float(), dim=-1))
+        members: dict[int, list[int]] = {}
+        for index, group in enumerate(query.groups):
+            members.setdefault(group, []).append(index)
+        entry = (torch.cat(features), [torch.tensor(m, dtype=torch.long) for m in members.values()])
+        with self._lock:
+            self._tag_features[query.key] = entry
+            while len(self._tag_features) > TAG_FEATURE_CACHE:
+                self._tag_features.popitem(last=False)
+        return entry
 
     def _encode_texts(
         self, text_encoder: torch.nn.Module, image_embeds: torch.Tensor, text_pass: TextPass
@@ -413,6 +658,10 @@ class Engine:
                 self._token_cache.popitem(last=False)
         return ids
 
+    def _answer_pieces(self, answer: AnswerRequest) -> list[tuple[int, ...]]:
+        # The stock tokenization ([CLS] pieces [SEP], cached) without its special tokens.
+        return [self._tokens("vqa", candidate)[1:-1] for candidate in answer.candidates]
+
     def _yes_no_ids(self) -> list[int]:
         tokenizer = self.models.get("vqa").processor.tokenizer
         ids = []
@@ -440,6 +689,8 @@ class Engine:
             "caption": set(batch.images.get("caption", [])),
             "probes": set(batch.images.get("vqa", [])),
             "matches": set(batch.images.get("itm", [])),
+            "answers": {work.request for work in batch.answer_work},
+            "tags": {request for request, _ in batch.tag_work},
         }
         for index, output in enumerate(outputs):
             output.timings = {
@@ -473,12 +724,32 @@ class _TextConfig:
 
 _EMPTY = torch.empty(0, dtype=torch.float32)
 
+
+@dataclass
+class _AnswerWork:
+    """One answer ranking: the request, its AnswerRequest, its question's probe pair, and each candidate's pieces."""
+
+    request: int
+    answer: AnswerRequest
+    pair: int
+    pieces: list[tuple[int, ...]]  # word pieces of each candidate, without [CLS] / [SEP] (empty: cannot be scored)
+
+
 _BlipModel = BlipForConditionalGeneration | BlipForQuestionAnswering | BlipForImageTextRetrieval
 
 
 def _validate(request: ImageRequest) -> None:
     if not isinstance(request.image, Image.Image):
         raise TypeError(f"ImageRequest.image must be a PIL image, not {type(request.image).__name__}")
+    for kind, items, item_type in (("answers", request.answers, AnswerRequest), ("tags", request.tags, TagQuery)):
+        if any(not isinstance(item, item_type) for item in items):
+            raise TypeError(f"ImageRequest.{kind} must hold {item_type.__name__} objects")
+    for query in request.tags:
+        if len(query.texts) != len(query.groups) or query.top_k < 1:
+            raise ValueError(f"TagQuery {query.key!r}: one group per text and top_k >= 1")
+    for answer in request.answers:
+        if any(required not in answer.candidates for required in answer.required):
+            raise ValueError(f"AnswerRequest {answer.key!r}: every required answer must be a candidate")
     for kind, texts in (("probes", request.probes), ("texts", request.texts)):
         if isinstance(texts, str):
             raise TypeError(f"ImageRequest.{kind} must be a sequence of strings, not one string")

@@ -314,29 +314,16 @@ def roles_for(needs: Requirements) -> set[str]:
 
 def image_request(image: Image.Image, needs: Requirements) -> ImageRequest:
     """The engine request that computes `needs` for one decoded image."""
-    from worker import engine
-    from worker.engine import ImageRequest
+    from worker.engine import AnswerRequest, ImageRequest, TagQuery
 
-    extra: dict[str, Any] = {}
-    wanted = (("attribute", needs.answers, "AnswerRequest"), ("tags", needs.tag_sets, "TagQuery"))
-    missing = [kind for kind, needed, name in wanted if needed and not hasattr(engine, name)]
-    if missing:
-        # The policy layer knows these kinds; the engine's batched support for them has not landed yet.
-        raise ModtagError(
-            f"this worker's engine cannot run {' and '.join(missing)} checks yet; use a policy without them",
-            code="check_unsupported",
-        )
-    if needs.answers:
-        extra["answers"] = tuple(
-            engine.AnswerRequest(q.key, q.question, q.candidates, q.required)  # type: ignore[attr-defined]
-            for q in needs.answers
-        )
-    if needs.tag_sets:
-        extra["tags"] = tuple(
-            engine.TagQuery(t.key, t.texts, t.groups, t.top_k)  # type: ignore[attr-defined]
-            for t in needs.tag_sets
-        )
-    return ImageRequest(image=image, caption=needs.caption, probes=needs.probes, texts=needs.texts, **extra)
+    return ImageRequest(
+        image=image,
+        caption=needs.caption,
+        probes=needs.probes,
+        texts=needs.texts,
+        answers=tuple(AnswerRequest(q.key, q.question, q.candidates, q.required) for q in needs.answers),
+        tags=tuple(TagQuery(t.key, t.texts, t.groups, t.top_k) for t in needs.tag_sets),
+    )
 
 
 def model_outputs(output: ImageOutput) -> ModelOutputs:
@@ -345,8 +332,8 @@ def model_outputs(output: ImageOutput) -> ModelOutputs:
         caption=output.caption,
         probes=output.probes,
         matches=output.matches,
-        answers=getattr(output, "answers", {}),
-        tags=getattr(output, "tags", {}),
+        answers=output.answers,
+        tags=output.tags,
     )
 
 

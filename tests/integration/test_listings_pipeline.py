@@ -19,7 +19,6 @@ from policies import load_policy
 from tests.conftest import photo_bytes
 from tests.integration.conftest import Deployment
 from tests.integration.test_pipeline import submit, wait_final
-from worker import engine as engine_module
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -86,9 +85,6 @@ def jpeg(name: str) -> bytes:
     return photo_bytes(name, size=(120, 90))
 
 
-@pytest.mark.skipif(
-    not hasattr(engine_module, "AnswerRequest"), reason="worker/engine.py has no answer ranking or tags yet"
-)
 def test_a_listing_is_checked_photo_by_photo_with_a_listing_verdict(deployment: Deployment, tmp_path: Path) -> None:
     deployment.start_api()
     deployment.start_worker()

@@ -20,7 +20,6 @@ from core.tables import Decision, ShadowDecision
 from modtag.cli import main
 from policies import builtin_dir, load_policy
 from tests.conftest import photo_bytes
-from worker import engine as engine_module
 from worker.replay import replay_policy, run_cases
 from worker.runtime import WorkerRuntime
 
@@ -215,9 +214,6 @@ def test_listing_cases_read_a_sidecar_context(settings: Settings, tmp_path: Path
     assert result.error is not None and "context" in result.error
 
 
-@pytest.mark.skipif(
-    not hasattr(engine_module, "AnswerRequest"), reason="worker/engine.py has no answer ranking or tags yet"
-)
 def test_listing_decisions_replay_from_stored_answers_and_tags(settings: Settings, tmp_path: Path) -> None:
     blobs = LocalBlobStore(settings.resolved_blob_dir)
     runtime = WorkerRuntime(settings)
