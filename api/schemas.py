@@ -207,7 +207,9 @@ class AuditEntryPublic(BaseModel):
     id: int
     at: Timestamp
     actor: AuditActor
-    action: str = Field(description="review.enqueued, review.claimed, review.resolved, review.reopened, key.created...")
+    action: str = Field(
+        description="review.enqueued, review.claimed, review.released, review.resolved, review.reopened, key.created..."
+    )
     target: AuditTarget
     before: dict[str, Any] | None
     after: dict[str, Any] | None

@@ -1,7 +1,7 @@
 """The human review queue: `review` decisions wait here to be claimed (a lease) and resolved allow/block.
 
 The machine's decision row is never changed: a resolution is stored on the queue item beside it, with
-who and when, and every step (enqueued, claimed, resolved, reopened) goes into the audit log in the
+who and when, and every step (enqueued, claimed, released, resolved, reopened) goes into the audit log in the
 same transaction as the change. Claims and resolutions are single conditional UPDATEs, so two
 reviewers racing for one item cannot both win, on SQLite or PostgreSQL.
 """
@@ -12,16 +12,16 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import and_, or_, update
+from sqlalchemy import ColumnElement, and_, or_, update
 from sqlmodel import Session, col, func, select
 
 from core.audit import record
-from core.auth import Principal, system_principal
+from core.auth import Permission, Principal, system_principal
 from core.errors import BadRequest, ModtagError, NotFound
 from core.metrics import REVIEW_RESOLUTION
 from core.tables import Decision, DecisionCategory, ReviewItem, ReviewState, as_utc, iso, utcnow
@@ -123,21 +123,39 @@ def claim(session: Session, job_id: str, actor: Principal, lease_s: float) -> Re
     before = _existing(session, job_id, actor.tenant)
     now = utcnow()
     me = claimant_id(actor)
-    result = session.execute(
-        update(ReviewItem)
-        .where(
-            col(ReviewItem.job_id) == job_id,
-            col(ReviewItem.tenant) == actor.tenant,
-            col(ReviewItem.state) == ReviewState.OPEN,
-            _claimable_by(me, now),
-        )
-        .values(claimed_by=me, claimed_by_name=actor.name[:128], claim_expires_at=now + timedelta(seconds=lease_s))
-    )
-    if getattr(result, "rowcount", 0) != 1:
-        session.rollback()
-        raise _refusal(session, job_id, actor.tenant, me, "claim")
-    item = _reload(session, job_id)
+    lease = {
+        "claimed_by": me,
+        "claimed_by_name": actor.name[:128],
+        "claim_expires_at": now + timedelta(seconds=lease_s),
+    }
+    item = _update_if_claimable(session, job_id, actor, now, lease, "claim")
     record(session, actor, "review.claimed", "job", job_id, before=before, after=item_public(item, now=now))
+    session.commit()
+    return item
+
+
+def release(session: Session, job_id: str, actor: Principal) -> ReviewItem:
+    """Give a live claim back before its lease runs out, so another reviewer can take the item at once.
+
+    Only the holder may release a claim, or an admin (who may also reopen items) anyone's. Conflict
+    `review_claimed` for someone else's claim, `review_not_claimed` when there is no live claim.
+    """
+    before = _existing(session, job_id, actor.tenant)
+    now = utcnow()
+    me = claimant_id(actor)
+    # "Live" as item_public shows it, so what a reviewer sees as claimed is what can be released.
+    held = and_(col(ReviewItem.claimed_by).is_not(None), col(ReviewItem.claim_expires_at) > now)
+    guard = [_item_in(job_id, actor.tenant, ReviewState.OPEN), held]
+    if not actor.can(Permission.REOPEN):  # the queue's admin power: reopen, and release anyone's claim
+        guard.append(col(ReviewItem.claimed_by) == me)
+    item = _update_or_refuse(
+        session,
+        job_id,
+        and_(*guard),
+        {"claimed_by": None, "claimed_by_name": None, "claim_expires_at": None},
+        lambda: _refusal(session, job_id, actor.tenant, "release", now),
+    )
+    record(session, actor, "review.released", "job", job_id, before=before, after=item_public(item, now=now))
     session.commit()
     return item
 
@@ -150,30 +168,24 @@ def resolve(session: Session, job_id: str, actor: Principal, action: Resolution,
     before = _existing(session, job_id, actor.tenant)
     now = utcnow()
     me = claimant_id(actor)
-    result = session.execute(
-        update(ReviewItem)
-        .where(
-            col(ReviewItem.job_id) == job_id,
-            col(ReviewItem.tenant) == actor.tenant,
-            col(ReviewItem.state) == ReviewState.OPEN,
-            _claimable_by(me, now),
-        )
-        .values(
-            state=ReviewState.RESOLVED,
-            resolution=action,
-            reason=reason,
-            resolved_by=me,
-            resolved_by_name=actor.name[:128],
-            resolved_at=now,
-            claimed_by=None,
-            claimed_by_name=None,
-            claim_expires_at=None,
-        )
+    item = _update_if_claimable(
+        session,
+        job_id,
+        actor,
+        now,
+        {
+            "state": ReviewState.RESOLVED,
+            "resolution": action,
+            "reason": reason,
+            "resolved_by": me,
+            "resolved_by_name": actor.name[:128],
+            "resolved_at": now,
+            "claimed_by": None,
+            "claimed_by_name": None,
+            "claim_expires_at": None,
+        },
+        "resolve",
     )
-    if getattr(result, "rowcount", 0) != 1:
-        session.rollback()
-        raise _refusal(session, job_id, actor.tenant, me, "resolve")
-    item = _reload(session, job_id)
     record(session, actor, "review.resolved", "job", job_id, before=before, after=item_public(item, now=now))
     session.commit()
     REVIEW_RESOLUTION.labels(policy=item.policy, resolution=action).observe(
@@ -187,28 +199,22 @@ def reopen(session: Session, job_id: str, actor: Principal, reason: str) -> Revi
     reason = check_reason(reason)
     before = _existing(session, job_id, actor.tenant)
     now = utcnow()
-    result = session.execute(
-        update(ReviewItem)
-        .where(
-            col(ReviewItem.job_id) == job_id,
-            col(ReviewItem.tenant) == actor.tenant,
-            col(ReviewItem.state) == ReviewState.RESOLVED,
-        )
-        .values(
-            state=ReviewState.OPEN,
-            resolution=None,
-            reason=None,
-            resolved_by=None,
-            resolved_by_name=None,
-            resolved_at=None,
-            queued_at=now,
-            reopen_count=ReviewItem.reopen_count + 1,
-        )
+    item = _update_or_refuse(
+        session,
+        job_id,
+        _item_in(job_id, actor.tenant, ReviewState.RESOLVED),
+        {
+            "state": ReviewState.OPEN,
+            "resolution": None,
+            "reason": None,
+            "resolved_by": None,
+            "resolved_by_name": None,
+            "resolved_at": None,
+            "queued_at": now,
+            "reopen_count": ReviewItem.reopen_count + 1,
+        },
+        lambda: Conflict(f"job {job_id} is not resolved, so there is nothing to reopen", code="review_not_resolved"),
     )
-    if getattr(result, "rowcount", 0) != 1:
-        session.rollback()
-        raise Conflict(f"job {job_id} is not resolved, so there is nothing to reopen", code="review_not_resolved")
-    item = _reload(session, job_id)
     after = {**item_public(item, now=now), "reopen_reason": reason}
     record(session, actor, "review.reopened", "job", job_id, before=before, after=after)
     session.commit()
@@ -290,12 +296,41 @@ def items_for(session: Session, job_ids: Sequence[str]) -> dict[str, ReviewItem]
 # --- helpers ---------------------------------------------------------------------------------------
 
 
-def _claimable_by(me: str, now: datetime) -> Any:
-    return or_(
+def _item_in(job_id: str, tenant: str, state: ReviewState) -> ColumnElement[bool]:
+    """The guard every change starts from: this tenant's item, in the state the change expects."""
+    return and_(col(ReviewItem.job_id) == job_id, col(ReviewItem.tenant) == tenant, col(ReviewItem.state) == state)
+
+
+def _update_if_claimable(
+    session: Session, job_id: str, actor: Principal, now: datetime, values: dict[str, Any], verb: str
+) -> ReviewItem:
+    """The guard of claim and resolve: change the item only while it is open and nobody else holds a live claim."""
+    me = claimant_id(actor)
+    claimable = or_(
         col(ReviewItem.claimed_by).is_(None),
         col(ReviewItem.claimed_by) == me,
         col(ReviewItem.claim_expires_at) < now,
     )
+    guard = and_(_item_in(job_id, actor.tenant, ReviewState.OPEN), claimable)
+    return _update_or_refuse(session, job_id, guard, values, lambda: _refusal(session, job_id, actor.tenant, verb, now))
+
+
+def _update_or_refuse(
+    session: Session,
+    job_id: str,
+    guard: ColumnElement[bool],
+    values: dict[str, Any],
+    refusal: Callable[[], ModtagError],
+) -> ReviewItem:
+    """One conditional UPDATE: exactly one row matches `guard` or nothing changes and `refusal()` says why.
+
+    The refusal is worked out after the rollback, from the row as it is now, so a lost race reads right.
+    """
+    result = session.execute(update(ReviewItem).where(guard).values(**values))
+    if getattr(result, "rowcount", 0) != 1:
+        session.rollback()
+        raise refusal()
+    return _reload(session, job_id)
 
 
 def _existing(session: Session, job_id: str, tenant: str) -> dict[str, Any]:
@@ -313,7 +348,7 @@ def _reload(session: Session, job_id: str) -> ReviewItem:
     return item
 
 
-def _refusal(session: Session, job_id: str, tenant: str, me: str, verb: str) -> ModtagError:
+def _refusal(session: Session, job_id: str, tenant: str, verb: str, now: datetime) -> ModtagError:
     item = get_item(session, job_id, tenant)
     if item is None:
         return NotFound(f"job {job_id[:64]!r} is not in the review queue", code="review_not_found")
@@ -322,9 +357,15 @@ def _refusal(session: Session, job_id: str, tenant: str, me: str, verb: str) -> 
             f"job {job_id} was already resolved ({item.resolution}) by {item.resolved_by_name}; an admin can reopen it",
             code="review_resolved",
         )
+    if verb == "release" and item_public(item, now=now)["claim"] is None:
+        return Conflict(
+            f"job {job_id} is not claimed (or its claim has run out), so there is nothing to release",
+            code="review_not_claimed",
+        )
     until = iso(item.claim_expires_at)
+    advice = "only they or an admin can release it" if verb == "release" else "try another item"
     return Conflict(
-        f"cannot {verb}: {item.claimed_by_name} has claimed job {job_id} until {until}; try another item",
+        f"cannot {verb}: {item.claimed_by_name} has claimed job {job_id} until {until}; {advice}",
         code="review_claimed",
     )
 

@@ -10,10 +10,12 @@ import contextlib
 import hmac
 import re
 import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Form, Query, Request
+from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlmodel import Session, col, select
 
@@ -37,7 +39,7 @@ from api.routes.jobs import tenant_job
 from api.schemas import ID_PATTERN, SLUG_PATTERN
 from core import review
 from core.audit import entry_public, list_entries
-from core.auth import AuthError, Permission, authenticate
+from core.auth import AuthError, Permission, Principal, authenticate
 from core.errors import ModtagError
 from core.jobs import decision_public, get_decision, list_decisions
 from core.metrics import AUTH_FAILURES
@@ -55,18 +57,38 @@ _RANGES = {"24h": (timedelta(hours=24), timedelta(hours=1)), "7d": (timedelta(da
 # Messages shown after a form POST. Only these codes are shown: the query string never carries text.
 NOTICES = {
     "claimed": "Claimed: the item is yours until the lease runs out.",
+    "released": "Released: the item is back in the queue for anyone to claim.",
     "resolved": "Resolved: your decision is stored beside the machine's.",
     "reopened": "Reopened: the item is back in the queue.",
     "review_claimed": "Someone else has claimed this item; pick another one.",
     "review_resolved": "This item was already resolved.",
     "review_not_found": "That item is not in your review queue.",
     "review_not_resolved": "That item is not resolved, so it cannot be reopened.",
+    "review_not_claimed": "That item is not claimed (or the claim ran out), so there is nothing to release.",
     "reason_missing": "Give a reason: it is kept with the resolution.",
     "reason_invalid": "The reason is too long (at most 2000 characters).",
     "resolution_invalid": "Choose allow or block.",
 }
 
 Flagged = Literal["flagged", "review", "block", "allow", "all"]
+
+
+@dataclass(frozen=True)
+class ButtonForm:
+    """What every review button posts besides its own fields: the session's CSRF token and the page to go back to."""
+
+    csrf_token: str
+    next: str
+
+
+def button_form(
+    csrf_token: Annotated[str, Form(max_length=256)] = "",
+    next: Annotated[str, Form(max_length=1024)] = "/dashboard/review",
+) -> ButtonForm:
+    return ButtonForm(csrf_token=csrf_token, next=next)
+
+
+ButtonDep = Annotated[ButtonForm, Depends(button_form)]
 
 
 @router.get("", response_class=RedirectResponse)
@@ -195,7 +217,7 @@ def review_page(
     cursor: Annotated[str | None, Query(max_length=512)] = None,
     notice: Annotated[str | None, Query(max_length=64)] = None,
 ) -> Response:
-    """The review queue, with claim / allow / block buttons (and reopen for admins)."""
+    """The review queue, with claim / release / allow / block buttons (and reopen for admins)."""
     try:
         items, next_cursor = review.list_queue(
             session,
@@ -236,16 +258,18 @@ def review_page(
 
 @router.post("/review/{job_id}/claim", response_class=RedirectResponse)
 def claim_button(
-    job_id: str,
-    session: SessionDep,
-    settings: SettingsDep,
-    principal: Reviewer,
-    csrf_token: Annotated[str, Form(max_length=256)] = "",
-    next: Annotated[str, Form(max_length=1024)] = "/dashboard/review",
+    job_id: str, session: SessionDep, settings: SettingsDep, principal: Reviewer, form: ButtonDep
 ) -> Response:
     """The Claim button."""
-    check_csrf(principal, csrf_token)
-    return _after(next, lambda: review.claim(session, job_id, principal, settings.review_claim_lease_s), "claimed")
+    return _press(
+        principal, form, lambda: review.claim(session, job_id, principal, settings.review_claim_lease_s), "claimed"
+    )
+
+
+@router.post("/review/{job_id}/release", response_class=RedirectResponse)
+def release_button(job_id: str, session: SessionDep, principal: Reviewer, form: ButtonDep) -> Response:
+    """The Release button (the holder's; admins see it on anyone's claim)."""
+    return _press(principal, form, lambda: review.release(session, job_id, principal), "released")
 
 
 @router.post("/review/{job_id}/resolve", response_class=RedirectResponse)
@@ -253,14 +277,12 @@ def resolve_button(
     job_id: str,
     session: SessionDep,
     principal: Reviewer,
+    form: ButtonDep,
     action: Annotated[str, Form(max_length=16)] = "",
     reason: Annotated[str, Form(max_length=4000)] = "",
-    csrf_token: Annotated[str, Form(max_length=256)] = "",
-    next: Annotated[str, Form(max_length=1024)] = "/dashboard/review",
 ) -> Response:
     """The Allow and Block buttons."""
-    check_csrf(principal, csrf_token)
-    return _after(next, lambda: review.resolve(session, job_id, principal, action, reason), "resolved")  # type: ignore[arg-type]
+    return _press(principal, form, lambda: review.resolve(session, job_id, principal, action, reason), "resolved")  # type: ignore[arg-type]
 
 
 @router.post("/review/{job_id}/reopen", response_class=RedirectResponse)
@@ -268,13 +290,11 @@ def reopen_button(
     job_id: str,
     session: SessionDep,
     principal: Reopener,
+    form: ButtonDep,
     reason: Annotated[str, Form(max_length=4000)] = "",
-    csrf_token: Annotated[str, Form(max_length=256)] = "",
-    next: Annotated[str, Form(max_length=1024)] = "/dashboard/review",
 ) -> Response:
     """The Reopen button (admins)."""
-    check_csrf(principal, csrf_token)
-    return _after(next, lambda: review.reopen(session, job_id, principal, reason), "reopened")
+    return _press(principal, form, lambda: review.reopen(session, job_id, principal, reason), "reopened")
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
@@ -399,8 +419,10 @@ def safe_next(value: str) -> str:
     return value if len(value) <= 512 and _NEXT.match(value) else DEFAULT_PAGE
 
 
-def _after(next_path: str, change: Any, done: str) -> Response:
-    target = safe_next(next_path)
+def _press(principal: Principal, form: ButtonForm, change: Callable[[], object], done: str) -> Response:
+    """A button's POST: check the CSRF token, make the change, go back to the page with a notice saying how it went."""
+    check_csrf(principal, form.csrf_token)
+    target = safe_next(form.next)
     try:
         change()
         code = done

@@ -1,4 +1,4 @@
-"""The human review queue: list, claim (a lease), resolve allow/block, reopen (appeals, admin only)."""
+"""The human review queue: list, claim (a lease) or release it, resolve allow/block, reopen (appeals, admin only)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,13 @@ def read_queue(
 def claim_item(job_id: str, session: SessionDep, settings: SettingsDep, principal: Reviewer) -> dict[str, Any]:
     """Claim an open item for MODTAG_REVIEW_CLAIM_LEASE_S seconds; 409 `review_claimed` if someone else holds it."""
     item = review.claim(session, job_id, principal, settings.review_claim_lease_s)
+    return review.item_public(item)
+
+
+@router.post("/{job_id}/release", response_model=ReviewItemPublic, responses=error_responses(401, 403, 404, 409, 422))
+def release_item(job_id: str, session: SessionDep, principal: Reviewer) -> dict[str, Any]:
+    """Give a claim back early (yours; admins: anyone's); 409 `review_claimed` or `review_not_claimed`."""
+    item = review.release(session, job_id, principal)
     return review.item_public(item)
 
 

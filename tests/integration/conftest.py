@@ -1,8 +1,10 @@
 """A real modtag deployment in child processes (the API, `modtag api`, and workers, `modtag worker`), an API served
-in-process by uvicorn, API keys made through core code, and the error-shape assertion every API test uses."""
+in-process by uvicorn (`serve`, and the module-scoped `api` fixture on SQLite and PostgreSQL built on it), API keys
+made through core code, and the error-shape assertion every API test uses."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,14 @@ import pytest
 import redis
 import uvicorn
 from fastapi import FastAPI
+from sqlalchemy import text
+from sqlmodel import func, select
 
+from api.app import create_app
+from core.db import get_engine, session_scope
+from core.queues import Queue
+from core.settings import Settings
+from core.tables import Job
 from modtag.servers import free_port
 
 
@@ -66,6 +75,82 @@ def serve(app: FastAPI) -> Iterator[str]:
         server.should_exit = True
         thread.join(15)
         assert not thread.is_alive(), "uvicorn did not stop"
+
+
+@dataclass
+class Api:
+    """An API served in-process over real HTTP, and what a test needs to look behind it.
+
+    `client` sends `key`, an admin key of tenant `default`; `redis` is a client of the API's Redis.
+    """
+
+    client: httpx.Client
+    base_url: str
+    settings: Settings
+    redis: redis.Redis
+    key: str
+
+    @property
+    def db_url(self) -> str:
+        return self.settings.resolved_database_url
+
+    def upload(self, data: bytes, *, filename: str = "photo.jpg", mime: str = "image/jpeg", **fields: str) -> Any:
+        return self.client.post("/v1/jobs", files={"image": (filename, data, mime)}, data=fields)
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The inference task messages waiting in Redis."""
+        return [json.loads(raw) for raw in self.redis.lrange(Queue.INFERENCE.value, 0, -1)]
+
+    def job_count(self) -> int:
+        with session_scope(self.db_url) as session:
+            return int(session.exec(select(func.count()).select_from(Job)).one())
+
+
+def api_settings(data_dir: Path, db_url: str, redis_url: str, **fields: Any) -> Settings:
+    """Settings of a test API: no .env, no extra policies, blobs under `data_dir`; `fields` override."""
+    chosen: dict[str, Any] = {"blob_dir": data_dir / "blobs", "policies_dir": None, **fields}
+    return Settings(_env_file=None, data_dir=data_dir, database_url=db_url, redis_url=redis_url, **chosen)
+
+
+@contextmanager
+def running_api(settings: Settings, app: FastAPI | None = None) -> Iterator[Api]:
+    """Serve `app` (default: `create_app(settings)`) with a fresh admin key; yield the running API."""
+    key = admin_key(settings.resolved_database_url)
+    headers = {"Authorization": f"Bearer {key}"}
+    with (
+        serve(app or create_app(settings)) as base_url,
+        httpx.Client(base_url=base_url, timeout=30, headers=headers) as client,
+        closing(redis.Redis.from_url(settings.redis_url)) as connection,
+    ):
+        yield Api(client, base_url, settings, connection, key)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A fresh database per module and backend; the API's lifespan migrates it."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('api-db') / 'modtag.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    with get_engine(url).begin() as connection:
+        connection.execute(text("DROP SCHEMA public CASCADE"))
+        connection.execute(text("CREATE SCHEMA public"))
+    return url
+
+
+@pytest.fixture(scope="module")
+def api_overrides() -> dict[str, Any]:
+    """Settings fields a test module gives its `api`: override this fixture in the module."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def api(
+    db_url: str, redis_server: Any, tmp_path_factory: pytest.TempPathFactory, api_overrides: dict[str, Any]
+) -> Iterator[Api]:
+    """The API of this module, on each backend, served in-process over real HTTP, with a real Redis."""
+    settings = api_settings(tmp_path_factory.mktemp("api"), db_url, redis_server.url, **api_overrides)
+    with running_api(settings) as server:
+        yield server
 
 
 @dataclass

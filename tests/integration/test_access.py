@@ -21,14 +21,13 @@ import httpx
 import pytest
 from fastapi.routing import APIRoute, iter_route_contexts
 from PIL import Image
-from sqlalchemy import text
 from sqlmodel import select
 from starlette.routing import BaseRoute
 
 from api.app import create_app
 from api.auth import PUBLIC_PATHS, route_permission
 from core.auth import ROLE_PERMISSIONS, Permission, cli_principal, create_key, revoke_key
-from core.db import get_engine, session_scope
+from core.db import session_scope
 from core.jobs import claim_job, get_decision, store_decision
 from core.settings import Settings
 from core.tables import Decision, Job, ReviewItem, Role
@@ -104,17 +103,6 @@ def store(db_url: str, job_id: str, action: str, categories: dict[str, Any], cap
         )
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path_factory.mktemp('access-db') / 'modtag.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    with get_engine(url).begin() as connection:
-        connection.execute(text("DROP SCHEMA public CASCADE"))
-        connection.execute(text("CREATE SCHEMA public"))
-    return url
-
-
 @pytest.fixture(scope="module")
 def access(db_url: str, redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Access]:
     from core.db import migrate
@@ -156,7 +144,7 @@ def _guarded_routes() -> list[tuple[str, str, Permission]]:
         if isinstance(route, APIRoute) and path not in PUBLIC_PATHS:
             permission = route_permission(route)
             assert permission is not None, path
-            for method in sorted(route.methods):
+            for method in sorted(route.methods or ()):
                 table.append((method, path, permission))
     return table
 
@@ -432,6 +420,38 @@ def test_two_reviewers_cannot_hold_the_same_item(access: Access) -> None:
         assert_error(client.post(f"/v1/review/{job_id}/claim"), 409, "review_resolved")
 
 
+def test_a_claim_is_released_by_its_holder_and_another_reviewer_takes_it(access: Access) -> None:
+    job_id = access.review_job("acme")
+    with session_scope(access.db_url) as session:
+        _, second = create_key(
+            session, role="review", tenant="acme", name="second reviewer", actor=cli_principal("acme")
+        )
+    other = httpx.Client(base_url=access.base_url, headers={"X-API-Key": second}, timeout=30)
+    with access.client("acme", "review") as holder, other:
+        unclaimed = assert_error(holder.post(f"/v1/review/{job_id}/release"), 409, "review_not_claimed")
+        assert "nothing to release" in unclaimed["detail"]
+        assert holder.post(f"/v1/review/{job_id}/claim").status_code == 200
+        refused = assert_error(other.post(f"/v1/review/{job_id}/release"), 409, "review_claimed")
+        assert "acme review" in refused["detail"] and "only they or an admin" in refused["detail"]
+        assert_error(other.post(f"/v1/review/{job_id}/claim"), 409, "review_claimed")  # still held
+        released = holder.post(f"/v1/review/{job_id}/release")
+        assert released.status_code == 200, released.text
+        assert released.json()["state"] == "open" and released.json()["claim"] is None
+        assert_error(holder.post(f"/v1/review/{job_id}/release"), 409, "review_not_claimed")
+        taken = other.post(f"/v1/review/{job_id}/claim")  # at once, not when the lease would have run out
+        assert taken.status_code == 200 and taken.json()["claim"]["by"]["name"] == "second reviewer"
+    with access.client("acme", "admin") as admin:
+        freed = admin.post(f"/v1/review/{job_id}/release")  # an admin may release anyone's claim
+        assert freed.status_code == 200 and freed.json()["claim"] is None
+        entries = admin.get("/v1/audit", params={"job_id": job_id, "action": "review.released"}).json()["data"]
+        assert [entry["actor"]["name"] for entry in entries] == ["acme admin", "acme review"]  # newest first
+        assert entries[0]["before"]["claim"]["by"]["name"] == "second reviewer" and entries[0]["after"]["claim"] is None
+        assert admin.post(f"/v1/review/{job_id}/resolve", json={"action": "allow", "reason": "a toy"}).is_success
+        assert_error(admin.post(f"/v1/review/{job_id}/release"), 409, "review_resolved")
+    with access.client("globex", "admin") as outsider:
+        assert_error(outsider.post(f"/v1/review/{job_id}/release"), 404, "review_not_found")
+
+
 def test_resolution_is_kept_beside_the_machine_decision(access: Access) -> None:
     job_id = access.review_job("acme")
     with access.client("acme", "admin") as admin:
@@ -658,6 +678,42 @@ def test_dashboard_buttons_need_the_csrf_token(access: Access) -> None:
     with access.client("acme", "admin") as admin:
         review = admin.get(f"/v1/jobs/{job_id}").json()["review"]
         assert review["resolution"]["action"] == "block" and review["resolution"]["by"]["name"] == "acme review"
+
+
+def test_dashboard_release_button_is_for_the_holder_and_admins(access: Access) -> None:
+    job_id = access.review_job("acme", score=0.99)  # the top of the queue by score, whatever else the module queued
+    with session_scope(access.db_url) as session:
+        _, second = create_key(session, role="review", tenant="acme", name="second", actor=cli_principal("acme"))
+    access.keys[("acme", "second review")] = second
+    card = re.compile(rf'<article class="card" data-job="{job_id}">(.*?)</article>', re.S)
+    queue = "/dashboard/review?order=score"
+
+    def buttons(page: httpx.Response) -> set[str]:
+        match = card.search(page.text)
+        assert match, page.text[:500]
+        return set(re.findall(r'data-testid="(\w+)"', match.group(1)))
+
+    with sign_in(access, "acme", "review") as browser:
+        token = csrf_of(browser.get(queue))
+        assert buttons(browser.get(queue)) == {"claim", "allow", "block"}
+        browser.post(f"/dashboard/review/{job_id}/claim", data={"csrf_token": token})
+        assert buttons(browser.get(queue)) == {"release", "allow", "block"}
+        with sign_in(access, "acme", "admin") as admin:
+            # An admin sees the reviewer's claim with a Release button (and no Allow/Block while it is held).
+            assert buttons(admin.get(queue)) == {"release"}
+        with sign_in(access, "acme", "second review") as other:
+            assert buttons(other.get(queue)) == set()  # another reviewer only sees who holds it, until when
+        assert_error(
+            browser.post(f"/dashboard/review/{job_id}/release", data={"csrf_token": "forged"}), 403, "csrf_invalid"
+        )
+        released = browser.post(f"/dashboard/review/{job_id}/release", data={"csrf_token": token, "next": queue})
+        assert released.status_code == 303 and released.headers["location"] == f"{queue}&notice=released"
+        page = browser.get(released.headers["location"])
+        assert "Released: the item is back in the queue" in page.text and "claim" in buttons(page)
+        again = browser.post(f"/dashboard/review/{job_id}/release", data={"csrf_token": token}, follow_redirects=True)
+        assert "nothing to release" in again.text
+    with access.client("acme", "admin") as client:
+        assert client.get(f"/v1/jobs/{job_id}").json()["review"]["claim"] is None
 
 
 def test_sign_out_and_revocation_end_the_session(access: Access) -> None:

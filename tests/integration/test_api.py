@@ -17,28 +17,22 @@ import textwrap
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
-import redis
 from fastapi import FastAPI
-from sqlalchemy import text
-from sqlmodel import func, select
+from sqlmodel import select
 
 from api.app import create_app
 from core.blobs import LocalBlobStore
-from core.db import get_engine, session_scope
+from core.db import session_scope
 from core.jobs import NewJob, claim_job, create_job, get_job, store_decision
-from core.queues import Queue
-from core.settings import Settings
 from core.tables import Decision, Job
 from modtag.servers import free_port
-from tests.integration.conftest import admin_key, assert_error, serve
+from tests.integration.conftest import Api, api_settings, assert_error, running_api
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,84 +41,25 @@ MAX_CONTEXT = 4096
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@dataclass
-class Api:
-    """A running API and what a test needs to look behind it. `client` sends an admin key of tenant default."""
-
-    client: httpx.Client
-    base_url: str
-    settings: Settings
-    redis: redis.Redis
-    key: str = ""
-
-    @property
-    def db_url(self) -> str:
-        return self.settings.resolved_database_url
-
-    def upload(self, data: bytes, *, filename: str = "photo.jpg", mime: str = "image/jpeg", **fields: str) -> Any:
-        return self.client.post("/v1/jobs", files={"image": (filename, data, mime)}, data=fields)
-
-    def messages(self) -> list[dict[str, Any]]:
-        return [json.loads(raw) for raw in self.redis.lrange(Queue.INFERENCE.value, 0, -1)]
-
-    def job_count(self) -> int:
-        with session_scope(self.db_url) as session:
-            return int(session.exec(select(func.count()).select_from(Job)).one())
-
-
 # -- servers ---------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A fresh database per module and backend; the API's lifespan migrates it."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path_factory.mktemp('api-db') / 'modtag.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    with get_engine(url).begin() as connection:
-        connection.execute(text("DROP SCHEMA public CASCADE"))
-        connection.execute(text("CREATE SCHEMA public"))
-    return url
+@pytest.fixture(scope="module")
+def api_overrides() -> dict[str, Any]:
+    return {"max_upload_bytes": MAX_UPLOAD, "max_context_bytes": MAX_CONTEXT}
 
 
 @pytest.fixture(scope="module")
-def api(db_url: str, redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    settings = _settings(tmp_path_factory.mktemp("api"), db_url, redis_server.url)
-    key = admin_key(db_url)
-    headers = {"Authorization": f"Bearer {key}"}
-    with (
-        serve(create_app(settings)) as base_url,
-        httpx.Client(base_url=base_url, timeout=30, headers=headers) as client,
-    ):
-        connection = redis.Redis.from_url(redis_server.url)
-        yield Api(client, base_url, settings, connection, key)
-        connection.close()
-
-
-@pytest.fixture(scope="module")
-def dead_redis_api(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+def dead_redis_api(
+    db_url: str, tmp_path_factory: pytest.TempPathFactory, api_overrides: dict[str, Any]
+) -> Iterator[Api]:
     """The API with Redis pointing at a closed port, plus a route that raises, to see failures from outside."""
     dead_url = f"redis://127.0.0.1:{free_port()}/0"
-    settings = _settings(tmp_path_factory.mktemp("api-dead"), db_url, dead_url)
+    settings = api_settings(tmp_path_factory.mktemp("api-dead"), db_url, dead_url, **api_overrides)
     app = create_app(settings)
     _add_failing_route(app)
-    key = admin_key(db_url)
-    headers = {"Authorization": f"Bearer {key}"}
-    with serve(app) as base_url, httpx.Client(base_url=base_url, timeout=30, headers=headers) as client:
-        yield Api(client, base_url, settings, redis.Redis.from_url(dead_url), key)
-
-
-def _settings(data_dir: Path, db_url: str, redis_url: str) -> Settings:
-    return Settings(
-        _env_file=None,
-        data_dir=data_dir,
-        database_url=db_url,
-        redis_url=redis_url,
-        blob_dir=data_dir / "blobs",
-        policies_dir=None,
-        max_upload_bytes=MAX_UPLOAD,
-        max_context_bytes=MAX_CONTEXT,
-    )
+    with running_api(settings, app) as server:
+        yield server
 
 
 def _add_failing_route(app: FastAPI) -> None:

@@ -6,26 +6,20 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis
 from PIL import Image
-from sqlalchemy import text
 from sqlmodel import col, select
 
-from api.app import create_app
-from core.db import get_engine, session_scope
+from core.db import session_scope
 from core.jobs import NewJob, claim_job, create_job, store_decision
 from core.queues import Queue
-from core.settings import Settings
 from core.tables import Decision, Job, Listing, ShadowDecision
-from tests.integration.conftest import admin_key, assert_error, serve
+from tests.integration.conftest import Api, admin_key, assert_error
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,57 +33,17 @@ categories:
 """
 
 
-@dataclass
-class Api:
-    client: httpx.Client
-    base_url: str
-    settings: Settings
-    redis: redis.Redis
-    policies_dir: Path
-
-    @property
-    def db_url(self) -> str:
-        return self.settings.resolved_database_url
-
-    def listing(self, photos: list[bytes], **fields: str) -> httpx.Response:
-        files = [("images", (f"p{i}.jpg", data, "image/jpeg")) for i, data in enumerate(photos)]
-        return self.client.post("/v1/listings", files=files, data=fields)
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path_factory.mktemp('listings-db') / 'modtag.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    with get_engine(url).begin() as connection:
-        connection.execute(text("DROP SCHEMA public CASCADE"))
-        connection.execute(text("CREATE SCHEMA public"))
-    return url
-
-
 @pytest.fixture(scope="module")
-def api(db_url: str, redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    data_dir = tmp_path_factory.mktemp("listings-api")
-    policies_dir = data_dir / "policies"
-    policies_dir.mkdir()
+def api_overrides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A policies folder holding a shadow of `moderation` (a test rewrites it to see a reload)."""
+    policies_dir = tmp_path_factory.mktemp("listings-policies")
     (policies_dir / "next.yaml").write_text(SHADOW)
-    settings = Settings(
-        _env_file=None,
-        data_dir=data_dir,
-        database_url=db_url,
-        redis_url=redis_server.url,
-        policies_dir=policies_dir,
-        max_upload_bytes=200_000,
-        listing_max_images=MAX_IMAGES,
-    )
-    headers = {"Authorization": f"Bearer {admin_key(db_url)}"}
-    with (
-        serve(create_app(settings)) as base_url,
-        httpx.Client(base_url=base_url, timeout=30, headers=headers) as client,
-    ):
-        connection = redis.Redis.from_url(redis_server.url)
-        yield Api(client, base_url, settings, connection, policies_dir)
-        connection.close()
+    return {"policies_dir": policies_dir, "max_upload_bytes": 200_000, "listing_max_images": MAX_IMAGES}
+
+
+def post_listing(api: Api, photos: list[bytes], **fields: str) -> httpx.Response:
+    files = [("images", (f"p{i}.jpg", data, "image/jpeg")) for i, data in enumerate(photos)]
+    return api.client.post("/v1/listings", files=files, data=fields)
 
 
 def jpeg(colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -100,7 +54,8 @@ def jpeg(colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
 
 def test_a_listing_becomes_one_job_per_photo_with_its_text_as_context(api: Api) -> None:
     api.redis.delete(Queue.INFERENCE.value)
-    response = api.listing(
+    response = post_listing(
+        api,
         [jpeg(), jpeg((0, 0, 200)), jpeg((0, 200, 0))],
         title="  Red ceramic mug ",
         description="Holds 300 ml. Dishwasher safe.",
@@ -175,7 +130,11 @@ def test_bad_listings_are_refused_before_anything_is_stored(
         before = len(session.exec(select(Listing)).all())
     real = [jpeg() if data == b"jpeg" else data for data in photos]
     # Without files httpx sends a form as urlencoded; no photos is sent as JSON instead.
-    sent = api.listing(real, **fields) if real else api.client.post("/v1/listings", json={"image_urls": [], **fields})
+    sent = (
+        post_listing(api, real, **fields)
+        if real
+        else api.client.post("/v1/listings", json={"image_urls": [], **fields})
+    )
     body = assert_error(sent, status, code)
     if code == "image_unsupported":
         assert body["detail"].startswith("photo 2: ")
@@ -198,7 +157,7 @@ def test_listing_transport_errors(api: Api) -> None:
 
 
 def test_listings_are_tenant_scoped(api: Api) -> None:
-    listing = api.listing([jpeg()], title="A mug").json()
+    listing = post_listing(api, [jpeg()], title="A mug").json()
     other = {"Authorization": f"Bearer {admin_key(api.db_url, tenant='other')}"}
     assert_error(httpx.get(f"{api.base_url}/v1/listings/{listing['id']}", headers=other), 404, "listing_not_found")
     reviewer = {"Authorization": f"Bearer {admin_key(api.db_url, role='review')}"}
@@ -260,8 +219,8 @@ def seed_shadow(db_url: str, tenant: str, active: str, shadowed: str | None) -> 
         store_decision(session, claimed, decision, [shadow])
 
 
-def test_policy_edits_are_picked_up_without_a_restart(api: Api) -> None:
-    path = api.policies_dir / "next.yaml"
+def test_policy_edits_are_picked_up_without_a_restart(api: Api, api_overrides: dict[str, Any]) -> None:
+    path = api_overrides["policies_dir"] / "next.yaml"
     before = api.client.get("/v1/policies/moderation-next").json()["version"]
     path.write_text(SHADOW.replace("review: 0.3", "review: 0.4"))
     edited = wait_for(api, "/v1/policies/moderation-next", lambda body: body["version"] != before)

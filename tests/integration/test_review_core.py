@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
-from sqlmodel import select
+from sqlmodel import col, select
 
 from core import review
 from core.auth import AuthError, Principal, authenticate, cli_principal, create_key, hash_key
@@ -97,6 +97,61 @@ def test_claim_lease_expires_and_the_item_returns(database_url: str) -> None:
             review.resolve(session, job_id, alice, "block", "too late")
         done = review.resolve(session, job_id, bob, "allow", "a toy")
         assert done.resolution == "allow" and done.resolved_by_name == "bob" and done.claimed_by is None
+
+
+def test_a_claim_is_released_early_by_its_holder_or_an_admin(database_url: str) -> None:
+    job_id = decided(database_url)
+    alice, bob = reviewer("alice"), reviewer("bob")
+    admin = Principal(name="root", role=Role.ADMIN, tenant="default", key_id=f"{'root':0<32}")
+    with session_scope(database_url) as session:
+        with pytest.raises(Conflict) as refused:
+            review.release(session, job_id, alice)  # nothing claimed yet
+        assert refused.value.code == "review_not_claimed" and "nothing to release" in refused.value.message
+        review.claim(session, job_id, alice, lease_s=600)
+        with pytest.raises(Conflict) as refused:
+            review.release(session, job_id, bob)
+        assert refused.value.code == "review_claimed"
+        assert "alice" in refused.value.message and "only they or an admin" in refused.value.message
+        released = review.release(session, job_id, alice)
+        assert released.claimed_by is None and released.claim_expires_at is None and released.state == "open"
+        with pytest.raises(Conflict) as refused:
+            review.release(session, job_id, alice)  # released once: there is nothing left to release
+        assert refused.value.code == "review_not_claimed"
+        # Long before alice's lease would have run out, bob can take the item; an admin can free it again.
+        assert review.claim(session, job_id, bob, lease_s=600).claimed_by == bob.key_id
+        assert review.release(session, job_id, admin).claimed_by is None
+        entries = session.exec(
+            select(AuditEntry)
+            .where(AuditEntry.target_id == job_id, AuditEntry.action == "review.released")
+            .order_by(col(AuditEntry.id))
+        ).all()
+    assert [(entry.actor_name, entry.actor_role) for entry in entries] == [("alice", "review"), ("root", "admin")]
+    assert entries[0].before is not None and entries[0].before["claim"]["by"]["name"] == "alice"
+    assert entries[1].before is not None and entries[1].before["claim"]["by"]["name"] == "bob"
+    assert all(entry.after is not None and entry.after["claim"] is None for entry in entries)
+
+
+def test_release_refuses_expired_resolved_and_foreign_items(database_url: str) -> None:
+    job_id = decided(database_url)
+    alice = reviewer("alice")
+    with session_scope(database_url) as session:
+        review.claim(session, job_id, alice, lease_s=0.2)
+    time.sleep(0.4)
+    with session_scope(database_url) as session:
+        with pytest.raises(Conflict) as refused:
+            review.release(session, job_id, alice)  # the lease ran out: the item is already back in the queue
+        assert refused.value.code == "review_not_claimed"
+        with pytest.raises(NotFound):
+            review.release(session, job_id, reviewer("alice", tenant="other"))
+        with pytest.raises(NotFound):
+            review.release(session, "' OR 1=1 --", alice)
+        review.claim(session, job_id, alice, lease_s=600)
+        review.resolve(session, job_id, alice, "block", "a rifle")
+        with pytest.raises(Conflict) as refused:
+            review.release(session, job_id, alice)
+        assert refused.value.code == "review_resolved"
+        actions = session.exec(select(AuditEntry.action).where(AuditEntry.target_id == job_id)).all()
+    assert "review.released" not in actions  # a refused release leaves no trace
 
 
 def test_unclaimed_items_can_be_resolved_directly_and_only_once(database_url: str) -> None:
