@@ -30,8 +30,9 @@ def make_celery(settings: Settings) -> Celery:
             TaskName.PROCESS_JOB.value: {"queue": Queue.INFERENCE.value},
             TaskName.RECONCILE.value: {"queue": Queue.MAINTENANCE.value},
         },
-        # A worker holds enough messages to fill one model batch while the previous batch computes.
-        worker_prefetch_multiplier=max(1, settings.batch_max_images // 2),
+        # The worker's task threads (twice the batch size, see `modtag worker`) already hold the batch that
+        # computes and the next one; reserving more would only keep messages from idle workers.
+        worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_time_limit=settings.job_timeout_s + 30,

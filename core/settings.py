@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, gt=0)
     batch_max_images: int = Field(default=8, gt=0)
     batch_wait_ms: int = Field(default=20, ge=0)
+    worker_concurrency: int | None = Field(
+        default=None, gt=0, le=256, description="Task threads per worker; default twice batch_max_images."
+    )
 
     # Processes.
     api_host: str = "127.0.0.1"

@@ -14,6 +14,12 @@ attention on the models it runs, and the baseline must run the stock code):
 4. the throughput of a plain matrix product at both dtypes: the machine's practical peak;
 5. optionally (`through_stack`), jobs/s through API -> Redis -> worker -> database against the engine
    alone, on the built-in moderation policy.
+
+With `tags` it runs instead what tagging and attribute checks cost, at the fast dtype only
+(`run_tags_bench`): the one-time text features of the built-in tagging policy's tags, the ITM model's
+vision pass, the tags check (ITC over every tag, ITM on the top few of each group), the naive way (ITM
+over every tag) on `naive_images` photos, and the listing policy's colour and product-type answer
+rankings.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from tqdm import tqdm
 
 from core.errors import ConfigError
 from worker.attention import has_fused_attention
-from worker.engine import Engine, ImageOutput, ImageRequest
+from worker.engine import AnswerRequest, Engine, ImageOutput, ImageRequest, TagQuery
 from worker.linear import has_packed_linear, packed_linear_available
 from worker.models import LoadedModels, fast_dtype, load_models, resolve_device, resolve_dtype
 
@@ -83,6 +89,12 @@ TARGET_PARITY_FP32 = 1e-4
 TARGET_FRACTION_OF_PEAK = 0.5
 TARGET_STACK_RATIO = 0.9
 
+# `--tags`: the built-in policies' checks, as the worker runs them.
+TAGS_POLICY = "tagging"  # its tags check: every tag of the product taxonomy, ITM on the top 5 of each group
+ATTRIBUTE_POLICY = "listing"
+ATTRIBUTE_CONTEXT = {"title": "a red mug", "attributes": {"color": "red", "product_type": "mug"}}
+"""A listing's claims: the colour and product-type attribute checks rank their vocabularies (20 and 416 answers)."""
+
 
 @dataclass(frozen=True)
 class BenchOptions:
@@ -102,11 +114,15 @@ class BenchOptions:
     stack_jobs: int = 16
     progress: bool = True
     peak_size: int | None = None  # the square matrix product's size; None: 3072 on CPUs, 8192 on GPUs
+    tags: bool = False  # instead of the workload above: what tags and attribute checks cost (run_tags_bench)
+    naive_images: int = 1  # with `tags`: photos the naive way (ITM over every tag) runs on
 
 
 def run_bench(options: BenchOptions) -> dict[str, Any]:
     """Run every phase and return the report (the JSON object `modtag bench --json` prints)."""
     _check(options)
+    if options.tags:
+        return run_tags_bench(options)
     if options.threads:
         torch.set_num_threads(options.threads)
     device = resolve_device(options.device)
@@ -167,6 +183,133 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
             report["through_stack"] = through_stack(options, fast, log)
     report["targets"] = _targets(report)
     return report
+
+
+def run_tags_bench(options: BenchOptions) -> dict[str, Any]:
+    """What tags and attribute checks cost at the fast dtype, on the same photos; the report's `tags` holds it.
+
+    The ITM and VQA models, loaded once; the built-in policies' checks as the worker builds them:
+    (a) the tag set's text features on a new engine (`Engine.warm_tags`, what a worker does at
+    start); (b) the ITM model's vision pass per image; (c) the tagging policy's tags check per image;
+    (d) the naive way, ITM over every tag, on the first `naive_images` photos, with how many of its
+    best tags per group the check's ITC shortlist held; (e) the listing policy's colour and
+    product-type checks. Every figure is the best of `repeat` timed runs (those of (b), (c) and (e)
+    after an untimed run).
+    """
+    _check(options)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    device = resolve_device(options.device)
+    fast = fast_dtype(device) if options.dtype == "auto" else resolve_dtype(options.dtype, device)
+    images = photos(options.images)
+    naive_count = min(options.naive_images, len(images))
+    log = _Log(options.progress)
+    load_before = _load_average()
+
+    from policies import TagsCheck, load_policies
+
+    policies = load_policies([])
+    [tags_check] = [check for _, check in policies[TAGS_POLICY].checks() if isinstance(check, TagsCheck)]
+    tag_set = tags_check.tag_set()
+    query = TagQuery(tag_set.key, tag_set.texts, tag_set.groups, tag_set.top_k)
+    answers = [
+        AnswerRequest(q.key, q.question, q.candidates, q.required)
+        for q in policies[ATTRIBUTE_POLICY].requirements(ATTRIBUTE_CONTEXT).answers
+    ]
+    with _quiet_transformers():
+        log(f"tags {_name(fast)}: loading {options.models} (vqa, itm)")
+        loaded = load_models(
+            options.models, {"vqa", "itm"}, cache_dir=options.cache_dir, device=options.device, dtype=_name(fast)
+        )
+    # The first text pass creates the kernels: time the tag set's texts without that one-time cost.
+    Engine(loaded, max_batch=options.batch_size).warm_tags([TagQuery("kernels", ("a mug", "a red item"), (0, 0), 1)])
+    log(f"text features of {len(query.texts)} tags")
+    text_runs: list[float] = []
+    for _ in range(options.repeat):  # each on a new engine: no cached features or tokens, as at a worker's start
+        engine = Engine(loaded, max_batch=options.batch_size)
+        started = time.perf_counter()
+        encoded = engine.warm_tags([query])
+        text_runs.append(time.perf_counter() - started)
+    text_seconds = min(text_runs)
+
+    log(f"tags check on {len(images)} photos")
+    tags_run = _timed_runs(engine, [ImageRequest(image, caption=False, tags=[query]) for image in images], options)
+    log(f"naive: ITM over all {len(query.texts)} tags on {naive_count} photo(s)")
+    naive_requests = [ImageRequest(image, caption=False, texts=query.texts) for image in images[:naive_count]]
+    naive_runs: list[float] = []
+    for _ in range(options.repeat):  # after the tags check, the ITM model's kernels are warm
+        started = time.perf_counter()
+        naive_outputs = engine.run(naive_requests)
+        naive_runs.append(time.perf_counter() - started)
+    naive_seconds = min(naive_runs)
+    attribute_runs = []
+    for answer in answers:
+        log(f"attribute: {answer.question!r} ({len(answer.candidates)} answers)")
+        requests = [ImageRequest(image, caption=False, answers=[answer]) for image in images]
+        attribute_runs.append((answer, _timed_runs(engine, requests, options)))
+
+    tags_per_image = tags_run.seconds / len(images)
+    naive_per_image = naive_seconds / naive_count
+    report_tags: dict[str, Any] = {
+        "policy": TAGS_POLICY,
+        "taxonomy": tags_check.taxonomy,
+        "dtype": _name(fast),
+        "batch_size": options.batch_size,
+        "texts": len(query.texts),
+        "groups": len(set(query.groups)),
+        "top_k": query.top_k,
+        "itm_texts_per_image": sum(min(query.top_k, query.groups.count(g)) for g in set(query.groups)),
+        "text_features": {
+            "texts": encoded,
+            "seconds": text_seconds,
+            "runs_s": text_runs,
+            "texts_per_s": encoded / text_seconds if text_seconds else None,
+        },
+        "vision_itm": {
+            "seconds_per_image": tags_run.stage("vision"),
+            "preprocess_seconds_per_image": tags_run.stage("preprocess"),
+        },
+        "tags_check": {
+            "images": len(images),
+            "runs_s": tags_run.runs,
+            "seconds_per_image": tags_per_image,
+            "images_per_s": 1 / tags_per_image,
+            "itc_seconds_per_image": tags_run.stage("tags"),
+            "itm_seconds_per_image": tags_run.stage("matches"),
+            "beyond_vision_seconds_per_image": tags_run.stage("tags") + tags_run.stage("matches"),
+            "stages_s_per_image": tags_run.stages,
+        },
+        "naive_itm_all": {
+            "images": naive_count,
+            "texts": len(query.texts),
+            "runs_s": naive_runs,
+            "seconds_per_image": naive_per_image,
+            "times_the_tags_check": naive_per_image / tags_per_image,
+            **_shortlist_agreement(query, tags_run.outputs[:naive_count], naive_outputs),
+        },
+        "attributes": [
+            {
+                "question": answer.question,
+                "candidates": len(answer.candidates),
+                "claimed": list(answer.required),
+                "answers_scored_per_image": sum(len(o.answers[answer.key]) for o in run.outputs) / len(run.outputs),
+                "runs_s": run.runs,
+                "seconds_per_image": run.seconds / len(images),
+                "beyond_vision_seconds_per_image": run.stage("probes") + run.stage("answers"),
+                "stages_s_per_image": run.stages,
+            }
+            for answer, run in attribute_runs
+        ],
+    }
+    return {
+        "workload": {
+            "images": len(images),
+            "photos": [PHOTOS[i % len(PHOTOS)] for i in range(len(images))],
+            "models": options.models,
+        },
+        "machine": {**_machine(device), "load_average_before": load_before, "load_average_after": _load_average()},
+        "tags": report_tags,
+    }
 
 
 def workload(count: int) -> list[ImageRequest]:
@@ -313,6 +456,8 @@ def through_stack(options: BenchOptions, dtype: torch.dtype, log: Callable[[str]
 
 def format_report(report: dict[str, Any]) -> str:
     """The report as a short table for people; the JSON has every figure."""
+    if "tags" in report:
+        return format_tags_report(report)
     workload, machine = report["workload"], report["machine"]
     load = machine.get("load_average_after")
     lines = [
@@ -370,6 +515,53 @@ def format_report(report: dict[str, Any]) -> str:
             f"{name} {'met' if met else 'MISSED'}" for name, met in report["targets"].items() if met is not None
         )
     )
+    return "\n".join(lines)
+
+
+def format_tags_report(report: dict[str, Any]) -> str:
+    """`run_tags_bench`'s report as a short table for people."""
+    tags, machine = report["tags"], report["machine"]
+    before, after = machine.get("load_average_before"), machine.get("load_average_after")
+    lines = [
+        f"modtag bench --tags: {report['workload']['images']} photos, models {report['workload']['models']}, "
+        f"{tags['dtype']}, batches of {tags['batch_size']}; policy {tags['policy']}: taxonomy {tags['taxonomy']}, "
+        f"{tags['texts']} tags in {tags['groups']} groups, ITM on the top {tags['top_k']} of each "
+        f"({tags['itm_texts_per_image']} texts per image)",
+        f"machine: {machine['processor']} ({machine['device']}, {machine['threads']} threads), "
+        f"torch {machine['torch']}, transformers {machine['transformers']}"
+        + (f"; load average {before[0]:.1f} at the start, {after[0]:.1f} at the end" if before and after else ""),
+        "",
+        f"{'what':<58}{'once (s)':>10}{'s/image':>10}",
+    ]
+    features, check, naive = tags["text_features"], tags["tags_check"], tags["naive_itm_all"]
+    vision = tags["vision_itm"]["seconds_per_image"] + tags["vision_itm"]["preprocess_seconds_per_image"]
+    rows: list[tuple[str, float | None, float | None]] = [
+        (f"text features of the {tags['texts']} tags (worker start)", features["seconds"], None),
+        ("vision pass of the ITM model (with preprocessing)", None, vision),
+        (
+            f"tags check: ITC over {tags['texts']} tags + ITM on {tags['itm_texts_per_image']}",
+            None,
+            check["seconds_per_image"],
+        ),
+        ("  of which ITC", None, check["itc_seconds_per_image"]),
+        ("  of which ITM re-rank", None, check["itm_seconds_per_image"]),
+        (f"naive: ITM over all {naive['texts']} tags ({_photos(naive['images'])})", None, naive["seconds_per_image"]),
+    ]
+    for attribute in tags["attributes"]:
+        label = f"attribute: {attribute['question']} ({attribute['candidates']} answers)"
+        rows.append((label, None, attribute["seconds_per_image"]))
+        rows.append(("  of which beyond the VQA vision pass", None, attribute["beyond_vision_seconds_per_image"]))
+    for label, once, per_image in rows:
+        shown_once = f"{once:>10.2f}" if once is not None else f"{'':>10}"
+        shown_image = f"{per_image:>10.4f}" if per_image is not None else ""  # ITC takes well under a millisecond
+        lines.append(f"{label:<58}{shown_once}{shown_image}")
+    lines += [
+        "",
+        f"the naive way costs {naive['times_the_tags_check']:.0f}x the tags check per image",
+        f"ITC's shortlist held {naive['shortlist_recall']:.0%} of the naive way's top {tags['top_k']} per group "
+        "(random weights rank at random: a quality figure for real weights only); the shortlisted tags' ITM "
+        f"scores are within {naive['max_abs_score_diff']:.1e} of the naive way's",
+    ]
     return "\n".join(lines)
 
 
@@ -456,6 +648,58 @@ def _engine_phase(
 # Helpers.
 
 
+@dataclass
+class _TimedRuns:
+    """The best of some timed engine runs over the same requests: its seconds, outputs and stage shares."""
+
+    seconds: float
+    runs: list[float]
+    outputs: list[ImageOutput]
+
+    @property
+    def stages(self) -> dict[str, float]:
+        """Per-image seconds of each engine stage in the best run."""
+        return {stage: seconds / len(self.outputs) for stage, seconds in _stage_totals(self.outputs).items()}
+
+    def stage(self, name: str) -> float:
+        return self.stages.get(name, 0.0)
+
+
+def _timed_runs(engine: Engine, requests: list[ImageRequest], options: BenchOptions) -> _TimedRuns:
+    def run_all() -> list[ImageOutput]:
+        outputs: list[ImageOutput] = []
+        for start in range(0, len(requests), options.batch_size):
+            outputs.extend(engine.run(requests[start : start + options.batch_size]))
+        return outputs
+
+    engine.run(requests[: options.batch_size])  # untimed: one-time kernel and token-cache work
+    runs: list[tuple[float, list[ImageOutput]]] = []
+    for _ in range(options.repeat):
+        started = time.perf_counter()
+        outputs = run_all()
+        runs.append((time.perf_counter() - started, outputs))
+    seconds, best = min(runs, key=lambda run: run[0])
+    return _TimedRuns(seconds=seconds, runs=[run[0] for run in runs], outputs=best)
+
+
+def _shortlist_agreement(
+    query: TagQuery, tagged: Sequence[ImageOutput], naive: Sequence[ImageOutput]
+) -> dict[str, float]:
+    # How many of the naive way's best `top_k` tags per group (by ITM over every tag) the tags check's
+    # ITC shortlist held, and how far the shortlisted tags' ITM scores are from the naive way's.
+    held = wanted = 0
+    diffs = [0.0]
+    for output, reference in zip(tagged, naive, strict=True):
+        scored = output.tags[query.key]
+        diffs += [abs(score - reference.matches[text]) for text, score in scored.items()]
+        for group in set(query.groups):
+            members = [text for text, g in zip(query.texts, query.groups, strict=True) if g == group]
+            best = sorted(members, key=lambda text: -reference.matches[text])[: query.top_k]
+            held += sum(text in scored for text in best)
+            wanted += len(best)
+    return {"shortlist_recall": held / wanted if wanted else 1.0, "max_abs_score_diff": max(diffs)}
+
+
 class _Log:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -467,11 +711,13 @@ class _Log:
 
 
 def _check(options: BenchOptions) -> None:
-    for name in ("batch_size", "images", "repeat", "stack_jobs"):
+    for name in ("batch_size", "images", "repeat", "stack_jobs", "naive_images"):
         if getattr(options, name) < 1:
             raise ConfigError(f"bench: {name} must be at least 1", code="bench_invalid")
     if options.baseline_images is not None and options.baseline_images < 1:
         raise ConfigError("bench: baseline_images must be at least 1", code="bench_invalid")
+    if options.tags and options.through_stack:
+        raise ConfigError("bench: --tags and --through-stack are separate runs; pick one", code="bench_invalid")
 
 
 def _load(options: BenchOptions, dtype: torch.dtype) -> LoadedModels:
@@ -556,6 +802,10 @@ def _cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def _photos(count: int) -> str:
+    return f"{count} photo" + ("" if count == 1 else "s")
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -69,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run one worker process (loads the models once)")
     worker.add_argument("--models", default=None, help=_MODELS_HELP)
-    worker.add_argument("--concurrency", type=_positive_int, default=None, help="task threads (default: batch size)")
+    worker.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=None,
+        help="task threads (default: MODTAG_WORKER_CONCURRENCY or twice the batch size)",
+    )
     worker.set_defaults(handler=cmd_worker)
 
     policy = sub.add_parser("policy", help="policy tools")
@@ -143,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=_positive_int, default=2, help="timed engine runs; the best counts (default 2)")
     bench.add_argument("--through-stack", action="store_true", help="also time jobs through API, Redis, worker, DB")
     bench.add_argument("--stack-jobs", type=_positive_int, default=16, help="jobs submitted with --through-stack")
+    bench.add_argument(
+        "--tags",
+        action="store_true",
+        help="instead: what tags and attribute checks cost (text features once, vision, ITC + ITM re-rank, "
+        "the naive ITM over every tag, answer ranking), at the fast dtype; no baseline",
+    )
+    bench.add_argument(
+        "--naive-images", type=_positive_int, default=1, help="with --tags: photos for ITM over every tag (default 1)"
+    )
     bench.add_argument("--json", action="store_true", help="print only the JSON report")
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(handler=cmd_bench)
@@ -273,7 +287,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     engine = runtime.load()  # fail here, with how to get the weights, before taking any job
     logging.getLogger("modtag").info("models loaded: %s", engine.describe())
     install_runtime(runtime)
-    concurrency = args.concurrency or max(2, settings.batch_max_images)
+    # Twice the batch: while one batch computes, the next one's images are fetched, decoded and waiting,
+    # so batches leave full instead of as each thread comes back from storing its last result.
+    concurrency = args.concurrency or settings.worker_concurrency or 2 * settings.batch_max_images
     app.worker_main(
         [
             "worker",
@@ -410,6 +426,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         through_stack=args.through_stack,
         stack_jobs=args.stack_jobs,
         progress=not args.no_progress,
+        tags=args.tags,
+        naive_images=args.naive_images,
     )
     report = run_bench(options)
     if not args.json:

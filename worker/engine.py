@@ -53,7 +53,7 @@ from worker.models import LoadedModels, Role
 STAGES = ("preprocess", "vision", "caption", "probes", "matches", "answers", "tags")
 ANSWER_BUDGET = 16  # at most this many answers of one question are scored in full (see Engine._rank_answers)
 ANSWER_ROUND = 8  # answers scored per round while one could still beat the best
-TAG_FEATURE_CACHE = 16  # tag sets whose ITC text features are kept
+TAG_FEATURE_CACHE = 16  # tag sets whose ITC text features are kept, besides those pinned by Engine.warm_tags
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,8 @@ class AnswerRequest:
 class TagQuery:
     """Tags to score: ITC similarity of every text, then ITM of the best `top_k` texts of each group."""
 
-    key: str  # names the tag set: its text features are cached under it, so keep it a hash of the texts
-    texts: tuple[str, ...]
+    key: str  # names the tag set in the output (a hash of texts, groups and top_k)
+    texts: tuple[str, ...]  # their ITC features are cached by these texts: sets that differ only in groups share them
     groups: tuple[int, ...]  # the group of each text
     top_k: int
 
@@ -173,15 +173,16 @@ class Engine:
         packed_linear: bool = True,
         fast_decoding: bool = True,
         answer_budget: int = ANSWER_BUDGET,
+        tag_feature_cache: int = TAG_FEATURE_CACHE,
     ) -> None:
         if max_caption_tokens < 1 or not 0 <= min_caption_tokens <= max_caption_tokens:
             raise ConfigError(
                 f"caption tokens: need 0 <= min ({min_caption_tokens}) <= max ({max_caption_tokens}) and max >= 1",
                 code="engine_config_invalid",
             )
-        if max_batch < 1 or max_row_tokens < 1 or token_cache_size < 0:
+        if max_batch < 1 or max_row_tokens < 1 or token_cache_size < 0 or tag_feature_cache < 0:
             raise ConfigError(
-                "max_batch and max_row_tokens must be positive, token_cache_size not negative",
+                "max_batch and max_row_tokens must be positive, token_cache_size and tag_feature_cache not negative",
                 code="engine_config_invalid",
             )
         self.models = models
@@ -201,11 +202,37 @@ class Engine:
         self._lock = threading.Lock()
         self._text = {role: _TextConfig.of(loaded.model) for role, loaded in models.models.items()}
         self._answer_ids = self._yes_no_ids() if "vqa" in models else None
-        self._tag_features: OrderedDict[str, tuple[torch.Tensor, list[torch.Tensor]]] = OrderedDict()
+        # ITC text features by tag texts, least recently used first; pinned texts are never evicted.
+        self._tag_features: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
+        self._tag_feature_cache = tag_feature_cache
+        self._pinned_tags: frozenset[tuple[str, ...]] = frozenset()
 
     def describe(self) -> dict[str, Any]:
         """The loaded models, for a decision's `models` field."""
         return self.models.describe()
+
+    def warm_tags(self, queries: Sequence[TagQuery]) -> int:
+        """Compute the ITC text features of these tag sets now, without an image, and keep them; returns texts encoded.
+
+        A worker calls this at start with its policies' tag sets, so that no job pays the one-time text
+        pass over a taxonomy (hundreds of texts). The given sets are pinned, never evicted, in place of
+        an earlier warm-up's; other tag sets share `tag_feature_cache` least-recently-used places. Sets
+        already cached (or repeated) are not encoded again: 0 means nothing was left to compute.
+        """
+        queries = list(queries)
+        for query in queries:
+            _validate_tag_query(query)
+        with self._lock:
+            self._pinned_tags = frozenset(query.texts for query in queries)
+        encoded = 0
+        with torch.inference_mode():
+            for query in queries:
+                with self._lock:
+                    cached = query.texts in self._tag_features
+                if not cached:
+                    self._tag_text_features(query)
+                    encoded += len(query.texts)
+        return encoded
 
     def run(self, requests: Sequence[ImageRequest]) -> list[ImageOutput]:
         """Caption, probe and match each request's image; results in the order of `requests`."""
@@ -509,8 +536,9 @@ class Engine:
     ) -> list[list[str]]:
         # ITC as BlipForImageTextRetrieval(use_itm_head=False) computes it: the image's [CLS] through
         # vision_proj against each text's unimodal [CLS] through text_proj, both L2-normalised. Text
-        # features of a tag set are computed once and cached under its key, so each image costs one
-        # matrix product over all its tags. The best `top_k` texts of each group are returned, for ITM.
+        # features of a tag set are computed once (or at start: Engine.warm_tags) and cached by its texts,
+        # so each image costs one matrix product over all its tags. The best `top_k` texts of each group
+        # are returned, for ITM.
         model = cast(BlipForImageTextRetrieval, self.models.get("itm").model)
         row_of = {request: row for row, request in enumerate(image_requests)}
         image_features = functional.normalize(model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
@@ -544,38 +572,48 @@ class Engine:
         return match_scores, tags
 
     def _tag_text_features(self, query: TagQuery) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The L2-normalised ITC features of a tag set's texts (cached by key) and the text indices of each group."""
-        with self._lock:
-            cached = self._tag_features.get(query.key)
-            if cached is not None:
-                self._tag_features.move_to_end(query.key)
-                return cached
-        model = cast(BlipForImageTextRetrieval, self.models.get("itm").model)
-        pad = self._text["itm"].pad
-        tokens = [self._tokens("itm", text) for text in query.texts]
-        device = self.models.device
-        features = []
-        for start in range(0, len(tokens), self.max_batch * 4):
-            chunk = tokens[start : start + self.max_batch * 4]
-            width = max(len(ids) for ids in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, ids in enumerate(chunk):
-                input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                mask[row, : len(ids)] = 1
-            hidden = model.text_encoder(
-                input_ids=input_ids.to(device), attention_mask=mask.to(device)
-            ).last_hidden_state
-            features.append(functional.normalize(model.text_proj(hidden[:, 0, :]).float(), dim=-1))
+        """The L2-normalised ITC features of a tag set's texts (cached by texts) and the text indices of each group."""
         members: dict[int, list[int]] = {}
         for index, group in enumerate(query.groups):
             members.setdefault(group, []).append(index)
-        entry = (torch.cat(features), [torch.tensor(m, dtype=torch.long) for m in members.values()])
+        groups = [torch.tensor(m, dtype=torch.long) for m in members.values()]
         with self._lock:
-            self._tag_features[query.key] = entry
-            while len(self._tag_features) > TAG_FEATURE_CACHE:
-                self._tag_features.popitem(last=False)
-        return entry
+            cached = self._tag_features.get(query.texts)
+            if cached is not None:
+                self._tag_features.move_to_end(query.texts)
+                return cached, groups
+        features = self._encode_tag_texts(query.texts)
+        with self._lock:
+            self._tag_features[query.texts] = features
+            unpinned = [texts for texts in self._tag_features if texts not in self._pinned_tags]
+            for texts in unpinned[: max(0, len(unpinned) - self._tag_feature_cache)]:
+                del self._tag_features[texts]
+        return features, groups
+
+    def _encode_tag_texts(self, texts: tuple[str, ...]) -> torch.Tensor:
+        # The unimodal text encoder (no image) over chunks of texts, padded and masked: each text's
+        # [CLS] through text_proj, as BlipForImageTextRetrieval(use_itm_head=False) computes it.
+        # Chunks hold texts of similar length (sorted), so little of the work is padding.
+        model = cast(BlipForImageTextRetrieval, self.models.get("itm").model)
+        pad = self._text["itm"].pad
+        tokens = [self._tokens("itm", text) for text in texts]
+        device = self.models.device
+        features = torch.empty((len(tokens), model.text_proj.out_features), dtype=torch.float32, device=device)
+        order = sorted(range(len(tokens)), key=lambda index: len(tokens[index]))
+        for start in range(0, len(order), self.max_batch * 4):
+            rows = order[start : start + self.max_batch * 4]
+            width = max(len(tokens[index]) for index in rows)
+            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for row, index in enumerate(rows):
+                input_ids[row, : len(tokens[index])] = torch.tensor(tokens[index], dtype=torch.long)
+                mask[row, : len(tokens[index])] = 1
+            hidden = model.text_encoder(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device)
+            ).last_hidden_state
+            projected = functional.normalize(model.text_proj(hidden[:, 0, :]).float(), dim=-1)
+            features[torch.tensor(rows, dtype=torch.long, device=device)] = projected
+        return features
 
     def _encode_texts(
         self, text_encoder: torch.nn.Module, image_embeds: torch.Tensor, text_pass: TextPass
@@ -745,8 +783,7 @@ def _validate(request: ImageRequest) -> None:
         if any(not isinstance(item, item_type) for item in items):
             raise TypeError(f"ImageRequest.{kind} must hold {item_type.__name__} objects")
     for query in request.tags:
-        if len(query.texts) != len(query.groups) or query.top_k < 1:
-            raise ValueError(f"TagQuery {query.key!r}: one group per text and top_k >= 1")
+        _validate_tag_query(query)
     for answer in request.answers:
         if any(required not in answer.candidates for required in answer.required):
             raise ValueError(f"AnswerRequest {answer.key!r}: every required answer must be a candidate")
@@ -756,6 +793,15 @@ def _validate(request: ImageRequest) -> None:
         for text in texts:
             if not isinstance(text, str):
                 raise TypeError(f"ImageRequest.{kind} must hold strings, not {type(text).__name__}")
+
+
+def _validate_tag_query(query: TagQuery) -> None:
+    if not isinstance(query, TagQuery):
+        raise TypeError(f"tag sets must be TagQuery objects, not {type(query).__name__}")
+    if not isinstance(query.texts, tuple) or any(not isinstance(text, str) for text in query.texts):
+        raise TypeError(f"TagQuery {query.key!r}: texts must be a tuple of strings")
+    if len(query.texts) != len(query.groups) or query.top_k < 1:
+        raise ValueError(f"TagQuery {query.key!r}: one group per text and top_k >= 1")
 
 
 def _build_pass(rows: list[tuple[int, list[int]]], tokens: list[tuple[int, ...]], pad_id: int) -> TextPass:

@@ -60,4 +60,7 @@ def test_callback_and_worker_metrics(deployment: Deployment, receiver: tuple[str
     assert 'modtag_callbacks_total{outcome="delivered"} 2.0' in exposition
     assert 'modtag_model_load_seconds{model="vqa"}' in exposition
     assert "modtag_batch_size_images_count" in exposition
+    # Model compute per model and stage: the moderation policy captions, probes and matches.
+    for model, stage in (("all", "vision"), ("caption", "caption"), ("vqa", "probes"), ("itm", "matches")):
+        assert f'modtag_model_inference_seconds_count{{model="{model}",stage="{stage}"}} 1.0' in exposition
     assert 'modtag_build_info{component="worker"' in exposition

@@ -185,3 +185,84 @@ def test_command_prints_only_json(
     assert printed["parity"]["max_abs_score_diff_fast"] == 0.0  # the fp32 run is the fast run
     assert printed["peak_flops_fast"] == 1e9
     assert printed["targets"]["speedup_fast"] is None
+
+
+@pytest.fixture(scope="module")
+def tags_report(tiny_models_dir: Path) -> dict[str, Any]:
+    options = BenchOptions(
+        cache_dir=tiny_models_dir.parent,
+        models="tiny-random",
+        dtype="float32",  # the parity of shortlisted and naive scores is exact at float32
+        images=3,
+        naive_images=2,
+        batch_size=2,
+        repeat=2,
+        progress=False,
+        tags=True,
+    )
+    return run_bench(options)
+
+
+def test_tags_report_has_every_cost(tags_report: dict[str, Any]) -> None:
+    assert "baseline" not in tags_report and "engine_fast" not in tags_report  # no 3-minute baseline
+    assert tags_report["workload"]["photos"] == ["astronaut", "chelsea", "coffee"]
+    assert tags_report["machine"]["load_average_after"] is not None
+    tags = tags_report["tags"]
+    # The built-in tagging policy: every tag of the product taxonomy, ITM on the top 5 of each group.
+    assert (tags["policy"], tags["taxonomy"], tags["top_k"], tags["dtype"]) == ("tagging", "product", 5, "float32")
+    assert tags["texts"] == 561 and tags["groups"] == 4 and tags["itm_texts_per_image"] == 20
+    features = tags["text_features"]
+    assert features["texts"] == 561 and len(features["runs_s"]) == 2
+    assert features["seconds"] == min(features["runs_s"]) > 0
+    assert tags["vision_itm"]["seconds_per_image"] > 0 and tags["vision_itm"]["preprocess_seconds_per_image"] > 0
+    check = tags["tags_check"]
+    assert check["images"] == 3 and len(check["runs_s"]) == 2
+    assert check["seconds_per_image"] == pytest.approx(min(check["runs_s"]) / 3)
+    assert check["itc_seconds_per_image"] > 0 and check["itm_seconds_per_image"] > 0
+    # The engine's stage shares add up to the wall time of the runs (within the Python around them).
+    assert sum(check["stages_s_per_image"].values()) <= check["seconds_per_image"] * 1.001
+    assert check["stages_s_per_image"].get("caption", 0.0) == 0.0  # tags only: no caption, no VQA
+    naive = tags["naive_itm_all"]
+    assert naive["images"] == 2 and naive["texts"] == 561 and len(naive["runs_s"]) == 2
+    assert naive["seconds_per_image"] == pytest.approx(min(naive["runs_s"]) / 2)
+    assert naive["times_the_tags_check"] == pytest.approx(naive["seconds_per_image"] / check["seconds_per_image"])
+    assert 0.0 <= naive["shortlist_recall"] <= 1.0
+    assert naive["max_abs_score_diff"] <= 1e-4  # the re-ranked tags get the naive way's ITM scores
+    colour, product = tags["attributes"]
+    assert (colour["question"], colour["candidates"], colour["claimed"]) == ("what color is the item?", 20, ["red"])
+    assert (product["candidates"], product["claimed"]) == (416, ["mug"])
+    for attribute in (colour, product):
+        assert attribute["seconds_per_image"] > attribute["beyond_vision_seconds_per_image"] > 0
+        assert 1 <= attribute["answers_scored_per_image"] <= 16  # the engine's answer budget
+    json.dumps(tags_report)
+
+
+def test_tags_report_reads_as_a_table(tags_report: dict[str, Any]) -> None:
+    text = format_report(tags_report)
+    for expected in (
+        "modtag bench --tags: 3 photos",
+        "taxonomy product, 561 tags in 4 groups, ITM on the top 5 of each (20 texts per image)",
+        "text features of the 561 tags",
+        "tags check: ITC over 561 tags + ITM on 20",
+        "naive: ITM over all 561 tags (2 photos)",
+        "attribute: what color is the item? (20 answers)",
+        "attribute: what is this item? (416 answers)",
+        "load average",
+    ):
+        assert expected in text, expected
+
+
+def test_tags_command_prints_json_and_refuses_mixed_runs(
+    tiny_models_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["bench", "--tags", "--models", "tiny-random", "--models-cache", str(tiny_models_dir.parent)]
+    code = main([*common, "--images", "1", "--repeat", "1", "--json", "--no-progress"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["tags"]["tags_check"]["images"] == 1 and printed["tags"]["naive_itm_all"]["images"] == 1
+    assert main([*common, "--through-stack", "--no-progress"]) != 0
+    assert "separate runs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*common, "--naive-images", "0"])
+    with pytest.raises(ConfigError):
+        run_bench(BenchOptions(cache_dir=tiny_models_dir.parent, tags=True, naive_images=0))

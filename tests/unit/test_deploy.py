@@ -66,6 +66,9 @@ def test_the_dashboard_covers_the_monitoring_brief() -> None:
         "modtag_review_oldest_age_seconds",
         "modtag_review_resolution_seconds_bucket",
         "modtag_auth_failures_total",
+        "modtag_shadow_decisions_total",
+        "modtag_policy_reloads_total",
+        "modtag:policy_reload_failing:timestamp",
     ):
         assert metric in text, f"the dashboard shows nothing from {metric}"
     for quantile in ("0.5", "0.95", "0.99"):
@@ -190,7 +193,7 @@ def test_promtool_rule_unit_tests_pass() -> None:
     tested = {item["alertname"] for case in yaml.safe_load(RULE_TESTS.read_text())["tests"]
               for item in case.get("alert_rule_test", [])}  # fmt: skip
     assert {"ModtagNoWorker", "ModtagBacklogGrowing", "ModtagJobFailureRateHigh", "ModtagFlagRateSpike"} <= tested
-    assert {"ModtagReviewBacklogGrowing", "ModtagReviewItemWaitingLong"} <= tested
+    assert {"ModtagReviewBacklogGrowing", "ModtagReviewItemWaitingLong", "ModtagPolicyReloadFailed"} <= tested
     run_ok([promtool, "test", "rules", str(RULE_TESTS)])
 
 
