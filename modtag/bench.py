@@ -43,6 +43,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from core.errors import ConfigError
+from modtag.servers import free_port
 from worker.attention import has_fused_attention
 from worker.engine import AnswerRequest, Engine, ImageOutput, ImageRequest, TagQuery
 from worker.linear import has_packed_linear, packed_linear_available
@@ -419,6 +420,7 @@ def through_stack(options: BenchOptions, dtype: torch.dtype, log: Callable[[str]
     gc.collect()
 
     log("through the stack: starting API, Redis and a worker")
+    metrics_port = free_port()
     with tempfile.TemporaryDirectory(prefix="modtag-bench-") as tmp:
         root = Path(tmp)
         files = []
@@ -435,11 +437,12 @@ def through_stack(options: BenchOptions, dtype: torch.dtype, log: Callable[[str]
             "MODTAG_DEVICE": options.device,
             "MODTAG_DTYPE": _name(dtype),
             "MODTAG_BATCH_MAX_IMAGES": str(options.batch_size),
-            "MODTAG_WORKER_METRICS_PORT": "0",
+            # Scraped before and after the timed jobs: where the stack's time went (see _stack_profile).
+            "MODTAG_WORKER_METRICS_PORT": str(metrics_port),
             "MODTAG_TORCH_THREADS": str(options.threads or 0),
         }
         with _environment(env, remove=("MODTAG_REDIS_URL",)):
-            stack_seconds, done, failed = _run_stack(files, log, options.progress)
+            stack_seconds, done, failed, profile = _run_stack(files, log, options.progress, metrics_port)
     return {
         "policy": "moderation",
         "dtype": _name(dtype),
@@ -451,6 +454,8 @@ def through_stack(options: BenchOptions, dtype: torch.dtype, log: Callable[[str]
         "engine_images_per_s": len(requests) / engine_seconds,
         "ratio": (done / stack_seconds) / (len(requests) / engine_seconds),
         "checks_per_image": {"caption": needs.caption, "probes": len(needs.probes), "texts": len(needs.texts)},
+        "engine_batches": math.ceil(len(requests) / options.batch_size),
+        "profile": profile,
     }
 
 
@@ -508,6 +513,16 @@ def format_report(report: dict[str, Any]) -> str:
             f"alone {stack['engine_images_per_s']:.3f} images/s = {stack['ratio']:.0%}"
             + (f" ({stack['failed']} jobs failed)" if stack["failed"] else "")
         )
+        profile = stack.get("profile") or {}
+        if profile.get("batches"):
+            per_job = {stage: seconds for stage, seconds in profile["worker_s_per_job"].items() if seconds is not None}
+            lines.append(
+                f"  where the stack's time went: {profile['batches']} batches of {profile['mean_batch_images']:.1f} "
+                f"images on average (engine alone: {stack['engine_batches']}); the engine computed "
+                f"{profile['engine_busy_share']:.0%} of the time, at {profile['engine_images_per_s_in_stack']:.3f} "
+                "images/s; per job in the worker: "
+                + ", ".join(f"{stage} {seconds * 1000:.0f} ms" for stage, seconds in per_job.items())
+            )
     lines.append("")
     lines.append(
         "targets: "
@@ -858,22 +873,70 @@ def _environment(values: dict[str, str], remove: Sequence[str] = ()) -> Iterator
         get_settings.cache_clear()
 
 
-def _run_stack(files: list[Path], log: Callable[[str], None], progress: bool) -> tuple[float, int, int]:
+def _run_stack(
+    files: list[Path], log: Callable[[str], None], progress: bool, metrics_port: int
+) -> tuple[float, int, int, dict[str, Any]]:
+    import httpx
+
     from core.settings import get_settings
-    from modtag.servers import free_port
     from modtag.stack import Stack
 
     settings = get_settings()
+    worker_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
     with Stack(settings, port=free_port(), workers=1, temporary_key=True, quiet=True) as stack:
         headers = {"Authorization": f"Bearer {stack.admin_key}"} if stack.admin_key else {}
         # One job first: the worker's first batch pays one-time costs the engine's warm-up paid too.
         _judge(stack.api_url, files[:1], headers, progress=False)
+        before = httpx.get(worker_metrics, timeout=10).text
         log(f"through the stack: {len(files)} jobs")
         started = time.perf_counter()
         statuses = _judge(stack.api_url, files, headers, progress=progress)
         seconds = time.perf_counter() - started
+        after = httpx.get(worker_metrics, timeout=10).text
     done = statuses.count("done")
-    return seconds, done, len(statuses) - done
+    return seconds, done, len(statuses) - done, stack_profile(before, after, seconds)
+
+
+def stack_profile(before: str, after: str, seconds: float) -> dict[str, Any]:
+    """Where a through-stack run's `seconds` went, from the worker's /metrics scraped before and after it.
+
+    `engine_busy_s` is the model compute of every batch; the rest of the wall time the engine waited
+    (for jobs to arrive, be fetched and decoded, or for the CPU). `engine_images_per_s_in_stack` is the
+    engine's own speed inside the stack: below the engine-alone figure when batches leave partly full
+    or other processes take the cores.
+    """
+    delta = _metric_sums(after)
+    for key, value in _metric_sums(before).items():
+        delta[key] = delta.get(key, 0.0) - value
+    batches = delta.get(("modtag_batch_size_images_count", ""), 0.0)
+    images = delta.get(("modtag_batch_size_images_sum", ""), 0.0)
+    busy = sum(value for (name, _), value in delta.items() if name == "modtag_model_inference_seconds_sum")
+    jobs = delta.get(("modtag_stage_duration_seconds_count", "decode"), 0.0)
+    stages = {
+        stage: delta.get(("modtag_stage_duration_seconds_sum", stage), 0.0) / jobs if jobs else None
+        for stage in ("fetch", "decode", "evaluate", "store")
+    }
+    return {
+        "batches": int(batches),
+        "mean_batch_images": images / batches if batches else None,
+        "engine_busy_s": busy,
+        "engine_busy_share": busy / seconds if seconds else None,
+        "engine_images_per_s_in_stack": images / busy if busy else None,
+        "worker_s_per_job": stages,
+    }
+
+
+def _metric_sums(exposition: str) -> dict[tuple[str, str], float]:
+    """(sample name, stage label) -> value summed over the other labels, for the samples stack_profile reads."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sums: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name.endswith(("_sum", "_count")):
+                key = (sample.name, sample.labels.get("stage", "") if "stage_duration" in sample.name else "")
+                sums[key] = sums.get(key, 0.0) + sample.value
+    return sums
 
 
 def _judge(

@@ -30,4 +30,10 @@ def test_bench_through_the_stack_reports_both_rates(tiny_models_dir: Path, tmp_p
     assert stack["jobs_per_s"] > 0 and stack["engine_images_per_s"] > 0
     assert stack["ratio"] == pytest.approx(stack["jobs_per_s"] / stack["engine_images_per_s"])
     assert report["targets"]["through_stack"] == (stack["ratio"] >= 0.9)
+    # The profile comes from the worker's own /metrics: every timed job went through some batch.
+    profile = stack["profile"]
+    assert profile["batches"] >= 1 and profile["mean_batch_images"] * profile["batches"] == 3
+    assert profile["engine_busy_s"] > 0 and 0 < profile["engine_busy_share"] <= 1
+    assert set(profile["worker_s_per_job"]) == {"fetch", "decode", "evaluate", "store"}
+    assert all(seconds >= 0 for seconds in profile["worker_s_per_job"].values())
     assert not (tmp_path / "untouched").exists()

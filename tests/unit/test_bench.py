@@ -266,3 +266,37 @@ def test_tags_command_prints_json_and_refuses_mixed_runs(
         main([*common, "--naive-images", "0"])
     with pytest.raises(ConfigError):
         run_bench(BenchOptions(cache_dir=tiny_models_dir.parent, tags=True, naive_images=0))
+
+
+def test_the_stack_profile_is_the_difference_of_two_scrapes() -> None:
+    from modtag.bench import stack_profile
+
+    def exposition(batches: int, images: int, vision: float, probes: float, decode: float, jobs: int) -> str:
+        return "\n".join(
+            [
+                "# TYPE modtag_batch_size_images histogram",
+                f"modtag_batch_size_images_count {batches}",
+                f"modtag_batch_size_images_sum {images}",
+                "# TYPE modtag_model_inference_seconds histogram",
+                f'modtag_model_inference_seconds_sum{{model="all",stage="vision"}} {vision}',
+                f'modtag_model_inference_seconds_count{{model="all",stage="vision"}} {batches}',
+                f'modtag_model_inference_seconds_sum{{model="vqa",stage="probes"}} {probes}',
+                f'modtag_model_inference_seconds_count{{model="vqa",stage="probes"}} {batches}',
+                "# TYPE modtag_stage_duration_seconds histogram",
+                f'modtag_stage_duration_seconds_sum{{stage="decode"}} {decode}',
+                f'modtag_stage_duration_seconds_count{{stage="decode"}} {jobs}',
+                "",
+            ]
+        )
+
+    # One warm-up job before; then 3 batches carrying 16 images, 20 s of vision and 4 s of probes.
+    before = exposition(1, 1, 2.0, 0.5, 0.01, 1)
+    after = exposition(4, 17, 22.0, 4.5, 0.33, 17)
+    profile = stack_profile(before, after, seconds=30.0)
+    assert profile["batches"] == 3
+    assert profile["mean_batch_images"] == pytest.approx(16 / 3)
+    assert profile["engine_busy_s"] == pytest.approx(24.0)
+    assert profile["engine_busy_share"] == pytest.approx(0.8)
+    assert profile["engine_images_per_s_in_stack"] == pytest.approx(16 / 24)
+    assert profile["worker_s_per_job"]["decode"] == pytest.approx(0.02)
+    assert profile["worker_s_per_job"]["store"] == 0.0
