@@ -82,36 +82,44 @@ class WorkerRuntime:
         return roles
 
     def load(self) -> Engine:
-        """Load the models once (thread-safe); raises ModelError with how to get the weights."""
+        """Load the models once (thread-safe); raises ModelError with how to get the weights.
+
+        The models are loaded and warmed on the batcher's model thread, the one thread that runs them
+        (see worker/batcher.py for why one thread).
+        """
         with self._lock:
             if self._engine is None:
-                from worker.engine import Engine
-                from worker.models import load_models
-
-                if self.settings.torch_threads:
-                    import torch
-
-                    torch.set_num_threads(self.settings.torch_threads)
-
                 from worker.batcher import Batcher
 
-                loaded = load_models(
-                    self.settings.models,
-                    self.roles_needed(),
-                    cache_dir=self.settings.resolved_models_cache_dir,
-                    device=self.settings.device,
-                    dtype=self.settings.dtype,
-                )
-                for role, seconds in loaded.load_seconds.items():
-                    metrics.MODEL_LOAD.labels(role).set(seconds)
-                self._engine = Engine(loaded)
-                self._warm_tags(self._engine)
-                self._batcher = Batcher(
+                batcher: Batcher[ImageRequest, ImageOutput] = Batcher(
                     self._infer,
                     max_images=self.settings.batch_max_images,
                     wait_ms=self.settings.batch_wait_ms,
                 )
+                self._engine = batcher.call(self._build_engine)
+                self._batcher = batcher
             return self._engine
+
+    def _build_engine(self) -> Engine:
+        from worker.engine import Engine
+        from worker.models import load_models
+
+        if self.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
+        loaded = load_models(
+            self.settings.models,
+            self.roles_needed(),
+            cache_dir=self.settings.resolved_models_cache_dir,
+            device=self.settings.device,
+            dtype=self.settings.dtype,
+        )
+        for role, seconds in loaded.load_seconds.items():
+            metrics.MODEL_LOAD.labels(role).set(seconds)
+        engine = Engine(loaded)
+        self._warm_tags(engine)
+        return engine
 
     def _warm_tags(self, engine: Engine) -> None:
         # The first job of a tag set would otherwise pay the text pass over its whole taxonomy (561 texts
@@ -133,7 +141,9 @@ class WorkerRuntime:
 
     def _infer(self, requests: Sequence[ImageRequest]) -> list[ImageOutput]:
         """One engine batch (the batcher's thread), with its compute time per model and stage."""
-        outputs = self.load().run(requests)
+        if self._engine is None:  # only load() starts the batcher, and it sets the engine before any request
+            raise ModelError("the models are not loaded", code="model_not_loaded")
+        outputs = self._engine.run(requests)
         for stage in {stage for output in outputs for stage in output.timings}:
             seconds = sum(output.timings.get(stage, 0.0) for output in outputs)
             if seconds > 0:

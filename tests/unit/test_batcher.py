@@ -79,3 +79,42 @@ def test_timeout_while_waiting_raises_timeout_error() -> None:
     with pytest.raises(TimeoutError):
         batcher.run(1, timeout_s=0.2)
     release.set()
+
+
+def test_calls_run_on_the_model_thread_between_batches() -> None:
+    threads: list[str] = []
+
+    def run_batch(requests: Sequence[int]) -> list[int]:
+        threads.append(threading.current_thread().name)
+        return [request + 1 for request in requests]
+
+    batcher: Batcher[int, int] = Batcher(run_batch, max_images=4, wait_ms=5)
+    assert batcher.call(lambda: threading.current_thread().name) == "modtag-batcher"
+    assert batcher.run(1, timeout_s=10) == 2
+    assert threads == ["modtag-batcher"]
+    with pytest.raises(KeyError, match="missing"):
+        batcher.call(lambda: {}["missing"])
+    assert batcher.run(2, timeout_s=10) == 3  # a failed call leaves the thread serving
+
+
+def test_a_call_arriving_while_a_batch_gathers_runs_after_that_batch() -> None:
+    order: list[str] = []
+    gathering = threading.Event()
+
+    def run_batch(requests: Sequence[int]) -> list[int]:
+        order.append(f"batch {list(requests)}")
+        return list(requests)
+
+    batcher: Batcher[int, int] = Batcher(run_batch, max_images=8, wait_ms=300)
+    first = batcher.submit(1)
+
+    def call() -> None:
+        order.append("call")
+
+    caller = threading.Thread(target=lambda: (gathering.wait(), batcher.call(call)))
+    caller.start()
+    gathering.set()
+    second = batcher.submit(2)
+    assert first.result(timeout=10) == 1 and second.result(timeout=10) == 2
+    caller.join(timeout=10)
+    assert order == ["batch [1, 2]", "call"]
