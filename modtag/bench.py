@@ -112,7 +112,10 @@ class BenchOptions:
     repeat: int = 2
     skip_baseline: bool = False
     through_stack: bool = False
-    stack_jobs: int = 16
+    # Jobs arrive one by one, so the worker's first batch leaves before the rest arrive: one batch more
+    # than the engine alone needs. 48 jobs (6 engine batches) measure the steady state; 16 would
+    # mostly measure that ramp (3 batches against 2).
+    stack_jobs: int = 48
     progress: bool = True
     peak_size: int | None = None  # the square matrix product's size; None: 3072 on CPUs, 8192 on GPUs
     tags: bool = False  # instead of the workload above: what tags and attribute checks cost (run_tags_bench)

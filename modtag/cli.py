@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--skip-baseline", action="store_true", help="no baseline: no speedups or fp32 parity")
     bench.add_argument("--repeat", type=_positive_int, default=2, help="timed engine runs; the best counts (default 2)")
     bench.add_argument("--through-stack", action="store_true", help="also time jobs through API, Redis, worker, DB")
-    bench.add_argument("--stack-jobs", type=_positive_int, default=16, help="jobs submitted with --through-stack")
+    bench.add_argument(
+        "--stack-jobs", type=_positive_int, default=48, help="jobs submitted with --through-stack (default 48)"
+    )
     bench.add_argument(
         "--tags",
         action="store_true",
