@@ -60,9 +60,13 @@ class Batcher(Generic[Request, Output]):
 
     def call(self, function: Callable[[], Result]) -> Result:
         """Run `function` on the model thread, between batches, and return its result (or raise its error)."""
+        return self.call_soon(function).result()
+
+    def call_soon(self, function: Callable[[], Result]) -> Future[Result]:
+        """Queue `function` to run on the model thread, between batches; its future, without waiting."""
         future: Future[Any] = Future()
         self._pending.put((cast(Request, _Call(function)), future))
-        return cast(Result, future.result())
+        return future
 
     def _loop(self) -> None:
         while True:

@@ -34,7 +34,8 @@ from policies.registry import PolicyRegistry
 if TYPE_CHECKING:
     from PIL import Image
 
-    from worker.engine import Engine, ImageOutput, ImageRequest
+    from policies.schema import TagSet
+    from worker.engine import Engine, ImageOutput, ImageRequest, TagQuery
 
 log = logging.getLogger(__name__)
 POLICY_RELOAD_S = 2.0  # how often a worker looks for edited policy files (a hash of a few small files)
@@ -60,7 +61,7 @@ class WorkerRuntime:
         self.registry = PolicyRegistry(
             self._policy_dirs(),
             interval_s=POLICY_RELOAD_S,
-            on_reload=lambda outcome: metrics.POLICY_RELOADS.labels(outcome).inc(),
+            on_reload=self._reloaded,
         )
         self.blobs = LocalBlobStore(settings.resolved_blob_dir)
         self.limits = ImageLimits.from_settings(settings)
@@ -125,19 +126,25 @@ class WorkerRuntime:
         # The first job of a tag set would otherwise pay the text pass over its whole taxonomy (561 texts
         # of the product taxonomy: ~3 s on 2 CPU cores at base size, far more on busy cores), which could
         # approach a job timeout.
-        from worker.engine import TagQuery
-
         tag_sets = {t.key: t for policy in self.policies.values() for t in policy.requirements().tag_sets}
         if not tag_sets:
             return
         started = time.perf_counter()
-        encoded = engine.warm_tags([TagQuery(t.key, t.texts, t.groups, t.top_k) for t in tag_sets.values()])
+        encoded = engine.warm_tags([tag_query(t) for t in tag_sets.values()])
         log.info(
             "tag text features: %d texts of %d tag sets encoded in %.1fs",
             encoded,
             len(tag_sets),
             time.perf_counter() - started,
         )
+
+    def _reloaded(self, outcome: str) -> None:
+        metrics.POLICY_RELOADS.labels(outcome).inc()
+        batcher, engine = self._batcher, self._engine
+        if outcome == "loaded" and batcher is not None and engine is not None:
+            # A tag set new in this reload is encoded now, on the model thread between batches, rather
+            # than by its first job; the sets already cached cost nothing.
+            batcher.call_soon(lambda: self._warm_tags(engine))
 
     def _infer(self, requests: Sequence[ImageRequest]) -> list[ImageOutput]:
         """One engine batch (the batcher's thread), with its compute time per model and stage."""
@@ -357,7 +364,7 @@ def roles_for(needs: Requirements) -> set[str]:
 
 def image_request(image: Image.Image, needs: Requirements) -> ImageRequest:
     """The engine request that computes `needs` for one decoded image."""
-    from worker.engine import AnswerRequest, ImageRequest, TagQuery
+    from worker.engine import AnswerRequest, ImageRequest
 
     return ImageRequest(
         image=image,
@@ -365,8 +372,15 @@ def image_request(image: Image.Image, needs: Requirements) -> ImageRequest:
         probes=needs.probes,
         texts=needs.texts,
         answers=tuple(AnswerRequest(q.key, q.question, q.candidates, q.required) for q in needs.answers),
-        tags=tuple(TagQuery(t.key, t.texts, t.groups, t.top_k) for t in needs.tag_sets),
+        tags=tuple(tag_query(t) for t in needs.tag_sets),
     )
+
+
+def tag_query(tag_set: TagSet) -> TagQuery:
+    """The engine query that scores one policy tag set."""
+    from worker.engine import TagQuery
+
+    return TagQuery(tag_set.key, tag_set.texts, tag_set.groups, tag_set.top_k)
 
 
 def model_outputs(output: ImageOutput) -> ModelOutputs:

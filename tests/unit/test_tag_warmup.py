@@ -185,3 +185,36 @@ def test_worker_load_warms_every_loaded_policys_tag_sets(runtime: WorkerRuntime,
     size = len(tag_sets[0].texts)
     assert size > 500
     assert f"{size} texts of 2 tag sets encoded" in caplog.text
+
+
+def test_a_tag_set_new_in_a_reload_is_warmed_on_the_model_thread(tmp_path: Path, tiny_models_dir: Path) -> None:
+    policies_dir = tmp_path / "policies"
+    policies_dir.mkdir()
+    settings = Settings(
+        _env_file=None,
+        data_dir=tmp_path / "data",
+        models="tiny-random",
+        models_cache_dir=tiny_models_dir.parent,
+        policies_dir=policies_dir,
+    )
+    runtime = WorkerRuntime(settings)
+    engine = runtime.load()
+    texts = ("a photo of a teapot", "a photo of a kettle", "a photo of a samovar")
+    (policies_dir / "kitchen.yaml").write_text(
+        "name: kitchen\n"
+        "description: Kettles in kitchen photos.\n"
+        "categories:\n"
+        "  - name: kettles\n"
+        "    description: A kettle of any kind.\n"
+        "    checks:\n"
+        "      - kind: tags\n"
+        f"        tags: [{', '.join(t.removeprefix('a photo of a ') for t in texts)}]\n"
+        "        prompt: 'a photo of a {}'\n"
+        "    review: 0.9\n"
+    )
+    assert runtime.registry.refresh(force=True)
+    # The reload queued the warm-up on the model thread; a call queued after it runs after it.
+    runtime._batcher.call(lambda: None)
+    query = next(t for t in runtime.policies["kitchen"].requirements().tag_sets)
+    assert set(query.texts) == set(texts)
+    assert engine.warm_tags([TagQuery(query.key, query.texts, query.groups, query.top_k)]) == 0
