@@ -7,12 +7,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from core.jobs import NewJob, decision_public, job_public
-from core.tables import Decision, Job, Listing, iso
+from core.tables import Decision, Job, JobStatus, Listing, iso, utcnow
 from policies.listing import ListingImage, listing_verdict
+
+_FINAL = (JobStatus.DONE, JobStatus.FAILED)
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class NewListing:
     attributes: dict[str, Any]
     idempotency_key: str | None = None
     submitted_by: str | None = None
+    callback_url: str | None = None
 
 
 def listing_context(title: str | None, description: str | None, attributes: dict[str, Any]) -> dict[str, Any]:
@@ -104,6 +108,31 @@ def listing_public(listing: Listing, rows: Sequence[tuple[Job, Decision | None]]
         "verdict": listing_verdict(images),
         "photos": [{"index": (job.listing_index or 0) + 1, **job_public(job, decision)} for job, decision in rows],
     }
+
+
+def listing_callback_due(session: Session, listing_id: str) -> tuple[str, dict[str, Any]] | None:
+    """Claim the listing's callback once every photo is final: its URL and body, or None when not due.
+
+    The claim is a conditional UPDATE (`callback_sent_at IS NULL`), committed before returning, so of
+    two workers finishing the last two photos at once exactly one gets the payload. The claim is made
+    before the POST: a delivery that fails is not retried (at most once; `GET /v1/listings/{id}` stays
+    the source of truth).
+    """
+    listing = session.get(Listing, listing_id)
+    if listing is None or not listing.callback_url or listing.callback_sent_at is not None:
+        return None
+    rows = listing_jobs(session, listing_id)
+    if len(rows) < listing.image_count or any(job.status not in _FINAL for job, _ in rows):
+        return None
+    claimed = session.execute(
+        update(Listing)
+        .where(col(Listing.id) == listing_id, col(Listing.callback_sent_at).is_(None))
+        .values(callback_sent_at=utcnow())
+    )
+    session.commit()
+    if getattr(claimed, "rowcount", 0) != 1:  # another worker claimed it between our read and our update
+        return None
+    return listing.callback_url, listing_public(listing, rows)
 
 
 def _by_idempotency_key(session: Session, tenant: str, key: str) -> Listing | None:

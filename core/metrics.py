@@ -36,7 +36,7 @@ MODEL_INFERENCE = Histogram(
     buckets=_MODEL_BUCKETS,
 )
 BATCH_SIZE = Histogram("modtag_batch_size_images", "Images per engine batch", buckets=(1, 2, 4, 8, 16, 32, 64))
-CALLBACKS = Counter("modtag_callbacks_total", "Job callbacks sent to callback_url, by outcome", ["outcome"])
+CALLBACKS = Counter("modtag_callbacks_total", "Job and listing callbacks sent, by outcome", ["outcome"])
 MODEL_LOAD = Gauge("modtag_model_load_seconds", "Time the last load of each model took", ["model"])
 QUEUE_DEPTH = Gauge("modtag_queue_depth", "Messages waiting in each Celery queue", ["queue"])
 JOBS_BY_STATUS = Gauge("modtag_jobs", "Jobs in the database by status", ["status"])

@@ -225,6 +225,9 @@ class Listing(SQLModel, table=True):
     idempotency_key: str | None = Field(default=None, max_length=255)
     submitted_by: str | None = Field(default=None, max_length=32)
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    callback_url: str | None = Field(default=None, max_length=2048)
+    # Set by the one worker that claims the callback (see core.listings.listing_callback_due): at most one POST.
+    callback_sent_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
 
 
 class ShadowDecision(SQLModel, table=True):

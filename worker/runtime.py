@@ -25,6 +25,7 @@ from core.blobs import LocalBlobStore
 from core.db import migrate, session_scope
 from core.errors import ModelError, ModtagError, PolicyError, TransientError
 from core.images import ImageLimits, decode_image
+from core.listings import listing_callback_due
 from core.settings import Settings
 from core.tables import Decision, Job, JobStatus, ShadowDecision, utcnow
 from core.urls import fetch_image_bytes, post_json
@@ -305,24 +306,43 @@ class WorkerRuntime:
         return JobResult(job.id, "failed", code=code)
 
     def _send_callback(self, job: Job) -> None:
-        """POST the final job to its callback_url, once, best effort: the API stays the source of truth."""
-        if not job.callback_url:
-            return
+        """POST the final job to its callback_url, and its listing to the listing's once every photo is final.
+
+        Once each, best effort: the API stays the source of truth, and a failed delivery never fails the job.
+        """
+        if job.callback_url:
+            try:
+                with session_scope(self.settings.resolved_database_url) as session:
+                    current = jobs.get_job(session, job.id)
+                    body = jobs.job_public(current, jobs.get_decision(session, job.id)) if current else None
+            except (OperationalError, DBAPIError) as exc:
+                log.warning("callback for job %s not delivered: %s", job.id, exc)
+                metrics.CALLBACKS.labels("failed").inc()
+            else:
+                if body is not None:
+                    self._post_callback(f"job {job.id}", job.callback_url, body)
+        if job.listing_id:
+            try:
+                with session_scope(self.settings.resolved_database_url) as session:
+                    due = listing_callback_due(session, job.listing_id)
+            except (OperationalError, DBAPIError) as exc:
+                log.warning("callback for listing %s not claimed: %s", job.listing_id, exc)
+                metrics.CALLBACKS.labels("failed").inc()
+            else:
+                if due is not None:
+                    self._post_callback(f"listing {job.listing_id}", *due)
+
+    def _post_callback(self, subject: str, url: str, body: dict[str, Any]) -> None:
         try:
-            with session_scope(self.settings.resolved_database_url) as session:
-                current = jobs.get_job(session, job.id)
-                body = jobs.job_public(current, jobs.get_decision(session, job.id)) if current else None
-            if body is None:
-                return
             status = post_json(
-                job.callback_url,
+                url,
                 json.dumps(body).encode(),
                 timeout_s=self.settings.fetch_timeout_s,
                 allow_private=self.settings.fetch_allow_private,
             )
             outcome = "delivered" if 200 <= status < 300 else "rejected"
-        except (ModtagError, OperationalError, DBAPIError) as exc:
-            log.warning("callback for job %s not delivered: %s", job.id, exc)
+        except ModtagError as exc:
+            log.warning("callback for %s not delivered: %s", subject, exc)
             outcome = "failed"
         metrics.CALLBACKS.labels(outcome).inc()
 

@@ -64,6 +64,9 @@ class ListingRequest(BaseModel):
     # Typed loosely so that a non-object is reported as `invalid_attributes`, like the multipart form does.
     attributes: Annotated[Any, WithJsonSchema({"type": "object", "description": 'e.g. {"color": "red"}'})] = None
     policy: str = Field(default="listing", min_length=1, max_length=64)
+    callback_url: str | None = Field(
+        default=None, description="http(s) URL, at most 2048 characters: POSTed the listing once every photo is final."
+    )
 
 
 class ListingVerdict(BaseModel):
@@ -99,6 +102,7 @@ _MULTIPART_SCHEMA = {
         "description": {"type": "string"},
         "attributes": {"type": "string", "description": 'A JSON object, e.g. {"color": "red", "count": 2}.'},
         "policy": {"type": "string", "default": "listing"},
+        "callback_url": {"type": "string", "format": "uri"},
     },
 }
 _SUBMIT_OPENAPI = {
@@ -122,6 +126,7 @@ class _RawListing:
     attributes: Any  # multipart: JSON text; JSON body: the parsed value
     attributes_is_text: bool
     policy: str
+    callback_url: str | None = None
 
 
 async def read_listing(request: Request, settings: SettingsDep) -> _RawListing:
@@ -184,6 +189,7 @@ def submit_listing(
         )
     require_context(policy, context)
     urls = [check_url(url, f"image_urls[{index}]") for index, url in enumerate(raw.image_urls)]
+    callback_url = check_url(raw.callback_url, "callback_url") if raw.callback_url else None
 
     photos: list[NewJob] = []
     base: dict[str, Any] = {"tenant": principal.tenant, "policy": policy.name, "policy_version": policy.version}
@@ -217,6 +223,7 @@ def submit_listing(
             attributes=attributes,
             idempotency_key=idempotency_key,
             submitted_by=principal.key_id,
+            callback_url=callback_url,
         ),
         photos,
     )
@@ -353,7 +360,8 @@ async def _read_multipart(request: Request, settings: Settings, cap: int) -> _Ra
                     code="image_too_large",
                 )
             images.append(data)
-        fields = {key: _form_text(form.get(key), key) for key in ("title", "description", "attributes", "policy")}
+        names = ("title", "description", "attributes", "policy", "callback_url")
+        fields = {key: _form_text(form.get(key), key) for key in names}
         return _RawListing(
             source="upload",
             images=images,
@@ -363,6 +371,7 @@ async def _read_multipart(request: Request, settings: Settings, cap: int) -> _Ra
             attributes=fields["attributes"],
             attributes_is_text=True,
             policy=fields["policy"] or "listing",
+            callback_url=fields["callback_url"] or None,
         )
     finally:
         await form.close()
@@ -393,6 +402,7 @@ async def _read_json(request: Request, cap: int) -> _RawListing:
         attributes=parsed.attributes,
         attributes_is_text=False,
         policy=parsed.policy,
+        callback_url=parsed.callback_url,
     )
 
 
