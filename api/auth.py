@@ -4,7 +4,8 @@ Keys travel as `Authorization: Bearer <key>` or `X-API-Key: <key>`. The dashboar
 a key into a session cookie (HttpOnly, SameSite=Strict, Secure in production); the cookie is accepted
 on GET/HEAD anywhere (reading a thumbnail from an <img>) and on POSTs under /dashboard/, which must
 also carry the session's CSRF token. API writes under /v1 need the key itself: no ambient credential
-can make them. Refusals: 401 `auth_required` / `auth_invalid` / `auth_revoked`, 403 `forbidden`.
+can make them. Refusals: 401 `auth_required` / `auth_invalid` / `auth_revoked`, 403 `forbidden`, and 429
+`too_many_failures` (with Retry-After) for an address that sent too many bad keys (api/failures.py).
 
 `MODTAG_AUTH=false` (development only; refused in production) makes every caller an admin of the
 `default` tenant. /healthz, /readyz and /metrics stay open: probes and Prometheus carry no key, so
@@ -24,7 +25,8 @@ from fastapi.routing import APIRoute
 from fastapi.security import APIKeyCookie, APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session, col, delete, select
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import ServicesDep, SessionDep, SettingsDep
+from api.failures import check_failures, client_address, record_failure
 from core.auth import (
     DEFAULT_TENANT,
     AuthError,
@@ -65,6 +67,7 @@ def get_principal(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
+    services: ServicesDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     header_key: Annotated[str | None, Depends(_api_key_header)],
     cookie: Annotated[str | None, Depends(_session_cookie)],
@@ -72,11 +75,16 @@ def get_principal(
     """The caller, or 401. Header keys win over the cookie."""
     if not settings.auth:
         return Principal(name="anonymous (auth off)", role=Role.ADMIN, tenant=DEFAULT_TENANT, via="auth-off")
+    authorization = request.headers.get("authorization")
+    presented = bearer.credentials if bearer is not None else header_key
+    key_attempt = presented is not None or authorization is not None
+    address = client_address(request)
+    if key_attempt:
+        # Before the key is looked at: a locked-out address learns nothing, not even from a right key.
+        check_failures(services.redis, address, settings)
     try:
-        authorization = request.headers.get("authorization")
         if authorization is not None and bearer is None:
             raise AuthError("send the key as `Authorization: Bearer <key>`", code="auth_invalid")
-        presented = bearer.credentials if bearer is not None else header_key
         if presented is not None:
             return principal_for(authenticate(session, presented))
         if cookie is not None and _cookie_allowed(request):
@@ -87,6 +95,8 @@ def get_principal(
         )
     except AuthError as exc:
         AUTH_FAILURES.labels(code=exc.code).inc()
+        if key_attempt:
+            record_failure(services.redis, address, settings)
         raise
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.schemas import ErrorBody
-from core.errors import ModtagError
+from core.errors import ModtagError, TooManyFailures
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 async def _modtag_error(_request: Request, exc: ModtagError) -> JSONResponse:
     if exc.http_status >= 500:
         logger.warning("request failed: %s", exc)
-    return error_response(exc.http_status, exc.message, exc.code)
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, TooManyFailures) else None
+    return error_response(exc.http_status, exc.message, exc.code, headers=headers)
 
 
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

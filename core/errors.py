@@ -107,3 +107,14 @@ class TransientError(ModtagError):
     code = "transient"
     http_status = 503
     retryable = True
+
+
+class TooManyFailures(ModtagError):
+    """Too many failed key checks from one client address (429); `retry_after_s` says when to try again."""
+
+    code = "too_many_failures"
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(default=None, description="The key `modtag scan --api` sends.")
     review_claim_lease_s: int = Field(default=600, gt=0, le=86_400, description="How long a review claim lasts.")
     session_ttl_s: int = Field(default=8 * 3600, gt=0, le=30 * 86_400, description="Dashboard sign-in lifetime.")
+    auth_max_failures: int = Field(default=10, gt=0, description="Failed key checks per client address and window.")
+    auth_failure_window_s: int = Field(default=300, gt=0, le=86_400, description="The failure-count window.")
 
     @field_validator("models")
     @classmethod

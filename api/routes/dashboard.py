@@ -31,8 +31,9 @@ from api.auth import (
     session_principal,
     start_session,
 )
-from api.deps import SessionDep, SettingsDep
+from api.deps import ServicesDep, SessionDep, SettingsDep
 from api.errors import error_response
+from api.failures import check_failures, client_address, record_failure
 from api.pages import render
 from api.routes.decisions import as_utc
 from api.routes.jobs import tenant_job
@@ -40,7 +41,7 @@ from api.schemas import ID_PATTERN, SLUG_PATTERN
 from core import review
 from core.audit import entry_public, list_entries
 from core.auth import AuthError, Permission, Principal, authenticate
-from core.errors import ModtagError
+from core.errors import ModtagError, TooManyFailures
 from core.jobs import decision_public, get_decision, list_decisions
 from core.metrics import AUTH_FAILURES
 from core.stats import category_counts, flag_rates
@@ -108,6 +109,7 @@ def login(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
+    services: ServicesDep,
     key: Annotated[str, Form(max_length=4096)] = "",
     csrf_token: Annotated[str, Form(max_length=256)] = "",
     next: Annotated[str, Form(max_length=1024)] = DEFAULT_PAGE,
@@ -117,10 +119,18 @@ def login(
     expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
     if not expected or not hmac.compare_digest(expected.encode(), csrf_token.encode()):
         return login_page(request, settings, next_path, "The form expired; sign in again.", status=403)
+    address = client_address(request)
+    try:
+        check_failures(services.redis, address, settings)
+    except TooManyFailures as exc:
+        page = login_page(request, settings, next_path, exc.message, status=429)
+        page.headers["Retry-After"] = str(exc.retry_after_s)
+        return page
     try:
         row = authenticate(session, key.strip())
     except AuthError as exc:
         AUTH_FAILURES.labels(code=exc.code).inc()
+        record_failure(services.redis, address, settings)
         return login_page(request, settings, next_path, exc.message, status=401)
     token, _ = start_session(session, row, settings)
     response = RedirectResponse(next_path, status_code=303)

@@ -108,7 +108,14 @@ class Api:
 
 def api_settings(data_dir: Path, db_url: str, redis_url: str, **fields: Any) -> Settings:
     """Settings of a test API: no .env, no extra policies, blobs under `data_dir`; `fields` override."""
-    chosen: dict[str, Any] = {"blob_dir": data_dir / "blobs", "policies_dir": None, **fields}
+    # Every test API shares one Redis and sends from 127.0.0.1: a high failure limit keeps the bad keys of one
+    # test from locking out the next (test_auth_failures.py tests the limit itself).
+    chosen: dict[str, Any] = {
+        "blob_dir": data_dir / "blobs",
+        "policies_dir": None,
+        "auth_max_failures": 1_000_000,
+        **fields,
+    }
     return Settings(_env_file=None, data_dir=data_dir, database_url=db_url, redis_url=redis_url, **chosen)
 
 

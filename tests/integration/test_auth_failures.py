@@ -1,0 +1,183 @@
+"""Failed key checks are limited by client address: the API and the dashboard sign-in, over real HTTP and Redis."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from api.app import create_app
+from api.failures import KEY_PREFIX, check_failures, record_failure
+from core.errors import TooManyFailures
+from core.metrics import AUTH_FAILURES
+from modtag.servers import free_port
+from tests.integration.conftest import Api, api_settings, assert_error, running_api
+
+LIMIT = 10
+ADDRESS = "127.0.0.1"  # every request of these tests comes from here
+
+
+@pytest.fixture(scope="module")
+def api_overrides() -> dict[str, Any]:
+    return {"auth_max_failures": LIMIT, "auth_failure_window_s": 300}
+
+
+@pytest.fixture(autouse=True)
+def clean_counters(api: Api) -> Iterator[None]:
+    """Each test starts with no failures counted (the Redis is shared with other modules)."""
+    api.redis.delete(*api.redis.keys(KEY_PREFIX + "*") or [KEY_PREFIX + ADDRESS])
+    yield
+    api.redis.delete(*api.redis.keys(KEY_PREFIX + "*") or [KEY_PREFIX + ADDRESS])
+
+
+def _bad(api: Api, key: str = "mtk_wrong") -> httpx.Response:
+    return api.client.get("/v1/audit", headers={"Authorization": f"Bearer {key}"})
+
+
+def _count(code: str) -> float:
+    return AUTH_FAILURES.labels(code=code)._value.get()
+
+
+def test_the_eleventh_attempt_is_refused_even_with_a_valid_key(api: Api) -> None:
+    for _ in range(LIMIT):
+        assert_error(_bad(api), 401, "auth_invalid")
+    before = _count("too_many_failures")
+    refused = api.client.get("/v1/audit")  # the client's own, valid, admin key
+    body = assert_error(refused, 429, "too_many_failures")
+    assert "wait" in body["detail"]
+    assert 1 <= int(refused.headers["Retry-After"]) <= 300
+    assert _count("too_many_failures") == before + 1
+    # A locked-out address is refused before the key is looked at: the same answer for a wrong key.
+    assert_error(_bad(api), 429, "too_many_failures")
+    assert_error(api.client.get("/v1/audit", headers={"X-API-Key": "mtk_wrong"}), 429, "too_many_failures")
+    # Probes and metrics carry no key and stay open.
+    for path in ("/healthz", "/metrics"):
+        assert api.client.get(path, headers={"Authorization": ""}).status_code == 200
+    with httpx.Client(base_url=api.base_url) as anonymous:
+        assert anonymous.get("/healthz").status_code == 200
+        assert anonymous.get("/readyz").status_code == 200
+        assert_error(anonymous.get("/v1/audit"), 401, "auth_required")  # no key: not an attempt
+
+
+def test_another_address_is_unaffected(api: Api) -> None:
+    # uvicorn takes X-Forwarded-For only from FORWARDED_ALLOW_IPS (default 127.0.0.1: a local proxy), which is
+    # where these requests come from: so here it names the client, as a local reverse proxy would.
+    for index in range(LIMIT):
+        assert_error(_bad(api, f"mtk_{index}"), 401, "auth_invalid")
+    assert_error(api.client.get("/v1/audit"), 429, "too_many_failures")
+    other = api.client.get("/v1/audit", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert other.status_code == 200, other.text
+    assert api.redis.get(KEY_PREFIX + "203.0.113.9") is None
+
+
+def test_successes_do_not_count(api: Api) -> None:
+    for _ in range(3 * LIMIT):
+        assert api.client.get("/v1/audit").status_code == 200
+    assert api.redis.get(KEY_PREFIX + ADDRESS) is None
+    for _ in range(LIMIT - 1):
+        assert_error(_bad(api), 401, "auth_invalid")
+    assert api.client.get("/v1/audit").status_code == 200  # 9 failures and a success: still allowed
+    assert int(api.redis.get(KEY_PREFIX + ADDRESS) or 0) == LIMIT - 1
+
+
+def test_revoked_and_malformed_keys_count(api: Api) -> None:
+    for _ in range(LIMIT // 2):
+        assert_error(api.client.get("/v1/audit", headers={"Authorization": "Basic abc"}), 401, "auth_invalid")
+    for _ in range(LIMIT - LIMIT // 2):
+        assert_error(_bad(api), 401, "auth_invalid")
+    assert_error(api.client.get("/v1/audit"), 429, "too_many_failures")
+
+
+def test_hostile_keys_are_counted_by_address_only(api: Api) -> None:
+    hostile = ["x" * 4000, "mtk_" + "é" * 100, "mtk_" + secrets.token_hex(40), "a b c", "%00" * 50]
+    for key in hostile * 2:
+        response = api.client.get("/v1/audit", headers={b"Authorization": b"Bearer " + key.encode()})
+        assert response.status_code == 401, response.text
+    assert api.redis.keys(KEY_PREFIX + "*") == [(KEY_PREFIX + ADDRESS).encode()]
+    assert int(api.redis.get(KEY_PREFIX + ADDRESS) or 0) == 2 * len(hostile)
+    assert 0 < api.redis.ttl(KEY_PREFIX + ADDRESS) <= 300  # a window, never a key without expiry
+    assert_error(api.client.get("/v1/audit"), 429, "too_many_failures")
+
+
+def test_the_counter_is_per_address_and_fixed_window(api: Api) -> None:
+    settings = api.settings.model_copy(update={"auth_max_failures": 3, "auth_failure_window_s": 1})
+    for _ in range(3):
+        check_failures(api.redis, "10.0.0.1", settings)
+        record_failure(api.redis, "10.0.0.1", settings)
+    with pytest.raises(TooManyFailures) as refused:
+        check_failures(api.redis, "10.0.0.1", settings)
+    assert refused.value.code == "too_many_failures" and refused.value.http_status == 429
+    assert refused.value.retry_after_s == 1
+    check_failures(api.redis, "10.0.0.2", settings)  # another address is unaffected
+    check_failures(api.redis, "2001:db8::1", settings)
+    deadline = time.monotonic() + 5
+    while api.redis.exists(KEY_PREFIX + "10.0.0.1") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    check_failures(api.redis, "10.0.0.1", settings)  # the window passed: allowed again
+
+
+def test_the_window_passes_over_http(tmp_path: Path, api: Api) -> None:
+    settings = api_settings(tmp_path, api.db_url, api.settings.redis_url, auth_max_failures=2, auth_failure_window_s=1)
+    with running_api(settings) as short:
+        for _ in range(2):
+            assert_error(_bad(short), 401, "auth_invalid")
+        refused = short.client.get("/v1/audit")
+        assert_error(refused, 429, "too_many_failures")
+        assert refused.headers["Retry-After"] == "1"
+        time.sleep(1.5)
+        assert short.client.get("/v1/audit").status_code == 200
+
+
+def test_redis_down_fails_open(tmp_path: Path, api: Api, caplog: pytest.LogCaptureFixture) -> None:
+    dead_url = f"redis://127.0.0.1:{free_port()}/0"
+    settings = api_settings(tmp_path, api.db_url, dead_url, auth_max_failures=1)
+    with caplog.at_level("WARNING", logger="api.failures"), running_api(settings, create_app(settings)) as dead:
+        for _ in range(5):
+            assert_error(_bad(dead), 401, "auth_invalid")  # never 429, never 500
+        assert dead.client.get("/v1/audit").status_code == 200
+        with httpx.Client(base_url=dead.base_url) as browser:
+            form = browser.get("/dashboard/login")
+            wrong = browser.post("/dashboard/login", data={"key": "mtk_nope", "csrf_token": _csrf(form)})
+            assert wrong.status_code == 401
+    warnings = [record for record in caplog.records if "failure limiting is off" in record.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_dashboard_sign_in_is_limited_with_a_page(api: Api) -> None:
+    with httpx.Client(base_url=api.base_url) as browser:
+        page = browser.get("/dashboard/login")
+        for _ in range(LIMIT):
+            page = browser.post("/dashboard/login", data={"key": "mtk_nope", "csrf_token": _csrf(page)})
+            assert page.status_code == 401
+        refused = browser.post(
+            "/dashboard/login", data={"key": api.key, "csrf_token": _csrf(page)}, follow_redirects=False
+        )
+        assert refused.status_code == 429
+        assert refused.headers["content-type"].startswith("text/html")
+        assert 1 <= int(refused.headers["Retry-After"]) <= 300
+        assert "too many failed sign-ins" in refused.text
+        assert "modtag_session" not in refused.headers.get("set-cookie", "")
+    # Failures at the sign-in count for the API too: one address, one counter.
+    assert_error(api.client.get("/v1/audit"), 429, "too_many_failures")
+
+
+def test_api_failures_lock_the_sign_in_too(api: Api) -> None:
+    for _ in range(LIMIT):
+        assert_error(_bad(api), 401, "auth_invalid")
+    with httpx.Client(base_url=api.base_url) as browser:
+        form = browser.get("/dashboard/login")
+        assert form.status_code == 200  # the form itself is not an attempt
+        refused = browser.post("/dashboard/login", data={"key": api.key, "csrf_token": _csrf(form)})
+        assert refused.status_code == 429
+
+
+def _csrf(page: httpx.Response) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert match, page.text
+    return match.group(1)
