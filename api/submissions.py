@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Header, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
@@ -32,6 +32,7 @@ JSON_SLACK_BYTES = 16 * 1024
 MAX_URL_CHARS = 2048
 MAX_CONTEXT_DEPTH = 16
 _IDEMPOTENCY_KEY_MAX = 255
+BodyModel = TypeVar("BodyModel", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,8 @@ async def _read_multipart(request: Request, settings: Settings, cap: int) -> Raw
         await form.close()
 
 
-async def _read_json(request: Request, cap: int, too_large: str) -> RawSubmission:
+async def read_json_object(request: Request, cap: int, too_large: str) -> dict[str, Any]:
+    """A JSON object body read under a hard size cap and parsed strictly (400/413/422 with a code otherwise)."""
     body = bytearray()
     async for chunk in _capped_stream(request, cap, "payload_too_large", too_large):
         body += chunk
@@ -210,17 +212,27 @@ async def _read_json(request: Request, cap: int, too_large: str) -> RawSubmissio
         raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(document, dict):
         raise InvalidField(f"the JSON body must be an object, not {_json_type(document)}", code="invalid_field")
+    return document
+
+
+def validate_body(model: type[BodyModel], document: dict[str, Any]) -> BodyModel:
+    """`document` as `model`, its errors reported like FastAPI's own body validation (422, `loc` from "body")."""
+    try:
+        return model.model_validate(document)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
+        ) from None
+
+
+async def _read_json(request: Request, cap: int, too_large: str) -> RawSubmission:
+    document = await read_json_object(request, cap, too_large)
     if "image_url" not in document:
         raise InvalidField(
             "`image_url` is missing: send it in a JSON body, or upload the file as multipart field `image`",
             code="image_missing",
         )
-    try:
-        parsed = JobRequest.model_validate(document)
-    except ValidationError as exc:
-        raise RequestValidationError(
-            [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
-        ) from None
+    parsed = validate_body(JobRequest, document)
     return RawSubmission(
         source="url",
         image_url=parsed.image_url,

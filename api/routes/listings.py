@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response, status
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
@@ -31,9 +30,11 @@ from api.submissions import (
     _capped_stream,
     _FormParser,
     check_url,
+    read_json_object,
     require_context,
     resolve_policy,
     strict_json,
+    validate_body,
 )
 from core.broker import enqueue_job
 from core.errors import BadRequest, InvalidField, ModtagError, NotFound, PayloadTooLarge
@@ -378,21 +379,8 @@ async def _read_multipart(request: Request, settings: Settings, cap: int) -> _Ra
 
 
 async def _read_json(request: Request, cap: int) -> _RawListing:
-    body = bytearray()
-    async for chunk in _capped_stream(request, cap, "payload_too_large", f"the JSON body is over {cap} bytes"):
-        body += chunk
-    try:
-        document = strict_json(body)
-    except ValueError as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(document, dict):
-        raise InvalidField("the JSON body must be an object", code="invalid_field")
-    try:
-        parsed = ListingRequest.model_validate(document)
-    except ValidationError as exc:
-        raise RequestValidationError(
-            [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
-        ) from None
+    document = await read_json_object(request, cap, f"the JSON body is over {cap} bytes")
+    parsed = validate_body(ListingRequest, document)
     return _RawListing(
         source="url",
         images=[],
