@@ -1,45 +1,20 @@
 """The policy domain: schema, safe loading of policy files, and pure evaluation of evidence into decisions."""
 
-from policies.evaluate import (
-    Action,
-    CategoryResult,
-    Contradiction,
-    Evidence,
-    ModelOutputs,
-    PolicyDecision,
-    Tag,
-    collect_evidence,
-    decide,
-    evaluate,
-)
-from policies.loader import (
-    MAX_FILE_BYTES,
-    builtin_dir,
-    builtin_taxonomies,
-    load_policies,
-    load_policy,
-    load_policy_text,
-    load_taxonomies,
-    policy_files,
-)
-from policies.schema import (
+from policies.checks import (
     CHECK_KINDS,
-    AnswerQuery,
     AttributeCheck,
     CaptionCheck,
-    Category,
-    Check,
-    Combine,
-    Defaults,
     DescribeCheck,
     MatchCheck,
-    Policy,
     ProbeCheck,
-    Requirements,
     TagsCheck,
-    TagSet,
 )
-from policies.taxonomy import Taxonomy, Vocabulary
+from policies.evaluate import Action, CategoryResult, PolicyDecision, collect_evidence, decide, evaluate
+from policies.loader import MAX_FILE_BYTES, builtin_dir, load_policies, load_policy, load_policy_text, policy_files
+from policies.outputs import Contradiction, Evidence, ModelOutputs, Tag
+from policies.requirements import AnswerQuery, Requirements, TagSet
+from policies.schema import Category, Check, Combine, Defaults, Policy
+from policies.taxonomy import Taxonomy, Vocabulary, builtin_taxonomies, load_taxonomies
 
 __all__ = [
     "CHECK_KINDS",

@@ -13,33 +13,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from policies.evaluate import ModelOutputs
-from policies.schema import Requirements
+from policies.checks import KINDS
+from policies.outputs import ModelOutputs
+from policies.requirements import Requirements
 
 
 def outputs_from_evidence(evidence: Sequence[Mapping[str, Any]], caption: str | None) -> ModelOutputs:
-    """The model outputs a stored decision was made from, as far as its evidence records them."""
-    probes: dict[str, float] = {}
-    matches: dict[str, float] = {}
-    answers: dict[str, dict[str, float]] = {}
-    tags: dict[str, dict[str, float]] = {}
+    """The model outputs a stored decision was made from, as far as its evidence records them (per kind)."""
+    outputs = ModelOutputs(caption=caption)
     for entry in evidence:
-        kind, text = entry.get("kind"), str(entry.get("text", ""))
+        kind = KINDS.get(str(entry.get("kind")))
         score = entry.get("score")
-        if not isinstance(score, (int, float)) or isinstance(score, bool):
+        if kind is None or not isinstance(score, (int, float)) or isinstance(score, bool):
             continue
-        scores = entry.get("scores") or {}
-        if kind == "probe":
-            probes[text] = round(1.0 - score, 6) if entry.get("negate") else float(score)
-        elif kind == "match":
-            matches[text] = float(score)
-        elif kind == "describe":
-            matches.update({chunk: float(value) for chunk, value in scores.items()})
-        elif kind == "attribute" and entry.get("query") and scores:
-            answers[str(entry["query"])] = {answer: float(value) for answer, value in scores.items()}
-        elif kind == "tags" and entry.get("query"):
-            tags[str(entry["query"])] = {tag: float(value) for tag, value in scores.items()}
-    return ModelOutputs(caption=caption, probes=probes, matches=matches, answers=answers, tags=tags)
+        outputs = outputs.merged(kind.replay(entry, float(score)))
+    return outputs
 
 
 def missing_requirements(needs: Requirements, outputs: ModelOutputs) -> Requirements:
@@ -57,15 +45,4 @@ def missing_requirements(needs: Requirements, outputs: ModelOutputs) -> Requirem
         answers=tuple(answers),
         tag_sets=tuple(t for t in needs.tag_sets if t.key not in outputs.tags),
         describe=False,
-    )
-
-
-def merge_outputs(stored: ModelOutputs, fresh: ModelOutputs) -> ModelOutputs:
-    """Stored outputs completed with freshly computed ones (fresh wins where both have a value)."""
-    return ModelOutputs(
-        caption=fresh.caption if fresh.caption is not None else stored.caption,
-        probes={**stored.probes, **fresh.probes},
-        matches={**stored.matches, **fresh.matches},
-        answers={**stored.answers, **fresh.answers},
-        tags={**stored.tags, **fresh.tags},
     )

@@ -13,24 +13,24 @@ import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, model_validator
+from pydantic import AfterValidator, Field, PrivateAttr, StringConstraints, ValidationError, model_validator
 
+from core.errors import PolicyError
+from policies.documents import locate, position, read_document, unique_dirs, validation_message, yaml_files
+from policies.fields import StrictModel, single_line
 from policies.problems import PolicyProblems
 
 MAX_GROUP_VALUES = 2000
 MAX_PROMPT_CHARS = 200
 DEFAULT_PROMPT = "a photo of {}"
+TAXONOMY_DIR = "taxonomies"
 
 # Words that carry no meaning for matching a claim with an answer ("a red one" is "red").
 _FILLER = frozenset({"a", "an", "the", "one", "ones", "colour", "color", "colored", "coloured", "made", "of"})
-
-
-def _single_line(text: str) -> str:
-    if any(ch in text for ch in "\r\n\t\x00") or not text.isprintable():
-        raise ValueError("must be a single line of printable text (no newlines, tabs or control characters)")
-    return text
 
 
 def _one_placeholder(prompt: str) -> str:
@@ -40,22 +40,18 @@ def _one_placeholder(prompt: str) -> str:
 
 
 TagName = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100), AfterValidator(_single_line)
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100), AfterValidator(single_line)
 ]
 GroupName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9_-]+$")]
 Prompt = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=2, max_length=MAX_PROMPT_CHARS),
-    AfterValidator(_single_line),
+    AfterValidator(single_line),
     AfterValidator(_one_placeholder),
 ]
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class TagGroup(_Model):
+class TagGroup(StrictModel):
     """One group of a taxonomy: its tags, the text each tag is matched as, and synonyms that map onto tags."""
 
     name: GroupName
@@ -101,7 +97,7 @@ class TagGroup(_Model):
         return Vocabulary.of(self.values, self.synonyms)
 
 
-class Taxonomy(_Model):
+class Taxonomy(StrictModel):
     """A named set of tag groups, loaded from `taxonomies/*.yaml` beside the policies."""
 
     name: GroupName
@@ -209,3 +205,39 @@ def _singular(word: str) -> str:
     if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
         return word[:-1]
     return word
+
+
+def builtin_taxonomy_dir() -> Path:
+    """The directory of the taxonomies that ship with modtag."""
+    return Path(__file__).resolve().parent / TAXONOMY_DIR
+
+
+@lru_cache(maxsize=1)
+def builtin_taxonomies() -> dict[str, Taxonomy]:
+    """The taxonomies that ship with modtag, by name (read once)."""
+    return load_taxonomies(())
+
+
+def load_taxonomies(dirs: Sequence[Path] = ()) -> dict[str, Taxonomy]:
+    """The built-in taxonomies, then every *.yaml / *.yml file in each `<dir>/taxonomies/`, by name."""
+    taxonomies: dict[str, Taxonomy] = {}
+    origins: dict[str, str] = {}
+    for directory in unique_dirs([builtin_taxonomy_dir(), *(d / TAXONOMY_DIR for d in dirs)]):
+        if not directory.is_dir():
+            continue  # an operator's policies directory need not have taxonomies
+        for path in yaml_files(directory):
+            root, data = read_document(path, "a taxonomy is a mapping with name, description and groups")
+            try:
+                taxonomy = Taxonomy.model_validate(data)
+            except ValidationError as exc:
+                raise PolicyError(validation_message(exc, root, str(path), Taxonomy), code="taxonomy_invalid") from None
+            origin = position(str(path), locate(root, ("name",))[1])
+            if taxonomy.name in taxonomies:
+                raise PolicyError(
+                    f"{origin}: name: taxonomy '{taxonomy.name}' is already defined at {origins[taxonomy.name]}; "
+                    "taxonomy names must be unique, so rename one of them",
+                    code="policy_duplicate",
+                )
+            taxonomies[taxonomy.name] = taxonomy
+            origins[taxonomy.name] = origin
+    return taxonomies

@@ -34,7 +34,7 @@ from policies import (
 from policies.context import MAX_CHUNK_WORDS, context_value, text_chunks
 from policies.listing import ListingImage, listing_verdict
 from policies.registry import PolicyRegistry
-from policies.replay import merge_outputs, missing_requirements, outputs_from_evidence
+from policies.replay import missing_requirements, outputs_from_evidence
 
 
 def load(text: str, source: str = "p.yaml") -> Policy:
@@ -550,6 +550,6 @@ def test_replay_needs_inference_only_for_what_is_new() -> None:
     )
     missing = missing_requirements(new.requirements(), stored)
     assert (missing.caption, missing.probes, missing.texts) == (False, ("b?",), ("a gun",))
-    merged = merge_outputs(stored, ModelOutputs(probes={"b?": 0.9}, matches={"a gun": 0.1}))
+    merged = stored.merged(ModelOutputs(probes={"b?": 0.9}, matches={"a gun": 0.1}))
     replayed = decide(new, merged)
     assert [e.score for e in replayed.evidence] == [0.7, 0.9, 0.0, 0.1]  # 1 - 0.3 from the stored P(yes)

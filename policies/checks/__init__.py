@@ -1,0 +1,37 @@
+"""The check kinds: one module each, carrying its whole contract (see `policies.checks.base`).
+
+A new kind is a module beside these and one line in KINDS; the schema, the loader's messages,
+evaluation and replay read kinds from here.
+"""
+
+from __future__ import annotations
+
+from policies.checks.attribute import AttributeCheck
+from policies.checks.base import BaseCheck
+from policies.checks.caption import CaptionCheck
+from policies.checks.describe import DescribeCheck
+from policies.checks.match import MatchCheck
+from policies.checks.probe import ProbeCheck
+from policies.checks.tags import TagsCheck
+
+KINDS: dict[str, type[BaseCheck]] = {
+    "attribute": AttributeCheck,
+    "caption": CaptionCheck,
+    "describe": DescribeCheck,
+    "match": MatchCheck,
+    "probe": ProbeCheck,
+    "tags": TagsCheck,
+}
+CHECK_KINDS: tuple[str, ...] = tuple(sorted(KINDS))
+
+__all__ = [
+    "CHECK_KINDS",
+    "KINDS",
+    "AttributeCheck",
+    "BaseCheck",
+    "CaptionCheck",
+    "DescribeCheck",
+    "MatchCheck",
+    "ProbeCheck",
+    "TagsCheck",
+]

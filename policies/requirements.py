@@ -1,0 +1,111 @@
+"""What a policy asks of the models: the questions, texts, answer rankings and tag sets one image needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AnswerQuery:
+    """An open question whose candidate answers the VQA decoder ranks by likelihood.
+
+    The engine returns exact log-likelihoods for the `required` answers (the job's claims) and for
+    every candidate that could be the most likely one; candidates it can prove less likely than the
+    best (their first token alone is) may be left out.
+    """
+
+    key: str  # a hash of (question, candidates): which ranking the stored log-likelihoods belong to
+    question: str
+    candidates: tuple[str, ...]
+    required: tuple[str, ...] = ()
+
+    def requiring(self, other: AnswerQuery) -> AnswerQuery:
+        """The same ranking, scoring exactly the answers either requires."""
+        required = tuple(dict.fromkeys((*self.required, *other.required)))
+        return AnswerQuery(self.key, self.question, self.candidates, required)
+
+
+@dataclass(frozen=True)
+class TagSet:
+    """The tags of one tags check: every text gets ITC; the best `top_k` of each group get ITM."""
+
+    key: str  # a hash of (texts, groups, top_k): the same tags share cached text features
+    texts: tuple[str, ...]
+    groups: tuple[int, ...]  # the group index of each text
+    top_k: int
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What the engine must compute for a policy (deduplicated, in first-seen order).
+
+    Without a job's context, `texts` holds the fixed match texts only and `describe` says that each
+    job adds texts from its context; with one, its describe chunks are included and attribute
+    candidates include the claims.
+    """
+
+    caption: bool
+    probes: tuple[str, ...]
+    texts: tuple[str, ...]
+    answers: tuple[AnswerQuery, ...] = ()
+    tag_sets: tuple[TagSet, ...] = ()
+    describe: bool = False
+
+    def merge(self, other: Requirements) -> Requirements:
+        """Everything either needs: what one engine pass computes for an active policy and its shadows."""
+        needs = RequirementsBuilder()
+        for part in (self, other):
+            needs.add(part)
+        return needs.build()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.caption or self.probes or self.texts or self.answers or self.tag_sets)
+
+
+class RequirementsBuilder:
+    """Collects what each check asks for (a check kind's `require` writes here), deduplicated in first-seen order."""
+
+    def __init__(self) -> None:
+        self.caption = False
+        self.describe = False  # some check adds texts from each job's context
+        self._probes: dict[str, None] = {}
+        self._texts: dict[str, None] = {}
+        self._answers: dict[str, AnswerQuery] = {}
+        self._tag_sets: dict[str, TagSet] = {}
+
+    def probe(self, question: str) -> None:
+        self._probes.setdefault(question)
+
+    def text(self, text: str) -> None:
+        self._texts.setdefault(text)
+
+    def answer(self, query: AnswerQuery) -> None:
+        known = self._answers.get(query.key)
+        self._answers[query.key] = query if known is None else known.requiring(query)
+
+    def tag_set(self, tag_set: TagSet) -> None:
+        self._tag_sets.setdefault(tag_set.key, tag_set)
+
+    def add(self, needs: Requirements) -> None:
+        """Everything `needs` asks for, besides what was collected."""
+        self.caption = self.caption or needs.caption
+        self.describe = self.describe or needs.describe
+        for question in needs.probes:
+            self.probe(question)
+        for text in needs.texts:
+            self.text(text)
+        for query in needs.answers:
+            self.answer(query)
+        for tag_set in needs.tag_sets:
+            self.tag_set(tag_set)
+
+    def build(self) -> Requirements:
+        return Requirements(
+            caption=self.caption,
+            probes=tuple(self._probes),
+            texts=tuple(self._texts),
+            answers=tuple(self._answers.values()),
+            tag_sets=tuple(self._tag_sets.values()),
+            describe=self.describe,
+        )
