@@ -403,7 +403,7 @@ def through_stack(options: BenchOptions, dtype: torch.dtype, log: Callable[[str]
     the worker's engine settings and batches of `options.batch_size`.
     """
     from policies import load_policies
-    from worker.runtime import image_request, roles_for
+    from worker.adapter import image_request, roles_for
 
     needs = load_policies([])["moderation"].requirements()
     encoded = [_jpeg(image) for image in photos(options.stack_jobs)]

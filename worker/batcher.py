@@ -36,6 +36,9 @@ class _Call:
         self.function = function
 
 
+_STOP = object()  # queued by Batcher.close: the model thread ends when it reaches it
+
+
 class Batcher(Generic[Request, Output]):
     """Runs `run_batch` on batches of submitted requests in one background thread."""
 
@@ -68,25 +71,39 @@ class Batcher(Generic[Request, Output]):
         self._pending.put((cast(Request, _Call(function)), future))
         return future
 
+    def close(self) -> None:
+        """End the model thread once the work queued before this call has run; later submissions never run."""
+        self._pending.put((cast(Request, _STOP), Future()))
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
     def _loop(self) -> None:
         while True:
             first = self._pending.get()
+            if first[0] is _STOP:
+                return
             if isinstance(first[0], _Call):
                 self._execute_call(first)
                 continue
             batch = [first]
             calls: list[tuple[Any, Future[Any]]] = []  # arrived while this batch gathered: run after it
             deadline = time.monotonic() + self._wait_s
+            stop = False
             while len(batch) < self._max_images:
                 remaining = deadline - time.monotonic()
                 try:
                     item = self._pending.get(timeout=remaining) if remaining > 0 else self._pending.get_nowait()
                 except queue.Empty:
                     break
+                if item[0] is _STOP:
+                    stop = True
+                    break
                 (calls if isinstance(item[0], _Call) else batch).append(item)
             self._execute(batch)
             for call in calls:
                 self._execute_call(call)
+            if stop:
+                return
 
     @staticmethod
     def _execute_call(item: tuple[Any, Future[Any]]) -> None:

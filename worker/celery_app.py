@@ -17,10 +17,10 @@ from celery.signals import worker_ready, worker_shutdown
 
 from core import metrics
 from core.broker import make_celery
-from core.errors import TransientError
 from core.queues import TaskName
 from core.reconcile import start_reconciler
 from core.settings import get_settings
+from worker.lifecycle import RetryLater
 from worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -50,21 +50,18 @@ def install_runtime(instance: WorkerRuntime) -> None:
 
 @app.task(name=TaskName.PROCESS_JOB.value, bind=True, max_retries=None)
 def process_job(self: Task, job_id: str) -> dict[str, Any]:
-    """Judge one job. Permanent problems end the job `failed`; transient ones retry with backoff."""
+    """Judge one job. Permanent problems end the job `failed`; transient ones retry with backoff.
+
+    The job row counts the attempts and decides when to give up (worker/lifecycle.py), not Celery's retries.
+    """
     current = runtime()
     try:
         result = current.process(job_id)
-    except TransientError as exc:
-        attempt = self.request.retries + 1
+    except RetryLater as exc:
         metrics.JOBS_RETRIED.labels(exc.code).inc()
-        if attempt >= settings.max_attempts:
-            current.fail_exhausted(job_id, exc)
-            return {"job_id": job_id, "outcome": "failed", "code": exc.code}
-        raise self.retry(exc=exc, countdown=min(60, 2**attempt)) from exc
+        raise self.retry(exc=exc, countdown=exc.delay_s) from exc
     except SoftTimeLimitExceeded:
-        current.fail_exhausted(
-            job_id, TransientError(f"the job ran over {settings.job_timeout_s}s", code="job_timeout")
-        )
+        current.give_up(job_id, "job_timeout", f"the job ran over {settings.job_timeout_s}s")
         return {"job_id": job_id, "outcome": "failed", "code": "job_timeout"}
     return {"job_id": result.job_id, "outcome": result.outcome, "code": result.code}
 

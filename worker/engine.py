@@ -109,6 +109,14 @@ class ImageOutput:
 
 
 @dataclass
+class BatchOutput:
+    """One batch's results: an output per request, and the wall time of each stage that ran, for the whole batch."""
+
+    images: list[ImageOutput]
+    timings: dict[str, float]
+
+
+@dataclass
 class TextPass:
     """One forward of a text encoder: rows of packed texts, each row over one image, and where each text sits."""
 
@@ -236,6 +244,10 @@ class Engine:
 
     def run(self, requests: Sequence[ImageRequest]) -> list[ImageOutput]:
         """Caption, probe and match each request's image; results in the order of `requests`."""
+        return self.run_batch(requests).images
+
+    def run_batch(self, requests: Sequence[ImageRequest]) -> BatchOutput:
+        """`run`, with the batch's own stage timings: what a worker reports once per batch."""
         batch = self.preprocess(requests)
         raw = self.forward(batch)
         return self.postprocess(batch, raw)
@@ -334,7 +346,7 @@ class Engine:
             tags=tags,
         )
 
-    def postprocess(self, batch: PreparedBatch, raw: RawOutputs) -> list[ImageOutput]:
+    def postprocess(self, batch: PreparedBatch, raw: RawOutputs) -> BatchOutput:
         """Plain Python results: caption strings, P(yes) per question, P(match) per text, timings."""
         started = time.perf_counter()
         outputs = [ImageOutput(caption=None, probes={}, matches={}, timings={}) for _ in batch.requests]
@@ -355,8 +367,8 @@ class Engine:
         for (request_index, query), scored in zip(batch.tag_work, raw.tags, strict=True):
             outputs[request_index].tags[query.key] = scored
         decode_seconds = time.perf_counter() - started
-        self._share_timings(batch, raw, outputs, decode_seconds)
-        return outputs
+        timings = self._share_timings(batch, raw, outputs, decode_seconds)
+        return BatchOutput(outputs, timings)
 
     # Forward stages.
 
@@ -716,7 +728,7 @@ class Engine:
 
     def _share_timings(
         self, batch: PreparedBatch, raw: RawOutputs, outputs: list[ImageOutput], decode_seconds: float
-    ) -> None:
+    ) -> dict[str, float]:
         # Each image gets an equal share of the stages it took part in, so summing the outputs'
         # timings gives the wall time of the call.
         totals = {**batch.timings, **raw.timings}
@@ -735,6 +747,7 @@ class Engine:
                 stage: (totals.get(stage, 0.0) / len(users[stage]) if index in users[stage] else 0.0)
                 for stage in STAGES
             }
+        return {stage: totals.get(stage, 0.0) for stage in STAGES if users[stage]}  # the stages that ran
 
 
 # Helpers.

@@ -1,13 +1,14 @@
 """Offline policy tools on the worker's code path: replay a policy over stored jobs; test one against example images.
 
-Both run in-process: the same decoding, engine requests and evaluation as a worker, loading only the
-models the work at hand needs (a replay whose checks are all unchanged loads none).
+Both run in-process through the worker's inference service: the same decoding, model outputs and
+evaluation as a worker, loading only the models the work at hand needs (a replay whose checks are all
+unchanged loads none).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,8 +24,9 @@ from core.settings import Settings
 from core.tables import Decision, Job, JobStatus
 from core.urls import fetch_image_bytes
 from policies import ModelOutputs, Policy, PolicyDecision, Requirements, decide
-from policies.replay import merge_outputs, missing_requirements, outputs_from_evidence
-from worker.runtime import image_request, model_outputs, roles_for
+from policies.replay import missing_requirements, outputs_from_evidence
+from worker.adapter import roles_for
+from worker.inference import EngineFactory, InferenceService
 
 ACTIONS = ("allow", "review", "block")
 _T = TypeVar("_T")
@@ -91,7 +93,7 @@ def replay_policy(
     target: str | None = None,
     tenant: str | None = None,
     limit: int = 1000,
-    engine_factory: Callable[[set[str]], Any] | None = None,
+    engine_factory: EngineFactory | None = None,
 ) -> ReplayReport:
     """Re-decide the stored decisions of `target` (default: the policy `policy` shadows, else its own name).
 
@@ -127,11 +129,13 @@ def replay_policy(
     roles: set[str] = set()
     for _, _, _, _, missing in pending:
         roles |= roles_for(missing)
-    engine = (engine_factory or _engine_factory(settings))(roles) if roles else None
-    fresh = _infer(engine, settings, [(job, missing) for _, job, _, _, missing in pending if not missing.empty])
+    with InferenceService(settings, engine_factory=engine_factory) as inference:
+        if roles:
+            inference.start(roles)
+        fresh = _infer(inference, settings, [(job, missing) for _, job, _, _, missing in pending if not missing.empty])
     for entry, job, decision, stored, missing in pending:
         try:
-            outputs = merge_outputs(stored, fresh[job.id]) if not missing.empty else stored
+            outputs = stored.merged(fresh[job.id]) if not missing.empty else stored
             verdict = decide(policy, outputs, job.context or {})
         except KeyError:
             continue  # `fresh` has no entry: the image could not be read; `_infer` set the reason below
@@ -152,7 +156,7 @@ def run_cases(
     cases_dir: Path,
     settings: Settings,
     *,
-    engine_factory: Callable[[set[str]], Any] | None = None,
+    engine_factory: EngineFactory | None = None,
 ) -> list[CaseResult]:
     """Decide every example image under `cases_dir/{allow,review,block}/` and compare with its folder.
 
@@ -173,23 +177,26 @@ def run_cases(
     roles: set[str] = set()
     for _, _, needs in plans:
         roles |= roles_for(needs)
-    engine = (engine_factory or _engine_factory(settings))(roles) if roles else None
     limits = ImageLimits.from_settings(settings)
-    for chunk in _chunks(plans, settings.batch_max_images):
-        ready = []
-        for result, context, needs in chunk:
-            try:
-                ready.append((result, context, image_request(decode_image(result.path.read_bytes(), limits), needs)))
-            except (ModtagError, OSError) as exc:
-                result.error = getattr(exc, "message", str(exc))
-        outputs = engine.run([request for _, _, request in ready]) if engine is not None and ready else []
-        for index, (result, context, _) in enumerate(ready):
-            try:
-                verdict = decide(policy, model_outputs(outputs[index]) if outputs else ModelOutputs(), context)
-            except ModtagError as exc:
-                result.error = f"{exc.message} ({exc.code})"
-                continue
-            result.actual, result.reason = verdict.action, verdict.reason
+    with InferenceService(settings, engine_factory=engine_factory) as inference:
+        if roles:
+            inference.start(roles)
+        for chunk in _chunks(plans, settings.batch_max_images):
+            ready = []
+            for result, context, needs in chunk:
+                try:
+                    ready.append((result, context, decode_image(result.path.read_bytes(), limits), needs))
+                except (ModtagError, OSError) as exc:
+                    result.error = getattr(exc, "message", str(exc))
+            work = [(image, needs) for _, _, image, needs in ready]
+            outputs = inference.infer_all(work) if roles and ready else [ModelOutputs() for _ in ready]
+            for (result, context, _, _), output in zip(ready, outputs, strict=True):
+                try:
+                    verdict = decide(policy, output, context)
+                except ModtagError as exc:
+                    result.error = f"{exc.message} ({exc.code})"
+                    continue
+                result.actual, result.reason = verdict.action, verdict.reason
     return results
 
 
@@ -228,9 +235,9 @@ class _Fresh(dict[str, ModelOutputs]):
         self.errors: dict[str, str] = {}
 
 
-def _infer(engine: Any, settings: Settings, work: Sequence[tuple[Job, Requirements]]) -> _Fresh:
+def _infer(inference: InferenceService, settings: Settings, work: Sequence[tuple[Job, Requirements]]) -> _Fresh:
     fresh = _Fresh()
-    if engine is None or not work:
+    if not inference.roles or not work:
         return fresh
     blobs = LocalBlobStore(settings.resolved_blob_dir)
     limits = ImageLimits.from_settings(settings)
@@ -239,12 +246,12 @@ def _infer(engine: Any, settings: Settings, work: Sequence[tuple[Job, Requiremen
         for job, missing in chunk:
             try:
                 data = blobs.get(job.blob_key) if job.blob_key else _fetch(job, settings)
-                ready.append((job, image_request(decode_image(data, limits), missing)))
+                ready.append((job, decode_image(data, limits), missing))
             except (ModtagError, OSError) as exc:
                 fresh.errors[job.id] = f"the image cannot be read again: {getattr(exc, 'message', exc)}"
-        if ready:
-            for (job, _), output in zip(ready, engine.run([request for _, request in ready]), strict=True):
-                fresh[job.id] = model_outputs(output)
+        outputs = inference.infer_all([(image, missing) for _, image, missing in ready])
+        for (job, _, _), output in zip(ready, outputs, strict=True):
+            fresh[job.id] = output
     return fresh
 
 
@@ -257,27 +264,6 @@ def _fetch(job: Job, settings: Settings) -> bytes:
         timeout_s=settings.fetch_timeout_s,
         allow_private=settings.fetch_allow_private,
     )
-
-
-def _engine_factory(settings: Settings) -> Callable[[set[str]], Any]:
-    def build(roles: set[str]) -> Any:
-        from worker.engine import Engine
-        from worker.models import load_models
-
-        if settings.torch_threads:
-            import torch
-
-            torch.set_num_threads(settings.torch_threads)
-        loaded = load_models(
-            settings.models,
-            roles,
-            cache_dir=settings.resolved_models_cache_dir,
-            device=settings.device,
-            dtype=settings.dtype,
-        )
-        return Engine(loaded)
-
-    return build
 
 
 def _category_changes(stored: Mapping[str, Any], verdict: PolicyDecision) -> list[str]:

@@ -1,59 +1,47 @@
-"""What a worker process does with a job id: claim, fetch, decode, infer, evaluate, store.
+"""What a worker process does with a job id: claim it, decode its image, infer, evaluate its policy, store.
 
-One `WorkerRuntime` per process holds the policies, the models (loaded once) and the batcher.
-Every permanent problem ends as a `failed` job with a code and a sentence; transient ones raise
-`TransientError` so the Celery task retries; the process keeps serving either way.
+One `WorkerRuntime` per process holds the policies (reloaded when their files change), the inference
+service (models loaded once) and the job lifecycle. Every permanent problem ends as a `failed` job
+with a code and a sentence; a transient one hands the job back for a retry (worker/lifecycle.py
+counts the attempts); the process keeps serving either way.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from core import jobs, metrics
+from core import metrics
 from core.blobs import LocalBlobStore
-from core.db import migrate, session_scope
+from core.db import migrate
 from core.errors import ModelError, ModtagError, PolicyError, TransientError
 from core.images import ImageLimits, decode_image
-from core.listings import listing_callback_due
 from core.settings import Settings
-from core.tables import Decision, Job, JobStatus, ShadowDecision, utcnow
-from core.urls import fetch_image_bytes, post_json
-from policies import ModelOutputs, Policy, PolicyDecision, Requirements, decide
+from core.tables import Decision, Job, ShadowDecision, as_utc, utcnow
+from core.urls import fetch_image_bytes
+from policies import ModelOutputs, Policy, PolicyDecision, Requirements, TagSet, decide
 from policies.registry import PolicyRegistry
+from worker.adapter import roles_for
+from worker.callbacks import send_callbacks
+from worker.inference import InferenceService
+from worker.lifecycle import JobLifecycle, JobResult, Unclaimed
 
 if TYPE_CHECKING:
-    from PIL import Image
-
-    from policies.schema import TagSet
-    from worker.engine import Engine, ImageOutput, ImageRequest, TagQuery
+    from worker.engine import Engine
 
 log = logging.getLogger(__name__)
 POLICY_RELOAD_S = 2.0  # how often a worker looks for edited policy files (a hash of a few small files)
 
 
-@dataclass
-class JobResult:
-    """What happened to one delivery of a job (for logs and tests)."""
-
-    job_id: str
-    outcome: str  # done, failed, duplicate, busy, missing
-    code: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-
 class WorkerRuntime:
-    """Policies, models and batcher of one worker process; `process(job_id)` runs one job."""
+    """Policies, inference and job lifecycle of one worker process; `process(job_id)` runs one delivery of a job."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -66,9 +54,8 @@ class WorkerRuntime:
         )
         self.blobs = LocalBlobStore(settings.resolved_blob_dir)
         self.limits = ImageLimits.from_settings(settings)
-        self._engine: Engine | None = None
-        self._batcher: Any = None
-        self._lock = threading.Lock()
+        self.inference = InferenceService(settings, tag_sets=self._tag_sets)
+        self.lifecycle = JobLifecycle(settings, self.name)
         migrate(settings.resolved_database_url)
 
     @property
@@ -84,123 +71,37 @@ class WorkerRuntime:
         return roles
 
     def load(self) -> Engine:
-        """Load the models once (thread-safe); raises ModelError with how to get the weights.
-
-        The models are loaded and warmed on the batcher's model thread, the one thread that runs them
-        (see worker/batcher.py for why one thread).
-        """
-        with self._lock:
-            if self._engine is None:
-                from worker.batcher import Batcher
-
-                batcher: Batcher[ImageRequest, ImageOutput] = Batcher(
-                    self._infer,
-                    max_images=self.settings.batch_max_images,
-                    wait_ms=self.settings.batch_wait_ms,
-                )
-                self._engine = batcher.call(self._build_engine)
-                self._batcher = batcher
-            return self._engine
-
-    def _build_engine(self) -> Engine:
-        from worker.engine import Engine
-        from worker.models import load_models
-
-        if self.settings.torch_threads:
-            import torch
-
-            torch.set_num_threads(self.settings.torch_threads)
-        loaded = load_models(
-            self.settings.models,
-            self.roles_needed(),
-            cache_dir=self.settings.resolved_models_cache_dir,
-            device=self.settings.device,
-            dtype=self.settings.dtype,
-        )
-        for role, seconds in loaded.load_seconds.items():
-            metrics.MODEL_LOAD.labels(role).set(seconds)
-        engine = Engine(loaded)
-        self._warm_tags(engine)
-        return engine
-
-    def _warm_tags(self, engine: Engine) -> None:
-        # The first job of a tag set would otherwise pay the text pass over its whole taxonomy (561 texts
-        # of the product taxonomy: ~3 s on 2 CPU cores at base size, far more on busy cores), which could
-        # approach a job timeout.
-        tag_sets = {t.key: t for policy in self.policies.values() for t in policy.requirements().tag_sets}
-        if not tag_sets:
-            return
-        started = time.perf_counter()
-        encoded = engine.warm_tags([tag_query(t) for t in tag_sets.values()])
-        log.info(
-            "tag text features: %d texts of %d tag sets encoded in %.1fs",
-            encoded,
-            len(tag_sets),
-            time.perf_counter() - started,
-        )
-
-    def _reloaded(self, outcome: str) -> None:
-        metrics.POLICY_RELOADS.labels(outcome).inc()
-        batcher, engine = self._batcher, self._engine
-        if outcome == "loaded" and batcher is not None and engine is not None:
-            # A tag set new in this reload is encoded now, on the model thread between batches, rather
-            # than by its first job; the sets already cached cost nothing.
-            batcher.call_soon(lambda: self._warm_tags(engine))
-
-    def _infer(self, requests: Sequence[ImageRequest]) -> list[ImageOutput]:
-        """One engine batch (the batcher's thread), with its compute time per model and stage."""
-        if self._engine is None:  # only load() starts the batcher, and it sets the engine before any request
-            raise ModelError("the models are not loaded", code="model_not_loaded")
-        outputs = self._engine.run(requests)
-        for stage in {stage for output in outputs for stage in output.timings}:
-            seconds = sum(output.timings.get(stage, 0.0) for output in outputs)
-            if seconds > 0:
-                metrics.MODEL_INFERENCE.labels(STAGE_MODELS.get(stage, "all"), stage).observe(seconds)
-        return outputs
+        """Load the models once (thread-safe), tag sets warmed; raises ModelError with how to get the weights."""
+        return self.inference.start(self.roles_needed())
 
     def process(self, job_id: str) -> JobResult:
-        """Run one delivery of a job. Raises TransientError when a retry may succeed."""
-        url = self.settings.resolved_database_url
+        """Run one delivery of a job. Raises RetryLater when the job went back to the queue for another attempt."""
         try:
-            with session_scope(url) as session:
-                job = jobs.claim_job(session, job_id, self.name, self.settings.running_lease_s)
-                if job is None:
-                    return self._unclaimed(session, job_id)
-        except (OperationalError, DBAPIError) as exc:
-            raise TransientError(
-                f"database unavailable: {exc.__class__.__name__}", code="database_unavailable"
-            ) from exc
+            job = self.lifecycle.claim(job_id)
+        except Unclaimed as unclaimed:
+            return unclaimed.result
         try:
             return self._run(job)
         except ModtagError as exc:
             if exc.retryable:
-                self._requeue(job.id)
-                if isinstance(exc, TransientError):
-                    raise
-                raise TransientError(exc.message, code=exc.code) from exc
+                return self._retry(job, exc)
             return self._fail(job, exc.code, exc.message)
         except (OperationalError, DBAPIError) as exc:
-            self._requeue(job.id)
-            raise TransientError(f"database error: {exc.__class__.__name__}", code="database_unavailable") from exc
+            error = TransientError(f"database error: {exc.__class__.__name__}", code="database_unavailable")
+            return self._retry(job, error)
         except TimeoutError:
             return self._fail(job, "job_timeout", f"inference did not finish within {self.settings.job_timeout_s}s")
-        except MemoryError as exc:
-            self._requeue(job.id)
-            raise TransientError("out of memory while processing the image", code="out_of_memory") from exc
+        except MemoryError:
+            return self._retry(job, TransientError("out of memory while processing the image", code="out_of_memory"))
         except Exception as exc:  # a bug must fail the job, not the worker
             log.exception("job %s failed unexpectedly", job.id)
             return self._fail(job, "internal_error", f"unexpected {exc.__class__.__name__}: {exc}")
 
-    def fail_exhausted(self, job_id: str, exc: BaseException) -> None:
-        """After the last retry of a transient error: the job fails with that error's code."""
-        code = getattr(exc, "code", "transient")
-        message = f"gave up after {self.settings.max_attempts} attempts: {getattr(exc, 'message', exc)}"
-        with session_scope(self.settings.resolved_database_url) as session:
-            job = jobs.get_job(session, job_id)
-            if job is not None:
-                jobs.fail_job(session, job_id, code, message)
-                metrics.JOBS_FAILED.labels(job.policy, code).inc()
-                metrics.JOBS_COMPLETED.labels(job.policy, "failed").inc()
+    def give_up(self, job_id: str, code: str, message: str) -> None:
+        """Fail a job from outside its run (the Celery task's time limit), with its callbacks."""
+        job = self.lifecycle.give_up(job_id, code, message)
+        if job is not None:
+            send_callbacks(self.settings, job)
 
     def _run(self, job: Job) -> JobResult:
         timings: dict[str, float] = {}
@@ -209,9 +110,10 @@ class WorkerRuntime:
             raise PolicyError(f"policy {job.policy!r} is not loaded on this worker", code="policy_not_found")
         context = job.context or {}
         needs = policy.requirements(context)  # a missing context field fails the job before any work
-        loaded = self.load()
-        _check_roles(policy, needs, set(loaded.models.models))
-        shadows = self._shadow_plans(policy, context, set(loaded.models.models))
+        self.load()
+        roles = self.inference.roles
+        _check_roles(policy, needs, roles)
+        shadows = self._shadow_plans(policy, context, roles)
         for _, shadow_needs, _ in shadows:
             if shadow_needs is not None:
                 needs = needs.merge(shadow_needs)
@@ -220,40 +122,33 @@ class WorkerRuntime:
         with _stage(timings, "decode"):
             image = decode_image(data, self.limits)
         with _stage(timings, "infer"):
-            output: ImageOutput = self._batcher.run(image_request(image, needs), timeout_s=self.settings.job_timeout_s)
-        for stage, seconds in output.timings.items():
-            timings[f"infer.{stage}"] = seconds
+            outputs = self.inference.infer(image, needs, timeout_s=self.settings.job_timeout_s)
         with _stage(timings, "evaluate"):
-            outputs = model_outputs(output)
             verdict = decide(policy, outputs, context)
             shadow_rows = [
                 _shadow_row(shadow, policy, verdict, outputs, context, error) for shadow, _, error in shadows
             ]
-        started = job.started_at or utcnow()
-        if started.tzinfo is None:
-            started = started.replace(tzinfo=UTC)
         decision = Decision(
             job_id=job.id,
             action=verdict.action,
             policy=policy.name,
             policy_version=policy.version,
-            caption=output.caption,
+            caption=outputs.caption,
             categories={name: result.model_dump(mode="json") for name, result in verdict.categories.items()},
             evidence=[item.model_dump(mode="json") for item in verdict.evidence],
             tags=[tag.model_dump(mode="json") for tag in verdict.tags],
             contradictions=[item.model_dump(mode="json") for item in verdict.contradictions],
             reason=verdict.reason[:2000],
-            models=self._engine.describe() if self._engine else {},
-            duration_ms=round((utcnow() - started).total_seconds() * 1000, 1),
+            models=self.inference.describe(),
+            duration_ms=round((utcnow() - as_utc(job.started_at or utcnow())).total_seconds() * 1000, 1),
         )
-        with _stage(timings, "store"), session_scope(self.settings.resolved_database_url) as session:
-            stored = jobs.store_decision(session, job, decision, shadow_rows)
-        if stored.id == decision.id:
-            self._count_done(job, stored)
+        with _stage(timings, "store"):
+            stored = self.lifecycle.store(job, decision, shadow_rows)
+        if stored:
             for row in shadow_rows:
-                outcome = "error" if row.action is None else ("agree" if row.action == stored.action else "disagree")
+                outcome = "error" if row.action is None else ("agree" if row.action == decision.action else "disagree")
                 metrics.SHADOW_DECISIONS.labels(policy.name, row.policy, outcome).inc()
-            self._send_callback(job)
+            send_callbacks(self.settings, job)
         return JobResult(job.id, "done", timings=timings)
 
     def _shadow_plans(
@@ -286,132 +181,26 @@ class WorkerRuntime:
             allow_private=self.settings.fetch_allow_private,
         )
 
-    def _unclaimed(self, session: Any, job_id: str) -> JobResult:
-        job = jobs.get_job(session, job_id)
-        if job is None:
-            log.warning("job %s does not exist; dropping its message", job_id)
-            return JobResult(job_id, "missing")
-        if job.status in (JobStatus.DONE, JobStatus.FAILED):
-            return JobResult(job_id, "duplicate")
-        # Another worker holds a live lease; if it died, the reconciler hands the job back later.
-        return JobResult(job_id, "busy")
-
     def _fail(self, job: Job, code: str, message: str) -> JobResult:
-        with session_scope(self.settings.resolved_database_url) as session:
-            jobs.fail_job(session, job.id, code, message)
-        metrics.JOBS_FAILED.labels(job.policy, code).inc()
-        metrics.JOBS_COMPLETED.labels(job.policy, "failed").inc()
-        log.info("job %s failed: %s (%s)", job.id, message, code)
-        self._send_callback(job)
-        return JobResult(job.id, "failed", code=code)
+        result = self.lifecycle.fail(job, code, message)
+        send_callbacks(self.settings, job)
+        return result
 
-    def _send_callback(self, job: Job) -> None:
-        """POST the final job to its callback_url, and its listing to the listing's once every photo is final.
+    def _retry(self, job: Job, error: ModtagError) -> JobResult:
+        result = self.lifecycle.retry(job, error)  # raises RetryLater while attempts remain
+        send_callbacks(self.settings, job)
+        return result
 
-        Once each, best effort: the API stays the source of truth, and a failed delivery never fails the job.
-        """
-        if job.callback_url:
-            try:
-                with session_scope(self.settings.resolved_database_url) as session:
-                    current = jobs.get_job(session, job.id)
-                    body = jobs.job_public(current, jobs.get_decision(session, job.id)) if current else None
-            except (OperationalError, DBAPIError) as exc:
-                log.warning("callback for job %s not delivered: %s", job.id, exc)
-                metrics.CALLBACKS.labels("failed").inc()
-            else:
-                if body is not None:
-                    self._post_callback(f"job {job.id}", job.callback_url, body)
-        if job.listing_id:
-            try:
-                with session_scope(self.settings.resolved_database_url) as session:
-                    due = listing_callback_due(session, job.listing_id)
-            except (OperationalError, DBAPIError) as exc:
-                log.warning("callback for listing %s not claimed: %s", job.listing_id, exc)
-                metrics.CALLBACKS.labels("failed").inc()
-            else:
-                if due is not None:
-                    self._post_callback(f"listing {job.listing_id}", *due)
+    def _tag_sets(self) -> list[TagSet]:
+        return [tag_set for policy in self.policies.values() for tag_set in policy.requirements().tag_sets]
 
-    def _post_callback(self, subject: str, url: str, body: dict[str, Any]) -> None:
-        try:
-            status = post_json(
-                url,
-                json.dumps(body).encode(),
-                timeout_s=self.settings.fetch_timeout_s,
-                allow_private=self.settings.fetch_allow_private,
-            )
-            outcome = "delivered" if 200 <= status < 300 else "rejected"
-        except ModtagError as exc:
-            log.warning("callback for %s not delivered: %s", subject, exc)
-            outcome = "failed"
-        metrics.CALLBACKS.labels(outcome).inc()
+    def _reloaded(self, outcome: str) -> None:
+        metrics.POLICY_RELOADS.labels(outcome).inc()
+        if outcome == "loaded":
+            self.inference.rewarm()  # a tag set new in this reload is encoded between batches, not by its first job
 
-    def _requeue(self, job_id: str) -> None:
-        try:
-            with session_scope(self.settings.resolved_database_url) as session:
-                jobs.requeue_job(session, job_id)
-        except (OperationalError, DBAPIError):
-            log.warning("could not hand job %s back to the queue; the reconciler will", job_id)
-
-    def _count_done(self, job: Job, decision: Decision) -> None:
-        metrics.JOBS_COMPLETED.labels(job.policy, "done").inc()
-        metrics.DECISIONS.labels(decision.policy, decision.action).inc()
-        for name, result in decision.categories.items():
-            metrics.CATEGORY_DECISIONS.labels(decision.policy, name, result["action"]).inc()
-        created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=UTC)
-        metrics.JOB_DURATION.labels(job.policy).observe((utcnow() - created).total_seconds())
-
-    def _policy_dirs(self) -> list[Any]:
+    def _policy_dirs(self) -> list[Path]:
         return [self.settings.policies_dir] if self.settings.policies_dir else []
-
-
-# The model each engine stage runs (the `model` label of modtag_model_inference_seconds); preprocessing and
-# the vision pass cover every model of the batch.
-STAGE_MODELS = {"caption": "caption", "probes": "vqa", "answers": "vqa", "matches": "itm", "tags": "itm"}
-
-
-def roles_for(needs: Requirements) -> set[str]:
-    """The models a set of requirements runs on."""
-    roles: set[str] = set()
-    if needs.caption:
-        roles.add("caption")
-    if needs.probes or needs.answers:
-        roles.add("vqa")
-    if needs.texts or needs.describe or needs.tag_sets:
-        roles.add("itm")
-    return roles
-
-
-def image_request(image: Image.Image, needs: Requirements) -> ImageRequest:
-    """The engine request that computes `needs` for one decoded image."""
-    from worker.engine import AnswerRequest, ImageRequest
-
-    return ImageRequest(
-        image=image,
-        caption=needs.caption,
-        probes=needs.probes,
-        texts=needs.texts,
-        answers=tuple(AnswerRequest(q.key, q.question, q.candidates, q.required) for q in needs.answers),
-        tags=tuple(tag_query(t) for t in needs.tag_sets),
-    )
-
-
-def tag_query(tag_set: TagSet) -> TagQuery:
-    """The engine query that scores one policy tag set."""
-    from worker.engine import TagQuery
-
-    return TagQuery(tag_set.key, tag_set.texts, tag_set.groups, tag_set.top_k)
-
-
-def model_outputs(output: ImageOutput) -> ModelOutputs:
-    """The engine's results as the policy domain reads them."""
-    return ModelOutputs(
-        caption=output.caption,
-        probes=output.probes,
-        matches=output.matches,
-        answers=output.answers,
-        tags=output.tags,
-    )
 
 
 def _check_roles(policy: Policy, needs: Requirements, loaded: set[str]) -> None:

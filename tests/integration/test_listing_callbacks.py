@@ -17,7 +17,7 @@ from sqlalchemy import inspect, text
 from sqlmodel import select
 
 from core import metrics
-from core.db import MIGRATIONS_DIR, get_engine, session_scope
+from core.db import MIGRATIONS_DIR, get_engine, migrate, session_scope
 from core.jobs import NewJob, fail_job
 from core.listings import NewListing, create_listing, listing_callback_due
 from core.settings import Settings
@@ -26,7 +26,7 @@ from tests.conftest import photo_bytes
 from tests.integration.conftest import Api, Deployment, assert_error
 from tests.integration.test_callbacks_metrics import receiver  # noqa: F401  (a fixture)
 from tests.integration.test_listings_pipeline import wait_listing
-from worker.runtime import WorkerRuntime
+from worker.callbacks import send_callbacks
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -106,22 +106,23 @@ def test_the_worker_posts_the_listing_once_and_never_to_a_private_address_unless
 ) -> None:
     """The worker's callback path, without models: the loopback receiver is a private address."""
     hook, received = receiver
-    settings = Settings(_env_file=None, data_dir=tmp_path, database_url=database_url, policies_dir=None)
-    refused, allowed = WorkerRuntime(settings), WorkerRuntime(settings.model_copy(update={"fetch_allow_private": True}))
+    refused = Settings(_env_file=None, data_dir=tmp_path, database_url=database_url, policies_dir=None)
+    allowed = refused.model_copy(update={"fetch_allow_private": True})
+    migrate(database_url)
     failed_before = metrics.CALLBACKS.labels("failed")._value.get()
     delivered_before = metrics.CALLBACKS.labels("delivered")._value.get()
 
     listing_id, job_ids = new_listing(database_url, photos=1, callback_url=hook)
     fail(database_url, job_ids[0])
-    refused._send_callback(job_of(database_url, job_ids[0]))  # must not raise: the job stays failed, not errored
+    send_callbacks(refused, job_of(database_url, job_ids[0]))  # must not raise: the job stays failed, not errored
     assert received == []
     assert metrics.CALLBACKS.labels("failed")._value.get() == failed_before + 1
 
     listing_id, job_ids = new_listing(database_url, photos=1, callback_url=hook)
     fail(database_url, job_ids[0])
     job = job_of(database_url, job_ids[0])
-    allowed._send_callback(job)
-    allowed._send_callback(job)  # a redelivered task finishing again: still one POST
+    send_callbacks(allowed, job)
+    send_callbacks(allowed, job)  # a redelivered task finishing again: still one POST
     assert [body["id"] for body in received] == [listing_id]
     assert metrics.CALLBACKS.labels("delivered")._value.get() == delivered_before + 1
 

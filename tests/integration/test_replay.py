@@ -87,14 +87,14 @@ class CountingEngines:
     """Builds real engines (through the worker's loader), recording which models each replay asked for."""
 
     def __init__(self, settings: Settings) -> None:
-        from worker.replay import _engine_factory
-
-        self.build = _engine_factory(settings)
+        self.settings = settings
         self.roles: list[set[str]] = []
 
     def __call__(self, roles: set[str]) -> Any:
+        from worker.inference import build_engine
+
         self.roles.append(set(roles))
-        return self.build(roles)
+        return build_engine(self.settings, roles)
 
 
 def test_shadows_are_recorded_beside_the_decision_and_never_acted_on(settings: Settings, decided: list[str]) -> None:

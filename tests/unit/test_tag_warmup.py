@@ -175,7 +175,7 @@ def runtime(tmp_path: Path, tiny_models_dir: Path) -> Iterator[WorkerRuntime]:
 
 
 def test_worker_load_warms_every_loaded_policys_tag_sets(runtime: WorkerRuntime, caplog: Any) -> None:
-    caplog.set_level("INFO", logger="worker.runtime")
+    caplog.set_level("INFO", logger="worker.inference")
     engine = runtime.load()
     policies = load_policies([])
     tag_sets = [t for name in ("listing", "tagging") for t in policies[name].requirements().tag_sets]
@@ -214,7 +214,7 @@ def test_a_tag_set_new_in_a_reload_is_warmed_on_the_model_thread(tmp_path: Path,
     )
     assert runtime.registry.refresh(force=True)
     # The reload queued the warm-up on the model thread; a call queued after it runs after it.
-    runtime._batcher.call(lambda: None)
+    runtime.inference.call(lambda: None)
     query = next(t for t in runtime.policies["kitchen"].requirements().tag_sets)
     assert set(query.texts) == set(texts)
     assert engine.warm_tags([TagQuery(query.key, query.texts, query.groups, query.top_k)]) == 0
