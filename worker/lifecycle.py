@@ -98,7 +98,7 @@ class JobLifecycle:
     def retry(self, job: Job, error: ModtagError) -> JobResult:
         """After a transient failure: fail the job when its attempts are spent, else queue it again (RetryLater)."""
         if job.attempts >= self.settings.max_attempts:
-            return self.fail(job, error.code, f"gave up after {job.attempts} attempts: {error.message}")
+            return self.fail(job, error.code, _gave_up(job, error.message))
         try:
             with session_scope(self._url) as session:
                 jobs.requeue_job(session, job.id)
@@ -111,7 +111,7 @@ class JobLifecycle:
         with session_scope(self._url) as session:
             job = jobs.get_job(session, job_id)
         if job is not None:
-            self.fail(job, code, f"gave up after {job.attempts} attempts: {message}")
+            self.fail(job, code, _gave_up(job, message))
         return job
 
     def _unclaimed(self, session: Any, job_id: str) -> JobResult:
@@ -123,3 +123,7 @@ class JobLifecycle:
             return JobResult(job_id, "duplicate")
         # Another worker holds a live lease; if it died, the reconciler hands the job back later.
         return JobResult(job_id, "busy")
+
+
+def _gave_up(job: Job, message: str) -> str:
+    return f"gave up after {job.attempts} attempt{'' if job.attempts == 1 else 's'}: {message}"

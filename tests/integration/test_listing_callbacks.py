@@ -17,7 +17,7 @@ from sqlalchemy import inspect, text
 from sqlmodel import select
 
 from core import metrics
-from core.db import MIGRATIONS_DIR, get_engine, migrate, session_scope
+from core.db import MIGRATIONS_DIR, get_engine, session_scope
 from core.jobs import NewJob, fail_job
 from core.listings import NewListing, create_listing, listing_callback_due
 from core.settings import Settings
@@ -108,7 +108,6 @@ def test_the_worker_posts_the_listing_once_and_never_to_a_private_address_unless
     hook, received = receiver
     refused = Settings(_env_file=None, data_dir=tmp_path, database_url=database_url, policies_dir=None)
     allowed = refused.model_copy(update={"fetch_allow_private": True})
-    migrate(database_url)
     failed_before = metrics.CALLBACKS.labels("failed")._value.get()
     delivered_before = metrics.CALLBACKS.labels("delivered")._value.get()
 

@@ -118,3 +118,13 @@ def test_a_call_arriving_while_a_batch_gathers_runs_after_that_batch() -> None:
     assert first.result(timeout=10) == 1 and second.result(timeout=10) == 2
     caller.join(timeout=10)
     assert order == ["batch [1, 2]", "call"]
+
+
+def test_close_runs_the_work_queued_before_it_then_ends_the_thread() -> None:
+    recorder = Recorder()
+    batcher: Batcher[int, int] = Batcher(recorder, max_images=4, wait_ms=60_000)
+    queued = [batcher.submit(value) for value in (1, 2)]
+    batcher.close()  # the batch had not filled: closing lets it leave instead of waiting out the window
+    assert [future.result(timeout=0) for future in queued] == [10, 20]
+    assert recorder.batches == [[1, 2]]
+    assert not batcher._thread.is_alive()
