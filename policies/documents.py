@@ -44,6 +44,16 @@ def yaml_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix in YAML_SUFFIXES and not p.name.startswith("."))
 
 
+def refuse_duplicate(what: str, name: str, origin: str, origins: Mapping[str, str], scope: str = "") -> None:
+    """PolicyError `policy_duplicate` when `name` is already in `origins` (name -> where it was defined)."""
+    if name in origins:
+        raise PolicyError(
+            f"{origin}: name: {what} '{name}' is already defined at {origins[name]}; "
+            f"{what} names must be unique{scope}, so rename one of them",
+            code="policy_duplicate",
+        )
+
+
 def read_document(path: Path, what: str) -> tuple[yaml.Node, Any]:
     """The YAML root node and data of a file that must hold a mapping."""
     source = str(path)

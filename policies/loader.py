@@ -16,6 +16,7 @@ from policies.documents import (
     position,
     read_text,
     read_yaml,
+    refuse_duplicate,
     unique_dirs,
     validation_message,
     yaml_files,
@@ -64,12 +65,8 @@ def load_policies(dirs: Sequence[Path] = ()) -> dict[str, Policy]:
         for path in yaml_files(directory):
             found = _load_file(path, taxonomies)
             policy = found.policy
-            if policy.name in loaded:
-                raise PolicyError(
-                    f"{found.origin}: name: policy '{policy.name}' is already defined at {loaded[policy.name].origin}; "
-                    "policy names must be unique across all policy files, so rename one of them",
-                    code="policy_duplicate",
-                )
+            origins = {name: other.origin for name, other in loaded.items()}
+            refuse_duplicate("policy", policy.name, found.origin, origins, " across all policy files")
             loaded[policy.name] = found
     for found in loaded.values():
         _check_shadow(found, loaded)

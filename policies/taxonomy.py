@@ -20,7 +20,15 @@ from typing import Annotated
 from pydantic import AfterValidator, Field, PrivateAttr, StringConstraints, ValidationError, model_validator
 
 from core.errors import PolicyError
-from policies.documents import locate, position, read_document, unique_dirs, validation_message, yaml_files
+from policies.documents import (
+    locate,
+    position,
+    read_document,
+    refuse_duplicate,
+    unique_dirs,
+    validation_message,
+    yaml_files,
+)
 from policies.fields import StrictModel, single_line
 from policies.problems import PolicyProblems
 
@@ -232,12 +240,7 @@ def load_taxonomies(dirs: Sequence[Path] = ()) -> dict[str, Taxonomy]:
             except ValidationError as exc:
                 raise PolicyError(validation_message(exc, root, str(path), Taxonomy), code="taxonomy_invalid") from None
             origin = position(str(path), locate(root, ("name",))[1])
-            if taxonomy.name in taxonomies:
-                raise PolicyError(
-                    f"{origin}: name: taxonomy '{taxonomy.name}' is already defined at {origins[taxonomy.name]}; "
-                    "taxonomy names must be unique, so rename one of them",
-                    code="policy_duplicate",
-                )
+            refuse_duplicate("taxonomy", taxonomy.name, origin, origins)
             taxonomies[taxonomy.name] = taxonomy
             origins[taxonomy.name] = origin
     return taxonomies
