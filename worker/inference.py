@@ -70,6 +70,11 @@ class InferenceService:
             return self._engine
 
     @property
+    def engine(self) -> Engine | None:
+        """The engine, once `start` has loaded it."""
+        return self._engine
+
+    @property
     def roles(self) -> set[str]:
         """The models loaded (none before `start`)."""
         return set(self._engine.models.models) if self._engine is not None else set()

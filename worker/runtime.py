@@ -72,7 +72,8 @@ class WorkerRuntime:
 
     def load(self) -> Engine:
         """Load the models once (thread-safe), tag sets warmed; raises ModelError with how to get the weights."""
-        return self.inference.start(self.roles_needed())
+        engine = self.inference.engine  # every job asks: only the first pays for reading the policies' needs
+        return engine if engine is not None else self.inference.start(self.roles_needed())
 
     def process(self, job_id: str) -> JobResult:
         """Run one delivery of a job. Raises RetryLater when the job went back to the queue for another attempt."""
