@@ -26,10 +26,12 @@ from core.db import migrate, session_scope
 from core.errors import ModelError, ModtagError, PolicyError, TransientError
 from core.images import ImageLimits, decode_image
 from core.listings import listing_callback_due
+from core.public import JobPublic
 from core.settings import Settings
 from core.tables import Decision, Job, JobStatus, ShadowDecision, utcnow
 from core.urls import fetch_image_bytes, post_json
 from policies import ModelOutputs, Policy, PolicyDecision, Requirements, decide
+from policies.listing import listing_public
 from policies.registry import PolicyRegistry
 
 if TYPE_CHECKING:
@@ -314,13 +316,13 @@ class WorkerRuntime:
             try:
                 with session_scope(self.settings.resolved_database_url) as session:
                     current = jobs.get_job(session, job.id)
-                    body = jobs.job_public(current, jobs.get_decision(session, job.id)) if current else None
+                    body = JobPublic.from_row(current, jobs.get_decision(session, job.id)) if current else None
             except (OperationalError, DBAPIError) as exc:
                 log.warning("callback for job %s not delivered: %s", job.id, exc)
                 metrics.CALLBACKS.labels("failed").inc()
             else:
                 if body is not None:
-                    self._post_callback(f"job {job.id}", job.callback_url, body)
+                    self._post_callback(f"job {job.id}", job.callback_url, body.model_dump(mode="json"))
         if job.listing_id:
             try:
                 with session_scope(self.settings.resolved_database_url) as session:
@@ -330,7 +332,8 @@ class WorkerRuntime:
                 metrics.CALLBACKS.labels("failed").inc()
             else:
                 if due is not None:
-                    self._post_callback(f"listing {job.listing_id}", *due)
+                    listing_body = listing_public(due.listing, due.rows).model_dump(mode="json")
+                    self._post_callback(f"listing {job.listing_id}", due.url, listing_body)
 
     def _post_callback(self, subject: str, url: str, body: dict[str, Any]) -> None:
         try:

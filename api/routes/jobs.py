@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import APIRouter, Response, status
 from sqlmodel import Session
@@ -11,7 +10,7 @@ from sqlmodel import Session
 from api.auth import Reader, Submitter
 from api.deps import ServicesDep, SessionDep
 from api.errors import error_responses
-from api.schemas import ID_PATTERN, JobPublic, JobRequest
+from api.schemas import JobRequest
 from api.submissions import (
     IdempotencyKeyDep,
     SubmissionDep,
@@ -22,10 +21,10 @@ from api.submissions import (
 )
 from api.thumbnails import thumbnail_response
 from core.broker import enqueue_job
-from core.errors import NotFound
 from core.images import ImageLimits, sniff_image
-from core.jobs import NewJob, create_job, find_by_idempotency_key, get_decision, get_job, job_public
+from core.jobs import NewJob, create_job, find_by_idempotency_key, get_decision, tenant_job
 from core.metrics import JOBS_SUBMITTED
+from core.public import JobPublic
 from core.review import get_item
 from core.tables import Job
 
@@ -70,7 +69,7 @@ def submit_job(
     services: ServicesDep,
     session: SessionDep,
     response: Response,
-) -> dict[str, Any]:
+) -> JobPublic:
     """Submit an image (multipart upload or JSON `image_url`) to be judged against a policy (role submit)."""
     settings = services.settings
     tenant = principal.tenant
@@ -119,14 +118,14 @@ def submit_job(
         logger.warning("job %s stored but not enqueued (%s); the reconciler will enqueue it", job.id, exc)
     JOBS_SUBMITTED.labels(policy=policy.name, source=submission.source).inc()
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return job_public(job, None)
+    return JobPublic.from_row(job, None)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=error_responses(401, 403, 404, 422))
-def read_job(job_id: str, session: SessionDep, principal: Reader) -> dict[str, Any]:
+def read_job(job_id: str, session: SessionDep, principal: Reader) -> JobPublic:
     """The job's status and, once done, its decision and any human review beside it."""
     job = tenant_job(session, job_id, principal.tenant)
-    return job_public(job, get_decision(session, job.id), get_item(session, job.id, principal.tenant))
+    return JobPublic.from_row(job, get_decision(session, job.id), get_item(session, job.id, principal.tenant))
 
 
 @router.get(
@@ -143,16 +142,8 @@ def read_thumbnail(job_id: str, session: SessionDep, services: ServicesDep, prin
     return thumbnail_response(job, services)
 
 
-def tenant_job(session: Session, job_id: str, tenant: str) -> Job:
-    """The job if it exists in this tenant; another tenant's job is reported as unknown (404), never 403."""
-    job = get_job(session, job_id, tenant) if ID_PATTERN.match(job_id) else None
-    if job is None:
-        raise NotFound(f"no job with id {job_id[:64]!r}", code="job_not_found")
-    return job
-
-
-def _replay(job: Job, session: Session, response: Response) -> dict[str, Any]:
+def _replay(job: Job, session: Session, response: Response) -> JobPublic:
     response.status_code = status.HTTP_200_OK
     response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return job_public(job, get_decision(session, job.id), get_item(session, job.id, job.tenant))
+    return JobPublic.from_row(job, get_decision(session, job.id), get_item(session, job.id, job.tenant))

@@ -21,7 +21,6 @@ from starlette.formparsers import MultiPartException
 from api.auth import Reader, Submitter
 from api.deps import ServicesDep, SessionDep, SettingsDep
 from api.errors import error_responses
-from api.schemas import ID_PATTERN, JobPublic
 from api.submissions import (
     JSON_SLACK_BYTES,
     MAX_URL_CHARS,
@@ -40,9 +39,12 @@ from core.broker import enqueue_job
 from core.errors import BadRequest, InvalidField, ModtagError, NotFound, PayloadTooLarge
 from core.images import ImageLimits, sniff_image
 from core.jobs import NewJob
-from core.listings import NewListing, create_listing, get_listing, listing_context, listing_jobs, listing_public
+from core.listings import NewListing, create_listing, get_listing, listing_context, listing_jobs
 from core.metrics import JOBS_SUBMITTED
+from core.public import ListingPublic
 from core.settings import Settings
+from core.tables import ID_PATTERN
+from policies.listing import listing_public
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/listings", tags=["listings"])
@@ -68,30 +70,6 @@ class ListingRequest(BaseModel):
     callback_url: str | None = Field(
         default=None, description="http(s) URL, at most 2048 characters: POSTed the listing once every photo is final."
     )
-
-
-class ListingVerdict(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    status: str = Field(description="pending (some photo not final), done, or failed (no photo could be checked).")
-    action: str | None = Field(description="allow, review or block once every photo is final.")
-    matches_description: bool | None = Field(description="Whether some photo matches the title and description.")
-    findings: list[str] = Field(description='Sentences: "photo 3 shows a different colour: blue, ...".')
-
-
-class ListingPublic(BaseModel):
-    """A listing, its verdict and its photos (each a job, as `GET /v1/jobs/{id}` shows it, with `index` from 1)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    id: str
-    policy: str
-    policy_version: str | None
-    title: str | None
-    description: str | None
-    attributes: dict[str, Any]
-    verdict: ListingVerdict
-    photos: list[JobPublic]
 
 
 _MULTIPART_SCHEMA = {
@@ -167,7 +145,7 @@ def submit_listing(
     services: ServicesDep,
     session: SessionDep,
     response: Response,
-) -> dict[str, Any]:
+) -> ListingPublic:
     """Submit a listing's photos with its title, description and attributes: one job per photo (role submit)."""
     settings = services.settings
     count = len(raw.images) + len(raw.image_urls)
@@ -243,7 +221,7 @@ def submit_listing(
 
 
 @router.get("/{listing_id}", response_model=ListingPublic, responses=error_responses(401, 403, 404, 422))
-def read_listing_result(listing_id: str, session: SessionDep, principal: Reader) -> dict[str, Any]:
+def read_listing_result(listing_id: str, session: SessionDep, principal: Reader) -> ListingPublic:
     """The listing with each photo's result and the listing-level verdict (pending until every photo is final)."""
     listing = get_listing(session, listing_id, principal.tenant) if ID_PATTERN.match(listing_id) else None
     if listing is None:  # another tenant's listing is unknown here, never forbidden

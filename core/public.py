@@ -1,0 +1,450 @@
+"""The public JSON shapes: every body the API answers with and every callback the worker POSTs, built from rows.
+
+One owner per shape. The API routes declare these models as `response_model` and return them; the worker dumps the
+same models as its job and listing callbacks; the review queue stores `ReviewItemPublic` snapshots in the audit log.
+They live in core because api/ and worker/ both need them and neither may import the other. What the domain
+computes (a listing's verdict, a policy's summary) is passed in as values: core never imports policies.
+
+The models are exact (`extra="forbid"`): no key leaves the system undeclared. Those the document has always marked
+open (`additionalProperties: true`) keep that mark: it tells clients that later versions add keys, so they must
+ignore keys they do not know; it says nothing about this version sending undeclared ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+from core.tables import AuditEntry, Decision, Job, Listing, ReviewItem, ReviewState, as_utc, iso, utcnow
+
+Timestamp = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
+Action = Literal["allow", "review", "block"]
+
+
+def _promise_nothing(schema: dict[str, Any]) -> None:
+    # `forbid` binds this code, not clients: `additionalProperties: false` would make generated clients refuse
+    # the keys a later version adds.
+    schema.pop("additionalProperties", None)
+
+
+_EXACT = ConfigDict(extra="forbid", json_schema_extra=_promise_nothing)
+_OPEN_TO_ADDITIONS = ConfigDict(extra="forbid", json_schema_extra={"additionalProperties": True})
+
+
+class ErrorBody(BaseModel):
+    """Every error the API returns."""
+
+    model_config = _EXACT
+
+    detail: str = Field(description="What went wrong, in a sentence a person can act on.")
+    code: str = Field(description="A stable snake_case code for scripts.")
+
+
+class NotReadyBody(ErrorBody):
+    checks: dict[str, str] = Field(description="Each dependency and `ok` or what failed.")
+
+
+class Liveness(BaseModel):
+    model_config = _EXACT
+
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    model_config = _EXACT
+
+    status: Literal["ready"]
+    checks: dict[str, str]
+
+
+# --- decisions and jobs ----------------------------------------------------------------------------------------
+
+
+class CategoryResult(BaseModel):
+    model_config = _OPEN_TO_ADDITIONS
+
+    score: float
+    action: Action
+    fired: bool
+    decided_by: str | None = Field(default=None, description="The check that set the score (null when it is 0).")
+    reason: str | None = Field(default=None, description="Which check decided, with what score, against what.")
+
+
+class DecisionPublic(BaseModel):
+    """A stored decision with its evidence."""
+
+    model_config = _OPEN_TO_ADDITIONS
+
+    id: str
+    job_id: str
+    action: Action
+    categories: dict[str, CategoryResult]
+    caption: str | None
+    evidence: list[dict[str, Any]]
+    tags: list[dict[str, Any]]
+    contradictions: list[dict[str, Any]] = Field(
+        description="Claims of the job's context the photo contradicts: {category, field, claimed, seen, score}."
+    )
+    reason: str | None = Field(description="Which category and check decided, as a sentence.")
+    policy: str
+    policy_version: str
+    models: dict[str, Any]
+    decided_at: Timestamp
+    duration_ms: float
+
+    @classmethod
+    def from_row(cls, decision: Decision) -> DecisionPublic:
+        return cls(
+            id=decision.id,
+            job_id=decision.job_id,
+            action=decision.action,  # type: ignore[arg-type]  # the column holds one of the three actions
+            categories={name: CategoryResult.model_validate(result) for name, result in decision.categories.items()},
+            caption=decision.caption,
+            evidence=decision.evidence,
+            tags=decision.tags,
+            contradictions=decision.contradictions or [],
+            reason=decision.reason,
+            policy=decision.policy,
+            policy_version=decision.policy_version,
+            models=decision.models,
+            decided_at=_stamp(decision.decided_at),
+            duration_ms=decision.duration_ms,
+        )
+
+
+class JobError(BaseModel):
+    model_config = _EXACT
+
+    code: str
+    message: str | None
+
+
+class JobListing(BaseModel):
+    """The listing a photo's job belongs to."""
+
+    model_config = _EXACT
+
+    id: str
+    index: int = Field(description="The photo's position in the listing, from 0.")
+
+
+class ReviewActor(BaseModel):
+    model_config = _EXACT
+
+    id: str | None = Field(description="The API key's id (or a label for the CLI / the machine).")
+    name: str | None
+
+
+class ReviewClaim(BaseModel):
+    model_config = _EXACT
+
+    by: ReviewActor
+    expires_at: Timestamp
+
+
+class ReviewResolution(BaseModel):
+    model_config = _EXACT
+
+    action: Literal["allow", "block"]
+    reason: str | None
+    by: ReviewActor
+    at: Timestamp
+
+
+class ReviewItemPublic(BaseModel):
+    """A `review` decision in the human queue; the machine decision itself is never changed."""
+
+    model_config = _OPEN_TO_ADDITIONS
+
+    job_id: str
+    decision_id: str
+    policy: str
+    category: str | None = Field(description="The highest-scoring flagged category.")
+    score: float
+    state: Literal["open", "resolved"]
+    queued_at: Timestamp
+    claim: ReviewClaim | None = Field(description="A live claim; an expired one is shown as null.")
+    resolution: ReviewResolution | None
+    reopen_count: int
+
+    @classmethod
+    def from_row(cls, item: ReviewItem, *, now: datetime | None = None) -> ReviewItemPublic:
+        """The item as of `now`: a claim whose lease has run out is shown as no claim."""
+        now = now or utcnow()
+        expires = item.claim_expires_at
+        live = item.claimed_by is not None and expires is not None and as_utc(expires) > now
+        return cls(
+            job_id=item.job_id,
+            decision_id=item.decision_id,
+            policy=item.policy,
+            category=item.category,
+            score=item.score,
+            state=item.state,  # type: ignore[arg-type]  # the column holds a ReviewState
+            queued_at=_stamp(item.queued_at),
+            claim=(
+                ReviewClaim(by=ReviewActor(id=item.claimed_by, name=item.claimed_by_name), expires_at=_stamp(expires))
+                if live
+                else None
+            ),
+            resolution=(
+                ReviewResolution(
+                    action=item.resolution,  # type: ignore[arg-type]  # set with the resolved state
+                    reason=item.reason,
+                    by=ReviewActor(id=item.resolved_by, name=item.resolved_by_name),
+                    at=_stamp(item.resolved_at),
+                )
+                if item.state == ReviewState.RESOLVED
+                else None
+            ),
+            reopen_count=item.reopen_count,
+        )
+
+
+class JobPublic(BaseModel):
+    """A job and, once done, its decision and any human review beside it."""
+
+    model_config = _OPEN_TO_ADDITIONS
+
+    id: str
+    status: Literal["queued", "running", "done", "failed"]
+    policy: str
+    policy_version: str | None
+    source: Literal["upload", "url"]
+    image_url: str | None
+    context: dict[str, Any] | None
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+    attempts: int
+    error: JobError | None
+    listing: JobListing | None = Field(description="The listing this job checks a photo of, if any.")
+    decision: DecisionPublic | None
+    review: ReviewItemPublic | None = Field(default=None, description="The human review, for `review` decisions.")
+    # Only a listing's photos carry it; a job read on its own has no such key (not even null).
+    index: int | None = Field(
+        default=None,
+        description="In a listing's `photos` only: the photo's position, from 1.",
+        exclude_if=lambda index: index is None,
+    )
+
+    @classmethod
+    def from_row(
+        cls, job: Job, decision: Decision | None, review: ReviewItem | None = None, *, index: int | None = None
+    ) -> JobPublic:
+        return cls(
+            id=job.id,
+            status=job.status,  # type: ignore[arg-type]  # the column holds a JobStatus
+            policy=job.policy,
+            policy_version=job.policy_version,
+            source=job.source,  # type: ignore[arg-type]  # "upload" or "url", set at submission
+            image_url=job.image_url,
+            context=job.context,
+            created_at=_stamp(job.created_at),
+            started_at=iso(job.started_at),
+            finished_at=iso(job.finished_at),
+            attempts=job.attempts,
+            error=JobError(code=job.error_code, message=job.error_message) if job.error_code else None,
+            listing=(
+                JobListing(id=job.listing_id, index=job.listing_index or 0) if job.listing_id is not None else None
+            ),
+            decision=DecisionPublic.from_row(decision) if decision is not None else None,
+            review=ReviewItemPublic.from_row(review) if review is not None else None,
+            index=index,
+        )
+
+
+class DecisionPage(BaseModel):
+    model_config = _EXACT
+
+    data: list[DecisionPublic]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+
+
+class ReviewQueueEntry(ReviewItemPublic):
+    decision: DecisionPublic
+
+    @classmethod
+    def from_rows(cls, item: ReviewItem, decision: Decision, *, now: datetime | None = None) -> ReviewQueueEntry:
+        return cls(**dict(ReviewItemPublic.from_row(item, now=now)), decision=DecisionPublic.from_row(decision))
+
+
+class ReviewQueuePage(BaseModel):
+    model_config = _EXACT
+
+    data: list[ReviewQueueEntry]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+
+
+# --- listings ----------------------------------------------------------------------------------------------------
+
+
+class ListingCategoryVerdict(BaseModel):
+    model_config = _EXACT
+
+    action: Action
+    photos: list[int] = Field(description="The photos (from 1) on which the category fired.")
+
+
+class ListingPhotoCounts(BaseModel):
+    model_config = _EXACT
+
+    total: int
+    decided: int
+    failed: int
+
+
+class ListingVerdict(BaseModel):
+    model_config = _OPEN_TO_ADDITIONS
+
+    status: str = Field(description="pending (some photo not final), done, or failed (no photo could be checked).")
+    action: str | None = Field(description="allow, review or block once every photo is final.")
+    matches_description: bool | None = Field(description="Whether some photo matches the title and description.")
+    findings: list[str] = Field(description='Sentences: "photo 3 shows a different colour: blue, ...".')
+    categories: dict[str, ListingCategoryVerdict] = Field(description="Per category: its listing-level action.")
+    tags: list[dict[str, Any]] = Field(description="The photos' tags merged, each with the photo that scored best.")
+    photos: ListingPhotoCounts
+
+
+class ListingPublic(BaseModel):
+    """A listing, its verdict and its photos (each a job, as `GET /v1/jobs/{id}` shows it, with `index` from 1)."""
+
+    model_config = _OPEN_TO_ADDITIONS
+
+    id: str
+    policy: str
+    policy_version: str | None
+    title: str | None
+    description: str | None
+    attributes: dict[str, Any]
+    created_at: Timestamp
+    verdict: ListingVerdict
+    photos: list[JobPublic]
+
+    @staticmethod
+    def photos_of(rows: Sequence[tuple[Job, Decision | None]]) -> list[JobPublic]:
+        """The listing's photos in order: each job as `GET /v1/jobs/{id}` shows it, numbered from 1."""
+        return [JobPublic.from_row(job, decision, index=(job.listing_index or 0) + 1) for job, decision in rows]
+
+    @classmethod
+    def from_photos(cls, listing: Listing, photos: list[JobPublic], verdict: Mapping[str, Any]) -> ListingPublic:
+        """The listing body, given its photos and the verdict the domain read from them (policies.listing)."""
+        return cls(
+            id=listing.id,
+            policy=listing.policy,
+            policy_version=listing.policy_version,
+            title=listing.title,
+            description=listing.description,
+            attributes=listing.attributes,
+            created_at=_stamp(listing.created_at),
+            verdict=ListingVerdict.model_validate(verdict),
+            photos=photos,
+        )
+
+
+# --- policies, shadows, audit ----------------------------------------------------------------------------------
+
+
+class PolicySummary(BaseModel):
+    model_config = _EXACT
+
+    name: str
+    description: str
+    version: str = Field(description="Hash of the policy's normalised content; every decision records it.")
+    categories: list[str]
+
+
+class PolicyReloadError(BaseModel):
+    model_config = _EXACT
+
+    code: str
+    message: str = Field(description="file:line:col: what is wrong, one line per problem.")
+    at: Timestamp
+
+
+class PolicyList(BaseModel):
+    model_config = _EXACT
+
+    data: list[PolicySummary]
+    reload_error: PolicyReloadError | None = Field(
+        default=None,
+        description="The policy files changed but could not be loaded: the versions listed stay in use until fixed.",
+    )
+
+
+class ShadowSummary(BaseModel):
+    model_config = _OPEN_TO_ADDITIONS
+
+    shadow: str
+    version: str = Field(description="The shadow policy's version; each version is summarised on its own.")
+    compared: int = Field(description="Jobs on which both the active policy and this shadow decided.")
+    agreed: int
+    agreement: float | None = Field(description="agreed / compared (null when nothing was compared).")
+    errors: int = Field(description="Jobs the shadow could not decide (a context field it needs, say).")
+    confusion: dict[str, dict[str, int]] = Field(description="Counts by active action, then shadow action.")
+    first_at: str | None
+    last_at: str | None
+
+
+class ShadowReport(BaseModel):
+    model_config = _EXACT
+
+    policy: str
+    version: str = Field(description="The active policy's current version.")
+    shadows: list[str] = Field(description="The policies loaded now that shadow this one.")
+    data: list[ShadowSummary]
+
+
+class AuditActor(BaseModel):
+    model_config = _EXACT
+
+    key_id: str | None
+    name: str
+    role: str | None
+
+
+class AuditTarget(BaseModel):
+    model_config = _EXACT
+
+    type: str
+    id: str
+
+
+class AuditEntryPublic(BaseModel):
+    model_config = _EXACT
+
+    id: int
+    at: Timestamp
+    actor: AuditActor
+    action: str = Field(
+        description="review.enqueued, review.claimed, review.released, review.resolved, review.reopened, key.created..."
+    )
+    target: AuditTarget
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+
+    @classmethod
+    def from_row(cls, entry: AuditEntry) -> AuditEntryPublic:
+        return cls(
+            id=entry.id or 0,
+            at=_stamp(entry.at),
+            actor=AuditActor(key_id=entry.actor_key_id, name=entry.actor_name, role=entry.actor_role),
+            action=entry.action,
+            target=AuditTarget(type=entry.target_type, id=entry.target_id),
+            before=entry.before,
+            after=entry.after,
+        )
+
+
+class AuditPage(BaseModel):
+    model_config = _EXACT
+
+    data: list[AuditEntryPublic]
+    next_cursor: str | None
+
+
+def _stamp(moment: datetime | None) -> str:
+    """A timestamp the row always has (a not-null column, or one set with the state shown), as ISO 8601."""
+    return iso(moment) or ""
