@@ -37,9 +37,16 @@ pytestmark = pytest.mark.timeout(120)
 
 TENANTS = ("acme", "globex")
 UNKNOWN_ID = "0123456789abcdef0123456789abcdef"
+# As the worker stores them (policies.evaluate.CategoryResult): the API shows every key.
 REVIEW_CATEGORIES = {
-    "weapons": {"score": 0.72, "action": "review", "fired": True},
-    "nudity": {"score": 0.05, "action": "allow", "fired": False},
+    "weapons": {
+        "score": 0.72,
+        "action": "review",
+        "fired": True,
+        "decided_by": "probe: is there a gun?",
+        "reason": None,
+    },
+    "nudity": {"score": 0.05, "action": "allow", "fired": False, "decided_by": None, "reason": None},
 }
 XSS_CAPTION = '<script>alert("x")</script><img src=x onerror=alert(1)> a man holding a rifle'
 
