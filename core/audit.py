@@ -9,15 +9,13 @@ from __future__ import annotations
 import base64
 import binascii
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlmodel import Session, col, select
 
 from core.errors import BadRequest
+from core.principals import Principal
 from core.tables import AuditEntry
-
-if TYPE_CHECKING:
-    from core.auth import Principal
 
 
 def record(

@@ -20,22 +20,15 @@ from sqlalchemy import ColumnElement, and_, or_, update
 from sqlmodel import Session, col, func, select
 
 from core.audit import record
-from core.auth import Permission, Principal, system_principal
-from core.errors import BadRequest, ModtagError, NotFound
+from core.errors import BadRequest, Conflict, ModtagError, NotFound
 from core.metrics import REVIEW_RESOLUTION
+from core.principals import Permission, Principal, system_principal
 from core.public import ReviewItemPublic
 from core.tables import ID_PATTERN, Decision, DecisionCategory, ReviewItem, ReviewState, as_utc, iso, utcnow
 
 Order = Literal["oldest", "score"]
 Resolution = Literal["allow", "block"]
 MAX_REASON_CHARS = 2000
-
-
-class Conflict(ModtagError):
-    """The item is not in a state that allows this (claimed by someone else, already resolved...)."""
-
-    code = "conflict"
-    http_status = 409
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,7 @@ class DecisionCategory(SQLModel, table=True):
 
 
 class Role(StrEnum):
-    """What an API key may do (api/auth.py maps each role to its permissions)."""
+    """What an API key may do (core/principals.py maps each role to its permissions)."""
 
     SUBMIT = "submit"
     REVIEW = "review"

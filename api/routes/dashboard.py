@@ -39,10 +39,11 @@ from api.pages import render
 from api.schemas import SLUG_PATTERN
 from core import review
 from core.audit import list_entries
-from core.auth import AuthError, Permission, Principal, authenticate
-from core.errors import ModtagError, TooManyFailures
+from core.auth import authenticate
+from core.errors import AuthError, ModtagError, TooManyFailures
 from core.jobs import decode_cursor, get_decision, list_decisions, tenant_job
 from core.metrics import AUTH_FAILURES
+from core.principals import Permission, Principal
 from core.public import AuditEntryPublic, DecisionPublic, ReviewItemPublic, ReviewQueueEntry
 from core.stats import category_counts, flag_rates
 from core.tables import ID_PATTERN, Decision, Job, ReviewState, as_utc, iso, utcnow

@@ -26,9 +26,10 @@ from starlette.routing import BaseRoute
 
 from api.app import create_app
 from api.auth import PUBLIC_PATHS, route_permission
-from core.auth import ROLE_PERMISSIONS, Permission, cli_principal, create_key, revoke_key
+from core.auth import create_key, revoke_key
 from core.db import session_scope
 from core.jobs import claim_job, get_decision, store_decision
+from core.principals import ROLE_PERMISSIONS, Permission, cli_principal
 from core.settings import Settings
 from core.tables import Decision, Job, ReviewItem, Role
 from tests.integration.conftest import assert_error, serve

@@ -15,12 +15,12 @@ from sqlalchemy import text
 from sqlmodel import col, select
 
 from core import review
-from core.auth import AuthError, Principal, authenticate, cli_principal, create_key, hash_key
+from core.auth import authenticate, create_key, hash_key
 from core.db import get_engine, session_scope
-from core.errors import NotFound
+from core.errors import AuthError, Conflict, NotFound
 from core.jobs import NewJob, claim_job, create_job, store_decision
+from core.principals import Principal, cli_principal
 from core.public import ReviewItemPublic
-from core.review import Conflict
 from core.settings import get_settings
 from core.tables import ApiKey, AuditEntry, Decision, ReviewItem, Role
 from modtag.cli import main
