@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 # Policy and category names are slugs (ids: core.tables.ID_PATTERN).
 SLUG_PATTERN = r"^[a-z0-9_-]+$"
+MAX_TITLE_CHARS = 500
+MAX_DESCRIPTION_CHARS = 20_000
 
 
 class JobRequest(BaseModel):
@@ -24,6 +26,22 @@ class JobRequest(BaseModel):
     # Typed loosely so that a non-object is reported as `invalid_context`, like the multipart form does.
     context: Annotated[Any, WithJsonSchema({"type": "object", "description": "Listing text and attributes."})] = None
     callback_url: str | None = Field(default=None, description="http(s) URL, at most 2048 characters.")
+
+
+class ListingRequest(BaseModel):
+    """`POST /v1/listings` as JSON: the photos are fetched from `image_urls` by workers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_urls: list[str] = Field(description="http(s) URLs of the listing's photos, in order.")
+    title: str = Field(description=f"The listing's title, at most {MAX_TITLE_CHARS} characters.")
+    description: str | None = Field(default=None, description=f"At most {MAX_DESCRIPTION_CHARS} characters.")
+    # Typed loosely so that a non-object is reported as `invalid_attributes`, like the multipart form does.
+    attributes: Annotated[Any, WithJsonSchema({"type": "object", "description": 'e.g. {"color": "red"}'})] = None
+    policy: str = Field(default="listing", min_length=1, max_length=64)
+    callback_url: str | None = Field(
+        default=None, description="http(s) URL, at most 2048 characters: POSTed the listing once every photo is final."
+    )
 
 
 class ResolveRequest(BaseModel):

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import and_, or_, update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session, SQLModel, col, func, select
 
 from core import review
 from core.errors import BadRequest, NotFound
 from core.tables import ID_PATTERN, Decision, DecisionCategory, Job, JobStatus, ShadowDecision, utcnow
+
+Won = TypeVar("Won")
 
 
 @dataclass(frozen=True)
@@ -48,17 +50,25 @@ def create_job(session: Session, new: NewJob) -> tuple[Job, bool]:
         if existing:
             return existing, False
     job = Job(**new.__dict__)
-    session.add(job)
+    winner = commit_once(
+        session, [job], lambda: find_by_idempotency_key(session, new.tenant, new.idempotency_key or "")
+    )
+    return (winner, False) if winner is not None else (job, True)
+
+
+def commit_once(session: Session, rows: Sequence[SQLModel], winner: Callable[[], Won | None]) -> Won | None:
+    """Add `rows` and commit; None once committed. When a request with the same idempotency key committed first
+    (a uniqueness violation), roll back and return what it made (`winner()`); any other violation is raised."""
+    session.add_all(rows)
     try:
         session.commit()
     except IntegrityError:
-        # Two requests with the same key raced; the other one won.
         session.rollback()
-        existing = find_by_idempotency_key(session, new.tenant, new.idempotency_key or "")
+        existing = winner()
         if existing is None:
             raise
-        return existing, False
-    return job, True
+        return existing
+    return None
 
 
 def find_by_idempotency_key(session: Session, tenant: str, key: str) -> Job | None:

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import update
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from core.jobs import NewJob
+from core.jobs import NewJob, commit_once
 from core.tables import FINAL_STATUSES, Decision, Job, Listing, utcnow
 
 
@@ -58,25 +57,26 @@ def create_listing(session: Session, new: NewListing, photos: Sequence[NewJob]) 
     With an idempotency key already used, return that listing and its jobs instead (False: not created).
     """
     if new.idempotency_key:
-        existing = _by_idempotency_key(session, new.tenant, new.idempotency_key)
+        existing = find_listing_by_idempotency_key(session, new.tenant, new.idempotency_key)
         if existing is not None:
             return existing, [job for job, _ in listing_jobs(session, existing.id)], False
     listing = Listing(**dataclasses.asdict(new), image_count=len(photos))
-    session.add(listing)
     jobs = [
         Job(**dataclasses.replace(photo, listing_id=listing.id, listing_index=index).__dict__)
         for index, photo in enumerate(photos)
     ]
-    session.add_all(jobs)
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()  # two requests with the same key raced; the other one won
-        existing = _by_idempotency_key(session, new.tenant, new.idempotency_key or "")
-        if existing is None:
-            raise
-        return existing, [job for job, _ in listing_jobs(session, existing.id)], False
+    winner = commit_once(
+        session,
+        [listing, *jobs],
+        lambda: find_listing_by_idempotency_key(session, new.tenant, new.idempotency_key or ""),
+    )
+    if winner is not None:
+        return winner, [job for job, _ in listing_jobs(session, winner.id)], False
     return listing, jobs, True
+
+
+def find_listing_by_idempotency_key(session: Session, tenant: str, key: str) -> Listing | None:
+    return session.exec(select(Listing).where(Listing.tenant == tenant, Listing.idempotency_key == key)).first()
 
 
 def get_listing(session: Session, listing_id: str, tenant: str) -> Listing | None:
@@ -118,7 +118,3 @@ def listing_callback_due(session: Session, listing_id: str) -> ListingCallback |
     if getattr(claimed, "rowcount", 0) != 1:  # another worker claimed it between our read and our update
         return None
     return ListingCallback(listing.callback_url, listing, rows)
-
-
-def _by_idempotency_key(session: Session, tenant: str, key: str) -> Listing | None:
-    return session.exec(select(Listing).where(Listing.tenant == tenant, Listing.idempotency_key == key)).first()

@@ -8,9 +8,8 @@ from typing import Any
 from fastapi import APIRouter
 
 from api.auth import Reader
-from api.deps import PoliciesDep
+from api.deps import PoliciesDep, resolve_policy
 from api.errors import error_responses
-from api.submissions import resolve_policy
 from core.public import PolicyList, PolicyReloadError, PolicySummary
 from policies import Policy
 

@@ -8,10 +8,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.auth import Reader
-from api.deps import PoliciesDep, SessionDep
+from api.deps import PoliciesDep, SessionDep, resolve_policy
 from api.errors import error_responses
 from api.schemas import SLUG_PATTERN
-from api.submissions import resolve_policy
 from core.public import ShadowReport
 from core.shadow import shadow_agreement
 from core.tables import as_utc
