@@ -30,14 +30,20 @@ def _promise_nothing(schema: dict[str, Any]) -> None:
     schema.pop("additionalProperties", None)
 
 
-_EXACT = ConfigDict(extra="forbid", json_schema_extra=_promise_nothing)
-_OPEN_TO_ADDITIONS = ConfigDict(extra="forbid", json_schema_extra={"additionalProperties": True})
+class PublicModel(BaseModel):
+    """A public shape: exact, and its schema promises clients nothing about the keys later versions add."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_promise_nothing)
 
 
-class ErrorBody(BaseModel):
+class OpenModel(PublicModel):
+    """A public shape the document has always marked open to additions (`additionalProperties: true`)."""
+
+    model_config = ConfigDict(json_schema_extra={"additionalProperties": True})
+
+
+class ErrorBody(PublicModel):
     """Every error the API returns."""
-
-    model_config = _EXACT
 
     detail: str = Field(description="What went wrong, in a sentence a person can act on.")
     code: str = Field(description="A stable snake_case code for scripts.")
@@ -47,15 +53,11 @@ class NotReadyBody(ErrorBody):
     checks: dict[str, str] = Field(description="Each dependency and `ok` or what failed.")
 
 
-class Liveness(BaseModel):
-    model_config = _EXACT
-
+class Liveness(PublicModel):
     status: Literal["ok"]
 
 
-class Readiness(BaseModel):
-    model_config = _EXACT
-
+class Readiness(PublicModel):
     status: Literal["ready"]
     checks: dict[str, str]
 
@@ -63,9 +65,7 @@ class Readiness(BaseModel):
 # --- decisions and jobs ----------------------------------------------------------------------------------------
 
 
-class CategoryResult(BaseModel):
-    model_config = _OPEN_TO_ADDITIONS
-
+class CategoryResult(OpenModel):
     score: float
     action: Action
     fired: bool
@@ -73,10 +73,8 @@ class CategoryResult(BaseModel):
     reason: str | None = Field(default=None, description="Which check decided, with what score, against what.")
 
 
-class DecisionPublic(BaseModel):
+class DecisionPublic(OpenModel):
     """A stored decision with its evidence."""
-
-    model_config = _OPEN_TO_ADDITIONS
 
     id: str
     job_id: str
@@ -115,49 +113,37 @@ class DecisionPublic(BaseModel):
         )
 
 
-class JobError(BaseModel):
-    model_config = _EXACT
-
+class JobError(PublicModel):
     code: str
     message: str | None
 
 
-class JobListing(BaseModel):
+class JobListing(PublicModel):
     """The listing a photo's job belongs to."""
-
-    model_config = _EXACT
 
     id: str
     index: int = Field(description="The photo's position in the listing, from 0.")
 
 
-class ReviewActor(BaseModel):
-    model_config = _EXACT
-
+class ReviewActor(PublicModel):
     id: str | None = Field(description="The API key's id (or a label for the CLI / the machine).")
     name: str | None
 
 
-class ReviewClaim(BaseModel):
-    model_config = _EXACT
-
+class ReviewClaim(PublicModel):
     by: ReviewActor
     expires_at: Timestamp
 
 
-class ReviewResolution(BaseModel):
-    model_config = _EXACT
-
+class ReviewResolution(PublicModel):
     action: Literal["allow", "block"]
     reason: str | None
     by: ReviewActor
     at: Timestamp
 
 
-class ReviewItemPublic(BaseModel):
+class ReviewItemPublic(OpenModel):
     """A `review` decision in the human queue; the machine decision itself is never changed."""
-
-    model_config = _OPEN_TO_ADDITIONS
 
     job_id: str
     decision_id: str
@@ -203,10 +189,8 @@ class ReviewItemPublic(BaseModel):
         )
 
 
-class JobPublic(BaseModel):
+class JobPublic(OpenModel):
     """A job and, once done, its decision and any human review beside it."""
-
-    model_config = _OPEN_TO_ADDITIONS
 
     id: str
     status: Literal["queued", "running", "done", "failed"]
@@ -256,9 +240,7 @@ class JobPublic(BaseModel):
         )
 
 
-class DecisionPage(BaseModel):
-    model_config = _EXACT
-
+class DecisionPage(PublicModel):
     data: list[DecisionPublic]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
 
@@ -271,9 +253,7 @@ class ReviewQueueEntry(ReviewItemPublic):
         return cls(**dict(ReviewItemPublic.from_row(item, now=now)), decision=DecisionPublic.from_row(decision))
 
 
-class ReviewQueuePage(BaseModel):
-    model_config = _EXACT
-
+class ReviewQueuePage(PublicModel):
     data: list[ReviewQueueEntry]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
 
@@ -281,24 +261,18 @@ class ReviewQueuePage(BaseModel):
 # --- listings ----------------------------------------------------------------------------------------------------
 
 
-class ListingCategoryVerdict(BaseModel):
-    model_config = _EXACT
-
+class ListingCategoryVerdict(PublicModel):
     action: Action
     photos: list[int] = Field(description="The photos (from 1) on which the category fired.")
 
 
-class ListingPhotoCounts(BaseModel):
-    model_config = _EXACT
-
+class ListingPhotoCounts(PublicModel):
     total: int
     decided: int
     failed: int
 
 
-class ListingVerdict(BaseModel):
-    model_config = _OPEN_TO_ADDITIONS
-
+class ListingVerdict(OpenModel):
     status: str = Field(description="pending (some photo not final), done, or failed (no photo could be checked).")
     action: str | None = Field(description="allow, review or block once every photo is final.")
     matches_description: bool | None = Field(description="Whether some photo matches the title and description.")
@@ -308,10 +282,8 @@ class ListingVerdict(BaseModel):
     photos: ListingPhotoCounts
 
 
-class ListingPublic(BaseModel):
+class ListingPublic(OpenModel):
     """A listing, its verdict and its photos (each a job, as `GET /v1/jobs/{id}` shows it, with `index` from 1)."""
-
-    model_config = _OPEN_TO_ADDITIONS
 
     id: str
     policy: str
@@ -347,26 +319,20 @@ class ListingPublic(BaseModel):
 # --- policies, shadows, audit ----------------------------------------------------------------------------------
 
 
-class PolicySummary(BaseModel):
-    model_config = _EXACT
-
+class PolicySummary(PublicModel):
     name: str
     description: str
     version: str = Field(description="Hash of the policy's normalised content; every decision records it.")
     categories: list[str]
 
 
-class PolicyReloadError(BaseModel):
-    model_config = _EXACT
-
+class PolicyReloadError(PublicModel):
     code: str
     message: str = Field(description="file:line:col: what is wrong, one line per problem.")
     at: Timestamp
 
 
-class PolicyList(BaseModel):
-    model_config = _EXACT
-
+class PolicyList(PublicModel):
     data: list[PolicySummary]
     reload_error: PolicyReloadError | None = Field(
         default=None,
@@ -374,9 +340,7 @@ class PolicyList(BaseModel):
     )
 
 
-class ShadowSummary(BaseModel):
-    model_config = _OPEN_TO_ADDITIONS
-
+class ShadowSummary(OpenModel):
     shadow: str
     version: str = Field(description="The shadow policy's version; each version is summarised on its own.")
     compared: int = Field(description="Jobs on which both the active policy and this shadow decided.")
@@ -388,33 +352,25 @@ class ShadowSummary(BaseModel):
     last_at: str | None
 
 
-class ShadowReport(BaseModel):
-    model_config = _EXACT
-
+class ShadowReport(PublicModel):
     policy: str
     version: str = Field(description="The active policy's current version.")
     shadows: list[str] = Field(description="The policies loaded now that shadow this one.")
     data: list[ShadowSummary]
 
 
-class AuditActor(BaseModel):
-    model_config = _EXACT
-
+class AuditActor(PublicModel):
     key_id: str | None
     name: str
     role: str | None
 
 
-class AuditTarget(BaseModel):
-    model_config = _EXACT
-
+class AuditTarget(PublicModel):
     type: str
     id: str
 
 
-class AuditEntryPublic(BaseModel):
-    model_config = _EXACT
-
+class AuditEntryPublic(PublicModel):
     id: int
     at: Timestamp
     actor: AuditActor
@@ -438,9 +394,7 @@ class AuditEntryPublic(BaseModel):
         )
 
 
-class AuditPage(BaseModel):
-    model_config = _EXACT
-
+class AuditPage(PublicModel):
     data: list[AuditEntryPublic]
     next_cursor: str | None
 
