@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, TypeVar
@@ -60,7 +61,7 @@ Record = TypeVar("Record", Job, Listing)
 
 
 @dataclass(frozen=True)
-class Submission(Generic[Record]):
+class Submission(ABC, Generic[Record]):
     """Photos to judge against a policy, as read off the wire: sizes capped, nothing else validated yet."""
 
     policy: str
@@ -75,22 +76,23 @@ class Submission(Generic[Record]):
         """How an error names the upload at `index` (None: the only one)."""
         return None
 
+    @abstractmethod
     def url_field(self, index: int) -> str:
-        raise NotImplementedError
+        """How an error names the URL at `index`."""
 
+    @abstractmethod
     def read_context(self, settings: Settings) -> dict[str, Any] | None:
         """The context every photo's job carries, validated."""
-        raise NotImplementedError
 
+    @abstractmethod
     def find(self, session: Session, tenant: str, key: str) -> Record | None:
         """The record an earlier submission with this Idempotency-Key made."""
-        raise NotImplementedError
 
+    @abstractmethod
     def insert(
         self, session: Session, photos: list[NewJob], key: str | None, callback_url: str | None
     ) -> tuple[Record, list[Job], bool]:
         """Insert and commit the record and its jobs; False (and the winner's record) when a racing twin won."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)

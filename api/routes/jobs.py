@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import APIRouter, Response, status
 
 from api.auth import Reader, Submitter
@@ -16,7 +14,6 @@ from core.jobs import get_decision, tenant_job
 from core.public import JobPublic
 from core.review import get_item
 
-logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 _MULTIPART_SCHEMA = {
