@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic import ValidationError
 
+from api.app import create_app
 from core.public import CategoryResult, DecisionPublic, JobPublic, ListingPublic, ListingVerdict
+from core.settings import Settings
 from core.tables import Decision, Job, Listing
 from policies import CategoryResult as PolicyCategoryResult
 from policies.listing import ListingImage, listing_public, listing_verdict
@@ -72,3 +75,20 @@ def test_the_listing_verdict_shape_declares_every_key_the_verdict_has() -> None:
     verdict = listing_verdict([ListingImage(0, "done", decision), ListingImage(1, "failed", error={"code": "x"})])
     assert ListingVerdict.model_validate(verdict).model_dump(mode="json") == verdict
     assert verdict["categories"] == {"colour": {"action": "review", "photos": [1]}}
+
+
+def test_every_json_route_answers_with_a_public_shape() -> None:
+    # One owner of each shape: a route that answers JSON declares a model from core.public (read_policy's
+    # free-form policy document excepted), and so does every documented error body.
+    owners: dict[str, str] = {}
+    for context in iter_route_contexts(create_app(Settings(_env_file=None)).routes):
+        route = context.original_route
+        if not isinstance(route, APIRoute) or route.response_model is None:
+            continue
+        models = [route.response_model, *(r["model"] for r in route.responses.values() if "model" in r)]
+        for model in models:
+            owners[f"{context.path} {getattr(model, '__name__', model)}"] = getattr(model, "__module__", "")
+    assert owners and "/v1/jobs JobPublic" in owners
+    assert {name: module for name, module in owners.items() if module != "core.public"} == {
+        "/v1/policies/{name} dict": "builtins"
+    }
