@@ -16,6 +16,7 @@ import re
 import secrets
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import update
 from sqlmodel import Session, col, select
@@ -23,7 +24,8 @@ from sqlmodel import Session, col, select
 from core.audit import record
 from core.errors import AuthError, ConfigError, InvalidField, NotFound
 from core.principals import MAX_NAME_CHARS, Principal, cli_principal
-from core.tables import ApiKey, DashboardSession, Role, as_utc, iso, utcnow
+from core.public import KeyPublic
+from core.tables import ApiKey, DashboardSession, Role, as_utc, utcnow
 
 KEY_PREFIX = "mtk_"
 MAX_KEY_CHARS = 256
@@ -174,18 +176,9 @@ def bootstrap_admin_key(session: Session, given: str | None, *, temporary: bool 
     return create_key(session, role=Role.ADMIN, tenant=DEFAULT_TENANT, name=LOCAL_ADMIN_NAME, actor=actor)
 
 
-def key_public(row: ApiKey) -> dict[str, str | None]:
-    """A key as listings and the audit log show it: never the secret or its hash."""
-    return {
-        "id": row.id,
-        "prefix": row.prefix,
-        "name": row.name,
-        "role": row.role,
-        "tenant": row.tenant,
-        "created_at": iso(row.created_at),
-        "last_used_at": iso(row.last_used_at),
-        "revoked_at": iso(row.revoked_at),
-    }
+def key_public(row: ApiKey) -> dict[str, Any]:
+    """A key as `modtag keys` lists it and the audit log records it (`core.public.KeyPublic`) as JSON."""
+    return KeyPublic.from_row(row).model_dump(mode="json")
 
 
 def _touch(session: Session, row: ApiKey) -> None:

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from core.tables import AuditEntry, Decision, Job, Listing, ReviewItem, ReviewState, as_utc, iso, utcnow
+from core.tables import ApiKey, AuditEntry, Decision, Job, Listing, ReviewItem, ReviewState, as_utc, iso, utcnow
 
 Timestamp = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
 Action = Literal["allow", "review", "block"]
@@ -357,6 +357,32 @@ class ShadowReport(PublicModel):
     version: str = Field(description="The active policy's current version.")
     shadows: list[str] = Field(description="The policies loaded now that shadow this one.")
     data: list[ShadowSummary]
+
+
+class KeyPublic(PublicModel):
+    """An API key as `modtag keys` lists it and the audit log records it: never the secret or its hash."""
+
+    id: str
+    prefix: str = Field(description="The key's non-secret start (`mtk_<12 hex>`), to tell keys apart.")
+    name: str
+    role: str
+    tenant: str
+    created_at: Timestamp
+    last_used_at: Timestamp | None
+    revoked_at: Timestamp | None
+
+    @classmethod
+    def from_row(cls, row: ApiKey) -> KeyPublic:
+        return cls(
+            id=row.id,
+            prefix=row.prefix,
+            name=row.name,
+            role=row.role,
+            tenant=row.tenant,
+            created_at=_stamp(row.created_at),
+            last_used_at=iso(row.last_used_at),
+            revoked_at=iso(row.revoked_at),
+        )
 
 
 class AuditActor(PublicModel):
