@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Depends, Header, Request, Response, status
+from pydantic import BaseModel
 from sqlmodel import Session
 from starlette.datastructures import FormData, UploadFile
 
@@ -36,6 +37,7 @@ from api.bodies import (
     validate_body,
 )
 from api.deps import Services, SettingsDep, resolve_policy
+from api.errors import error_responses
 from api.schemas import MAX_DESCRIPTION_CHARS, MAX_TITLE_CHARS, JobRequest, ListingRequest
 from core.broker import enqueue_job
 from core.errors import BadRequest, FetchError, InvalidField, ModtagError, PayloadTooLarge, PolicyError
@@ -254,6 +256,26 @@ class ListingSubmission(Submission[Listing]):
             callback_url=callback_url,
         )
         return create_listing(session, listing, photos)
+
+
+def submission_route(
+    public: type[BaseModel], *, multipart: dict[str, Any], json_body: type[BaseModel], replayed: str
+) -> dict[str, Any]:
+    """The `router.post` arguments of a submission route: 202 (200 `replayed`), and both request bodies documented
+    (the body is read by hand, so FastAPI cannot infer them)."""
+    content = {
+        "multipart/form-data": {"schema": multipart},
+        "application/json": {"schema": json_body.model_json_schema()},
+    }
+    return {
+        "status_code": status.HTTP_202_ACCEPTED,
+        "response_model": public,
+        "openapi_extra": {"requestBody": {"required": True, "content": content}},
+        "responses": {
+            200: {"model": public, "description": replayed},
+            **error_responses(400, 401, 403, 404, 413, 415, 422),
+        },
+    }
 
 
 def idempotency_key(

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Response
 
 from api.auth import Reader, Submitter
 from api.deps import ServicesDep, SessionDep
 from api.errors import error_responses
 from api.schemas import JobRequest
-from api.submissions import IdempotencyKeyDep, JobSubmissionDep, accept
+from api.submissions import IdempotencyKeyDep, JobSubmissionDep, accept, submission_route
 from api.thumbnails import thumbnail_response
 from core.jobs import get_decision, tenant_job
 from core.public import JobPublic
@@ -26,26 +26,16 @@ _MULTIPART_SCHEMA = {
         "callback_url": {"type": "string", "format": "uri"},
     },
 }
-_SUBMIT_OPENAPI = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
-            "application/json": {"schema": JobRequest.model_json_schema()},
-        },
-    },
-}
 
 
 @router.post(
     "",
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=JobPublic,
-    openapi_extra=_SUBMIT_OPENAPI,
-    responses={
-        200: {"model": JobPublic, "description": "A job with this Idempotency-Key already exists; it is returned."},
-        **error_responses(400, 401, 403, 404, 413, 415, 422),
-    },
+    **submission_route(
+        JobPublic,
+        multipart=_MULTIPART_SCHEMA,
+        json_body=JobRequest,
+        replayed="A job with this Idempotency-Key already exists; it is returned.",
+    ),
 )
 def submit_job(
     principal: Submitter,  # first: the body is not read for a caller who may not submit

@@ -6,13 +6,13 @@ judged exactly as `POST /v1/jobs` would judge it; the listing adds the verdict t
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Response
 
 from api.auth import Reader, Submitter
 from api.deps import ServicesDep, SessionDep
 from api.errors import error_responses
 from api.schemas import ListingRequest
-from api.submissions import IdempotencyKeyDep, ListingSubmissionDep, accept
+from api.submissions import IdempotencyKeyDep, ListingSubmissionDep, accept, submission_route
 from core.errors import NotFound
 from core.listings import get_listing, listing_jobs
 from core.public import ListingPublic
@@ -33,26 +33,16 @@ _MULTIPART_SCHEMA = {
         "callback_url": {"type": "string", "format": "uri"},
     },
 }
-_SUBMIT_OPENAPI = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
-            "application/json": {"schema": ListingRequest.model_json_schema()},
-        },
-    },
-}
 
 
 @router.post(
     "",
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=ListingPublic,
-    openapi_extra=_SUBMIT_OPENAPI,
-    responses={
-        200: {"model": ListingPublic, "description": "A listing with this Idempotency-Key already exists."},
-        **error_responses(400, 401, 403, 404, 413, 415, 422),
-    },
+    **submission_route(
+        ListingPublic,
+        multipart=_MULTIPART_SCHEMA,
+        json_body=ListingRequest,
+        replayed="A listing with this Idempotency-Key already exists.",
+    ),
 )
 def submit_listing(
     principal: Submitter,  # first: the body is not read for a caller who may not submit
