@@ -14,14 +14,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from sqlmodel import SQLModel
 
 from core.tables import ApiKey, AuditEntry, Decision, Job, Listing, ReviewItem, ReviewState, as_utc, iso, utcnow
 
-Timestamp = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
+# A row's datetime becomes ISO 8601 in UTC on the way in, so constructors hand columns over as they are.
+Timestamp = Annotated[
+    str,
+    BeforeValidator(lambda value: iso(value) if isinstance(value, datetime) else value),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
 Action = Literal["allow", "review", "block"]
+Shape = TypeVar("Shape", bound=BaseModel)
 
 
 def _promise_nothing(schema: dict[str, Any]) -> None:
@@ -95,22 +102,7 @@ class DecisionPublic(OpenModel):
 
     @classmethod
     def from_row(cls, decision: Decision) -> DecisionPublic:
-        return cls(
-            id=decision.id,
-            job_id=decision.job_id,
-            action=decision.action,  # type: ignore[arg-type]  # the column holds one of the three actions
-            categories={name: CategoryResult.model_validate(result) for name, result in decision.categories.items()},
-            caption=decision.caption,
-            evidence=decision.evidence,
-            tags=decision.tags,
-            contradictions=decision.contradictions or [],
-            reason=decision.reason,
-            policy=decision.policy,
-            policy_version=decision.policy_version,
-            models=decision.models,
-            decided_at=_stamp(decision.decided_at),
-            duration_ms=decision.duration_ms,
-        )
+        return _from_row(cls, decision, contradictions=decision.contradictions or [])
 
 
 class JobError(PublicModel):
@@ -159,33 +151,20 @@ class ReviewItemPublic(OpenModel):
     @classmethod
     def from_row(cls, item: ReviewItem, *, now: datetime | None = None) -> ReviewItemPublic:
         """The item as of `now`: a claim whose lease has run out is shown as no claim."""
-        now = now or utcnow()
         expires = item.claim_expires_at
-        live = item.claimed_by is not None and expires is not None and as_utc(expires) > now
-        return cls(
-            job_id=item.job_id,
-            decision_id=item.decision_id,
-            policy=item.policy,
-            category=item.category,
-            score=item.score,
-            state=item.state,  # type: ignore[arg-type]  # the column holds a ReviewState
-            queued_at=_stamp(item.queued_at),
-            claim=(
-                ReviewClaim(by=ReviewActor(id=item.claimed_by, name=item.claimed_by_name), expires_at=_stamp(expires))
-                if live
-                else None
-            ),
+        live = item.claimed_by is not None and expires is not None and as_utc(expires) > (now or utcnow())
+        claimant = ReviewActor(id=item.claimed_by, name=item.claimed_by_name)
+        resolver = ReviewActor(id=item.resolved_by, name=item.resolved_by_name)
+        resolved = item.state == ReviewState.RESOLVED
+        return _from_row(
+            cls,
+            item,
+            claim=ReviewClaim(by=claimant, expires_at=expires) if live else None,
             resolution=(
-                ReviewResolution(
-                    action=item.resolution,  # type: ignore[arg-type]  # set with the resolved state
-                    reason=item.reason,
-                    by=ReviewActor(id=item.resolved_by, name=item.resolved_by_name),
-                    at=_stamp(item.resolved_at),
-                )
-                if item.state == ReviewState.RESOLVED
+                ReviewResolution(action=item.resolution, reason=item.reason, by=resolver, at=item.resolved_at)
+                if resolved
                 else None
             ),
-            reopen_count=item.reopen_count,
         )
 
 
@@ -218,22 +197,11 @@ class JobPublic(OpenModel):
     def from_row(
         cls, job: Job, decision: Decision | None, review: ReviewItem | None = None, *, index: int | None = None
     ) -> JobPublic:
-        return cls(
-            id=job.id,
-            status=job.status,  # type: ignore[arg-type]  # the column holds a JobStatus
-            policy=job.policy,
-            policy_version=job.policy_version,
-            source=job.source,  # type: ignore[arg-type]  # "upload" or "url", set at submission
-            image_url=job.image_url,
-            context=job.context,
-            created_at=_stamp(job.created_at),
-            started_at=iso(job.started_at),
-            finished_at=iso(job.finished_at),
-            attempts=job.attempts,
+        return _from_row(
+            cls,
+            job,
             error=JobError(code=job.error_code, message=job.error_message) if job.error_code else None,
-            listing=(
-                JobListing(id=job.listing_id, index=job.listing_index or 0) if job.listing_id is not None else None
-            ),
+            listing=JobListing(id=job.listing_id, index=job.listing_index or 0) if job.listing_id else None,
             decision=DecisionPublic.from_row(decision) if decision is not None else None,
             review=ReviewItemPublic.from_row(review) if review is not None else None,
             index=index,
@@ -303,17 +271,7 @@ class ListingPublic(OpenModel):
     @classmethod
     def from_photos(cls, listing: Listing, photos: list[JobPublic], verdict: Mapping[str, Any]) -> ListingPublic:
         """The listing body, given its photos and the verdict the domain read from them (policies.listing)."""
-        return cls(
-            id=listing.id,
-            policy=listing.policy,
-            policy_version=listing.policy_version,
-            title=listing.title,
-            description=listing.description,
-            attributes=listing.attributes,
-            created_at=_stamp(listing.created_at),
-            verdict=ListingVerdict.model_validate(verdict),
-            photos=photos,
-        )
+        return _from_row(cls, listing, verdict=verdict, photos=photos)
 
 
 # --- policies, shadows, audit ----------------------------------------------------------------------------------
@@ -373,16 +331,7 @@ class KeyPublic(PublicModel):
 
     @classmethod
     def from_row(cls, row: ApiKey) -> KeyPublic:
-        return cls(
-            id=row.id,
-            prefix=row.prefix,
-            name=row.name,
-            role=row.role,
-            tenant=row.tenant,
-            created_at=_stamp(row.created_at),
-            last_used_at=iso(row.last_used_at),
-            revoked_at=iso(row.revoked_at),
-        )
+        return _from_row(cls, row)
 
 
 class AuditActor(PublicModel):
@@ -409,14 +358,11 @@ class AuditEntryPublic(PublicModel):
 
     @classmethod
     def from_row(cls, entry: AuditEntry) -> AuditEntryPublic:
-        return cls(
-            id=entry.id or 0,
-            at=_stamp(entry.at),
+        return _from_row(
+            cls,
+            entry,
             actor=AuditActor(key_id=entry.actor_key_id, name=entry.actor_name, role=entry.actor_role),
-            action=entry.action,
             target=AuditTarget(type=entry.target_type, id=entry.target_id),
-            before=entry.before,
-            after=entry.after,
         )
 
 
@@ -425,6 +371,8 @@ class AuditPage(PublicModel):
     next_cursor: str | None
 
 
-def _stamp(moment: datetime | None) -> str:
-    """A timestamp the row always has (a not-null column, or one set with the state shown), as ISO 8601."""
-    return iso(moment) or ""
+def _from_row(shape: type[Shape], row: SQLModel, **given: Any) -> Shape:
+    """`shape` with each field the row has a column of that name for read from it, the others `given`; validated,
+    so a value the shape does not allow (an unknown status, an undeclared key) fails here, not in a client."""
+    columns = {name: getattr(row, name) for name in shape.model_fields if name not in given and hasattr(row, name)}
+    return shape.model_validate({**columns, **given})
