@@ -144,14 +144,10 @@ class _FormParser(MultiPartParser):
 
 
 async def _read_form(request: Request, limits: BodyLimits) -> FormData:
-    code, message = limits.multipart_too_large
-    stream = _capped_stream(request, limits.multipart_cap, code, message)
+    cap = limits.multipart_cap
+    body = _capped_stream(request, cap, *limits.multipart_too_large)
     parser = _FormParser(
-        request.headers,
-        stream,
-        max_files=limits.max_files,
-        max_fields=limits.max_fields,
-        max_part_size=limits.multipart_cap,
+        request.headers, body, max_files=limits.max_files, max_fields=limits.max_fields, max_part_size=cap
     )
     try:
         form = await parser.parse()
