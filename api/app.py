@@ -16,11 +16,11 @@ from api.middleware import DashboardHeadersMiddleware, HttpMetricsMiddleware
 from api.routes import audit, dashboard, decisions, health, jobs, listings, policies, review, shadow
 from api.routes.health import CHECK_TIMEOUT_S
 from core import __version__
-from core.auth import AuthError, Forbidden, bootstrap_admin_key
+from core.auth import bootstrap_admin_key
 from core.blobs import LocalBlobStore
 from core.broker import make_celery
 from core.db import migrate, session_scope
-from core.errors import ConfigError
+from core.errors import AuthError, ConfigError, Forbidden
 from core.metrics import POLICY_RELOADS, set_build_info
 from core.settings import Settings, get_settings
 from policies.registry import PolicyRegistry

@@ -27,16 +27,10 @@ from sqlmodel import Session, col, delete, select
 
 from api.deps import ServicesDep, SessionDep, SettingsDep
 from api.failures import check_failures, client_address, record_failure
-from core.auth import (
-    DEFAULT_TENANT,
-    AuthError,
-    Forbidden,
-    Permission,
-    Principal,
-    authenticate,
-    principal_for,
-)
+from core.auth import DEFAULT_TENANT, authenticate, principal_for
+from core.errors import AuthError, Forbidden
 from core.metrics import AUTH_FAILURES
+from core.principals import Permission, Principal
 from core.settings import Settings
 from core.tables import ApiKey, DashboardSession, Role, as_utc, utcnow
 

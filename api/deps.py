@@ -13,6 +13,7 @@ from sqlmodel import Session
 
 from core.blobs import BlobStore
 from core.db import get_engine
+from core.errors import NotFound
 from core.settings import Settings
 from policies import Policy
 
@@ -43,6 +44,15 @@ def get_session(settings: Annotated[Settings, Depends(get_app_settings)]) -> Ite
     """A session per request; repository functions in core.jobs commit their own writes."""
     with Session(get_engine(settings.resolved_database_url), expire_on_commit=False) as session:
         yield session
+
+
+def resolve_policy(policies: Mapping[str, Policy], name: str) -> Policy:
+    """The loaded policy called `name`, or 404 `policy_not_found` naming the ones there are."""
+    policy = policies.get(name)
+    if policy is None:
+        available = ", ".join(sorted(policies)) or "none"
+        raise NotFound(f"no policy named {name[:64]!r}; available: {available}", code="policy_not_found")
+    return policy
 
 
 def get_policies(services: Annotated[Services, Depends(get_services)]) -> Mapping[str, Policy]:

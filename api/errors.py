@@ -13,8 +13,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.schemas import ErrorBody
 from core.errors import ModtagError, TooManyFailures
+from core.public import ErrorBody
 
 logger = logging.getLogger(__name__)
 

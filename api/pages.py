@@ -11,7 +11,7 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from core.auth import Permission, Principal
+from core.principals import Permission, Principal
 
 TEMPLATES = Path(__file__).parent / "templates"
 

@@ -1,71 +1,281 @@
-"""Reading a job submission off the wire: a multipart upload or JSON with `image_url`, size-capped, cheapest first.
+"""One intake for jobs and listings: read the body at the edge, then validate, store, insert and enqueue once.
 
-Nothing here trusts the client: the declared Content-Length is checked before a byte is read, the body is read
-through a hard cap (a chunked or lying request stops at the cap), and the image is sniffed from its header only.
+A job is one photo judged against a policy; a listing is up to `listing_max_images` photos judged against the
+listing's text, one job per photo. Both go through `accept`: cheapest checks first (photo count, image headers,
+policy, context, URLs), an Idempotency-Key lookup before any blob is written, the blobs, one committed insert,
+then the Celery tasks. A crash between commit and enqueue loses nothing: the reconciler enqueues queued jobs.
+What differs between the two is said by their `Submission` subclass: how the body reads, what the context is,
+where the records go.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import AsyncGenerator, Mapping
+import logging
+import math
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
-from fastapi import Depends, Header, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import ClientDisconnect
+from fastapi import Depends, Header, Request, Response, status
+from pydantic import BaseModel
+from sqlmodel import Session
+from starlette.datastructures import FormData, UploadFile
 
-from api.deps import SettingsDep
-from api.schemas import JobRequest
-from core.errors import BadRequest, FetchError, InvalidField, ModtagError, NotFound, PayloadTooLarge, PolicyError
+from api.bodies import (
+    JSON_SLACK_BYTES,
+    MULTIPART_SLACK_BYTES,
+    BodyLimits,
+    form_text,
+    json_type,
+    read_body,
+    read_upload,
+    strict_json,
+    validate_body,
+)
+from api.deps import Services, SettingsDep, resolve_policy
+from api.errors import error_responses
+from api.schemas import MAX_DESCRIPTION_CHARS, MAX_TITLE_CHARS, JobRequest, ListingRequest
+from core.broker import enqueue_job
+from core.errors import BadRequest, FetchError, InvalidField, ModtagError, PayloadTooLarge, PolicyError
+from core.images import ImageHeader, ImageLimits, sniff_image
+from core.jobs import NewJob, create_job, find_by_idempotency_key
+from core.listings import NewListing, create_listing, find_listing_by_idempotency_key, listing_context
+from core.metrics import JOBS_SUBMITTED
+from core.principals import Principal
 from core.settings import Settings
+from core.tables import Job, Listing
 from core.urls import validate_image_url
 from policies import Policy
 
-# Room in a multipart body for the form fields and part headers beside the image itself.
-MULTIPART_SLACK_BYTES = 64 * 1024
-# Room in a JSON body for the URLs and the policy name beside the context.
-JSON_SLACK_BYTES = 16 * 1024
+logger = logging.getLogger(__name__)
+
 MAX_URL_CHARS = 2048
 MAX_CONTEXT_DEPTH = 16
+MAX_ATTRIBUTES = 32
+MAX_ATTRIBUTE_CHARS = 200
 _IDEMPOTENCY_KEY_MAX = 255
-BodyModel = TypeVar("BodyModel", bound=BaseModel)
+_ATTRIBUTE_NAME = re.compile(r"^[a-z0-9_]{1,64}$")
+Record = TypeVar("Record", Job, Listing)
 
 
 @dataclass(frozen=True)
-class RawSubmission:
-    """The request as read: sizes are capped, nothing else is validated yet."""
+class Submission(ABC, Generic[Record]):
+    """Photos to judge against a policy, as read off the wire: sizes capped, nothing else validated yet."""
 
-    source: str  # "upload" or "url"
     policy: str
-    image: bytes | None = None
-    image_url: str | None = None
+    uploads: list[bytes]
+    urls: list[str]
+    callback_url: str | None
+
+    def check_count(self, settings: Settings) -> None:
+        """Refuse a submission with no photo, or too many."""
+
+    def photo_label(self, index: int) -> str | None:
+        """How an error names the upload at `index` (None: the only one)."""
+        return None
+
+    @abstractmethod
+    def url_field(self, index: int) -> str:
+        """How an error names the URL at `index`."""
+
+    @abstractmethod
+    def read_context(self, settings: Settings) -> dict[str, Any] | None:
+        """The context every photo's job carries, validated."""
+
+    @abstractmethod
+    def find(self, session: Session, tenant: str, key: str) -> Record | None:
+        """The record an earlier submission with this Idempotency-Key made."""
+
+    @abstractmethod
+    def insert(
+        self, session: Session, photos: list[NewJob], key: str | None, callback_url: str | None
+    ) -> tuple[Record, list[Job], bool]:
+        """Insert and commit the record and its jobs; False (and the winner's record) when a racing twin won."""
+
+
+@dataclass(frozen=True)
+class Accepted(Generic[Record]):
+    """A submission's outcome: its record (a job or a listing), the jobs it made, and whether it is new."""
+
+    record: Record
+    jobs: list[Job]
+    created: bool
+
+    def answer(self, response: Response, location: str) -> None:
+        """202 for a new record; 200 with `Idempotent-Replayed: true` for one an earlier request made."""
+        response.headers["Location"] = location
+        if not self.created:
+            response.status_code = status.HTTP_200_OK
+            response.headers["Idempotent-Replayed"] = "true"
+
+
+def accept(
+    submission: Submission[Record],
+    *,
+    principal: Principal,
+    idempotency_key: str | None,
+    services: Services,
+    session: Session,
+) -> Accepted[Record]:
+    """Validate (cheapest first), store the images, insert and commit the records, then enqueue one task per job."""
+    settings = services.settings
+    submission.check_count(settings)
+    limits = ImageLimits.from_settings(settings)
+    headers = [_sniff(data, limits, submission.photo_label(index)) for index, data in enumerate(submission.uploads)]
+    policy = resolve_policy(services.policies, submission.policy)
+    context = submission.read_context(settings)
+    require_context(policy, context)
+    urls = [check_url(url, submission.url_field(index)) for index, url in enumerate(submission.urls)]
+    callback_url = check_url(submission.callback_url, "callback_url") if submission.callback_url else None
+
+    if idempotency_key and (existing := submission.find(session, principal.tenant, idempotency_key)) is not None:
+        return Accepted(existing, [], created=False)
+
+    common: dict[str, Any] = {
+        "tenant": principal.tenant,
+        "policy": policy.name,
+        "policy_version": policy.version,
+        "context": context,
+        "submitted_by": principal.key_id,
+    }
+    uploads = zip(submission.uploads, headers, strict=True)
+    photos = [_upload_job(services, data, header, common) for data, header in uploads]
+    photos.extend(NewJob(**common, source="url", image_url=url) for url in urls)
+    record, jobs, created = submission.insert(session, photos, idempotency_key, callback_url)
+    if created:
+        for job in jobs:
+            _enqueue(services, job)
+    return Accepted(record, jobs if created else [], created)
+
+
+@dataclass(frozen=True)
+class JobSubmission(Submission[Job]):
+    """`POST /v1/jobs`: one image (an upload or an `image_url`) and an optional JSON context."""
+
     context: Any = None  # multipart: the JSON text; JSON body: the parsed value
     context_is_text: bool = False
-    callback_url: str | None = None
+
+    def url_field(self, index: int) -> str:
+        return "image_url"
+
+    def read_context(self, settings: Settings) -> dict[str, Any] | None:
+        """A JSON object of at most `max_context_bytes` (413), well-formed (400), an object (422), or nothing."""
+        limit = settings.max_context_bytes
+        value = self.context
+        if self.context_is_text:
+            text = str(value or "")
+            if not text.strip():
+                return None
+            if len(text.encode()) > limit:
+                raise _context_too_large(limit)
+            try:
+                value = strict_json(text)
+            except ValueError as exc:
+                raise BadRequest(f"`context` is not valid JSON: {exc}", code="invalid_context") from None
+        elif value is not None and len(json.dumps(value, separators=(",", ":")).encode()) > limit:
+            raise _context_too_large(limit)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise InvalidField(f"`context` must be a JSON object, not {json_type(value)}", code="invalid_context")
+        if _depth(value) > MAX_CONTEXT_DEPTH:
+            raise InvalidField(f"`context` is nested deeper than {MAX_CONTEXT_DEPTH} levels", code="invalid_context")
+        return value
+
+    def find(self, session: Session, tenant: str, key: str) -> Job | None:
+        return find_by_idempotency_key(session, tenant, key)
+
+    def insert(
+        self, session: Session, photos: list[NewJob], key: str | None, callback_url: str | None
+    ) -> tuple[Job, list[Job], bool]:
+        (photo,) = photos
+        job, created = create_job(session, dataclasses.replace(photo, idempotency_key=key, callback_url=callback_url))
+        return job, [job], created
 
 
-async def read_submission(request: Request, settings: SettingsDep) -> RawSubmission:
-    """Dispatch on Content-Type; reject a body whose declared length is over the limit before reading it."""
-    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type == "multipart/form-data":
-        cap = settings.max_upload_bytes + settings.max_context_bytes + MULTIPART_SLACK_BYTES
-        _check_declared_length(request, cap, "image_too_large", _too_large_image_message(settings))
-        return await _read_multipart(request, settings, cap)
-    if media_type == "application/json" or media_type.endswith("+json"):
-        cap = settings.max_context_bytes + JSON_SLACK_BYTES
-        message = f"the JSON body is over {cap} bytes; the context may be at most {settings.max_context_bytes}"
-        _check_declared_length(request, cap, "payload_too_large", message)
-        return await _read_json(request, cap, message)
-    raise ModtagError(
-        f"unsupported Content-Type {media_type[:100]!r}: send multipart/form-data with an `image` file, "
-        "or application/json with an `image_url`",
-        code="unsupported_media_type",
-        http_status=415,
-    )
+@dataclass(frozen=True)
+class ListingSubmission(Submission[Listing]):
+    """`POST /v1/listings`: a listing's photos with its title, description and attributes."""
+
+    title: Any = None
+    description: Any = None
+    attributes: Any = None  # multipart: the JSON text; JSON body: the parsed value
+    attributes_is_text: bool = False
+
+    def check_count(self, settings: Settings) -> None:
+        count = len(self.uploads) + len(self.urls)
+        if count == 0:
+            raise InvalidField("the listing has no photos: send `images` files, or `image_urls`", code="image_missing")
+        if count > settings.listing_max_images:
+            raise InvalidField(
+                f"the listing has {count} photos; at most {settings.listing_max_images} are accepted per listing",
+                code="too_many_images",
+            )
+
+    def photo_label(self, index: int) -> str | None:
+        return f"photo {index + 1}"
+
+    def url_field(self, index: int) -> str:
+        return f"image_urls[{index}]"
+
+    def read_context(self, settings: Settings) -> dict[str, Any]:
+        """What the listing says, as the checks read it: its title (required), description and attributes."""
+        title = _text(self.title, "title", MAX_TITLE_CHARS)
+        if title is None:
+            raise InvalidField("`title` is missing: a listing needs its title", code="title_missing")
+        description = _text(self.description, "description", MAX_DESCRIPTION_CHARS)
+        context = listing_context(title, description, _attributes(self.attributes, self.attributes_is_text))
+        if len(json.dumps(context, separators=(",", ":")).encode()) > settings.max_context_bytes:
+            raise PayloadTooLarge(
+                f"the title, description and attributes are larger than {settings.max_context_bytes} bytes",
+                code="context_too_large",
+            )
+        return context
+
+    def find(self, session: Session, tenant: str, key: str) -> Listing | None:
+        return find_listing_by_idempotency_key(session, tenant, key)
+
+    def insert(
+        self, session: Session, photos: list[NewJob], key: str | None, callback_url: str | None
+    ) -> tuple[Listing, list[Job], bool]:
+        first = photos[0]
+        context = first.context or {}
+        listing = NewListing(
+            tenant=first.tenant,
+            policy=first.policy,
+            policy_version=first.policy_version,
+            title=context.get("title"),
+            description=context.get("description"),
+            attributes=context.get("attributes", {}),
+            idempotency_key=key,
+            submitted_by=first.submitted_by,
+            callback_url=callback_url,
+        )
+        return create_listing(session, listing, photos)
+
+
+def submission_route(
+    public: type[BaseModel], *, multipart: dict[str, Any], json_body: type[BaseModel], replayed: str
+) -> dict[str, Any]:
+    """The `router.post` arguments of a submission route: 202 (200 `replayed`), and both request bodies documented
+    (the body is read by hand, so FastAPI cannot infer them)."""
+    content = {
+        "multipart/form-data": {"schema": multipart},
+        "application/json": {"schema": json_body.model_json_schema()},
+    }
+    return {
+        "status_code": status.HTTP_202_ACCEPTED,
+        "response_model": public,
+        "openapi_extra": {"requestBody": {"required": True, "content": content}},
+        "responses": {
+            200: {"model": public, "description": replayed},
+            **error_responses(400, 401, 403, 404, 413, 415, 422),
+        },
+    }
 
 
 def idempotency_key(
@@ -85,36 +295,116 @@ def idempotency_key(
     return key
 
 
-def resolve_policy(policies: Mapping[str, Policy], name: str) -> Policy:
-    policy = policies.get(name)
-    if policy is None:
-        available = ", ".join(sorted(policies)) or "none"
-        raise NotFound(f"no policy named {name[:64]!r}; available: {available}", code="policy_not_found")
-    return policy
+async def read_job_submission(request: Request, settings: SettingsDep) -> JobSubmission:
+    """`POST /v1/jobs` off the wire: a multipart upload or JSON with `image_url`, refused past its size first."""
+    cap = settings.max_context_bytes + JSON_SLACK_BYTES
+    limits = BodyLimits(
+        multipart_cap=settings.max_upload_bytes + settings.max_context_bytes + MULTIPART_SLACK_BYTES,
+        multipart_too_large=("image_too_large", _image_too_large(settings)),
+        max_files=1,
+        max_fields=8,
+        json_cap=cap,
+        json_too_large=f"the JSON body is over {cap} bytes; the context may be at most {settings.max_context_bytes}",
+        expected="multipart/form-data with an `image` file, or application/json with an `image_url`",
+    )
+
+    async def from_form(form: FormData) -> JobSubmission:
+        image = form.get("image")
+        if image is not None and form.get("image_url") is not None:
+            raise BadRequest("send either an `image` file or an `image_url`, not both", code="ambiguous_image")
+        if not isinstance(image, UploadFile):
+            raise InvalidField(
+                "the `image` file is missing: send the image as a multipart file field named `image`",
+                code="image_missing",
+            )
+        data = await read_upload(image, settings.max_upload_bytes, "the image")
+        return JobSubmission(
+            policy=form_text(form, "policy") or "moderation",
+            uploads=[data],
+            urls=[],
+            callback_url=form_text(form, "callback_url") or None,
+            context=form_text(form, "context"),
+            context_is_text=True,
+        )
+
+    def from_json(document: dict[str, Any]) -> JobSubmission:
+        if "image_url" not in document:
+            raise InvalidField(
+                "`image_url` is missing: send it in a JSON body, or upload the file as multipart field `image`",
+                code="image_missing",
+            )
+        parsed = validate_body(JobRequest, document)
+        return JobSubmission(
+            policy=parsed.policy,
+            uploads=[],
+            urls=[parsed.image_url],
+            callback_url=parsed.callback_url,
+            context=parsed.context,
+        )
+
+    return await read_body(request, limits, from_form=from_form, from_json=from_json)
 
 
-def parse_context(submission: RawSubmission, limit: int) -> dict[str, Any] | None:
-    """The job's context: a JSON object of at most `limit` bytes (413), well-formed (400), an object (422)."""
-    value = submission.context
-    if submission.context_is_text:
-        text = str(value or "")
-        if not text.strip():
-            return None
-        if len(text.encode()) > limit:
-            raise _context_too_large(limit)
-        try:
-            value = strict_json(text)
-        except ValueError as exc:
-            raise BadRequest(f"`context` is not valid JSON: {exc}", code="invalid_context") from None
-    elif value is not None and len(json.dumps(value, separators=(",", ":")).encode()) > limit:
-        raise _context_too_large(limit)
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise InvalidField(f"`context` must be a JSON object, not {_json_type(value)}", code="invalid_context")
-    if _depth(value) > MAX_CONTEXT_DEPTH:
-        raise InvalidField(f"`context` is nested deeper than {MAX_CONTEXT_DEPTH} levels", code="invalid_context")
-    return value
+async def read_listing_submission(request: Request, settings: SettingsDep) -> ListingSubmission:
+    """`POST /v1/listings` off the wire: multipart `images` or JSON `image_urls`, refused past its size first."""
+    most = settings.listing_max_images
+    multipart_cap = most * settings.max_upload_bytes + settings.max_context_bytes + MULTIPART_SLACK_BYTES
+    json_cap = settings.max_context_bytes + most * MAX_URL_CHARS + JSON_SLACK_BYTES
+    limits = BodyLimits(
+        multipart_cap=multipart_cap,
+        multipart_too_large=(
+            "payload_too_large",
+            f"the listing is larger than {multipart_cap} bytes ({most} photos of at most "
+            f"{settings.max_upload_bytes} bytes)",
+        ),
+        max_files=most + 1,
+        max_fields=16,
+        json_cap=json_cap,
+        json_too_large=f"the JSON body is over {json_cap} bytes",
+        expected="multipart/form-data with `images` files, or application/json with `image_urls`",
+        too_many_files=f"too many photos: at most {most} are accepted per listing",
+    )
+
+    async def from_form(form: FormData) -> ListingSubmission:
+        files = form.getlist("images")
+        uploads = [item for item in files if isinstance(item, UploadFile)]
+        if len(uploads) != len(files):
+            raise InvalidField("`images` must be files (multipart file fields named `images`)", code="invalid_field")
+        others = [key for key, item in form.multi_items() if isinstance(item, UploadFile) and key != "images"]
+        if others:
+            raise InvalidField(f"unexpected file field {others[0]!r}: photos go in `images`", code="invalid_field")
+        if len(uploads) > most:
+            raise InvalidField(
+                f"the listing has {len(uploads)} photos; at most {most} are accepted", code="too_many_images"
+            )
+        images = [
+            await read_upload(upload, settings.max_upload_bytes, f"photo {index + 1}")
+            for index, upload in enumerate(uploads)
+        ]
+        return ListingSubmission(
+            policy=form_text(form, "policy") or "listing",
+            uploads=images,
+            urls=[],
+            callback_url=form_text(form, "callback_url") or None,
+            title=form_text(form, "title"),
+            description=form_text(form, "description"),
+            attributes=form_text(form, "attributes"),
+            attributes_is_text=True,
+        )
+
+    def from_json(document: dict[str, Any]) -> ListingSubmission:
+        parsed = validate_body(ListingRequest, document)
+        return ListingSubmission(
+            policy=parsed.policy,
+            uploads=[],
+            urls=parsed.image_urls,
+            callback_url=parsed.callback_url,
+            title=parsed.title,
+            description=parsed.description,
+            attributes=parsed.attributes,
+        )
+
+    return await read_body(request, limits, from_form=from_form, from_json=from_json)
 
 
 def require_context(policy: Policy, context: Mapping[str, Any] | None) -> None:
@@ -141,142 +431,45 @@ def check_url(url: str, field: str) -> str:
     return normalised
 
 
-def strict_json(data: str | bytes | bytearray) -> Any:
-    """Parse standard JSON only: no NaN/Infinity, no unpaired surrogate escapes (the database refuses both).
-
-    Raises ValueError with a short reason.
-    """
-    try:
-        value = json.loads(data, parse_constant=_refuse_constant)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except RecursionError:
-        raise ValueError("it is nested too deeply") from None
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("it contains an unpaired surrogate escape (\\ud800-\\udfff) that is not text") from None
-    return value
-
-
-SubmissionDep = Annotated[RawSubmission, Depends(read_submission)]
+JobSubmissionDep = Annotated[JobSubmission, Depends(read_job_submission)]
+ListingSubmissionDep = Annotated[ListingSubmission, Depends(read_listing_submission)]
 IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key)]
 
 
-async def _read_multipart(request: Request, settings: Settings, cap: int) -> RawSubmission:
-    stream = _capped_stream(request, cap, "image_too_large", _too_large_image_message(settings))
-    parser = _FormParser(request.headers, stream, max_files=1, max_fields=8, max_part_size=cap)
+def _sniff(data: bytes, limits: ImageLimits, label: str | None) -> ImageHeader:
     try:
-        form = await parser.parse()
-    except MultiPartException as exc:
-        raise BadRequest(f"the multipart body is malformed: {exc.message}", code="invalid_multipart") from None
-    if not parser.complete:
-        await form.close()
-        raise BadRequest(
-            "the multipart body ended before its closing boundary (truncated, or a wrong Content-Length)",
-            code="invalid_multipart",
-        )
-    try:
-        image = form.get("image")
-        image_url = form.get("image_url")
-        if image is not None and image_url is not None:
-            raise BadRequest("send either an `image` file or an `image_url`, not both", code="ambiguous_image")
-        if not isinstance(image, UploadFile):
-            raise InvalidField(
-                "the `image` file is missing: send the image as a multipart file field named `image`",
-                code="image_missing",
-            )
-        data = await image.read(settings.max_upload_bytes + 1)
-        if len(data) > settings.max_upload_bytes:
-            raise PayloadTooLarge(_too_large_image_message(settings), code="image_too_large")
-        return RawSubmission(
-            source="upload",
-            image=data,
-            policy=_text_field(form.get("policy")) or "moderation",
-            context=_text_field(form.get("context")),
-            context_is_text=True,
-            callback_url=_text_field(form.get("callback_url")) or None,
-        )
-    finally:
-        await form.close()
+        return sniff_image(data, limits)
+    except ModtagError as exc:
+        if label is None:
+            raise
+        raise ModtagError(f"{label}: {exc.message}", code=exc.code, http_status=exc.http_status) from None
 
 
-async def read_json_object(request: Request, cap: int, too_large: str) -> dict[str, Any]:
-    """A JSON object body read under a hard size cap and parsed strictly (400/413/422 with a code otherwise)."""
-    body = bytearray()
-    async for chunk in _capped_stream(request, cap, "payload_too_large", too_large):
-        body += chunk
-    try:
-        document = strict_json(body)
-    except ValueError as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(document, dict):
-        raise InvalidField(f"the JSON body must be an object, not {_json_type(document)}", code="invalid_field")
-    return document
-
-
-def validate_body(model: type[BodyModel], document: dict[str, Any]) -> BodyModel:
-    """`document` as `model`, its errors reported like FastAPI's own body validation (422, `loc` from "body")."""
-    try:
-        return model.model_validate(document)
-    except ValidationError as exc:
-        raise RequestValidationError(
-            [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
-        ) from None
-
-
-async def _read_json(request: Request, cap: int, too_large: str) -> RawSubmission:
-    document = await read_json_object(request, cap, too_large)
-    if "image_url" not in document:
-        raise InvalidField(
-            "`image_url` is missing: send it in a JSON body, or upload the file as multipart field `image`",
-            code="image_missing",
-        )
-    parsed = validate_body(JobRequest, document)
-    return RawSubmission(
-        source="url",
-        image_url=parsed.image_url,
-        policy=parsed.policy,
-        context=parsed.context,
-        callback_url=parsed.callback_url,
+def _upload_job(services: Services, data: bytes, header: ImageHeader, common: dict[str, Any]) -> NewJob:
+    blob_key = services.blobs.put(data)
+    return NewJob(
+        **common,
+        source="upload",
+        blob_key=blob_key,
+        image_sha256=blob_key,  # the blob store is content-addressed by SHA-256
+        image_bytes=len(data),
+        image_width=header.width,
+        image_height=header.height,
+        image_format=header.format,
     )
 
 
-class _FormParser(MultiPartParser):
-    """Starlette's multipart parser, noting whether the closing boundary arrived: a cut-off body is malformed."""
-
-    complete = False
-
-    def on_end(self) -> None:
-        self.complete = True
-
-
-async def _capped_stream(request: Request, cap: int, code: str, message: str) -> AsyncGenerator[bytes, None]:
-    """The body in chunks, aborting as soon as more than `cap` bytes arrived, whatever the headers said."""
-    received = 0
+def _enqueue(services: Services, job: Job) -> None:
     try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > cap:
-                raise PayloadTooLarge(message, code=code)
-            yield chunk
-    except ClientDisconnect:
-        raise BadRequest("the client disconnected before the body was complete", code="client_disconnected") from None
+        enqueue_job(services.celery, job.id)
+    except Exception as exc:
+        # The job row is committed, so nothing is lost: the reconciler re-enqueues queued jobs that no worker
+        # picked up. The client still gets its 202 and can poll the job.
+        logger.warning("job %s stored but not enqueued (%s); the reconciler will enqueue it", job.id, exc)
+    JOBS_SUBMITTED.labels(policy=job.policy, source=job.source).inc()
 
 
-def _check_declared_length(request: Request, cap: int, code: str, message: str) -> None:
-    declared = request.headers.get("content-length")
-    if declared is None:
-        return  # chunked: the capped stream enforces the limit
-    try:
-        length = int(declared)
-    except ValueError:
-        raise BadRequest("the Content-Length header is not a number", code="bad_request") from None
-    if length > cap:
-        raise PayloadTooLarge(message, code=code)
-
-
-def _too_large_image_message(settings: Settings) -> str:
+def _image_too_large(settings: Settings) -> str:
     return f"the image is larger than the limit of {settings.max_upload_bytes} bytes"
 
 
@@ -284,19 +477,55 @@ def _context_too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"`context` is larger than {limit} bytes", code="context_too_large")
 
 
-def _text_field(value: str | UploadFile | None) -> str | None:
-    if isinstance(value, UploadFile):
-        raise InvalidField("only `image` may be a file; send the other fields as text", code="invalid_field")
-    return value
+def _text(value: Any, field: str, limit: int) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidField(f"`{field}` must be text", code="invalid_field")
+    value = value.strip()
+    if "\x00" in value:
+        raise InvalidField(f"`{field}` contains a NUL character", code="invalid_field")
+    if len(value) > limit:
+        raise InvalidField(f"`{field}` is {len(value)} characters; at most {limit} are accepted", code="invalid_field")
+    return value or None
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _json_type(value: object) -> str:
-    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
+def _attributes(value: Any, is_text: bool) -> dict[str, Any]:
+    if is_text:
+        if value is None or not str(value).strip():
+            return {}
+        try:
+            value = strict_json(str(value))
+        except ValueError as exc:
+            raise BadRequest(f"`attributes` is not valid JSON: {exc}", code="invalid_attributes") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidField('`attributes` must be a JSON object such as {"color": "red"}', code="invalid_attributes")
+    if len(value) > MAX_ATTRIBUTES:
+        raise InvalidField(
+            f"`attributes` has {len(value)} entries; at most {MAX_ATTRIBUTES}", code="invalid_attributes"
+        )
+    attributes: dict[str, Any] = {}
+    for name, item in value.items():
+        if not _ATTRIBUTE_NAME.match(name):
+            raise InvalidField(
+                f"attribute name {name[:64]!r} must be lowercase letters, digits and '_' (color, product_type)",
+                code="invalid_attributes",
+            )
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise InvalidField(f"attribute {name!r} must be text or a number", code="invalid_attributes")
+        if isinstance(item, float) and not math.isfinite(item):
+            raise InvalidField(f"attribute {name!r} must be a finite number", code="invalid_attributes")
+        if isinstance(item, str):
+            item = item.strip()
+            if "\x00" in item or len(item) > MAX_ATTRIBUTE_CHARS:
+                raise InvalidField(
+                    f"attribute {name!r} must be at most {MAX_ATTRIBUTE_CHARS} characters without NUL",
+                    code="invalid_attributes",
+                )
+        attributes[name] = item
+    return attributes
 
 
 def _depth(value: object, level: int = 1) -> int:

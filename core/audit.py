@@ -9,15 +9,13 @@ from __future__ import annotations
 import base64
 import binascii
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlmodel import Session, col, select
 
 from core.errors import BadRequest
-from core.tables import AuditEntry, iso
-
-if TYPE_CHECKING:
-    from core.auth import Principal
+from core.principals import Principal
+from core.tables import AuditEntry
 
 
 def record(
@@ -79,18 +77,6 @@ def list_entries(
     rows = list(session.exec(query).all())
     next_cursor = encode_cursor(rows[limit - 1].id or 0) if len(rows) > limit else None
     return rows[:limit], next_cursor
-
-
-def entry_public(entry: AuditEntry) -> dict[str, Any]:
-    return {
-        "id": entry.id,
-        "at": iso(entry.at),
-        "actor": {"key_id": entry.actor_key_id, "name": entry.actor_name, "role": entry.actor_role},
-        "action": entry.action,
-        "target": {"type": entry.target_type, "id": entry.target_id},
-        "before": entry.before,
-        "after": entry.after,
-    }
 
 
 def encode_cursor(entry_id: int) -> str:

@@ -1,4 +1,4 @@
-"""API keys and who may do what: create (the secret is shown once), authenticate, list, revoke.
+"""API keys: create (the secret is shown once), authenticate, list, revoke. Who may do what: core/principals.py.
 
 A key is `mtk_<12 hex>_<43 random url-safe characters>` (256 bits of randomness); only its SHA-256
 is stored. A slow password hash (bcrypt, argon2) protects secrets people choose, which are guessable;
@@ -15,20 +15,20 @@ import hashlib
 import re
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import timedelta
-from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from core.audit import record
-from core.errors import ConfigError, InvalidField, ModtagError, NotFound
-from core.tables import ApiKey, DashboardSession, Role, as_utc, iso, utcnow
+from core.errors import AuthError, ConfigError, InvalidField, NotFound
+from core.principals import MAX_NAME_CHARS, Principal, cli_principal
+from core.public import KeyPublic
+from core.tables import ApiKey, DashboardSession, Role, as_utc, utcnow
 
 KEY_PREFIX = "mtk_"
 MAX_KEY_CHARS = 256
-MAX_NAME_CHARS = 128
 TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 DEFAULT_TENANT = "default"
 LOCAL_ADMIN_NAME = "local admin (modtag up)"
@@ -36,67 +36,6 @@ BOOTSTRAP_NAME = "bootstrap admin (MODTAG_ADMIN_KEY)"
 # Writing last_used_at on every request would turn each read into a write; once a minute is enough to audit.
 _LAST_USED_RESOLUTION = timedelta(seconds=60)
 _GENERATED = re.compile(r"^mtk_([0-9a-f]{12})_[A-Za-z0-9_-]{43}$")
-
-
-class Permission(StrEnum):
-    """What a route needs. Roles are sets of these (ROLE_PERMISSIONS)."""
-
-    SUBMIT = "jobs:submit"  # POST /v1/jobs
-    READ = "jobs:read"  # jobs, decisions, policies, thumbnails and the dashboard views of them
-    REVIEW = "review:work"  # the review queue: list, claim, resolve
-    REOPEN = "review:reopen"  # appeals: reopen a resolved item
-    AUDIT = "audit:read"
-
-
-ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
-    Role.SUBMIT: frozenset({Permission.SUBMIT, Permission.READ}),
-    Role.REVIEW: frozenset({Permission.READ, Permission.REVIEW}),
-    Role.ADMIN: frozenset(Permission),
-}
-
-
-class AuthError(ModtagError):
-    """No key, a wrong key or a revoked key (401); `code` says which."""
-
-    code = "auth_required"
-    http_status = 401
-
-
-class Forbidden(ModtagError):
-    """A valid key whose role does not allow this (403)."""
-
-    code = "forbidden"
-    http_status = 403
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who is acting: a key (or the CLI, or the machine), its role and its tenant."""
-
-    name: str
-    role: Role
-    tenant: str
-    key_id: str | None = None
-    via: str = "header"  # "header", "session" (dashboard cookie), "cli", "system", "auth-off"
-    csrf_token: str | None = None  # the dashboard session's, when via == "session"
-
-    def can(self, permission: Permission) -> bool:
-        return permission in ROLE_PERMISSIONS[self.role]
-
-
-def system_principal(tenant: str) -> Principal:
-    """The machine itself (the worker putting a decision in the review queue)."""
-    return Principal(name="modtag (machine decision)", role=Role.ADMIN, tenant=tenant, via="system")
-
-
-def cli_principal(tenant: str) -> Principal:
-    import getpass
-
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry in some containers
-        user = "unknown"
-    return Principal(name=f"cli:{user}"[:MAX_NAME_CHARS], role=Role.ADMIN, tenant=tenant, via="cli")
 
 
 def hash_key(key: str) -> str:
@@ -237,18 +176,9 @@ def bootstrap_admin_key(session: Session, given: str | None, *, temporary: bool 
     return create_key(session, role=Role.ADMIN, tenant=DEFAULT_TENANT, name=LOCAL_ADMIN_NAME, actor=actor)
 
 
-def key_public(row: ApiKey) -> dict[str, str | None]:
-    """A key as listings and the audit log show it: never the secret or its hash."""
-    return {
-        "id": row.id,
-        "prefix": row.prefix,
-        "name": row.name,
-        "role": row.role,
-        "tenant": row.tenant,
-        "created_at": iso(row.created_at),
-        "last_used_at": iso(row.last_used_at),
-        "revoked_at": iso(row.revoked_at),
-    }
+def key_public(row: ApiKey) -> dict[str, Any]:
+    """A key as `modtag keys` lists it and the audit log records it (`core.public.KeyPublic`) as JSON."""
+    return KeyPublic.from_row(row).model_dump(mode="json")
 
 
 def _touch(session: Session, row: ApiKey) -> None:

@@ -109,6 +109,27 @@ class TransientError(ModtagError):
     retryable = True
 
 
+class AuthError(ModtagError):
+    """No key, a wrong key or a revoked key (401); `code` says which."""
+
+    code = "auth_required"
+    http_status = 401
+
+
+class Forbidden(ModtagError):
+    """A valid key whose role does not allow this (403)."""
+
+    code = "forbidden"
+    http_status = 403
+
+
+class Conflict(ModtagError):
+    """The record is not in a state that allows this (a review item claimed by someone else, already resolved...)."""
+
+    code = "conflict"
+    http_status = 409
+
+
 class TooManyFailures(ModtagError):
     """Too many failed key checks from one client address (429); `retry_after_s` says when to try again."""
 

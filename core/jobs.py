@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import and_, or_, update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session, SQLModel, col, func, select
 
 from core import review
-from core.errors import BadRequest
-from core.tables import Decision, DecisionCategory, Job, JobStatus, ReviewItem, ShadowDecision, iso, utcnow
+from core.errors import BadRequest, NotFound
+from core.tables import ID_PATTERN, Decision, DecisionCategory, Job, JobStatus, ShadowDecision, utcnow
 
-FINAL_STATUSES = (JobStatus.DONE, JobStatus.FAILED)
+Won = TypeVar("Won")
 
 
 @dataclass(frozen=True)
@@ -50,17 +50,25 @@ def create_job(session: Session, new: NewJob) -> tuple[Job, bool]:
         if existing:
             return existing, False
     job = Job(**new.__dict__)
-    session.add(job)
+    winner = commit_once(
+        session, [job], lambda: find_by_idempotency_key(session, new.tenant, new.idempotency_key or "")
+    )
+    return (winner, False) if winner is not None else (job, True)
+
+
+def commit_once(session: Session, rows: Sequence[SQLModel], winner: Callable[[], Won | None]) -> Won | None:
+    """Add `rows` and commit; None once committed. When a request with the same idempotency key committed first
+    (a uniqueness violation), roll back and return what it made (`winner()`); any other violation is raised."""
+    session.add_all(rows)
     try:
         session.commit()
     except IntegrityError:
-        # Two requests with the same key raced; the other one won.
         session.rollback()
-        existing = find_by_idempotency_key(session, new.tenant, new.idempotency_key or "")
+        existing = winner()
         if existing is None:
             raise
-        return existing, False
-    return job, True
+        return existing
+    return None
 
 
 def find_by_idempotency_key(session: Session, tenant: str, key: str) -> Job | None:
@@ -71,6 +79,14 @@ def get_job(session: Session, job_id: str, tenant: str | None = None) -> Job | N
     job = session.get(Job, job_id)
     if job is None or (tenant is not None and job.tenant != tenant):
         return None
+    return job
+
+
+def tenant_job(session: Session, job_id: str, tenant: str) -> Job:
+    """The job if it exists in this tenant; another tenant's job is reported as unknown (404), never 403."""
+    job = get_job(session, job_id, tenant) if ID_PATTERN.match(job_id) else None
+    if job is None:
+        raise NotFound(f"no job with id {job_id[:64]!r}", code="job_not_found")
     return job
 
 
@@ -267,50 +283,12 @@ def encode_cursor(decision: Decision) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The position a cursor names. A forged one may decode to any bytes: only a plausible decision id passes."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         stamp, decision_id = raw.split("|", 1)
+        if not ID_PATTERN.match(decision_id):
+            raise ValueError(decision_id)
         return datetime.fromisoformat(stamp), decision_id
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise BadRequest("cursor is not one this API returned", code="invalid_cursor") from None
-
-
-def decision_public(decision: Decision) -> dict[str, Any]:
-    """A decision as the API and callbacks show it (DESIGN.md, 'HTTP API')."""
-    return {
-        "id": decision.id,
-        "job_id": decision.job_id,
-        "action": decision.action,
-        "categories": decision.categories,
-        "caption": decision.caption,
-        "evidence": decision.evidence,
-        "tags": decision.tags,
-        "contradictions": decision.contradictions or [],
-        "reason": decision.reason,
-        "policy": decision.policy,
-        "policy_version": decision.policy_version,
-        "models": decision.models,
-        "decided_at": iso(decision.decided_at),
-        "duration_ms": decision.duration_ms,
-    }
-
-
-def job_public(job: Job, decision: Decision | None, review_item: ReviewItem | None = None) -> dict[str, Any]:
-    """A job as the API and callbacks show it: the machine decision and, beside it, the human review if any."""
-    return {
-        "id": job.id,
-        "status": job.status,
-        "policy": job.policy,
-        "policy_version": job.policy_version,
-        "source": job.source,
-        "image_url": job.image_url,
-        "context": job.context,
-        "created_at": iso(job.created_at),
-        "started_at": iso(job.started_at),
-        "finished_at": iso(job.finished_at),
-        "attempts": job.attempts,
-        "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
-        "listing": {"id": job.listing_id, "index": job.listing_index} if job.listing_id else None,
-        "decision": decision_public(decision) if decision else None,
-        "review": review.item_public(review_item) if review_item else None,
-    }

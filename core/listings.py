@@ -1,4 +1,7 @@
-"""Listing records: a listing and its photos' jobs, written together; read back with the listing-level verdict."""
+"""Listing records: a listing and its photos' jobs, written together; read back in photo order.
+
+The listing body (`GET /v1/listings/{id}` and its callback) is `policies.listing.listing_public` of these rows.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +11,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import update
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from core.jobs import NewJob, decision_public, job_public
-from core.tables import Decision, Job, JobStatus, Listing, iso, utcnow
-from policies.listing import ListingImage, listing_verdict
+from core.jobs import NewJob, commit_once
+from core.tables import FINAL_STATUSES, Decision, Job, Listing, utcnow
 
-_FINAL = (JobStatus.DONE, JobStatus.FAILED)
+
+@dataclass(frozen=True)
+class ListingCallback:
+    """A listing whose callback this caller claimed: where to POST, and the rows its body is built from."""
+
+    url: str
+    listing: Listing
+    rows: list[tuple[Job, Decision | None]]
 
 
 @dataclass(frozen=True)
@@ -49,25 +57,26 @@ def create_listing(session: Session, new: NewListing, photos: Sequence[NewJob]) 
     With an idempotency key already used, return that listing and its jobs instead (False: not created).
     """
     if new.idempotency_key:
-        existing = _by_idempotency_key(session, new.tenant, new.idempotency_key)
+        existing = find_listing_by_idempotency_key(session, new.tenant, new.idempotency_key)
         if existing is not None:
             return existing, [job for job, _ in listing_jobs(session, existing.id)], False
     listing = Listing(**dataclasses.asdict(new), image_count=len(photos))
-    session.add(listing)
     jobs = [
         Job(**dataclasses.replace(photo, listing_id=listing.id, listing_index=index).__dict__)
         for index, photo in enumerate(photos)
     ]
-    session.add_all(jobs)
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()  # two requests with the same key raced; the other one won
-        existing = _by_idempotency_key(session, new.tenant, new.idempotency_key or "")
-        if existing is None:
-            raise
-        return existing, [job for job, _ in listing_jobs(session, existing.id)], False
+    winner = commit_once(
+        session,
+        [listing, *jobs],
+        lambda: find_listing_by_idempotency_key(session, new.tenant, new.idempotency_key or ""),
+    )
+    if winner is not None:
+        return winner, [job for job, _ in listing_jobs(session, winner.id)], False
     return listing, jobs, True
+
+
+def find_listing_by_idempotency_key(session: Session, tenant: str, key: str) -> Listing | None:
+    return session.exec(select(Listing).where(Listing.tenant == tenant, Listing.idempotency_key == key)).first()
 
 
 def get_listing(session: Session, listing_id: str, tenant: str) -> Listing | None:
@@ -86,32 +95,8 @@ def listing_jobs(session: Session, listing_id: str) -> list[tuple[Job, Decision 
     return [(job, decision) for job, decision in rows]
 
 
-def listing_public(listing: Listing, rows: Sequence[tuple[Job, Decision | None]]) -> dict[str, Any]:
-    """The listing, its photos (each job as `GET /v1/jobs/{id}` shows it) and the listing-level verdict."""
-    images = [
-        ListingImage(
-            index=job.listing_index or 0,
-            status=job.status,
-            decision=decision_public(decision) if decision is not None else None,
-            error={"code": job.error_code, "message": job.error_message} if job.error_code else None,
-        )
-        for job, decision in rows
-    ]
-    return {
-        "id": listing.id,
-        "policy": listing.policy,
-        "policy_version": listing.policy_version,
-        "title": listing.title,
-        "description": listing.description,
-        "attributes": listing.attributes,
-        "created_at": iso(listing.created_at),
-        "verdict": listing_verdict(images),
-        "photos": [{"index": (job.listing_index or 0) + 1, **job_public(job, decision)} for job, decision in rows],
-    }
-
-
-def listing_callback_due(session: Session, listing_id: str) -> tuple[str, dict[str, Any]] | None:
-    """Claim the listing's callback once every photo is final: its URL and body, or None when not due.
+def listing_callback_due(session: Session, listing_id: str) -> ListingCallback | None:
+    """Claim the listing's callback once every photo is final: its URL and rows, or None when not due.
 
     The claim is a conditional UPDATE (`callback_sent_at IS NULL`), committed before returning, so of
     two workers finishing the last two photos at once exactly one gets the payload. The claim is made
@@ -122,7 +107,7 @@ def listing_callback_due(session: Session, listing_id: str) -> tuple[str, dict[s
     if listing is None or not listing.callback_url or listing.callback_sent_at is not None:
         return None
     rows = listing_jobs(session, listing_id)
-    if len(rows) < listing.image_count or any(job.status not in _FINAL for job, _ in rows):
+    if len(rows) < listing.image_count or any(job.status not in FINAL_STATUSES for job, _ in rows):
         return None
     claimed = session.execute(
         update(Listing)
@@ -132,8 +117,4 @@ def listing_callback_due(session: Session, listing_id: str) -> tuple[str, dict[s
     session.commit()
     if getattr(claimed, "rowcount", 0) != 1:  # another worker claimed it between our read and our update
         return None
-    return listing.callback_url, listing_public(listing, rows)
-
-
-def _by_idempotency_key(session: Session, tenant: str, key: str) -> Listing | None:
-    return session.exec(select(Listing).where(Listing.tenant == tenant, Listing.idempotency_key == key)).first()
+    return ListingCallback(listing.callback_url, listing, rows)

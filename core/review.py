@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,22 +20,15 @@ from sqlalchemy import ColumnElement, and_, or_, update
 from sqlmodel import Session, col, func, select
 
 from core.audit import record
-from core.auth import Permission, Principal, system_principal
-from core.errors import BadRequest, ModtagError, NotFound
+from core.errors import BadRequest, Conflict, ModtagError, NotFound
 from core.metrics import REVIEW_RESOLUTION
-from core.tables import Decision, DecisionCategory, ReviewItem, ReviewState, as_utc, iso, utcnow
+from core.principals import Permission, Principal, system_principal
+from core.public import ReviewItemPublic
+from core.tables import ID_PATTERN, Decision, DecisionCategory, ReviewItem, ReviewState, as_utc, iso, utcnow
 
 Order = Literal["oldest", "score"]
 Resolution = Literal["allow", "block"]
 MAX_REASON_CHARS = 2000
-_JOB_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
-
-
-class Conflict(ModtagError):
-    """The item is not in a state that allows this (claimed by someone else, already resolved...)."""
-
-    code = "conflict"
-    http_status = 409
 
 
 @dataclass(frozen=True)
@@ -72,7 +64,7 @@ def enqueue(session: Session, decision: Decision) -> ReviewItem:
 
 
 def get_item(session: Session, job_id: str, tenant: str) -> ReviewItem | None:
-    if not _JOB_ID.match(job_id):
+    if not ID_PATTERN.match(job_id):
         return None
     item = session.get(ReviewItem, job_id)
     return item if item is not None and item.tenant == tenant else None
@@ -230,34 +222,8 @@ def queue_stats(session: Session) -> QueueStats:
 
 
 def item_public(item: ReviewItem, *, now: datetime | None = None) -> dict[str, Any]:
-    """A queue item as the API and the audit log show it. An expired claim is shown as no claim."""
-    now = now or utcnow()
-    live = item.claimed_by is not None and item.claim_expires_at is not None and as_utc(item.claim_expires_at) > now
-    return {
-        "job_id": item.job_id,
-        "decision_id": item.decision_id,
-        "policy": item.policy,
-        "category": item.category,
-        "score": item.score,
-        "state": item.state,
-        "queued_at": iso(item.queued_at),
-        "claim": (
-            {"by": {"id": item.claimed_by, "name": item.claimed_by_name}, "expires_at": iso(item.claim_expires_at)}
-            if live
-            else None
-        ),
-        "resolution": (
-            {
-                "action": item.resolution,
-                "reason": item.reason,
-                "by": {"id": item.resolved_by, "name": item.resolved_by_name},
-                "at": iso(item.resolved_at),
-            }
-            if item.state == ReviewState.RESOLVED
-            else None
-        ),
-        "reopen_count": item.reopen_count,
-    }
+    """A queue item as the audit log records it: its public shape (`core.public.ReviewItemPublic`) as JSON."""
+    return ReviewItemPublic.from_row(item, now=now).model_dump(mode="json")
 
 
 def claimant_id(actor: Principal) -> str:
@@ -378,7 +344,7 @@ def _encode_cursor(item: ReviewItem, order: Order) -> str:
 def _decode_cursor(cursor: str, order: Order) -> dict[str, Any]:
     try:
         raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if not isinstance(raw, dict) or raw.get("o") != order or not _JOB_ID.match(str(raw.get("j"))):
+        if not isinstance(raw, dict) or raw.get("o") != order or not ID_PATTERN.match(str(raw.get("j"))):
             raise ValueError("not a queue cursor for this order")
         score = float(raw["s"])
         if score != score:  # NaN

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlmodel import Session, col
 
+from core.public import ShadowSummary
 from core.tables import ShadowDecision, iso
 
 ACTIONS = ("allow", "review", "block")
@@ -20,7 +21,7 @@ def shadow_agreement(
     tenant: str | None = None,
     since: datetime | None = None,
     shadow: str | None = None,
-) -> list[dict[str, Any]]:
+) -> list[ShadowSummary]:
     """Per shadow policy version: jobs compared, agreement rate and the confusion counts (active x shadow action).
 
     Shadows that could not decide (a context field they need, say) are counted in `errors`, outside the rate.
@@ -75,5 +76,5 @@ def shadow_agreement(
         compared = summary["compared"]
         summary["agreement"] = round(summary["agreed"] / compared, 6) if compared else None
         summary["first_at"], summary["last_at"] = iso(summary["first_at"]), iso(summary["last_at"])
-        result.append(summary)
+        result.append(ShadowSummary.model_validate(summary))
     return result

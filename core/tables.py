@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -16,8 +17,9 @@ def utcnow() -> datetime:
 
 
 def as_utc(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes; every one was written in UTC."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+    """The moment in UTC. A naive one is taken as UTC: SQLite hands back naive datetimes, every one written in UTC,
+    and the API reads naive query times as UTC."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -28,11 +30,20 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+# What an id may look like (new_id's hex, with room for ids made elsewhere). Ids are checked against it before a
+# query, so bytes PostgreSQL refuses (NUL) make an unknown id, never a database error.
+ID_PATTERN = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+
+
 class JobStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+
+
+# A job in one of these states never changes again (a redelivered task finds nothing to do).
+FINAL_STATUSES = frozenset({JobStatus.DONE, JobStatus.FAILED})
 
 
 class Job(SQLModel, table=True):
@@ -111,7 +122,7 @@ class DecisionCategory(SQLModel, table=True):
 
 
 class Role(StrEnum):
-    """What an API key may do (api/auth.py maps each role to its permissions)."""
+    """What an API key may do (core/principals.py maps each role to its permissions)."""
 
     SUBMIT = "submit"
     REVIEW = "review"

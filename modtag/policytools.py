@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TextIO
 
+from core.tables import as_utc
+
 if TYPE_CHECKING:
     from worker.replay import CaseResult, ReplayReport
 
@@ -34,7 +36,7 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
         raise ValueError(
             f"{text!r} is not a date: use ISO 8601 (2026-11-01 or 2026-11-01T12:00:00Z) or an age such as 7d, 12h, 30m"
         ) from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+    return as_utc(moment)
 
 
 def print_replay(report: ReplayReport, out: TextIO, *, all_jobs: bool = False) -> None:

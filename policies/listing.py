@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from core.public import JobPublic, ListingPublic
+from core.tables import Decision, Job, Listing
 from policies.evaluate import SEVERITY
 
 _NOUNS = {"color": "colour", "colour": "colour", "count": "number of items", "product_type": "kind of product"}
@@ -77,6 +79,18 @@ def listing_verdict(images: Sequence[ListingImage]) -> dict[str, Any]:
         "tags": _merged_tags(decided),
         "photos": {"total": len(images), "decided": len(decided), "failed": len(final) - len(decided)},
     }
+
+
+def listing_public(listing: Listing, rows: Sequence[tuple[Job, Decision | None]]) -> ListingPublic:
+    """The listing body (`GET /v1/listings/{id}`, and the listing's callback): core's shape, this module's verdict."""
+    photos = ListingPublic.photos_of(rows)
+    return ListingPublic.from_photos(listing, photos, listing_verdict([_image(photo) for photo in photos]))
+
+
+def _image(photo: JobPublic) -> ListingImage:
+    decision = photo.decision.model_dump(mode="json") if photo.decision is not None else None
+    error = photo.error.model_dump(mode="json") if photo.error is not None else None
+    return ListingImage(index=(photo.index or 1) - 1, status=photo.status, decision=decision, error=error)
 
 
 def _photo(image: ListingImage) -> int:

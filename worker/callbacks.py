@@ -15,9 +15,11 @@ from core import jobs, metrics
 from core.db import session_scope
 from core.errors import ModtagError
 from core.listings import listing_callback_due
+from core.public import JobPublic
 from core.settings import Settings
 from core.tables import Job
 from core.urls import post_json
+from policies.listing import listing_public
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +31,13 @@ def send_callbacks(settings: Settings, job: Job) -> None:
         try:
             with session_scope(url) as session:
                 current = jobs.get_job(session, job.id)
-                body = jobs.job_public(current, jobs.get_decision(session, job.id)) if current else None
+                public = JobPublic.from_row(current, jobs.get_decision(session, job.id)) if current else None
         except (OperationalError, DBAPIError) as exc:
             log.warning("callback for job %s not delivered: %s", job.id, exc)
             metrics.CALLBACKS.labels("failed").inc()
         else:
-            if body is not None:
-                _post(settings, f"job {job.id}", job.callback_url, body)
+            if public is not None:
+                _post(settings, f"job {job.id}", job.callback_url, public.model_dump(mode="json"))
     if job.listing_id:
         try:
             with session_scope(url) as session:
@@ -45,7 +47,8 @@ def send_callbacks(settings: Settings, job: Job) -> None:
             metrics.CALLBACKS.labels("failed").inc()
         else:
             if due is not None:
-                _post(settings, f"listing {job.listing_id}", *due)
+                body = listing_public(due.listing, due.rows).model_dump(mode="json")
+                _post(settings, f"listing {job.listing_id}", due.url, body)
 
 
 def _post(settings: Settings, subject: str, url: str, body: dict[str, Any]) -> None:

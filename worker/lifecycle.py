@@ -18,7 +18,7 @@ from core import jobs, metrics
 from core.db import session_scope
 from core.errors import ModtagError, TransientError
 from core.settings import Settings
-from core.tables import Decision, Job, JobStatus, ShadowDecision, as_utc, utcnow
+from core.tables import FINAL_STATUSES, Decision, Job, ShadowDecision, as_utc, utcnow
 
 log = logging.getLogger(__name__)
 MAX_RETRY_DELAY_S = 60
@@ -119,7 +119,7 @@ class JobLifecycle:
         if job is None:
             log.warning("job %s does not exist; dropping its message", job_id)
             return JobResult(job_id, "missing")
-        if job.status in (JobStatus.DONE, JobStatus.FAILED):
+        if job.status in FINAL_STATUSES:
             return JobResult(job_id, "duplicate")
         # Another worker holds a live lease; if it died, the reconciler hands the job back later.
         return JobResult(job_id, "busy")

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 
 from api.auth import Auditor
 from api.deps import SessionDep
 from api.errors import error_responses
-from api.routes.decisions import as_utc
-from api.schemas import AuditPage
-from core.audit import entry_public, list_entries
+from core.audit import list_entries
+from core.public import AuditEntryPublic, AuditPage
+from core.tables import as_utc
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
@@ -35,7 +35,7 @@ def read_audit(
     until: Annotated[datetime | None, Query(description="ISO-8601, exclusive.")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
-) -> dict[str, Any]:
+) -> AuditPage:
     """Who changed what and when, with the record before and after (role admin)."""
     entries, next_cursor = list_entries(
         session,
@@ -48,4 +48,4 @@ def read_audit(
         limit=limit,
         cursor=cursor,
     )
-    return {"data": [entry_public(entry) for entry in entries], "next_cursor": next_cursor}
+    return AuditPage(data=[AuditEntryPublic.from_row(entry) for entry in entries], next_cursor=next_cursor)

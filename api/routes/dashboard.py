@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from pydantic import BaseModel
 from sqlmodel import Session, col, select
 
 from api.auth import (
@@ -35,17 +36,17 @@ from api.deps import ServicesDep, SessionDep, SettingsDep
 from api.errors import error_response
 from api.failures import check_failures, client_address, record_failure
 from api.pages import render
-from api.routes.decisions import as_utc
-from api.routes.jobs import tenant_job
-from api.schemas import ID_PATTERN, SLUG_PATTERN
+from api.schemas import SLUG_PATTERN
 from core import review
-from core.audit import entry_public, list_entries
-from core.auth import AuthError, Permission, Principal, authenticate
-from core.errors import ModtagError, TooManyFailures
-from core.jobs import decision_public, get_decision, list_decisions
+from core.audit import list_entries
+from core.auth import authenticate
+from core.errors import AuthError, ModtagError, TooManyFailures
+from core.jobs import decode_cursor, get_decision, list_decisions, tenant_job
 from core.metrics import AUTH_FAILURES
+from core.principals import Permission, Principal
+from core.public import AuditEntryPublic, DecisionPublic, ReviewItemPublic, ReviewQueueEntry
 from core.stats import category_counts, flag_rates
-from core.tables import Job, ReviewState, iso, utcnow
+from core.tables import ID_PATTERN, Decision, Job, ReviewState, as_utc, iso, utcnow
 
 router = APIRouter(prefix="/dashboard", tags=["dashboard"], include_in_schema=False)
 
@@ -193,8 +194,8 @@ def flagged_page(
     sources = _sources(session, job_ids)
     rows = [
         {
-            **decision_public(decision),
-            "review": review.item_public(items[decision.job_id]) if decision.job_id in items else None,
+            **_page(DecisionPublic.from_row(decision)),
+            "review": _page(ReviewItemPublic.from_row(items[decision.job_id])) if decision.job_id in items else None,
             "source": sources.get(decision.job_id),
         }
         for decision in decisions
@@ -246,8 +247,7 @@ def review_page(
     sources = _sources(session, [item.job_id for item, _ in items])
     rows = [
         {
-            **review.item_public(item, now=now),
-            "decision": decision_public(decision),
+            **_page(ReviewQueueEntry.from_rows(item, decision, now=now)),
             "mine": item.claimed_by == me,
             "source": sources.get(item.job_id),
         }
@@ -322,16 +322,16 @@ def job_page(
     history: list[dict[str, Any]] = []
     if principal.can(Permission.AUDIT):
         entries, _ = list_entries(session, tenant=principal.tenant, target_id=job.id, limit=100)
-        history = [entry_public(entry) for entry in entries]
+        history = [_page(AuditEntryPublic.from_row(entry)) for entry in entries]
     return render(
         request,
         "job.html",
         principal,
         job=job,
         created_at=iso(job.created_at),
-        decision=decision_public(decision) if decision else None,
-        evidence=_evidence_by_category(decision_public(decision)) if decision else {},
-        item=review.item_public(item) if item else None,
+        decision=_page(DecisionPublic.from_row(decision)) if decision else None,
+        evidence=_evidence_by_category(decision) if decision else {},
+        item=_page(ReviewItemPublic.from_row(item)) if item else None,
         mine=item is not None and item.claimed_by == review.claimant_id(principal),
         history=history,
         notice=NOTICES.get(notice or ""),
@@ -395,7 +395,7 @@ def audit_page(
         request,
         "audit.html",
         principal,
-        entries=[entry_public(entry) for entry in entries],
+        entries=[_page(AuditEntryPublic.from_row(entry)) for entry in entries],
         filters={"action": action or "", "job_id": job_id or ""},
         next_cursor=next_cursor,
     )
@@ -479,10 +479,8 @@ def _parse_time(value: str | None) -> datetime | None:
 def _decision_cursor(cursor: str | None) -> str | None:
     if not cursor:
         return None
-    from api.routes.decisions import check_cursor
-
     try:
-        check_cursor(cursor)
+        decode_cursor(cursor)
     except ModtagError:
         return None
     return cursor
@@ -494,8 +492,13 @@ def _ceil(moment: datetime, width: timedelta) -> datetime:
     return epoch + steps * width
 
 
-def _evidence_by_category(decision: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    grouped: dict[str, list[dict[str, Any]]] = {name: [] for name in decision["categories"]}
-    for item in decision["evidence"]:
+def _page(shape: BaseModel) -> dict[str, Any]:
+    """A public shape as the templates read it: the JSON the API would send."""
+    return shape.model_dump(mode="json")
+
+
+def _evidence_by_category(decision: Decision) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = {name: [] for name in decision.categories}
+    for item in decision.evidence:
         grouped.setdefault(str(item.get("category")), []).append(item)
     return grouped

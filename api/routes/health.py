@@ -15,10 +15,10 @@ from sqlmodel import Session
 
 from api.deps import Services, ServicesDep
 from api.errors import error_response
-from api.schemas import Liveness, NotReadyBody, Readiness
 from core.db import get_engine, ping
 from core.jobs import count_by_status
 from core.metrics import JOBS_BY_STATUS, QUEUE_DEPTH, REVIEW_OLDEST_AGE, REVIEW_QUEUE
+from core.public import Liveness, NotReadyBody, Readiness
 from core.queues import Queue
 from core.review import queue_stats
 from core.tables import JobStatus, utcnow

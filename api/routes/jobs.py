@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-import logging
-from typing import Any
-
-from fastapi import APIRouter, Response, status
-from sqlmodel import Session
+from fastapi import APIRouter, Response
 
 from api.auth import Reader, Submitter
 from api.deps import ServicesDep, SessionDep
 from api.errors import error_responses
-from api.schemas import ID_PATTERN, JobPublic, JobRequest
-from api.submissions import (
-    IdempotencyKeyDep,
-    SubmissionDep,
-    check_url,
-    parse_context,
-    require_context,
-    resolve_policy,
-)
+from api.schemas import JobRequest
+from api.submissions import IdempotencyKeyDep, JobSubmissionDep, accept, submission_route
 from api.thumbnails import thumbnail_response
-from core.broker import enqueue_job
-from core.errors import NotFound
-from core.images import ImageLimits, sniff_image
-from core.jobs import NewJob, create_job, find_by_idempotency_key, get_decision, get_job, job_public
-from core.metrics import JOBS_SUBMITTED
+from core.jobs import get_decision, tenant_job
+from core.public import JobPublic
 from core.review import get_item
-from core.tables import Job
 
-logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 _MULTIPART_SCHEMA = {
@@ -42,91 +26,41 @@ _MULTIPART_SCHEMA = {
         "callback_url": {"type": "string", "format": "uri"},
     },
 }
-_SUBMIT_OPENAPI = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
-            "application/json": {"schema": JobRequest.model_json_schema()},
-        },
-    },
-}
 
 
 @router.post(
     "",
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=JobPublic,
-    openapi_extra=_SUBMIT_OPENAPI,
-    responses={
-        200: {"model": JobPublic, "description": "A job with this Idempotency-Key already exists; it is returned."},
-        **error_responses(400, 401, 403, 404, 413, 415, 422),
-    },
+    **submission_route(
+        JobPublic,
+        multipart=_MULTIPART_SCHEMA,
+        json_body=JobRequest,
+        replayed="A job with this Idempotency-Key already exists; it is returned.",
+    ),
 )
 def submit_job(
     principal: Submitter,  # first: the body is not read for a caller who may not submit
     idempotency_key: IdempotencyKeyDep,
-    submission: SubmissionDep,
+    submission: JobSubmissionDep,
     services: ServicesDep,
     session: SessionDep,
     response: Response,
-) -> dict[str, Any]:
+) -> JobPublic:
     """Submit an image (multipart upload or JSON `image_url`) to be judged against a policy (role submit)."""
-    settings = services.settings
-    tenant = principal.tenant
-    # Cheapest checks first; the body was already read under a hard size cap.
-    header = (
-        sniff_image(submission.image, ImageLimits.from_settings(settings)) if submission.image is not None else None
+    accepted = accept(
+        submission, principal=principal, idempotency_key=idempotency_key, services=services, session=session
     )
-    policy = resolve_policy(services.policies, submission.policy)
-    context = parse_context(submission, settings.max_context_bytes)
-    require_context(policy, context)
-    image_url = check_url(submission.image_url, "image_url") if submission.image_url else None
-    callback_url = check_url(submission.callback_url, "callback_url") if submission.callback_url else None
-
-    if idempotency_key and (existing := find_by_idempotency_key(session, tenant, idempotency_key)):
-        return _replay(existing, session, response)
-
-    blob_key = services.blobs.put(submission.image) if submission.image is not None else None
-    job, created = create_job(
-        session,
-        NewJob(
-            tenant=tenant,
-            policy=policy.name,
-            policy_version=policy.version,
-            source=submission.source,
-            blob_key=blob_key,
-            image_sha256=blob_key,  # the blob store is content-addressed by SHA-256
-            image_bytes=len(submission.image) if submission.image is not None else None,
-            image_width=header.width if header else None,
-            image_height=header.height if header else None,
-            image_format=header.format if header else None,
-            image_url=image_url,
-            context=context,
-            callback_url=callback_url,
-            idempotency_key=idempotency_key,
-            submitted_by=principal.key_id,
-        ),
-    )
-    if not created:  # a concurrent request with the same key won the race
-        return _replay(job, session, response)
-
-    try:
-        enqueue_job(services.celery, job.id)
-    except Exception as exc:
-        # The job row is committed, so nothing is lost: the reconciler re-enqueues queued jobs that no worker
-        # picked up. The client still gets its 202 and can poll the job.
-        logger.warning("job %s stored but not enqueued (%s); the reconciler will enqueue it", job.id, exc)
-    JOBS_SUBMITTED.labels(policy=policy.name, source=submission.source).inc()
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return job_public(job, None)
+    job = accepted.record
+    accepted.answer(response, f"/v1/jobs/{job.id}")
+    if accepted.created:
+        return JobPublic.from_row(job, None)
+    return JobPublic.from_row(job, get_decision(session, job.id), get_item(session, job.id, job.tenant))
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=error_responses(401, 403, 404, 422))
-def read_job(job_id: str, session: SessionDep, principal: Reader) -> dict[str, Any]:
+def read_job(job_id: str, session: SessionDep, principal: Reader) -> JobPublic:
     """The job's status and, once done, its decision and any human review beside it."""
     job = tenant_job(session, job_id, principal.tenant)
-    return job_public(job, get_decision(session, job.id), get_item(session, job.id, principal.tenant))
+    return JobPublic.from_row(job, get_decision(session, job.id), get_item(session, job.id, principal.tenant))
 
 
 @router.get(
@@ -141,18 +75,3 @@ def read_thumbnail(job_id: str, session: SessionDep, services: ServicesDep, prin
     """A small JPEG of the job's uploaded image, for the caller's own tenant only."""
     job = tenant_job(session, job_id, principal.tenant)
     return thumbnail_response(job, services)
-
-
-def tenant_job(session: Session, job_id: str, tenant: str) -> Job:
-    """The job if it exists in this tenant; another tenant's job is reported as unknown (404), never 403."""
-    job = get_job(session, job_id, tenant) if ID_PATTERN.match(job_id) else None
-    if job is None:
-        raise NotFound(f"no job with id {job_id[:64]!r}", code="job_not_found")
-    return job
-
-
-def _replay(job: Job, session: Session, response: Response) -> dict[str, Any]:
-    response.status_code = status.HTTP_200_OK
-    response.headers["Idempotent-Replayed"] = "true"
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return job_public(job, get_decision(session, job.id), get_item(session, job.id, job.tenant))

@@ -8,30 +8,29 @@ from typing import Any
 from fastapi import APIRouter
 
 from api.auth import Reader
-from api.deps import PoliciesDep
+from api.deps import PoliciesDep, resolve_policy
 from api.errors import error_responses
-from api.schemas import PolicyList
-from api.submissions import resolve_policy
+from core.public import PolicyList, PolicyReloadError, PolicySummary
 from policies import Policy
 
 router = APIRouter(prefix="/v1/policies", tags=["policies"])
 
 
 @router.get("", response_model=PolicyList, responses=error_responses(401, 403))
-def list_policies(policies: PoliciesDep, _: Reader) -> dict[str, Any]:
+def list_policies(policies: PoliciesDep, _: Reader) -> PolicyList:
     """Every loaded policy with its version and category names."""
-    return {
-        "data": [
-            {
-                "name": policy.name,
-                "description": policy.description,
-                "version": policy.version,
-                "categories": [category.name for category in policy.categories],
-            }
+    return PolicyList(
+        data=[
+            PolicySummary(
+                name=policy.name,
+                description=policy.description,
+                version=policy.version,
+                categories=[category.name for category in policy.categories],
+            )
             for _, policy in sorted(policies.items())
         ],
-        "reload_error": _reload_error(policies),
-    }
+        reload_error=_reload_error(policies),
+    )
 
 
 @router.get(
@@ -48,8 +47,8 @@ def read_policy(name: str, policies: PoliciesDep, _: Reader) -> dict[str, Any]:
     return {**policy.model_dump(mode="json"), "version": policy.version}
 
 
-def _reload_error(policies: Mapping[str, Policy]) -> dict[str, Any] | None:
+def _reload_error(policies: Mapping[str, Policy]) -> PolicyReloadError | None:
     error = getattr(policies, "error", None)  # a PolicyRegistry's last failed reload
     if error is None:
         return None
-    return {"code": error.code, "message": error.message, "at": error.at.isoformat()}
+    return PolicyReloadError(code=error.code, message=error.message, at=error.at.isoformat())

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
 from api.auth import Reopener, Reviewer
 from api.deps import SessionDep, SettingsDep
 from api.errors import error_responses
-from api.schemas import SLUG_PATTERN, ReopenRequest, ResolveRequest, ReviewItemPublic, ReviewQueuePage
+from api.schemas import SLUG_PATTERN, ReopenRequest, ResolveRequest
 from core import review
-from core.jobs import decision_public
+from core.public import ReviewItemPublic, ReviewQueueEntry, ReviewQueuePage
 from core.tables import ReviewState
 
 router = APIRouter(prefix="/v1/review", tags=["review"])
@@ -31,7 +31,7 @@ def read_queue(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
-) -> dict[str, Any]:
+) -> ReviewQueuePage:
     """The tenant's review queue with each item's machine decision (role review or admin)."""
     items, next_cursor = review.list_queue(
         session,
@@ -43,37 +43,37 @@ def read_queue(
         limit=limit,
         cursor=cursor,
     )
-    data = [{**review.item_public(item), "decision": decision_public(decision)} for item, decision in items]
-    return {"data": data, "next_cursor": next_cursor}
+    data = [ReviewQueueEntry.from_rows(item, decision) for item, decision in items]
+    return ReviewQueuePage(data=data, next_cursor=next_cursor)
 
 
 @router.post("/{job_id}/claim", response_model=ReviewItemPublic, responses=error_responses(401, 403, 404, 409, 422))
-def claim_item(job_id: str, session: SessionDep, settings: SettingsDep, principal: Reviewer) -> dict[str, Any]:
+def claim_item(job_id: str, session: SessionDep, settings: SettingsDep, principal: Reviewer) -> ReviewItemPublic:
     """Claim an open item for MODTAG_REVIEW_CLAIM_LEASE_S seconds; 409 `review_claimed` if someone else holds it."""
     item = review.claim(session, job_id, principal, settings.review_claim_lease_s)
-    return review.item_public(item)
+    return ReviewItemPublic.from_row(item)
 
 
 @router.post("/{job_id}/release", response_model=ReviewItemPublic, responses=error_responses(401, 403, 404, 409, 422))
-def release_item(job_id: str, session: SessionDep, principal: Reviewer) -> dict[str, Any]:
+def release_item(job_id: str, session: SessionDep, principal: Reviewer) -> ReviewItemPublic:
     """Give a claim back early (yours; admins: anyone's); 409 `review_claimed` or `review_not_claimed`."""
     item = review.release(session, job_id, principal)
-    return review.item_public(item)
+    return ReviewItemPublic.from_row(item)
 
 
 @router.post(
     "/{job_id}/resolve", response_model=ReviewItemPublic, responses=error_responses(400, 401, 403, 404, 409, 422)
 )
-def resolve_item(job_id: str, body: ResolveRequest, session: SessionDep, principal: Reviewer) -> dict[str, Any]:
+def resolve_item(job_id: str, body: ResolveRequest, session: SessionDep, principal: Reviewer) -> ReviewItemPublic:
     """Resolve an open item `allow` or `block` with a reason; the machine decision is kept beside it."""
     item = review.resolve(session, job_id, principal, body.action, body.reason)
-    return review.item_public(item)
+    return ReviewItemPublic.from_row(item)
 
 
 @router.post(
     "/{job_id}/reopen", response_model=ReviewItemPublic, responses=error_responses(400, 401, 403, 404, 409, 422)
 )
-def reopen_item(job_id: str, body: ReopenRequest, session: SessionDep, principal: Reopener) -> dict[str, Any]:
+def reopen_item(job_id: str, body: ReopenRequest, session: SessionDep, principal: Reopener) -> ReviewItemPublic:
     """Put a resolved item back in the queue (an appeal; role admin). The old resolution stays in the audit log."""
     item = review.reopen(session, job_id, principal, body.reason)
-    return review.item_public(item)
+    return ReviewItemPublic.from_row(item)

@@ -26,9 +26,10 @@ from starlette.routing import BaseRoute
 
 from api.app import create_app
 from api.auth import PUBLIC_PATHS, route_permission
-from core.auth import ROLE_PERMISSIONS, Permission, cli_principal, create_key, revoke_key
+from core.auth import create_key, revoke_key
 from core.db import session_scope
 from core.jobs import claim_job, get_decision, store_decision
+from core.principals import ROLE_PERMISSIONS, Permission, cli_principal
 from core.settings import Settings
 from core.tables import Decision, Job, ReviewItem, Role
 from tests.integration.conftest import assert_error, serve
@@ -37,9 +38,16 @@ pytestmark = pytest.mark.timeout(120)
 
 TENANTS = ("acme", "globex")
 UNKNOWN_ID = "0123456789abcdef0123456789abcdef"
+# As the worker stores them (policies.evaluate.CategoryResult): the API shows every key.
 REVIEW_CATEGORIES = {
-    "weapons": {"score": 0.72, "action": "review", "fired": True},
-    "nudity": {"score": 0.05, "action": "allow", "fired": False},
+    "weapons": {
+        "score": 0.72,
+        "action": "review",
+        "fired": True,
+        "decided_by": "probe: is there a gun?",
+        "reason": None,
+    },
+    "nudity": {"score": 0.05, "action": "allow", "fired": False, "decided_by": None, "reason": None},
 }
 XSS_CAPTION = '<script>alert("x")</script><img src=x onerror=alert(1)> a man holding a rifle'
 

@@ -159,8 +159,17 @@ def decide(db_url: str, policy: str, action: str, categories: dict[str, Any], de
         return decision.id
 
 
-WEAPONS_BLOCK = {"weapons": {"score": 0.9, "action": "block", "fired": True}}
-WEAPONS_QUIET = {"weapons": {"score": 0.1, "action": "allow", "fired": False}}
+# Category results as the worker stores them (policies.evaluate.CategoryResult): the API shows every key.
+WEAPONS_BLOCK = {
+    "weapons": {
+        "score": 0.9,
+        "action": "block",
+        "fired": True,
+        "decided_by": "probe: is there a gun?",
+        "reason": "probe 'is there a gun?' scored 0.9, at or above block 0.8",
+    }
+}
+WEAPONS_QUIET = {"weapons": {"score": 0.1, "action": "allow", "fired": False, "decided_by": None, "reason": None}}
 
 
 # -- submitting jobs -------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from core.jobs import NewJob, fail_job
 from core.listings import NewListing, create_listing, listing_callback_due
 from core.settings import Settings
 from core.tables import Job, Listing
+from policies.listing import listing_public
 from tests.conftest import photo_bytes
 from tests.integration.conftest import Api, Deployment, assert_error
 from tests.integration.test_callbacks_metrics import receiver  # noqa: F401  (a fixture)
@@ -50,8 +51,14 @@ def fail(database_url: str, job_id: str) -> None:
 
 
 def due(database_url: str, listing_id: str) -> tuple[str, dict[str, Any]] | None:
+    """The claimed callback's URL and the body the worker POSTs, or None when not due (or claimed already)."""
     with session_scope(database_url) as session:
-        return listing_callback_due(session, listing_id)
+        claimed = listing_callback_due(session, listing_id)
+    return (
+        None
+        if claimed is None
+        else (claimed.url, listing_public(claimed.listing, claimed.rows).model_dump(mode="json"))
+    )
 
 
 def test_the_callback_is_due_once_every_photo_is_final_and_claimed_once(database_url: str) -> None:

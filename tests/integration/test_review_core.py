@@ -15,11 +15,12 @@ from sqlalchemy import text
 from sqlmodel import col, select
 
 from core import review
-from core.auth import AuthError, Principal, authenticate, cli_principal, create_key, hash_key
+from core.auth import authenticate, create_key, hash_key
 from core.db import get_engine, session_scope
-from core.errors import NotFound
+from core.errors import AuthError, Conflict, NotFound
 from core.jobs import NewJob, claim_job, create_job, store_decision
-from core.review import Conflict
+from core.principals import Principal, cli_principal
+from core.public import ReviewItemPublic
 from core.settings import get_settings
 from core.tables import ApiKey, AuditEntry, Decision, ReviewItem, Role
 from modtag.cli import main
@@ -84,13 +85,13 @@ def test_claim_lease_expires_and_the_item_returns(database_url: str) -> None:
         with pytest.raises(Conflict):
             review.resolve(session, job_id, bob, "allow", "mine now?")
         listed, _ = review.list_queue(session, tenant="default")
-        shown = next(review.item_public(item) for item, _ in listed if item.job_id == job_id)
-        assert shown["claim"]["by"]["name"] == "alice"
+        shown = next(ReviewItemPublic.from_row(item) for item, _ in listed if item.job_id == job_id)
+        assert shown.claim is not None and shown.claim.by.name == "alice"
     time.sleep(0.7)
     with session_scope(database_url) as session:
         listed, _ = review.list_queue(session, tenant="default")
-        shown = next(review.item_public(item) for item, _ in listed if item.job_id == job_id)
-        assert shown["claim"] is None  # an expired claim is shown as none: the item is back in the queue
+        shown = next(ReviewItemPublic.from_row(item) for item, _ in listed if item.job_id == job_id)
+        assert shown.claim is None  # an expired claim is shown as none: the item is back in the queue
         taken = review.claim(session, job_id, bob, lease_s=60)
         assert taken.claimed_by == bob.key_id
         with pytest.raises(Conflict):

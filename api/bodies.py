@@ -1,0 +1,193 @@
+"""Reading request bodies off the wire: a multipart form or a JSON object, size-capped before it is parsed.
+
+Nothing here trusts the client: the declared Content-Length is checked before a byte is read, the body is read
+through a hard cap (a chunked or lying request stops at the cap), and JSON is parsed strictly. What the fields
+mean is the reader's business (api/submissions.py); this module only gets them off the wire safely.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
+
+from core.errors import BadRequest, InvalidField, ModtagError, PayloadTooLarge
+
+# Room in a multipart body for the form fields and part headers beside the images themselves.
+MULTIPART_SLACK_BYTES = 64 * 1024
+# Room in a JSON body for the URLs and the policy name beside the context.
+JSON_SLACK_BYTES = 16 * 1024
+Body = TypeVar("Body")
+BodyModel = TypeVar("BodyModel", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """How much of each kind of body a route reads, and what it answers past that."""
+
+    multipart_cap: int
+    multipart_too_large: tuple[str, str]  # (code, message) of the 413
+    max_files: int
+    max_fields: int
+    json_cap: int
+    json_too_large: str
+    expected: str  # what to send instead of an unsupported Content-Type
+    too_many_files: str | None = None  # the 422 `too_many_images` message; None: a malformed body (400)
+
+
+async def read_body(
+    request: Request,
+    limits: BodyLimits,
+    *,
+    from_form: Callable[[FormData], Awaitable[Body]],
+    from_json: Callable[[dict[str, Any]], Body],
+) -> Body:
+    """Dispatch on Content-Type: a multipart form (closed once `from_form` is done) or a JSON object."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type == "multipart/form-data":
+        code, message = limits.multipart_too_large
+        _check_declared_length(request, limits.multipart_cap, code, message)
+        form = await _read_form(request, limits)
+        try:
+            return await from_form(form)
+        finally:
+            await form.close()
+    if media_type == "application/json" or media_type.endswith("+json"):
+        _check_declared_length(request, limits.json_cap, "payload_too_large", limits.json_too_large)
+        return from_json(await read_json_object(request, limits.json_cap, limits.json_too_large))
+    raise ModtagError(
+        f"unsupported Content-Type {media_type[:100]!r}: send {limits.expected}",
+        code="unsupported_media_type",
+        http_status=415,
+    )
+
+
+async def read_json_object(request: Request, cap: int, too_large: str) -> dict[str, Any]:
+    """A JSON object body read under a hard size cap and parsed strictly (400/413/422 with a code otherwise)."""
+    body = bytearray()
+    async for chunk in _capped_stream(request, cap, "payload_too_large", too_large):
+        body += chunk
+    try:
+        document = strict_json(body)
+    except ValueError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(document, dict):
+        raise InvalidField(f"the JSON body must be an object, not {json_type(document)}", code="invalid_field")
+    return document
+
+
+def validate_body(model: type[BodyModel], document: dict[str, Any]) -> BodyModel:
+    """`document` as `model`, its errors reported like FastAPI's own body validation (422, `loc` from "body")."""
+    try:
+        return model.model_validate(document)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
+        ) from None
+
+
+async def read_upload(upload: UploadFile, limit: int, what: str) -> bytes:
+    """An uploaded file's bytes, refused (413 `image_too_large`) past `limit` without reading further."""
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"{what} is larger than the limit of {limit} bytes", code="image_too_large")
+    return data
+
+
+def form_text(form: FormData, field: str) -> str | None:
+    """A text field of the form (None when absent); a file sent under its name is refused."""
+    value = form.get(field)
+    if isinstance(value, UploadFile):
+        raise InvalidField(f"`{field}` must be a text field, not a file", code="invalid_field")
+    return value
+
+
+def strict_json(data: str | bytes | bytearray) -> Any:
+    """Parse standard JSON only: no NaN/Infinity, no unpaired surrogate escapes (the database refuses both).
+
+    Raises ValueError with a short reason.
+    """
+    try:
+        value = json.loads(data, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise ValueError("it is nested too deeply") from None
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("it contains an unpaired surrogate escape (\\ud800-\\udfff) that is not text") from None
+    return value
+
+
+def json_type(value: object) -> str:
+    """How a JSON value is named in an error: "an array", "a string"..."""
+    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+class _FormParser(MultiPartParser):
+    """Starlette's multipart parser, noting whether the closing boundary arrived: a cut-off body is malformed."""
+
+    complete = False
+
+    def on_end(self) -> None:
+        self.complete = True
+
+
+async def _read_form(request: Request, limits: BodyLimits) -> FormData:
+    cap = limits.multipart_cap
+    body = _capped_stream(request, cap, *limits.multipart_too_large)
+    parser = _FormParser(
+        request.headers, body, max_files=limits.max_files, max_fields=limits.max_fields, max_part_size=cap
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        if limits.too_many_files is not None and "Too many files" in exc.message:
+            raise InvalidField(limits.too_many_files, code="too_many_images") from None
+        raise BadRequest(f"the multipart body is malformed: {exc.message}", code="invalid_multipart") from None
+    if not parser.complete:
+        await form.close()
+        raise BadRequest(
+            "the multipart body ended before its closing boundary (truncated, or a wrong Content-Length)",
+            code="invalid_multipart",
+        )
+    return form
+
+
+async def _capped_stream(request: Request, cap: int, code: str, message: str) -> AsyncGenerator[bytes, None]:
+    """The body in chunks, aborting as soon as more than `cap` bytes arrived, whatever the headers said."""
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > cap:
+                raise PayloadTooLarge(message, code=code)
+            yield chunk
+    except ClientDisconnect:
+        raise BadRequest("the client disconnected before the body was complete", code="client_disconnected") from None
+
+
+def _check_declared_length(request: Request, cap: int, code: str, message: str) -> None:
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return  # chunked: the capped stream enforces the limit
+    try:
+        length = int(declared)
+    except ValueError:
+        raise BadRequest("the Content-Length header is not a number", code="bad_request") from None
+    if length > cap:
+        raise PayloadTooLarge(message, code=code)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
