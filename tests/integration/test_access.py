@@ -31,7 +31,7 @@ from core.db import session_scope
 from core.jobs import claim_job, get_decision, store_decision
 from core.settings import Settings
 from core.tables import Decision, Job, ReviewItem, Role
-from tests.integration.conftest import assert_error, serve
+from tests.support.api import assert_error, raw_http, serve
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -237,7 +237,6 @@ def test_a_key_in_the_query_string_is_ignored(access: Access) -> None:
 
 
 def test_nul_in_a_key_header_never_reaches_the_app(access: Access) -> None:
-    from tests.integration.test_api import raw_http
 
     head = "GET /v1/decisions HTTP/1.1\nHost: test\nX-API-Key: mtk_\x00abc\nConnection: close\n"
     try:

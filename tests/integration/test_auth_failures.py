@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import secrets
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ from api.failures import KEY_PREFIX, check_failures, record_failure
 from core.errors import TooManyFailures
 from core.metrics import AUTH_FAILURES
 from modtag.servers import free_port
-from tests.integration.conftest import Api, api_settings, assert_error, running_api
+from tests.support.api import Api, api_settings, assert_error, running_api
+from tests.support.waiting import wait_for
 
 LIMIT = 10
 ADDRESS = "127.0.0.1"  # every request of these tests comes from here
@@ -116,9 +116,7 @@ def test_the_counter_is_per_address_and_fixed_window(api: Api) -> None:
     assert refused.value.retry_after_s == 1
     check_failures(api.redis, "10.0.0.2", settings)  # another address is unaffected
     check_failures(api.redis, "2001:db8::1", settings)
-    deadline = time.monotonic() + 5
-    while api.redis.exists(KEY_PREFIX + "10.0.0.1") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: not api.redis.exists(KEY_PREFIX + "10.0.0.1"), 5, "the window's key expired")
     check_failures(api.redis, "10.0.0.1", settings)  # the window passed: allowed again
 
 
@@ -130,7 +128,7 @@ def test_the_window_passes_over_http(tmp_path: Path, api: Api) -> None:
         refused = short.client.get("/v1/audit")
         assert_error(refused, 429, "too_many_failures")
         assert refused.headers["Retry-After"] == "1"
-        time.sleep(1.5)
+        wait_for(lambda: not short.redis.exists(KEY_PREFIX + ADDRESS), 5, "the window's key expired")
         assert short.client.get("/v1/audit").status_code == 200
 
 

@@ -19,7 +19,7 @@ from core.db import session_scope
 from core.jobs import NewJob, claim_job, create_job, store_decision
 from core.queues import Queue
 from core.tables import Decision, Job, Listing, ShadowDecision
-from tests.integration.conftest import Api, admin_key, assert_error
+from tests.support.api import Api, admin_key, assert_error
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -15,32 +15,10 @@ from sqlmodel import select
 
 from core.db import session_scope
 from core.tables import Decision
-from tests.conftest import photo_bytes
-from tests.integration.conftest import Deployment
+from tests.support.deployment import Deployment, submit, wait_final
+from tests.support.photos import photo_bytes
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def submit(deployment: Deployment, data: bytes, name: str = "photo.jpg", **fields: str) -> dict[str, Any]:
-    response = httpx.post(
-        f"{deployment.api_url}/v1/jobs",
-        files={"image": (name, data)},
-        data=fields,
-        headers=deployment.headers,
-        timeout=30,
-    )
-    assert response.status_code == 202, response.text
-    return dict(response.json())
-
-
-def wait_final(deployment: Deployment, job_id: str, timeout_s: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{deployment.api_url}/v1/jobs/{job_id}", headers=deployment.headers, timeout=10).json()
-        if job["status"] in ("done", "failed"):
-            return dict(job)
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} not final after {timeout_s}s: {job}")
 
 
 def decisions_for(database_url: str, job_id: str) -> list[Decision]:

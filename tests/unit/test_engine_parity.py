@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
-from skimage import data
 
 from core.errors import ConfigError, ModelError
 from worker import attention, baseline
@@ -39,26 +38,6 @@ TEXTS = [
     "coffee",
     "ünïcödé ✓ 🚀 text with symbols #$%",
 ]
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_models_dir: Path) -> LoadedModels:
-    """The engine's models (engines install fused attention on them)."""
-    return load_models("tiny-random", {"caption", "vqa", "itm"}, cache_dir=tiny_models_dir.parent)
-
-
-@pytest.fixture(scope="module")
-def stock(tiny_models_dir: Path) -> LoadedModels:
-    """The same weights, loaded again, for the stock calls: never given to an engine."""
-    return load_models("tiny-random", {"caption", "vqa", "itm"}, cache_dir=tiny_models_dir.parent)
-
-
-@pytest.fixture(scope="module")
-def photos() -> dict[str, Image.Image]:
-    return {
-        name: Image.fromarray(getattr(data, name)()).convert("RGB")
-        for name in ("astronaut", "chelsea", "coffee", "rocket")
-    }
 
 
 def _assert_same(engine_outputs: list[ImageOutput], requests: list[ImageRequest], loaded: LoadedModels) -> float:
