@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,15 +27,6 @@ class ApiUnreachable(ModtagError):
     """No answer from the API at all (as opposed to an answer that refuses the request)."""
 
     code = "api_unreachable"
-    http_status = 503
-    retryable = True
-
-
-class ApiTimeout(ModtagError):
-    """The API answered, but a job or listing did not become final within the time given."""
-
-    code = "api_timeout"
-    http_status = 504
 
 
 @dataclass(frozen=True)
@@ -141,10 +132,11 @@ class ApiClient(httpx.Client):
         return final
 
     def wait_job(self, job_id: str, *, timeout_s: float = 60) -> dict[str, Any]:
-        """The job once final; ApiTimeout when it is not within `timeout_s`."""
+        """The job once final; ModtagError `api_timeout` when it is not within `timeout_s`."""
         final = self.wait_jobs([job_id], timeout_s=timeout_s)
         if job_id not in final:
-            raise ApiTimeout(f"job {job_id} was not final after {timeout_s:.0f}s: {self.job(job_id).get('status')}")
+            status = self.job(job_id).get("status")
+            raise ModtagError(f"job {job_id} was not final after {timeout_s:.0f}s: {status}", code="api_timeout")
         return final[job_id]
 
     def submit_listing(
@@ -188,8 +180,3 @@ class ApiClient(httpx.Client):
         response = self.get("/metrics")
         response.raise_for_status()
         return response.text
-
-
-def submitted_ids(replies: Iterable[Reply]) -> list[str]:
-    """The job ids of the accepted replies, in order."""
-    return [str(reply.body["id"]) for reply in replies if reply.accepted]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import signal
-import time
 from typing import Any
 
 import httpx
@@ -17,6 +16,7 @@ from core.db import session_scope
 from core.tables import Decision
 from tests.support.deployment import Deployment, submit, wait_final
 from tests.support.photos import photo_bytes
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -123,12 +123,7 @@ def test_worker_killed_mid_job_finishes_with_one_decision(deployment: Deployment
     # A long batching window keeps the job `running` inside the first worker long enough to kill it.
     first = deployment.start_worker("worker-1", MODTAG_BATCH_WAIT_MS="30000", MODTAG_BATCH_MAX_IMAGES="64")
     job = submit(deployment, photo_bytes("astronaut"))
-    deadline = time.monotonic() + 30
-    while (
-        httpx.get(f"{deployment.api_url}/v1/jobs/{job['id']}", headers=deployment.headers).json()["status"] != "running"
-    ):
-        assert time.monotonic() < deadline, "job never started"
-        time.sleep(0.05)
+    wait_for(lambda: deployment.client.job(job["id"])["status"] == "running", 30, "the job running")
     deployment.stop(first, signal.SIGKILL)
     # The new worker treats a job running for over 7 s as abandoned (its own lease setting).
     deployment.start_worker(
