@@ -104,6 +104,7 @@ def test_hub_models_offline_fail_fast_with_what_to_do(monkeypatch: pytest.Monkey
     check_models_reachable("tiny-random")  # built locally: nothing to reach
 
 
+@pytest.mark.slow
 def test_scan_with_unreachable_models_exits_in_seconds(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache"),
            "MODTAG_MODELS": "base", "MODTAG_DATA_DIR": str(tmp_path / "data")}  # fmt: skip

@@ -64,6 +64,7 @@ def _assert_same(engine_outputs: list[ImageOutput], requests: list[ImageRequest]
     return largest
 
 
+@pytest.mark.slow
 def test_engine_equals_stock_calls_for_mixed_batches(
     loaded: LoadedModels, stock: LoadedModels, photos: dict[str, Image.Image]
 ) -> None:
@@ -93,6 +94,7 @@ def test_engine_equals_stock_calls_for_mixed_batches(
     assert list(coffee.probes) == [QUESTIONS[4], QUESTIONS[0]]
 
 
+@pytest.mark.slow
 def test_parity_holds_when_texts_split_into_many_rows_and_passes(
     loaded: LoadedModels, stock: LoadedModels, photos: dict[str, Image.Image]
 ) -> None:
@@ -260,6 +262,7 @@ def test_engine_runs_fused_attention_on_its_own_models(tiny_models_dir: Path, lo
     assert not has_fused_attention(plain.get("itm").model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 2, 5])
 def test_parity_for_every_batch_size(
     loaded: LoadedModels, stock: LoadedModels, photos: dict[str, Image.Image], batch_size: int
