@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 import pytest
 
+from modtag.client import ApiClient
 from modtag.servers import free_port
 from tests.support.deployment import Deployment, submit, wait_final
 from tests.support.photos import photo_bytes
@@ -27,7 +27,8 @@ def test_callback_and_worker_metrics(deployment: Deployment, receiver: tuple[str
     assert by_id[done["id"]]["status"] == "done" and by_id[done["id"]]["decision"]["action"]
     assert by_id[failed["id"]]["error"]["code"] == "image_truncated"
 
-    exposition = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    with ApiClient(f"http://127.0.0.1:{metrics_port}") as worker:
+        exposition = worker.metrics()
     assert 'modtag_jobs_completed_total{outcome="done",policy="moderation"} 1.0' in exposition
     assert 'modtag_jobs_failed_total{code="image_truncated",policy="moderation"} 1.0' in exposition
     assert 'modtag_callbacks_total{outcome="delivered"} 2.0' in exposition

@@ -7,7 +7,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from alembic import command
 from alembic.config import Config
@@ -222,15 +221,13 @@ def test_a_two_photo_listing_calls_back_once_with_its_verdict(
     hook, received = receiver
     deployment.start_api()
     deployment.start_worker()
-    response = httpx.post(
-        f"{deployment.api_url}/v1/listings",
+    response = deployment.client.post(
+        "/v1/listings",
         files=[
             ("images", (f"{name}.jpg", photo_bytes(name, size=(120, 90)), "image/jpeg"))
             for name in ("coffee", "rocket")
         ],
         data={"title": "Red ceramic coffee mug", "callback_url": hook},
-        headers=deployment.headers,
-        timeout=30,
     )
     assert response.status_code == 202, response.text
     listing = wait_listing(deployment, response.json()["id"])

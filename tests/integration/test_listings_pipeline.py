@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import httpx
 import pytest
 from sqlmodel import col, select
 
@@ -66,7 +65,7 @@ def test_workers_run_shadows_and_pick_up_policy_edits_without_a_restart(deployme
     assert worker.poll() is None  # the same worker process throughout
     assert "cannot be loaded; still using the previous versions" in deployment.log("worker")
 
-    report = httpx.get(f"{deployment.api_url}/v1/policies/moderation/shadow", headers=deployment.headers).json()
+    report = deployment.client.get("/v1/policies/moderation/shadow").json()
     compared = {summary["version"]: summary["compared"] for summary in report["data"]}
     assert compared == {load_policy_text_version(SHADOW): 1, edited: 2}
 
@@ -84,16 +83,14 @@ def jpeg(name: str) -> bytes:
 def test_a_listing_is_checked_photo_by_photo_with_a_listing_verdict(deployment: Deployment, tmp_path: Path) -> None:
     deployment.start_api()
     deployment.start_worker()
-    response = httpx.post(
-        f"{deployment.api_url}/v1/listings",
+    response = deployment.client.post(
+        "/v1/listings",
         files=[("images", (f"{name}.jpg", jpeg(name), "image/jpeg")) for name in ("coffee", "chelsea", "rocket")],
         data={
             "title": "Red ceramic coffee mug",
             "description": "A large mug. Holds 300 ml.\nDishwasher safe; ships in two days.",
             "attributes": json.dumps({"color": "crimson", "count": 1, "material": "ceramic"}),
         },
-        headers=deployment.headers,
-        timeout=30,
     )
     assert response.status_code == 202, response.text
     listing = wait_listing(deployment, response.json()["id"])

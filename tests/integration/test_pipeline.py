@@ -6,7 +6,6 @@ import io
 import signal
 from typing import Any
 
-import httpx
 import pytest
 import redis
 from PIL import Image
@@ -45,7 +44,7 @@ def test_photos_get_stored_explainable_decisions(deployment: Deployment, photos:
         assert models["random"] is True and set(models["roles"]) == {"caption", "vqa", "itm"}
         assert all(info["random"] for info in models["roles"].values())
         assert len(decisions_for(deployment.env["MODTAG_DATABASE_URL"], job["id"])) == 1
-    listed = httpx.get(f"{deployment.api_url}/v1/decisions", params={"limit": 10}, headers=deployment.headers).json()
+    listed = deployment.client.get("/v1/decisions", params={"limit": 10}).json()
     assert {d["job_id"] for d in listed["data"]} == {job["id"] for job in submitted}
 
 
@@ -97,19 +96,16 @@ def test_bad_images_fail_cleanly_and_the_worker_keeps_serving(deployment: Deploy
         assert final["status"] == "done", (name, final)
     # The same worker still serves the next good job.
     assert wait_final(deployment, submit(deployment, good)["id"])["status"] == "done"
-    bomb = httpx.post(
-        f"{deployment.api_url}/v1/jobs", files={"image": ("bomb.png", _bomb_png())}, headers=deployment.headers
-    )
+    bomb = deployment.client.post("/v1/jobs", files={"image": ("bomb.png", _bomb_png())})
     assert bomb.status_code in (413, 422) and bomb.json()["code"] in ("image_too_many_pixels", "image_dimensions")
 
 
 def test_unreachable_image_url_fails_with_fetch_code(deployment: Deployment) -> None:
     deployment.start_api()
     deployment.start_worker()
-    response = httpx.post(
-        f"{deployment.api_url}/v1/jobs",
+    response = deployment.client.post(
+        "/v1/jobs",
         json={"image_url": "http://127.0.0.1:9/nothing.jpg"},
-        headers=deployment.headers,
     )
     assert response.status_code == 202, response.text
     final = wait_final(deployment, response.json()["id"])
