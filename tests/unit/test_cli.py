@@ -141,7 +141,12 @@ def test_flags_reach_the_settings_and_leave_the_environment_alone(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     seen: list[Settings] = []
-    monkeypatch.setattr("modtag.cli.cmd_scan", lambda args, settings: seen.append(settings) or 0)
+
+    def scan_handler(_: object, settings: Settings) -> int:  # stands in for the scan: only its settings matter
+        seen.append(settings)
+        return 0
+
+    monkeypatch.setattr("modtag.cli.cmd_scan", scan_handler)
     main(["scan", "--api", "http://127.0.0.1:9", "--models", "tiny-random", "--data-dir", str(tmp_path), "."])
     [settings] = seen
     assert settings.models == "tiny-random" and settings.data_dir == tmp_path
