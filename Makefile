@@ -1,4 +1,5 @@
-# `make run` scans examples/ through the whole stack; `make test` runs the suite. Both set up .venv.
+# `make run` scans examples/ through the whole stack; `make test` runs the suite, `make test-fast` its quick part.
+# Each sets up .venv.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit integration e2e bench clean setup
+.PHONY: run test lint unit test-fast integration e2e bench clean setup
 
 run: $(STAMP)
 	MODTAG_MODELS=$(MODTAG_MODELS) $(BIN)/modtag scan examples/
@@ -26,6 +27,10 @@ lint: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
+
+# The unit layer without the tests marked slow (bench reports, the heaviest parity sweeps): for every edit.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit -m "not slow" $(PYTEST_ARGS)
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration $(PYTEST_ARGS)

@@ -110,10 +110,15 @@ def list_queue(
     return rows[:limit], next_cursor
 
 
-def claim(session: Session, job_id: str, actor: Principal, lease_s: float) -> ReviewItem:
-    """Take the item for `lease_s` seconds (claiming again extends it). Conflict if someone else holds it."""
+def claim(
+    session: Session, job_id: str, actor: Principal, lease_s: float, *, now: datetime | None = None
+) -> ReviewItem:
+    """Take the item for `lease_s` seconds (claiming again extends it). Conflict if someone else holds it.
+
+    `now` (default: the clock) is when the claim happens; leases run out against it, so a test can pass time.
+    """
     before = _existing(session, job_id, actor.tenant)
-    now = utcnow()
+    now = now or utcnow()
     me = claimant_id(actor)
     lease = {
         "claimed_by": me,
@@ -126,14 +131,14 @@ def claim(session: Session, job_id: str, actor: Principal, lease_s: float) -> Re
     return item
 
 
-def release(session: Session, job_id: str, actor: Principal) -> ReviewItem:
+def release(session: Session, job_id: str, actor: Principal, *, now: datetime | None = None) -> ReviewItem:
     """Give a live claim back before its lease runs out, so another reviewer can take the item at once.
 
     Only the holder may release a claim, or an admin (who may also reopen items) anyone's. Conflict
     `review_claimed` for someone else's claim, `review_not_claimed` when there is no live claim.
     """
     before = _existing(session, job_id, actor.tenant)
-    now = utcnow()
+    now = now or utcnow()
     me = claimant_id(actor)
     # "Live" as item_public shows it, so what a reviewer sees as claimed is what can be released.
     held = and_(col(ReviewItem.claimed_by).is_not(None), col(ReviewItem.claim_expires_at) > now)
@@ -152,13 +157,15 @@ def release(session: Session, job_id: str, actor: Principal) -> ReviewItem:
     return item
 
 
-def resolve(session: Session, job_id: str, actor: Principal, action: Resolution, reason: str) -> ReviewItem:
+def resolve(
+    session: Session, job_id: str, actor: Principal, action: Resolution, reason: str, *, now: datetime | None = None
+) -> ReviewItem:
     """Record a person's allow/block beside the machine decision. Needs no claim, unless someone else holds one."""
     if action not in ("allow", "block"):
         raise BadRequest("a resolution is `allow` or `block`", code="resolution_invalid")
     reason = check_reason(reason)
     before = _existing(session, job_id, actor.tenant)
-    now = utcnow()
+    now = now or utcnow()
     me = claimant_id(actor)
     item = _update_if_claimable(
         session,

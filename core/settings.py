@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, gt=0)
     batch_max_images: int = Field(default=8, gt=0)
     batch_wait_ms: int = Field(default=20, ge=0)
+    policy_reload_s: float = Field(
+        default=2.0, ge=0, description="How often a worker looks for edited policy files; 0: on every access."
+    )
     worker_concurrency: int | None = Field(
         default=None, gt=0, le=256, description="Task threads per worker; default twice batch_max_images."
     )
@@ -122,8 +125,13 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process's settings, read once. Raises ConfigError naming each bad variable."""
+    return load_settings()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment with `overrides` (command-line flags) above it; ConfigError naming each bad one."""
     try:
-        return Settings()
+        return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = "; ".join(
             f"MODTAG_{'__'.join(str(p) for p in err['loc']).upper() or '?'}: {err['msg']}" for err in exc.errors()

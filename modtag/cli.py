@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.errors import InvalidField, ModtagError
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+    from modtag.client import ApiClient
 
 EXIT_OK, EXIT_FAILED_JOBS, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -24,8 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for chatty in ("httpx", "alembic"):  # a line per request or migration step drowns the command's output
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
-        _apply_overrides(args)
-        return int(args.handler(args))
+        settings = _settings(args)
+        return int(args.handler(args, settings))
     except ModtagError as exc:
         print(f"modtag: {exc.message} [{exc.code}]", file=sys.stderr)
         usage = exc.code in ("settings_invalid", "config_invalid") or isinstance(exc, InvalidField)
@@ -199,12 +204,10 @@ def _admin_key_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    from core.settings import get_settings
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from modtag.preflight import check_models_reachable
     from modtag.stack import Stack
 
-    settings = get_settings()
     check_models_reachable(settings.models)
     stack = Stack(settings, host=args.host or settings.api_host, port=args.port, workers=args.workers)
     stop = _install_stop_signals()
@@ -230,7 +233,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_scan(args: argparse.Namespace) -> int:
+def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
     from modtag.scan import find_images, print_table, scan, to_json
 
     files = find_images(args.paths)
@@ -238,25 +241,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
         print("modtag: no images found under " + ", ".join(map(str, args.paths)), file=sys.stderr)
         return EXIT_USAGE
     progress = not args.no_progress and not args.json
-    from core.settings import get_settings
-
-    settings = get_settings()
-    if args.api:
-        key = args.api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        results = scan(args.api, files, policy=args.policy, timeout_s=args.timeout, headers=headers, progress=progress)
-    else:
-        from modtag.preflight import check_models_reachable
-        from modtag.servers import free_port
-        from modtag.stack import Stack
-
-        check_models_reachable(settings.models)
-        print(f"starting a local modtag stack (models: {settings.models})...", file=sys.stderr)
-        with Stack(settings, port=free_port(), workers=args.workers, temporary_key=True) as stack:
-            headers = {"Authorization": f"Bearer {stack.admin_key}"} if stack.admin_key else {}
-            results = scan(
-                stack.api_url, files, policy=args.policy, timeout_s=args.timeout, headers=headers, progress=progress
-            )
+    with _api_client(args, settings, timeout_s=60) as client:
+        results = scan(client, files, policy=args.policy, timeout_s=args.timeout, progress=progress)
     if args.json:
         print(to_json(results))
     else:
@@ -264,11 +250,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return EXIT_FAILED_JOBS if any(r.failed for r in results) else EXIT_OK
 
 
-def cmd_api(args: argparse.Namespace) -> int:
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     from api.app import run
-    from core.settings import get_settings
 
-    settings = get_settings()
     update: dict[str, Any] = {}
     if args.host:
         update["api_host"] = args.host
@@ -278,13 +262,11 @@ def cmd_api(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from core.queues import Queue
-    from core.settings import get_settings
     from worker.celery_app import app, install_runtime
     from worker.runtime import WorkerRuntime
 
-    settings = get_settings()
     runtime = WorkerRuntime(settings)
     engine = runtime.load()  # fail here, with how to get the weights, before taking any job
     logging.getLogger("modtag").info("models loaded: %s", engine.describe())
@@ -307,7 +289,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_policy_validate(args: argparse.Namespace) -> int:
+def cmd_policy_validate(args: argparse.Namespace, settings: Settings) -> int:
     from policies import load_policy
 
     status = EXIT_OK
@@ -326,9 +308,8 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
     return status
 
 
-def cmd_policy_replay(args: argparse.Namespace) -> int:
+def cmd_policy_replay(args: argparse.Namespace, settings: Settings) -> int:
     from core.db import migrate
-    from core.settings import get_settings
     from modtag.policytools import parse_since, print_replay, replay_json
     from policies import load_policy
     from worker.replay import replay_policy
@@ -341,7 +322,6 @@ def cmd_policy_replay(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise InvalidField("--limit must be at least 1", code="invalid_field")
     policy = load_policy(args.file)
-    settings = get_settings()
     migrate(settings.resolved_database_url)
     report = replay_policy(
         policy, settings, since=since, until=until, target=args.target, tenant=args.tenant, limit=args.limit
@@ -353,14 +333,13 @@ def cmd_policy_replay(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_policy_test(args: argparse.Namespace) -> int:
-    from core.settings import get_settings
+def cmd_policy_test(args: argparse.Namespace, settings: Settings) -> int:
     from modtag.policytools import cases_json, print_cases
     from policies import load_policy
     from worker.replay import run_cases
 
     policy = load_policy(args.file)
-    results = run_cases(policy, args.cases, get_settings())
+    results = run_cases(policy, args.cases, settings)
     if args.json:
         print(cases_json(results))
     else:
@@ -368,10 +347,9 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     return EXIT_OK if all(result.passed for result in results) else EXIT_FAILED_JOBS
 
 
-def cmd_listing_check(args: argparse.Namespace) -> int:
+def cmd_listing_check(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
-    from core.settings import get_settings
     from modtag.listing import check_listing, listing_failed, parse_attributes, print_listing
 
     missing = [path for path in args.images if not path.is_file()]
@@ -379,7 +357,6 @@ def cmd_listing_check(args: argparse.Namespace) -> int:
         print(f"modtag: not a file: {', '.join(map(str, missing))}", file=sys.stderr)
         return EXIT_USAGE
     attributes = parse_attributes(args.attr)
-    settings = get_settings()
     options = {
         "title": args.title,
         "description": args.description,
@@ -387,20 +364,8 @@ def cmd_listing_check(args: argparse.Namespace) -> int:
         "policy": args.policy,
         "timeout_s": args.timeout,
     }
-    if args.api:
-        key = args.api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        listing = check_listing(args.api, args.images, headers=headers, **options)
-    else:
-        from modtag.preflight import check_models_reachable
-        from modtag.servers import free_port
-        from modtag.stack import Stack
-
-        check_models_reachable(settings.models)
-        print(f"starting a local modtag stack (models: {settings.models})...", file=sys.stderr)
-        with Stack(settings, port=free_port(), workers=args.workers, temporary_key=True) as stack:
-            headers = {"Authorization": f"Bearer {stack.admin_key}"} if stack.admin_key else {}
-            listing = check_listing(stack.api_url, args.images, headers=headers, **options)
+    with _api_client(args, settings, timeout_s=120) as client:
+        listing = check_listing(client, args.images, **options)
     if args.json:
         print(json.dumps(listing, indent=2, sort_keys=True))
     else:
@@ -408,14 +373,13 @@ def cmd_listing_check(args: argparse.Namespace) -> int:
     return EXIT_FAILED_JOBS if listing_failed(listing) else EXIT_OK
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
-    from core.settings import get_settings
     from modtag.bench import BenchOptions, format_report, run_bench
 
     options = BenchOptions(
-        cache_dir=args.models_cache or get_settings().resolved_models_cache_dir,
+        cache_dir=args.models_cache or settings.resolved_models_cache_dir,
         models=args.models,
         device=args.device,
         dtype=args.dtype,
@@ -438,25 +402,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_reconcile(_: argparse.Namespace) -> int:
+def cmd_reconcile(_: argparse.Namespace, settings: Settings) -> int:
     import redis
 
     from core.broker import make_celery
     from core.reconcile import reconcile_once
-    from core.settings import get_settings
 
-    settings = get_settings()
     report = reconcile_once(settings, make_celery(settings), redis.Redis.from_url(settings.redis_url))
     print(f"re-enqueued {report.requeued} queued, recovered {report.recovered} running, failed {report.failed}")
     return EXIT_OK
 
 
-def cmd_keys_create(args: argparse.Namespace) -> int:
+def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
     from core.auth import cli_principal, create_key, key_public
 
-    with _keys_session() as session:
+    with _keys_session(settings) as session:
         actor = cli_principal(args.tenant)
         row, secret = create_key(
             session, role=args.role, tenant=args.tenant, name=args.name or f"{args.role} key", actor=actor
@@ -470,12 +432,12 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_keys_list(args: argparse.Namespace) -> int:
+def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
     from core.auth import check_tenant, key_public, list_keys
 
-    with _keys_session() as session:
+    with _keys_session(settings) as session:
         rows = [key_public(row) for row in list_keys(session, check_tenant(args.tenant) if args.tenant else None)]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -494,20 +456,19 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_keys_revoke(args: argparse.Namespace) -> int:
+def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     from core.auth import cli_principal, revoke_key
 
-    with _keys_session() as session:
+    with _keys_session(settings) as session:
         row = revoke_key(session, args.key_id.strip(), cli_principal("default"))
     print(f"revoked {row.role} key {row.id} ({row.prefix}, {row.name!r}) of tenant {row.tenant!r}")
     return EXIT_OK
 
 
-def _keys_session() -> Any:
+def _keys_session(settings: Settings) -> Any:
     from core.db import migrate, session_scope
-    from core.settings import get_settings
 
-    url = get_settings().resolved_database_url
+    url = settings.resolved_database_url
     migrate(url)
     return session_scope(url)
 
@@ -516,18 +477,40 @@ def _short_time(value: object) -> str:
     return str(value)[:19].replace("T", " ") if value else "-"
 
 
-def _apply_overrides(args: argparse.Namespace) -> None:
-    """Command-line flags become MODTAG_* variables, so the settings object and child processes agree."""
-    from core.settings import get_settings
+def _settings(args: argparse.Namespace) -> Settings:
+    """The settings of this command: the environment, with the command-line flags above it.
 
-    if getattr(args, "admin_key", None):
-        os.environ["MODTAG_ADMIN_KEY"] = args.admin_key
-    if getattr(args, "models", None):
-        os.environ["MODTAG_MODELS"] = args.models
-    if getattr(args, "data_dir", None):
-        os.environ["MODTAG_DATA_DIR"] = str(args.data_dir)
-    get_settings.cache_clear()
-    get_settings()  # fail now, naming the bad variable, rather than in a child process
+    Read before anything starts, so a bad variable fails now, named, rather than in a child process.
+    Child processes get these settings from the stack (modtag/stack.py), never through this process's
+    environment.
+    """
+    from core.settings import load_settings
+
+    flags = {name: getattr(args, name, None) for name in ("admin_key", "models", "data_dir")}
+    return load_settings(**{name: value for name, value in flags.items() if value})
+
+
+@contextlib.contextmanager
+def _api_client(args: argparse.Namespace, settings: Settings, *, timeout_s: float) -> Iterator[ApiClient]:
+    """A client of the API at --api (with --api-key or MODTAG_API_KEY), else of a local stack run for the command."""
+    from modtag.client import ApiClient
+
+    if args.api:
+        key = args.api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
+        with ApiClient(args.api, key=key, timeout_s=timeout_s) as client:
+            yield client
+        return
+    from modtag.preflight import check_models_reachable
+    from modtag.servers import free_port
+    from modtag.stack import Stack
+
+    check_models_reachable(settings.models)
+    print(f"starting a local modtag stack (models: {settings.models})...", file=sys.stderr)
+    with (
+        Stack(settings, port=free_port(), workers=args.workers, temporary_key=True) as stack,
+        ApiClient(stack.api_url, key=stack.admin_key, timeout_s=timeout_s) as client,
+    ):
+        yield client
 
 
 def _install_stop_signals() -> Any:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import httpx
-
 from core.errors import InvalidField, ModtagError
+from modtag.client import ApiClient
 
 
 def parse_attributes(pairs: Sequence[str]) -> dict[str, str]:
@@ -26,7 +23,7 @@ def parse_attributes(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def check_listing(
-    api_url: str,
+    client: ApiClient,
     files: Sequence[Path],
     *,
     title: str,
@@ -34,38 +31,18 @@ def check_listing(
     attributes: dict[str, str],
     policy: str = "listing",
     timeout_s: float = 600,
-    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """POST the listing, then poll it until its verdict is final (or the timeout passes: `verdict.status` pending)."""
-    data = {"title": title, "attributes": json.dumps(attributes), "policy": policy}
-    if description:
-        data["description"] = description
-    with httpx.Client(base_url=api_url, timeout=120, headers=headers or {}) as client:
-        handles = [path.open("rb") for path in files]
-        try:
-            response = client.post(
-                "/v1/listings",
-                files=[
-                    ("images", (path.name, handle, "application/octet-stream"))
-                    for path, handle in zip(files, handles, strict=True)
-                ],
-                data=data,
-            )
-        finally:
-            for handle in handles:
-                handle.close()
-        body = _json(response)
-        if response.status_code not in (200, 202):
-            hint = " Pass a key with --api-key or MODTAG_API_KEY." if response.status_code in (401, 403) else ""
-            raise ModtagError(
-                f"the API refused the listing ({response.status_code}): {body.get('detail')}{hint}",
-                code=str(body.get("code") or "listing_refused"),
-            )
-        deadline = time.monotonic() + timeout_s
-        while body.get("verdict", {}).get("status") == "pending" and time.monotonic() < deadline:
-            time.sleep(0.25)
-            body = _json(client.get(f"/v1/listings/{body['id']}"))
-    return body
+    reply = client.submit_listing(files, title=title, description=description, attributes=attributes, policy=policy)
+    if not reply.accepted:
+        hint = " Pass a key with --api-key or MODTAG_API_KEY." if reply.auth_refused else ""
+        raise ModtagError(
+            f"the API refused the listing ({reply.status}): {reply.body.get('detail')}{hint}",
+            code=str(reply.body.get("code") or "listing_refused"),
+        )
+    if reply.body.get("verdict", {}).get("status") != "pending":
+        return reply.body
+    return client.wait_listing(str(reply.body["id"]), timeout_s=timeout_s)
 
 
 def print_listing(listing: dict[str, Any], files: Sequence[Path], out: TextIO) -> None:
@@ -103,11 +80,3 @@ def listing_failed(listing: dict[str, Any]) -> bool:
     """True when a photo could not be checked or the verdict did not arrive in time."""
     verdict = listing.get("verdict", {})
     return verdict.get("status") != "done" or bool(verdict.get("photos", {}).get("failed"))
-
-
-def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        return {"code": "bad_response", "detail": response.text[:200]}
-    return body if isinstance(body, dict) else {"code": "bad_response", "detail": str(body)[:200]}

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import httpx
 from tqdm import tqdm
 
 from core.errors import ModtagError
+from core.tables import FINAL_STATUSES
+from modtag.client import ApiClient
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
@@ -43,53 +43,35 @@ def find_images(paths: Sequence[Path]) -> list[Path]:
 
 
 def scan(
-    api_url: str,
+    client: ApiClient,
     files: Sequence[Path],
     *,
     policy: str = "moderation",
     timeout_s: float = 600,
-    headers: dict[str, str] | None = None,
     progress: bool = True,
 ) -> list[ScanResult]:
     """Submit each file, then poll until every job is final (or the timeout passes)."""
     results = [ScanResult(path) for path in files]
-    with httpx.Client(base_url=api_url, timeout=60, headers=headers or {}) as client:
-        for result in _bar(results, "submitting", progress):
-            with result.path.open("rb") as handle:
-                response = client.post(
-                    "/v1/jobs",
-                    files={"image": (result.path.name, handle, "application/octet-stream")},
-                    data={"policy": policy},
-                )
-            body = _json(response)
-            if response.status_code in (401, 403):
-                # Every other file would be refused the same way: stop with what to do instead.
-                raise ModtagError(
-                    f"the API refused the request: {body.get('detail')} Pass a key with --api-key or "
-                    "MODTAG_API_KEY (role submit or admin).",
-                    code=str(body.get("code") or "auth_required"),
-                )
-            if response.status_code in (200, 202):
-                result.job = body
-            else:
-                result.error = {"status": response.status_code, **body}
-        pending = [r for r in results if r.job and r.job["status"] not in ("done", "failed")]
-        deadline = time.monotonic() + timeout_s
-        with tqdm(total=len(pending), desc="judging", unit="img", disable=not progress) as bar:
-            while pending and time.monotonic() < deadline:
-                still: list[ScanResult] = []
-                for result in pending:
-                    assert result.job is not None
-                    job = _json(client.get(f"/v1/jobs/{result.job['id']}"))
-                    if job.get("status") in ("done", "failed"):
-                        result.job = job
-                        bar.update(1)
-                    else:
-                        still.append(result)
-                pending = still
-                if pending:
-                    time.sleep(0.25)
-        for result in pending:
+    for result in _bar(results, "submitting", progress):
+        reply = client.submit_job(result.path, policy=policy)
+        if reply.auth_refused:
+            # Every other file would be refused the same way: stop with what to do instead.
+            raise ModtagError(
+                f"the API refused the request: {reply.body.get('detail')} Pass a key with --api-key or "
+                "MODTAG_API_KEY (role submit or admin).",
+                code=str(reply.body.get("code") or "auth_required"),
+            )
+        if reply.accepted:
+            result.job = reply.body
+        else:
+            result.error = {"status": reply.status, **reply.body}
+    by_id = {str(r.job["id"]): r for r in results if r.job and r.job["status"] not in FINAL_STATUSES}
+    with tqdm(total=len(by_id), desc="judging", unit="img", disable=not progress) as bar:
+        final = client.wait_jobs(list(by_id), timeout_s=timeout_s, on_final=lambda _: bar.update(1))
+    for job_id, result in by_id.items():
+        if job_id in final:
+            result.job = final[job_id]
+        else:
             result.error = {"status": None, "code": "scan_timeout", "detail": f"not finished after {timeout_s:.0f}s"}
     return results
 
@@ -135,14 +117,6 @@ def _shown_path(path: Path, width: int = 48) -> str:
     except ValueError:
         text = str(path)
     return text if len(text) <= width else "..." + text[-(width - 3) :]
-
-
-def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        return {"code": "bad_response", "detail": response.text[:200]}
-    return body if isinstance(body, dict) else {"code": "bad_response", "detail": str(body)[:200]}
 
 
 def _bar(items: Iterable[ScanResult], desc: str, enabled: bool) -> Iterable[ScanResult]:

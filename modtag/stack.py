@@ -1,6 +1,8 @@
 """The embedded stack: Redis, the database, the API and N workers on one machine, as child processes.
 
 `modtag up` runs it until Ctrl-C; `modtag scan` without `--api` starts one for the duration of a scan.
+Every child gets its settings from the `Settings` object the stack was given, written into its environment:
+the parent's own environment is never changed, so two stacks in one process cannot see each other's settings.
 """
 
 from __future__ import annotations
@@ -14,16 +16,37 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-import httpx
+from pydantic import SecretStr
 
 from core.db import migrate, session_scope
 from core.errors import ConfigError
 from core.settings import Settings
+from modtag.client import ApiClient, ApiUnreachable
 from modtag.servers import RedisServer, die_with_parent, free_port
 
 
 class StackError(ConfigError):
     code = "stack_failed"
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """This process's environment with every setting of `settings` as its MODTAG_* variable, for a child.
+
+    A variable of a setting that is None in `settings` is left out even where this process has it, so
+    the child reads exactly the settings given.
+    """
+    fields = {f"MODTAG_{name}".upper(): name for name in Settings.model_fields}
+    env = {key: value for key, value in os.environ.items() if key.upper() not in fields}
+    for variable, name in fields.items():
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        env[variable] = str(value)
+    return env
 
 
 class Stack:
@@ -45,7 +68,7 @@ class Stack:
         self.port = port if port is not None else settings.api_port
         self.workers = workers
         # Start our own Redis unless the operator pointed us at one.
-        self.embedded_redis = "MODTAG_REDIS_URL" not in os.environ if embedded_redis is None else embedded_redis
+        self.embedded_redis = "redis_url" not in settings.model_fields_set if embedded_redis is None else embedded_redis
         self.quiet = quiet
         self.data_dir = settings.data_dir.resolve()
         self.log_dir = self.data_dir / "logs"
@@ -103,8 +126,8 @@ class Stack:
             while time.monotonic() < deadline:
                 self._check_alive()
                 if not api_ready:
-                    with contextlib.suppress(httpx.HTTPError):
-                        api_ready = httpx.get(f"{self.api_url}/readyz", timeout=2).status_code == 200
+                    with contextlib.suppress(ApiUnreachable), ApiClient(self.api_url, timeout_s=2) as client:
+                        api_ready = client.get("/readyz").status_code == 200
                 if api_ready:
                     answers = celery.control.ping(timeout=1.0) or []
                     if len(answers) >= self.workers:
@@ -151,17 +174,14 @@ class Stack:
         self._admin_key_id = row.id
 
     def _child_env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            {
-                "MODTAG_REDIS_URL": self.redis_url,
-                "MODTAG_DATABASE_URL": self.settings.resolved_database_url,
-                "MODTAG_DATA_DIR": str(self.data_dir),
-                "MODTAG_MODELS": self.settings.models,
-                "PYTHONUNBUFFERED": "1",
+        settings = self.settings.model_copy(
+            update={
+                "redis_url": self.redis_url,
+                "database_url": self.settings.resolved_database_url,
+                "data_dir": self.data_dir,
             }
         )
-        return env
+        return {**settings_environment(settings), "PYTHONUNBUFFERED": "1"}
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
         log = (self.log_dir / f"{name}.log").open("ab")

@@ -49,7 +49,7 @@ class WorkerRuntime:
         # Re-read when the files change (polled at most every POLICY_RELOAD_S), so edits need no restart.
         self.registry = PolicyRegistry(
             self._policy_dirs(),
-            interval_s=POLICY_RELOAD_S,
+            interval_s=settings.policy_reload_s,
             on_reload=self._reloaded,
         )
         self.blobs = LocalBlobStore(settings.resolved_blob_dir)

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.conftest import photo_bytes
-from tests.integration.conftest import Deployment, admin_key
+from tests.support.api import admin_key
+from tests.support.deployment import Deployment, submit, wait_final
+from tests.support.photos import photo_bytes
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -76,7 +75,7 @@ def screenshots(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def stack(tmp_path: Path, redis_url: str, models_cache: Path) -> Iterator[Deployment]:
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "review-all.yaml").write_text(REVIEW_ALL_POLICY)
@@ -87,7 +86,7 @@ def stack(tmp_path: Path, redis_url: str, tmp_path_factory: pytest.TempPathFacto
         "MODTAG_DATABASE_URL": database_url,
         "MODTAG_REDIS_URL": redis_url,
         "MODTAG_MODELS": "tiny-random",
-        "MODTAG_MODELS_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "e2e-models"),  # shared with test_modtag_up
+        "MODTAG_MODELS_CACHE_DIR": str(models_cache),
         "MODTAG_POLICIES_DIR": str(policies),
         "MODTAG_WORKER_METRICS_PORT": "0",
         "MODTAG_BATCH_WAIT_MS": "5",
@@ -99,8 +98,7 @@ def stack(tmp_path: Path, redis_url: str, tmp_path_factory: pytest.TempPathFacto
     deployment.start_api()
     deployment.start_worker()
     yield deployment
-    for process in deployment.processes:
-        deployment.stop(process)
+    deployment.stop_all()
 
 
 def test_reviewer_works_the_queue_and_the_admin_finds_the_audit_trail(
@@ -204,7 +202,7 @@ def test_reviewer_works_the_queue_and_the_admin_finds_the_audit_trail(
     finally:
         print("\nscreenshots:\n" + "\n".join(f"  {path}" for path in shots))
 
-    job = httpx.get(f"{stack.api_url}/v1/jobs/{job_id}", headers=stack.headers).json()
+    job = stack.client.job(job_id)
     assert job["decision"]["action"] == "review"  # the machine's call is kept
     assert job["review"]["resolution"]["action"] == "block"
     assert job["review"]["resolution"]["by"]["name"] == "Rui (reviewer)"
@@ -212,21 +210,9 @@ def test_reviewer_works_the_queue_and_the_admin_finds_the_audit_trail(
 
 
 def _judged_by_the_worker(stack: Deployment) -> str:
-    response = httpx.post(
-        f"{stack.api_url}/v1/jobs",
-        files={"image": ("astronaut.jpg", photo_bytes("astronaut"))},
-        data={"policy": "review-all", "context": '{"title": "<b>vintage</b> toy rifle"}'},
-        headers=stack.headers,
-        timeout=30,
-    )
-    assert response.status_code == 202, response.text
-    job_id: str = response.json()["id"]
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{stack.api_url}/v1/jobs/{job_id}", headers=stack.headers).json()
-        if job["status"] in ("done", "failed"):
-            assert job["status"] == "done", job
-            assert job["decision"]["action"] == "review" and job["review"]["state"] == "open", job
-            return job_id
-        time.sleep(0.1)
-    raise AssertionError("the worker did not judge the job:\n" + stack.log("worker"))
+    context = '{"title": "<b>vintage</b> toy rifle"}'
+    job_id = submit(stack, photo_bytes("astronaut"), "astronaut.jpg", policy="review-all", context=context)["id"]
+    job = wait_final(stack, job_id, timeout_s=120)
+    assert job["status"] == "done", job
+    assert job["decision"]["action"] == "review" and job["review"]["state"] == "open", job
+    return str(job_id)

@@ -7,16 +7,16 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
+from modtag.client import ApiClient
 from modtag.servers import free_port
-from tests.conftest import photo_bytes
+from tests.support.photos import photo_bytes
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -60,22 +60,19 @@ class Up:
         return {"Authorization": f"Bearer {self.key}"}
 
     def wait_up(self, timeout_s: float = 180) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        def up() -> bool:
             assert self.process.poll() is None, self.output()
-            if "modtag is up" in self.output():
-                return
-            time.sleep(0.2)
-        raise AssertionError("modtag up did not come up:\n" + self.output())
+            return "modtag is up" in self.output()
+
+        wait_for(up, timeout_s, "modtag up printing `modtag is up`")
+
+    def client(self) -> ApiClient:
+        """A client of this stack's API with the admin key it printed."""
+        return ApiClient(self.url, key=self.key)
 
     def interrupt(self) -> int:
         self.process.send_signal(signal.SIGINT)
         return self.process.wait(60)
-
-
-@pytest.fixture
-def models_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.getbasetemp() / "e2e-models"
 
 
 @pytest.fixture
@@ -85,16 +82,6 @@ def up(tmp_path: Path, models_cache: Path) -> Iterator[Up]:
     if stack.process.poll() is None:
         stack.process.kill()
         stack.process.wait()
-
-
-def wait_final(up: Up, job_id: str, timeout_s: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{up.url}/v1/jobs/{job_id}", headers=up.headers).json()
-        if job["status"] in ("done", "failed"):
-            return dict(job)
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} never finished")
 
 
 def test_up_judges_photos_refuses_bad_input_and_stops_cleanly(up: Up, tmp_path: Path, models_cache: Path) -> None:
@@ -122,9 +109,10 @@ def test_up_judges_photos_refuses_bad_input_and_stops_cleanly(up: Up, tmp_path: 
         body = response.json()
         assert set(body) == {"detail", "code"} and body["detail"], (name, body)
         assert body["code"] == code, (name, body)
-    for job_id in ids:
-        final = wait_final(up, job_id)
-        assert final["status"] == "done", final
+    with up.client() as client:
+        for job_id in ids:
+            final = client.wait_job(job_id, timeout_s=60)
+            assert final["status"] == "done", final
     metrics = httpx.get(f"{up.url}/metrics").text  # open: Prometheus carries no key
     assert "modtag_jobs_submitted_total" in metrics
 

@@ -32,7 +32,8 @@ from core.jobs import claim_job, get_decision, store_decision
 from core.principals import ROLE_PERMISSIONS, Permission, cli_principal
 from core.settings import Settings
 from core.tables import Decision, Job, ReviewItem, Role
-from tests.integration.conftest import assert_error, serve
+from modtag.client import ApiClient
+from tests.support.api import assert_error, raw_http, serve
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -69,10 +70,10 @@ class Access:
 
     def client(self, tenant: str = "acme", role: str = "admin") -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.keys[(tenant, role)]}"}
-        return httpx.Client(base_url=self.base_url, headers=headers, timeout=30)
+        return ApiClient(self.base_url, headers=headers, timeout_s=30)
 
     def anonymous(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=30)
+        return ApiClient(self.base_url, timeout_s=30)
 
     def review_job(self, tenant: str = "acme", caption: str = "a man holding a rifle", score: float = 0.72) -> str:
         """Upload an image as the tenant's submitter, then store a `review` decision as the worker does."""
@@ -245,7 +246,6 @@ def test_a_key_in_the_query_string_is_ignored(access: Access) -> None:
 
 
 def test_nul_in_a_key_header_never_reaches_the_app(access: Access) -> None:
-    from tests.integration.test_api import raw_http
 
     head = "GET /v1/decisions HTTP/1.1\nHost: test\nX-API-Key: mtk_\x00abc\nConnection: close\n"
     try:
@@ -439,7 +439,7 @@ def test_a_claim_is_released_by_its_holder_and_another_reviewer_takes_it(access:
         _, second = create_key(
             session, role="review", tenant="acme", name="second reviewer", actor=cli_principal("acme")
         )
-    other = httpx.Client(base_url=access.base_url, headers={"X-API-Key": second}, timeout=30)
+    other = ApiClient(access.base_url, headers={"X-API-Key": second}, timeout_s=30)
     with access.client("acme", "review") as holder, other:
         unclaimed = assert_error(holder.post(f"/v1/review/{job_id}/release"), 409, "review_not_claimed")
         assert "nothing to release" in unclaimed["detail"]
@@ -757,7 +757,7 @@ def test_auth_off_is_for_development_only(tmp_path: Path, redis_server: Any) -> 
     with pytest.raises(ValueError, match="development only"):
         Settings(_env_file=None, auth=False, environment="production")
     settings = Settings(_env_file=None, auth=False, data_dir=tmp_path, redis_url=redis_server.url)
-    with serve(create_app(settings)) as base_url, httpx.Client(base_url=base_url) as client:
+    with serve(create_app(settings)) as base_url, ApiClient(base_url) as client:
         assert client.get("/v1/decisions").status_code == 200
         assert client.get("/v1/audit").status_code == 200
 
@@ -773,7 +773,7 @@ def test_bootstrap_admin_key_from_settings(tmp_path: Path, redis_server: Any) ->
         admin_key=SecretStr(chosen),
         auth_max_failures=1_000_000,  # earlier tests' bad keys from 127.0.0.1 are still counted in the shared Redis
     )
-    with serve(create_app(settings)) as base_url, httpx.Client(base_url=base_url) as client:
+    with serve(create_app(settings)) as base_url, ApiClient(base_url) as client:
         assert client.get("/v1/audit", headers={"X-API-Key": chosen}).status_code == 200
         assert_error(client.get("/v1/audit"), 401, "auth_required")
     for bad in ("short", "has space " + "x" * 40, "ключ" * 10):

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import io
 import json
 import os
 import re
-import socket
 import struct
 import subprocess
 import sys
@@ -20,7 +18,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from fastapi import FastAPI
@@ -32,7 +29,7 @@ from core.db import session_scope
 from core.jobs import NewJob, claim_job, create_job, get_job, store_decision
 from core.tables import Decision, Job
 from modtag.servers import free_port
-from tests.integration.conftest import Api, api_settings, assert_error, running_api
+from tests.support.api import Api, api_settings, assert_error, raw_http, running_api
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -113,24 +110,6 @@ def multipart_body(fields: dict[str, str], image: bytes, boundary: str = "modtag
     )
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
-
-
-def raw_http(base_url: str, head: str, body: bytes = b"") -> tuple[int, dict[str, Any]]:
-    """Send bytes as they are (headers that may lie) and read the response until the server closes."""
-    address = urlsplit(base_url)
-    with socket.create_connection((address.hostname, address.port), timeout=15) as sock:
-        # The server may answer and close before reading everything: that is what some tests want to see.
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
-        received = b""
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-        except ConnectionResetError:
-            pass
-    status_line, _, rest = received.partition(b"\r\n")
-    _, _, payload = rest.partition(b"\r\n\r\n")
-    return int(status_line.split()[1]), json.loads(payload)
 
 
 def decide(db_url: str, policy: str, action: str, categories: dict[str, Any], decided_at: datetime) -> str:

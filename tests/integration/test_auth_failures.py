@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import secrets
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,10 @@ from api.app import create_app
 from api.failures import KEY_PREFIX, check_failures, record_failure
 from core.errors import TooManyFailures
 from core.metrics import AUTH_FAILURES
+from modtag.client import ApiClient
 from modtag.servers import free_port
-from tests.integration.conftest import Api, api_settings, assert_error, running_api
+from tests.support.api import Api, api_settings, assert_error, running_api
+from tests.support.waiting import wait_for
 
 LIMIT = 10
 ADDRESS = "127.0.0.1"  # every request of these tests comes from here
@@ -59,7 +60,7 @@ def test_the_eleventh_attempt_is_refused_even_with_a_valid_key(api: Api) -> None
     # Probes and metrics carry no key and stay open.
     for path in ("/healthz", "/metrics"):
         assert api.client.get(path, headers={"Authorization": ""}).status_code == 200
-    with httpx.Client(base_url=api.base_url) as anonymous:
+    with ApiClient(api.base_url) as anonymous:
         assert anonymous.get("/healthz").status_code == 200
         assert anonymous.get("/readyz").status_code == 200
         assert_error(anonymous.get("/v1/audit"), 401, "auth_required")  # no key: not an attempt
@@ -116,9 +117,7 @@ def test_the_counter_is_per_address_and_fixed_window(api: Api) -> None:
     assert refused.value.retry_after_s == 1
     check_failures(api.redis, "10.0.0.2", settings)  # another address is unaffected
     check_failures(api.redis, "2001:db8::1", settings)
-    deadline = time.monotonic() + 5
-    while api.redis.exists(KEY_PREFIX + "10.0.0.1") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: not api.redis.exists(KEY_PREFIX + "10.0.0.1"), 5, "the window's key expired")
     check_failures(api.redis, "10.0.0.1", settings)  # the window passed: allowed again
 
 
@@ -130,7 +129,7 @@ def test_the_window_passes_over_http(tmp_path: Path, api: Api) -> None:
         refused = short.client.get("/v1/audit")
         assert_error(refused, 429, "too_many_failures")
         assert refused.headers["Retry-After"] == "1"
-        time.sleep(1.5)
+        wait_for(lambda: not short.redis.exists(KEY_PREFIX + ADDRESS), 5, "the window's key expired")
         assert short.client.get("/v1/audit").status_code == 200
 
 
@@ -141,7 +140,7 @@ def test_redis_down_fails_open(tmp_path: Path, api: Api, caplog: pytest.LogCaptu
         for _ in range(5):
             assert_error(_bad(dead), 401, "auth_invalid")  # never 429, never 500
         assert dead.client.get("/v1/audit").status_code == 200
-        with httpx.Client(base_url=dead.base_url) as browser:
+        with ApiClient(dead.base_url) as browser:
             form = browser.get("/dashboard/login")
             wrong = browser.post("/dashboard/login", data={"key": "mtk_nope", "csrf_token": _csrf(form)})
             assert wrong.status_code == 401
@@ -150,7 +149,7 @@ def test_redis_down_fails_open(tmp_path: Path, api: Api, caplog: pytest.LogCaptu
 
 
 def test_dashboard_sign_in_is_limited_with_a_page(api: Api) -> None:
-    with httpx.Client(base_url=api.base_url) as browser:
+    with ApiClient(api.base_url) as browser:
         page = browser.get("/dashboard/login")
         for _ in range(LIMIT):
             page = browser.post("/dashboard/login", data={"key": "mtk_nope", "csrf_token": _csrf(page)})
@@ -170,7 +169,7 @@ def test_dashboard_sign_in_is_limited_with_a_page(api: Api) -> None:
 def test_api_failures_lock_the_sign_in_too(api: Api) -> None:
     for _ in range(LIMIT):
         assert_error(_bad(api), 401, "auth_invalid")
-    with httpx.Client(base_url=api.base_url) as browser:
+    with ApiClient(api.base_url) as browser:
         form = browser.get("/dashboard/login")
         assert form.status_code == 200  # the form itself is not an attempt
         refused = browser.post("/dashboard/login", data={"key": api.key, "csrf_token": _csrf(form)})

@@ -2,43 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import httpx
 import pytest
 
+from modtag.client import ApiClient
 from modtag.servers import free_port
-from tests.conftest import photo_bytes
-from tests.integration.conftest import Deployment
-from tests.integration.test_pipeline import submit, wait_final
+from tests.support.deployment import Deployment, submit, wait_final
+from tests.support.photos import photo_bytes
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-def receiver() -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """A real HTTP server on loopback that records every JSON body POSTed to it."""
-    received: list[dict[str, Any]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length", "0"))
-            received.append(json.loads(self.rfile.read(length)))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *_: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
-    server.shutdown()
 
 
 def test_callback_and_worker_metrics(deployment: Deployment, receiver: tuple[str, list[dict[str, Any]]]) -> None:
@@ -54,7 +27,8 @@ def test_callback_and_worker_metrics(deployment: Deployment, receiver: tuple[str
     assert by_id[done["id"]]["status"] == "done" and by_id[done["id"]]["decision"]["action"]
     assert by_id[failed["id"]]["error"]["code"] == "image_truncated"
 
-    exposition = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    with ApiClient(f"http://127.0.0.1:{metrics_port}") as worker:
+        exposition = worker.metrics()
     assert 'modtag_jobs_completed_total{outcome="done",policy="moderation"} 1.0' in exposition
     assert 'modtag_jobs_failed_total{code="image_truncated",policy="moderation"} 1.0' in exposition
     assert 'modtag_callbacks_total{outcome="delivered"} 2.0' in exposition

@@ -4,12 +4,9 @@ and delivered once through a real API and worker."""
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from alembic import command
 from alembic.config import Config
@@ -23,10 +20,10 @@ from core.listings import NewListing, create_listing, listing_callback_due
 from core.settings import Settings
 from core.tables import Job, Listing
 from policies.listing import listing_public
-from tests.conftest import photo_bytes
-from tests.integration.conftest import Api, Deployment, assert_error
-from tests.integration.test_callbacks_metrics import receiver  # noqa: F401  (a fixture)
-from tests.integration.test_listings_pipeline import wait_listing
+from tests.support.api import Api, assert_error
+from tests.support.deployment import Deployment, wait_listing
+from tests.support.photos import photo_bytes
+from tests.support.waiting import wait_for
 from worker.callbacks import send_callbacks
 
 pytestmark = pytest.mark.timeout(300)
@@ -109,7 +106,7 @@ def test_no_callback_without_a_url_or_for_an_unknown_listing(database_url: str) 
 def test_the_worker_posts_the_listing_once_and_never_to_a_private_address_unless_allowed(
     database_url: str,
     tmp_path: Path,
-    receiver: tuple[str, list[dict[str, Any]]],  # noqa: F811
+    receiver: tuple[str, list[dict[str, Any]]],
 ) -> None:
     """The worker's callback path, without models: the loopback receiver is a private address."""
     hook, received = receiver
@@ -226,41 +223,25 @@ def listing_count(api: Api) -> int:
 
 def test_a_two_photo_listing_calls_back_once_with_its_verdict(
     deployment: Deployment,
-    receiver: tuple[str, list[dict[str, Any]]],  # noqa: F811
+    receiver: tuple[str, list[dict[str, Any]]],
 ) -> None:
     hook, received = receiver
     deployment.start_api()
     deployment.start_worker()
-    response = httpx.post(
-        f"{deployment.api_url}/v1/listings",
+    response = deployment.client.post(
+        "/v1/listings",
         files=[
             ("images", (f"{name}.jpg", photo_bytes(name, size=(120, 90)), "image/jpeg"))
             for name in ("coffee", "rocket")
         ],
         data={"title": "Red ceramic coffee mug", "callback_url": hook},
-        headers=deployment.headers,
-        timeout=30,
     )
     assert response.status_code == 202, response.text
     listing = wait_listing(deployment, response.json()["id"])
     wait_for(lambda: len(received) >= 1)
-    time_for_a_duplicate()
+    deployment.wait_idle()  # both photos' tasks are over: a second, wrong callback would have arrived by now
     [body] = received
     assert body["id"] == listing["id"] and body["verdict"] == listing["verdict"]
     assert body["verdict"]["status"] == "done" and body["verdict"]["action"] in ("allow", "review", "block")
     assert [photo["index"] for photo in body["photos"]] == [1, 2]
     assert all(photo["status"] == "done" and photo["decision"] for photo in body["photos"])
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
-
-
-def time_for_a_duplicate() -> None:
-    """Give a second, wrong callback the time it would need to arrive."""
-    time.sleep(1.0)

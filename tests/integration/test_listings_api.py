@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,7 +18,8 @@ from core.db import session_scope
 from core.jobs import NewJob, claim_job, create_job, store_decision
 from core.queues import Queue
 from core.tables import Decision, Job, Listing, ShadowDecision
-from tests.integration.conftest import Api, admin_key, assert_error
+from tests.support import waiting
+from tests.support.api import Api, admin_key, assert_error
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -237,13 +237,12 @@ def test_policy_edits_are_picked_up_without_a_restart(api: Api, api_overrides: d
 
 def wait_for(api: Api, path: str, condition: Callable[[dict[str, Any]], bool], timeout_s: float = 10) -> dict[str, Any]:
     """GET `path` until `condition` holds on its body (the API polls the files every 2 s)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def met() -> dict[str, Any] | None:
         body: dict[str, Any] = api.client.get(path).json()
-        if condition(body):
-            return body
-        time.sleep(0.2)
-    raise AssertionError(f"{path} did not change within {timeout_s} s")
+        return body if condition(body) else None
+
+    return waiting.wait_for(met, timeout_s, f"a change at {path}")
 
 
 def test_decisions_show_reasons_and_contradictions(api: Api) -> None:

@@ -4,11 +4,8 @@ Redis, SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 from sqlmodel import col, select
 
@@ -16,9 +13,8 @@ from core.db import session_scope
 from core.tables import Job, ShadowDecision
 from modtag.cli import main
 from policies import load_policy
-from tests.conftest import photo_bytes
-from tests.integration.conftest import Deployment
-from tests.integration.test_pipeline import submit, wait_final
+from tests.support.deployment import Deployment, submit, wait_final, wait_listing
+from tests.support.photos import photo_bytes
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -47,6 +43,7 @@ def test_workers_run_shadows_and_pick_up_policy_edits_without_a_restart(deployme
     path = policies_dir / "next.yaml"
     path.write_text(SHADOW)
     deployment.env["MODTAG_POLICIES_DIR"] = str(policies_dir)
+    deployment.env["MODTAG_POLICY_RELOAD_S"] = "0"  # the worker looks at the files on every job: no waiting
     deployment.start_api()
     worker = deployment.start_worker()
     first = wait_final(deployment, submit(deployment, photo_bytes("astronaut"))["id"])
@@ -57,20 +54,18 @@ def test_workers_run_shadows_and_pick_up_policy_edits_without_a_restart(deployme
 
     path.write_text(SHADOW.replace("review: 0.0", "review: 1.0"))  # an edit: the shadow now never reviews
     edited = load_policy(path).version
-    time.sleep(2.5)  # the worker polls the files every 2 s
     second = wait_final(deployment, submit(deployment, photo_bytes("coffee"))["id"])
     assert second["status"] == "done"
     latest = shadow_rows(deployment)[-1]
     assert (latest.policy_version, latest.action) == (edited, "allow")
 
     path.write_text(SHADOW.replace("review: 0.0", "review: [oops"))  # a broken edit: the last good version stays
-    time.sleep(2.5)
     third = wait_final(deployment, submit(deployment, photo_bytes("rocket"))["id"])
     assert third["status"] == "done" and shadow_rows(deployment)[-1].policy_version == edited
     assert worker.poll() is None  # the same worker process throughout
     assert "cannot be loaded; still using the previous versions" in deployment.log("worker")
 
-    report = httpx.get(f"{deployment.api_url}/v1/policies/moderation/shadow", headers=deployment.headers).json()
+    report = deployment.client.get("/v1/policies/moderation/shadow").json()
     compared = {summary["version"]: summary["compared"] for summary in report["data"]}
     assert compared == {load_policy_text_version(SHADOW): 1, edited: 2}
 
@@ -88,16 +83,14 @@ def jpeg(name: str) -> bytes:
 def test_a_listing_is_checked_photo_by_photo_with_a_listing_verdict(deployment: Deployment, tmp_path: Path) -> None:
     deployment.start_api()
     deployment.start_worker()
-    response = httpx.post(
-        f"{deployment.api_url}/v1/listings",
+    response = deployment.client.post(
+        "/v1/listings",
         files=[("images", (f"{name}.jpg", jpeg(name), "image/jpeg")) for name in ("coffee", "chelsea", "rocket")],
         data={
             "title": "Red ceramic coffee mug",
             "description": "A large mug. Holds 300 ml.\nDishwasher safe; ships in two days.",
             "attributes": json.dumps({"color": "crimson", "count": 1, "material": "ceramic"}),
         },
-        headers=deployment.headers,
-        timeout=30,
     )
     assert response.status_code == 202, response.text
     listing = wait_listing(deployment, response.json()["id"])
@@ -132,17 +125,6 @@ def test_a_listing_is_checked_photo_by_photo_with_a_listing_verdict(deployment: 
          "--api-key", deployment.key, "--timeout", "120"]
     )  # fmt: skip
     assert code == 0
-
-
-def wait_listing(deployment: Deployment, listing_id: str, timeout_s: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    body: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        body = httpx.get(f"{deployment.api_url}/v1/listings/{listing_id}", headers=deployment.headers).json()
-        if body["verdict"]["status"] != "pending":
-            return body
-        time.sleep(0.2)
-    raise AssertionError(f"listing not final: {body}")
 
 
 def test_listing_jobs_without_their_context_fail_with_a_clear_code(deployment: Deployment) -> None:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import io
 import signal
-import time
 from typing import Any
 
-import httpx
 import pytest
 import redis
 from PIL import Image
@@ -15,32 +13,11 @@ from sqlmodel import select
 
 from core.db import session_scope
 from core.tables import Decision
-from tests.conftest import photo_bytes
-from tests.integration.conftest import Deployment
+from tests.support.deployment import Deployment, submit, wait_final
+from tests.support.photos import photo_bytes
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def submit(deployment: Deployment, data: bytes, name: str = "photo.jpg", **fields: str) -> dict[str, Any]:
-    response = httpx.post(
-        f"{deployment.api_url}/v1/jobs",
-        files={"image": (name, data)},
-        data=fields,
-        headers=deployment.headers,
-        timeout=30,
-    )
-    assert response.status_code == 202, response.text
-    return dict(response.json())
-
-
-def wait_final(deployment: Deployment, job_id: str, timeout_s: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{deployment.api_url}/v1/jobs/{job_id}", headers=deployment.headers, timeout=10).json()
-        if job["status"] in ("done", "failed"):
-            return dict(job)
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} not final after {timeout_s}s: {job}")
 
 
 def decisions_for(database_url: str, job_id: str) -> list[Decision]:
@@ -67,7 +44,7 @@ def test_photos_get_stored_explainable_decisions(deployment: Deployment, photos:
         assert models["random"] is True and set(models["roles"]) == {"caption", "vqa", "itm"}
         assert all(info["random"] for info in models["roles"].values())
         assert len(decisions_for(deployment.env["MODTAG_DATABASE_URL"], job["id"])) == 1
-    listed = httpx.get(f"{deployment.api_url}/v1/decisions", params={"limit": 10}, headers=deployment.headers).json()
+    listed = deployment.client.get("/v1/decisions", params={"limit": 10}).json()
     assert {d["job_id"] for d in listed["data"]} == {job["id"] for job in submitted}
 
 
@@ -119,19 +96,16 @@ def test_bad_images_fail_cleanly_and_the_worker_keeps_serving(deployment: Deploy
         assert final["status"] == "done", (name, final)
     # The same worker still serves the next good job.
     assert wait_final(deployment, submit(deployment, good)["id"])["status"] == "done"
-    bomb = httpx.post(
-        f"{deployment.api_url}/v1/jobs", files={"image": ("bomb.png", _bomb_png())}, headers=deployment.headers
-    )
+    bomb = deployment.client.post("/v1/jobs", files={"image": ("bomb.png", _bomb_png())})
     assert bomb.status_code in (413, 422) and bomb.json()["code"] in ("image_too_many_pixels", "image_dimensions")
 
 
 def test_unreachable_image_url_fails_with_fetch_code(deployment: Deployment) -> None:
     deployment.start_api()
     deployment.start_worker()
-    response = httpx.post(
-        f"{deployment.api_url}/v1/jobs",
+    response = deployment.client.post(
+        "/v1/jobs",
         json={"image_url": "http://127.0.0.1:9/nothing.jpg"},
-        headers=deployment.headers,
     )
     assert response.status_code == 202, response.text
     final = wait_final(deployment, response.json()["id"])
@@ -145,12 +119,7 @@ def test_worker_killed_mid_job_finishes_with_one_decision(deployment: Deployment
     # A long batching window keeps the job `running` inside the first worker long enough to kill it.
     first = deployment.start_worker("worker-1", MODTAG_BATCH_WAIT_MS="30000", MODTAG_BATCH_MAX_IMAGES="64")
     job = submit(deployment, photo_bytes("astronaut"))
-    deadline = time.monotonic() + 30
-    while (
-        httpx.get(f"{deployment.api_url}/v1/jobs/{job['id']}", headers=deployment.headers).json()["status"] != "running"
-    ):
-        assert time.monotonic() < deadline, "job never started"
-        time.sleep(0.05)
+    wait_for(lambda: deployment.client.job(job["id"])["status"] == "running", 30, "the job running")
     deployment.stop(first, signal.SIGKILL)
     # The new worker treats a job running for over 7 s as abandoned (its own lease setting).
     deployment.start_worker(

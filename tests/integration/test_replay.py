@@ -19,7 +19,7 @@ from core.settings import Settings, get_settings
 from core.tables import Decision, ShadowDecision
 from modtag.cli import main
 from policies import builtin_dir, load_policy
-from tests.conftest import photo_bytes
+from tests.support.photos import photo_bytes
 from worker.replay import replay_policy, run_cases
 from worker.runtime import WorkerRuntime
 

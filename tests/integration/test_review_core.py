@@ -1,13 +1,14 @@
 """The review queue, keys and the 0002 migration through core code, on SQLite and PostgreSQL.
 
-Claim leases are timed here with leases of a fraction of a second (the API takes its lease from
-MODTAG_REVIEW_CLAIM_LEASE_S); `modtag keys` runs in-process against the same databases.
+Claim leases of a fraction of a second run out against the `now` a test passes, never by waiting for the
+wall clock (the API takes its lease from MODTAG_REVIEW_CLAIM_LEASE_S); `modtag keys` runs in-process against the
+same databases.
 """
 
 from __future__ import annotations
 
 import json
-import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ from core.jobs import NewJob, claim_job, create_job, store_decision
 from core.principals import Principal, cli_principal
 from core.public import ReviewItemPublic
 from core.settings import get_settings
-from core.tables import ApiKey, AuditEntry, Decision, ReviewItem, Role
+from core.tables import ApiKey, AuditEntry, Decision, ReviewItem, Role, utcnow
 from modtag.cli import main
 
 pytestmark = pytest.mark.timeout(60)
@@ -77,8 +78,10 @@ def test_a_review_decision_enters_the_queue_once(database_url: str) -> None:
 def test_claim_lease_expires_and_the_item_returns(database_url: str) -> None:
     job_id = decided(database_url)
     alice, bob = reviewer("alice"), reviewer("bob")
+    claimed_at = utcnow()
+    later = claimed_at + timedelta(seconds=0.7)  # past alice's lease, without waiting for it
     with session_scope(database_url) as session:
-        review.claim(session, job_id, alice, lease_s=0.5)
+        review.claim(session, job_id, alice, lease_s=0.5, now=claimed_at)
         with pytest.raises(Conflict) as refused:
             review.claim(session, job_id, bob, lease_s=60)
         assert refused.value.code == "review_claimed" and "alice" in refused.value.message
@@ -87,16 +90,15 @@ def test_claim_lease_expires_and_the_item_returns(database_url: str) -> None:
         listed, _ = review.list_queue(session, tenant="default")
         shown = next(ReviewItemPublic.from_row(item) for item, _ in listed if item.job_id == job_id)
         assert shown.claim is not None and shown.claim.by.name == "alice"
-    time.sleep(0.7)
     with session_scope(database_url) as session:
         listed, _ = review.list_queue(session, tenant="default")
-        shown = next(ReviewItemPublic.from_row(item) for item, _ in listed if item.job_id == job_id)
+        shown = next(ReviewItemPublic.from_row(item, now=later) for item, _ in listed if item.job_id == job_id)
         assert shown.claim is None  # an expired claim is shown as none: the item is back in the queue
-        taken = review.claim(session, job_id, bob, lease_s=60)
+        taken = review.claim(session, job_id, bob, lease_s=60, now=later)
         assert taken.claimed_by == bob.key_id
         with pytest.raises(Conflict):
-            review.resolve(session, job_id, alice, "block", "too late")
-        done = review.resolve(session, job_id, bob, "allow", "a toy")
+            review.resolve(session, job_id, alice, "block", "too late", now=later)
+        done = review.resolve(session, job_id, bob, "allow", "a toy", now=later)
         assert done.resolution == "allow" and done.resolved_by_name == "bob" and done.claimed_by is None
 
 
@@ -135,12 +137,13 @@ def test_a_claim_is_released_early_by_its_holder_or_an_admin(database_url: str) 
 def test_release_refuses_expired_resolved_and_foreign_items(database_url: str) -> None:
     job_id = decided(database_url)
     alice = reviewer("alice")
+    claimed_at = utcnow()
     with session_scope(database_url) as session:
-        review.claim(session, job_id, alice, lease_s=0.2)
-    time.sleep(0.4)
+        review.claim(session, job_id, alice, lease_s=0.2, now=claimed_at)
     with session_scope(database_url) as session:
         with pytest.raises(Conflict) as refused:
-            review.release(session, job_id, alice)  # the lease ran out: the item is already back in the queue
+            # The lease ran out: the item is already back in the queue.
+            review.release(session, job_id, alice, now=claimed_at + timedelta(seconds=0.4))
         assert refused.value.code == "review_not_claimed"
         with pytest.raises(NotFound):
             review.release(session, job_id, reviewer("alice", tenant="other"))

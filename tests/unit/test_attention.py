@@ -86,6 +86,7 @@ def test_installed_per_instance_never_on_the_class(tiny_models_dir: Path) -> Non
     assert not has_fused_attention(torch.nn.Linear(2, 2))  # nothing to replace is not "fused"
 
 
+@pytest.mark.slow
 def test_fused_models_give_the_stock_outputs(tiny_models_dir: Path) -> None:
     # The whole models, every attention kind: vision, text self-attention with a padding mask,
     # cross-attention, and the decoder's cached steps (generate).

@@ -59,6 +59,7 @@ def report(tiny_models_dir: Path) -> dict[str, Any]:
     return run_bench(options)
 
 
+@pytest.mark.slow
 def test_report_has_every_promised_figure(report: dict[str, Any]) -> None:
     for key in REQUIRED_KEYS:
         value = _get(report, key)
@@ -78,6 +79,7 @@ def test_report_has_every_promised_figure(report: dict[str, Any]) -> None:
     json.dumps(report)  # plain JSON all the way down
 
 
+@pytest.mark.slow
 def test_parity_and_ratios_are_consistent(report: dict[str, Any]) -> None:
     parity = report["parity"]
     # The baseline ran on the first 2 images only; parity compares those, speed is per image.
@@ -99,6 +101,7 @@ def test_parity_and_ratios_are_consistent(report: dict[str, Any]) -> None:
     assert "speedup" in text and "GFLOP" in text
 
 
+@pytest.mark.slow
 def test_flops_per_image_counts_the_engines_matrix_products(report: dict[str, Any]) -> None:
     # Tiny models: per image at least the three vision encoders' linear layers (2 layers of
     # 4 x 32 x 32 attention projections + 2 x 32 x 64 MLP, over 17 tokens) and the caption's
@@ -155,6 +158,7 @@ def test_invalid_options_are_refused(tmp_path: Path) -> None:
         main(["bench", "--images", "0"])
 
 
+@pytest.mark.slow
 def test_command_prints_only_json(
     tiny_models_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -203,6 +207,7 @@ def tags_report(tiny_models_dir: Path) -> dict[str, Any]:
     return run_bench(options)
 
 
+@pytest.mark.slow
 def test_tags_report_has_every_cost(tags_report: dict[str, Any]) -> None:
     assert "baseline" not in tags_report and "engine_fast" not in tags_report  # no 3-minute baseline
     assert tags_report["workload"]["photos"] == ["astronaut", "chelsea", "coffee"]
@@ -237,6 +242,7 @@ def test_tags_report_has_every_cost(tags_report: dict[str, Any]) -> None:
     json.dumps(tags_report)
 
 
+@pytest.mark.slow
 def test_tags_report_reads_as_a_table(tags_report: dict[str, Any]) -> None:
     text = format_report(tags_report)
     for expected in (
@@ -252,6 +258,7 @@ def test_tags_report_reads_as_a_table(tags_report: dict[str, Any]) -> None:
         assert expected in text, expected
 
 
+@pytest.mark.slow
 def test_tags_command_prints_json_and_refuses_mixed_runs(
     tiny_models_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -74,6 +74,7 @@ def test_tokens_equal_stock_generate(models: tuple[Any, Any], images: int, max_n
     assert torch.equal(_greedy(ours, embeds, max_new, min_new), _stock(stock, embeds, max_new, min_new))
 
 
+@pytest.mark.slow
 def test_end_token_rules_and_padding_match_stock(models: tuple[Any, Any]) -> None:
     # Raising the end token's bias makes rows end, at different steps, once min_new_tokens allows it:
     # the tokens after each row's end are the pad, and decoding stops when every row has ended.

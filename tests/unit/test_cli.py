@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -10,10 +11,13 @@ from pathlib import Path
 import pytest
 
 from core.errors import ModelError
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 from modtag.cli import main
 from modtag.preflight import check_models_reachable
+from modtag.servers import free_port
+from modtag.stack import settings_environment
 from policies import builtin_dir
+from tests.support.photos import photo_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -100,6 +104,7 @@ def test_hub_models_offline_fail_fast_with_what_to_do(monkeypatch: pytest.Monkey
     check_models_reachable("tiny-random")  # built locally: nothing to reach
 
 
+@pytest.mark.slow
 def test_scan_with_unreachable_models_exits_in_seconds(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache"),
            "MODTAG_MODELS": "base", "MODTAG_DATA_DIR": str(tmp_path / "data")}  # fmt: skip
@@ -111,3 +116,57 @@ def test_scan_with_unreachable_models_exits_in_seconds(tmp_path: Path) -> None:
     assert done.returncode == 3, done.stderr
     assert "[model_unavailable]" in done.stderr and "MODTAG_MODELS=tiny-random" in done.stderr
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["scan", "--no-progress"],
+        ["listing", "check", "--title", "A mug"],
+    ],
+)
+def test_an_unreachable_api_is_one_line_and_exit_3(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photo = tmp_path / "rocket.jpg"
+    photo.write_bytes(photo_bytes("rocket", size=(32, 32)))
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main([*command, "--api", url, str(photo)]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"modtag: cannot reach the modtag API at {url}") and "[api_unreachable]" in err
+
+
+def test_flags_reach_the_settings_and_leave_the_environment_alone(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen: list[Settings] = []
+
+    def scan_handler(_: object, settings: Settings) -> int:  # stands in for the scan: only its settings matter
+        seen.append(settings)
+        return 0
+
+    monkeypatch.setattr("modtag.cli.cmd_scan", scan_handler)
+    main(["scan", "--api", "http://127.0.0.1:9", "--models", "tiny-random", "--data-dir", str(tmp_path), "."])
+    [settings] = seen
+    assert settings.models == "tiny-random" and settings.data_dir == tmp_path
+    assert "MODTAG_MODELS" not in os.environ and "MODTAG_DATA_DIR" not in os.environ
+
+
+def test_a_child_stack_gets_exactly_the_settings_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODTAG_MODELS", "base")
+    monkeypatch.setenv("MODTAG_WORKER_CONCURRENCY", "5")
+    monkeypatch.setenv("MODTAG_LOG_LEVEL", "DEBUG")  # not a setting: passed through as it is
+    before = dict(os.environ)
+    settings = Settings(_env_file=None, models="tiny-random", worker_concurrency=None, admin_key="k" * 40)
+    env = settings_environment(settings)
+    assert env["MODTAG_MODELS"] == "tiny-random" and "MODTAG_WORKER_CONCURRENCY" not in env
+    assert env["MODTAG_ADMIN_KEY"] == "k" * 40 and env["MODTAG_AUTH"] == "true"
+    assert env["MODTAG_LOG_LEVEL"] == "DEBUG" and env["PATH"] == os.environ["PATH"]
+    assert dict(os.environ) == before
+    with monkeypatch.context() as child_env:  # the child reads its settings back from that environment
+        for name in [name for name in os.environ if name.startswith("MODTAG_")]:
+            child_env.delenv(name)
+        for name, value in env.items():
+            child_env.setenv(name, value)
+        assert Settings(_env_file=None) == settings

@@ -7,16 +7,14 @@ separately loaded copy (`stock`) that no engine ever touches.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from PIL import Image
-from skimage import data
 
 from worker.engine import AnswerRequest, Engine, ImageRequest, TagQuery
-from worker.models import LoadedModel, LoadedModels, load_models
+from worker.models import LoadedModel, LoadedModels
 
 TOLERANCE = 1e-4
 COLOURS = (
@@ -32,21 +30,6 @@ COLOURS = (
 TAGS = ("a photo of a mug", "a photo of a cat", "a photo of a rocket", "a photo of a red item",
         "a photo of a blue item", "an item made of wood", "an item made of glass", "a photo of a person")  # fmt: skip
 GROUPS = (0, 0, 0, 1, 1, 2, 2, 0)
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_models_dir: Path) -> LoadedModels:
-    return load_models("tiny-random", {"vqa", "itm"}, cache_dir=tiny_models_dir.parent)
-
-
-@pytest.fixture(scope="module")
-def stock(tiny_models_dir: Path) -> LoadedModels:
-    return load_models("tiny-random", {"vqa", "itm"}, cache_dir=tiny_models_dir.parent)
-
-
-@pytest.fixture(scope="module")
-def photos() -> dict[str, Image.Image]:
-    return {name: Image.fromarray(getattr(data, name)()).convert("RGB") for name in ("chelsea", "coffee", "rocket")}
 
 
 def model_of(loaded: LoadedModels, role: Any) -> Any:

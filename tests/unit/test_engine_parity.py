@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
-from skimage import data
 
 from core.errors import ConfigError, ModelError
 from worker import attention, baseline
@@ -41,26 +40,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_models_dir: Path) -> LoadedModels:
-    """The engine's models (engines install fused attention on them)."""
-    return load_models("tiny-random", {"caption", "vqa", "itm"}, cache_dir=tiny_models_dir.parent)
-
-
-@pytest.fixture(scope="module")
-def stock(tiny_models_dir: Path) -> LoadedModels:
-    """The same weights, loaded again, for the stock calls: never given to an engine."""
-    return load_models("tiny-random", {"caption", "vqa", "itm"}, cache_dir=tiny_models_dir.parent)
-
-
-@pytest.fixture(scope="module")
-def photos() -> dict[str, Image.Image]:
-    return {
-        name: Image.fromarray(getattr(data, name)()).convert("RGB")
-        for name in ("astronaut", "chelsea", "coffee", "rocket")
-    }
-
-
 def _assert_same(engine_outputs: list[ImageOutput], requests: list[ImageRequest], loaded: LoadedModels) -> float:
     """Compare with the stock calls one by one; returns the largest difference seen."""
     assert not any(has_fused_attention(model.model) for model in loaded.models.values()), "not the stock models"
@@ -85,6 +64,7 @@ def _assert_same(engine_outputs: list[ImageOutput], requests: list[ImageRequest]
     return largest
 
 
+@pytest.mark.slow
 def test_engine_equals_stock_calls_for_mixed_batches(
     loaded: LoadedModels, stock: LoadedModels, photos: dict[str, Image.Image]
 ) -> None:
@@ -114,6 +94,7 @@ def test_engine_equals_stock_calls_for_mixed_batches(
     assert list(coffee.probes) == [QUESTIONS[4], QUESTIONS[0]]
 
 
+@pytest.mark.slow
 def test_parity_holds_when_texts_split_into_many_rows_and_passes(
     loaded: LoadedModels, stock: LoadedModels, photos: dict[str, Image.Image]
 ) -> None:
@@ -281,6 +262,7 @@ def test_engine_runs_fused_attention_on_its_own_models(tiny_models_dir: Path, lo
     assert not has_fused_attention(plain.get("itm").model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 2, 5])
 def test_parity_for_every_batch_size(
     loaded: LoadedModels, stock: LoadedModels, photos: dict[str, Image.Image], batch_size: int

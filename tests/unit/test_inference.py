@@ -10,7 +10,7 @@ from PIL import Image
 from core import metrics
 from core.settings import Settings
 from policies import decide, load_policies
-from tests.conftest import photo_bytes
+from tests.support.photos import photo_bytes
 from worker.adapter import roles_for
 from worker.inference import InferenceService
 

@@ -9,27 +9,16 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
-from skimage import data
 
 from core.settings import Settings
 from policies import load_policies
 from worker.engine import Engine, ImageRequest, TagQuery
-from worker.models import LoadedModels, load_models
+from worker.models import LoadedModels
 from worker.runtime import WorkerRuntime
 
 TAGS = ("a photo of a mug", "a photo of a cat", "a photo of a rocket", "a photo of a red item",
         "a photo of a blue item", "an item made of wood", "an item made of glass", "a photo of a person")  # fmt: skip
 GROUPS = (0, 0, 0, 1, 1, 2, 2, 0)
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_models_dir: Path) -> LoadedModels:
-    return load_models("tiny-random", {"itm"}, cache_dir=tiny_models_dir.parent)
-
-
-@pytest.fixture(scope="module")
-def photos() -> list[Image.Image]:
-    return [Image.fromarray(getattr(data, name)()).convert("RGB") for name in ("chelsea", "rocket")]
 
 
 class TextPasses:
@@ -55,10 +44,10 @@ class TextPasses:
 
 
 def test_after_warm_up_a_tags_request_runs_no_text_pass_and_gives_the_same_tags(
-    loaded: LoadedModels, photos: list[Image.Image]
+    loaded: LoadedModels, photos: dict[str, Image.Image]
 ) -> None:
     query = TagQuery("t", TAGS, GROUPS, top_k=2)
-    requests = [ImageRequest(photo, caption=False, tags=[query]) for photo in photos]
+    requests = [ImageRequest(photo, caption=False, tags=[query]) for photo in (photos["chelsea"], photos["rocket"])]
     cold = Engine(loaded)
     with TextPasses(loaded) as passes:
         expected = cold.run(requests)
@@ -92,16 +81,16 @@ def test_warm_up_encodes_each_text_set_once(loaded: LoadedModels) -> None:
 
 
 def test_chunked_text_features_land_on_their_own_texts(
-    loaded: LoadedModels, tiny_models_dir: Path, photos: list[Image.Image]
+    loaded: LoadedModels, stock: LoadedModels, photos: dict[str, Image.Image]
 ) -> None:
     # Texts of many lengths, encoded in chunks of similar length (4 per chunk with max_batch=1): each
     # text's shortlist place must be the one the stock ITC (a separate, untouched model copy) gives it.
-    stock: Any = load_models("tiny-random", {"itm"}, cache_dir=tiny_models_dir.parent).get("itm")
+    itm: Any = stock.get("itm")
     texts = tuple(f"a photo of a {'very ' * (i % 7)}nice item number {i}" for i in range(40))
     groups = tuple(i % 2 for i in range(40))
-    inputs = stock.processor(images=photos[1], text=list(texts), return_tensors="pt", padding=True)
+    inputs = itm.processor(images=photos["rocket"], text=list(texts), return_tensors="pt", padding=True)
     with torch.no_grad():
-        similarity = stock.model(
+        similarity = itm.model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
             pixel_values=inputs["pixel_values"][:1],
@@ -112,32 +101,34 @@ def test_chunked_text_features_land_on_their_own_texts(
     }
     query = TagQuery("v", texts, groups, top_k=4)
     for max_batch in (1, 16):
-        [output] = Engine(loaded, max_batch=max_batch).run([ImageRequest(photos[1], caption=False, tags=[query])])
+        [output] = Engine(loaded, max_batch=max_batch).run(
+            [ImageRequest(photos["rocket"], caption=False, tags=[query])]
+        )
         assert set(output.tags["v"]) == expected, max_batch
 
 
-def test_warmed_sets_are_never_evicted(loaded: LoadedModels, photos: list[Image.Image]) -> None:
+def test_warmed_sets_are_never_evicted(loaded: LoadedModels, photos: dict[str, Image.Image]) -> None:
     engine = Engine(loaded, tag_feature_cache=1)
     pinned = TagQuery("p", TAGS, GROUPS, 2)
     engine.warm_tags([pinned])
     others = [TagQuery(f"o{i}", (f"a photo of thing {i}", "a photo of a cat"), (0, 0), 1) for i in range(3)]
     with TextPasses(loaded) as passes:
         for other in others:
-            engine.run([ImageRequest(photos[0], caption=False, tags=[other])])
+            engine.run([ImageRequest(photos["chelsea"], caption=False, tags=[other])])
         assert passes.unimodal == 3
-        engine.run([ImageRequest(photos[0], caption=False, tags=[pinned, others[-1]])])
+        engine.run([ImageRequest(photos["chelsea"], caption=False, tags=[pinned, others[-1]])])
         assert passes.unimodal == 3  # the pinned set and the most recent other are still cached
-        engine.run([ImageRequest(photos[0], caption=False, tags=[others[0]])])
+        engine.run([ImageRequest(photos["chelsea"], caption=False, tags=[others[0]])])
         assert passes.unimodal == 4  # evicted: one place for unpinned sets
     # A later warm-up replaces the pins: the first set becomes an ordinary (evictable) entry.
     engine.warm_tags([others[1]])
     with TextPasses(loaded) as passes:
-        engine.run([ImageRequest(photos[0], caption=False, tags=[others[2]])])
-        engine.run([ImageRequest(photos[0], caption=False, tags=[pinned])])
+        engine.run([ImageRequest(photos["chelsea"], caption=False, tags=[others[2]])])
+        engine.run([ImageRequest(photos["chelsea"], caption=False, tags=[pinned])])
     assert passes.unimodal == 2
 
 
-def test_hostile_tag_sets(loaded: LoadedModels, photos: list[Image.Image]) -> None:
+def test_hostile_tag_sets(loaded: LoadedModels, photos: dict[str, Image.Image]) -> None:
     engine = Engine(loaded)
     with pytest.raises(ValueError):
         engine.warm_tags([TagQuery("t", TAGS, (0,), 1)])
@@ -150,11 +141,11 @@ def test_hostile_tag_sets(loaded: LoadedModels, photos: list[Image.Image]) -> No
     with pytest.raises(TypeError):
         engine.warm_tags([("t", TAGS, GROUPS, 1)])  # type: ignore[list-item]
     with pytest.raises(TypeError):
-        Engine(loaded).run([ImageRequest(photos[0], caption=False, tags=[TagQuery("t", "ab", (0, 0), 1)])])  # type: ignore[arg-type]
+        Engine(loaded).run([ImageRequest(photos["chelsea"], caption=False, tags=[TagQuery("t", "ab", (0, 0), 1)])])  # type: ignore[arg-type]
     # An empty set encodes nothing and tags nothing.
     empty = TagQuery("e", (), (), 1)
     assert engine.warm_tags([empty]) == 0
-    [output] = engine.run([ImageRequest(photos[0], caption=False, tags=[empty])])
+    [output] = engine.run([ImageRequest(photos["chelsea"], caption=False, tags=[empty])])
     assert output.tags == {"e": {}}
     # Odd but valid texts: empty, very long (cut at the position limit), non-ASCII.
     odd = ("", "word " * 2000, "ünïcödé ✓ 🛍")

@@ -1,0 +1,182 @@
+"""The one HTTP client of the CLI, bench and tests: submit jobs and listings, poll them until final, read /metrics.
+
+`ApiClient` is an `httpx.Client` with the API's base URL and key, so a caller that needs a route this module
+does not wrap still sends through it. A transport failure (nothing listening, a reset, a timeout) becomes
+`ApiUnreachable`, a `ModtagError`, so the CLI prints one line instead of an httpx traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from core.errors import ModtagError
+from core.tables import FINAL_STATUSES
+
+# Polling gently: in the embedded stack the API shares the cores with the worker it is waiting for.
+POLL_INTERVAL_S = 0.2
+
+
+class ApiUnreachable(ModtagError):
+    """No answer from the API at all (as opposed to an answer that refuses the request)."""
+
+    code = "api_unreachable"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An API answer as status and JSON object; a body that is not a JSON object becomes a `bad_response` error."""
+
+    status: int
+    body: dict[str, Any]
+
+    @classmethod
+    def of(cls, response: httpx.Response) -> Reply:
+        try:
+            body = response.json()
+        except ValueError:
+            return cls(response.status_code, {"code": "bad_response", "detail": response.text[:200]})
+        if not isinstance(body, dict):
+            return cls(response.status_code, {"code": "bad_response", "detail": str(body)[:200]})
+        return cls(response.status_code, body)
+
+    @property
+    def accepted(self) -> bool:
+        return self.status in (200, 202)
+
+    @property
+    def auth_refused(self) -> bool:
+        return self.status in (401, 403)
+
+
+class ApiClient(httpx.Client):
+    """A modtag API at `base_url`, called with `key` (sent as `Authorization: Bearer`) when given."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        key: str | None = None,
+        timeout_s: float = 60,
+        poll_interval_s: float = POLL_INTERVAL_S,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        sent = {**(headers or {}), **({"Authorization": f"Bearer {key}"} if key else {})}
+        super().__init__(base_url=base_url, timeout=timeout_s, headers=sent)
+        self.poll_interval_s = poll_interval_s
+
+    def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        try:
+            return super().send(request, **kwargs)
+        except httpx.TransportError as exc:
+            reason = str(exc) or type(exc).__name__
+            raise ApiUnreachable(
+                f"cannot reach the modtag API at {request.url.scheme}://{request.url.netloc.decode()}: {reason}. "
+                "Is it running, and is the URL (--api) right?"
+            ) from exc
+
+    def submit_job(
+        self,
+        image: bytes | Path,
+        *,
+        filename: str | None = None,
+        policy: str = "moderation",
+        mime: str = "application/octet-stream",
+    ) -> Reply:
+        """POST /v1/jobs with an upload (bytes, or a file read as it is sent)."""
+        name = filename or (image.name if isinstance(image, Path) else "image")
+        if isinstance(image, Path):
+            with image.open("rb") as handle:
+                return Reply.of(self.post("/v1/jobs", files={"image": (name, handle, mime)}, data={"policy": policy}))
+        return Reply.of(self.post("/v1/jobs", files={"image": (name, image, mime)}, data={"policy": policy}))
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return Reply.of(self.get(f"/v1/jobs/{job_id}")).body
+
+    def wait_jobs(
+        self,
+        job_ids: Sequence[str],
+        *,
+        timeout_s: float,
+        on_final: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """Poll until every job is final or `timeout_s` passed; the final jobs by id (a late one is missing).
+
+        Jobs finish roughly in the order they were sent, so each round stops at the first one still
+        pending: asking about every later one would only keep the API busy.
+        """
+        final: dict[str, dict[str, Any]] = {}
+        pending = list(job_ids)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            still: list[str] = []
+            for index, job_id in enumerate(pending):
+                job = self.job(job_id)
+                if job.get("status") not in FINAL_STATUSES:
+                    still = pending[index:]
+                    break
+                final[job_id] = job
+                if on_final is not None:
+                    on_final(job)
+            pending = still
+            if pending:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(self.poll_interval_s)
+        return final
+
+    def wait_job(self, job_id: str, *, timeout_s: float = 60) -> dict[str, Any]:
+        """The job once final; ModtagError `api_timeout` when it is not within `timeout_s`."""
+        final = self.wait_jobs([job_id], timeout_s=timeout_s)
+        if job_id not in final:
+            status = self.job(job_id).get("status")
+            raise ModtagError(f"job {job_id} was not final after {timeout_s:.0f}s: {status}", code="api_timeout")
+        return final[job_id]
+
+    def submit_listing(
+        self,
+        images: Sequence[Path],
+        *,
+        title: str,
+        description: str | None = None,
+        attributes: dict[str, Any] | None = None,
+        policy: str = "listing",
+    ) -> Reply:
+        """POST /v1/listings with the photos (multipart `images`) and the listing's text."""
+        data = {"title": title, "attributes": json.dumps(attributes or {}), "policy": policy}
+        if description:
+            data["description"] = description
+        handles = [path.open("rb") for path in images]
+        try:
+            files = [
+                ("images", (path.name, handle, "application/octet-stream"))
+                for path, handle in zip(images, handles, strict=True)
+            ]
+            return Reply.of(self.post("/v1/listings", files=files, data=data))
+        finally:
+            for handle in handles:
+                handle.close()
+
+    def listing(self, listing_id: str) -> dict[str, Any]:
+        return Reply.of(self.get(f"/v1/listings/{listing_id}")).body
+
+    def wait_listing(self, listing_id: str, *, timeout_s: float) -> dict[str, Any]:
+        """The listing once its verdict is final, or as it stands after `timeout_s` (`verdict.status` pending)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            body = self.listing(listing_id)
+            if body.get("verdict", {}).get("status") != "pending" or time.monotonic() >= deadline:
+                return body
+            time.sleep(self.poll_interval_s)
+
+    def metrics(self) -> str:
+        """The Prometheus exposition at /metrics (of the API, or of a worker's metrics port as base URL)."""
+        response = self.get("/metrics")
+        response.raise_for_status()
+        return response.text

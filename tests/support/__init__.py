@@ -1,0 +1,7 @@
+"""Shared test fixtures and helpers: test modules import from here, never from one another or from a conftest.
+
+photos: real public-domain photos (scikit-image), encoded or decoded. waiting: wait on a condition, never on
+a fixed interval. api: an API served in-process over real HTTP, keys, the error shape. deployment: the API
+and workers as child processes. models: the tiny random models as fixtures. receiver: an HTTP server that
+records callbacks.
+"""
