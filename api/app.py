@@ -61,9 +61,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     migrate(settings.resolved_database_url)
     _ensure_admin_key(settings)
-    # Re-read when the files change (polled at most every 2 s on access): policy edits need no restart.
+    # Re-read when the files change (polled at most every MODTAG_POLICY_RELOAD_S on access): edits need no restart.
     loaded = PolicyRegistry(
         [settings.policies_dir] if settings.policies_dir else [],
+        interval_s=settings.policy_reload_s,
         on_reload=lambda outcome: POLICY_RELOADS.labels(outcome).inc(),
     )
     client = redis.Redis.from_url(

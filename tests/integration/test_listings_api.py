@@ -38,7 +38,12 @@ def api_overrides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A policies folder holding a shadow of `moderation` (a test rewrites it to see a reload)."""
     policies_dir = tmp_path_factory.mktemp("listings-policies")
     (policies_dir / "next.yaml").write_text(SHADOW)
-    return {"policies_dir": policies_dir, "max_upload_bytes": 200_000, "listing_max_images": MAX_IMAGES}
+    return {
+        "policies_dir": policies_dir,
+        "max_upload_bytes": 200_000,
+        "listing_max_images": MAX_IMAGES,
+        "policy_reload_s": 0,
+    }
 
 
 def post_listing(api: Api, photos: list[bytes], **fields: str) -> httpx.Response:
