@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=["auto", "float32", "bfloat16", "float16", "int8"],
         help="the fast dtype (auto: bf16 where the hardware computes it natively, fp16 on older GPUs)",
     )
     bench.add_argument("--batch-size", type=_positive_int, default=8, help="images per engine call (default 8)")
