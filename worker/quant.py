@@ -136,8 +136,8 @@ def _int8_linear(layer: nn.Linear, inputs: torch.Tensor, activation: str) -> tor
         or inputs.dtype not in (torch.float32, torch.bfloat16)
         or inputs.numel() == 0
     ):
-        output = functional.linear(inputs, layer.weight.to(inputs.dtype), _cast(layer.bias, inputs.dtype))
-        return functional.gelu(output) if activation == "gelu" else output
+        stock = functional.linear(inputs, layer.weight.to(inputs.dtype), _cast(layer.bias, inputs.dtype))
+        return functional.gelu(stock) if activation == "gelu" else stock
     rows = inputs.reshape(-1, layer.in_features).float()
     low, high = (float(value) for value in torch.aminmax(rows))
     # The range must hold 0 so that zero (padding, ReLU-like outputs) stays exact.
