@@ -123,6 +123,7 @@ class BenchOptions:
     peak_size: int | None = None  # the square matrix product's size; None: 3072 on CPUs, 8192 on GPUs
     tags: bool = False  # instead of the workload above: what tags and attribute checks cost (run_tags_bench)
     naive_images: int = 1  # with `tags`: photos the naive way (ITM over every tag) runs on
+    peers: bool = False  # also the vision stage through OpenVINO and ONNX Runtime, where installed (modtag/peers.py)
 
 
 def run_bench(options: BenchOptions) -> dict[str, Any]:
@@ -200,6 +201,14 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         "fraction_of_peak_fp32": flops_per_image * engine_fp32["images_per_s"] / peak_fp32,
         "through_stack": None,
     }
+    report["peers"] = None
+    if options.peers:
+        from modtag.peers import peers_bench
+
+        with _quiet_transformers():
+            report["peers"] = peers_bench(
+                options.models, options.cache_dir, options.device, options.batch_size, max(options.repeat, 3), log
+            )
     if options.through_stack:
         with _quiet_transformers():
             report["through_stack"] = through_stack(options, "int8" if options.dtype == "int8" else fast, log)
@@ -595,6 +604,10 @@ def format_report(report: dict[str, Any]) -> str:
                 "images/s; per job in the worker: "
                 + ", ".join(f"{stage} {seconds * 1000:.0f} ms" for stage, seconds in per_job.items())
             )
+    if report.get("peers"):
+        from modtag.peers import format_peers
+
+        lines += format_peers(report["peers"])
     lines.append("")
     lines.append(
         "targets: "

@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--naive-images", type=_positive_int, default=1, help="with --tags: photos for ITM over every tag (default 1)"
     )
+    bench.add_argument(
+        "--peers",
+        action="store_true",
+        help="also time the vision stage through OpenVINO and ONNX Runtime (pip install 'modtag[peers]')",
+    )
     bench.add_argument("--json", action="store_true", help="print only the JSON report")
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(handler=cmd_bench)
@@ -430,6 +435,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         tags=args.tags,
         naive_images=args.naive_images,
+        peers=args.peers,
     )
     report = run_bench(options)
     if not args.json:
