@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     models: str = "base"
     models_cache_dir: Path | None = Field(default=None, description="Where built random models are kept.")
     device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
     torch_threads: int = Field(default=0, ge=0, description="0: torch's default.")
 
     # Limits on inputs.

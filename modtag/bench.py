@@ -48,6 +48,7 @@ from worker.attention import has_fused_attention
 from worker.engine import AnswerRequest, Engine, ImageOutput, ImageRequest, TagQuery
 from worker.linear import has_packed_linear, packed_linear_available
 from worker.models import LoadedModels, fast_dtype, load_models, resolve_device, resolve_dtype
+from worker.quant import has_int8_linear, int8_linear_available
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "hubble_deep_field", "moon")
 """scikit-image's bundled public-domain photos; the grey ones (camera, coins, moon) are converted to RGB."""
@@ -81,6 +82,7 @@ TEXTS = (
     "a burning car in a street riot",
 )
 CAPTION_TOKENS = 20
+DECISION_POLICY = "moderation"  # whose decisions the int8 fidelity figures compare
 ROLES = frozenset({"caption", "vqa", "itm"})
 
 # The issue's targets, checked in every report.
@@ -89,6 +91,7 @@ TARGET_SPEEDUP_FAST = 25.0
 TARGET_PARITY_FP32 = 1e-4
 TARGET_FRACTION_OF_PEAK = 0.5
 TARGET_STACK_RATIO = 0.9
+TARGET_INT8_OVER_FAST = 1.4
 
 # `--tags`: the built-in policies' checks, as the worker runs them.
 TAGS_POLICY = "tagging"  # its tags check: every tag of the product taxonomy, ITM on the top 5 of each group
@@ -104,7 +107,7 @@ class BenchOptions:
     cache_dir: Path
     models: str = "random-base"
     device: str = "auto"
-    dtype: str = "auto"  # the fast dtype; auto: the fastest the hardware computes natively
+    dtype: str = "auto"  # the fast dtype; auto: the fastest the hardware computes natively; int8: see run_bench
     batch_size: int = 8
     threads: int | None = None
     images: int = 8
@@ -120,6 +123,7 @@ class BenchOptions:
     peak_size: int | None = None  # the square matrix product's size; None: 3072 on CPUs, 8192 on GPUs
     tags: bool = False  # instead of the workload above: what tags and attribute checks cost (run_tags_bench)
     naive_images: int = 1  # with `tags`: photos the naive way (ITM over every tag) runs on
+    peers: bool = False  # also the vision stage through OpenVINO and ONNX Runtime, where installed (modtag/peers.py)
 
 
 def run_bench(options: BenchOptions) -> dict[str, Any]:
@@ -130,7 +134,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
     if options.threads:
         torch.set_num_threads(options.threads)
     device = resolve_device(options.device)
-    fast = fast_dtype(device) if options.dtype == "auto" else resolve_dtype(options.dtype, device)
+    fast = _fast_dtype(options, device)
     requests = workload(options.images)
     log = _Log(options.progress)
     load_before = _load_average()
@@ -143,6 +147,16 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         else:
             log(f"engine {_name(fast)}: loading {options.models}")
             engine_fast, fast_outputs, _ = _engine_phase(options, requests, fast, log, count=False)
+        engine_int8 = None
+        if options.dtype == "int8" or (device.type == "cpu" and int8_linear_available()):
+            log(f"engine int8: loading {options.models}")
+            engine_int8, int8_outputs, _ = _engine_phase(options, requests, "int8", log, count=False)
+            engine_int8["fidelity"] = {
+                "max_abs_score_diff": max_score_diff(int8_outputs, fp32_outputs),
+                "mean_abs_score_diff": mean_score_diff(int8_outputs, fp32_outputs),
+                "caption_token_agreement": caption_agreement(int8_outputs, fp32_outputs),
+                **decision_agreement(options, log),
+            }
         log("matrix-product peak")
         peak_fast = matmul_peak(device, fast, options.peak_size)
         peak_fp32 = peak_fast if fast == torch.float32 else matmul_peak(device, torch.float32, options.peak_size)
@@ -164,6 +178,11 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         "engine_fast": engine_fast,
         "speedup_fp32": _ratio(engine_fp32["images_per_s"], baseline["images_per_s"] if baseline else None),
         "speedup_fast": _ratio(engine_fast["images_per_s"], baseline["images_per_s"] if baseline else None),
+        # int8 linear layers (`worker/quant.py`), the rest at the fast dtype; fidelity against float32.
+        "engine_int8": engine_int8,
+        "speedup_int8_over_fast": _ratio(engine_int8["images_per_s"], engine_fast["images_per_s"])
+        if engine_int8
+        else None,
         "parity": {
             "compared_images": len(baseline_outputs),
             "max_abs_score_diff_fp32": max_score_diff(fp32_outputs, baseline_outputs) if baseline_outputs else None,
@@ -182,9 +201,17 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         "fraction_of_peak_fp32": flops_per_image * engine_fp32["images_per_s"] / peak_fp32,
         "through_stack": None,
     }
+    report["peers"] = None
+    if options.peers:
+        from modtag.peers import peers_bench
+
+        with _quiet_transformers():
+            report["peers"] = peers_bench(
+                options.models, options.cache_dir, options.device, options.batch_size, max(options.repeat, 3), log
+            )
     if options.through_stack:
         with _quiet_transformers():
-            report["through_stack"] = through_stack(options, fast, log)
+            report["through_stack"] = through_stack(options, "int8" if options.dtype == "int8" else fast, log)
     report["targets"] = _targets(report)
     return report
 
@@ -204,7 +231,7 @@ def run_tags_bench(options: BenchOptions) -> dict[str, Any]:
     if options.threads:
         torch.set_num_threads(options.threads)
     device = resolve_device(options.device)
-    fast = fast_dtype(device) if options.dtype == "auto" else resolve_dtype(options.dtype, device)
+    fast = _fast_dtype(options, device)
     images = photos(options.images)
     naive_count = min(options.naive_images, len(images))
     log = _Log(options.progress)
@@ -396,7 +423,46 @@ def caption_agreement(outputs: Sequence[ImageOutput], reference: Sequence[ImageO
     return same / total if total else 1.0
 
 
-def through_stack(options: BenchOptions, dtype: torch.dtype, log: Callable[[str], None]) -> dict[str, Any]:
+def decision_agreement(options: BenchOptions, log: Callable[[str], None]) -> dict[str, Any]:
+    """How often the moderation policy decides the same with int8 as with float32, on the workload's photos.
+
+    Each dtype's engine runs the policy's own checks (caption, probes, texts) on every photo, and the
+    policy decides on each; reports the share of identical actions and of identical category verdicts.
+    """
+    from policies import decide, load_policies
+    from worker.runtime import image_request, model_outputs, roles_for
+
+    policy = load_policies([])[DECISION_POLICY]
+    needs = policy.requirements()
+    requests = [image_request(image, needs) for image in photos(options.images)]
+    decisions = {}
+    for dtype in ("float32", "int8"):
+        log(f"{DECISION_POLICY} decisions at {dtype}")
+        loaded = load_models(
+            options.models, roles_for(needs), cache_dir=options.cache_dir, device=options.device, dtype=dtype
+        )
+        engine = Engine(loaded, max_caption_tokens=CAPTION_TOKENS, max_batch=options.batch_size)
+        outputs = [
+            out
+            for start in range(0, len(requests), options.batch_size)
+            for out in engine.run(requests[start : start + options.batch_size])
+        ]
+        decisions[dtype] = [decide(policy, model_outputs(output)) for output in outputs]
+        del engine, loaded
+        gc.collect()
+    pairs = list(zip(decisions["int8"], decisions["float32"], strict=True))
+    verdicts = [
+        (low.categories[name].action, high.categories[name].action) for low, high in pairs for name in high.categories
+    ]
+    return {
+        "policy": DECISION_POLICY,
+        "decisions": len(pairs),
+        "decision_agreement": sum(low.action == high.action for low, high in pairs) / len(pairs),
+        "category_agreement": sum(a == b for a, b in verdicts) / len(verdicts) if verdicts else None,
+    }
+
+
+def through_stack(options: BenchOptions, dtype: torch.dtype | str, log: Callable[[str], None]) -> dict[str, Any]:
     """Jobs/s through the embedded stack (API, Redis, one worker, SQLite) against the engine alone.
 
     Both run the built-in moderation policy's checks on the same JPEG-encoded photos, at `dtype`, with
@@ -480,6 +546,10 @@ def format_report(report: dict[str, Any]) -> str:
     baseline = report["baseline"]
     rows = [("baseline", baseline), ("engine fp32", report["engine_fp32"]), ("engine fast", report["engine_fast"])]
     speedups = {"engine fp32": report["speedup_fp32"], "engine fast": report["speedup_fast"]}
+    int8 = report.get("engine_int8")
+    if int8:
+        rows.append(("engine int8", int8))
+        speedups["engine int8"] = _ratio(int8["images_per_s"], baseline["images_per_s"] if baseline else None)
     for label, run in rows:
         if run is None:
             lines.append(f"{label:<16}{'-':<10}{'skipped':>10}")
@@ -504,6 +574,14 @@ def format_report(report: dict[str, Any]) -> str:
         f"(mean {parity['mean_abs_score_diff_fast']:.4f}), caption tokens identical "
         f"{parity['caption_token_agreement_fast']:.1%}"
     )
+    if int8:
+        fidelity = int8["fidelity"]
+        lines.append(
+            f"int8 vs fp32: {report['speedup_int8_over_fast']:.2f}x the {report['engine_fast']['dtype']} engine; "
+            f"max |score diff| {fidelity['max_abs_score_diff']:.3f} (mean {fidelity['mean_abs_score_diff']:.4f}), "
+            f"caption tokens identical {fidelity['caption_token_agreement']:.1%}, {fidelity['policy']} decisions "
+            f"identical {fidelity['decision_agreement']:.1%} of {fidelity['decisions']}"
+        )
     lines.append(
         f"useful work {report['flops_per_image'] / 1e9:.0f} GFLOP/image; engine fast "
         f"{report['achieved_flops_fast'] / 1e9:.0f} GFLOP/s = {report['fraction_of_peak_fast']:.0%} of the "
@@ -526,6 +604,10 @@ def format_report(report: dict[str, Any]) -> str:
                 "images/s; per job in the worker: "
                 + ", ".join(f"{stage} {seconds * 1000:.0f} ms" for stage, seconds in per_job.items())
             )
+    if report.get("peers"):
+        from modtag.peers import format_peers
+
+        lines += format_peers(report["peers"])
     lines.append("")
     lines.append(
         "targets: "
@@ -620,7 +702,12 @@ def _baseline(
 
 
 def _engine_phase(
-    options: BenchOptions, requests: list[ImageRequest], dtype: torch.dtype, log: Callable[[str], None], *, count: bool
+    options: BenchOptions,
+    requests: list[ImageRequest],
+    dtype: torch.dtype | str,
+    log: Callable[[str], None],
+    *,
+    count: bool,
 ) -> tuple[dict[str, Any], list[ImageOutput], float]:
     models = _load(options, dtype)
     engine = Engine(
@@ -647,7 +734,7 @@ def _engine_phase(
         runs.append((time.perf_counter() - started, timed))
     seconds, best_outputs = min(runs, key=lambda run: run[0])
     stats = {
-        "dtype": _name(dtype),
+        "dtype": models.dtype_name,
         "images": len(requests),
         "batch_size": options.batch_size,
         "seconds": seconds,
@@ -657,6 +744,7 @@ def _engine_phase(
         "techniques": {
             "fused_attention": all(has_fused_attention(loaded.model) for loaded in models.models.values()),
             "packed_linear": all(has_packed_linear(loaded.model) for loaded in models.models.values()),
+            "int8_linear": all(has_int8_linear(loaded.model) for loaded in models.models.values()),
             "fast_decoding": engine.fast_decoding,
         },
     }
@@ -738,7 +826,7 @@ def _check(options: BenchOptions) -> None:
         raise ConfigError("bench: --tags and --through-stack are separate runs; pick one", code="bench_invalid")
 
 
-def _load(options: BenchOptions, dtype: torch.dtype) -> LoadedModels:
+def _load(options: BenchOptions, dtype: torch.dtype | str) -> LoadedModels:
     return load_models(options.models, ROLES, cache_dir=options.cache_dir, device=options.device, dtype=_name(dtype))
 
 
@@ -785,6 +873,11 @@ def _targets(report: dict[str, Any]) -> dict[str, bool | None]:
         "speedup_fast": None if report["speedup_fast"] is None else report["speedup_fast"] >= TARGET_SPEEDUP_FAST,
         "fraction_of_peak_fast": report["fraction_of_peak_fast"] >= TARGET_FRACTION_OF_PEAK,
         "through_stack": None if not stack else stack["ratio"] >= TARGET_STACK_RATIO,
+        "int8_over_fast": (
+            None
+            if report["speedup_int8_over_fast"] is None
+            else report["speedup_int8_over_fast"] >= TARGET_INT8_OVER_FAST
+        ),
     }
 
 
@@ -826,8 +919,15 @@ def _photos(count: int) -> str:
     return f"{count} photo" + ("" if count == 1 else "s")
 
 
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def _name(dtype: torch.dtype | str) -> str:
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+
+
+def _fast_dtype(options: BenchOptions, device: torch.device) -> torch.dtype:
+    """The float dtype of `engine_fast`; `int8` computes at the fast dtype around its int8 linear layers."""
+    if options.dtype in ("auto", "int8"):
+        return fast_dtype(device)
+    return resolve_dtype(options.dtype, device)
 
 
 def _sync(device: torch.device) -> None:

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=["auto", "float32", "bfloat16", "float16", "int8"],
         help="the fast dtype (auto: bf16 where the hardware computes it natively, fp16 on older GPUs)",
     )
     bench.add_argument("--batch-size", type=_positive_int, default=8, help="images per engine call (default 8)")
@@ -163,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--naive-images", type=_positive_int, default=1, help="with --tags: photos for ITM over every tag (default 1)"
+    )
+    bench.add_argument(
+        "--peers",
+        action="store_true",
+        help="also time the vision stage through OpenVINO and ONNX Runtime (pip install 'modtag[peers]')",
     )
     bench.add_argument("--json", action="store_true", help="print only the JSON report")
     bench.add_argument("--no-progress", action="store_true")
@@ -394,6 +399,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         progress=not args.no_progress,
         tags=args.tags,
         naive_images=args.naive_images,
+        peers=args.peers,
     )
     report = run_bench(options)
     if not args.json:

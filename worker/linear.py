@@ -38,11 +38,11 @@ def install_packed_linear(model: nn.Module) -> int:
     """
     installed = _pack_linears(model)
     for module in model.modules():
-        if isinstance(module, BlipMLP) and _is_exact_gelu(module.activation_fn) and hasattr(module.fc1, _PACKED):
+        if isinstance(module, BlipMLP) and is_exact_gelu(module.activation_fn) and hasattr(module.fc1, _PACKED):
             module.forward = types.MethodType(_fused_mlp, module)  # type: ignore[method-assign]
         elif (
             isinstance(module, BlipTextIntermediate)
-            and _is_exact_gelu(module.intermediate_act_fn)
+            and is_exact_gelu(module.intermediate_act_fn)
             and hasattr(module.dense, _PACKED)
         ):
             module.forward = types.MethodType(_fused_intermediate, module)  # type: ignore[method-assign]
@@ -82,7 +82,8 @@ _BATCH_HINT = 4096
 def _pack_linears(model: nn.Module) -> int:
     installed = 0
     for module in model.modules():
-        if type(module) is not nn.Linear or hasattr(module, _PACKED):
+        # A layer whose forward was replaced per instance already (int8, `worker/quant.py`) keeps it.
+        if type(module) is not nn.Linear or hasattr(module, _PACKED) or "forward" in module.__dict__:
             continue
         weight = module.weight
         if weight.device.type != "cpu" or weight.dtype not in _DTYPES or not packed_linear_available(weight.dtype):
@@ -129,5 +130,5 @@ def _fused_intermediate(self: BlipTextIntermediate, hidden_states: torch.Tensor)
     return _packed_linear(self.dense, hidden_states, "gelu")
 
 
-def _is_exact_gelu(activation: object) -> bool:
+def is_exact_gelu(activation: object) -> bool:
     return isinstance(activation, GELUActivation) and getattr(activation, "act", None) is functional.gelu

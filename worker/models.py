@@ -34,6 +34,7 @@ from transformers import (
 )
 
 from core.errors import ConfigError, ModelError
+from worker.quant import install_int8_linear, int8_linear_available
 from worker.wordlist import COMMON_WORDS, SUFFIX_PIECES
 
 Role = Literal["caption", "vqa", "itm"]
@@ -94,7 +95,8 @@ class LoadedModels:
 
     models: dict[Role, LoadedModel]
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # what activations, attention and norms compute in
+    int8: bool = False  # linear layers on int8 weights and dynamically quantized inputs (`worker/quant.py`)
 
     def __contains__(self, role: object) -> bool:
         return role in self.models
@@ -116,6 +118,11 @@ class LoadedModels:
         return any(loaded.info["random"] for loaded in self.models.values())
 
     @property
+    def dtype_name(self) -> str:
+        """The dtype a decision records: `int8` for int8 linear layers, else the compute dtype."""
+        return "int8" if self.int8 else _dtype_name(self.dtype)
+
+    @property
     def load_seconds(self) -> dict[Role, float]:
         return {role: loaded.load_seconds for role, loaded in self.models.items()}
 
@@ -124,7 +131,7 @@ class LoadedModels:
         return {
             "random": self.random,
             "device": str(self.device),
-            "dtype": _dtype_name(self.dtype),
+            "dtype": self.dtype_name,
             "roles": {role: dict(loaded.info) for role, loaded in self.models.items()},
         }
 
@@ -143,6 +150,9 @@ def load_models(
     Hub ids are looked up in the Hugging Face cache first and downloaded only if missing (never when
     `offline`). Raises ModelError (`model_unavailable`, `model_dir_incomplete`, `model_invalid`) or
     ConfigError (unknown preset, role, device or dtype).
+
+    `int8` (CPUs only) loads at the fast dtype (bf16 where the CPU computes it) and then quantizes every
+    linear layer (`worker/quant.py`); the rest of the models computes at that dtype.
     """
     unknown = set(roles) - set(ROLES)
     if unknown:
@@ -152,9 +162,14 @@ def load_models(
     wanted: tuple[Role, ...] = tuple(role for role in ROLES if role in roles)
     sources = resolve_model_dirs(models, cache_dir, roles=wanted)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    loaded = {role: _load_role(role, sources[role], torch_device, torch_dtype, offline=offline) for role in wanted}
-    return LoadedModels(models=loaded, device=torch_device, dtype=torch_dtype)
+    int8 = dtype == "int8"
+    if int8:
+        _check_int8(torch_device)
+    torch_dtype = fast_dtype(torch_device) if int8 else resolve_dtype(dtype, torch_device)
+    loaded = {
+        role: _load_role(role, sources[role], torch_device, torch_dtype, offline=offline, int8=int8) for role in wanted
+    }
+    return LoadedModels(models=loaded, device=torch_device, dtype=torch_dtype, int8=int8)
 
 
 def resolve_model_dirs(
@@ -252,7 +267,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     try:
         return _DTYPES[dtype]
     except KeyError:
-        raise ConfigError(f"dtype {dtype!r} is not one of auto, {', '.join(_DTYPES)}", code="dtype_invalid") from None
+        raise ConfigError(
+            f"dtype {dtype!r} is not one of auto, {', '.join(_DTYPES)}, int8", code="dtype_invalid"
+        ) from None
 
 
 def fast_dtype(device: torch.device) -> torch.dtype:
@@ -276,8 +293,20 @@ _ENC_TOKEN = "[ENC]"
 _PUNCTUATION = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
 
 
+def _check_int8(device: torch.device) -> None:
+    if device.type != "cpu":
+        raise ConfigError(
+            f"dtype int8 runs on CPUs only, not on {device}; use bfloat16 or float16 there", code="dtype_unsupported"
+        )
+    if not int8_linear_available():
+        raise ConfigError(
+            "dtype int8 needs PyTorch's oneDNN int8 linear kernels, which this build lacks; use bfloat16 or float32",
+            code="dtype_unsupported",
+        )
+
+
 def _load_role(
-    role: Role, source: str | Path, device: torch.device, dtype: torch.dtype, *, offline: bool
+    role: Role, source: str | Path, device: torch.device, dtype: torch.dtype, *, offline: bool, int8: bool = False
 ) -> LoadedModel:
     started = time.perf_counter()
     local = isinstance(source, Path)
@@ -296,12 +325,14 @@ def _load_role(
     _check_complete(role, source, model, loading_info)
     model.to(device)  # type: ignore[arg-type]  # transformers wraps Module.to, which confuses mypy
     model.eval()
+    if int8:
+        install_int8_linear(model)
     random = local and (Path(source) / RANDOM_MARKER).is_file()
     info: dict[str, Any] = {
         "role": role,
         "source": str(source),
         "random": random,
-        "dtype": _dtype_name(dtype),
+        "dtype": "int8" if int8 else _dtype_name(dtype),
         "device": str(device),
     }
     return LoadedModel(

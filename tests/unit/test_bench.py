@@ -14,11 +14,12 @@ import torch
 from torch.nn import functional
 
 from core.errors import ConfigError
-from modtag import bench
+from modtag import bench, peers
 from modtag.bench import BenchOptions, count_flops, format_report, run_bench
 from modtag.cli import main
 from worker.engine import ImageOutput
 from worker.linear import install_packed_linear
+from worker.quant import int8_linear_available
 
 # The keys the issue promises to scripts comparing runs.
 REQUIRED_KEYS = [
@@ -189,6 +190,7 @@ def test_command_prints_only_json(
     assert printed["parity"]["max_abs_score_diff_fast"] == 0.0  # the fp32 run is the fast run
     assert printed["peak_flops_fast"] == 1e9
     assert printed["targets"]["speedup_fast"] is None
+    assert printed["peers"] is None  # only with --peers
 
 
 @pytest.fixture(scope="module")
@@ -307,3 +309,41 @@ def test_the_stack_profile_is_the_difference_of_two_scrapes() -> None:
     assert profile["engine_images_per_s_in_stack"] == pytest.approx(16 / 24)
     assert profile["worker_s_per_job"]["decode"] == pytest.approx(0.02)
     assert profile["worker_s_per_job"]["store"] == 0.0
+
+
+@pytest.mark.skipif(not int8_linear_available(), reason="this PyTorch has no oneDNN int8 linear kernels")
+def test_int8_engine_is_reported_with_its_fidelity(report: dict[str, Any]) -> None:
+    int8 = report["engine_int8"]
+    assert int8["dtype"] == "int8" and int8["techniques"]["int8_linear"] is True
+    assert int8["images_per_s"] > 0
+    assert report["speedup_int8_over_fast"] == pytest.approx(
+        int8["images_per_s"] / report["engine_fast"]["images_per_s"]
+    )
+    fidelity = int8["fidelity"]
+    # Close to float32 on the tiny models, not equal (measured: max 0.08, mean 0.015).
+    assert 0 < fidelity["max_abs_score_diff"] < 0.3 and fidelity["mean_abs_score_diff"] < 0.05
+    assert 0.0 <= fidelity["caption_token_agreement"] <= 1.0
+    assert fidelity["policy"] == "moderation" and fidelity["decisions"] == 3
+    assert 0.0 <= fidelity["decision_agreement"] <= 1.0 and 0.0 <= fidelity["category_agreement"] <= 1.0
+    assert report["targets"]["int8_over_fast"] is (report["speedup_int8_over_fast"] >= bench.TARGET_INT8_OVER_FAST)
+    assert "int8 vs fp32:" in format_report(report)
+
+
+def test_without_peers_the_report_says_how_to_install_them(
+    tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Runtimes that no environment has: the real import check, whatever this one has installed.
+    monkeypatch.setattr(peers, "PEERS", ("modtag_no_such_runtime",))
+    result = peers.peers_bench("tiny-random", tiny_models_dir.parent, "cpu", 2, 1, lambda _: None)
+    assert result["ms_per_image"] == {} and result["installed"] == []
+    assert peers.format_peers(result) == [peers.INSTALL_HINT]
+    assert "pip install 'modtag[peers]'" in peers.INSTALL_HINT
+
+
+@pytest.mark.skipif(not peers.installed_peers(), reason="neither openvino nor onnxruntime is installed (modtag[peers])")
+def test_peers_time_the_same_vision_stage(tiny_models_dir: Path) -> None:
+    result = peers.peers_bench("tiny-random", tiny_models_dir.parent, "cpu", 2, 1, lambda _: None)
+    assert "modtag float32" in result["ms_per_image"]
+    for peer in result["installed"]:
+        assert peer in result["errors"] or any(name.startswith(peer) for name in result["ms_per_image"])
+    assert all(ms > 0 for ms in result["ms_per_image"].values())
