@@ -18,13 +18,14 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 from fastapi import Depends, Header, Request, Response, status
 from pydantic import BaseModel
 from sqlmodel import Session
 from starlette.datastructures import FormData, UploadFile
 
+from api.auth import Submitter
 from api.bodies import (
     JSON_SLACK_BYTES,
     MULTIPART_SLACK_BYTES,
@@ -36,7 +37,7 @@ from api.bodies import (
     strict_json,
     validate_body,
 )
-from api.deps import Services, SettingsDep, resolve_policy
+from api.deps import Services, ServicesDep, SessionDep, SettingsDep, resolve_policy
 from api.errors import error_responses
 from api.schemas import MAX_DESCRIPTION_CHARS, MAX_TITLE_CHARS, JobRequest, ListingRequest
 from core.broker import enqueue_job
@@ -46,6 +47,7 @@ from core.jobs import NewJob, create_job, find_by_idempotency_key
 from core.listings import NewListing, create_listing, find_listing_by_idempotency_key, listing_context
 from core.metrics import JOBS_SUBMITTED
 from core.principals import Principal
+from core.public import JobPublic, ListingPublic
 from core.settings import Settings
 from core.tables import Job, Listing
 from core.urls import validate_image_url
@@ -65,6 +67,12 @@ Record = TypeVar("Record", Job, Listing)
 @dataclass(frozen=True)
 class Submission(ABC, Generic[Record]):
     """Photos to judge against a policy, as read off the wire: sizes capped, nothing else validated yet."""
+
+    # How the route documents itself: the answer's model, both request bodies, the replayed answer's description.
+    public: ClassVar[type[BaseModel]]
+    form: ClassVar[dict[str, Any]]
+    json_body: ClassVar[type[BaseModel]]
+    replayed: ClassVar[str]
 
     policy: str
     uploads: list[bytes]
@@ -113,6 +121,29 @@ class Accepted(Generic[Record]):
             response.headers["Idempotent-Replayed"] = "true"
 
 
+@dataclass(frozen=True)
+class Intake:
+    """What a submission route needs besides its body: who submits, the Idempotency-Key, where the records go."""
+
+    principal: Principal
+    idempotency_key: str | None
+    services: Services
+    session: Session
+    response: Response
+
+    def accept(self, submission: Submission[Record], collection: str) -> Accepted[Record]:
+        """`accept` the submission, answered 202 (200 when replayed) with its Location under `collection`."""
+        accepted = accept(
+            submission,
+            principal=self.principal,
+            idempotency_key=self.idempotency_key,
+            services=self.services,
+            session=self.session,
+        )
+        accepted.answer(self.response, f"{collection}/{accepted.record.id}")
+        return accepted
+
+
 def accept(
     submission: Submission[Record],
     *,
@@ -156,6 +187,19 @@ def accept(
 class JobSubmission(Submission[Job]):
     """`POST /v1/jobs`: one image (an upload or an `image_url`) and an optional JSON context."""
 
+    public = JobPublic
+    form = {
+        "type": "object",
+        "required": ["image"],
+        "properties": {
+            "image": {"type": "string", "format": "binary", "description": "JPEG, PNG, WebP, GIF..."},
+            "policy": {"type": "string", "default": "moderation"},
+            "context": {"type": "string", "description": "A JSON object, e.g. the listing's title and attributes."},
+            "callback_url": {"type": "string", "format": "uri"},
+        },
+    }
+    json_body = JobRequest
+    replayed = "A job with this Idempotency-Key already exists; it is returned."
     context: Any = None  # multipart: the JSON text; JSON body: the parsed value
     context_is_text: bool = False
 
@@ -201,6 +245,21 @@ class JobSubmission(Submission[Job]):
 class ListingSubmission(Submission[Listing]):
     """`POST /v1/listings`: a listing's photos with its title, description and attributes."""
 
+    public = ListingPublic
+    form = {
+        "type": "object",
+        "required": ["images", "title"],
+        "properties": {
+            "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "description": "The photos."},
+            "title": {"type": "string"},
+            "description": {"type": "string"},
+            "attributes": {"type": "string", "description": 'A JSON object, e.g. {"color": "red", "count": 2}.'},
+            "policy": {"type": "string", "default": "listing"},
+            "callback_url": {"type": "string", "format": "uri"},
+        },
+    }
+    json_body = ListingRequest
+    replayed = "A listing with this Idempotency-Key already exists."
     title: Any = None
     description: Any = None
     attributes: Any = None  # multipart: the JSON text; JSON body: the parsed value
@@ -258,21 +317,19 @@ class ListingSubmission(Submission[Listing]):
         return create_listing(session, listing, photos)
 
 
-def submission_route(
-    public: type[BaseModel], *, multipart: dict[str, Any], json_body: type[BaseModel], replayed: str
-) -> dict[str, Any]:
-    """The `router.post` arguments of a submission route: 202 (200 `replayed`), and both request bodies documented
-    (the body is read by hand, so FastAPI cannot infer them)."""
+def submission_route(kind: type[Submission[Any]]) -> dict[str, Any]:
+    """The `router.post` arguments of a submission route: 202 (200 when replayed), and both request bodies
+    documented (the body is read by hand, so FastAPI cannot infer them)."""
     content = {
-        "multipart/form-data": {"schema": multipart},
-        "application/json": {"schema": json_body.model_json_schema()},
+        "multipart/form-data": {"schema": kind.form},
+        "application/json": {"schema": kind.json_body.model_json_schema()},
     }
     return {
         "status_code": status.HTTP_202_ACCEPTED,
-        "response_model": public,
+        "response_model": kind.public,
         "openapi_extra": {"requestBody": {"required": True, "content": content}},
         "responses": {
-            200: {"model": public, "description": replayed},
+            200: {"model": kind.public, "description": kind.replayed},
             **error_responses(400, 401, 403, 404, 413, 415, 422),
         },
     }
@@ -293,6 +350,17 @@ def idempotency_key(
             code="invalid_idempotency_key",
         )
     return key
+
+
+def read_intake(
+    principal: Submitter,  # first: the body is not read for a caller who may not submit
+    idempotency_key: IdempotencyKeyDep,
+    services: ServicesDep,
+    session: SessionDep,
+    response: Response,
+) -> Intake:
+    """A submission route's first dependency: the role check runs before its body is read."""
+    return Intake(principal, idempotency_key, services, session, response)
 
 
 async def read_job_submission(request: Request, settings: SettingsDep) -> JobSubmission:
@@ -434,6 +502,7 @@ def check_url(url: str, field: str) -> str:
 JobSubmissionDep = Annotated[JobSubmission, Depends(read_job_submission)]
 ListingSubmissionDep = Annotated[ListingSubmission, Depends(read_listing_submission)]
 IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key)]
+IntakeDep = Annotated[Intake, Depends(read_intake)]
 
 
 def _sniff(data: bytes, limits: ImageLimits, label: str | None) -> ImageHeader:

@@ -15,6 +15,18 @@ class ModtagError(Exception):
     http_status: int = 500
     retryable: bool = False
 
+    def __init_subclass__(
+        cls, *, code: str | None = None, http_status: int | None = None, retryable: bool | None = None
+    ) -> None:
+        # The class statement is the table row: each kind of error is one line below, not three.
+        super().__init_subclass__()
+        if code is not None:
+            cls.code = code
+        if http_status is not None:
+            cls.http_status = http_status
+        if retryable is not None:
+            cls.retryable = retryable
+
     def __init__(self, message: str, *, code: str | None = None, http_status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -30,44 +42,35 @@ class ModtagError(Exception):
         return f"{self.message} ({self.code})"
 
 
-class BadRequest(ModtagError):
-    code = "bad_request"
-    http_status = 400
+class BadRequest(ModtagError, code="bad_request", http_status=400):
+    """The request cannot be read."""
 
 
-class NotFound(ModtagError):
-    code = "not_found"
-    http_status = 404
+class NotFound(ModtagError, code="not_found", http_status=404):
+    """No such record."""
 
 
-class InvalidField(ModtagError):
-    code = "invalid_field"
-    http_status = 422
+class InvalidField(ModtagError, code="invalid_field", http_status=422):
+    """A field of the request has a value that is not allowed."""
 
 
-class PayloadTooLarge(ModtagError):
-    code = "payload_too_large"
-    http_status = 413
+class PayloadTooLarge(ModtagError, code="payload_too_large", http_status=413):
+    """The request body is larger than the limit."""
 
 
-class ImageError(ModtagError):
+class ImageError(ModtagError, code="image_invalid", http_status=415):
     """The image cannot be used: empty, not an image, truncated, too big, a decompression bomb...
 
     Permanent: the same bytes will fail the same way, so the worker never retries it.
     """
 
-    code = "image_invalid"
-    http_status = 415
 
-
-class FetchError(ModtagError):
+class FetchError(ModtagError, code="fetch_failed", http_status=422):
     """An `image_url` could not be fetched (refused address, timeout, too large, HTTP error).
 
     Timeouts, refused connections and 5xx/429 answers may pass: those are retried by the worker.
     """
 
-    code = "fetch_failed"
-    http_status = 422
     _TRANSIENT_CODES = frozenset({"fetch_timeout", "fetch_connect"})
 
     def __init__(self, message: str, *, code: str | None = None, http_status: int | None = None) -> None:
@@ -75,66 +78,40 @@ class FetchError(ModtagError):
         self.retryable = self.code in self._TRANSIENT_CODES
 
 
-class PolicyError(ModtagError):
+class PolicyError(ModtagError, code="policy_invalid", http_status=422):
     """A policy file is invalid or a policy name is unknown."""
 
-    code = "policy_invalid"
-    http_status = 422
 
-
-class ConfigError(ModtagError):
+class ConfigError(ModtagError, code="config_invalid", http_status=500):
     """A setting or a command-line argument is wrong; raised before anything starts."""
 
-    code = "config_invalid"
-    http_status = 500
 
-
-class ModelError(ModtagError):
+class ModelError(ModtagError, code="model_unavailable", http_status=503):
     """Model weights cannot be found or loaded."""
 
-    code = "model_unavailable"
-    http_status = 503
+
+class NotReady(ModtagError, code="not_ready", http_status=503):
+    """A dependency the request needs is not ready yet."""
 
 
-class NotReady(ModtagError):
-    code = "not_ready"
-    http_status = 503
-
-
-class TransientError(ModtagError):
+class TransientError(ModtagError, code="transient", http_status=503, retryable=True):
     """Something outside the job failed (database, broker, out of memory): retrying may succeed."""
 
-    code = "transient"
-    http_status = 503
-    retryable = True
 
-
-class AuthError(ModtagError):
+class AuthError(ModtagError, code="auth_required", http_status=401):
     """No key, a wrong key or a revoked key (401); `code` says which."""
 
-    code = "auth_required"
-    http_status = 401
 
-
-class Forbidden(ModtagError):
+class Forbidden(ModtagError, code="forbidden", http_status=403):
     """A valid key whose role does not allow this (403)."""
 
-    code = "forbidden"
-    http_status = 403
 
-
-class Conflict(ModtagError):
+class Conflict(ModtagError, code="conflict", http_status=409):
     """The record is not in a state that allows this (a review item claimed by someone else, already resolved...)."""
 
-    code = "conflict"
-    http_status = 409
 
-
-class TooManyFailures(ModtagError):
+class TooManyFailures(ModtagError, code="too_many_failures", http_status=429):
     """Too many failed key checks from one client address (429); `retry_after_s` says when to try again."""
-
-    code = "too_many_failures"
-    http_status = 429
 
     def __init__(self, message: str, *, retry_after_s: int) -> None:
         super().__init__(message)

@@ -35,6 +35,31 @@ def new_id() -> str:
 ID_PATTERN = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 
 
+# Column factories for what many tables share. Each call makes a new Column: SQLAlchemy binds a Column to one table.
+def _id_field() -> Any:
+    return Field(default_factory=new_id, primary_key=True, max_length=32)
+
+
+def _now_field() -> Any:
+    """A timestamp (with time zone), now when the row is made, never null."""
+    return Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+def _moment_field() -> Any:
+    """A timestamp (with time zone) that stays null until the moment happens."""
+    return Field(default=None, sa_column=Column(DateTime(timezone=True)))
+
+
+def _json_field(empty: type[dict[str, Any]] | type[list[Any]]) -> Any:
+    """A JSON document that is never null: `empty` (dict or list) until one is written."""
+    return Field(default_factory=empty, sa_column=Column(JSON, nullable=False))
+
+
+def _idempotency_key_unique(table: str) -> UniqueConstraint:
+    """One record per (tenant, Idempotency-Key): a retried submission finds the first one."""
+    return UniqueConstraint("tenant", "idempotency_key", name=f"uq_{table}_tenant_idempotency_key")
+
+
 class JobStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -51,11 +76,11 @@ class Job(SQLModel, table=True):
 
     __tablename__ = "jobs"
     __table_args__ = (
-        UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
+        _idempotency_key_unique("jobs"),
         Index("ix_jobs_status_updated_at", "status", "updated_at"),
     )
 
-    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    id: str = _id_field()
     tenant: str = Field(default="default", max_length=64, index=True)
     status: str = Field(default=JobStatus.QUEUED, max_length=16)
     policy: str = Field(max_length=64)
@@ -78,10 +103,10 @@ class Job(SQLModel, table=True):
     submitted_by: str | None = Field(default=None, max_length=32)  # the API key's id; None for unauthenticated
     listing_id: str | None = Field(default=None, max_length=32, index=True)  # listings.id (no FK: see 0003)
     listing_index: int | None = None  # the photo's 0-based position in its listing
-    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
-    updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
-    started_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
-    finished_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    created_at: datetime = _now_field()
+    updated_at: datetime = _now_field()
+    started_at: datetime | None = _moment_field()
+    finished_at: datetime | None = _moment_field()
 
 
 class Decision(SQLModel, table=True):
@@ -90,19 +115,19 @@ class Decision(SQLModel, table=True):
     __tablename__ = "decisions"
     __table_args__ = (Index("ix_decisions_decided_at_id", "decided_at", "id"),)
 
-    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    id: str = _id_field()
     job_id: str = Field(foreign_key="jobs.id", unique=True, max_length=32)
     tenant: str = Field(default="default", max_length=64, index=True)
     action: str = Field(max_length=16, index=True)
     policy: str = Field(max_length=64, index=True)
     policy_version: str = Field(max_length=64)
     caption: str | None = Field(default=None, max_length=2000)
-    categories: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    evidence: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
-    tags: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
-    models: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    categories: dict[str, Any] = _json_field(dict)
+    evidence: list[dict[str, Any]] = _json_field(list)
+    tags: list[dict[str, Any]] = _json_field(list)
+    models: dict[str, Any] = _json_field(dict)
     duration_ms: float = 0.0
-    decided_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    decided_at: datetime = _now_field()
     reason: str | None = Field(default=None, max_length=2000)  # which category and check decided, as a sentence
     # Claims of the job's context the photo contradicts (listing policies): [{category, field, claimed, seen, score}].
     contradictions: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON))
@@ -134,15 +159,15 @@ class ApiKey(SQLModel, table=True):
 
     __tablename__ = "api_keys"
 
-    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    id: str = _id_field()
     key_hash: str = Field(max_length=64, unique=True)
     prefix: str = Field(max_length=32)
     name: str = Field(max_length=128)
     role: str = Field(max_length=16)
     tenant: str = Field(max_length=64, index=True)
-    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
-    last_used_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
-    revoked_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    created_at: datetime = _now_field()
+    last_used_at: datetime | None = _moment_field()
+    revoked_at: datetime | None = _moment_field()
 
 
 class DashboardSession(SQLModel, table=True):
@@ -153,7 +178,7 @@ class DashboardSession(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=64)
     key_id: str = Field(foreign_key="api_keys.id", max_length=32, index=True)
     csrf_token: str = Field(max_length=64)
-    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    created_at: datetime = _now_field()
     expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
 
 
@@ -178,15 +203,15 @@ class ReviewItem(SQLModel, table=True):
     category: str | None = Field(default=None, max_length=64)  # the highest-scoring flagged category
     score: float = 0.0
     state: str = Field(default=ReviewState.OPEN, max_length=16)
-    queued_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    queued_at: datetime = _now_field()
     claimed_by: str | None = Field(default=None, max_length=32)
     claimed_by_name: str | None = Field(default=None, max_length=128)
-    claim_expires_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    claim_expires_at: datetime | None = _moment_field()
     resolution: str | None = Field(default=None, max_length=16)
     reason: str | None = Field(default=None, max_length=2000)
     resolved_by: str | None = Field(default=None, max_length=32)
     resolved_by_name: str | None = Field(default=None, max_length=128)
-    resolved_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    resolved_at: datetime | None = _moment_field()
     reopen_count: int = 0
 
 
@@ -204,7 +229,7 @@ class AuditEntry(SQLModel, table=True):
         default=None,
         sa_column=Column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True),
     )
-    at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    at: datetime = _now_field()
     tenant: str = Field(max_length=64)
     actor_key_id: str | None = Field(default=None, max_length=32)
     actor_name: str = Field(max_length=128)
@@ -221,24 +246,24 @@ class Listing(SQLModel, table=True):
 
     __tablename__ = "listings"
     __table_args__ = (
-        UniqueConstraint("tenant", "idempotency_key", name="uq_listings_tenant_idempotency_key"),
+        _idempotency_key_unique("listings"),
         Index("ix_listings_tenant_created_at", "tenant", "created_at"),
     )
 
-    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    id: str = _id_field()
     tenant: str = Field(default="default", max_length=64)
     policy: str = Field(max_length=64)
     policy_version: str | None = Field(default=None, max_length=64)
     title: str | None = Field(default=None, max_length=500)
     description: str | None = Field(default=None, sa_column=Column(Text))
-    attributes: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    attributes: dict[str, Any] = _json_field(dict)
     image_count: int = 0
     idempotency_key: str | None = Field(default=None, max_length=255)
     submitted_by: str | None = Field(default=None, max_length=32)
-    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    created_at: datetime = _now_field()
     callback_url: str | None = Field(default=None, max_length=2048)
     # Set by the one worker that claims the callback (see core.listings.listing_callback_due): at most one POST.
-    callback_sent_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    callback_sent_at: datetime | None = _moment_field()
 
 
 class ShadowDecision(SQLModel, table=True):
@@ -250,7 +275,7 @@ class ShadowDecision(SQLModel, table=True):
         Index("ix_shadow_decisions_active_policy_decided_at", "active_policy", "decided_at"),
     )
 
-    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    id: str = _id_field()
     job_id: str = Field(foreign_key="jobs.id", max_length=32, index=True)
     tenant: str = Field(default="default", max_length=64)
     policy: str = Field(max_length=64)  # the shadow policy
@@ -259,10 +284,10 @@ class ShadowDecision(SQLModel, table=True):
     active_version: str = Field(max_length=64)
     active_action: str = Field(max_length=16)
     action: str | None = Field(default=None, max_length=16)  # None when the shadow could not decide (error_code)
-    categories: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    evidence: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
-    tags: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    categories: dict[str, Any] = _json_field(dict)
+    evidence: list[dict[str, Any]] = _json_field(list)
+    tags: list[dict[str, Any]] = _json_field(list)
     reason: str | None = Field(default=None, max_length=2000)
     error_code: str | None = Field(default=None, max_length=64)
     error_message: str | None = Field(default=None, max_length=2000)
-    decided_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    decided_at: datetime = _now_field()

@@ -8,9 +8,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from core.errors import InvalidField, ModtagError
 
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED_JOBS, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+Number = TypeVar("Number", int, float)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -248,10 +249,7 @@ def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
     progress = not args.no_progress and not args.json
     with _api_client(args, settings, timeout_s=60) as client:
         results = scan(client, files, policy=args.policy, timeout_s=args.timeout, progress=progress)
-    if args.json:
-        print(to_json(results))
-    else:
-        print_table(results, sys.stdout)
+    _print_report(args.json, lambda: to_json(results), lambda out: print_table(results, out))
     return EXIT_FAILED_JOBS if any(r.failed for r in results) else EXIT_OK
 
 
@@ -331,10 +329,7 @@ def cmd_policy_replay(args: argparse.Namespace, settings: Settings) -> int:
     report = replay_policy(
         policy, settings, since=since, until=until, target=args.target, tenant=args.tenant, limit=args.limit
     )
-    if args.json:
-        print(replay_json(report))
-    else:
-        print_replay(report, sys.stdout, all_jobs=args.all)
+    _print_report(args.json, lambda: replay_json(report), lambda out: print_replay(report, out, all_jobs=args.all))
     return EXIT_OK
 
 
@@ -345,10 +340,7 @@ def cmd_policy_test(args: argparse.Namespace, settings: Settings) -> int:
 
     policy = load_policy(args.file)
     results = run_cases(policy, args.cases, settings)
-    if args.json:
-        print(cases_json(results))
-    else:
-        print_cases(results, sys.stdout)
+    _print_report(args.json, lambda: cases_json(results), lambda out: print_cases(results, out))
     return EXIT_OK if all(result.passed for result in results) else EXIT_FAILED_JOBS
 
 
@@ -371,10 +363,11 @@ def cmd_listing_check(args: argparse.Namespace, settings: Settings) -> int:
     }
     with _api_client(args, settings, timeout_s=120) as client:
         listing = check_listing(client, args.images, **options)
-    if args.json:
-        print(json.dumps(listing, indent=2, sort_keys=True))
-    else:
-        print_listing(listing, args.images, sys.stdout)
+    _print_report(
+        args.json,
+        lambda: json.dumps(listing, indent=2, sort_keys=True),
+        lambda out: print_listing(listing, args.images, out),
+    )
     return EXIT_FAILED_JOBS if listing_failed(listing) else EXIT_OK
 
 
@@ -519,6 +512,14 @@ def _api_client(args: argparse.Namespace, settings: Settings, *, timeout_s: floa
         yield client
 
 
+def _print_report(as_json: bool, json_text: Callable[[], str], table: Callable[[TextIO], None]) -> None:
+    """A command's result: JSON with `--json`, else the table a person reads."""
+    if as_json:
+        print(json_text())
+    else:
+        table(sys.stdout)
+
+
 def _install_stop_signals() -> Any:
     import threading
 
@@ -532,31 +533,25 @@ def _install_stop_signals() -> Any:
     return stop
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1 or value > 256:
-        raise argparse.ArgumentTypeError(f"{value} is out of range (1 to 256)")
-    return value
+def _bounded(
+    convert: Callable[[str], Number], what: str, within: Callable[[Number], bool], refusal: str
+) -> Callable[[str], Number]:
+    """An argparse `type`: `convert` the text (refused as not `what`), then refuse a value outside `within`.
+
+    `refusal` is formatted with the `value` and the `text` as typed."""
+
+    def parse(text: str) -> Number:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not within(value):
+            raise argparse.ArgumentTypeError(refusal.format(value=value, text=text))
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be above 0")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a port (0 to 65535)")
-    return value
+_positive_int = _bounded(int, "a whole number", lambda value: 1 <= value <= 256, "{value} is out of range (1 to 256)")
+_positive_float = _bounded(float, "a number", lambda value: value > 0, "{text} must be above 0")
+_port = _bounded(int, "a port number", lambda value: 0 <= value <= 65535, "{value} is not a port (0 to 65535)")

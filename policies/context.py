@@ -8,6 +8,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from policies.problems import TypeWords, type_in_words
+
 CONTEXT_FIELDS = ("title", "description", "attributes.<name>")
 # BLIP's ITM head was trained on COCO-style captions (about 10-15 words); past ~35 word pieces a
 # text is far outside that, and English averages ~1.3 pieces per word: 24 words stay under 35.
@@ -21,6 +23,7 @@ _LINE = re.compile(r"[\r\n]+")
 _BULLET = re.compile(r"^\s*(?:[•·▪*-]|\d{1,2}[.)])\s+")
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\s+[•·▪]\s+")
 _CLAUSE_END = re.compile(r"(?<=[,:])\s+")
+_JSON_WORDS: TypeWords = ((list, "a list"), (Mapping, "an object"), (bool, "a boolean"))
 
 
 def check_context_path(path: str) -> str:
@@ -105,10 +108,4 @@ def _raise(message: str) -> str:
 
 
 def _json_type(value: object) -> str:
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, Mapping):
-        return "an object"
-    if isinstance(value, bool):
-        return "a boolean"
-    return type(value).__name__
+    return type_in_words(value, _JSON_WORDS, type(value).__name__)

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from core.errors import PolicyError
-from policies.problems import Loc, PolicyProblems, format_location
+from policies.problems import Loc, PolicyProblems, TypeWords, format_location, type_in_words
 
 MAX_FILE_BYTES = 1 << 20  # 1 MiB: a real policy is a few KiB
 MAX_NODES = 50_000  # counted with aliases expanded, so an alias bomb stops here
@@ -26,6 +26,14 @@ YAML_SUFFIXES = (".yaml", ".yml")
 # The members of a tagged union by tag (the check kinds): pydantic puts the tag into error locations.
 Tagged = Mapping[str, type[BaseModel]]
 _UNTAGGED: Tagged = MappingProxyType({})
+_YAML_WORDS: TypeWords = (
+    (list, "a list"),
+    (dict, "a mapping"),
+    (str, "a string"),
+    (bool, "a boolean"),
+    ((int, float), "a number"),
+    (type(None), "empty (null)"),
+)
 
 
 def unique_dirs(dirs: Sequence[Path]) -> list[Path]:
@@ -361,17 +369,7 @@ def _shown(value: Any) -> str:
 
 
 def yaml_type(value: Any) -> str:
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return "empty (null)" if value is None else f"a {type(value).__name__}"
+    return type_in_words(value, _YAML_WORDS, f"a {type(value).__name__}")
 
 
 def _scalar(node: yaml.Node) -> str | None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 Loc = tuple[str | int, ...]
+TypeWords = Sequence[tuple[type | tuple[type, ...], str]]
 
 
 class PolicyProblems(ValueError):
@@ -23,3 +26,10 @@ def format_location(loc: Loc) -> str:
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(top level)"
+
+
+def type_in_words(value: object, words: TypeWords, otherwise: str) -> str:
+    """How an error names what `value` is: the words of the first type it is an instance of, else `otherwise`.
+
+    Order counts: bool is an int, so a table that names both lists bool first."""
+    return next((said for kinds, said in words if isinstance(value, kinds)), otherwise)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from api.auth import Reader, Submitter
+from api.auth import Reader
 from api.deps import ServicesDep, SessionDep
 from api.errors import error_responses
-from api.schemas import JobRequest
-from api.submissions import IdempotencyKeyDep, JobSubmissionDep, accept, submission_route
+from api.submissions import IntakeDep, JobSubmission, JobSubmissionDep, submission_route
 from api.thumbnails import thumbnail_response
 from core.jobs import get_decision, tenant_job
 from core.public import JobPublic
@@ -16,44 +15,15 @@ from core.review import get_item
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-_MULTIPART_SCHEMA = {
-    "type": "object",
-    "required": ["image"],
-    "properties": {
-        "image": {"type": "string", "format": "binary", "description": "JPEG, PNG, WebP, GIF..."},
-        "policy": {"type": "string", "default": "moderation"},
-        "context": {"type": "string", "description": "A JSON object, e.g. the listing's title and attributes."},
-        "callback_url": {"type": "string", "format": "uri"},
-    },
-}
 
-
-@router.post(
-    "",
-    **submission_route(
-        JobPublic,
-        multipart=_MULTIPART_SCHEMA,
-        json_body=JobRequest,
-        replayed="A job with this Idempotency-Key already exists; it is returned.",
-    ),
-)
-def submit_job(
-    principal: Submitter,  # first: the body is not read for a caller who may not submit
-    idempotency_key: IdempotencyKeyDep,
-    submission: JobSubmissionDep,
-    services: ServicesDep,
-    session: SessionDep,
-    response: Response,
-) -> JobPublic:
+@router.post("", **submission_route(JobSubmission))
+def submit_job(intake: IntakeDep, submission: JobSubmissionDep) -> JobPublic:
     """Submit an image (multipart upload or JSON `image_url`) to be judged against a policy (role submit)."""
-    accepted = accept(
-        submission, principal=principal, idempotency_key=idempotency_key, services=services, session=session
-    )
+    accepted = intake.accept(submission, "/v1/jobs")
     job = accepted.record
-    accepted.answer(response, f"/v1/jobs/{job.id}")
     if accepted.created:
         return JobPublic.from_row(job, None)
-    return JobPublic.from_row(job, get_decision(session, job.id), get_item(session, job.id, job.tenant))
+    return JobPublic.from_row(job, get_decision(intake.session, job.id), get_item(intake.session, job.id, job.tenant))
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=error_responses(401, 403, 404, 422))

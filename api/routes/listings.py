@@ -6,13 +6,12 @@ judged exactly as `POST /v1/jobs` would judge it; the listing adds the verdict t
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter
 
-from api.auth import Reader, Submitter
-from api.deps import ServicesDep, SessionDep
+from api.auth import Reader
+from api.deps import SessionDep
 from api.errors import error_responses
-from api.schemas import ListingRequest
-from api.submissions import IdempotencyKeyDep, ListingSubmissionDep, accept, submission_route
+from api.submissions import IntakeDep, ListingSubmission, ListingSubmissionDep, submission_route
 from core.errors import NotFound
 from core.listings import get_listing, listing_jobs
 from core.public import ListingPublic
@@ -21,45 +20,14 @@ from policies.listing import listing_public
 
 router = APIRouter(prefix="/v1/listings", tags=["listings"])
 
-_MULTIPART_SCHEMA = {
-    "type": "object",
-    "required": ["images", "title"],
-    "properties": {
-        "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "description": "The photos."},
-        "title": {"type": "string"},
-        "description": {"type": "string"},
-        "attributes": {"type": "string", "description": 'A JSON object, e.g. {"color": "red", "count": 2}.'},
-        "policy": {"type": "string", "default": "listing"},
-        "callback_url": {"type": "string", "format": "uri"},
-    },
-}
 
-
-@router.post(
-    "",
-    **submission_route(
-        ListingPublic,
-        multipart=_MULTIPART_SCHEMA,
-        json_body=ListingRequest,
-        replayed="A listing with this Idempotency-Key already exists.",
-    ),
-)
-def submit_listing(
-    principal: Submitter,  # first: the body is not read for a caller who may not submit
-    idempotency_key: IdempotencyKeyDep,
-    submission: ListingSubmissionDep,
-    services: ServicesDep,
-    session: SessionDep,
-    response: Response,
-) -> ListingPublic:
+@router.post("", **submission_route(ListingSubmission))
+def submit_listing(intake: IntakeDep, submission: ListingSubmissionDep) -> ListingPublic:
     """Submit a listing's photos with its title, description and attributes: one job per photo (role submit)."""
-    accepted = accept(
-        submission, principal=principal, idempotency_key=idempotency_key, services=services, session=session
-    )
-    listing = accepted.record
-    accepted.answer(response, f"/v1/listings/{listing.id}")
-    rows = [(job, None) for job in accepted.jobs] if accepted.created else listing_jobs(session, listing.id)
-    return listing_public(listing, rows)
+    accepted = intake.accept(submission, "/v1/listings")
+    if accepted.created:
+        return listing_public(accepted.record, [(job, None) for job in accepted.jobs])
+    return listing_public(accepted.record, listing_jobs(intake.session, accepted.record.id))
 
 
 @router.get("/{listing_id}", response_model=ListingPublic, responses=error_responses(401, 403, 404, 422))

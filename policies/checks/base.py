@@ -90,6 +90,13 @@ class BaseCheck(StrictModel):
         """An evidence entry of this check."""
         return Evidence(category=category, kind=self.kind, text=self.label, weight=self.weight, **values)
 
+    def labelled_output(self, outputs: Mapping[str, float], what: str) -> float:
+        """The probability the models gave for this check's label (`what` names it in errors); MissingOutput if none."""
+        value = outputs.get(self.label)
+        if value is None:
+            raise MissingOutput(f"{self.kind} {self.label!r}")
+        return probability(value, f"the {what} {self.label!r}")
+
 
 def scored(value: float, negate: bool) -> float:
     """A model's number as a check score: rounded, and turned around when the check is negated."""

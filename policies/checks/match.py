@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from policies.checks.base import BaseCheck, MissingOutput, probability, scored
+from policies.checks.base import BaseCheck, scored
 from policies.fields import Text
 from policies.outputs import Evidence, ModelOutputs
 from policies.requirements import RequirementsBuilder
@@ -25,10 +25,7 @@ class MatchCheck(BaseCheck):
         needs.text(self.text)
 
     def evidence(self, category: str, outputs: ModelOutputs, context: Mapping[str, Any] | None) -> Evidence:
-        p_match = outputs.matches.get(self.text)
-        if p_match is None:
-            raise MissingOutput(f"match {self.text!r}")
-        return self.entry(category, score=scored(probability(p_match, f"the match text {self.text!r}"), False))
+        return self.entry(category, score=scored(self.labelled_output(outputs.matches, "match text"), False))
 
     @classmethod
     def replay(cls, entry: Mapping[str, Any], score: float) -> ModelOutputs:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from policies.checks.base import BaseCheck, MissingOutput, probability, scored
+from policies.checks.base import BaseCheck, scored
 from policies.fields import Text
 from policies.outputs import Evidence, ModelOutputs
 from policies.requirements import RequirementsBuilder
@@ -26,10 +26,7 @@ class ProbeCheck(BaseCheck):
         needs.probe(self.question)
 
     def evidence(self, category: str, outputs: ModelOutputs, context: Mapping[str, Any] | None) -> Evidence:
-        p_yes = outputs.probes.get(self.question)
-        if p_yes is None:
-            raise MissingOutput(f"probe {self.question!r}")
-        p_yes = probability(p_yes, f"the probe {self.question!r}")
+        p_yes = self.labelled_output(outputs.probes, "probe")
         return self.entry(category, score=scored(p_yes, self.negate), negate=self.negate)
 
     @classmethod

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.support.api import admin_key
-from tests.support.deployment import Deployment, submit, wait_final
+from tests.support.deployment import Deployment, child_env, submit, wait_final
 from tests.support.photos import photo_bytes
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
@@ -80,18 +80,14 @@ def stack(tmp_path: Path, redis_url: str, models_cache: Path) -> Iterator[Deploy
     policies.mkdir()
     (policies / "review-all.yaml").write_text(REVIEW_ALL_POLICY)
     database_url = f"sqlite:///{tmp_path / 'modtag.db'}"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MODTAG_")},
-        "MODTAG_DATA_DIR": str(tmp_path / "data"),
-        "MODTAG_DATABASE_URL": database_url,
-        "MODTAG_REDIS_URL": redis_url,
-        "MODTAG_MODELS": "tiny-random",
-        "MODTAG_MODELS_CACHE_DIR": str(models_cache),
-        "MODTAG_POLICIES_DIR": str(policies),
-        "MODTAG_WORKER_METRICS_PORT": "0",
-        "MODTAG_BATCH_WAIT_MS": "5",
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = child_env(
+        tmp_path,
+        inherited={k: v for k, v in os.environ.items() if not k.startswith("MODTAG_")},
+        database_url=database_url,
+        redis_url=redis_url,
+        models_cache=models_cache,
+        MODTAG_POLICIES_DIR=str(policies),
+    )
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     deployment = Deployment(env=env, log_dir=log_dir, key=admin_key(database_url, name="Ada (admin)"))

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.support.api import Api, admin_key, api_settings, running_api
-from tests.support.deployment import Deployment
+from tests.support.deployment import Deployment, child_env
 from tests.support.photos import encoded_photos
 from tests.support.receiver import receiver
 from tests.support.servers import reset_postgres
@@ -48,18 +48,14 @@ def api(
 @pytest.fixture
 def deployment(tmp_path: Path, redis_url: str, database_url: str, models_cache: Path) -> Iterator[Deployment]:
     """Settings for the child processes a test starts (`start_api`, `start_worker`); they are stopped after it."""
-    env = {
-        **os.environ,
-        "MODTAG_DATA_DIR": str(tmp_path / "data"),
-        "MODTAG_DATABASE_URL": database_url,
-        "MODTAG_REDIS_URL": redis_url,
-        "MODTAG_MODELS": "tiny-random",
-        "MODTAG_MODELS_CACHE_DIR": str(models_cache),
-        "MODTAG_WORKER_METRICS_PORT": "0",
-        "MODTAG_FETCH_ALLOW_PRIVATE": "true",
-        "MODTAG_BATCH_WAIT_MS": "5",
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = child_env(
+        tmp_path,
+        inherited=os.environ,
+        database_url=database_url,
+        redis_url=redis_url,
+        models_cache=models_cache,
+        MODTAG_FETCH_ALLOW_PRIVATE="true",
+    )
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     deployment = Deployment(env=env, log_dir=log_dir, key=admin_key(database_url))

@@ -26,10 +26,11 @@ from sqlmodel import select
 from api.app import create_app
 from core.blobs import LocalBlobStore
 from core.db import session_scope
-from core.jobs import NewJob, claim_job, create_job, get_job, store_decision
+from core.jobs import claim_job, get_job, store_decision
 from core.tables import Decision, Job
 from modtag.servers import free_port
 from tests.support.api import Api, api_settings, assert_error, raw_http, running_api
+from tests.support.jobs import claimed_url_job
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -115,19 +116,19 @@ def multipart_body(fields: dict[str, str], image: bytes, boundary: str = "modtag
 def decide(db_url: str, policy: str, action: str, categories: dict[str, Any], decided_at: datetime) -> str:
     """A done job with a stored decision, written through the same repository the worker uses."""
     with session_scope(db_url) as session:
-        job, _ = create_job(
+        claimed = claimed_url_job(
             session,
-            NewJob(
-                tenant="default", policy=policy, policy_version="v1", source="url", image_url="https://x.test/a.jpg"
-            ),
+            tenant="default",
+            policy=policy,
+            policy_version="v1",
+            image_url="https://x.test/a.jpg",
+            worker="test-worker",
         )
-        claimed = claim_job(session, job.id, "test-worker", 60)
-        assert claimed is not None
         decision = store_decision(
             session,
             claimed,
             Decision(
-                job_id=job.id,
+                job_id=claimed.id,
                 action=action,
                 policy=policy,
                 policy_version="v1",

@@ -15,11 +15,12 @@ from PIL import Image
 from sqlmodel import col, select
 
 from core.db import session_scope
-from core.jobs import NewJob, claim_job, create_job, store_decision
+from core.jobs import store_decision
 from core.queues import Queue
 from core.tables import Decision, Job, Listing, ShadowDecision
 from tests.support import waiting
 from tests.support.api import Api, admin_key, assert_error
+from tests.support.jobs import claimed_url_job
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -209,13 +210,10 @@ def test_shadow_agreement_counts_what_the_shadow_would_have_done(api: Api) -> No
 def seed_shadow(db_url: str, tenant: str, active: str, shadowed: str | None) -> None:
     """A done moderation job with its decision and a shadow decision, stored as the worker stores them."""
     with session_scope(db_url) as session:
-        job, _ = create_job(
-            session,
-            NewJob(tenant=tenant, policy="moderation", policy_version="v", source="url", image_url="https://x/a"),
+        claimed = claimed_url_job(
+            session, tenant=tenant, policy="moderation", policy_version="v", image_url="https://x/a", worker="w"
         )
-        claimed = claim_job(session, job.id, "w", 60)
-        assert claimed is not None
-        decision = Decision(job_id=job.id, action=active, policy="moderation", policy_version="v")
+        decision = Decision(job_id=claimed.id, action=active, policy="moderation", policy_version="v")
         shadow = ShadowDecision(
             job_id="", policy="moderation-next", policy_version="s1", active_policy="moderation",
             active_version="v", active_action=active, action=shadowed,
@@ -252,12 +250,9 @@ def wait_for(api: Api, path: str, condition: Callable[[dict[str, Any]], bool], t
 
 def test_decisions_show_reasons_and_contradictions(api: Api) -> None:
     with session_scope(api.db_url) as session:
-        job, _ = create_job(
-            session,
-            NewJob(tenant="default", policy="listing", policy_version="v", source="url", image_url="https://x/a"),
+        claimed = claimed_url_job(
+            session, tenant="default", policy="listing", policy_version="v", image_url="https://x/a", worker="w"
         )
-        claimed = claim_job(session, job.id, "w", 60)
-        assert claimed is not None
         contradiction = {
             "category": "color_mismatch",
             "field": "attributes.color",
@@ -269,7 +264,7 @@ def test_decisions_show_reasons_and_contradictions(api: Api) -> None:
             session,
             claimed,
             Decision(
-                job_id=job.id,
+                job_id=claimed.id,
                 action="review",
                 policy="listing",
                 policy_version="v",
@@ -277,5 +272,5 @@ def test_decisions_show_reasons_and_contradictions(api: Api) -> None:
                 contradictions=[contradiction],
             ),
         )
-    decision = api.client.get(f"/v1/jobs/{job.id}").json()["decision"]
+    decision = api.client.get(f"/v1/jobs/{claimed.id}").json()["decision"]
     assert decision["contradictions"] == [contradiction] and decision["reason"].startswith("review by")

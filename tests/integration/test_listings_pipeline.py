@@ -15,21 +15,11 @@ from modtag.cli import main
 from policies import load_policy
 from tests.support.deployment import Deployment, submit, wait_final, wait_listing
 from tests.support.photos import photo_bytes
+from tests.support.policies import gun_shadow
 
 pytestmark = pytest.mark.timeout(300)
 
-SHADOW = """\
-name: moderation-next
-description: A candidate for moderation, watched before it is switched on.
-shadows: moderation
-categories:
-  - name: weapons
-    description: Guns.
-    review: 0.0
-    checks:
-      - kind: probe
-        question: is there a gun in the picture?
-"""
+SHADOW = gun_shadow("A candidate for moderation, watched before it is switched on.")
 
 
 def shadow_rows(deployment: Deployment) -> list[ShadowDecision]:

@@ -20,23 +20,13 @@ from core.tables import Decision, ShadowDecision
 from modtag.cli import main
 from policies import builtin_dir, load_policy
 from tests.support.photos import photo_bytes
+from tests.support.policies import gun_shadow
 from worker.replay import replay_policy, run_cases
 from worker.runtime import WorkerRuntime
 
 pytestmark = pytest.mark.timeout(300)
 
-SHADOW = """\
-name: moderation-next
-description: A candidate that flags anything a little gun-like.
-shadows: moderation
-categories:
-  - name: weapons
-    description: Guns.
-    review: 0.0
-    checks:
-      - kind: probe
-        question: is there a gun in the picture?
-"""
+SHADOW = gun_shadow("A candidate that flags anything a little gun-like.")
 PHOTOS = ("astronaut", "chelsea", "coffee")
 
 

@@ -19,12 +19,13 @@ from core import review
 from core.auth import authenticate, create_key, hash_key
 from core.db import get_engine, session_scope
 from core.errors import AuthError, Conflict, NotFound
-from core.jobs import NewJob, claim_job, create_job, store_decision
+from core.jobs import claim_job, store_decision
 from core.principals import Principal, cli_principal
 from core.public import ReviewItemPublic
 from core.settings import get_settings
 from core.tables import ApiKey, AuditEntry, Decision, ReviewItem, Role, utcnow
 from modtag.cli import main
+from tests.support.jobs import claimed_url_job
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,17 +42,19 @@ def reviewer(name: str, tenant: str = "default") -> Principal:
 
 def decided(database_url: str, action: str = "review", tenant: str = "default") -> str:
     with session_scope(database_url) as session:
-        job, _ = create_job(
+        claimed = claimed_url_job(
             session,
-            NewJob(tenant=tenant, policy="moderation", policy_version="v1", source="url", image_url="https://x.test/a"),
+            tenant=tenant,
+            policy="moderation",
+            policy_version="v1",
+            image_url="https://x.test/a",
+            worker="worker",
         )
-        claimed = claim_job(session, job.id, "worker", 60)
-        assert claimed is not None
         decision = Decision(
-            job_id=job.id, action=action, policy="moderation", policy_version="v1", categories=CATEGORIES
+            job_id=claimed.id, action=action, policy="moderation", policy_version="v1", categories=CATEGORIES
         )
         store_decision(session, claimed, decision)
-        return job.id
+        return claimed.id
 
 
 def test_a_review_decision_enters_the_queue_once(database_url: str) -> None:

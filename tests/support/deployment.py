@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +119,31 @@ class Deployment:
         process = subprocess.Popen([sys.executable, "-m", "modtag", *args], env=env, stdout=log, stderr=log)
         self.processes.append(process)
         return process
+
+
+def child_env(
+    tmp_path: Path,
+    *,
+    inherited: Mapping[str, str],
+    database_url: str,
+    redis_url: str,
+    models_cache: Path,
+    **extra: str,
+) -> dict[str, str]:
+    """The environment of a test deployment's children: `inherited`, the settings every test deployment shares
+    (tiny random models, blobs under `tmp_path`, a 5 ms batch wait, no worker metrics port), then `extra`."""
+    return {
+        **inherited,
+        "MODTAG_DATA_DIR": str(tmp_path / "data"),
+        "MODTAG_DATABASE_URL": database_url,
+        "MODTAG_REDIS_URL": redis_url,
+        "MODTAG_MODELS": "tiny-random",
+        "MODTAG_MODELS_CACHE_DIR": str(models_cache),
+        "MODTAG_WORKER_METRICS_PORT": "0",
+        "MODTAG_BATCH_WAIT_MS": "5",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
 
 
 def submit(deployment: Deployment, data: bytes, name: str = "photo.jpg", **fields: str) -> dict[str, Any]:

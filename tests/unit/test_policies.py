@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from policies import (
     load_policy,
     load_policy_text,
 )
+from tests.support.policies import failure, load, policy_with
 
 CASES = Path(__file__).parent / "policy_cases"
 
@@ -44,34 +44,6 @@ categories:
       - kind: probe
         question: is there a gun in the picture?
 """
-
-
-def load(text: str, source: str = "p.yaml") -> Policy:
-    return load_policy_text(textwrap.dedent(text), source)
-
-
-def failure(text: str, source: str = "p.yaml") -> PolicyError:
-    with pytest.raises(PolicyError) as caught:
-        load(text, source)
-    return caught.value
-
-
-def policy_with(checks: str, combine: str = "max", review: str = "0.5", block: str = "0.9") -> Policy:
-    """A one-category policy with the given checks (YAML list items, indented by 6)."""
-    return load(
-        f"""\
-name: t
-description: d
-categories:
-  - name: c
-    description: d
-    combine: {combine}
-    review: {review}
-    block: {block}
-    checks:
-{textwrap.indent(textwrap.dedent(checks), "      ")}
-"""
-    )
 
 
 def decide(policy: Policy, **outputs: object) -> tuple[str, float]:

@@ -28,40 +28,17 @@ from policies import (
     evaluate,
     load_policies,
     load_policy,
-    load_policy_text,
     load_taxonomies,
 )
 from policies.context import MAX_CHUNK_WORDS, context_value, text_chunks
 from policies.listing import ListingImage, listing_verdict
 from policies.registry import PolicyRegistry
 from policies.replay import missing_requirements, outputs_from_evidence
-
-
-def load(text: str, source: str = "p.yaml") -> Policy:
-    return load_policy_text(textwrap.dedent(text), source)
-
-
-def failure(text: str, source: str = "p.yaml") -> PolicyError:
-    with pytest.raises(PolicyError) as caught:
-        load(text, source)
-    return caught.value
+from tests.support.policies import failure, load, policy_with
 
 
 def one_check(check: str, *, review: str = "0.5", block: str = "null", combine: str = "max") -> Policy:
-    return load(
-        f"""\
-name: t
-description: d
-categories:
-  - name: c
-    description: d
-    combine: {combine}
-    review: {review}
-    block: {block}
-    checks:
-{textwrap.indent(textwrap.dedent(check), "      ")}
-"""
-    )
+    return policy_with(check, combine=combine, review=review, block=block)
 
 
 COLOURS = """\

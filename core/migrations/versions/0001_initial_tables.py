@@ -1,48 +1,47 @@
-"""initial tables
-
-Revision ID: 0001
-Revises:
-Create Date: 2026-11-25
-"""
+"""initial tables."""
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
 
+from core.migrations.columns import columns
+
 revision = "0001"
 down_revision = None
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
     op.create_table(
         "jobs",
-        sa.Column("id", sa.String(length=32), nullable=False),
-        sa.Column("tenant", sa.String(length=64), nullable=False),
-        sa.Column("status", sa.String(length=16), nullable=False),
-        sa.Column("policy", sa.String(length=64), nullable=False),
-        sa.Column("policy_version", sa.String(length=64), nullable=True),
-        sa.Column("source", sa.String(length=8), nullable=False),
-        sa.Column("image_url", sa.String(length=2048), nullable=True),
-        sa.Column("blob_key", sa.String(length=128), nullable=True),
-        sa.Column("image_sha256", sa.String(length=64), nullable=True),
-        sa.Column("image_bytes", sa.Integer(), nullable=True),
-        sa.Column("image_width", sa.Integer(), nullable=True),
-        sa.Column("image_height", sa.Integer(), nullable=True),
-        sa.Column("image_format", sa.String(length=16), nullable=True),
-        sa.Column("context", sa.JSON(), nullable=True),
-        sa.Column("callback_url", sa.String(length=2048), nullable=True),
-        sa.Column("idempotency_key", sa.String(length=255), nullable=True),
-        sa.Column("attempts", sa.Integer(), nullable=False),
-        sa.Column("error_code", sa.String(length=64), nullable=True),
-        sa.Column("error_message", sa.String(length=2000), nullable=True),
-        sa.Column("worker", sa.String(length=255), nullable=True),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        *columns(
+            """
+            id               varchar(32)
+            tenant           varchar(64)
+            status           varchar(16)
+            policy           varchar(64)
+            policy_version   varchar(64)    null
+            source           varchar(8)
+            image_url        varchar(2048)  null
+            blob_key         varchar(128)   null
+            image_sha256     varchar(64)    null
+            image_bytes      integer        null
+            image_width      integer        null
+            image_height     integer        null
+            image_format     varchar(16)    null
+            context          json           null
+            callback_url     varchar(2048)  null
+            idempotency_key  varchar(255)   null
+            attempts         integer
+            error_code       varchar(64)    null
+            error_message    varchar(2000)  null
+            worker           varchar(255)   null
+            created_at       timestamptz
+            updated_at       timestamptz
+            started_at       timestamptz    null
+            finished_at      timestamptz    null
+            """
+        ),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
     )
@@ -52,19 +51,23 @@ def upgrade() -> None:
 
     op.create_table(
         "decisions",
-        sa.Column("id", sa.String(length=32), nullable=False),
-        sa.Column("job_id", sa.String(length=32), nullable=False),
-        sa.Column("tenant", sa.String(length=64), nullable=False),
-        sa.Column("action", sa.String(length=16), nullable=False),
-        sa.Column("policy", sa.String(length=64), nullable=False),
-        sa.Column("policy_version", sa.String(length=64), nullable=False),
-        sa.Column("caption", sa.String(length=2000), nullable=True),
-        sa.Column("categories", sa.JSON(), nullable=False),
-        sa.Column("evidence", sa.JSON(), nullable=False),
-        sa.Column("tags", sa.JSON(), nullable=False),
-        sa.Column("models", sa.JSON(), nullable=False),
-        sa.Column("duration_ms", sa.Float(), nullable=False),
-        sa.Column("decided_at", sa.DateTime(timezone=True), nullable=False),
+        *columns(
+            """
+            id              varchar(32)
+            job_id          varchar(32)
+            tenant          varchar(64)
+            action          varchar(16)
+            policy          varchar(64)
+            policy_version  varchar(64)
+            caption         varchar(2000)  null
+            categories      json
+            evidence        json
+            tags            json
+            models          json
+            duration_ms     float
+            decided_at      timestamptz
+            """
+        ),
         sa.ForeignKeyConstraint(
             ["job_id"],
             ["jobs.id"],
@@ -80,11 +83,15 @@ def upgrade() -> None:
 
     op.create_table(
         "decision_categories",
-        sa.Column("decision_id", sa.String(length=32), nullable=False),
-        sa.Column("category", sa.String(length=64), nullable=False),
-        sa.Column("score", sa.Float(), nullable=False),
-        sa.Column("action", sa.String(length=16), nullable=False),
-        sa.Column("fired", sa.Boolean(), nullable=False),
+        *columns(
+            """
+            decision_id  varchar(32)
+            category     varchar(64)
+            score        float
+            action       varchar(16)
+            fired        boolean
+            """
+        ),
         sa.ForeignKeyConstraint(
             ["decision_id"],
             ["decisions.id"],

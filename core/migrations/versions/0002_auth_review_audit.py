@@ -1,19 +1,14 @@
-"""API keys, dashboard sessions, the review queue and the audit log
-
-Revision ID: 0002
-Revises: 0001
-Create Date: 2026-11-27
-"""
+"""API keys, dashboard sessions, the review queue and the audit log."""
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
 
+from core.migrations.columns import columns
+
 revision = "0002"
 down_revision = "0001"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
@@ -22,15 +17,19 @@ def upgrade() -> None:
 
     op.create_table(
         "api_keys",
-        sa.Column("id", sa.String(length=32), nullable=False),
-        sa.Column("key_hash", sa.String(length=64), nullable=False),
-        sa.Column("prefix", sa.String(length=32), nullable=False),
-        sa.Column("name", sa.String(length=128), nullable=False),
-        sa.Column("role", sa.String(length=16), nullable=False),
-        sa.Column("tenant", sa.String(length=64), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+        *columns(
+            """
+            id            varchar(32)
+            key_hash      varchar(64)
+            prefix        varchar(32)
+            name          varchar(128)
+            role          varchar(16)
+            tenant        varchar(64)
+            created_at    timestamptz
+            last_used_at  timestamptz   null
+            revoked_at    timestamptz   null
+            """
+        ),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("key_hash"),
     )
@@ -39,11 +38,15 @@ def upgrade() -> None:
 
     op.create_table(
         "dashboard_sessions",
-        sa.Column("id", sa.String(length=64), nullable=False),
-        sa.Column("key_id", sa.String(length=32), nullable=False),
-        sa.Column("csrf_token", sa.String(length=64), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+        *columns(
+            """
+            id          varchar(64)
+            key_id      varchar(32)
+            csrf_token  varchar(64)
+            created_at  timestamptz
+            expires_at  timestamptz
+            """
+        ),
         sa.ForeignKeyConstraint(["key_id"], ["api_keys.id"]),
         sa.PrimaryKeyConstraint("id"),
     )
@@ -52,23 +55,27 @@ def upgrade() -> None:
 
     op.create_table(
         "review_items",
-        sa.Column("job_id", sa.String(length=32), nullable=False),
-        sa.Column("decision_id", sa.String(length=32), nullable=False),
-        sa.Column("tenant", sa.String(length=64), nullable=False),
-        sa.Column("policy", sa.String(length=64), nullable=False),
-        sa.Column("category", sa.String(length=64), nullable=True),
-        sa.Column("score", sa.Float(), nullable=False),
-        sa.Column("state", sa.String(length=16), nullable=False),
-        sa.Column("queued_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("claimed_by", sa.String(length=32), nullable=True),
-        sa.Column("claimed_by_name", sa.String(length=128), nullable=True),
-        sa.Column("claim_expires_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("resolution", sa.String(length=16), nullable=True),
-        sa.Column("reason", sa.String(length=2000), nullable=True),
-        sa.Column("resolved_by", sa.String(length=32), nullable=True),
-        sa.Column("resolved_by_name", sa.String(length=128), nullable=True),
-        sa.Column("resolved_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("reopen_count", sa.Integer(), nullable=False),
+        *columns(
+            """
+            job_id            varchar(32)
+            decision_id       varchar(32)
+            tenant            varchar(64)
+            policy            varchar(64)
+            category          varchar(64)    null
+            score             float
+            state             varchar(16)
+            queued_at         timestamptz
+            claimed_by        varchar(32)    null
+            claimed_by_name   varchar(128)   null
+            claim_expires_at  timestamptz    null
+            resolution        varchar(16)    null
+            reason            varchar(2000)  null
+            resolved_by       varchar(32)    null
+            resolved_by_name  varchar(128)   null
+            resolved_at       timestamptz    null
+            reopen_count      integer
+            """
+        ),
         sa.ForeignKeyConstraint(["decision_id"], ["decisions.id"]),
         sa.ForeignKeyConstraint(["job_id"], ["jobs.id"]),
         sa.PrimaryKeyConstraint("job_id"),
@@ -80,17 +87,21 @@ def upgrade() -> None:
 
     op.create_table(
         "audit_log",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
-        sa.Column("at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("tenant", sa.String(length=64), nullable=False),
-        sa.Column("actor_key_id", sa.String(length=32), nullable=True),
-        sa.Column("actor_name", sa.String(length=128), nullable=False),
-        sa.Column("actor_role", sa.String(length=16), nullable=True),
-        sa.Column("action", sa.String(length=64), nullable=False),
-        sa.Column("target_type", sa.String(length=32), nullable=False),
-        sa.Column("target_id", sa.String(length=64), nullable=False),
-        sa.Column("before", sa.JSON(), nullable=True),
-        sa.Column("after", sa.JSON(), nullable=True),
+        *columns(
+            """
+            id            bigserial
+            at            timestamptz
+            tenant        varchar(64)
+            actor_key_id  varchar(32)   null
+            actor_name    varchar(128)
+            actor_role    varchar(16)   null
+            action        varchar(64)
+            target_type   varchar(32)
+            target_id     varchar(64)
+            before        json          null
+            after         json          null
+            """
+        ),
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("audit_log", schema=None) as batch_op:

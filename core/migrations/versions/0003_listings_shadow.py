@@ -1,35 +1,34 @@
-"""Listings (one job per photo), shadow decisions, and a decision's reason and contradictions
-
-Revision ID: 0003
-Revises: 0002
-Create Date: 2026-11-28
-"""
+"""Listings (one job per photo), shadow decisions, and a decision's reason and contradictions."""
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
 
+from core.migrations.columns import columns
+
 revision = "0003"
 down_revision = "0002"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
     op.create_table(
         "listings",
-        sa.Column("id", sa.String(length=32), nullable=False),
-        sa.Column("tenant", sa.String(length=64), nullable=False),
-        sa.Column("policy", sa.String(length=64), nullable=False),
-        sa.Column("policy_version", sa.String(length=64), nullable=True),
-        sa.Column("title", sa.String(length=500), nullable=True),
-        sa.Column("description", sa.Text(), nullable=True),
-        sa.Column("attributes", sa.JSON(), nullable=False),
-        sa.Column("image_count", sa.Integer(), nullable=False),
-        sa.Column("idempotency_key", sa.String(length=255), nullable=True),
-        sa.Column("submitted_by", sa.String(length=32), nullable=True),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        *columns(
+            """
+            id               varchar(32)
+            tenant           varchar(64)
+            policy           varchar(64)
+            policy_version   varchar(64)   null
+            title            varchar(500)  null
+            description      text          null
+            attributes       json
+            image_count      integer
+            idempotency_key  varchar(255)  null
+            submitted_by     varchar(32)   null
+            created_at       timestamptz
+            """
+        ),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("tenant", "idempotency_key", name="uq_listings_tenant_idempotency_key"),
     )
@@ -47,22 +46,26 @@ def upgrade() -> None:
 
     op.create_table(
         "shadow_decisions",
-        sa.Column("id", sa.String(length=32), nullable=False),
-        sa.Column("job_id", sa.String(length=32), nullable=False),
-        sa.Column("tenant", sa.String(length=64), nullable=False),
-        sa.Column("policy", sa.String(length=64), nullable=False),
-        sa.Column("policy_version", sa.String(length=64), nullable=False),
-        sa.Column("active_policy", sa.String(length=64), nullable=False),
-        sa.Column("active_version", sa.String(length=64), nullable=False),
-        sa.Column("active_action", sa.String(length=16), nullable=False),
-        sa.Column("action", sa.String(length=16), nullable=True),
-        sa.Column("categories", sa.JSON(), nullable=False),
-        sa.Column("evidence", sa.JSON(), nullable=False),
-        sa.Column("tags", sa.JSON(), nullable=False),
-        sa.Column("reason", sa.String(length=2000), nullable=True),
-        sa.Column("error_code", sa.String(length=64), nullable=True),
-        sa.Column("error_message", sa.String(length=2000), nullable=True),
-        sa.Column("decided_at", sa.DateTime(timezone=True), nullable=False),
+        *columns(
+            """
+            id              varchar(32)
+            job_id          varchar(32)
+            tenant          varchar(64)
+            policy          varchar(64)
+            policy_version  varchar(64)
+            active_policy   varchar(64)
+            active_version  varchar(64)
+            active_action   varchar(16)
+            action          varchar(16)    null
+            categories      json
+            evidence        json
+            tags            json
+            reason          varchar(2000)  null
+            error_code      varchar(64)    null
+            error_message   varchar(2000)  null
+            decided_at      timestamptz
+            """
+        ),
         sa.ForeignKeyConstraint(["job_id"], ["jobs.id"]),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("job_id", "policy", name="uq_shadow_decisions_job_policy"),

@@ -1,9 +1,4 @@
-"""A listing's callback: where to POST the listing once every photo is final, and when that was claimed
-
-Revision ID: 0004
-Revises: 0003
-Create Date: 2026-11-25
-"""
+"""A listing's callback: where to POST the listing once every photo is final, and when that was claimed."""
 
 from __future__ import annotations
 
@@ -12,8 +7,6 @@ from alembic import op
 
 revision = "0004"
 down_revision = "0003"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
