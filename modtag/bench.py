@@ -430,7 +430,7 @@ def decision_agreement(options: BenchOptions, log: Callable[[str], None]) -> dic
     policy decides on each; reports the share of identical actions and of identical category verdicts.
     """
     from policies import decide, load_policies
-    from worker.runtime import image_request, model_outputs, roles_for
+    from worker.adapter import image_request, model_outputs, roles_for
 
     policy = load_policies([])[DECISION_POLICY]
     needs = policy.requirements()
