@@ -20,7 +20,7 @@ from core.errors import Conflict, InvalidField, NotFound
 from core.hashes import PDQ_MIN_QUALITY, BankMatch, ImageHashes
 from core.pdqindex import PdqIndex
 from core.principals import Principal
-from core.tables import ID_PATTERN, Bank, BankItem
+from core.tables import ID_PATTERN, Bank, BankItem, Job
 
 BANK_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 MAX_IMPORT_ITEMS = 100_000  # one request's worth; larger lists go in several imports
@@ -101,6 +101,13 @@ def add_items(session: Session, actor: Principal, bank: Bank, items: Sequence[Ne
     _bump(session, bank)
     session.commit()
     return rows
+
+
+def job_item(job: Job, note: str) -> NewBankItem:
+    """A job's image as a bank item (its hashes as the worker recorded them); 409 when it has none yet."""
+    if not job.image_sha256:
+        raise Conflict("this job's image has no hashes yet (no worker has read it)", code="job_not_hashed")
+    return NewBankItem(sha256=job.image_sha256, pdq=job.pdq, pdq_quality=job.pdq_quality, note=note[:2000])
 
 
 def get_item(session: Session, bank: Bank, item_id: str) -> BankItem:
