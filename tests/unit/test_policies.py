@@ -592,7 +592,7 @@ def test_requirements_are_deduplicated_in_first_seen_order() -> None:
         (
             "unknown_kind.yaml",
             "policy_invalid",
-            "unknown check kind 'ocr'; known kinds: attribute, caption, describe, match, probe, tags",
+            "unknown check kind 'ocr'; known kinds: attribute, caption, describe, hash, match, probe, tags",
         ),
     ],
 )
