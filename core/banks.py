@@ -188,7 +188,7 @@ def _find_bank(session: Session, tenant: str, name: str) -> Bank | None:
 
 def _bump(session: Session, bank: Bank) -> None:
     # In SQL, so two writers at once both count: the index is rebuilt after either.
-    session.exec(update(Bank).where(col(Bank.id) == bank.id).values(revision=Bank.revision + 1))  # type: ignore[call-overload]
+    session.execute(update(Bank).where(col(Bank.id) == bank.id).values(revision=col(Bank.revision) + 1))
 
 
 def _bank_record(bank: Bank) -> dict[str, object]:

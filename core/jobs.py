@@ -203,7 +203,8 @@ def reusable_decision(session: Session, job: Job, policy_version: str) -> Decisi
         .limit(_REUSE_CANDIDATES)
     ).all()
     for decision, earlier in rows:
-        if (earlier.context or None) == (job.context or None):
+        # A bank match decided without models: whether it still blocks is the bank's say now, never a copy's.
+        if decision.models and (earlier.context or None) == (job.context or None):
             return decision
     return None
 
