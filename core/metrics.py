@@ -62,7 +62,9 @@ DECISIONS_WITHOUT_MODELS = Counter(
     "earlier upload's decision)",
     ["policy", "how"],
 )
-ERASURES = Counter("modtag_erasures_total", "Jobs whose image and content were erased, by why (request, retention)", ["why"])
+ERASURES = Counter(
+    "modtag_erasures_total", "Jobs whose image and content were erased, by why (request, retention)", ["why"]
+)
 SHADOW_DECISIONS = Counter(
     "modtag_shadow_decisions_total",
     "Shadow policy decisions recorded beside an active decision, by whether they agreed (agree, disagree, error)",

@@ -78,7 +78,8 @@ class Settings(BaseSettings):
 
     # Known content and retention (core/banks.py, core/erasure.py).
     reuse_decisions: bool = Field(
-        default=True, description="Reuse the decision of an earlier job with the same bytes, context and policy version."
+        default=True,
+        description="Reuse the decision of an earlier job with the same bytes, context and policy version.",
     )
     retention_days: int | None = Field(
         default=None, gt=0, description="Erase the images and content of jobs older than this; unset keeps them."

@@ -75,9 +75,7 @@ def _epoch(session: Session, column: Any) -> Any:
     return func.extract("epoch", column)
 
 
-def reused_count(
-    session: Session, *, tenant: str, since: datetime, until: datetime, policy: str | None = None
-) -> int:
+def reused_count(session: Session, *, tenant: str, since: datetime, until: datetime, policy: str | None = None) -> int:
     """Decisions in the window copied from an earlier identical upload (no model ran for them)."""
     query = select(func.count()).where(
         Decision.tenant == tenant,

@@ -35,7 +35,7 @@ def read_hash_file(path: Path, kind: HashKind) -> list[dict[str, str]]:
                 if number == 1 and not items:
                     continue  # a header line
                 raise HashFileError(f"{path}:{number}: {cells[0][:80]!r} is not a {kind} hash (64 hex digits)")
-            item = {kind: cells[0].lower()}
+            item: dict[str, str] = {kind: cells[0].lower()}
             if len(cells) > 1 and cells[1]:
                 item["note"] = cells[1][:2000]
             items.append(item)

@@ -17,7 +17,9 @@ from core.hashes import DEFAULT_MAX_DISTANCE
 from core.pdqindex import PdqIndex
 
 
-def run_banks_bench(size: int, *, queries: int = 200, flips: int = 24, repeat: int = 3, seed: int = 0) -> dict[str, Any]:
+def run_banks_bench(
+    size: int, *, queries: int = 200, flips: int = 24, repeat: int = 3, seed: int = 0
+) -> dict[str, Any]:
     """Build an index of `size` random hashes and time `queries` lookups (half near copies, half strangers)."""
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, size=(size, 32), dtype=np.uint8)

@@ -127,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     banks_sub = banks_cmd.add_subparsers(dest="banks_command", required=True, metavar="ACTION")
     bank_import = banks_sub.add_parser("import", help="add a CSV list of PDQ or SHA-256 hashes to a bank")
     bank_import.add_argument("name", metavar="NAME")
-    bank_import.add_argument("file", type=Path, metavar="FILE", help="one hash per line, optionally a note after a comma")
+    bank_import.add_argument(
+        "file", type=Path, metavar="FILE", help="one hash per line, optionally a note after a comma"
+    )
     bank_import.add_argument("--kind", choices=("pdq", "sha256"), default="pdq", help="what the hashes are (pdq)")
     bank_import.add_argument("--create", action="store_true", help="create the bank first (admin key)")
     bank_import.add_argument("--api", required=True, help="the API URL")

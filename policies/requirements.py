@@ -113,8 +113,8 @@ class RequirementsBuilder:
             self.answer(query)
         for tag_set in needs.tag_sets:
             self.tag_set(tag_set)
-        for query in needs.banks:
-            self.bank(query)
+        for bank in needs.banks:
+            self.bank(bank)
 
     def build(self) -> Requirements:
         return Requirements(

@@ -41,7 +41,9 @@ _ITEM_BODY = {
 }
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=BankPublic, responses=error_responses(401, 403, 409, 422))
+@router.post(
+    "", status_code=status.HTTP_201_CREATED, response_model=BankPublic, responses=error_responses(401, 403, 409, 422)
+)
 def create_bank(body: BankRequest, session: SessionDep, principal: BankCreator) -> BankPublic:
     """Create an empty hash bank in the caller's tenant (role admin)."""
     return BankPublic.from_row(banks.create_bank(session, principal, body.name, body.description), 0)
@@ -50,7 +52,9 @@ def create_bank(body: BankRequest, session: SessionDep, principal: BankCreator) 
 @router.get("", response_model=BankList, responses=error_responses(401, 403))
 def read_banks(session: SessionDep, principal: BankEditor) -> BankList:
     """The tenant's banks with their item counts (roles admin, review)."""
-    return BankList(data=[BankPublic.from_row(bank, count) for bank, count in banks.list_banks(session, principal.tenant)])
+    return BankList(
+        data=[BankPublic.from_row(bank, count) for bank, count in banks.list_banks(session, principal.tenant)]
+    )
 
 
 async def read_bank_item(request: Request, settings: SettingsDep) -> NewBankItem:
@@ -99,9 +103,14 @@ def add_bank_item(
 
 
 @router.post(
-    "/{name}/import", status_code=status.HTTP_201_CREATED, response_model=BankImport, responses=error_responses(401, 403, 404, 413, 422)
+    "/{name}/import",
+    status_code=status.HTTP_201_CREATED,
+    response_model=BankImport,
+    responses=error_responses(401, 403, 404, 413, 422),
 )
-def import_bank_items(name: BankName, body: BankImportRequest, session: SessionDep, principal: BankEditor) -> BankImport:
+def import_bank_items(
+    name: BankName, body: BankImportRequest, session: SessionDep, principal: BankEditor
+) -> BankImport:
     """Add many hashes at once, as trust-and-safety teams exchange them (roles admin, review)."""
     bank = banks.get_bank(session, principal.tenant, name)
     rows = banks.add_items(session, principal, bank, [_item(entry) for entry in body.items])

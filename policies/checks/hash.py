@@ -61,7 +61,9 @@ class HashCheck(BaseCheck):
         item = entry.get("matched")
         if score <= 0 or item is None or not isinstance(distance, (int, float)):
             return ModelOutputs(banks={bank: BankMatch(bank)})
-        return ModelOutputs(banks={bank: BankMatch(bank, item=str(item), distance=int(distance), by=entry.get("field"))})
+        return ModelOutputs(
+            banks={bank: BankMatch(bank, item=str(item), distance=int(distance), by=entry.get("field"))}
+        )
 
     @classmethod
     def explain(cls, entry: Evidence) -> str:

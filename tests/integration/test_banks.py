@@ -9,7 +9,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from core.auth import create_key
 from core.blobs import LocalBlobStore
@@ -120,4 +119,3 @@ def test_banks_reuse_erasure_and_retention(deployment: Deployment) -> None:
     assert sweep_retention(deployment.env["MODTAG_DATABASE_URL"], blobs, 30, now=later) == 4
     assert client.job(copy["id"])["erased_at"] is not None
     assert not blob_exists(deployment, copy["hashes"]["sha256"])
-
