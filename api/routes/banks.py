@@ -117,7 +117,7 @@ def import_bank_items(
     return BankImport(bank=bank.name, added=len(rows))
 
 
-@router.get("/{name}/items/{item_id}", response_model=BankItemPublic, responses=error_responses(401, 403, 404))
+@router.get("/{name}/items/{item_id}", response_model=BankItemPublic, responses=error_responses(401, 403, 404, 422))
 def read_bank_item_route(name: BankName, item_id: ItemId, session: SessionDep, principal: BankEditor) -> BankItemPublic:
     """One item of a bank (roles admin, review)."""
     bank = banks.get_bank(session, principal.tenant, name)
@@ -128,7 +128,7 @@ def read_bank_item_route(name: BankName, item_id: ItemId, session: SessionDep, p
     "/{name}/items/{item_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
-    responses=error_responses(401, 403, 404),
+    responses=error_responses(401, 403, 404, 422),
 )
 def delete_bank_item(name: BankName, item_id: ItemId, session: SessionDep, principal: BankEditor) -> Response:
     """Remove an item: images like it stop matching at once (roles admin, review)."""
