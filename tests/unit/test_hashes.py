@@ -3,6 +3,7 @@ index agreeing with a brute-force scan, and hash banks on a real database (SQLit
 
 from __future__ import annotations
 
+import hashlib
 import io
 from itertools import combinations
 from pathlib import Path
@@ -46,7 +47,7 @@ def test_near_copies_match_and_distinct_photos_do_not(pdqs: dict[str, tuple[str,
 def test_hashes_of_an_upload() -> None:
     data = photo_bytes("coffee")
     hashes = image_hashes(data, photo_image("coffee"))
-    assert hashes.sha256 == __import__("hashlib").sha256(data).hexdigest()
+    assert hashes.sha256 == hashlib.sha256(data).hexdigest()
     assert len(hashes.pdq) == 64 and hashes.pdq_matchable
     flat = image_hashes(b"x", Image.new("RGB", (200, 200), (128, 128, 128)))
     assert not flat.pdq_matchable  # a flat image's hash says nothing: it never matches by PDQ
@@ -102,3 +103,12 @@ def test_banks_match_per_tenant_and_follow_changes(tmp_path: Path, pdqs: dict[st
         [exact] = add_items(session, acme, bank, [NewBankItem(sha256=copy.sha256)])
         match = matcher.lookup(session, "acme", [("known_bad", 31)], copy)["known_bad"]
         assert (match.item, match.distance, match.by) == (exact.id, 0, "sha256")
+
+
+def test_banks_bench_reports_what_it_measured() -> None:
+    from modtag.banks_bench import format_banks_report, run_banks_bench
+
+    report = run_banks_bench(5000, queries=20, repeat=1)
+    assert report["bank_size"] == 5000 and report["correct"] == report["queries"] == 20
+    assert report["index_bytes"] > 5000 * 32 and report["lookup_ms_per_image"] > 0
+    assert "PDQ bank of 5,000 hashes" in format_banks_report(report)
