@@ -245,20 +245,28 @@ def _since_start(job: Job) -> float:
     return round((utcnow() - as_utc(job.started_at or utcnow())).total_seconds() * 1000, 1)
 
 
+# What a reused decision copies from the earlier one; its id, job, timing and `reused_from` are its own.
+_REUSED_FIELDS = frozenset(
+    [
+        "action",
+        "policy",
+        "policy_version",
+        "caption",
+        "categories",
+        "evidence",
+        "tags",
+        "contradictions",
+        "reason",
+        "models",
+    ]
+)
+
+
 def _reused(job: Job, earlier: Decision) -> Decision:
     """A copy of an earlier identical upload's decision for `job`, naming the job it came from."""
     return Decision(
+        **earlier.model_dump(include=set(_REUSED_FIELDS)),
         job_id=job.id,
-        action=earlier.action,
-        policy=earlier.policy,
-        policy_version=earlier.policy_version,
-        caption=earlier.caption,
-        categories=earlier.categories,
-        evidence=earlier.evidence,
-        tags=earlier.tags,
-        contradictions=earlier.contradictions,
-        reason=earlier.reason,
-        models=earlier.models,
         duration_ms=_since_start(job),
         reused_from=earlier.reused_from or earlier.job_id,
     )
