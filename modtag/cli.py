@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from modtag.client import ApiClient
 
 EXIT_OK, EXIT_FAILED_JOBS, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
+MAX_BENCH_BANK = 50_000_000  # 1.6 GB of hashes: about what a machine that runs the bench can hold twice
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--banks",
-        type=_positive_int,
+        type=_bank_size,
         default=None,
         metavar="N",
         help="instead: time PDQ bank lookups in a bank of N random hashes (build time, memory, lookup per image)",
@@ -587,6 +588,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1 or value > 256:
         raise argparse.ArgumentTypeError(f"{value} is out of range (1 to 256)")
+    return value
+
+
+def _bank_size(text: str) -> int:
+    try:
+        value = int(float(text))  # 1e6 reads as one million
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of hashes") from None
+    if not 1 <= value <= MAX_BENCH_BANK:
+        raise argparse.ArgumentTypeError(f"{value} is out of range (1 to {MAX_BENCH_BANK:,})")
     return value
 
 
