@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.middleware import DashboardHeadersMiddleware, HttpMetricsMiddleware
-from api.routes import audit, dashboard, decisions, health, jobs, listings, policies, review, shadow
+from api.routes import audit, banks, dashboard, decisions, health, jobs, listings, policies, review, shadow
 from api.routes.health import CHECK_TIMEOUT_S
 from core import __version__
 from core.auth import bootstrap_admin_key
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Forbidden, dashboard.refusal)  # type: ignore[arg-type]
     app.add_middleware(DashboardHeadersMiddleware)
     app.add_middleware(HttpMetricsMiddleware)
-    for module in (jobs, listings, decisions, review, audit, policies, shadow, health, dashboard):
+    for module in (jobs, listings, decisions, review, audit, policies, shadow, banks, health, dashboard):
         app.include_router(module.router)
     return app
 

@@ -119,6 +119,9 @@ Reader = Annotated[Principal, Depends(Require(Permission.READ))]
 Reviewer = Annotated[Principal, Depends(Require(Permission.REVIEW))]
 Reopener = Annotated[Principal, Depends(Require(Permission.REOPEN))]
 Auditor = Annotated[Principal, Depends(Require(Permission.AUDIT))]
+BankEditor = Annotated[Principal, Depends(Require(Permission.BANKS))]
+BankCreator = Annotated[Principal, Depends(Require(Permission.BANKS_CREATE))]
+Eraser = Annotated[Principal, Depends(Require(Permission.ERASE))]
 
 
 def route_permission(route: APIRoute) -> Permission | None:

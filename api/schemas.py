@@ -51,6 +51,12 @@ class ResolveRequest(BaseModel):
 
     action: Literal["allow", "block"]
     reason: str = Field(min_length=1, max_length=2000, description="Why; kept with the resolution.")
+    add_to_bank: str | None = Field(
+        default=None,
+        max_length=64,
+        pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$",
+        description="With `block`: also add the image's hashes to this bank of the tenant, so copies are blocked.",
+    )
 
 
 class ReopenRequest(BaseModel):
@@ -59,3 +65,30 @@ class ReopenRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: str = Field(min_length=1, max_length=2000)
+
+
+class BankRequest(BaseModel):
+    """`POST /v1/banks`: a new hash bank of the caller's tenant."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+    description: str | None = Field(default=None, max_length=2000)
+
+
+class BankItemRequest(BaseModel):
+    """`POST /v1/banks/{name}/items` as JSON: a known image by its PDQ hash or its SHA-256 (or both)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pdq: str | None = Field(default=None, description="64 hex digits, as ThreatExchange and HMA write PDQ.")
+    sha256: str | None = Field(default=None, description="64 hex digits: the image file's SHA-256.")
+    note: str | None = Field(default=None, max_length=2000, description="Why it is banked; shown with the item.")
+
+
+class BankImportRequest(BaseModel):
+    """`POST /v1/banks/{name}/import`: many items at once (what `modtag banks import` sends)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[BankItemRequest] = Field(min_length=1, max_length=100_000)

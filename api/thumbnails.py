@@ -25,6 +25,8 @@ CACHE_CONTROL = "private, max-age=3600"
 
 def thumbnail_response(job: Job, services: Services) -> Response:
     """The job's thumbnail as a JPEG response; 404 `thumbnail_unavailable` for URL jobs and undecodable images."""
+    if job.erased_at is not None:
+        raise NotFound("this job's image was erased", code="job_erased")
     if not job.blob_key or not re.fullmatch(r"[0-9a-f]{64}", job.blob_key):
         raise NotFound(
             "this job's image was given as a URL and is not stored, so there is no thumbnail",
@@ -51,6 +53,11 @@ def thumbnail_bytes(blob_key: str, services: Services) -> bytes:
     data = buffer.getvalue()
     _write_atomically(cache, data)
     return data
+
+
+def forget_thumbnail(blob_key: str, services: Services) -> None:
+    """Delete the cached thumbnail of an erased blob."""
+    _cache_path(services, blob_key).unlink(missing_ok=True)
 
 
 def _cache_path(services: Services, blob_key: str) -> Path:

@@ -167,6 +167,48 @@ def store_decision(session: Session, job: Job, decision: Decision, shadows: Sequ
     return decision
 
 
+def record_hashes(session: Session, job: Job, sha256: str, pdq: str, pdq_quality: int) -> None:
+    """The image's hashes on the job row (a URL job learns its SHA-256 here; an upload's is set at intake)."""
+    session.execute(
+        update(Job).where(col(Job.id) == job.id).values(image_sha256=sha256, pdq=pdq, pdq_quality=pdq_quality)
+    )
+    session.commit()
+    job.image_sha256, job.pdq, job.pdq_quality = sha256, pdq, pdq_quality
+
+
+# Candidates read per reuse lookup: jobs with the same bytes whose context differs are skipped in Python.
+_REUSE_CANDIDATES = 20
+
+
+def reusable_decision(session: Session, job: Job, policy_version: str) -> Decision | None:
+    """The decision of an earlier finished job of the same tenant, bytes, context and policy version, if any.
+
+    Erased jobs are never reused (their evidence is gone). The context counts: a listing photo judged
+    against one title says nothing about another title.
+    """
+    if not job.image_sha256:
+        return None
+    rows = session.exec(
+        select(Decision, Job)
+        .join(Job, col(Job.id) == col(Decision.job_id))
+        .where(
+            Job.tenant == job.tenant,
+            Job.image_sha256 == job.image_sha256,
+            col(Job.id) != job.id,
+            col(Job.erased_at).is_(None),
+            Decision.policy == job.policy,
+            Decision.policy_version == policy_version,
+        )
+        .order_by(col(Decision.decided_at))
+        .limit(_REUSE_CANDIDATES)
+    ).all()
+    for decision, earlier in rows:
+        # A bank match decided without models: whether it still blocks is the bank's say now, never a copy's.
+        if decision.models and (earlier.context or None) == (job.context or None):
+            return decision
+    return None
+
+
 def fail_job(session: Session, job_id: str, code: str, message: str) -> None:
     """Final `failed` state with a stable code and a sentence. Never overrides a stored decision."""
     now = utcnow()

@@ -56,6 +56,15 @@ HTTP_DURATION = Histogram(
     "modtag_http_request_duration_seconds", "API request latency", ["method", "route"], buckets=_LATENCY_BUCKETS
 )
 
+DECISIONS_WITHOUT_MODELS = Counter(
+    "modtag_decisions_without_models_total",
+    "Decisions made without running the models, by how (hash_match: a bank match blocked; reused: an identical "
+    "earlier upload's decision)",
+    ["policy", "how"],
+)
+ERASURES = Counter(
+    "modtag_erasures_total", "Jobs whose image and content were erased, by why (request, retention)", ["why"]
+)
 SHADOW_DECISIONS = Counter(
     "modtag_shadow_decisions_total",
     "Shadow policy decisions recorded beside an active decision, by whether they agreed (agree, disagree, error)",

@@ -22,11 +22,14 @@ class Permission(StrEnum):
     REVIEW = "review:work"  # the review queue: list, claim, resolve
     REOPEN = "review:reopen"  # appeals: reopen a resolved item
     AUDIT = "audit:read"
+    BANKS = "banks:edit"  # hash banks: list them, add, read and delete items
+    BANKS_CREATE = "banks:create"  # create a bank (admin)
+    ERASE = "jobs:erase"  # DELETE /v1/jobs/{id}: submit keys only their own jobs (core/erasure.py checks)
 
 
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
-    Role.SUBMIT: frozenset({Permission.SUBMIT, Permission.READ}),
-    Role.REVIEW: frozenset({Permission.READ, Permission.REVIEW}),
+    Role.SUBMIT: frozenset({Permission.SUBMIT, Permission.READ, Permission.ERASE}),
+    Role.REVIEW: frozenset({Permission.READ, Permission.REVIEW, Permission.BANKS}),
     Role.ADMIN: frozenset(Permission),
 }
 

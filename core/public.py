@@ -19,7 +19,20 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from sqlmodel import SQLModel
 
-from core.tables import ApiKey, AuditEntry, Decision, Job, Listing, ReviewItem, ReviewState, as_utc, iso, utcnow
+from core.tables import (
+    ApiKey,
+    AuditEntry,
+    Bank,
+    BankItem,
+    Decision,
+    Job,
+    Listing,
+    ReviewItem,
+    ReviewState,
+    as_utc,
+    iso,
+    utcnow,
+)
 
 # A row's datetime becomes ISO 8601 in UTC on the way in, so constructors hand columns over as they are.
 Timestamp = Annotated[
@@ -99,6 +112,9 @@ class DecisionPublic(OpenModel):
     models: dict[str, Any]
     decided_at: Timestamp
     duration_ms: float
+    reused_from: str | None = Field(
+        default=None, description="The earlier job (same tenant, bytes and policy version) whose decision was reused."
+    )
 
     @classmethod
     def from_row(cls, decision: Decision) -> DecisionPublic:
@@ -108,6 +124,14 @@ class DecisionPublic(OpenModel):
 class JobError(PublicModel):
     code: str
     message: str | None
+
+
+class JobHashes(PublicModel):
+    """What the job's image is known by: its bytes' SHA-256 and its PDQ perceptual hash (core/hashes.py)."""
+
+    sha256: str
+    pdq: str | None = Field(description="64 hex digits; null until a worker has decoded the image.")
+    pdq_quality: int | None = Field(description="0-100; a hash below 50 never matches a bank by PDQ.")
 
 
 class JobListing(PublicModel):
@@ -186,6 +210,10 @@ class JobPublic(OpenModel):
     listing: JobListing | None = Field(description="The listing this job checks a photo of, if any.")
     decision: DecisionPublic | None
     review: ReviewItemPublic | None = Field(default=None, description="The human review, for `review` decisions.")
+    hashes: JobHashes | None = Field(default=None, description="The image's hashes, once known.")
+    erased_at: Timestamp | None = Field(
+        default=None, description="When the image and content were erased; the decision's action and scores stay."
+    )
     # Only a listing's photos carry it; a job read on its own has no such key (not even null).
     index: int | None = Field(
         default=None,
@@ -204,6 +232,11 @@ class JobPublic(OpenModel):
             listing=JobListing(id=job.listing_id, index=job.listing_index or 0) if job.listing_id else None,
             decision=DecisionPublic.from_row(decision) if decision is not None else None,
             review=ReviewItemPublic.from_row(review) if review is not None else None,
+            hashes=(
+                JobHashes(sha256=job.image_sha256, pdq=job.pdq, pdq_quality=job.pdq_quality)
+                if job.image_sha256
+                else None
+            ),
             index=index,
         )
 
@@ -369,6 +402,53 @@ class AuditEntryPublic(PublicModel):
 class AuditPage(PublicModel):
     data: list[AuditEntryPublic]
     next_cursor: str | None
+
+
+# --- banks -------------------------------------------------------------------------------------------------------
+
+
+class BankPublic(PublicModel):
+    """A tenant's hash bank and how many items it holds."""
+
+    name: str
+    description: str | None
+    items: int
+    created_at: Timestamp
+
+    @classmethod
+    def from_row(cls, bank: Bank, items: int) -> BankPublic:
+        return _from_row(cls, bank, items=items)
+
+
+class BankList(PublicModel):
+    data: list[BankPublic]
+
+
+class BankItemPublic(PublicModel):
+    """One known image of a bank: its SHA-256 and/or PDQ hash."""
+
+    id: str
+    bank: str
+    sha256: str | None
+    pdq: str | None
+    pdq_quality: int | None
+    note: str | None
+    added_by: str | None = Field(description="The API key that added it.")
+    created_at: Timestamp
+
+    @classmethod
+    def from_row(cls, item: BankItem, bank: str) -> BankItemPublic:
+        return _from_row(cls, item, bank=bank)
+
+
+class BankImport(PublicModel):
+    """What an import of hashes added."""
+
+    bank: str
+    added: int
+
+
+# --- helpers -----------------------------------------------------------------------------------------------------
 
 
 def _from_row(shape: type[Shape], row: SQLModel, **given: Any) -> Shape:

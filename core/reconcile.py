@@ -1,5 +1,7 @@
 """The reconciler: puts back on the queue every job whose message was lost, so no job is ever lost.
 
+Its loop also runs the retention sweep (core/erasure.py) when MODTAG_RETENTION_DAYS is set.
+
 A job's message can vanish between the API's commit and its enqueue (a crash), when Redis restarts
 empty, or with a worker killed mid-job. The database is the source of truth: queued jobs with no
 message in Redis are enqueued again, and running jobs past their lease go back to queued (or fail
@@ -17,8 +19,10 @@ from typing import Any
 from celery import Celery
 
 from core import jobs, metrics
+from core.blobs import LocalBlobStore
 from core.broker import enqueue_job, queued_task_ids, task_id_for
 from core.db import session_scope
+from core.erasure import sweep_retention
 from core.queues import Queue
 from core.settings import Settings
 from core.tables import JobStatus, utcnow
@@ -82,11 +86,14 @@ def start_reconciler(settings: Settings, celery: Celery, stop: threading.Event) 
 
     def loop() -> None:
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        blobs = LocalBlobStore(settings.resolved_blob_dir)
         while not stop.wait(settings.reconcile_interval_s):
             try:
                 report = reconcile_once(settings, celery, client)
                 if report.requeued or report.recovered or report.failed:
                     log.warning("reconciler: %s", report)
+                if settings.retention_days is not None:
+                    sweep_retention(settings.resolved_database_url, blobs, settings.retention_days)
             except Exception:  # the loop must survive a database or broker outage
                 log.exception("reconciler pass failed; will try again")
 

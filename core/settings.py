@@ -76,6 +76,15 @@ class Settings(BaseSettings):
     auth_max_failures: int = Field(default=10, gt=0, description="Failed key checks per client address and window.")
     auth_failure_window_s: int = Field(default=300, gt=0, le=86_400, description="The failure-count window.")
 
+    # Known content and retention (core/banks.py, core/erasure.py).
+    reuse_decisions: bool = Field(
+        default=True,
+        description="Reuse the decision of an earlier job with the same bytes, context and policy version.",
+    )
+    retention_days: int | None = Field(
+        default=None, gt=0, description="Erase the images and content of jobs older than this; unset keeps them."
+    )
+
     @field_validator("models")
     @classmethod
     def _models_known(cls, value: str) -> str:

@@ -73,3 +73,16 @@ def _epoch(session: Session, column: Any) -> Any:
     if session.get_bind().dialect.name == "sqlite":
         return cast(func.strftime("%s", column), Integer)
     return func.extract("epoch", column)
+
+
+def reused_count(session: Session, *, tenant: str, since: datetime, until: datetime, policy: str | None = None) -> int:
+    """Decisions in the window copied from an earlier identical upload (no model ran for them)."""
+    query = select(func.count()).where(
+        Decision.tenant == tenant,
+        col(Decision.decided_at) >= since,
+        col(Decision.decided_at) < until,
+        col(Decision.reused_from).is_not(None),
+    )
+    if policy:
+        query = query.where(Decision.policy == policy)
+    return int(session.exec(query).one())

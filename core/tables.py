@@ -1,4 +1,5 @@
-"""Database tables: jobs and decisions (with categories, shadow decisions, listings); API keys, review, audit log."""
+"""Database tables: jobs and decisions (with categories, shadow decisions, listings); API keys, review, audit log;
+hash banks."""
 
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ class Job(SQLModel, table=True):
     __table_args__ = (
         _idempotency_key_unique("jobs"),
         Index("ix_jobs_status_updated_at", "status", "updated_at"),
+        Index("ix_jobs_tenant_image_sha256", "tenant", "image_sha256"),  # decision reuse, blob sharing
     )
 
     id: str = _id_field()
@@ -93,6 +95,8 @@ class Job(SQLModel, table=True):
     image_width: int | None = None
     image_height: int | None = None
     image_format: str | None = Field(default=None, max_length=16)
+    pdq: str | None = Field(default=None, max_length=64)  # set by the worker with image_sha256 (core/hashes.py)
+    pdq_quality: int | None = None
     context: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     callback_url: str | None = Field(default=None, max_length=2048)
     idempotency_key: str | None = Field(default=None, max_length=255)
@@ -107,6 +111,8 @@ class Job(SQLModel, table=True):
     updated_at: datetime = _now_field()
     started_at: datetime | None = _moment_field()
     finished_at: datetime | None = _moment_field()
+    # Set when the image and content were erased (core/erasure.py); the row stays as a tombstone for statistics.
+    erased_at: datetime | None = _moment_field()
 
 
 class Decision(SQLModel, table=True):
@@ -131,6 +137,7 @@ class Decision(SQLModel, table=True):
     reason: str | None = Field(default=None, max_length=2000)  # which category and check decided, as a sentence
     # Claims of the job's context the photo contradicts (listing policies): [{category, field, claimed, seen, score}].
     contradictions: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON))
+    reused_from: str | None = Field(default=None, max_length=32)  # the earlier job whose decision this one copies
 
 
 class DecisionCategory(SQLModel, table=True):
@@ -291,3 +298,35 @@ class ShadowDecision(SQLModel, table=True):
     error_code: str | None = Field(default=None, max_length=64)
     error_message: str | None = Field(default=None, max_length=2000)
     decided_at: datetime = _now_field()
+
+
+class Bank(SQLModel, table=True):
+    """A tenant's named list of known images (PDQ and SHA-256 hashes) that `hash` checks match against."""
+
+    __tablename__ = "banks"
+    __table_args__ = (UniqueConstraint("tenant", "name", name="uq_banks_tenant_name"),)
+
+    id: str = _id_field()
+    tenant: str = Field(max_length=64)
+    name: str = Field(max_length=64)
+    description: str | None = Field(default=None, max_length=2000)
+    # Bumped by every change to the items: a worker rebuilds its index of the bank when it differs.
+    revision: int = 0
+    created_at: datetime = _now_field()
+
+
+class BankItem(SQLModel, table=True):
+    """One known image in a bank: its SHA-256, its PDQ hash (with quality when computed here), or both."""
+
+    __tablename__ = "bank_items"
+    __table_args__ = (Index("ix_bank_items_bank_id_sha256", "bank_id", "sha256"),)
+
+    id: str = _id_field()
+    bank_id: str = Field(foreign_key="banks.id", max_length=32, index=True)
+    tenant: str = Field(max_length=64)
+    sha256: str | None = Field(default=None, max_length=64)
+    pdq: str | None = Field(default=None, max_length=64)
+    pdq_quality: int | None = None
+    note: str | None = Field(default=None, max_length=2000)
+    added_by: str | None = Field(default=None, max_length=32)  # the API key's id
+    created_at: datetime = _now_field()

@@ -429,11 +429,14 @@ def decision_agreement(options: BenchOptions, log: Callable[[str], None]) -> dic
     Each dtype's engine runs the policy's own checks (caption, probes, texts) on every photo, and the
     policy decides on each; reports the share of identical actions and of identical category verdicts.
     """
-    from policies import decide, load_policies
+    from core.hashes import BankMatch
+    from policies import ModelOutputs, decide, load_policies
     from worker.adapter import image_request, model_outputs, roles_for
 
     policy = load_policies([])[DECISION_POLICY]
     needs = policy.requirements()
+    # The photos are in no bank: the worker's hash step would say so before the models run.
+    unbanked = ModelOutputs(banks={query.bank: BankMatch(query.bank) for query in needs.banks})
     requests = [image_request(image, needs) for image in photos(options.images)]
     decisions = {}
     for dtype in ("float32", "int8"):
@@ -447,7 +450,7 @@ def decision_agreement(options: BenchOptions, log: Callable[[str], None]) -> dic
             for start in range(0, len(requests), options.batch_size)
             for out in engine.run(requests[start : start + options.batch_size])
         ]
-        decisions[dtype] = [decide(policy, model_outputs(output)) for output in outputs]
+        decisions[dtype] = [decide(policy, unbanked.merged(model_outputs(output))) for output in outputs]
         del engine, loaded
         gc.collect()
     pairs = list(zip(decisions["int8"], decisions["float32"], strict=True))

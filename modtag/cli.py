@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from modtag.client import ApiClient
 
 EXIT_OK, EXIT_FAILED_JOBS, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
+MAX_BENCH_BANK = 50_000_000  # 1.6 GB of hashes: about what a machine that runs the bench can hold twice
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 Number = TypeVar("Number", int, float)
 
@@ -124,6 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     _admin_key_option(check)
     check.set_defaults(handler=cmd_listing_check)
 
+    banks_cmd = sub.add_parser("banks", help="hash banks of known images")
+    banks_sub = banks_cmd.add_subparsers(dest="banks_command", required=True, metavar="ACTION")
+    bank_import = banks_sub.add_parser("import", help="add a CSV list of PDQ or SHA-256 hashes to a bank")
+    bank_import.add_argument("name", metavar="NAME")
+    bank_import.add_argument(
+        "file", type=Path, metavar="FILE", help="one hash per line, optionally a note after a comma"
+    )
+    bank_import.add_argument("--kind", choices=("pdq", "sha256"), default="pdq", help="what the hashes are (pdq)")
+    bank_import.add_argument("--create", action="store_true", help="create the bank first (admin key)")
+    bank_import.add_argument("--api", required=True, help="the API URL")
+    bank_import.add_argument("--api-key", default=None, help="the key to send (default MODTAG_API_KEY)")
+    bank_import.set_defaults(handler=cmd_banks_import)
+
     reconcile = sub.add_parser("reconcile", help="re-enqueue jobs whose messages were lost, once")
     reconcile.set_defaults(handler=cmd_reconcile)
 
@@ -169,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--peers",
         action="store_true",
         help="also time the vision stage through OpenVINO and ONNX Runtime (pip install 'modtag[peers]')",
+    )
+    bench.add_argument(
+        "--banks",
+        type=_bank_size,
+        default=None,
+        metavar="N",
+        help="instead: time PDQ bank lookups in a bank of N random hashes (build time, memory, lookup per image)",
     )
     bench.add_argument("--json", action="store_true", help="print only the JSON report")
     bench.add_argument("--no-progress", action="store_true")
@@ -374,6 +395,15 @@ def cmd_listing_check(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
+    if args.banks is not None:
+        from modtag.banks_bench import format_banks_report, run_banks_bench
+
+        banks_report = run_banks_bench(args.banks)
+        if not args.json:
+            print(format_banks_report(banks_report) + "\n")
+        print(json.dumps(banks_report, indent=2))
+        return EXIT_OK
+
     from modtag.bench import BenchOptions, format_report, run_bench
 
     options = BenchOptions(
@@ -398,6 +428,31 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     if not args.json:
         print(format_report(report) + "\n")
     print(json.dumps(report, indent=2))
+    return EXIT_OK
+
+
+def cmd_banks_import(args: argparse.Namespace, settings: Settings) -> int:
+    from modtag.banks import HashFileError, import_hashes, read_hash_file
+
+    try:
+        items = read_hash_file(args.file, args.kind)
+    except (OSError, HashFileError) as exc:
+        print(f"modtag: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    with _api_client(args, settings, timeout_s=120) as client:
+        if args.create:
+            reply = client.create_bank(args.name)
+            if reply.status not in (201, 409):
+                print(f"modtag: cannot create bank {args.name!r}: {reply.body.get('detail')}", file=sys.stderr)
+                return EXIT_ERROR
+        added = 0
+        try:
+            for count in import_hashes(client, args.name, items):
+                added += count
+        except RuntimeError as exc:
+            print(f"modtag: bank {args.name!r}: {exc} (after {added} added)", file=sys.stderr)
+            return EXIT_ERROR
+    print(f"bank {args.name}: {added} {args.kind} hashes added")
     return EXIT_OK
 
 
@@ -555,3 +610,9 @@ def _bounded(
 _positive_int = _bounded(int, "a whole number", lambda value: 1 <= value <= 256, "{value} is out of range (1 to 256)")
 _positive_float = _bounded(float, "a number", lambda value: value > 0, "{text} must be above 0")
 _port = _bounded(int, "a port number", lambda value: 0 <= value <= 65535, "{value} is not a port (0 to 65535)")
+_bank_size = _bounded(
+    lambda text: int(float(text)),  # 1e6 reads as one million
+    "a number of hashes",
+    lambda value: 1 <= value <= MAX_BENCH_BANK,
+    f"{{value}} is out of range (1 to {MAX_BENCH_BANK:,})",
+)

@@ -96,6 +96,18 @@ class ApiClient(httpx.Client):
                 return Reply.of(self.post("/v1/jobs", files={"image": (name, handle, mime)}, data={"policy": policy}))
         return Reply.of(self.post("/v1/jobs", files={"image": (name, image, mime)}, data={"policy": policy}))
 
+    def create_bank(self, name: str, description: str | None = None) -> Reply:
+        """POST /v1/banks (admin)."""
+        return Reply.of(self.post("/v1/banks", json={"name": name, "description": description}))
+
+    def import_bank_items(self, name: str, items: list[dict[str, str]]) -> Reply:
+        """POST /v1/banks/{name}/import: items of {"pdq" or "sha256", optional "note"}."""
+        return Reply.of(self.post(f"/v1/banks/{name}/import", json={"items": items}))
+
+    def erase_job(self, job_id: str) -> Reply:
+        """DELETE /v1/jobs/{id}: erase the image and content, keep the tombstone."""
+        return Reply.of(self.delete(f"/v1/jobs/{job_id}"))
+
     def job(self, job_id: str) -> dict[str, Any]:
         return Reply.of(self.get(f"/v1/jobs/{job_id}")).body
 

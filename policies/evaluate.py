@@ -136,6 +136,22 @@ def decide(policy: Policy, outputs: ModelOutputs, context: Mapping[str, Any] | N
     return evaluate(collect_evidence(policy, outputs, context), policy)
 
 
+def decide_early(
+    policy: Policy, outputs: ModelOutputs, context: Mapping[str, Any] | None = None
+) -> PolicyDecision | None:
+    """A block decided before any model runs, from the categories made only of model-free checks (hash banks).
+
+    When one of those categories blocks, nothing the models could add changes the action (block is the most
+    severe), so the decision holds those categories only and the models never run. None otherwise.
+    """
+    early = [category for category in policy.categories if all(check.model_free for check in category.checks)]
+    if not early:
+        return None
+    partial = policy.model_copy(update={"categories": early})
+    decision = evaluate(collect_evidence(partial, outputs, context), partial)
+    return decision if decision.action == "block" else None
+
+
 # Combination and reasons.
 
 

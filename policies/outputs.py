@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.hashes import BankMatch
+
 
 @dataclass(frozen=True)
 class ModelOutputs:
@@ -16,6 +18,7 @@ class ModelOutputs:
     log-probabilities, eos included): the required ones and every one that could be the best.
     `tags`: per tag set key, the ITM probability of each tag text the engine re-ranked (the top k of
     each group by ITC similarity).
+    `banks`: per bank name, the closest known item to the image (not a model output: the worker's hash step).
     """
 
     caption: str | None = None
@@ -23,6 +26,7 @@ class ModelOutputs:
     matches: Mapping[str, float] = field(default_factory=dict)
     answers: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     tags: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    banks: Mapping[str, BankMatch] = field(default_factory=dict)
 
     def merged(self, fresh: ModelOutputs) -> ModelOutputs:
         """These outputs completed with `fresh` ones (fresh wins where both have a value)."""
@@ -32,6 +36,7 @@ class ModelOutputs:
             matches={**self.matches, **fresh.matches},
             answers={**self.answers, **fresh.answers},
             tags={**self.tags, **fresh.tags},
+            banks={**self.banks, **fresh.banks},
         )
 
 

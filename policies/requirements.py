@@ -36,6 +36,14 @@ class TagSet:
 
 
 @dataclass(frozen=True)
+class BankQuery:
+    """A bank a hash check matches the image against, at the largest PDQ distance any of its checks allows."""
+
+    bank: str
+    max_distance: int
+
+
+@dataclass(frozen=True)
 class Requirements:
     """What the engine must compute for a policy (deduplicated, in first-seen order).
 
@@ -50,6 +58,7 @@ class Requirements:
     answers: tuple[AnswerQuery, ...] = ()
     tag_sets: tuple[TagSet, ...] = ()
     describe: bool = False
+    banks: tuple[BankQuery, ...] = ()  # not a model output: the worker matches hashes before any model runs
 
     def merge(self, other: Requirements) -> Requirements:
         """Everything either needs: what one engine pass computes for an active policy and its shadows."""
@@ -60,6 +69,7 @@ class Requirements:
 
     @property
     def empty(self) -> bool:
+        """True when no model needs to run (bank lookups are not model work)."""
         return not (self.caption or self.probes or self.texts or self.answers or self.tag_sets)
 
 
@@ -73,6 +83,7 @@ class RequirementsBuilder:
         self._texts: dict[str, None] = {}
         self._answers: dict[str, AnswerQuery] = {}
         self._tag_sets: dict[str, TagSet] = {}
+        self._banks: dict[str, int] = {}
 
     def probe(self, question: str) -> None:
         self._probes.setdefault(question)
@@ -87,6 +98,9 @@ class RequirementsBuilder:
     def tag_set(self, tag_set: TagSet) -> None:
         self._tag_sets.setdefault(tag_set.key, tag_set)
 
+    def bank(self, query: BankQuery) -> None:
+        self._banks[query.bank] = max(query.max_distance, self._banks.get(query.bank, query.max_distance))
+
     def add(self, needs: Requirements) -> None:
         """Everything `needs` asks for, besides what was collected."""
         self.caption = self.caption or needs.caption
@@ -99,6 +113,8 @@ class RequirementsBuilder:
             self.answer(query)
         for tag_set in needs.tag_sets:
             self.tag_set(tag_set)
+        for bank in needs.banks:
+            self.bank(bank)
 
     def build(self) -> Requirements:
         return Requirements(
@@ -108,4 +124,5 @@ class RequirementsBuilder:
             answers=tuple(self._answers.values()),
             tag_sets=tuple(self._tag_sets.values()),
             describe=self.describe,
+            banks=tuple(BankQuery(bank, distance) for bank, distance in self._banks.items()),
         )

@@ -14,11 +14,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
+from core.banks import BankMatcher
 from core.blobs import LocalBlobStore
 from core.db import session_scope
 from core.errors import InvalidField, ModtagError, PolicyError
+from core.hashes import BankMatch, ImageHashes
 from core.images import ImageLimits, decode_image
 from core.settings import Settings
 from core.tables import Decision, Job, JobStatus
@@ -115,16 +117,19 @@ def replay_policy(
 
     replayed: list[ReplayedJob] = []
     pending: list[tuple[ReplayedJob, Job, Decision, ModelOutputs, Requirements]] = []
-    for job, decision in rows:
-        entry = ReplayedJob(job.id, decision.decided_at, decision.action, None)
-        replayed.append(entry)
-        try:
-            needs = policy.requirements(job.context or {})
-        except PolicyError as exc:
-            entry.skipped = f"{exc.message} ({exc.code})"
-            continue
-        stored = outputs_from_evidence(decision.evidence, decision.caption)
-        pending.append((entry, job, decision, stored, missing_requirements(needs, stored)))
+    matcher = BankMatcher()
+    with session_scope(settings.resolved_database_url) as session:
+        for job, decision in rows:
+            entry = ReplayedJob(job.id, decision.decided_at, decision.action, None)
+            replayed.append(entry)
+            try:
+                needs = policy.requirements(job.context or {})
+            except PolicyError as exc:
+                entry.skipped = f"{exc.message} ({exc.code})"
+                continue
+            stored = outputs_from_evidence(decision.evidence, decision.caption)
+            stored = stored.merged(_bank_lookups(session, matcher, job, needs, stored))
+            pending.append((entry, job, decision, stored, missing_requirements(needs, stored)))
 
     roles: set[str] = set()
     for _, _, _, _, missing in pending:
@@ -190,14 +195,28 @@ def run_cases(
                     result.error = getattr(exc, "message", str(exc))
             work = [(image, needs) for _, _, image, needs in ready]
             outputs = inference.infer_all(work) if roles and ready else [ModelOutputs() for _ in ready]
-            for (result, context, _, _), output in zip(ready, outputs, strict=True):
+            for (result, context, _, needs), output in zip(ready, outputs, strict=True):
                 try:
-                    verdict = decide(policy, output, context)
+                    # Example images belong to no tenant: no bank holds them, so hash checks score 0.
+                    unbanked = ModelOutputs(banks={query.bank: BankMatch(query.bank) for query in needs.banks})
+                    verdict = decide(policy, unbanked.merged(output), context)
                 except ModtagError as exc:
                     result.error = f"{exc.message} ({exc.code})"
                     continue
                 result.actual, result.reason = verdict.action, verdict.reason
     return results
+
+
+def _bank_lookups(
+    session: Session, matcher: BankMatcher, job: Job, needs: Requirements, stored: ModelOutputs
+) -> ModelOutputs:
+    """The banks a new policy's hash checks name that the stored evidence lacks, matched as they are now."""
+    queries = [(query.bank, query.max_distance) for query in needs.banks if query.bank not in stored.banks]
+    if not queries:
+        return ModelOutputs()
+    # A job decided before its hashes were recorded (or erased) matches by neither hash.
+    hashes = ImageHashes(job.image_sha256 or "", job.pdq or "0" * 64, job.pdq_quality or 0)
+    return ModelOutputs(banks=matcher.lookup(session, job.tenant, queries, hashes))
 
 
 def find_cases(cases_dir: Path) -> list[tuple[Path, str]]:

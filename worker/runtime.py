@@ -18,15 +18,18 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from core import metrics
+from core import jobs, metrics
+from core.banks import BankMatcher
 from core.blobs import LocalBlobStore
-from core.db import migrate
+from core.db import migrate, session_scope
 from core.errors import ModelError, ModtagError, PolicyError, TransientError
+from core.hashes import image_hashes
 from core.images import ImageLimits, decode_image
 from core.settings import Settings
 from core.tables import Decision, Job, ShadowDecision, as_utc, utcnow
 from core.urls import fetch_image_bytes
 from policies import ModelOutputs, Policy, PolicyDecision, Requirements, TagSet, decide
+from policies.evaluate import decide_early
 from policies.registry import PolicyRegistry
 from worker.adapter import roles_for
 from worker.callbacks import send_callbacks
@@ -56,6 +59,7 @@ class WorkerRuntime:
         self.limits = ImageLimits.from_settings(settings)
         self.inference = InferenceService(settings, tag_sets=self._tag_sets)
         self.lifecycle = JobLifecycle(settings, self.name)
+        self.banks = BankMatcher()
         migrate(settings.resolved_database_url)
 
     @property
@@ -122,14 +126,55 @@ class WorkerRuntime:
             data = self._image_bytes(job)
         with _stage(timings, "decode"):
             image = decode_image(data, self.limits)
-        with _stage(timings, "infer"):
-            outputs = self.inference.infer(image, needs, timeout_s=self.settings.job_timeout_s)
-        with _stage(timings, "evaluate"):
-            verdict = decide(policy, outputs, context)
-            shadow_rows = [
-                _shadow_row(shadow, policy, verdict, outputs, context, error) for shadow, _, error in shadows
-            ]
-        decision = Decision(
+        with _stage(timings, "hash"):
+            hashes = image_hashes(data, image)
+            with session_scope(self.settings.resolved_database_url) as session:
+                jobs.record_hashes(session, job, hashes.sha256, hashes.pdq, hashes.pdq_quality)
+                queries = [(query.bank, query.max_distance) for query in needs.banks]
+                known = ModelOutputs(banks=self.banks.lookup(session, job.tenant, queries, hashes))
+                earlier = (
+                    jobs.reusable_decision(session, job, policy.version) if self.settings.reuse_decisions else None
+                )
+        # Known content first: a bank match that blocks, then an earlier identical upload, and only then the models.
+        verdict = decide_early(policy, known, context)
+        if verdict is not None:
+            decision = self._decision(job, policy, verdict, known, models={})
+            shadow_rows: list[ShadowDecision] = []
+            how = "hash_match"
+        elif earlier is not None:
+            decision = _reused(job, earlier)
+            shadow_rows = []
+            how = "reused"
+        else:
+            with _stage(timings, "infer"):
+                outputs = (
+                    ModelOutputs()
+                    if needs.empty
+                    else self.inference.infer(image, needs, timeout_s=self.settings.job_timeout_s)
+                )
+            outputs = known.merged(outputs)
+            with _stage(timings, "evaluate"):
+                verdict = decide(policy, outputs, context)
+                shadow_rows = [
+                    _shadow_row(shadow, policy, verdict, outputs, context, error) for shadow, _, error in shadows
+                ]
+            decision = self._decision(job, policy, verdict, outputs, models=self.inference.describe())
+            how = ""
+        with _stage(timings, "store"):
+            stored = self.lifecycle.store(job, decision, shadow_rows)
+        if stored:
+            if how:
+                metrics.DECISIONS_WITHOUT_MODELS.labels(policy.name, how).inc()
+            for row in shadow_rows:
+                outcome = "error" if row.action is None else ("agree" if row.action == decision.action else "disagree")
+                metrics.SHADOW_DECISIONS.labels(policy.name, row.policy, outcome).inc()
+            send_callbacks(self.settings, job)
+        return JobResult(job.id, "done", timings=timings)
+
+    def _decision(
+        self, job: Job, policy: Policy, verdict: PolicyDecision, outputs: ModelOutputs, models: dict[str, Any]
+    ) -> Decision:
+        return Decision(
             job_id=job.id,
             action=verdict.action,
             policy=policy.name,
@@ -140,17 +185,9 @@ class WorkerRuntime:
             tags=[tag.model_dump(mode="json") for tag in verdict.tags],
             contradictions=[item.model_dump(mode="json") for item in verdict.contradictions],
             reason=verdict.reason[:2000],
-            models=self.inference.describe(),
-            duration_ms=round((utcnow() - as_utc(job.started_at or utcnow())).total_seconds() * 1000, 1),
+            models=models,
+            duration_ms=_since_start(job),
         )
-        with _stage(timings, "store"):
-            stored = self.lifecycle.store(job, decision, shadow_rows)
-        if stored:
-            for row in shadow_rows:
-                outcome = "error" if row.action is None else ("agree" if row.action == decision.action else "disagree")
-                metrics.SHADOW_DECISIONS.labels(policy.name, row.policy, outcome).inc()
-            send_callbacks(self.settings, job)
-        return JobResult(job.id, "done", timings=timings)
 
     def _shadow_plans(
         self, policy: Policy, context: Mapping[str, Any], roles: set[str]
@@ -202,6 +239,37 @@ class WorkerRuntime:
 
     def _policy_dirs(self) -> list[Path]:
         return [self.settings.policies_dir] if self.settings.policies_dir else []
+
+
+def _since_start(job: Job) -> float:
+    return round((utcnow() - as_utc(job.started_at or utcnow())).total_seconds() * 1000, 1)
+
+
+# What a reused decision copies from the earlier one; its id, job, timing and `reused_from` are its own.
+_REUSED_FIELDS = frozenset(
+    [
+        "action",
+        "policy",
+        "policy_version",
+        "caption",
+        "categories",
+        "evidence",
+        "tags",
+        "contradictions",
+        "reason",
+        "models",
+    ]
+)
+
+
+def _reused(job: Job, earlier: Decision) -> Decision:
+    """A copy of an earlier identical upload's decision for `job`, naming the job it came from."""
+    return Decision(
+        **earlier.model_dump(include=set(_REUSED_FIELDS)),
+        job_id=job.id,
+        duration_ms=_since_start(job),
+        reused_from=earlier.reused_from or earlier.job_id,
+    )
 
 
 def _check_roles(policy: Policy, needs: Requirements, loaded: set[str]) -> None:

@@ -45,7 +45,7 @@ from core.jobs import decode_cursor, get_decision, list_decisions, tenant_job
 from core.metrics import AUTH_FAILURES
 from core.principals import Permission, Principal
 from core.public import AuditEntryPublic, DecisionPublic, ReviewItemPublic, ReviewQueueEntry
-from core.stats import category_counts, flag_rates
+from core.stats import category_counts, flag_rates, reused_count
 from core.tables import ID_PATTERN, Decision, Job, ReviewState, as_utc, iso, utcnow
 
 router = APIRouter(prefix="/dashboard", tags=["dashboard"], include_in_schema=False)
@@ -369,6 +369,7 @@ def summary_page(
         total=total,
         flagged=flagged,
         review_counts=review.count_by_resolution(session, principal.tenant),
+        reused=reused_count(session, tenant=principal.tenant, since=since, until=until, policy=policy),
         filters={"range": range, "policy": policy or ""},
     )
 

@@ -1,14 +1,15 @@
-"""Job submission and status: `POST /v1/jobs`, `GET /v1/jobs/{job_id}`, `GET /v1/jobs/{job_id}/thumbnail`."""
+"""Job submission, status and erasure: `POST /v1/jobs`, `GET` and `DELETE /v1/jobs/{job_id}`, its thumbnail."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from api.auth import Reader
+from api.auth import Eraser, Reader
 from api.deps import ServicesDep, SessionDep
 from api.errors import error_responses
 from api.submissions import IntakeDep, JobSubmission, JobSubmissionDep, submission_route
-from api.thumbnails import thumbnail_response
+from api.thumbnails import forget_thumbnail, thumbnail_response
+from core.erasure import erase_job
 from core.jobs import get_decision, tenant_job
 from core.public import JobPublic
 from core.review import get_item
@@ -45,3 +46,14 @@ def read_thumbnail(job_id: str, session: SessionDep, services: ServicesDep, prin
     """A small JPEG of the job's uploaded image, for the caller's own tenant only."""
     job = tenant_job(session, job_id, principal.tenant)
     return thumbnail_response(job, services)
+
+
+@router.delete("/{job_id}", response_model=JobPublic, responses=error_responses(401, 403, 404, 422))
+def delete_job(job_id: str, session: SessionDep, services: ServicesDep, principal: Eraser) -> JobPublic:
+    """Erase the job's image, thumbnail, context and caption; the job stays as a tombstone (`erased_at`) with its
+    decision's action and category scores (role admin; a submit key for the jobs it submitted)."""
+    job = tenant_job(session, job_id, principal.tenant)
+    key = job.blob_key
+    if erase_job(session, services.blobs, job, principal) and key is not None:
+        forget_thumbnail(key, services)
+    return JobPublic.from_row(job, get_decision(session, job.id), get_item(session, job.id, principal.tenant))

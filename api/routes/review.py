@@ -10,7 +10,9 @@ from api.auth import Reopener, Reviewer
 from api.deps import SessionDep, SettingsDep
 from api.errors import error_responses
 from api.schemas import SLUG_PATTERN, ReopenRequest, ResolveRequest
-from core import review
+from core import banks, review
+from core.errors import InvalidField
+from core.jobs import tenant_job
 from core.public import ReviewItemPublic, ReviewQueueEntry, ReviewQueuePage
 from core.tables import ReviewState
 
@@ -65,8 +67,18 @@ def release_item(job_id: str, session: SessionDep, principal: Reviewer) -> Revie
     "/{job_id}/resolve", response_model=ReviewItemPublic, responses=error_responses(400, 401, 403, 404, 409, 422)
 )
 def resolve_item(job_id: str, body: ResolveRequest, session: SessionDep, principal: Reviewer) -> ReviewItemPublic:
-    """Resolve an open item `allow` or `block` with a reason; the machine decision is kept beside it."""
+    """Resolve an open item `allow` or `block` with a reason; the machine decision is kept beside it.
+
+    `add_to_bank` (with `block`) banks the image's hashes too, so later copies are blocked before the models run."""
+    bank = None
+    if body.add_to_bank is not None:
+        if body.action != "block":
+            raise InvalidField("`add_to_bank` goes with a `block` resolution", code="add_to_bank_needs_block")
+        bank = banks.get_bank(session, principal.tenant, body.add_to_bank)  # 404 before anything changes
     item = review.resolve(session, job_id, principal, body.action, body.reason)
+    if bank is not None:
+        job = tenant_job(session, job_id, principal.tenant)
+        banks.add_items(session, principal, bank, [banks.job_item(job, f"review of job {job.id}: {body.reason}")])
     return ReviewItemPublic.from_row(item)
 
 

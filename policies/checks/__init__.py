@@ -10,6 +10,7 @@ from policies.checks.attribute import AttributeCheck
 from policies.checks.base import BaseCheck
 from policies.checks.caption import CaptionCheck
 from policies.checks.describe import DescribeCheck
+from policies.checks.hash import HashCheck
 from policies.checks.match import MatchCheck
 from policies.checks.probe import ProbeCheck
 from policies.checks.tags import TagsCheck
@@ -18,6 +19,7 @@ KINDS: dict[str, type[BaseCheck]] = {
     "attribute": AttributeCheck,
     "caption": CaptionCheck,
     "describe": DescribeCheck,
+    "hash": HashCheck,
     "match": MatchCheck,
     "probe": ProbeCheck,
     "tags": TagsCheck,
@@ -31,6 +33,7 @@ __all__ = [
     "BaseCheck",
     "CaptionCheck",
     "DescribeCheck",
+    "HashCheck",
     "MatchCheck",
     "ProbeCheck",
     "TagsCheck",

@@ -40,6 +40,8 @@ class BaseCheck(StrictModel):
 
     # A category made only of such checks may have no thresholds: it reports (tags) and never acts.
     reports_only: ClassVar[bool] = False
+    # Scored without any model (a hash-bank lookup): a category made only of such checks can decide before the models.
+    model_free: ClassVar[bool] = False
 
     @property
     def label(self) -> str:

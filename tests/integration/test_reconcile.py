@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import threading
+from datetime import datetime, timedelta
 from pathlib import Path
 
+import pytest
 import redis
 from sqlalchemy import update
 from sqlmodel import col
 
 from core import jobs
+from core.blobs import LocalBlobStore
 from core.broker import enqueue_job, make_celery, queued_task_ids, task_id_for
 from core.db import session_scope
+from core.errors import NotFound
 from core.queues import Queue
-from core.reconcile import reconcile_once
+from core.reconcile import reconcile_once, start_reconciler
 from core.settings import Settings
 from core.tables import Job, JobStatus, utcnow
+from tests.support.waiting import wait_for
 
 
 def settings_for(database_url: str, redis_url: str, tmp_path: Path) -> Settings:
@@ -65,3 +70,30 @@ def test_reconcile_requeues_lost_recovers_abandoned_and_fails_exhausted(
     again = reconcile_once(settings, celery, client)
     assert (again.requeued, again.recovered, again.failed) == (0, 0, 0)
     celery.close()
+
+
+def erased_at(database_url: str, job_id: str) -> datetime | None:
+    with session_scope(database_url) as session:
+        job = jobs.get_job(session, job_id)
+        assert job is not None
+        return job.erased_at
+
+
+def test_the_reconciler_loop_sweeps_retention(database_url: str, redis_url: str, tmp_path: Path) -> None:
+    settings = Settings(
+        database_url=database_url, redis_url=redis_url, data_dir=tmp_path, retention_days=30, reconcile_interval_s=0.05
+    )
+    blobs = LocalBlobStore(settings.resolved_blob_dir)
+    key = blobs.put(b"an old image")
+    old = new_job(database_url, blob_key=key, status=JobStatus.DONE, created_at=utcnow() - timedelta(days=31))
+    recent = new_job(database_url, status=JobStatus.DONE)
+    stop = threading.Event()
+    thread = start_reconciler(settings, make_celery(settings), stop)
+    try:
+        wait_for(lambda: erased_at(database_url, old), 30, "the old job erased by the reconciler's retention sweep")
+    finally:
+        stop.set()
+        thread.join(10)
+    assert erased_at(database_url, recent) is None
+    with pytest.raises(NotFound):
+        blobs.get(key)

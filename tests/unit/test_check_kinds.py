@@ -10,6 +10,7 @@ import json
 import pytest
 
 from core.errors import PolicyError
+from core.hashes import BankMatch
 from policies import ModelOutputs, Policy, Requirements, decide, load_policy_text
 from policies.checks import KINDS
 from policies.replay import missing_requirements, outputs_from_evidence
@@ -18,6 +19,7 @@ EXAMPLES: dict[str, dict[str, object]] = {
     "attribute": {"question": "what color is the item?", "field": "attributes.color", "values": ["red", "blue"]},
     "caption": {"words": ["mug"], "score": 0.7},
     "describe": {"from": ["title", "description"], "negate": True},
+    "hash": {"bank": "known_bad", "max_distance": 31},
     "match": {"text": "a photo of a mug"},
     "probe": {"question": "is there a mug in the picture?", "negate": True},
     "tags": {"tags": ["mug", "teapot", "kettle"], "top_k": 2},
@@ -36,13 +38,14 @@ def policy_of(kind: str) -> Policy:
 
 
 def outputs_for(needs: Requirements) -> ModelOutputs:
-    """Model outputs that answer every requirement, as the engine would shape them."""
+    """Model outputs that answer every requirement, as the engine (and the worker's bank lookup) would shape them."""
     return ModelOutputs(
         caption="a red mug on a table" if needs.caption else None,
         probes={question: 0.25 for question in needs.probes},
         matches={text: 0.1 + 0.1 * i for i, text in enumerate(needs.texts)},
         answers={q.key: {answer: -0.5 * (i + 1) for i, answer in enumerate(q.candidates)} for q in needs.answers},
         tags={t.key: {text: 0.9 - 0.2 * i for i, text in enumerate(t.texts[: t.top_k])} for t in needs.tag_sets},
+        banks={q.bank: BankMatch(q.bank, item="0123abcd", distance=7, by="pdq") for q in needs.banks},
     )
 
 

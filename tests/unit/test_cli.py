@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -173,3 +174,9 @@ def test_a_child_stack_gets_exactly_the_settings_it_is_given(monkeypatch: pytest
         for name, value in env.items():
             child_env.setenv(name, value)
         assert Settings(_env_file=None) == settings
+
+
+def test_bench_banks_prints_its_measurements(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--banks", "5e3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["bank_size"] == 5000 and report["correct"] == report["queries"]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from core.errors import PolicyError
+from core.hashes import BankMatch
 from policies import (
     MAX_FILE_BYTES,
     CaptionCheck,
@@ -429,6 +430,7 @@ def test_scores_are_rounded_and_stored_evidence_re_evaluates_identically() -> No
         caption="a man holding a rifle in a field",
         probes={q: (i * 0.137) % 1 for i, q in enumerate(requirements.probes)},
         matches={t: 1 / 3 for t in requirements.texts},
+        banks={query.bank: BankMatch(query.bank) for query in requirements.banks},  # in no bank: the hash check is 0
     )
     decision = evaluate(collect_evidence(policy, outputs), policy)
     assert all(e.score == round(e.score, 6) for e in decision.evidence)
@@ -564,7 +566,7 @@ def test_requirements_are_deduplicated_in_first_seen_order() -> None:
         (
             "unknown_kind.yaml",
             "policy_invalid",
-            "unknown check kind 'ocr'; known kinds: attribute, caption, describe, match, probe, tags",
+            "unknown check kind 'ocr'; known kinds: attribute, caption, describe, hash, match, probe, tags",
         ),
     ],
 )
@@ -709,7 +711,12 @@ def test_builtin_moderation_policy() -> None:
     policy = load_policy(builtin_dir() / "moderation.yaml")
     names = {category.name for category in policy.categories}
     assert {"weapons", "nudity", "violence", "drugs", "hate_symbols", "self_harm"} <= names
+    known_bad = policy.category("known_bad")  # a bank match blocks before any model runs
+    assert [(check.kind, check.model_free) for check in known_bad.checks] == [("hash", True)]
+    assert (known_bad.review, known_bad.block) == (None, 1.0)
     for category in policy.categories:
+        if category is known_bad:
+            continue
         kinds = [check.kind for check in category.checks]
         assert 2 <= kinds.count("probe") <= 4, category.name
         assert category.review is not None
@@ -731,8 +738,10 @@ def test_builtin_moderation_on_plausible_outputs() -> None:
     quiet |= {"is there a person in the picture?": 0.98, "is the person fully clothed?": 0.9}
     matches = {text: 0.02 for text in requirements.texts}
 
+    unbanked = {query.bank: BankMatch(query.bank) for query in requirements.banks}
+
     def run(caption: str, **probes: float) -> dict[str, str]:
-        outputs = ModelOutputs(caption=caption, probes=quiet | probes, matches=matches)
+        outputs = ModelOutputs(caption=caption, probes=quiet | probes, matches=matches, banks=unbanked)
         decision = evaluate(collect_evidence(policy, outputs), policy)
         return {name: result.action for name, result in decision.categories.items() if result.fired}
 

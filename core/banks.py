@@ -1,0 +1,199 @@
+"""Hash banks: a tenant's named lists of known images, their audited changes, and matching a job's image against them.
+
+Every change (a bank created, an item added or deleted) writes an audit entry in the same transaction and
+bumps the bank's `revision`: a worker keeps one PDQ index per bank and rebuilds it only when that
+number moved, so a lookup costs one small query plus the index search (core/pdqindex.py).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import func, update
+from sqlmodel import Session, col, select
+
+from core import audit
+from core.errors import Conflict, InvalidField, NotFound
+from core.hashes import PDQ_MIN_QUALITY, BankMatch, ImageHashes
+from core.pdqindex import PdqIndex
+from core.principals import Principal
+from core.tables import ID_PATTERN, Bank, BankItem, Job
+
+BANK_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+MAX_IMPORT_ITEMS = 100_000  # one request's worth; larger lists go in several imports
+
+
+@dataclass(frozen=True)
+class NewBankItem:
+    """An item to add: at least one of the hashes (validated by core.hashes.parse_*)."""
+
+    sha256: str | None = None
+    pdq: str | None = None
+    pdq_quality: int | None = None
+    note: str | None = None
+
+
+def check_bank_name(name: str) -> str:
+    if not BANK_NAME.match(name):
+        raise InvalidField(
+            "a bank name is 1-64 characters of a-z, 0-9, '_', '.', '-', starting with a letter or digit",
+            code="bank_name_invalid",
+        )
+    return name
+
+
+def create_bank(session: Session, actor: Principal, name: str, description: str | None) -> Bank:
+    """A new empty bank of the actor's tenant; 409 `bank_exists` when the name is taken."""
+    check_bank_name(name)
+    if _find_bank(session, actor.tenant, name) is not None:
+        raise Conflict(f"the bank {name!r} already exists", code="bank_exists")
+    bank = Bank(tenant=actor.tenant, name=name, description=description)
+    session.add(bank)
+    audit.record(session, actor, "bank.create", "bank", bank.id, before=None, after=_bank_record(bank))
+    session.commit()
+    return bank
+
+
+def list_banks(session: Session, tenant: str) -> list[tuple[Bank, int]]:
+    """The tenant's banks by name, each with its item count."""
+    counts = dict(
+        session.exec(
+            select(BankItem.bank_id, func.count()).where(BankItem.tenant == tenant).group_by(col(BankItem.bank_id))
+        ).all()
+    )
+    banks = session.exec(select(Bank).where(Bank.tenant == tenant).order_by(col(Bank.name))).all()
+    return [(bank, int(counts.get(bank.id, 0))) for bank in banks]
+
+
+def get_bank(session: Session, tenant: str, name: str) -> Bank:
+    """The tenant's bank called `name`; 404 `bank_not_found` otherwise (another tenant's bank included)."""
+    bank = _find_bank(session, tenant, name) if BANK_NAME.match(name) else None
+    if bank is None:
+        raise NotFound(f"no bank named {name[:64]!r}; create it with POST /v1/banks", code="bank_not_found")
+    return bank
+
+
+def add_items(session: Session, actor: Principal, bank: Bank, items: Sequence[NewBankItem]) -> list[BankItem]:
+    """Add items to a bank in one transaction, each audited; the bank's revision moves once."""
+    if not items:
+        raise InvalidField("nothing to add: give an image, a pdq or a sha256", code="bank_item_empty")
+    if len(items) > MAX_IMPORT_ITEMS:
+        raise InvalidField(f"at most {MAX_IMPORT_ITEMS} items per request", code="bank_import_too_large")
+    rows = []
+    for new in items:
+        if new.sha256 is None and new.pdq is None:
+            raise InvalidField("an item needs a pdq or a sha256", code="bank_item_empty")
+        row = BankItem(
+            bank_id=bank.id,
+            tenant=bank.tenant,
+            sha256=new.sha256,
+            pdq=new.pdq,
+            pdq_quality=new.pdq_quality,
+            note=new.note,
+            added_by=actor.key_id,
+        )
+        session.add(row)
+        audit.record(session, actor, "bank.item_add", "bank_item", row.id, before=None, after=_item_record(row, bank))
+        rows.append(row)
+    _bump(session, bank)
+    session.commit()
+    return rows
+
+
+def job_item(job: Job, note: str) -> NewBankItem:
+    """A job's image as a bank item (its hashes as the worker recorded them); 409 when it has none yet."""
+    if not job.image_sha256:
+        raise Conflict("this job's image has no hashes yet (no worker has read it)", code="job_not_hashed")
+    return NewBankItem(sha256=job.image_sha256, pdq=job.pdq, pdq_quality=job.pdq_quality, note=note[:2000])
+
+
+def get_item(session: Session, bank: Bank, item_id: str) -> BankItem:
+    item = session.get(BankItem, item_id) if ID_PATTERN.match(item_id) else None
+    if item is None or item.bank_id != bank.id:
+        raise NotFound(f"bank {bank.name!r} has no item {item_id[:64]!r}", code="bank_item_not_found")
+    return item
+
+
+def delete_item(session: Session, actor: Principal, bank: Bank, item_id: str) -> None:
+    item = get_item(session, bank, item_id)
+    audit.record(session, actor, "bank.item_delete", "bank_item", item.id, before=_item_record(item, bank), after=None)
+    session.delete(item)
+    _bump(session, bank)
+    session.commit()
+
+
+class BankMatcher:
+    """Matches an image's hashes against a tenant's banks; one cached PDQ index per bank, rebuilt on change.
+
+    Thread-safe: a worker's threads share it. Banks are read per lookup (a revision check), never
+    across tenants: the query is keyed by the job's tenant.
+    """
+
+    def __init__(self) -> None:
+        self._indexes: dict[str, tuple[int, PdqIndex, list[str]]] = {}  # bank id -> (revision, index, item ids)
+        self._lock = threading.Lock()
+
+    def lookup(
+        self, session: Session, tenant: str, banks: Iterable[tuple[str, int]], hashes: ImageHashes
+    ) -> dict[str, BankMatch]:
+        """For each (bank name, max PDQ distance): the closest item, or a BankMatch without item.
+
+        A bank the tenant does not have matches nothing (a policy may name a bank before it is created).
+        """
+        matches: dict[str, BankMatch] = {}
+        for name, max_distance in banks:
+            bank = _find_bank(session, tenant, name)
+            matches[name] = BankMatch(name) if bank is None else self._match(session, bank, max_distance, hashes)
+        return matches
+
+    def _match(self, session: Session, bank: Bank, max_distance: int, hashes: ImageHashes) -> BankMatch:
+        exact = session.exec(
+            select(BankItem.id).where(BankItem.bank_id == bank.id, BankItem.sha256 == hashes.sha256).limit(1)
+        ).first()
+        if exact is not None:
+            return BankMatch(bank.name, item=exact, distance=0, by="sha256")
+        if not hashes.pdq_matchable:
+            return BankMatch(bank.name)
+        index, ids = self._index(session, bank)
+        nearest = index.nearest(hashes.pdq, max_distance)
+        if nearest is None:
+            return BankMatch(bank.name)
+        return BankMatch(bank.name, item=ids[nearest.position], distance=nearest.distance, by="pdq")
+
+    def _index(self, session: Session, bank: Bank) -> tuple[PdqIndex, list[str]]:
+        with self._lock:
+            cached = self._indexes.get(bank.id)
+            if cached is not None and cached[0] == bank.revision:
+                return cached[1], cached[2]
+            rows = session.exec(
+                select(BankItem.id, BankItem.pdq).where(
+                    BankItem.bank_id == bank.id,
+                    col(BankItem.pdq).is_not(None),
+                    # An item banked from a low-quality image would match unrelated flat images.
+                    (col(BankItem.pdq_quality).is_(None)) | (col(BankItem.pdq_quality) >= PDQ_MIN_QUALITY),
+                )
+            ).all()
+            ids = [item_id for item_id, _ in rows]
+            index = PdqIndex([pdq for _, pdq in rows if pdq is not None])
+            self._indexes[bank.id] = (bank.revision, index, ids)
+            return index, ids
+
+
+def _find_bank(session: Session, tenant: str, name: str) -> Bank | None:
+    return session.exec(select(Bank).where(Bank.tenant == tenant, Bank.name == name)).first()
+
+
+def _bump(session: Session, bank: Bank) -> None:
+    # In SQL, so two writers at once both count: the index is rebuilt after either.
+    session.execute(update(Bank).where(col(Bank.id) == bank.id).values(revision=col(Bank.revision) + 1))
+
+
+def _bank_record(bank: Bank) -> dict[str, object]:
+    return {"name": bank.name, "description": bank.description}
+
+
+def _item_record(item: BankItem, bank: Bank) -> dict[str, object]:
+    return {"bank": bank.name, "sha256": item.sha256, "pdq": item.pdq, "note": item.note}
