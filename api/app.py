@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 import redis
 from fastapi import FastAPI
@@ -12,8 +13,9 @@ from sqlalchemy.exc import IntegrityError
 
 from api.deps import Services
 from api.errors import install_error_handlers
+from api.limits import RequestLimitsMiddleware
 from api.middleware import DashboardHeadersMiddleware, HttpMetricsMiddleware
-from api.routes import audit, dashboard, decisions, health, jobs, listings, policies, review, shadow
+from api.routes import audit, dashboard, decisions, health, jobs, listings, policies, review, shadow, webhooks
 from api.routes.health import CHECK_TIMEOUT_S
 from core import __version__
 from core.auth import bootstrap_admin_key
@@ -25,6 +27,9 @@ from core.metrics import POLICY_RELOADS, set_build_info
 from core.settings import Settings, get_settings
 from policies.registry import PolicyRegistry
 
+if TYPE_CHECKING:
+    import uvicorn
+
 logger = logging.getLogger(__name__)
 
 
@@ -35,6 +40,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="modtag",
         version=__version__,
         summary="Image moderation and product tagging: submit images, read decisions.",
+        description=(
+            "Limits on every request: the request line and headers together at most `MODTAG_MAX_HEADER_BYTES` "
+            f"(default {Settings.model_fields['max_header_bytes'].default} bytes; past it 400); a body at most "
+            f"`MODTAG_MAX_BODY_BYTES` (default {Settings.model_fields['max_body_bytes'].default} bytes; 413 "
+            "`body_too_large`) except image uploads, which have their own limits; a call to /v1 without a key is "
+            "401 before its body is read."
+        ),
         lifespan=_lifespan,
     )
     app.state.settings = settings
@@ -42,8 +54,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(AuthError, dashboard.refusal)  # type: ignore[arg-type]
     app.add_exception_handler(Forbidden, dashboard.refusal)  # type: ignore[arg-type]
     app.add_middleware(DashboardHeadersMiddleware)
+    app.add_middleware(RequestLimitsMiddleware, settings=settings)
     app.add_middleware(HttpMetricsMiddleware)
-    for module in (jobs, listings, decisions, review, audit, policies, shadow, health, dashboard):
+    for module in (jobs, listings, decisions, review, audit, policies, shadow, webhooks, health, dashboard):
         app.include_router(module.router)
     return app
 
@@ -53,7 +66,26 @@ def run(settings: Settings | None = None) -> None:
     import uvicorn
 
     settings = settings or get_settings()
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port)
+    uvicorn.Server(server_config(create_app(settings), settings)).run()
+
+
+def server_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """How uvicorn serves `app`: h11 with a header-size limit, client addresses from trusted proxies only."""
+    import uvicorn
+
+    trusted = settings.trusted_proxies.strip()
+    options: dict[str, Any] = {
+        "host": settings.api_host,
+        "port": settings.api_port,
+        # h11 bounds the request line and headers (httptools accepts megabytes of them).
+        "http": "h11",
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+        # X-Forwarded-For is believed only from proxies an operator listed: never by default, not even loopback.
+        "proxy_headers": bool(trusted),
+        "forwarded_allow_ips": trusted or None,
+        **overrides,
+    }
+    return uvicorn.Config(app, **options)
 
 
 @asynccontextmanager

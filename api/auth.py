@@ -5,7 +5,8 @@ a key into a session cookie (HttpOnly, SameSite=Strict, Secure in production); t
 on GET/HEAD anywhere (reading a thumbnail from an <img>) and on POSTs under /dashboard/, which must
 also carry the session's CSRF token. API writes under /v1 need the key itself: no ambient credential
 can make them. Refusals: 401 `auth_required` / `auth_invalid` / `auth_revoked`, 403 `forbidden`, and 429
-`too_many_failures` (with Retry-After) for an address that sent too many bad keys (api/failures.py).
+`too_many_failures` (with Retry-After) for a bad key from an address, or for a key prefix, that failed too often
+(api/failures.py; a valid key is never refused).
 
 `MODTAG_AUTH=false` (development only; refused in production) makes every caller an admin of the
 `default` tenant. /healthz, /readyz and /metrics stay open: probes and Prometheus carry no key, so
@@ -26,7 +27,7 @@ from fastapi.security import APIKeyCookie, APIKeyHeader, HTTPAuthorizationCreden
 from sqlmodel import Session, col, delete, select
 
 from api.deps import ServicesDep, SessionDep, SettingsDep
-from api.failures import check_failures, client_address, record_failure
+from api.failures import client_address, refuse_repeated_failure
 from core.auth import DEFAULT_TENANT, authenticate, principal_for
 from core.errors import AuthError, Forbidden
 from core.metrics import AUTH_FAILURES
@@ -72,10 +73,6 @@ def get_principal(
     authorization = request.headers.get("authorization")
     presented = bearer.credentials if bearer is not None else header_key
     key_attempt = presented is not None or authorization is not None
-    address = client_address(request)
-    if key_attempt:
-        # Before the key is looked at: a locked-out address learns nothing, not even from a right key.
-        check_failures(services.redis, address, settings)
     try:
         if authorization is not None and bearer is None:
             raise AuthError("send the key as `Authorization: Bearer <key>`", code="auth_invalid")
@@ -90,7 +87,7 @@ def get_principal(
     except AuthError as exc:
         AUTH_FAILURES.labels(code=exc.code).inc()
         if key_attempt:
-            record_failure(services.redis, address, settings)
+            refuse_repeated_failure(services.redis, client_address(request), presented, settings)
         raise
 
 
@@ -119,6 +116,7 @@ Reader = Annotated[Principal, Depends(Require(Permission.READ))]
 Reviewer = Annotated[Principal, Depends(Require(Permission.REVIEW))]
 Reopener = Annotated[Principal, Depends(Require(Permission.REOPEN))]
 Auditor = Annotated[Principal, Depends(Require(Permission.AUDIT))]
+WebhookAdmin = Annotated[Principal, Depends(Require(Permission.WEBHOOKS))]
 
 
 def route_permission(route: APIRoute) -> Permission | None:

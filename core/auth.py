@@ -48,8 +48,13 @@ def generate_key() -> str:
 
 def display_prefix(key: str) -> str:
     """The non-secret part of a key: `mtk_<12 hex>` for generated keys, a hash stub for chosen ones."""
+    return generated_prefix(key) or f"sha256:{hash_key(key)[:12]}"
+
+
+def generated_prefix(key: str) -> str | None:
+    """`mtk_<12 hex>` when `key` has the shape of a generated key, else None."""
     match = _GENERATED.match(key)
-    return f"{KEY_PREFIX}{match.group(1)}" if match else f"sha256:{hash_key(key)[:12]}"
+    return f"{KEY_PREFIX}{match.group(1)}" if match else None
 
 
 def check_tenant(tenant: str) -> str:

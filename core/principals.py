@@ -22,6 +22,7 @@ class Permission(StrEnum):
     REVIEW = "review:work"  # the review queue: list, claim, resolve
     REOPEN = "review:reopen"  # appeals: reopen a resolved item
     AUDIT = "audit:read"
+    WEBHOOKS = "webhooks:manage"  # the webhook signing secret and the delivery log
 
 
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {

@@ -19,7 +19,20 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from sqlmodel import SQLModel
 
-from core.tables import ApiKey, AuditEntry, Decision, Job, Listing, ReviewItem, ReviewState, as_utc, iso, utcnow
+from core.tables import (
+    ApiKey,
+    AuditEntry,
+    Decision,
+    Job,
+    Listing,
+    ReviewItem,
+    ReviewState,
+    WebhookDelivery,
+    WebhookSecret,
+    as_utc,
+    iso,
+    utcnow,
+)
 
 # A row's datetime becomes ISO 8601 in UTC on the way in, so constructors hand columns over as they are.
 Timestamp = Annotated[
@@ -369,6 +382,45 @@ class AuditEntryPublic(PublicModel):
 class AuditPage(PublicModel):
     data: list[AuditEntryPublic]
     next_cursor: str | None
+
+
+class WebhookSecretPublic(PublicModel):
+    """The tenant's webhook signing secret (Standard Webhooks: verify `webhook-signature` with it)."""
+
+    secret: str = Field(description="`whsec_` + base64 of the HMAC-SHA256 key.")
+    created_at: Timestamp
+    previous_valid_until: Timestamp | None = Field(
+        description="After a rotation: until when the previous secret still signs beside this one."
+    )
+
+    @classmethod
+    def from_row(cls, row: WebhookSecret, previous_valid_until: datetime | None = None) -> WebhookSecretPublic:
+        return _from_row(cls, row, previous_valid_until=previous_valid_until)
+
+
+class WebhookDeliveryPublic(PublicModel):
+    """One webhook message and how its delivery went; `id` is the `webhook-id` every attempt carried."""
+
+    id: str
+    event_type: Literal["job.completed", "listing.completed"]
+    subject_id: str = Field(description="The job's or listing's id.")
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_attempt_at: Timestamp | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: Timestamp
+    delivered_at: Timestamp | None
+
+    @classmethod
+    def from_row(cls, row: WebhookDelivery) -> WebhookDeliveryPublic:
+        return _from_row(cls, row)
+
+
+class WebhookDeliveryPage(PublicModel):
+    data: list[WebhookDeliveryPublic]
+    next_cursor: str | None = Field(description="Pass as `before` for the next, older page.")
 
 
 def _from_row(shape: type[Shape], row: SQLModel, **given: Any) -> Shape:

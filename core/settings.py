@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     min_image_side: int = Field(default=8, gt=0)
     max_context_bytes: int = Field(default=64 * 1024, gt=0)
     listing_max_images: int = Field(default=10, gt=0, le=100, description="Photos one POST /v1/listings may carry.")
+    max_body_bytes: int = Field(
+        default=64 * 1024, gt=0, description="Largest request body of a route that takes no image (413 past it)."
+    )
+    max_header_bytes: int = Field(
+        default=16 * 1024, ge=1024, description="Largest request line and headers the API reads (431/400 past it)."
+    )
     fetch_timeout_s: float = Field(default=10.0, gt=0)
     fetch_allow_private: bool = Field(default=False, description="Allow image_url on loopback/private nets.")
 
@@ -62,10 +68,24 @@ class Settings(BaseSettings):
         default=None, gt=0, le=256, description="Task threads per worker; default twice batch_max_images."
     )
 
+    # Webhooks (core/webhooks.py): the waits after each failed attempt, then give up. Standard Webhooks' schedule.
+    webhook_retry_intervals_s: list[float] = Field(
+        default=[5, 300, 1800, 7200, 18_000, 36_000, 36_000],
+        min_length=1,
+        description="Seconds before each retry of a failed webhook (JSON list); after the last, it is failed.",
+    )
+    webhook_poll_s: float = Field(default=5.0, gt=0, description="How often a worker looks for due webhook retries.")
+    webhook_secret_overlap_s: int = Field(
+        default=86_400, ge=0, description="How long a rotated-out webhook secret keeps signing beside the new one."
+    )
+
     # Processes.
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)
     worker_metrics_port: int = Field(default=9808, ge=0, le=65535, description="0 disables it.")
+    worker_metrics_host: str | None = Field(
+        default=None, description="Where a worker serves /metrics; default api_host (containers: 0.0.0.0)."
+    )
 
     # Access control (api/auth.py).
     auth: bool = Field(default=True, description="Require API keys; false is for development only.")
@@ -75,6 +95,11 @@ class Settings(BaseSettings):
     session_ttl_s: int = Field(default=8 * 3600, gt=0, le=30 * 86_400, description="Dashboard sign-in lifetime.")
     auth_max_failures: int = Field(default=10, gt=0, description="Failed key checks per client address and window.")
     auth_failure_window_s: int = Field(default=300, gt=0, le=86_400, description="The failure-count window.")
+    trusted_proxies: str = Field(
+        default="",
+        description="Comma-separated proxy addresses whose X-Forwarded-For names the client; empty: none, not even "
+        "loopback.",
+    )
 
     @field_validator("models")
     @classmethod
@@ -112,6 +137,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'modtag.db').resolve()}"
+
+    @property
+    def resolved_worker_metrics_host(self) -> str:
+        return self.worker_metrics_host or self.api_host
 
     @property
     def resolved_blob_dir(self) -> Path:

@@ -266,3 +266,40 @@ class ShadowDecision(SQLModel, table=True):
     error_code: str | None = Field(default=None, max_length=64)
     error_message: str | None = Field(default=None, max_length=2000)
     decided_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class WebhookSecret(SQLModel, table=True):
+    """A tenant's webhook signing secret (`whsec_` + base64). A rotated-out one keeps signing until `expires_at`."""
+
+    __tablename__ = "webhook_secrets"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    tenant: str = Field(max_length=64, index=True)
+    secret: str = Field(max_length=128)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    expires_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One webhook message (a final job or listing) and its delivery: the same `id` (webhook-id) on every attempt."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("event_type", "subject_id", name="uq_webhook_deliveries_event_subject"),
+        Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_tenant_created_at", "tenant", "created_at"),
+    )
+
+    id: str = Field(max_length=64, primary_key=True)  # msg_<hex>
+    tenant: str = Field(max_length=64)
+    event_type: str = Field(max_length=32)  # job.completed, listing.completed
+    subject_id: str = Field(max_length=32)
+    url: str = Field(max_length=2048)
+    payload: str = Field(sa_column=Column(Text, nullable=False))  # the exact bytes signed and sent
+    status: str = Field(default="pending", max_length=16)  # pending, delivered, failed
+    attempts: int = 0
+    next_attempt_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    last_status_code: int | None = None
+    last_error: str | None = Field(default=None, max_length=500)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    delivered_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core import __version__
 from core.errors import InvalidField, ModtagError
 
 if TYPE_CHECKING:
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED_JOBS, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# What the [worker] extra installs: a command that needs them says so in one line instead of a traceback.
+_WORKER_MODULES = frozenset({"torch", "transformers", "numpy"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,12 +41,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"modtag: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        if exc.name not in _WORKER_MODULES:
+            raise
+        print(
+            f"modtag: `{args.command}` needs the worker's libraries ({exc.name} is not installed): "
+            "pip install 'modtag[worker]' [missing_extra]",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modtag", description="Self-hosted image moderation and tagging.")
+    parser.add_argument("--version", action="version", version=f"modtag {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="run Redis, the database, the API and workers on this machine")
@@ -264,9 +277,10 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from core.queues import Queue
-    from worker.celery_app import app, install_runtime
+    from worker.celery_app import app, install_runtime, serve_metrics
     from worker.runtime import WorkerRuntime
 
+    serve_metrics(settings)  # first: a taken port stops the worker before the models load
     runtime = WorkerRuntime(settings)
     engine = runtime.load()  # fail here, with how to get the weights, before taking any job
     logging.getLogger("modtag").info("models loaded: %s", engine.describe())
@@ -310,7 +324,8 @@ def cmd_policy_validate(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_policy_replay(args: argparse.Namespace, settings: Settings) -> int:
     from core.db import migrate
-    from modtag.policytools import parse_since, print_replay, replay_json
+    from core.moments import parse_since
+    from modtag.policytools import print_replay, replay_json
     from policies import load_policy
     from worker.replay import replay_policy
 

@@ -170,3 +170,44 @@ def test_a_child_stack_gets_exactly_the_settings_it_is_given(monkeypatch: pytest
         for name, value in env.items():
             child_env.setenv(name, value)
         assert Settings(_env_file=None) == settings
+
+
+def test_version_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    from core import __version__
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"modtag {__version__}"
+
+
+def test_a_missing_worker_extra_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    # torch is installed here: the child makes it unimportable, as in an install without the [worker] extra.
+    code = "import sys; sys.modules['torch'] = None; from modtag.cli import main; sys.exit(main(['worker']))"
+    env = {**os.environ, "MODTAG_DATA_DIR": str(tmp_path), "MODTAG_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "pip install 'modtag[worker]'" in done.stderr and "[missing_extra]" in done.stderr
+
+
+def test_a_taken_worker_metrics_port_stops_the_worker_with_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            **os.environ,
+            "MODTAG_DATA_DIR": str(tmp_path),
+            "MODTAG_API_HOST": "127.0.0.1",
+            "MODTAG_WORKER_METRICS_PORT": str(port),
+            "MODTAG_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "modtag", "worker"], capture_output=True, text=True, env=env, timeout=120
+        )
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"127.0.0.1:{port} is unavailable" in done.stderr and "[metrics_port_taken]" in done.stderr
