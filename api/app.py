@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import Services
+from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.limits import RequestLimitsMiddleware
 from api.middleware import DashboardHeadersMiddleware, HttpMetricsMiddleware
@@ -48,6 +49,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "401 before its body is read."
         ),
         lifespan=_lifespan,
+        docs_url=None,  # served by api.docs with local assets
+        redoc_url=None,
     )
     app.state.settings = settings
     install_error_handlers(app)
@@ -58,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(HttpMetricsMiddleware)
     for module in (jobs, listings, decisions, review, audit, policies, shadow, webhooks, health, dashboard):
         app.include_router(module.router)
+    install_docs(app)
     return app
 
 

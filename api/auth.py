@@ -44,6 +44,7 @@ PUBLIC_PATHS = frozenset(
         "/metrics",
         "/docs",
         "/docs/oauth2-redirect",
+        "/docs-assets",
         "/redoc",
         "/openapi.json",
         "/dashboard",

@@ -314,6 +314,21 @@ def test_openapi_documents_429_503_and_the_limits(api: Api) -> None:
     assert "MODTAG_MAX_HEADER_BYTES" in schema["info"]["description"]
 
 
+def test_docs_pages_load_only_local_assets(api: Api) -> None:
+    import re
+
+    for page in ("/docs", "/redoc"):
+        html = api.client.get(page).text
+        sources = re.findall(r'(?:src|href)="([^"]+)"', html) + re.findall(r"url: '([^']+)'", html)
+        assert sources, html
+        for source in sources:
+            assert source.startswith("/"), (page, source)  # nothing from another host: no CDN
+            if source.startswith("/docs-assets/"):
+                asset = api.client.get(source)
+                assert asset.status_code == 200 and len(asset.content) > 1000, source
+    assert api.client.get("/docs/oauth2-redirect").status_code == 200
+
+
 @pytest.mark.parametrize("key", ["x" * 256, "naïve-ключ"])
 def test_bad_idempotency_key_is_refused(api: Api, photos: dict[str, bytes], key: str) -> None:
     response = api.client.post(
