@@ -15,7 +15,7 @@ from api.deps import Services
 from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.limits import RequestLimitsMiddleware
-from api.middleware import DashboardHeadersMiddleware, HttpMetricsMiddleware
+from api.middleware import DashboardHeadersMiddleware, HttpMetricsMiddleware, RequestIdMiddleware
 from api.routes import audit, dashboard, decisions, health, jobs, listings, policies, review, shadow, webhooks
 from api.routes.health import CHECK_TIMEOUT_S
 from core import __version__
@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(DashboardHeadersMiddleware)
     app.add_middleware(RequestLimitsMiddleware, settings=settings)
     app.add_middleware(HttpMetricsMiddleware)
+    app.add_middleware(RequestIdMiddleware)  # outermost: even a refused request gets an id
     for module in (jobs, listings, decisions, review, audit, policies, shadow, webhooks, health, dashboard):
         app.include_router(module.router)
     install_docs(app)
@@ -87,6 +88,8 @@ def server_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn
         # X-Forwarded-For is believed only from proxies an operator listed: never by default, not even loopback.
         "proxy_headers": bool(trusted),
         "forwarded_allow_ips": trusted or None,
+        # uvicorn's loggers go through the root logger, in MODTAG_LOG_FORMAT (core.logs.configure_logging).
+        "log_config": None,
         **overrides,
     }
     return uvicorn.Config(app, **options)

@@ -30,6 +30,7 @@ from api.deps import ServicesDep, SessionDep, SettingsDep
 from api.failures import client_address, refuse_repeated_failure
 from core.auth import DEFAULT_TENANT, authenticate, principal_for
 from core.errors import AuthError, Forbidden
+from core.logs import add_log_fields
 from core.metrics import AUTH_FAILURES
 from core.principals import Permission, Principal
 from core.settings import Settings
@@ -78,9 +79,9 @@ def get_principal(
         if authorization is not None and bearer is None:
             raise AuthError("send the key as `Authorization: Bearer <key>`", code="auth_invalid")
         if presented is not None:
-            return principal_for(authenticate(session, presented))
+            return _known(principal_for(authenticate(session, presented)))
         if cookie is not None and _cookie_allowed(request):
-            return session_principal(session, cookie)
+            return _known(session_principal(session, cookie))
         raise AuthError(
             "this needs an API key: send `Authorization: Bearer <key>` (or sign in at /dashboard/login)",
             code="auth_required",
@@ -187,6 +188,11 @@ def session_principal(session: Session, token: str) -> Principal:
     if as_utc(dashboard_session.expires_at) <= utcnow():
         raise AuthError("the sign-in expired; sign in again", code="auth_required")
     return principal_for(key, via="session", csrf_token=dashboard_session.csrf_token)
+
+
+def _known(principal: Principal) -> Principal:
+    add_log_fields(tenant=principal.tenant)
+    return principal
 
 
 def _cookie_allowed(request: Request) -> bool:

@@ -52,6 +52,7 @@ from core.listings import (
     listing_context,
     listing_jobs,
 )
+from core.logs import log_fields
 from core.metrics import JOBS_SUBMITTED
 from core.principals import Principal
 from core.settings import Settings
@@ -173,6 +174,7 @@ def accept(
         "policy_version": policy.version,
         "context": context,
         "submitted_by": principal.key_id,
+        "request_id": log_fields().get("request_id"),
     }
     uploads = zip(submission.uploads, headers, strict=True)
     photos = [_upload_job(services, data, header, common) for data, header in uploads]

@@ -79,6 +79,10 @@ class Settings(BaseSettings):
         default=86_400, ge=0, description="How long a rotated-out webhook secret keeps signing beside the new one."
     )
 
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="json: one JSON object per line, with request id, job id and tenant."
+    )
+
     # Processes.
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)

@@ -78,6 +78,7 @@ class Job(SQLModel, table=True):
     submitted_by: str | None = Field(default=None, max_length=32)  # the API key's id; None for unauthenticated
     listing_id: str | None = Field(default=None, max_length=32, index=True)  # listings.id (no FK: see 0003)
     listing_index: int | None = None  # the photo's 0-based position in its listing
+    request_id: str | None = Field(default=None, max_length=128)  # the submitting request's X-Request-ID (logs)
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
     updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
     started_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))

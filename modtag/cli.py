@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from core import __version__
 from core.errors import InvalidField, ModtagError
+from core.logs import configure_logging
 
 if TYPE_CHECKING:
     from core.settings import Settings
     from modtag.client import ApiClient
 
 EXIT_OK, EXIT_FAILED_JOBS, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # What the [worker] extra installs: a command that needs them says so in one line instead of a traceback.
 _WORKER_MODULES = frozenset({"torch", "transformers", "numpy"})
 
@@ -28,11 +28,12 @@ _WORKER_MODULES = frozenset({"torch", "transformers", "numpy"})
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("MODTAG_LOG_LEVEL", "INFO"), format=_LOG_FORMAT)
+    configure_logging("text", os.environ.get("MODTAG_LOG_LEVEL", "INFO"))  # until the settings say which
     for chatty in ("httpx", "alembic"):  # a line per request or migration step drowns the command's output
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         settings = _settings(args)
+        configure_logging(settings.log_format, os.environ.get("MODTAG_LOG_LEVEL", "INFO"))
         return int(args.handler(args, settings))
     except ModtagError as exc:
         print(f"modtag: {exc.message} [{exc.code}]", file=sys.stderr)

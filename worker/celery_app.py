@@ -18,6 +18,7 @@ from celery.signals import worker_ready, worker_shutdown
 from core import metrics
 from core.broker import make_celery
 from core.errors import ConfigError
+from core.logs import log_context
 from core.queues import TaskName
 from core.reconcile import start_reconciler
 from core.settings import Settings, get_settings
@@ -57,6 +58,13 @@ def process_job(self: Task, job_id: str) -> dict[str, Any]:
     The job row counts the attempts and decides when to give up (worker/lifecycle.py), not Celery's retries.
     """
     current = runtime()
+    with log_context(job_id=job_id):
+        outcome = _process(self, current, job_id)
+        log.info("job %s finished: %s (%s)", job_id, outcome["outcome"], outcome["code"] or "no error")
+        return outcome
+
+
+def _process(self: Task, current: WorkerRuntime, job_id: str) -> dict[str, Any]:
     try:
         result = current.process(job_id)
     except RetryLater as exc:

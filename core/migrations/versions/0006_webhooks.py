@@ -1,4 +1,5 @@
-"""Signed webhooks: per-tenant signing secrets and the delivery log (one row per message, retried from it)
+"""Signed webhooks: per-tenant signing secrets and the delivery log (one row per message, retried from it);
+a job's request id (its submission's X-Request-ID, for following it through the logs)
 
 Revision ID: 0006
 Revises: 0004
@@ -17,6 +18,7 @@ depends_on = None
 
 
 def upgrade() -> None:
+    op.add_column("jobs", sa.Column("request_id", sa.String(length=128), nullable=True))
     op.create_table(
         "webhook_secrets",
         sa.Column("id", sa.String(length=32), primary_key=True),
@@ -50,3 +52,4 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("webhook_deliveries")
     op.drop_table("webhook_secrets")
+    op.drop_column("jobs", "request_id")
