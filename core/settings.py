@@ -23,7 +23,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MODTAG_", env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     environment: Literal["development", "production"] = "development"
-    data_dir: Path = Field(default=Path(".modtag"), description="Where the SQLite file and blobs live.")
+    data_dir: Path = Field(
+        default_factory=lambda: default_data_dir(),
+        description="Where the SQLite file and blobs live; default the user's data directory (not the working one).",
+    )
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir.")
     redis_url: str = "redis://localhost:6379/0"
     blob_dir: Path | None = Field(default=None, description="Image store; default data_dir/blobs.")
@@ -153,6 +156,21 @@ class Settings(BaseSettings):
     @property
     def resolved_models_cache_dir(self) -> Path:
         return (self.models_cache_dir or self.data_dir / "models").resolve()
+
+
+def default_data_dir() -> Path:
+    """The platform's per-user data directory (`~/.local/share/modtag` on Linux): the same whatever the cwd."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("modtag", appauthor=False))
+
+
+def prepare_data_dir(settings: Settings) -> Path:
+    """The data directory, created if missing, readable by its owner only (0700): it holds the keys' database."""
+    path = settings.data_dir.resolve()
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+    return path
 
 
 @lru_cache(maxsize=1)

@@ -26,6 +26,8 @@ _WORKER_MODULES = frozenset({"torch", "transformers", "numpy"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Whatever modtag writes (the SQLite file with the keys' hashes, blobs, logs) is its user's alone: 0600 / 0700.
+    os.umask(0o077)
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging("text", os.environ.get("MODTAG_LOG_LEVEL", "INFO"))  # until the settings say which
@@ -211,11 +213,20 @@ def _stack_options(parser: argparse.ArgumentParser) -> None:
 
 def _admin_key_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--admin-key",
+        "--admin-key-file",
+        type=Path,
         default=None,
-        metavar="KEY",
-        help="use this admin key instead of creating one (MODTAG_ADMIN_KEY; the variable keeps it out of `ps`)",
+        metavar="FILE",
+        help="use the admin key in FILE instead of creating one (or MODTAG_ADMIN_KEY); a file keeps it out of `ps`",
     )
+    # The old flag put the key in `ps` output: refused with where to put it instead (and never taken as an
+    # abbreviation of --admin-key-file).
+    parser.add_argument("--admin-key", action=_RefusedArgvKey, help=argparse.SUPPRESS)
+
+
+class _RefusedArgvKey(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, *_: object, **__: object) -> None:
+        parser.error("--admin-key is gone (a key in argv shows in `ps`): use --admin-key-file FILE or MODTAG_ADMIN_KEY")
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
@@ -234,7 +245,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             lines.append(f"admin key: {stack.admin_key}")
             lines.append("  (shown once; send it as `Authorization: Bearer <key>`; the previous one is revoked)")
         elif stack.admin_key:
-            lines.append("admin key: the one given by --admin-key / MODTAG_ADMIN_KEY")
+            lines.append("admin key: the one given by --admin-key-file / MODTAG_ADMIN_KEY")
         else:
             lines.append("auth is off (MODTAG_AUTH=false): every caller is an admin; for development only")
         lines.append(f"dashboard: {stack.api_url}/dashboard (sign in with the admin key)")
@@ -482,9 +493,16 @@ def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _keys_session(settings: Settings) -> Any:
+    from sqlalchemy.engine import make_url
+
     from core.db import migrate, session_scope
+    from core.settings import prepare_data_dir
 
     url = settings.resolved_database_url
+    if url.startswith("sqlite"):
+        prepare_data_dir(settings)
+    # On stderr, so --json stays parseable: a key made in another database than the API's is refused by it.
+    print(f"database: {make_url(url).render_as_string(hide_password=True)}", file=sys.stderr)
     migrate(url)
     return session_scope(url)
 
@@ -502,7 +520,15 @@ def _settings(args: argparse.Namespace) -> Settings:
     """
     from core.settings import load_settings
 
-    flags = {name: getattr(args, name, None) for name in ("admin_key", "models", "data_dir")}
+    flags = {name: getattr(args, name, None) for name in ("models", "data_dir")}
+    key_file: Path | None = getattr(args, "admin_key_file", None)
+    if key_file is not None:
+        try:
+            flags["admin_key"] = key_file.read_text().strip()
+        except OSError as exc:
+            raise InvalidField(
+                f"cannot read --admin-key-file {key_file}: {exc.strerror or exc}", code="config_invalid"
+            ) from None
     return load_settings(**{name: value for name, value in flags.items() if value})
 
 

@@ -211,3 +211,41 @@ def test_a_taken_worker_metrics_port_stops_the_worker_with_one_line(tmp_path: Pa
     assert done.returncode == 3, done.stderr
     assert "Traceback" not in done.stderr
     assert f"127.0.0.1:{port} is unavailable" in done.stderr and "[metrics_port_taken]" in done.stderr
+
+
+def test_keys_use_one_private_database_per_user_whatever_the_directory(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MODTAG_DATA_DIR"} | {"XDG_DATA_HOME": str(tmp_path / "xdg")}
+    outputs = []
+    for cwd in (tmp_path / "one", tmp_path / "two"):
+        cwd.mkdir()
+        done = subprocess.run(
+            [sys.executable, "-m", "modtag", "keys", "list"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=cwd,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stderr)
+    data_dir = tmp_path / "xdg" / "modtag"
+    assert outputs[0] == outputs[1] and f"database: sqlite:///{data_dir / 'modtag.db'}" in outputs[0]
+    assert not (tmp_path / "one" / ".modtag").exists()
+    assert data_dir.stat().st_mode & 0o777 == 0o700
+    assert (data_dir / "modtag.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_admin_key_comes_from_a_file_never_from_argv(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen: list[Settings] = []
+    monkeypatch.setattr("modtag.cli.cmd_up", lambda _, settings: seen.append(settings) or 0)
+    key = "k" * 40
+    (tmp_path / "admin.key").write_text(key + "\n")
+    assert main(["up", "--admin-key-file", str(tmp_path / "admin.key"), "--data-dir", str(tmp_path)]) == 0
+    assert seen[0].admin_key is not None and seen[0].admin_key.get_secret_value() == key
+    with pytest.raises(SystemExit) as refused:
+        main(["up", "--admin-key", key])
+    assert refused.value.code == 2
+    assert main(["up", "--admin-key-file", str(tmp_path / "missing.key")]) == 2
+    assert "cannot read --admin-key-file" in capsys.readouterr().err
