@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     policy_reload_s: float = Field(
         default=2.0, ge=0, description="How often a worker looks for edited policy files; 0: on every access."
     )
+    worker_decoded_megapixels: float = Field(
+        default=320, gt=0, description="Decoded image pixels (millions) one worker holds at once; more jobs wait."
+    )
     worker_concurrency: int | None = Field(
         default=None, gt=0, le=256, description="Task threads per worker; default twice batch_max_images."
     )

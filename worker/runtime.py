@@ -22,7 +22,7 @@ from core import metrics
 from core.blobs import LocalBlobStore
 from core.db import migrate
 from core.errors import ModelError, ModtagError, PolicyError, TransientError
-from core.images import ImageLimits, decode_image
+from core.images import ImageLimits, decode_image, sniff_image
 from core.settings import Settings
 from core.tables import Decision, Job, ShadowDecision, as_utc, utcnow
 from core.urls import fetch_image_bytes
@@ -32,6 +32,7 @@ from worker.adapter import roles_for
 from worker.callbacks import send_callbacks
 from worker.inference import InferenceService
 from worker.lifecycle import JobLifecycle, JobResult, Unclaimed
+from worker.pixels import PixelBudget
 
 if TYPE_CHECKING:
     from worker.engine import Engine
@@ -56,6 +57,7 @@ class WorkerRuntime:
         self.limits = ImageLimits.from_settings(settings)
         self.inference = InferenceService(settings, tag_sets=self._tag_sets)
         self.lifecycle = JobLifecycle(settings, self.name)
+        self.pixels = PixelBudget(round(settings.worker_decoded_megapixels * 1_000_000))
         migrate(settings.resolved_database_url)
 
     @property
@@ -120,10 +122,13 @@ class WorkerRuntime:
                 needs = needs.merge(shadow_needs)
         with _stage(timings, "fetch"):
             data = self._image_bytes(job)
-        with _stage(timings, "decode"):
-            image = decode_image(data, self.limits)
-        with _stage(timings, "infer"):
-            outputs = self.inference.infer(image, needs, timeout_s=self.settings.job_timeout_s)
+        header = sniff_image(data, self.limits)
+        with self.pixels.hold(header.width * header.height, timeout_s=self.settings.job_timeout_s):
+            with _stage(timings, "decode"):
+                image = decode_image(data, self.limits)
+            with _stage(timings, "infer"):
+                outputs = self.inference.infer(image, needs, timeout_s=self.settings.job_timeout_s)
+            del image  # the pixels are given back with the budget
         with _stage(timings, "evaluate"):
             verdict = decide(policy, outputs, context)
             shadow_rows = [
