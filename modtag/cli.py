@@ -362,10 +362,13 @@ def cmd_policy_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_policy_test(args: argparse.Namespace, settings: Settings) -> int:
     from modtag.policytools import cases_json, print_cases
+    from modtag.preflight import check_models_reachable
     from policies import load_policy
     from worker.replay import run_cases
 
     policy = load_policy(args.file)
+    if args.cases.is_dir():  # else run_cases says what the cases directory must be
+        check_models_reachable(settings.models)  # offline: fail in seconds with what to do, as `scan` does
     results = run_cases(policy, args.cases, settings)
     if args.json:
         print(cases_json(results))

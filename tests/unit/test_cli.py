@@ -118,6 +118,33 @@ def test_scan_with_unreachable_models_exits_in_seconds(tmp_path: Path) -> None:
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.slow
+def test_policy_test_with_unreachable_models_fails_like_scan(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache"),
+           "MODTAG_MODELS": "base", "MODTAG_DATA_DIR": str(tmp_path / "data")}  # fmt: skip
+    (tmp_path / "cases" / "allow").mkdir(parents=True)
+    (tmp_path / "cases" / "allow" / "a.jpg").write_bytes(photo_bytes("coffee"))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modtag",
+            "policy",
+            "test",
+            str(builtin_dir() / "moderation.yaml"),
+            str(tmp_path / "cases"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 3, done.stderr
+    assert (
+        "[model_unavailable]" in done.stderr and "hf download" in done.stderr and "huggingface-cli" not in done.stderr
+    )
+
+
 @pytest.mark.parametrize(
     "command",
     [
