@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, or_, select, update
 
 from core.settings import Settings
-from core.tables import WebhookDelivery, WebhookSecret, as_utc, utcnow
+from core.tables import FINAL_STATUSES, Job, WebhookDelivery, WebhookSecret, as_utc, utcnow
 
 SECRET_PREFIX = "whsec_"
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
@@ -160,6 +160,25 @@ def due_deliveries(session: Session, limit: int = 100) -> list[str]:
             select(WebhookDelivery.id)
             .where(WebhookDelivery.status == PENDING, col(WebhookDelivery.next_attempt_at) <= utcnow())
             .order_by(col(WebhookDelivery.next_attempt_at))
+            .limit(limit)
+        ).all()
+    )
+
+
+def jobs_missing_delivery(session: Session, event_type: str, finished_before: datetime, limit: int = 100) -> list[str]:
+    """Final jobs with a callback URL, finished before `finished_before` (and within a day of it), that have no
+    delivery: their worker stopped between finishing them and recording the webhook."""
+    recorded = select(WebhookDelivery.subject_id).where(WebhookDelivery.event_type == event_type)
+    return list(
+        session.exec(
+            select(Job.id)
+            .where(
+                col(Job.callback_url).is_not(None),
+                col(Job.status).in_(list(FINAL_STATUSES)),
+                col(Job.finished_at) < finished_before,
+                col(Job.finished_at) >= finished_before - timedelta(days=1),
+                col(Job.id).not_in(recorded),
+            )
             .limit(limit)
         ).all()
     )

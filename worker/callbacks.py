@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -21,7 +22,7 @@ from core.errors import ModtagError
 from core.listings import listing_callback_due
 from core.public import JobPublic
 from core.settings import Settings
-from core.tables import Job
+from core.tables import Job, utcnow
 from core.urls import post_json
 from policies.listing import listing_public
 
@@ -85,6 +86,7 @@ def start_webhook_sender(settings: Settings, stop: threading.Event) -> threading
     def loop() -> None:
         while not stop.wait(settings.webhook_poll_s):
             try:
+                _record_missing(settings)
                 with session_scope(settings.resolved_database_url) as session:
                     due = webhooks.due_deliveries(session)
                 for delivery_id in due:
@@ -95,6 +97,19 @@ def start_webhook_sender(settings: Settings, stop: threading.Event) -> threading
     thread = threading.Thread(target=loop, name="modtag-webhooks", daemon=True)
     thread.start()
     return thread
+
+
+def _record_missing(settings: Settings) -> None:
+    """Record the webhooks of final jobs whose worker stopped before it could (at least once, even then). Jobs
+    finished in the last `queued_grace_s` are left to their own worker."""
+    url = settings.resolved_database_url
+    grace = utcnow() - timedelta(seconds=settings.queued_grace_s)
+    with session_scope(url) as session:
+        missing = webhooks.jobs_missing_delivery(session, JOB_EVENT, grace)
+        found = [job for job_id in missing if (job := jobs.get_job(session, job_id)) is not None]
+    for job in found:
+        log.warning("job %s was final without its webhook recorded; recording it now", job.id)
+        _record(settings, job)
 
 
 def _record(settings: Settings, job: Job) -> list[str]:

@@ -83,3 +83,32 @@ def test_after_a_rotation_both_secrets_sign(deployment: Deployment, webhook_rece
     assert len(headers["webhook-signature"].split(" ")) == 2
     for secret in (old, new):
         assert json.loads(body) == Webhook(secret).verify(body, headers)
+
+
+def test_a_final_job_whose_webhook_was_never_recorded_gets_it(
+    deployment: Deployment, webhook_receiver: WebhookReceiver
+) -> None:
+    from core.db import session_scope
+    from core.jobs import NewJob, create_job, fail_job
+
+    # A worker that died between failing the job and recording its webhook leaves exactly this behind.
+    with session_scope(deployment.env["MODTAG_DATABASE_URL"]) as session:
+        job, _ = create_job(
+            session,
+            NewJob(
+                tenant="default",
+                policy="moderation",
+                policy_version=None,
+                source="url",
+                image_url="https://img.example/a.jpg",
+                callback_url=webhook_receiver.url,
+            ),
+        )
+        fail_job(session, job.id, "fetch_dns", "the host img.example has no address")
+    deployment.start_api()
+    deployment.start_worker(**FAST_RETRIES, MODTAG_QUEUED_GRACE_S="1")
+    wait_for(lambda: len(webhook_receiver.attempts) >= 1, 60, "the recovered webhook")
+    secret = deployment.client.get("/v1/webhooks/secret").json()["secret"]
+    headers, body = webhook_receiver.attempts[0]
+    verified = Webhook(secret).verify(body, headers)
+    assert verified["id"] == job.id and verified["error"]["code"] == "fetch_dns"
