@@ -22,6 +22,7 @@ from http.cookies import CookieError, SimpleCookie
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import SESSION_COOKIE
+from api.middleware import HttpMiddleware
 from core.settings import Settings
 
 # (method, path pattern) of the routes that take images: they read and cap their own bodies after the key check.
@@ -36,17 +37,14 @@ def is_upload(method: str, path: str) -> bool:
     return any(method == wanted and pattern.match(path) for wanted, pattern in UPLOAD_ROUTES)
 
 
-class RequestLimitsMiddleware:
-    """The body and credential limits above, as a plain ASGI middleware (nothing is buffered here)."""
+class RequestLimitsMiddleware(HttpMiddleware):
+    """The body and credential limits above (nothing is buffered here)."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
-        self.app = app
+        super().__init__(app)
         self.settings = settings
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = str(scope.get("path", ""))
         raw = scope.get("headers", [])
         if sum(len(name) + len(value) + 4 for name, value in raw) > self.settings.max_header_bytes:

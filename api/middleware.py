@@ -13,8 +13,8 @@ UNMATCHED = "unmatched"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-class HttpMetricsMiddleware:
-    """Counts and times every HTTP request (a plain ASGI middleware: streaming bodies pass untouched)."""
+class HttpMiddleware:
+    """A plain ASGI middleware (streaming bodies pass untouched) that sees HTTP requests only: `handle` them."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -23,6 +23,16 @@ class HttpMetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+class HttpMetricsMiddleware(HttpMiddleware):
+    """Counts and times every HTTP request."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         status = 500  # what the client gets if the app raises before answering
 
@@ -41,17 +51,11 @@ class HttpMetricsMiddleware:
             HTTP_DURATION.labels(method=method, route=route).observe(time.perf_counter() - started)
 
 
-class RequestIdMiddleware:
+class RequestIdMiddleware(HttpMiddleware):
     """Every request gets an id (the caller's X-Request-ID when sane), echoed in the response and bound to its log
     lines; the jobs it submits carry it to the worker."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         sent = next((value for name, value in scope.get("headers", []) if name.lower() == b"x-request-id"), None)
         request_id = request_id_from(sent.decode("latin-1") if sent is not None else None)
 

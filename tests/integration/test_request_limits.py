@@ -55,16 +55,20 @@ def _answer(sock: socket.socket) -> tuple[int, dict[str, Any]]:
     return int(lines[0].split()[1]), json.loads(body[:length]) if length else {}
 
 
+def _promise_a_big_body(sock: socket.socket, extra_headers: str = "") -> tuple[int, dict[str, Any]]:
+    """Send only the head of a 50 MB JSON post: a server that waited for the body would never answer."""
+    sock.sendall(
+        b"POST /v1/review/x/resolve HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        + f"{extra_headers}Content-Length: {BIG}\r\n\r\n".encode()
+    )
+    return _answer(sock)
+
+
 def test_an_anonymous_50_mb_post_is_refused_before_its_body_is_read(api: Api) -> None:
     before = _rss_bytes()
     for _ in range(3):
         with _connection(api.base_url) as sock:
-            sock.sendall(
-                b"POST /v1/review/x/resolve HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                + f"Content-Length: {BIG}\r\n\r\n".encode()
-            )
-            # Nothing of the body is sent: a server that waited for it would never answer.
-            status, body = _answer(sock)
+            status, body = _promise_a_big_body(sock)
             assert (status, body["code"]) == (401, "auth_required")
             with contextlib.suppress(OSError):  # the server may close while the rest arrives
                 for _ in range(BIG // len(CHUNK)):
@@ -74,11 +78,7 @@ def test_an_anonymous_50_mb_post_is_refused_before_its_body_is_read(api: Api) ->
 
 def test_a_large_body_is_413_on_every_route_but_the_uploads(api: Api) -> None:
     with _connection(api.base_url) as sock:
-        sock.sendall(
-            b"POST /v1/review/x/resolve HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-            + f"Authorization: Bearer {api.key}\r\nContent-Length: {BIG}\r\n\r\n".encode()
-        )
-        status, body = _answer(sock)
+        status, body = _promise_a_big_body(sock, f"Authorization: Bearer {api.key}\r\n")
     assert (status, body["code"]) == (413, "body_too_large")
 
     def chunked() -> Iterator[bytes]:  # no Content-Length: the cap is counted as the body arrives
