@@ -7,12 +7,14 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= worker,embedded,test
 MODTAG_MODELS ?= base
+# Every dependency but torch pinned (`make lock` regenerates it): two installs a week apart are the same.
+LOCK ?= requirements.lock
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit test-fast integration e2e bench clean setup
+.PHONY: run test lint unit test-fast integration e2e bench clean setup lock
 
 run: $(STAMP)
 	MODTAG_MODELS=$(MODTAG_MODELS) $(BIN)/modtag scan examples/
@@ -43,11 +45,21 @@ bench: $(STAMP)
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
+
+# The lock leaves torch (and its CUDA wheels) out: TORCH_SPEC and the image's TORCH_INDEX_URL choose the build.
+lock: $(STAMP)
+	$(BIN)/python -m pip install --quiet uv
+	$(BIN)/uv pip compile pyproject.toml --extra worker --extra embedded --extra test --no-header \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-emit-package torch \
+		$$($(BIN)/uv pip compile pyproject.toml --extra worker --python-version 3.11 \
+			--python-platform x86_64-manylinux_2_28 2>/dev/null | grep -oE '^(nvidia-|triton|cuda-)[^=]*' \
+			| sed 's/^/--no-emit-package /') \
+		-o $(LOCK)
 
 clean:
 	rm -rf $(VENV) .modtag .pytest_cache .mypy_cache .ruff_cache

@@ -5,15 +5,18 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 import redis
 from fastapi import FastAPI
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import Services
+from api.docs import install_docs
 from api.errors import install_error_handlers
-from api.middleware import DashboardHeadersMiddleware, HttpMetricsMiddleware
-from api.routes import audit, banks, dashboard, decisions, health, jobs, listings, policies, review, shadow
+from api.limits import RequestLimitsMiddleware
+from api.middleware import DashboardHeadersMiddleware, HttpMetricsMiddleware, RequestIdMiddleware
+from api.routes import audit, banks, dashboard, decisions, health, jobs, listings, policies, review, shadow, webhooks
 from api.routes.health import CHECK_TIMEOUT_S
 from core import __version__
 from core.auth import bootstrap_admin_key
@@ -25,6 +28,9 @@ from core.metrics import POLICY_RELOADS, set_build_info
 from core.settings import Settings, get_settings
 from policies.registry import PolicyRegistry
 
+if TYPE_CHECKING:
+    import uvicorn
+
 logger = logging.getLogger(__name__)
 
 
@@ -35,16 +41,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="modtag",
         version=__version__,
         summary="Image moderation and product tagging: submit images, read decisions.",
+        description=(
+            "Limits on every request: the request line and headers together at most `MODTAG_MAX_HEADER_BYTES` "
+            f"(default {Settings.model_fields['max_header_bytes'].default} bytes; past it 400); a body at most "
+            f"`MODTAG_MAX_BODY_BYTES` (default {Settings.model_fields['max_body_bytes'].default} bytes; 413 "
+            "`body_too_large`) except image uploads, which have their own limits; a call to /v1 without a key is "
+            "401 before its body is read."
+        ),
         lifespan=_lifespan,
+        docs_url=None,  # served by api.docs with local assets
+        redoc_url=None,
     )
     app.state.settings = settings
     install_error_handlers(app)
     app.add_exception_handler(AuthError, dashboard.refusal)  # type: ignore[arg-type]
     app.add_exception_handler(Forbidden, dashboard.refusal)  # type: ignore[arg-type]
     app.add_middleware(DashboardHeadersMiddleware)
+    app.add_middleware(RequestLimitsMiddleware, settings=settings)
     app.add_middleware(HttpMetricsMiddleware)
-    for module in (jobs, listings, decisions, review, audit, policies, shadow, banks, health, dashboard):
+    app.add_middleware(RequestIdMiddleware)  # outermost: even a refused request gets an id
+    for module in (jobs, listings, decisions, review, audit, policies, shadow, banks, webhooks, health, dashboard):
         app.include_router(module.router)
+    install_docs(app)
     return app
 
 
@@ -53,7 +71,28 @@ def run(settings: Settings | None = None) -> None:
     import uvicorn
 
     settings = settings or get_settings()
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port)
+    uvicorn.Server(server_config(create_app(settings), settings)).run()
+
+
+def server_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """How uvicorn serves `app`: h11 with a header-size limit, client addresses from trusted proxies only."""
+    import uvicorn
+
+    trusted = settings.trusted_proxies.strip()
+    options: dict[str, Any] = {
+        "host": settings.api_host,
+        "port": settings.api_port,
+        # h11 bounds the request line and headers (httptools accepts megabytes of them).
+        "http": "h11",
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+        # X-Forwarded-For is believed only from proxies an operator listed: never by default, not even loopback.
+        "proxy_headers": bool(trusted),
+        "forwarded_allow_ips": trusted or None,
+        # uvicorn's loggers go through the root logger, in MODTAG_LOG_FORMAT (core.logs.configure_logging).
+        "log_config": None,
+        **overrides,
+    }
+    return uvicorn.Config(app, **options)
 
 
 @asynccontextmanager

@@ -5,7 +5,8 @@ a key into a session cookie (HttpOnly, SameSite=Strict, Secure in production); t
 on GET/HEAD anywhere (reading a thumbnail from an <img>) and on POSTs under /dashboard/, which must
 also carry the session's CSRF token. API writes under /v1 need the key itself: no ambient credential
 can make them. Refusals: 401 `auth_required` / `auth_invalid` / `auth_revoked`, 403 `forbidden`, and 429
-`too_many_failures` (with Retry-After) for an address that sent too many bad keys (api/failures.py).
+`too_many_failures` (with Retry-After) for a bad key from an address, or for a key prefix, that failed too often
+(api/failures.py; a valid key is never refused).
 
 `MODTAG_AUTH=false` (development only; refused in production) makes every caller an admin of the
 `default` tenant. /healthz, /readyz and /metrics stay open: probes and Prometheus carry no key, so
@@ -26,9 +27,10 @@ from fastapi.security import APIKeyCookie, APIKeyHeader, HTTPAuthorizationCreden
 from sqlmodel import Session, col, delete, select
 
 from api.deps import ServicesDep, SessionDep, SettingsDep
-from api.failures import check_failures, client_address, record_failure
+from api.failures import client_address, refuse_repeated_failure
 from core.auth import DEFAULT_TENANT, authenticate, principal_for
 from core.errors import AuthError, Forbidden
+from core.logs import add_log_fields
 from core.metrics import AUTH_FAILURES
 from core.principals import Permission, Principal
 from core.settings import Settings
@@ -43,6 +45,7 @@ PUBLIC_PATHS = frozenset(
         "/metrics",
         "/docs",
         "/docs/oauth2-redirect",
+        "/docs-assets",
         "/redoc",
         "/openapi.json",
         "/dashboard",
@@ -72,17 +75,13 @@ def get_principal(
     authorization = request.headers.get("authorization")
     presented = bearer.credentials if bearer is not None else header_key
     key_attempt = presented is not None or authorization is not None
-    address = client_address(request)
-    if key_attempt:
-        # Before the key is looked at: a locked-out address learns nothing, not even from a right key.
-        check_failures(services.redis, address, settings)
     try:
         if authorization is not None and bearer is None:
             raise AuthError("send the key as `Authorization: Bearer <key>`", code="auth_invalid")
         if presented is not None:
-            return principal_for(authenticate(session, presented))
+            return _known(principal_for(authenticate(session, presented)))
         if cookie is not None and _cookie_allowed(request):
-            return session_principal(session, cookie)
+            return _known(session_principal(session, cookie))
         raise AuthError(
             "this needs an API key: send `Authorization: Bearer <key>` (or sign in at /dashboard/login)",
             code="auth_required",
@@ -90,7 +89,7 @@ def get_principal(
     except AuthError as exc:
         AUTH_FAILURES.labels(code=exc.code).inc()
         if key_attempt:
-            record_failure(services.redis, address, settings)
+            refuse_repeated_failure(services.redis, client_address(request), presented, settings)
         raise
 
 
@@ -122,6 +121,7 @@ Auditor = Annotated[Principal, Depends(Require(Permission.AUDIT))]
 BankEditor = Annotated[Principal, Depends(Require(Permission.BANKS))]
 BankCreator = Annotated[Principal, Depends(Require(Permission.BANKS_CREATE))]
 Eraser = Annotated[Principal, Depends(Require(Permission.ERASE))]
+WebhookAdmin = Annotated[Principal, Depends(Require(Permission.WEBHOOKS))]
 
 
 def route_permission(route: APIRoute) -> Permission | None:
@@ -191,6 +191,11 @@ def session_principal(session: Session, token: str) -> Principal:
     if as_utc(dashboard_session.expires_at) <= utcnow():
         raise AuthError("the sign-in expired; sign in again", code="auth_required")
     return principal_for(key, via="session", csrf_token=dashboard_session.csrf_token)
+
+
+def _known(principal: Principal) -> Principal:
+    add_log_fields(tenant=principal.tenant)
+    return principal
 
 
 def _cookie_allowed(request: Request) -> bool:

@@ -85,7 +85,11 @@ async def read_json_object(request: Request, cap: int, too_large: str) -> dict[s
 
 
 def validate_body(model: type[BodyModel], document: dict[str, Any]) -> BodyModel:
-    """`document` as `model`, its errors reported like FastAPI's own body validation (422, `loc` from "body")."""
+    """`document` as `model`, its errors reported like FastAPI's own body validation (422, `loc` from "body");
+    a field the model does not have is 422 `unknown_field` naming it."""
+    unknown = [name for name in document if name not in model.model_fields]
+    if unknown:
+        raise _unknown_field(unknown[0], sorted(model.model_fields))
     try:
         return model.model_validate(document)
     except ValidationError as exc:
@@ -100,6 +104,13 @@ async def read_upload(upload: UploadFile, limit: int, what: str) -> bytes:
     if len(data) > limit:
         raise PayloadTooLarge(f"{what} is larger than the limit of {limit} bytes", code="image_too_large")
     return data
+
+
+def refuse_unknown_fields(form: FormData, allowed: frozenset[str]) -> None:
+    """422 `unknown_field` naming the first form field the route does not take (a typo must not run defaults)."""
+    for name in form:
+        if name not in allowed:
+            raise _unknown_field(name, sorted(allowed))
 
 
 def form_text(form: FormData, field: str) -> str | None:
@@ -187,6 +198,10 @@ def _check_declared_length(request: Request, cap: int, code: str, message: str) 
         raise BadRequest("the Content-Length header is not a number", code="bad_request") from None
     if length > cap:
         raise PayloadTooLarge(message, code=code)
+
+
+def _unknown_field(name: str, allowed: list[str]) -> InvalidField:
+    return InvalidField(f"unknown field {name[:64]!r}: this route takes {', '.join(allowed)}", code="unknown_field")
 
 
 def _refuse_constant(name: str) -> Any:

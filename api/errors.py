@@ -52,10 +52,23 @@ def error_response(
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses=` entries documenting the error body for these statuses."""
-    return {
+    """OpenAPI `responses=` entries documenting the error body for these statuses, and the 429 and 503 any route
+    that reads the database or checks a key may answer."""
+    documented: dict[int | str, dict[str, Any]] = {
         status: {"model": ErrorBody, "description": HTTPStatus(status).phrase + " (see `code`)"} for status in statuses
     }
+    documented.setdefault(
+        429,
+        {
+            "model": ErrorBody,
+            "description": "Too many failed key checks from this address or for this key (`too_many_failures`)",
+            "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}},
+        },
+    )
+    documented.setdefault(
+        503, {"model": ErrorBody, "description": "The database or Redis is unavailable; retry shortly"}
+    )
+    return documented
 
 
 async def _modtag_error(_request: Request, exc: ModtagError) -> JSONResponse:

@@ -1,11 +1,14 @@
-"""Failed key checks by client address: after too many in a window, that address is refused (429) until it passes.
+"""Failed key checks by client address and by key prefix: past the limit in a window, failures answer 429.
 
-Counters live in Redis (`modtag:authfail:<ip>`, a fixed window: the first failure starts it, the key expires
-with it), so every API process sees the same count and memory stays bounded. Only failed key checks count
-(a wrong or revoked key, on the API or the dashboard sign-in); a success neither counts nor resets. If Redis
-does not answer, the check is skipped (fail open) with one warning: an outage must never lock everyone out.
-The address is the client the ASGI server reports: uvicorn replaces the TCP peer with X-Forwarded-For only when
-the peer is in FORWARDED_ALLOW_IPS (default 127.0.0.1, a local reverse proxy); nothing else is trusted.
+The key is always checked first: a valid key is never refused, whatever its address or prefix did (a limiter
+that refuses valid keys lets one anonymous client lock every tenant out). A failed check counts against the
+client address (`modtag:authfail:<ip>`) and, for a key of the generated shape, its prefix
+(`modtag:authfail:key:mtk_<12 hex>`: guesses at one key's secret from many addresses); once either has used up
+`auth_max_failures` in the window, further failures are 429 `too_many_failures` with Retry-After instead of 401.
+Counters live in Redis (a fixed window: the first failure starts it, the key expires with it), so every API
+process sees the same count and memory stays bounded. If Redis does not answer, limiting is skipped (fail open)
+with one warning. The address is the TCP peer; X-Forwarded-For replaces it only when the peer is one of
+`MODTAG_TRUSTED_PROXIES` (empty by default: not even loopback is trusted; see api.app.server_config).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import math
 from fastapi import Request
 from redis import Redis, RedisError
 
+from core.auth import generated_prefix
 from core.errors import TooManyFailures
 from core.metrics import AUTH_FAILURES
 from core.settings import Settings
@@ -34,8 +38,22 @@ def client_address(request: Request) -> str:
     return (host or "unknown")[:_MAX_ADDRESS]
 
 
+def refuse_repeated_failure(redis: Redis, address: str, presented: str | None, settings: Settings) -> None:
+    """Count a failed key check against `address` and the presented key's prefix; TooManyFailures when either
+    had already used up its failures in the window (the caller answers 401 otherwise)."""
+    prefix = generated_prefix(presented) if presented else None
+    buckets = [address, *([f"key:{prefix}"] if prefix else [])]
+    try:
+        for bucket in buckets:
+            check_failures(redis, bucket, settings)
+    finally:
+        for bucket in buckets:
+            record_failure(redis, bucket, settings)
+
+
 def check_failures(redis: Redis, address: str, settings: Settings) -> None:
-    """Raise TooManyFailures if `address` has used up its failures in the current window; Redis down: pass."""
+    """Raise TooManyFailures if `address` (or a `key:` bucket) has used up its failures in the window; Redis down:
+    pass."""
     key = KEY_PREFIX + address
     try:
         with redis.pipeline(transaction=False) as pipe:
@@ -51,7 +69,7 @@ def check_failures(redis: Redis, address: str, settings: Settings) -> None:
     retry_after = math.ceil(ttl_ms / 1000) if ttl_ms > 0 else settings.auth_failure_window_s
     AUTH_FAILURES.labels(code="too_many_failures").inc()
     raise TooManyFailures(
-        f"too many failed sign-ins from this address; wait {retry_after} s and use a valid key",
+        f"too many failed sign-ins from this address or for this key; wait {retry_after} s and use a valid key",
         retry_after_s=max(1, retry_after),
     )
 

@@ -6,14 +6,15 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.logs import log_context, request_id_from
 from core.metrics import HTTP_DURATION, HTTP_REQUESTS
 
 UNMATCHED = "unmatched"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-class HttpMetricsMiddleware:
-    """Counts and times every HTTP request (a plain ASGI middleware: streaming bodies pass untouched)."""
+class HttpMiddleware:
+    """A plain ASGI middleware (streaming bodies pass untouched) that sees HTTP requests only: `handle` them."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -22,6 +23,16 @@ class HttpMetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+class HttpMetricsMiddleware(HttpMiddleware):
+    """Counts and times every HTTP request."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         status = 500  # what the client gets if the app raises before answering
 
@@ -38,6 +49,24 @@ class HttpMetricsMiddleware:
             route = route_template(scope)
             HTTP_REQUESTS.labels(method=method, route=route, status=str(status)).inc()
             HTTP_DURATION.labels(method=method, route=route).observe(time.perf_counter() - started)
+
+
+class RequestIdMiddleware(HttpMiddleware):
+    """Every request gets an id (the caller's X-Request-ID when sane), echoed in the response and bound to its log
+    lines; the jobs it submits carry it to the worker."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sent = next((value for name, value in scope.get("headers", []) if name.lower() == b"x-request-id"), None)
+        request_id = request_id_from(sent.decode("latin-1") if sent is not None else None)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                kept = [(name, value) for name, value in message.get("headers", []) if name.lower() != b"x-request-id"]
+                message = {**message, "headers": [*kept, (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        with log_context(request_id=request_id):
+            await self.app(scope, receive, send_with_id)
 
 
 def route_template(scope: Scope) -> str:

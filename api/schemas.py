@@ -5,14 +5,37 @@ What the API answers with is in `core.public` (shared with the worker's callback
 
 from __future__ import annotations
 
+import re
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+from core.moments import parse_since
 
 # Policy and category names are slugs (ids: core.tables.ID_PATTERN).
 SLUG_PATTERN = r"^[a-z0-9_-]+$"
 MAX_TITLE_CHARS = 500
 MAX_DESCRIPTION_CHARS = 20_000
+
+
+# An age as the API takes it: at most 5 digits (99999 weeks still lands after year 1) and no spaces, so that the
+# documented pattern and the parser agree exactly.
+_AGE = r"^[0-9]{1,5}[smhdwSMHDW]$"
+
+
+def _moment(value: object) -> object:
+    # Anything that is not an age is left to pydantic's datetime parsing (ISO 8601), as before ages were taken.
+    return parse_since(value) if isinstance(value, str) and re.match(_AGE, value) else value
+
+
+# A `since` query: ISO 8601 (naive: UTC) or an age such as 7d, 12h, 30m, read as the CLI's `--since` is.
+Moment = Annotated[
+    datetime,
+    BeforeValidator(_moment),
+    WithJsonSchema({"anyOf": [{"type": "string", "format": "date-time"}, {"type": "string", "pattern": _AGE}]}),
+]
+SINCE_HELP = "ISO 8601 (naive times are UTC) or an age: 7d, 12h, 30m."
 
 
 class JobRequest(BaseModel):

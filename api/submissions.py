@@ -11,6 +11,7 @@ where the records go.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from api.bodies import (
     json_type,
     read_body,
     read_upload,
+    refuse_unknown_fields,
     strict_json,
     validate_body,
 )
@@ -41,10 +43,17 @@ from api.deps import Services, ServicesDep, SessionDep, SettingsDep, resolve_pol
 from api.errors import error_responses
 from api.schemas import MAX_DESCRIPTION_CHARS, MAX_TITLE_CHARS, JobRequest, ListingRequest
 from core.broker import enqueue_job
-from core.errors import BadRequest, FetchError, InvalidField, ModtagError, PayloadTooLarge, PolicyError
+from core.errors import BadRequest, Conflict, FetchError, InvalidField, ModtagError, PayloadTooLarge, PolicyError
 from core.images import ImageHeader, ImageLimits, sniff_image
 from core.jobs import NewJob, create_job, find_by_idempotency_key
-from core.listings import NewListing, create_listing, find_listing_by_idempotency_key, listing_context
+from core.listings import (
+    NewListing,
+    create_listing,
+    find_listing_by_idempotency_key,
+    listing_context,
+    listing_jobs,
+)
+from core.logs import log_fields
 from core.metrics import JOBS_SUBMITTED
 from core.principals import Principal
 from core.public import JobPublic, ListingPublic
@@ -61,7 +70,20 @@ MAX_ATTRIBUTES = 32
 MAX_ATTRIBUTE_CHARS = 200
 _IDEMPOTENCY_KEY_MAX = 255
 _ATTRIBUTE_NAME = re.compile(r"^[a-z0-9_]{1,64}$")
+# `image_url` is listed so that a form with both it and `image` gets the clearer `ambiguous_image`.
+_JOB_FORM_FIELDS = frozenset({"image", "image_url", "policy", "context", "callback_url"})
+_LISTING_FORM_FIELDS = frozenset({"images", "policy", "title", "description", "attributes", "callback_url"})
 Record = TypeVar("Record", Job, Listing)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What makes two submissions the same request: an Idempotency-Key may only be replayed with the same one."""
+
+    policy: str
+    images: tuple[str, ...]  # each upload's SHA-256, then each URL, in order
+    context: dict[str, Any] | None
+    callback_url: str | None
 
 
 @dataclass(frozen=True)
@@ -97,6 +119,10 @@ class Submission(ABC, Generic[Record]):
     @abstractmethod
     def find(self, session: Session, tenant: str, key: str) -> Record | None:
         """The record an earlier submission with this Idempotency-Key made."""
+
+    @abstractmethod
+    def fingerprint_of(self, session: Session, record: Record) -> Fingerprint:
+        """The fingerprint of the request that made `record`."""
 
     @abstractmethod
     def insert(
@@ -160,11 +186,18 @@ def accept(
     policy = resolve_policy(services.policies, submission.policy)
     context = submission.read_context(settings)
     require_context(policy, context)
-    urls = [check_url(url, submission.url_field(index)) for index, url in enumerate(submission.urls)]
+    urls: list[str] = [check_url(url, submission.url_field(index)) for index, url in enumerate(submission.urls)]
     callback_url = check_url(submission.callback_url, "callback_url") if submission.callback_url else None
 
+    digests = [hashlib.sha256(data).hexdigest() for data in submission.uploads]
+    fingerprint = Fingerprint(
+        policy=policy.name,
+        images=tuple(digests + urls),
+        context=context,
+        callback_url=callback_url,
+    )
     if idempotency_key and (existing := submission.find(session, principal.tenant, idempotency_key)) is not None:
-        return Accepted(existing, [], created=False)
+        return _replay(submission, session, existing, fingerprint, idempotency_key)
 
     common: dict[str, Any] = {
         "tenant": principal.tenant,
@@ -172,15 +205,33 @@ def accept(
         "policy_version": policy.version,
         "context": context,
         "submitted_by": principal.key_id,
+        "request_id": log_fields().get("request_id"),
     }
     uploads = zip(submission.uploads, headers, strict=True)
     photos = [_upload_job(services, data, header, common) for data, header in uploads]
     photos.extend(NewJob(**common, source="url", image_url=url) for url in urls)
     record, jobs, created = submission.insert(session, photos, idempotency_key, callback_url)
-    if created:
-        for job in jobs:
-            _enqueue(services, job)
-    return Accepted(record, jobs if created else [], created)
+    if not created and idempotency_key:  # a racing twin with the same key won: it must have been this request
+        return _replay(submission, session, record, fingerprint, idempotency_key)
+    for job in jobs:
+        _enqueue(services, job)
+    return Accepted(record, jobs, created)
+
+
+def _replay(
+    submission: Submission[Record], session: Session, record: Record, fingerprint: Fingerprint, key: str
+) -> Accepted[Record]:
+    """The earlier record of `key` when this is the same request; 409 `idempotency_conflict` when it is not.
+
+    Answering another request with the first one's record would hand an image the decision of another image.
+    """
+    if submission.fingerprint_of(session, record) != fingerprint:
+        raise Conflict(
+            f"the Idempotency-Key {key[:64]!r} was used for a different request (another image, policy, context "
+            "or callback_url); use a new key for a new request",
+            code="idempotency_conflict",
+        )
+    return Accepted(record, [], created=False)
 
 
 @dataclass(frozen=True)
@@ -232,6 +283,9 @@ class JobSubmission(Submission[Job]):
 
     def find(self, session: Session, tenant: str, key: str) -> Job | None:
         return find_by_idempotency_key(session, tenant, key)
+
+    def fingerprint_of(self, session: Session, record: Job) -> Fingerprint:
+        return Fingerprint(record.policy, (_image_of(record),), record.context, record.callback_url)
 
     def insert(
         self, session: Session, photos: list[NewJob], key: str | None, callback_url: str | None
@@ -298,6 +352,13 @@ class ListingSubmission(Submission[Listing]):
     def find(self, session: Session, tenant: str, key: str) -> Listing | None:
         return find_listing_by_idempotency_key(session, tenant, key)
 
+    def fingerprint_of(self, session: Session, record: Listing) -> Fingerprint:
+        jobs = [job for job, _ in listing_jobs(session, record.id)]
+        uploads = [_image_of(job) for job in jobs if job.source == "upload"]
+        urls = [_image_of(job) for job in jobs if job.source != "upload"]
+        context = listing_context(record.title, record.description, record.attributes)
+        return Fingerprint(record.policy, (*uploads, *urls), context, record.callback_url)
+
     def insert(
         self, session: Session, photos: list[NewJob], key: str | None, callback_url: str | None
     ) -> tuple[Listing, list[Job], bool]:
@@ -330,7 +391,7 @@ def submission_route(kind: type[Submission[Any]]) -> dict[str, Any]:
         "openapi_extra": {"requestBody": {"required": True, "content": content}},
         "responses": {
             200: {"model": kind.public, "description": kind.replayed},
-            **error_responses(400, 401, 403, 404, 413, 415, 422),
+            **error_responses(400, 401, 403, 404, 409, 413, 415, 422),
         },
     }
 
@@ -338,7 +399,13 @@ def submission_route(kind: type[Submission[Any]]) -> dict[str, Any]:
 def idempotency_key(
     key: Annotated[
         str | None,
-        Header(alias="Idempotency-Key", description="Retrying with the same key returns the same job."),
+        Header(
+            alias="Idempotency-Key",
+            description="Retrying the same request with the same key returns the same record (200); another "
+            "request under a used key is 409 `idempotency_conflict`. 1 to 255 printable ASCII characters.",
+            # Documented, not enforced here: `idempotency_key` refuses with its own code.
+            json_schema_extra={"minLength": 1, "maxLength": _IDEMPOTENCY_KEY_MAX, "pattern": "^[ -~]+$"},
+        ),
     ] = None,
 ) -> str | None:
     """The optional Idempotency-Key header: 1 to 255 printable ASCII characters."""
@@ -377,6 +444,7 @@ async def read_job_submission(request: Request, settings: SettingsDep) -> JobSub
     )
 
     async def from_form(form: FormData) -> JobSubmission:
+        refuse_unknown_fields(form, _JOB_FORM_FIELDS)
         image = form.get("image")
         if image is not None and form.get("image_url") is not None:
             raise BadRequest("send either an `image` file or an `image_url`, not both", code="ambiguous_image")
@@ -441,6 +509,7 @@ async def read_listing_submission(request: Request, settings: SettingsDep) -> Li
         others = [key for key, item in form.multi_items() if isinstance(item, UploadFile) and key != "images"]
         if others:
             raise InvalidField(f"unexpected file field {others[0]!r}: photos go in `images`", code="invalid_field")
+        refuse_unknown_fields(form, _LISTING_FORM_FIELDS)
         if len(uploads) > most:
             raise InvalidField(
                 f"the listing has {len(uploads)} photos; at most {most} are accepted", code="too_many_images"
@@ -503,6 +572,10 @@ JobSubmissionDep = Annotated[JobSubmission, Depends(read_job_submission)]
 ListingSubmissionDep = Annotated[ListingSubmission, Depends(read_listing_submission)]
 IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key)]
 IntakeDep = Annotated[Intake, Depends(read_intake)]
+
+
+def _image_of(job: Job) -> str:
+    return (job.image_sha256 if job.source == "upload" else job.image_url) or ""
 
 
 def _sniff(data: bytes, limits: ImageLimits, label: str | None) -> ImageHeader:

@@ -48,8 +48,13 @@ def generate_key() -> str:
 
 def display_prefix(key: str) -> str:
     """The non-secret part of a key: `mtk_<12 hex>` for generated keys, a hash stub for chosen ones."""
+    return generated_prefix(key) or f"sha256:{hash_key(key)[:12]}"
+
+
+def generated_prefix(key: str) -> str | None:
+    """`mtk_<12 hex>` when `key` has the shape of a generated key, else None."""
     match = _GENERATED.match(key)
-    return f"{KEY_PREFIX}{match.group(1)}" if match else f"sha256:{hash_key(key)[:12]}"
+    return f"{KEY_PREFIX}{match.group(1)}" if match else None
 
 
 def check_tenant(tenant: str) -> str:
@@ -141,7 +146,7 @@ def revoke_key(session: Session, key_id: str, actor: Principal) -> ApiKey:
 def bootstrap_admin_key(session: Session, given: str | None, *, temporary: bool = False) -> tuple[ApiKey, str]:
     """The admin key a local stack hands its user.
 
-    `given` (MODTAG_ADMIN_KEY / --admin-key) is created if absent and reused if present. Otherwise a new
+    `given` (MODTAG_ADMIN_KEY / --admin-key-file) is created if absent and reused if present. Otherwise a new
     random key is made; for `modtag up` the previous `modtag up` key is revoked, so only the last key
     printed works; a `temporary` key (for `modtag scan`) leaves it alone and is revoked by its caller.
     """
@@ -155,13 +160,13 @@ def bootstrap_admin_key(session: Session, given: str | None, *, temporary: bool 
             return row, given
         if existing.revoked_at is not None:
             raise ConfigError(
-                f"the admin key given by MODTAG_ADMIN_KEY / --admin-key ({existing.prefix}) was revoked; "
+                f"the admin key given by MODTAG_ADMIN_KEY / --admin-key-file ({existing.prefix}) was revoked; "
                 "choose another",
                 code="admin_key_revoked",
             )
         if existing.role != Role.ADMIN:
             raise ConfigError(
-                f"the key given by MODTAG_ADMIN_KEY / --admin-key ({existing.prefix}) has role {existing.role}, "
+                f"the key given by MODTAG_ADMIN_KEY / --admin-key-file ({existing.prefix}) has role {existing.role}, "
                 "not admin",
                 code="admin_key_not_admin",
             )

@@ -41,6 +41,7 @@ class NewJob:
     submitted_by: str | None = None  # the API key's id
     listing_id: str | None = None
     listing_index: int | None = None
+    request_id: str | None = None  # the submitting request's id, carried into the worker's log lines
 
 
 def create_job(session: Session, new: NewJob) -> tuple[Job, bool]:

@@ -36,7 +36,10 @@ MODEL_INFERENCE = Histogram(
     buckets=_MODEL_BUCKETS,
 )
 BATCH_SIZE = Histogram("modtag_batch_size_images", "Images per engine batch", buckets=(1, 2, 4, 8, 16, 32, 64))
-CALLBACKS = Counter("modtag_callbacks_total", "Job and listing callbacks sent, by outcome", ["outcome"])
+CALLBACKS = Counter("modtag_callbacks_total", "Job and listing webhook attempts, by outcome", ["outcome"])
+WEBHOOKS_ABANDONED = Counter(
+    "modtag_webhook_deliveries_abandoned_total", "Webhook deliveries given up after their last retry", ["event_type"]
+)
 MODEL_LOAD = Gauge("modtag_model_load_seconds", "Time the last load of each model took", ["model"])
 QUEUE_DEPTH = Gauge("modtag_queue_depth", "Messages waiting in each Celery queue", ["queue"])
 JOBS_BY_STATUS = Gauge("modtag_jobs", "Jobs in the database by status", ["status"])

@@ -25,6 +25,7 @@ class Permission(StrEnum):
     BANKS = "banks:edit"  # hash banks: list them, add, read and delete items
     BANKS_CREATE = "banks:create"  # create a bank (admin)
     ERASE = "jobs:erase"  # DELETE /v1/jobs/{id}: submit keys only their own jobs (core/erasure.py checks)
+    WEBHOOKS = "webhooks:manage"  # the webhook signing secret and the delivery log
 
 
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {

@@ -29,6 +29,8 @@ from core.tables import (
     Listing,
     ReviewItem,
     ReviewState,
+    WebhookDelivery,
+    WebhookSecret,
     as_utc,
     iso,
     utcnow,
@@ -449,6 +451,43 @@ class BankImport(PublicModel):
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
+class WebhookSecretPublic(PublicModel):
+    """The tenant's webhook signing secret (Standard Webhooks: verify `webhook-signature` with it)."""
+
+    secret: str = Field(description="`whsec_` + base64 of the HMAC-SHA256 key.")
+    created_at: Timestamp
+    previous_valid_until: Timestamp | None = Field(
+        description="After a rotation: until when the previous secret still signs beside this one."
+    )
+
+    @classmethod
+    def from_row(cls, row: WebhookSecret, previous_valid_until: datetime | None = None) -> WebhookSecretPublic:
+        return _from_row(cls, row, previous_valid_until=previous_valid_until)
+
+
+class WebhookDeliveryPublic(PublicModel):
+    """One webhook message and how its delivery went; `id` is the `webhook-id` every attempt carried."""
+
+    id: str
+    event_type: Literal["job.completed", "listing.completed"]
+    subject_id: str = Field(description="The job's or listing's id.")
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_attempt_at: Timestamp | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: Timestamp
+    delivered_at: Timestamp | None
+
+    @classmethod
+    def from_row(cls, row: WebhookDelivery) -> WebhookDeliveryPublic:
+        return _from_row(cls, row)
+
+
+class WebhookDeliveryPage(PublicModel):
+    data: list[WebhookDeliveryPublic]
+    next_cursor: str | None = Field(description="Pass as `before` for the next, older page.")
 
 
 def _from_row(shape: type[Shape], row: SQLModel, **given: Any) -> Shape:

@@ -23,7 +23,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MODTAG_", env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     environment: Literal["development", "production"] = "development"
-    data_dir: Path = Field(default=Path(".modtag"), description="Where the SQLite file and blobs live.")
+    data_dir: Path = Field(
+        default_factory=lambda: default_data_dir(),
+        description="Where the SQLite file and blobs live; default the user's data directory (not the working one).",
+    )
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir.")
     redis_url: str = "redis://localhost:6379/0"
     blob_dir: Path | None = Field(default=None, description="Image store; default data_dir/blobs.")
@@ -43,6 +46,12 @@ class Settings(BaseSettings):
     min_image_side: int = Field(default=8, gt=0)
     max_context_bytes: int = Field(default=64 * 1024, gt=0)
     listing_max_images: int = Field(default=10, gt=0, le=100, description="Photos one POST /v1/listings may carry.")
+    max_body_bytes: int = Field(
+        default=64 * 1024, gt=0, description="Largest request body of a route that takes no image (413 past it)."
+    )
+    max_header_bytes: int = Field(
+        default=16 * 1024, ge=1024, description="Largest request line and headers the API reads (431/400 past it)."
+    )
     fetch_timeout_s: float = Field(default=10.0, gt=0)
     fetch_allow_private: bool = Field(default=False, description="Allow image_url on loopback/private nets.")
 
@@ -58,14 +67,35 @@ class Settings(BaseSettings):
     policy_reload_s: float = Field(
         default=2.0, ge=0, description="How often a worker looks for edited policy files; 0: on every access."
     )
+    worker_decoded_megapixels: float = Field(
+        default=320, gt=0, description="Decoded image pixels (millions) one worker holds at once; more jobs wait."
+    )
     worker_concurrency: int | None = Field(
         default=None, gt=0, le=256, description="Task threads per worker; default twice batch_max_images."
+    )
+
+    # Webhooks (core/webhooks.py): the waits after each failed attempt, then give up. Standard Webhooks' schedule.
+    webhook_retry_intervals_s: list[float] = Field(
+        default=[5, 300, 1800, 7200, 18_000, 36_000, 36_000],
+        min_length=1,
+        description="Seconds before each retry of a failed webhook (JSON list); after the last, it is failed.",
+    )
+    webhook_poll_s: float = Field(default=5.0, gt=0, description="How often a worker looks for due webhook retries.")
+    webhook_secret_overlap_s: int = Field(
+        default=86_400, ge=0, description="How long a rotated-out webhook secret keeps signing beside the new one."
+    )
+
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="json: one JSON object per line, with request id, job id and tenant."
     )
 
     # Processes.
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)
     worker_metrics_port: int = Field(default=9808, ge=0, le=65535, description="0 disables it.")
+    worker_metrics_host: str | None = Field(
+        default=None, description="Where a worker serves /metrics; default api_host (containers: 0.0.0.0)."
+    )
 
     # Access control (api/auth.py).
     auth: bool = Field(default=True, description="Require API keys; false is for development only.")
@@ -75,6 +105,11 @@ class Settings(BaseSettings):
     session_ttl_s: int = Field(default=8 * 3600, gt=0, le=30 * 86_400, description="Dashboard sign-in lifetime.")
     auth_max_failures: int = Field(default=10, gt=0, description="Failed key checks per client address and window.")
     auth_failure_window_s: int = Field(default=300, gt=0, le=86_400, description="The failure-count window.")
+    trusted_proxies: str = Field(
+        default="",
+        description="Comma-separated proxy addresses whose X-Forwarded-For names the client; empty: none, not even "
+        "loopback.",
+    )
 
     # Known content and retention (core/banks.py, core/erasure.py).
     reuse_decisions: bool = Field(
@@ -123,12 +158,31 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'modtag.db').resolve()}"
 
     @property
+    def resolved_worker_metrics_host(self) -> str:
+        return self.worker_metrics_host or self.api_host
+
+    @property
     def resolved_blob_dir(self) -> Path:
         return (self.blob_dir or self.data_dir / "blobs").resolve()
 
     @property
     def resolved_models_cache_dir(self) -> Path:
         return (self.models_cache_dir or self.data_dir / "models").resolve()
+
+
+def default_data_dir() -> Path:
+    """The platform's per-user data directory (`~/.local/share/modtag` on Linux): the same whatever the cwd."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("modtag", appauthor=False))
+
+
+def prepare_data_dir(settings: Settings) -> Path:
+    """The data directory, created if missing, readable by its owner only (0700): it holds the keys' database."""
+    path = settings.data_dir.resolve()
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+    return path
 
 
 @lru_cache(maxsize=1)

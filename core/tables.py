@@ -107,6 +107,7 @@ class Job(SQLModel, table=True):
     submitted_by: str | None = Field(default=None, max_length=32)  # the API key's id; None for unauthenticated
     listing_id: str | None = Field(default=None, max_length=32, index=True)  # listings.id (no FK: see 0003)
     listing_index: int | None = None  # the photo's 0-based position in its listing
+    request_id: str | None = Field(default=None, max_length=128)  # the submitting request's X-Request-ID (logs)
     created_at: datetime = _now_field()
     updated_at: datetime = _now_field()
     started_at: datetime | None = _moment_field()
@@ -330,3 +331,40 @@ class BankItem(SQLModel, table=True):
     note: str | None = Field(default=None, max_length=2000)
     added_by: str | None = Field(default=None, max_length=32)  # the API key's id
     created_at: datetime = _now_field()
+
+
+class WebhookSecret(SQLModel, table=True):
+    """A tenant's webhook signing secret (`whsec_` + base64). A rotated-out one keeps signing until `expires_at`."""
+
+    __tablename__ = "webhook_secrets"
+
+    id: str = _id_field()
+    tenant: str = Field(max_length=64, index=True)
+    secret: str = Field(max_length=128)
+    created_at: datetime = _now_field()
+    expires_at: datetime | None = _moment_field()
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One webhook message (a final job or listing) and its delivery: the same `id` (webhook-id) on every attempt."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("event_type", "subject_id", name="uq_webhook_deliveries_event_subject"),
+        Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_tenant_created_at", "tenant", "created_at"),
+    )
+
+    id: str = Field(max_length=64, primary_key=True)  # msg_<hex>
+    tenant: str = Field(max_length=64)
+    event_type: str = Field(max_length=32)  # job.completed, listing.completed
+    subject_id: str = Field(max_length=32)
+    url: str = Field(max_length=2048)
+    payload: str = Field(sa_column=Column(Text, nullable=False))  # the exact bytes signed and sent
+    status: str = Field(default="pending", max_length=16)  # pending, delivered, failed
+    attempts: int = 0
+    next_attempt_at: datetime | None = _moment_field()
+    last_status_code: int | None = None
+    last_error: str | None = Field(default=None, max_length=500)
+    created_at: datetime = _now_field()
+    delivered_at: datetime | None = _moment_field()

@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ipaddress
+import logging
 import re
 import socket
 import ssl
 import unicodedata
 import zlib
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -32,6 +33,8 @@ import httpx
 import idna
 
 from core.errors import FetchError
+
+logger = logging.getLogger(__name__)
 
 MAX_URL_LENGTH = 2048
 ALLOW_PRIVATE_HINT = "set MODTAG_FETCH_ALLOW_PRIVATE=true only for trusted test setups"
@@ -134,8 +137,11 @@ def fetch_image_bytes(
     return _run_blocking(fetch.run(url, timeout_s))
 
 
-def post_json(url: str, payload: bytes, *, timeout_s: float, allow_private: bool) -> int:
-    """POST a JSON body (a job's callback) with the same address rules as fetching. Returns the status."""
+def post_json(
+    url: str, payload: bytes, *, timeout_s: float, allow_private: bool, headers: Mapping[str, str] | None = None
+) -> int:
+    """POST a JSON body (a job's callback, with `headers` such as its signature) with the same address rules as
+    fetching. Returns the status."""
     sender = _Fetch(
         max_bytes=0,
         allow_private=allow_private,
@@ -143,7 +149,7 @@ def post_json(url: str, payload: bytes, *, timeout_s: float, allow_private: bool
         allowed_networks=(),
         ssl_context=_default_ssl_context(),
     )
-    return _run_blocking(sender.post(url, payload, timeout_s))
+    return _run_blocking(sender.post(url, payload, timeout_s, headers or {}))
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -205,14 +211,17 @@ class _Fetch:
                 continue
             problem = _address_class(address)
             if problem:
+                # The detail goes to the operator's log only: telling a tenant what an internal name resolves
+                # to maps the private network for them.
                 resolved = "" if host == str(address) else f"{host} resolves to "
+                logger.warning("refused to fetch from %s%s, %s", resolved, address, problem)
                 raise FetchError(
-                    f"{resolved}{address}, {problem}; modtag does not fetch from private networks "
-                    f"({ALLOW_PRIVATE_HINT})",
+                    f"the host {host[:100]} is not allowed: modtag does not fetch from private or reserved "
+                    f"addresses ({ALLOW_PRIVATE_HINT})",
                     code="fetch_forbidden_address",
                 )
 
-    async def post(self, url: str, payload: bytes, timeout_s: float) -> int:
+    async def post(self, url: str, payload: bytes, timeout_s: float, headers: Mapping[str, str]) -> int:
         """One POST of a JSON body to a vetted address; redirects are not followed. Returns the status."""
         parts = urlsplit(validate_image_url(url))
         host = parts.hostname or ""
@@ -221,7 +230,9 @@ class _Fetch:
             async with asyncio.timeout(timeout_s):
                 addresses = await _resolve(host, port)
                 self._vet(host, addresses)
-                status, _, _ = await self._send(parts, host, port, addresses, method="POST", content=payload)
+                status, _, _ = await self._send(
+                    parts, host, port, addresses, method="POST", content=payload, extra_headers=headers
+                )
                 return status
         except (TimeoutError, httpx.TimeoutException):
             raise FetchError(f"{_short(url)} did not answer within {timeout_s:g} s", code="fetch_timeout") from None
@@ -235,6 +246,7 @@ class _Fetch:
         *,
         method: str = "GET",
         content: bytes | None = None,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> tuple[int, str | None, bytes]:
         """One request to the vetted addresses in turn (the next only if connecting failed)."""
         default_port = 443 if parts.scheme == "https" else 80
@@ -248,6 +260,7 @@ class _Fetch:
         }
         if content is not None:
             headers["Content-Type"] = "application/json"
+        headers.update(extra_headers or {})
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         # The request goes to the IP; the hostname travels as the Host header and, for https, as
         # the TLS server name, which httpcore also uses to verify the certificate.

@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
+from core import __version__
 from core.errors import InvalidField, ModtagError
+from core.logs import configure_logging
 
 if TYPE_CHECKING:
     from core.settings import Settings
@@ -22,16 +24,21 @@ EXIT_OK, EXIT_FAILED_JOBS, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
 MAX_BENCH_BANK = 50_000_000  # 1.6 GB of hashes: about what a machine that runs the bench can hold twice
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 Number = TypeVar("Number", int, float)
+# What the [worker] extra installs: a command that needs them says so in one line instead of a traceback.
+_WORKER_MODULES = frozenset({"torch", "transformers", "numpy"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Whatever modtag writes (the SQLite file with the keys' hashes, blobs, logs) is its user's alone: 0600 / 0700.
+    os.umask(0o077)
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("MODTAG_LOG_LEVEL", "INFO"), format=_LOG_FORMAT)
+    configure_logging("text", os.environ.get("MODTAG_LOG_LEVEL", "INFO"))  # until the settings say which
     for chatty in ("httpx", "alembic"):  # a line per request or migration step drowns the command's output
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         settings = _settings(args)
+        configure_logging(settings.log_format, os.environ.get("MODTAG_LOG_LEVEL", "INFO"))
         return int(args.handler(args, settings))
     except ModtagError as exc:
         print(f"modtag: {exc.message} [{exc.code}]", file=sys.stderr)
@@ -40,12 +47,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"modtag: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        if exc.name not in _WORKER_MODULES:
+            raise
+        print(
+            f"modtag: `{args.command}` needs the worker's libraries ({exc.name} is not installed): "
+            "pip install 'modtag[worker]' [missing_extra]",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modtag", description="Self-hosted image moderation and tagging.")
+    parser.add_argument("--version", action="version", version=f"modtag {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="run Redis, the database, the API and workers on this machine")
@@ -224,11 +241,20 @@ def _stack_options(parser: argparse.ArgumentParser) -> None:
 
 def _admin_key_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--admin-key",
+        "--admin-key-file",
+        type=Path,
         default=None,
-        metavar="KEY",
-        help="use this admin key instead of creating one (MODTAG_ADMIN_KEY; the variable keeps it out of `ps`)",
+        metavar="FILE",
+        help="use the admin key in FILE instead of creating one (or MODTAG_ADMIN_KEY); a file keeps it out of `ps`",
     )
+    # The old flag put the key in `ps` output: refused with where to put it instead (and never taken as an
+    # abbreviation of --admin-key-file).
+    parser.add_argument("--admin-key", action=_RefusedArgvKey, help=argparse.SUPPRESS)
+
+
+class _RefusedArgvKey(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, *_: object, **__: object) -> None:
+        parser.error("--admin-key is gone (a key in argv shows in `ps`): use --admin-key-file FILE or MODTAG_ADMIN_KEY")
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
@@ -247,7 +273,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             lines.append(f"admin key: {stack.admin_key}")
             lines.append("  (shown once; send it as `Authorization: Bearer <key>`; the previous one is revoked)")
         elif stack.admin_key:
-            lines.append("admin key: the one given by --admin-key / MODTAG_ADMIN_KEY")
+            lines.append("admin key: the one given by --admin-key-file / MODTAG_ADMIN_KEY")
         else:
             lines.append("auth is off (MODTAG_AUTH=false): every caller is an admin; for development only")
         lines.append(f"dashboard: {stack.api_url}/dashboard (sign in with the admin key)")
@@ -288,9 +314,10 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from core.queues import Queue
-    from worker.celery_app import app, install_runtime
+    from worker.celery_app import app, install_runtime, serve_metrics
     from worker.runtime import WorkerRuntime
 
+    serve_metrics(settings)  # first: a taken port stops the worker before the models load
     runtime = WorkerRuntime(settings)
     engine = runtime.load()  # fail here, with how to get the weights, before taking any job
     logging.getLogger("modtag").info("models loaded: %s", engine.describe())
@@ -334,7 +361,8 @@ def cmd_policy_validate(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_policy_replay(args: argparse.Namespace, settings: Settings) -> int:
     from core.db import migrate
-    from modtag.policytools import parse_since, print_replay, replay_json
+    from core.moments import parse_since
+    from modtag.policytools import print_replay, replay_json
     from policies import load_policy
     from worker.replay import replay_policy
 
@@ -356,10 +384,13 @@ def cmd_policy_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_policy_test(args: argparse.Namespace, settings: Settings) -> int:
     from modtag.policytools import cases_json, print_cases
+    from modtag.preflight import check_models_reachable
     from policies import load_policy
     from worker.replay import run_cases
 
     policy = load_policy(args.file)
+    if args.cases.is_dir():  # else run_cases says what the cases directory must be
+        check_models_reachable(settings.models)  # offline: fail in seconds with what to do, as `scan` does
     results = run_cases(policy, args.cases, settings)
     _print_report(args.json, lambda: cases_json(results), lambda out: print_cases(results, out))
     return EXIT_OK if all(result.passed for result in results) else EXIT_FAILED_JOBS
@@ -520,9 +551,16 @@ def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _keys_session(settings: Settings) -> Any:
+    from sqlalchemy.engine import make_url
+
     from core.db import migrate, session_scope
+    from core.settings import prepare_data_dir
 
     url = settings.resolved_database_url
+    if url.startswith("sqlite"):
+        prepare_data_dir(settings)
+    # On stderr, so --json stays parseable: a key made in another database than the API's is refused by it.
+    print(f"database: {make_url(url).render_as_string(hide_password=True)}", file=sys.stderr)
     migrate(url)
     return session_scope(url)
 
@@ -540,7 +578,15 @@ def _settings(args: argparse.Namespace) -> Settings:
     """
     from core.settings import load_settings
 
-    flags = {name: getattr(args, name, None) for name in ("admin_key", "models", "data_dir")}
+    flags = {name: getattr(args, name, None) for name in ("models", "data_dir")}
+    key_file: Path | None = getattr(args, "admin_key_file", None)
+    if key_file is not None:
+        try:
+            flags["admin_key"] = key_file.read_text().strip()
+        except OSError as exc:
+            raise InvalidField(
+                f"cannot read --admin-key-file {key_file}: {exc.strerror or exc}", code="config_invalid"
+            ) from None
     return load_settings(**{name: value for name, value in flags.items() if value})
 
 

@@ -25,7 +25,7 @@ def check_models_reachable(models: str, timeout_s: float = 5.0) -> None:
     listed = ", ".join(missing)
     raise ModelError(
         f"the {models!r} models are not in the Hugging Face cache and the hub cannot be reached from this "
-        f"machine: {listed}. Download them on a machine with internet (`huggingface-cli download <id>`) and "
+        f"machine: {listed}. Download them on a machine with internet (`hf download <id>`) and "
         f"copy the cache (HF_HOME), or point MODTAG_MODELS at a directory with caption/, vqa/ and itm/ "
         f"folders; to try modtag offline run with MODTAG_MODELS=tiny-random (random weights, meaningless "
         f"verdicts)",

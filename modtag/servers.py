@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import signal
 import socket
@@ -64,22 +65,33 @@ def wait_for_port(host: str, port: int, timeout_s: float) -> None:
 
 
 class RedisServer:
-    """A redis-server child process on loopback, persisting to `data_dir` (AOF) unless `persist` is off."""
+    """A redis-server child process on loopback, persisting to `data_dir` (AOF) unless `persist` is off.
+
+    It requires a password generated for this run: any local user can reach a loopback port, and the queue's
+    messages name jobs. The password is in a 0600 config file, not in argv (`ps` shows argv to everyone), and in
+    `url`, which the stack hands its children through their environment.
+    """
 
     def __init__(self, data_dir: Path, port: int | None = None, *, persist: bool = True) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.persist = persist
+        self.password = secrets.token_urlsafe(24)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        config = self.data_dir / "redis.conf"
+        config.touch(mode=0o600)
+        config.chmod(0o600)
+        config.write_text(f"requirepass {self.password}\n")
         args = [
             redis_server_binary(),
+            str(config),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.data_dir),

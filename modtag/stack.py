@@ -20,7 +20,7 @@ from pydantic import SecretStr
 
 from core.db import migrate, session_scope
 from core.errors import ConfigError
-from core.settings import Settings
+from core.settings import Settings, prepare_data_dir
 from modtag.client import ApiClient, ApiUnreachable
 from modtag.servers import RedisServer, die_with_parent, free_port
 
@@ -98,6 +98,7 @@ class Stack:
         self.stop()
 
     def start(self, ready_timeout_s: float = 600) -> None:
+        prepare_data_dir(self.settings)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if self.embedded_redis:
             self.redis = RedisServer(self.data_dir / "redis").start()

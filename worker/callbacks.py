@@ -1,66 +1,146 @@
-"""Callbacks of final jobs: the job to its callback_url, and its listing to the listing's once every photo is final.
+"""Webhooks of final jobs: the job to its callback_url, and its listing to the listing's once every photo is final.
 
-Once each, best effort: the API stays the source of truth, and a failed delivery never fails the job.
+Each is recorded as a signed delivery (core/webhooks.py) before its first attempt, tried once at once, then
+retried by `start_webhook_sender` with backoff until delivered or out of retries: at least once, the same
+`webhook-id` and body every time. The API stays the source of truth; a failed delivery never fails the job.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from core import jobs, metrics
+from core import jobs, metrics, webhooks
 from core.db import session_scope
 from core.errors import ModtagError
 from core.listings import listing_callback_due
 from core.public import JobPublic
 from core.settings import Settings
-from core.tables import Job
+from core.tables import Job, utcnow
 from core.urls import post_json
 from policies.listing import listing_public
 
 log = logging.getLogger(__name__)
 
+JOB_EVENT, LISTING_EVENT = "job.completed", "listing.completed"
+
 
 def send_callbacks(settings: Settings, job: Job) -> None:
-    """POST the final job to its callback_url, and its listing's verdict when this job was the last photo."""
+    """Record the final job's webhook, and its listing's when this job was the last photo; try each once now."""
+    try:
+        recorded = _record(settings, job)
+    except (OperationalError, DBAPIError) as exc:
+        log.warning("webhooks for job %s not recorded: %s", job.id, exc)
+        metrics.CALLBACKS.labels("failed").inc()
+        return
+    for delivery_id in recorded:
+        deliver(settings, delivery_id)
+
+
+def deliver(settings: Settings, delivery_id: str, clock: Callable[[], float] = time.time) -> None:
+    """One attempt of a due delivery, signed with the tenant's live secrets; the outcome decides the next one."""
     url = settings.resolved_database_url
-    if job.callback_url:
-        try:
-            with session_scope(url) as session:
-                current = jobs.get_job(session, job.id)
-                public = JobPublic.from_row(current, jobs.get_decision(session, job.id)) if current else None
-        except (OperationalError, DBAPIError) as exc:
-            log.warning("callback for job %s not delivered: %s", job.id, exc)
-            metrics.CALLBACKS.labels("failed").inc()
-        else:
-            if public is not None:
-                _post(settings, f"job {job.id}", job.callback_url, public.model_dump(mode="json"))
-    if job.listing_id:
-        try:
-            with session_scope(url) as session:
-                due = listing_callback_due(session, job.listing_id)
-        except (OperationalError, DBAPIError) as exc:
-            log.warning("callback for listing %s not claimed: %s", job.listing_id, exc)
-            metrics.CALLBACKS.labels("failed").inc()
-        else:
-            if due is not None:
-                body = listing_public(due.listing, due.rows).model_dump(mode="json")
-                _post(settings, f"listing {job.listing_id}", due.url, body)
-
-
-def _post(settings: Settings, subject: str, url: str, body: dict[str, Any]) -> None:
+    with session_scope(url) as session:
+        row = webhooks.claim_attempt(session, delivery_id, lease_s=settings.fetch_timeout_s + 30)
+        if row is None:
+            return  # not due, done, or another sender has it
+        headers = webhooks.signature_headers(
+            webhooks.signing_secrets(session, row.tenant), row.id, int(clock()), row.payload.encode()
+        )
+        target, body, subject = row.url, row.payload.encode(), f"{row.event_type} {row.subject_id}"
+    status: int | None = None
+    error: str | None = None
     try:
         status = post_json(
-            url,
-            json.dumps(body).encode(),
+            target,
+            body,
             timeout_s=settings.fetch_timeout_s,
             allow_private=settings.fetch_allow_private,
+            headers=headers,
         )
-        outcome = "delivered" if 200 <= status < 300 else "rejected"
+        if not 200 <= status < 300:
+            error = f"the receiver answered HTTP {status}"
     except ModtagError as exc:
-        log.warning("callback for %s not delivered: %s", subject, exc)
-        outcome = "failed"
-    metrics.CALLBACKS.labels(outcome).inc()
+        error = exc.message
+    metrics.CALLBACKS.labels("delivered" if error is None else "rejected" if status else "failed").inc()
+    with session_scope(url) as session:
+        row = webhooks.finish_attempt(session, delivery_id, settings, status_code=status, error=error)
+    if row.status == webhooks.FAILED:
+        metrics.WEBHOOKS_ABANDONED.labels(row.event_type).inc()
+        log.warning("webhook %s for %s abandoned after %d attempts: %s", row.id, subject, row.attempts, error)
+    elif error is not None:
+        log.info(
+            "webhook %s for %s not delivered (%s); next attempt at %s", row.id, subject, error, row.next_attempt_at
+        )
+
+
+def start_webhook_sender(settings: Settings, stop: threading.Event) -> threading.Thread:
+    """Retry due deliveries every `webhook_poll_s` in a daemon thread until `stop` is set."""
+
+    def loop() -> None:
+        while not stop.wait(settings.webhook_poll_s):
+            try:
+                _record_missing(settings)
+                with session_scope(settings.resolved_database_url) as session:
+                    due = webhooks.due_deliveries(session)
+                for delivery_id in due:
+                    deliver(settings, delivery_id)
+            except Exception:  # the loop must survive a database outage
+                log.exception("webhook retry pass failed; will try again")
+
+    thread = threading.Thread(target=loop, name="modtag-webhooks", daemon=True)
+    thread.start()
+    return thread
+
+
+def _record_missing(settings: Settings) -> None:
+    """Record the webhooks of final jobs whose worker stopped before it could (at least once, even then). Jobs
+    finished in the last `queued_grace_s` are left to their own worker."""
+    url = settings.resolved_database_url
+    grace = utcnow() - timedelta(seconds=settings.queued_grace_s)
+    with session_scope(url) as session:
+        missing = webhooks.jobs_missing_delivery(session, JOB_EVENT, grace)
+        found = [job for job_id in missing if (job := jobs.get_job(session, job_id)) is not None]
+    for job in found:
+        log.warning("job %s was final without its webhook recorded; recording it now", job.id)
+        _record(settings, job)
+
+
+def _record(settings: Settings, job: Job) -> list[str]:
+    recorded: list[str] = []
+    url = settings.resolved_database_url
+    if job.callback_url:
+        with session_scope(url) as session:
+            current = jobs.get_job(session, job.id)
+            if current is not None:
+                public = JobPublic.from_row(current, jobs.get_decision(session, job.id))
+                row = webhooks.record_delivery(
+                    session,
+                    tenant=current.tenant,
+                    event_type=JOB_EVENT,
+                    subject_id=current.id,
+                    url=job.callback_url,
+                    payload=json.dumps(public.model_dump(mode="json")).encode(),
+                )
+                recorded.append(row.id)
+    if job.listing_id:
+        with session_scope(url) as session:
+            due = listing_callback_due(session, job.listing_id)
+            if due is not None:
+                body = listing_public(due.listing, due.rows).model_dump(mode="json")
+                row = webhooks.record_delivery(
+                    session,
+                    tenant=due.listing.tenant,
+                    event_type=LISTING_EVENT,
+                    subject_id=due.listing.id,
+                    url=due.url,
+                    payload=json.dumps(body).encode(),
+                )
+                recorded.append(row.id)
+    return recorded

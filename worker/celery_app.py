@@ -17,9 +17,12 @@ from celery.signals import worker_ready, worker_shutdown
 
 from core import metrics
 from core.broker import make_celery
+from core.errors import ConfigError
+from core.logs import log_context
 from core.queues import TaskName
 from core.reconcile import start_reconciler
-from core.settings import get_settings
+from core.settings import Settings, get_settings
+from worker.callbacks import start_webhook_sender
 from worker.lifecycle import RetryLater
 from worker.runtime import WorkerRuntime
 
@@ -55,6 +58,13 @@ def process_job(self: Task, job_id: str) -> dict[str, Any]:
     The job row counts the attempts and decides when to give up (worker/lifecycle.py), not Celery's retries.
     """
     current = runtime()
+    with log_context(job_id=job_id):
+        outcome = _process(self, current, job_id)
+        log.info("job %s finished: %s (%s)", job_id, outcome["outcome"], outcome["code"] or "no error")
+        return outcome
+
+
+def _process(self: Task, current: WorkerRuntime, job_id: str) -> dict[str, Any]:
     try:
         result = current.process(job_id)
     except RetryLater as exc:
@@ -66,18 +76,30 @@ def process_job(self: Task, job_id: str) -> dict[str, Any]:
     return {"job_id": result.job_id, "outcome": result.outcome, "code": result.code}
 
 
+def serve_metrics(settings: Settings) -> None:
+    """Serve /metrics on `worker_metrics_host` (default: the API's host) and `worker_metrics_port`, before any job
+    is taken; a taken port is ConfigError: a worker nobody can scrape must not run unnoticed."""
+    if not settings.worker_metrics_port:
+        return
+    from prometheus_client import start_http_server
+
+    host = settings.resolved_worker_metrics_host
+    try:
+        start_http_server(settings.worker_metrics_port, addr=host)
+    except OSError as exc:
+        raise ConfigError(
+            f"the worker metrics port {host}:{settings.worker_metrics_port} is unavailable ({exc.strerror or exc}); "
+            "set MODTAG_WORKER_METRICS_PORT to a free port (each worker on a host needs its own), or 0 to disable it",
+            code="metrics_port_taken",
+        ) from None
+    log.info("worker metrics on %s:%d/metrics", host, settings.worker_metrics_port)
+
+
 @worker_ready.connect
 def _on_ready(**_: Any) -> None:
     metrics.set_build_info("worker")
-    if settings.worker_metrics_port:
-        from prometheus_client import start_http_server
-
-        try:
-            start_http_server(settings.worker_metrics_port, addr="0.0.0.0")
-            log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
-        except OSError as exc:
-            log.warning("worker metrics port %d unavailable: %s", settings.worker_metrics_port, exc)
     start_reconciler(settings, app, _stop)
+    start_webhook_sender(settings, _stop)
 
 
 @worker_shutdown.connect

@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from core import jobs, metrics
 from core.db import session_scope
 from core.errors import ModtagError, TransientError
+from core.logs import add_log_fields
 from core.settings import Settings
 from core.tables import FINAL_STATUSES, Decision, Job, ShadowDecision, as_utc, utcnow
 
@@ -67,6 +68,7 @@ class JobLifecycle:
             with session_scope(self._url) as session:
                 job = jobs.claim_job(session, job_id, self.worker, self.settings.running_lease_s)
                 if job is not None:
+                    add_log_fields(tenant=job.tenant, request_id=job.request_id)
                     return job
                 raise Unclaimed(self._unclaimed(session, job_id))
         except (OperationalError, DBAPIError) as exc:

@@ -368,7 +368,7 @@ def _load_error(role: Role, source: str | Path, exc: BaseException) -> ModelErro
         )
     return ModelError(
         f"the {role} model {source} is not in the Hugging Face cache and could not be downloaded ({exc}). "
-        f"Run once on a machine with internet access, or `huggingface-cli download {source}`, or set "
+        f"Run once on a machine with internet access, or `hf download {source}`, or set "
         f"MODTAG_MODELS to a local directory with caption/, vqa/ and itm/ folders; to run offline "
         f"without real weights use --models tiny-random",
         code="model_unavailable",

@@ -24,7 +24,7 @@ from core.blobs import LocalBlobStore
 from core.db import migrate, session_scope
 from core.errors import ModelError, ModtagError, PolicyError, TransientError
 from core.hashes import image_hashes
-from core.images import ImageLimits, decode_image
+from core.images import ImageLimits, decode_image, sniff_image
 from core.settings import Settings
 from core.tables import Decision, Job, ShadowDecision, as_utc, utcnow
 from core.urls import fetch_image_bytes
@@ -35,6 +35,7 @@ from worker.adapter import roles_for
 from worker.callbacks import send_callbacks
 from worker.inference import InferenceService
 from worker.lifecycle import JobLifecycle, JobResult, Unclaimed
+from worker.pixels import PixelBudget
 
 if TYPE_CHECKING:
     from worker.engine import Engine
@@ -60,6 +61,7 @@ class WorkerRuntime:
         self.inference = InferenceService(settings, tag_sets=self._tag_sets)
         self.lifecycle = JobLifecycle(settings, self.name)
         self.banks = BankMatcher()
+        self.pixels = PixelBudget(round(settings.worker_decoded_megapixels * 1_000_000))
         migrate(settings.resolved_database_url)
 
     @property
@@ -124,42 +126,46 @@ class WorkerRuntime:
                 needs = needs.merge(shadow_needs)
         with _stage(timings, "fetch"):
             data = self._image_bytes(job)
-        with _stage(timings, "decode"):
-            image = decode_image(data, self.limits)
-        with _stage(timings, "hash"):
-            hashes = image_hashes(data, image)
-            with session_scope(self.settings.resolved_database_url) as session:
-                jobs.record_hashes(session, job, hashes.sha256, hashes.pdq, hashes.pdq_quality)
-                queries = [(query.bank, query.max_distance) for query in needs.banks]
-                known = ModelOutputs(banks=self.banks.lookup(session, job.tenant, queries, hashes))
-                earlier = (
-                    jobs.reusable_decision(session, job, policy.version) if self.settings.reuse_decisions else None
-                )
-        # Known content first: a bank match that blocks, then an earlier identical upload, and only then the models.
-        verdict = decide_early(policy, known, context)
-        if verdict is not None:
-            decision = self._decision(job, policy, verdict, known, models={})
-            shadow_rows: list[ShadowDecision] = []
-            how = "hash_match"
-        elif earlier is not None:
-            decision = _reused(job, earlier)
-            shadow_rows = []
-            how = "reused"
-        else:
-            with _stage(timings, "infer"):
-                outputs = (
-                    ModelOutputs()
-                    if needs.empty
-                    else self.inference.infer(image, needs, timeout_s=self.settings.job_timeout_s)
-                )
-            outputs = known.merged(outputs)
-            with _stage(timings, "evaluate"):
-                verdict = decide(policy, outputs, context)
-                shadow_rows = [
-                    _shadow_row(shadow, policy, verdict, outputs, context, error) for shadow, _, error in shadows
-                ]
-            decision = self._decision(job, policy, verdict, outputs, models=self.inference.describe())
-            how = ""
+        header = sniff_image(data, self.limits)
+        # Decoded pixels are held against the worker-wide budget until the models are done with them.
+        with self.pixels.hold(header.width * header.height, timeout_s=self.settings.job_timeout_s):
+            with _stage(timings, "decode"):
+                image = decode_image(data, self.limits)
+            with _stage(timings, "hash"):
+                hashes = image_hashes(data, image)
+                with session_scope(self.settings.resolved_database_url) as session:
+                    jobs.record_hashes(session, job, hashes.sha256, hashes.pdq, hashes.pdq_quality)
+                    queries = [(query.bank, query.max_distance) for query in needs.banks]
+                    known = ModelOutputs(banks=self.banks.lookup(session, job.tenant, queries, hashes))
+                    earlier = (
+                        jobs.reusable_decision(session, job, policy.version) if self.settings.reuse_decisions else None
+                    )
+            # Known content first: a bank match that blocks, then an earlier identical upload, and only then the models.
+            verdict = decide_early(policy, known, context)
+            if verdict is not None:
+                decision = self._decision(job, policy, verdict, known, models={})
+                shadow_rows: list[ShadowDecision] = []
+                how = "hash_match"
+            elif earlier is not None:
+                decision = _reused(job, earlier)
+                shadow_rows = []
+                how = "reused"
+            else:
+                with _stage(timings, "infer"):
+                    outputs = (
+                        ModelOutputs()
+                        if needs.empty
+                        else self.inference.infer(image, needs, timeout_s=self.settings.job_timeout_s)
+                    )
+                outputs = known.merged(outputs)
+                with _stage(timings, "evaluate"):
+                    verdict = decide(policy, outputs, context)
+                    shadow_rows = [
+                        _shadow_row(shadow, policy, verdict, outputs, context, error) for shadow, _, error in shadows
+                    ]
+                decision = self._decision(job, policy, verdict, outputs, models=self.inference.describe())
+                how = ""
+            del image  # the pixels are given back with the budget
         with _stage(timings, "store"):
             stored = self.lifecycle.store(job, decision, shadow_rows)
         if stored:

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query
 from api.auth import Auditor
 from api.deps import SessionDep
 from api.errors import error_responses
+from api.schemas import SINCE_HELP, Moment
 from core.audit import list_entries
 from core.public import AuditEntryPublic, AuditPage
 from core.tables import as_utc
@@ -31,7 +32,7 @@ def read_audit(
     job_id: Annotated[str | None, Query(pattern=_ID_PATTERN, description="Entries about this job.")] = None,
     target_id: Annotated[str | None, Query(pattern=_ID_PATTERN, description="Entries about this job or key.")] = None,
     actor: Annotated[str | None, Query(pattern=_ID_PATTERN, description="Entries made with this key id.")] = None,
-    since: Annotated[datetime | None, Query(description="ISO-8601; naive times are UTC.")] = None,
+    since: Annotated[Moment | None, Query(description=SINCE_HELP)] = None,
     until: Annotated[datetime | None, Query(description="ISO-8601, exclusive.")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,

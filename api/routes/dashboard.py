@@ -34,7 +34,7 @@ from api.auth import (
 )
 from api.deps import ServicesDep, SessionDep, SettingsDep
 from api.errors import error_response
-from api.failures import check_failures, client_address, record_failure
+from api.failures import client_address, refuse_repeated_failure
 from api.pages import render
 from api.schemas import SLUG_PATTERN
 from core import review
@@ -120,18 +120,16 @@ def login(
     expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
     if not expected or not hmac.compare_digest(expected.encode(), csrf_token.encode()):
         return login_page(request, settings, next_path, "The form expired; sign in again.", status=403)
-    address = client_address(request)
-    try:
-        check_failures(services.redis, address, settings)
-    except TooManyFailures as exc:
-        page = login_page(request, settings, next_path, exc.message, status=429)
-        page.headers["Retry-After"] = str(exc.retry_after_s)
-        return page
     try:
         row = authenticate(session, key.strip())
     except AuthError as exc:
         AUTH_FAILURES.labels(code=exc.code).inc()
-        record_failure(services.redis, address, settings)
+        try:
+            refuse_repeated_failure(services.redis, client_address(request), key.strip(), settings)
+        except TooManyFailures as refused:
+            page = login_page(request, settings, next_path, refused.message, status=429)
+            page.headers["Retry-After"] = str(refused.retry_after_s)
+            return page
         return login_page(request, settings, next_path, exc.message, status=401)
     token, _ = start_session(session, row, settings)
     response = RedirectResponse(next_path, status_code=303)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -10,7 +9,7 @@ from fastapi import APIRouter, Query
 from api.auth import Reader
 from api.deps import SessionDep
 from api.errors import error_responses
-from api.schemas import SLUG_PATTERN
+from api.schemas import SINCE_HELP, SLUG_PATTERN, Moment
 from core.jobs import list_decisions
 from core.public import Action, DecisionPage, DecisionPublic
 from core.tables import as_utc
@@ -27,7 +26,7 @@ def read_decisions(
     category: Annotated[
         str | None, Query(max_length=64, pattern=SLUG_PATTERN, description="Only decisions where it fired.")
     ] = None,
-    since: Annotated[datetime | None, Query(description="ISO-8601; naive times are UTC.")] = None,
+    since: Annotated[Moment | None, Query(description=SINCE_HELP)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=512, description="`next_cursor` of the previous page.")] = None,
 ) -> DecisionPage:

@@ -13,10 +13,10 @@ import pytest
 from tests.support.api import Api, admin_key, api_settings, running_api
 from tests.support.deployment import Deployment, child_env
 from tests.support.photos import encoded_photos
-from tests.support.receiver import receiver
+from tests.support.receiver import receiver, webhook_receiver
 from tests.support.servers import reset_postgres
 
-__all__ = ["api", "api_overrides", "db_url", "deployment", "encoded_photos", "receiver"]
+__all__ = ["api", "api_overrides", "db_url", "deployment", "encoded_photos", "receiver", "webhook_receiver"]
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

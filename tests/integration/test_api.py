@@ -257,6 +257,79 @@ def test_idempotency_key_returns_the_same_job_once(api: Api, redis_url: str, pho
         assert len(session.exec(select(Job).where(Job.idempotency_key == key)).all()) == 1
 
 
+def test_idempotency_key_reused_for_another_request_is_a_conflict(api: Api, photos: dict[str, bytes]) -> None:
+    key = f"conflict-{time.monotonic_ns()}"
+    headers = {"Idempotency-Key": key}
+    first = api.client.post("/v1/jobs", files={"image": ("a.jpg", photos["rocket"], "image/jpeg")}, headers=headers)
+    assert first.status_code == 202, first.text
+    queued = len(api.messages())
+    changes: list[dict[str, Any]] = [
+        {"files": {"image": ("a.jpg", photos["chelsea"], "image/jpeg")}},  # another image: the moderation bypass
+        {"files": {"image": ("a.jpg", photos["rocket"], "image/jpeg")}, "data": {"context": '{"a": 1}'}},
+        {"files": {"image": ("a.jpg", photos["rocket"], "image/jpeg")}, "data": {"callback_url": "https://x.example/"}},
+        {"json": {"image_url": "https://img.example/rocket.jpg"}},
+    ]
+    for change in changes:
+        assert_error(api.client.post("/v1/jobs", headers=headers, **change), 409, "idempotency_conflict")
+    same = api.client.post(
+        "/v1/jobs", files={"image": ("b.jpg", photos["rocket"], "image/jpeg")}, headers=headers
+    )  # another file name, the same bytes: the same request
+    assert same.status_code == 200 and same.headers["idempotent-replayed"] == "true"
+    assert same.json()["id"] == first.json()["id"]
+    assert len(api.messages()) == queued
+    url_key = {"Idempotency-Key": key + "-url"}
+    body = {"image_url": "https://img.example/a.jpg", "context": {"sku": "1"}}
+    assert api.client.post("/v1/jobs", json=body, headers=url_key).status_code == 202
+    assert api.client.post("/v1/jobs", json=body, headers=url_key).status_code == 200
+    other = {**body, "image_url": "https://img.example/b.jpg"}
+    assert_error(api.client.post("/v1/jobs", json=other, headers=url_key), 409, "idempotency_conflict")
+
+
+def test_unknown_form_and_json_fields_are_422_naming_the_field(api: Api, photos: dict[str, bytes]) -> None:
+    queued = len(api.messages())
+    typo = api.upload(photos["rocket"], polcy="listing")  # a typo must not run the default policy
+    assert "'polcy'" in assert_error(typo, 422, "unknown_field")["detail"]
+    extra = api.client.post("/v1/jobs", json={"image_url": "https://img.example/a.jpg", "callback": "x"})
+    assert "'callback'" in assert_error(extra, 422, "unknown_field")["detail"]
+    assert len(api.messages()) == queued
+
+
+def test_since_takes_an_age_as_the_cli_does(api: Api) -> None:
+    for path in ("/v1/decisions", "/v1/audit"):
+        for since in ("7d", "12h", "30m", "2026-01-01", "2026-01-01T00:00:00Z"):
+            assert api.client.get(path, params={"since": since}).status_code == 200, (path, since)
+        assert "since" in assert_error(api.client.get(path, params={"since": "7x"}), 422, "invalid_field")["detail"]
+    schema = api.client.get("/openapi.json").json()
+    (since,) = [p for p in schema["paths"]["/v1/decisions"]["get"]["parameters"] if p["name"] == "since"]
+    assert "date-time" in json.dumps(since["schema"]) and "smhdw" in json.dumps(since["schema"])
+
+
+def test_openapi_documents_429_503_and_the_limits(api: Api) -> None:
+    schema = api.client.get("/openapi.json").json()
+    for path, method in (("/v1/jobs", "post"), ("/v1/decisions", "get"), ("/v1/review/{job_id}/resolve", "post")):
+        responses = schema["paths"][path][method]["responses"]
+        assert {"429", "503"} <= set(responses), path
+        assert "Retry-After" in responses["429"]["headers"]
+    key = next(p for p in schema["paths"]["/v1/jobs"]["post"]["parameters"] if p["name"] == "Idempotency-Key")
+    assert key["schema"]["maxLength"] == 255 and key["schema"]["minLength"] == 1
+    assert "MODTAG_MAX_HEADER_BYTES" in schema["info"]["description"]
+
+
+def test_docs_pages_load_only_local_assets(api: Api) -> None:
+    import re
+
+    for page in ("/docs", "/redoc"):
+        html = api.client.get(page).text
+        sources = re.findall(r'(?:src|href)="([^"]+)"', html) + re.findall(r"url: '([^']+)'", html)
+        assert sources, html
+        for source in sources:
+            assert source.startswith("/"), (page, source)  # nothing from another host: no CDN
+            if source.startswith("/docs-assets/"):
+                asset = api.client.get(source)
+                assert asset.status_code == 200 and len(asset.content) > 1000, source
+    assert api.client.get("/docs/oauth2-redirect").status_code == 200
+
+
 @pytest.mark.parametrize("key", ["x" * 256, "naïve-ключ"])
 def test_bad_idempotency_key_is_refused(api: Api, photos: dict[str, bytes], key: str) -> None:
     response = api.client.post(
@@ -341,8 +414,10 @@ def test_lying_content_length_cannot_smuggle_a_big_image(api: Api, redis_url: st
     head += f"Authorization: Bearer {api.key}\nConnection: close\n"
     status, error = raw_http(api.base_url, head, body)
 
-    # The server reads the declared 1000 bytes only: a truncated form, refused as such.
-    assert status == 400 and error["code"] == "invalid_multipart", error
+    # The server reads the declared 1000 bytes only: a truncated form, refused as such by the app, unless h11 (the
+    # server's HTTP parser: api.app.server_config) refuses first the bytes past them as a malformed next request.
+    assert status == 400 and error["code"] in ("invalid_multipart", None), error
+    assert error["code"] == "invalid_multipart" or "Invalid HTTP request" in error["detail"], error
     assert api.messages() == []
     assert api.client.get("/healthz").status_code == 200  # and it keeps serving
 
@@ -391,7 +466,9 @@ def test_unknown_policy_is_404_and_names_the_available_ones(api: Api, photos: di
 def test_image_must_be_given_exactly_once(api: Api, photos: dict[str, bytes]) -> None:
     assert_error(api.client.post("/v1/jobs", files={"policy": (None, "moderation")}), 422, "image_missing")
     assert_error(
-        api.client.post("/v1/jobs", data={"image": "not a file"}, files={"x": (None, "y")}), 422, "image_missing"
+        api.client.post("/v1/jobs", data={"image": "not a file"}, files={"policy": (None, "moderation")}),
+        422,
+        "image_missing",
     )
     assert_error(api.client.post("/v1/jobs", json={"policy": "moderation"}), 422, "image_missing")
     both = api.client.post(
@@ -439,7 +516,7 @@ def test_json_body_is_validated(api: Api, redis_url: str) -> None:
     )
     assert "policy" in body["detail"]
     body = assert_error(
-        post("/v1/jobs", json={"image_url": "https://a.example/x.jpg", "colour": "red"}), 422, "invalid_field"
+        post("/v1/jobs", json={"image_url": "https://a.example/x.jpg", "colour": "red"}), 422, "unknown_field"
     )
     assert "colour" in body["detail"]
     url = b'{"image_url": "https://a.example/x.jpg", '

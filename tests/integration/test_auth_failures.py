@@ -1,4 +1,5 @@
-"""Failed key checks are limited by client address: the API and the dashboard sign-in, over real HTTP and Redis."""
+"""Failed key checks are limited by client address and key prefix, and a valid key is never refused: the API and
+the dashboard sign-in, over real HTTP and Redis."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ ADDRESS = "127.0.0.1"  # every request of these tests comes from here
 
 @pytest.fixture(scope="module")
 def api_overrides() -> dict[str, Any]:
-    return {"auth_max_failures": LIMIT, "auth_failure_window_s": 300}
+    # A local reverse proxy, configured: X-Forwarded-For from loopback names the client (unset, it does not).
+    return {"auth_max_failures": LIMIT, "auth_failure_window_s": 300, "trusted_proxies": "127.0.0.1"}
 
 
 @pytest.fixture(autouse=True)
@@ -41,22 +43,28 @@ def _bad(api: Api, key: str = "mtk_wrong") -> httpx.Response:
     return api.client.get("/v1/audit", headers={"Authorization": f"Bearer {key}"})
 
 
+def _bad_from(api: Api, address: str, key: str) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}", "X-Forwarded-For": address}
+    return api.client.get("/v1/audit", headers=headers)
+
+
 def _count(code: str) -> float:
     return AUTH_FAILURES.labels(code=code)._value.get()
 
 
-def test_the_eleventh_attempt_is_refused_even_with_a_valid_key(api: Api) -> None:
+def test_the_eleventh_failure_is_refused_but_a_valid_key_never_is(api: Api) -> None:
     for _ in range(LIMIT):
         assert_error(_bad(api), 401, "auth_invalid")
     before = _count("too_many_failures")
-    refused = api.client.get("/v1/audit")  # the client's own, valid, admin key
+    refused = _bad(api)
     body = assert_error(refused, 429, "too_many_failures")
     assert "wait" in body["detail"]
     assert 1 <= int(refused.headers["Retry-After"]) <= 300
     assert _count("too_many_failures") == before + 1
-    # A locked-out address is refused before the key is looked at: the same answer for a wrong key.
-    assert_error(_bad(api), 429, "too_many_failures")
-    assert_error(api.client.get("/v1/audit", headers={"X-API-Key": "mtk_wrong"}), 429, "too_many_failures")
+    with ApiClient(api.base_url) as other:
+        assert_error(other.get("/v1/audit", headers={"X-API-Key": "mtk_wrong"}), 429, "too_many_failures")
+    # The key is checked first: the admin's own key from the locked-out address still works.
+    assert api.client.get("/v1/audit").status_code == 200
     # Probes and metrics carry no key and stay open.
     for path in ("/healthz", "/metrics"):
         assert api.client.get(path, headers={"Authorization": ""}).status_code == 200
@@ -71,10 +79,37 @@ def test_another_address_is_unaffected(api: Api) -> None:
     # where these requests come from: so here it names the client, as a local reverse proxy would.
     for index in range(LIMIT):
         assert_error(_bad(api, f"mtk_{index}"), 401, "auth_invalid")
-    assert_error(api.client.get("/v1/audit"), 429, "too_many_failures")
-    other = api.client.get("/v1/audit", headers={"X-Forwarded-For": "203.0.113.9"})
-    assert other.status_code == 200, other.text
-    assert api.redis.get(KEY_PREFIX + "203.0.113.9") is None
+    assert_error(_bad(api), 429, "too_many_failures")
+    other = _bad_from(api, "203.0.113.9", "mtk_other")
+    assert_error(other, 401, "auth_invalid")
+    assert int(api.redis.get(KEY_PREFIX + "203.0.113.9") or 0) == 1
+
+
+def test_forwarded_for_from_loopback_is_not_trusted_unless_configured(tmp_path: Path, api: Api) -> None:
+    settings = api_settings(tmp_path, api.db_url, api.settings.redis_url, auth_max_failures=LIMIT)
+    assert settings.trusted_proxies == ""
+    with running_api(settings) as default:
+        for index in range(LIMIT):  # each claims another address: none is believed
+            assert_error(_bad_from(default, f"198.51.100.{index}", "mtk_x"), 401, "auth_invalid")
+        assert_error(_bad_from(default, "198.51.100.200", "mtk_x"), 429, "too_many_failures")
+        assert int(default.redis.get(KEY_PREFIX + ADDRESS) or 0) == LIMIT + 1
+        assert default.redis.keys(KEY_PREFIX + "198.51.100.*") == []
+
+
+def test_guesses_at_one_key_are_limited_by_its_prefix_from_any_address(api: Api) -> None:
+    from core.auth import generated_prefix
+
+    prefix = generated_prefix(api.key)
+    assert prefix is not None
+    for index in range(LIMIT):
+        guess = api.key[:-8] + secrets.token_urlsafe(6)[:8]
+        assert_error(_bad_from(api, f"192.0.2.{index}", guess), 401, "auth_invalid")
+    guess = api.key[:-8] + "AAAAAAAA"
+    assert_error(_bad_from(api, "192.0.2.250", guess), 429, "too_many_failures")  # a fresh address, the same prefix
+    assert int(api.redis.get(f"{KEY_PREFIX}key:{prefix}") or 0) == LIMIT + 1
+    # The key itself, from any address, is never refused.
+    assert api.client.get("/v1/audit", headers={"X-Forwarded-For": "192.0.2.250"}).status_code == 200
+    assert api.client.get("/v1/audit").status_code == 200
 
 
 def test_successes_do_not_count(api: Api) -> None:
@@ -92,7 +127,8 @@ def test_revoked_and_malformed_keys_count(api: Api) -> None:
         assert_error(api.client.get("/v1/audit", headers={"Authorization": "Basic abc"}), 401, "auth_invalid")
     for _ in range(LIMIT - LIMIT // 2):
         assert_error(_bad(api), 401, "auth_invalid")
-    assert_error(api.client.get("/v1/audit"), 429, "too_many_failures")
+    assert_error(_bad(api), 429, "too_many_failures")
+    assert api.client.get("/v1/audit").status_code == 200
 
 
 def test_hostile_keys_are_counted_by_address_only(api: Api) -> None:
@@ -103,7 +139,7 @@ def test_hostile_keys_are_counted_by_address_only(api: Api) -> None:
     assert api.redis.keys(KEY_PREFIX + "*") == [(KEY_PREFIX + ADDRESS).encode()]
     assert int(api.redis.get(KEY_PREFIX + ADDRESS) or 0) == 2 * len(hostile)
     assert 0 < api.redis.ttl(KEY_PREFIX + ADDRESS) <= 300  # a window, never a key without expiry
-    assert_error(api.client.get("/v1/audit"), 429, "too_many_failures")
+    assert_error(_bad(api), 429, "too_many_failures")
 
 
 def test_the_counter_is_per_address_and_fixed_window(api: Api) -> None:
@@ -126,11 +162,11 @@ def test_the_window_passes_over_http(tmp_path: Path, api: Api) -> None:
     with running_api(settings) as short:
         for _ in range(2):
             assert_error(_bad(short), 401, "auth_invalid")
-        refused = short.client.get("/v1/audit")
+        refused = _bad(short)
         assert_error(refused, 429, "too_many_failures")
         assert refused.headers["Retry-After"] == "1"
         wait_for(lambda: not short.redis.exists(KEY_PREFIX + ADDRESS), 5, "the window's key expired")
-        assert short.client.get("/v1/audit").status_code == 200
+        assert_error(_bad(short), 401, "auth_invalid")
 
 
 def test_redis_down_fails_open(tmp_path: Path, api: Api, caplog: pytest.LogCaptureFixture) -> None:
@@ -155,15 +191,20 @@ def test_dashboard_sign_in_is_limited_with_a_page(api: Api) -> None:
             page = browser.post("/dashboard/login", data={"key": "mtk_nope", "csrf_token": _csrf(page)})
             assert page.status_code == 401
         refused = browser.post(
-            "/dashboard/login", data={"key": api.key, "csrf_token": _csrf(page)}, follow_redirects=False
+            "/dashboard/login", data={"key": "mtk_nope", "csrf_token": _csrf(page)}, follow_redirects=False
         )
         assert refused.status_code == 429
         assert refused.headers["content-type"].startswith("text/html")
         assert 1 <= int(refused.headers["Retry-After"]) <= 300
         assert "too many failed sign-ins" in refused.text
         assert "modtag_session" not in refused.headers.get("set-cookie", "")
+        signed_in = browser.post(
+            "/dashboard/login", data={"key": api.key, "csrf_token": _csrf(refused)}, follow_redirects=False
+        )
+        assert signed_in.status_code == 303  # the valid key is never refused
+        assert "modtag_session" in signed_in.headers.get("set-cookie", "")
     # Failures at the sign-in count for the API too: one address, one counter.
-    assert_error(api.client.get("/v1/audit"), 429, "too_many_failures")
+    assert_error(_bad(api), 429, "too_many_failures")
 
 
 def test_api_failures_lock_the_sign_in_too(api: Api) -> None:
@@ -172,7 +213,7 @@ def test_api_failures_lock_the_sign_in_too(api: Api) -> None:
     with ApiClient(api.base_url) as browser:
         form = browser.get("/dashboard/login")
         assert form.status_code == 200  # the form itself is not an attempt
-        refused = browser.post("/dashboard/login", data={"key": api.key, "csrf_token": _csrf(form)})
+        refused = browser.post("/dashboard/login", data={"key": "mtk_nope", "csrf_token": _csrf(form)})
         assert refused.status_code == 429
 
 

@@ -96,7 +96,8 @@ def test_json_listings_fetch_image_urls(api: Api) -> None:
     assert [photo["source"] for photo in response.json()["photos"]] == ["url", "url"]
     assert_error(api.client.post("/v1/listings", json={**body, "image_urls": ["ftp://x/a.jpg"]}), 422, "url_invalid")
     assert_error(api.client.post("/v1/listings", json={**body, "attributes": [1]}), 422, "invalid_attributes")
-    assert_error(api.client.post("/v1/listings", json={**body, "extra": 1}), 422, "invalid_field")
+    unknown = assert_error(api.client.post("/v1/listings", json={**body, "extra": 1}), 422, "unknown_field")
+    assert "'extra'" in unknown["detail"]
 
 
 def test_the_same_idempotency_key_returns_the_same_listing(api: Api) -> None:
@@ -108,6 +109,22 @@ def test_the_same_idempotency_key_returns_the_same_listing(api: Api) -> None:
     assert first.json()["id"] == second.json()["id"] and second.headers["Idempotent-Replayed"] == "true"
     with session_scope(api.db_url) as session:
         assert len(session.exec(select(Job).where(Job.listing_id == first.json()["id"])).all()) == 1
+
+
+def test_an_idempotency_key_reused_for_another_listing_is_a_conflict(api: Api) -> None:
+    headers = {"Idempotency-Key": "listing-conflict"}
+    files = [("images", ("a.jpg", jpeg(), "image/jpeg"))]
+    assert api.client.post("/v1/listings", files=files, data={"title": "A mug"}, headers=headers).status_code == 202
+    other_text = api.client.post("/v1/listings", files=files, data={"title": "A bowl"}, headers=headers)
+    assert_error(other_text, 409, "idempotency_conflict")
+    two = [*files, ("images", ("b.jpg", jpeg(), "image/jpeg"))]
+    assert_error(
+        api.client.post("/v1/listings", files=two, data={"title": "A mug"}, headers=headers),
+        409,
+        "idempotency_conflict",
+    )
+    same = api.client.post("/v1/listings", files=files, data={"title": " A mug "}, headers=headers)
+    assert same.status_code == 200 and same.headers["Idempotent-Replayed"] == "true"
 
 
 @pytest.mark.parametrize(

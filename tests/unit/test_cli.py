@@ -122,6 +122,33 @@ def test_scan_with_unreachable_models_fails_before_starting_anything(tmp_path: P
     assert not data.exists() or not any(data.iterdir()), sorted(p.name for p in data.iterdir())
 
 
+@pytest.mark.slow
+def test_policy_test_with_unreachable_models_fails_like_scan(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache"),
+           "MODTAG_MODELS": "base", "MODTAG_DATA_DIR": str(tmp_path / "data")}  # fmt: skip
+    (tmp_path / "cases" / "allow").mkdir(parents=True)
+    (tmp_path / "cases" / "allow" / "a.jpg").write_bytes(photo_bytes("coffee"))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modtag",
+            "policy",
+            "test",
+            str(builtin_dir() / "moderation.yaml"),
+            str(tmp_path / "cases"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 3, done.stderr
+    assert (
+        "[model_unavailable]" in done.stderr and "hf download" in done.stderr and "huggingface-cli" not in done.stderr
+    )
+
+
 @pytest.mark.parametrize(
     "command",
     [
@@ -180,3 +207,82 @@ def test_bench_banks_prints_its_measurements(capsys: pytest.CaptureFixture[str])
     assert main(["bench", "--banks", "5e3", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["bank_size"] == 5000 and report["correct"] == report["queries"]
+
+
+def test_version_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    from core import __version__
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"modtag {__version__}"
+
+
+def test_a_missing_worker_extra_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    # torch is installed here: the child makes it unimportable, as in an install without the [worker] extra.
+    code = "import sys; sys.modules['torch'] = None; from modtag.cli import main; sys.exit(main(['worker']))"
+    env = {**os.environ, "MODTAG_DATA_DIR": str(tmp_path), "MODTAG_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "pip install 'modtag[worker]'" in done.stderr and "[missing_extra]" in done.stderr
+
+
+def test_a_taken_worker_metrics_port_stops_the_worker_with_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            **os.environ,
+            "MODTAG_DATA_DIR": str(tmp_path),
+            "MODTAG_API_HOST": "127.0.0.1",
+            "MODTAG_WORKER_METRICS_PORT": str(port),
+            "MODTAG_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "modtag", "worker"], capture_output=True, text=True, env=env, timeout=120
+        )
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"127.0.0.1:{port} is unavailable" in done.stderr and "[metrics_port_taken]" in done.stderr
+
+
+def test_keys_use_one_private_database_per_user_whatever_the_directory(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MODTAG_DATA_DIR"} | {"XDG_DATA_HOME": str(tmp_path / "xdg")}
+    outputs = []
+    for cwd in (tmp_path / "one", tmp_path / "two"):
+        cwd.mkdir()
+        done = subprocess.run(
+            [sys.executable, "-m", "modtag", "keys", "list"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=cwd,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stderr)
+    data_dir = tmp_path / "xdg" / "modtag"
+    assert outputs[0] == outputs[1] and f"database: sqlite:///{data_dir / 'modtag.db'}" in outputs[0]
+    assert not (tmp_path / "one" / ".modtag").exists()
+    assert data_dir.stat().st_mode & 0o777 == 0o700
+    assert (data_dir / "modtag.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_admin_key_comes_from_a_file_never_from_argv(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen: list[Settings] = []
+    monkeypatch.setattr("modtag.cli.cmd_up", lambda _, settings: seen.append(settings) or 0)
+    key = "k" * 40
+    (tmp_path / "admin.key").write_text(key + "\n")
+    assert main(["up", "--admin-key-file", str(tmp_path / "admin.key"), "--data-dir", str(tmp_path)]) == 0
+    assert seen[0].admin_key is not None and seen[0].admin_key.get_secret_value() == key
+    with pytest.raises(SystemExit) as refused:
+        main(["up", "--admin-key", key])
+    assert refused.value.code == 2
+    assert main(["up", "--admin-key-file", str(tmp_path / "missing.key")]) == 2
+    assert "cannot read --admin-key-file" in capsys.readouterr().err

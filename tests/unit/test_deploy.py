@@ -292,7 +292,7 @@ def test_compose_validates_with_docker_compose(tmp_path: Path) -> None:
 def test_api_image_installs_no_torch() -> None:
     dockerfile = dockerfile_lines("Dockerfile.api")
     installs = [line for line in dockerfile if "pip install" in line]
-    assert installs == ["RUN pip install ."]
+    assert installs == ["RUN pip install -c requirements.lock ."]  # the base install, versions from the lock
     text = "\n".join(dockerfile)
     for forbidden in ("[worker]", "torch", "transformers", "TORCH_INDEX_URL"):
         assert forbidden not in text
@@ -312,10 +312,21 @@ def test_worker_image_installs_the_worker_extra_from_a_torch_index() -> None:
     assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu12\d$", raw, re.M)
     assert "https://download.pytorch.org/whl/cpu" in raw  # how to build for CPU
     assert 'RUN pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"' in dockerfile
-    assert 'RUN pip install ".[worker]"' in dockerfile
+    assert 'RUN pip install -c requirements.lock ".[worker]"' in dockerfile
     assert "HF_HOME=/models/" in raw and 'VOLUME ["/models"]' in dockerfile
     assert any(line.startswith("USER ") and "root" not in line for line in dockerfile)
     assert dockerfile[-1] == 'CMD ["modtag", "worker"]'
+
+
+def test_the_lock_pins_every_dependency_but_torch() -> None:
+    lock = (ROOT / "requirements.lock").read_text()
+    pinned = {line.split("==")[0].lower() for line in lock.splitlines() if "==" in line and not line.startswith(" ")}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + [dep for extra in project["optional-dependencies"].values() for dep in extra]
+    names = {re.split(r"[<>=\[ ;]", dep, maxsplit=1)[0].lower() for dep in wanted}
+    assert names - {"torch"} <= pinned, (names - {"torch"}) - pinned
+    assert not [name for name in pinned if re.match(r"(torch|nvidia-|triton)", name)]  # TORCH_SPEC chooses the build
+    assert "-c $(LOCK)" in (ROOT / "Makefile").read_text()
 
 
 @pytest.mark.parametrize("name", ["Dockerfile.api", "Dockerfile.worker"])

@@ -168,7 +168,7 @@ def test_hub_model_not_cached_and_no_network_says_how_to_get_it(
     assert time.perf_counter() - started < 10
     assert error.value.code == "model_unavailable"
     message = error.value.message
-    for hint in (missing_id, "internet", f"huggingface-cli download {missing_id}", "MODTAG_MODELS", "tiny-random"):
+    for hint in (missing_id, "internet", f"hf download {missing_id}", "MODTAG_MODELS", "tiny-random"):
         assert hint in message
     assert resolve_model_dirs("large", tmp_path)["vqa"] == "Salesforce/blip-vqa-capfilt-large"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from core.errors import InvalidField
+from core.moments import parse_since
 from modtag.cli import main
 from modtag.listing import listing_failed, parse_attributes
-from modtag.policytools import parse_since
 from worker.replay import find_cases
 
 

@@ -1,0 +1,140 @@
+"""Limits applied before any route runs: anonymous calls refused unread, small bodies, no stray multipart.
+
+FastAPI reads and parses a route's JSON or form body before its dependencies run, so the key check cannot
+protect the memory of a route that takes a body: this ASGI layer does, before anything is parsed.
+- A call to /v1 that carries no credential at all (no `Authorization`, no `X-API-Key`, no session cookie) is
+  401 `auth_required` without a byte of its body read.
+- Every route but the uploads (`UPLOAD_ROUTES`, which read their bodies themselves under their own caps and
+  only after the key check) takes at most `max_body_bytes`: a larger Content-Length is 413 `body_too_large` at
+  once, and a chunked or lying body is cut off at the cap with the same answer.
+- Multipart bodies go only to the uploads: elsewhere they are 415 before Starlette spools a part to disk.
+- Request headers past `max_header_bytes` are 431 `headers_too_large`. The server bounds what it buffers the
+  same way (`server_config`: h11's incomplete-event size), but h11 lets through headers that arrive whole in one
+  read, so they are counted here too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from http.cookies import CookieError, SimpleCookie
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.auth import SESSION_COOKIE
+from api.middleware import HttpMiddleware
+from core.settings import Settings
+
+# (method, path pattern) of the routes that take images: they read and cap their own bodies after the key check.
+UPLOAD_ROUTES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("POST", re.compile(r"^/v1/jobs/?$")),
+    ("POST", re.compile(r"^/v1/listings/?$")),
+    ("POST", re.compile(r"^/v1/banks/[^/]+/items/?$")),
+)
+
+
+def is_upload(method: str, path: str) -> bool:
+    return any(method == wanted and pattern.match(path) for wanted, pattern in UPLOAD_ROUTES)
+
+
+class RequestLimitsMiddleware(HttpMiddleware):
+    """The body and credential limits above (nothing is buffered here)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        super().__init__(app)
+        self.settings = settings
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = str(scope.get("path", ""))
+        raw = scope.get("headers", [])
+        if sum(len(name) + len(value) + 4 for name, value in raw) > self.settings.max_header_bytes:
+            await _refuse(
+                send,
+                431,
+                f"the request headers are larger than {self.settings.max_header_bytes} bytes",
+                "headers_too_large",
+            )
+            return
+        headers = _headers(scope)
+        if self.settings.auth and path.startswith("/v1/") and not _has_credential(headers):
+            await _refuse(
+                send,
+                401,
+                "this needs an API key: send `Authorization: Bearer <key>` (or sign in at /dashboard/login)",
+                "auth_required",
+            )
+            return
+        if is_upload(str(scope.get("method", "")), path):
+            await self.app(scope, receive, send)
+            return
+        cap = self.settings.max_body_bytes
+        media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media_type == "multipart/form-data":
+            await _refuse(send, 415, "this route takes no multipart body; send JSON", "unsupported_media_type")
+            return
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            await _refuse(send, 413, _too_large(cap), "body_too_large")
+            return
+        await self._capped(scope, receive, send, cap)
+
+    async def _capped(self, scope: Scope, receive: Receive, send: Send, cap: int) -> None:
+        received = 0
+        over = False
+        answered = False
+
+        async def capped_receive() -> Message:
+            nonlocal received, over
+            if over:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > cap:
+                    # The route sees a disconnect and stops reading; what it answers is replaced below.
+                    over = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal answered
+            if over:
+                if not answered:
+                    answered = True
+                    await _refuse(send, 413, _too_large(cap), "body_too_large")
+                return
+            await send(message)
+
+        await self.app(scope, capped_receive, guarded_send)
+        if over and not answered:
+            await _refuse(send, 413, _too_large(cap), "body_too_large")
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope.get("headers", [])}
+
+
+def _has_credential(headers: dict[str, str]) -> bool:
+    if headers.get("authorization") or headers.get("x-api-key"):
+        return True
+    cookie = SimpleCookie()
+    try:
+        cookie.load(headers.get("cookie", ""))
+    except CookieError:
+        return False
+    return SESSION_COOKIE in cookie
+
+
+def _too_large(cap: int) -> str:
+    return f"the request body is larger than {cap} bytes (only image uploads may be larger)"
+
+
+async def _refuse(send: Send, status: int, detail: str, code: str) -> None:
+    body = json.dumps({"detail": detail, "code": code}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="modtag"'))
+    if status in (413, 401, 431):
+        headers.append((b"connection", b"close"))  # the unread body is not drained; the connection cannot be reused
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,212 @@
+"""Signed webhooks (the Standard Webhooks specification): tenant secrets, signatures and the delivery log.
+
+A final job or listing with a callback URL becomes one `WebhookDelivery` row, whose id is the message's
+`webhook-id` and whose payload is the exact body: every attempt sends the same bytes under the same id, so a
+receiver can drop duplicates. Delivery is at least once: the row is written before the first attempt, and a
+failed attempt (a network error or a non-2xx answer) schedules the next one after `webhook_retry_intervals_s`
+(exponential, over hours); past the last interval the delivery is `failed`. Each attempt is signed with every
+live secret of the tenant: `webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, one
+signature per secret, so a receiver can move to a rotated secret while the old one still signs (for
+`webhook_secret_overlap_s`, a day by default).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, or_, select, update
+
+from core.settings import Settings
+from core.tables import FINAL_STATUSES, Job, WebhookDelivery, WebhookSecret, as_utc, utcnow
+
+SECRET_PREFIX = "whsec_"
+PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+
+
+def tenant_secret(session: Session, tenant: str) -> WebhookSecret:
+    """The tenant's newest secret, made on first use."""
+    row = session.exec(
+        select(WebhookSecret).where(WebhookSecret.tenant == tenant).order_by(col(WebhookSecret.created_at).desc())
+    ).first()
+    if row is not None:
+        return row
+    row = WebhookSecret(tenant=tenant, secret=_new_secret())
+    session.add(row)
+    session.commit()
+    session.refresh(row)
+    return row
+
+
+def rotate_secret(session: Session, tenant: str, overlap_s: int) -> WebhookSecret:
+    """A new secret for the tenant; the ones before it keep signing for `overlap_s` more seconds."""
+    now = utcnow()
+    session.exec(
+        update(WebhookSecret)  # type: ignore[call-overload]
+        .where(col(WebhookSecret.tenant) == tenant, col(WebhookSecret.expires_at).is_(None))
+        .values(expires_at=now + timedelta(seconds=overlap_s))
+    )
+    row = WebhookSecret(tenant=tenant, secret=_new_secret(), created_at=now)
+    session.add(row)
+    session.commit()
+    session.refresh(row)
+    return row
+
+
+def signing_secrets(session: Session, tenant: str) -> list[str]:
+    """Every secret that signs now: the newest first, then those rotated out less than the overlap ago."""
+    now = utcnow()
+    tenant_secret(session, tenant)
+    rows = session.exec(
+        select(WebhookSecret)
+        .where(WebhookSecret.tenant == tenant)
+        .where(or_(col(WebhookSecret.expires_at).is_(None), col(WebhookSecret.expires_at) > now))
+        .order_by(col(WebhookSecret.created_at).desc())
+    ).all()
+    return [row.secret for row in rows]
+
+
+def signature_headers(secrets_: Sequence[str], message_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    """The three Standard Webhooks headers of one attempt, signed with each of `secrets_`."""
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    signatures = [
+        "v1," + base64.b64encode(hmac.new(_key(secret), signed, hashlib.sha256).digest()).decode()
+        for secret in secrets_
+    ]
+    return {
+        "webhook-id": message_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": " ".join(signatures),
+    }
+
+
+def record_delivery(
+    session: Session, *, tenant: str, event_type: str, subject_id: str, url: str, payload: bytes
+) -> WebhookDelivery:
+    """The delivery of this event for this subject, written once (a redelivered task finds the first one)."""
+    existing = _find(session, event_type, subject_id)
+    if existing is not None:
+        return existing
+    row = WebhookDelivery(
+        id=f"msg_{secrets.token_hex(16)}",
+        tenant=tenant,
+        event_type=event_type,
+        subject_id=subject_id,
+        url=url,
+        payload=payload.decode(),
+        next_attempt_at=utcnow(),
+    )
+    session.add(row)
+    try:
+        session.commit()
+    except IntegrityError:  # another worker wrote it first
+        session.rollback()
+        found = _find(session, event_type, subject_id)
+        assert found is not None
+        return found
+    session.refresh(row)
+    return row
+
+
+def claim_attempt(session: Session, delivery_id: str, lease_s: float) -> WebhookDelivery | None:
+    """Take the next attempt of a due delivery (a conditional UPDATE: one sender per attempt), or None."""
+    now = utcnow()
+    claimed = session.exec(
+        update(WebhookDelivery)  # type: ignore[call-overload]
+        .where(
+            col(WebhookDelivery.id) == delivery_id,
+            col(WebhookDelivery.status) == PENDING,
+            col(WebhookDelivery.next_attempt_at) <= now,
+        )
+        .values(next_attempt_at=now + timedelta(seconds=lease_s))
+    )
+    session.commit()
+    if claimed.rowcount != 1:
+        return None
+    return session.get(WebhookDelivery, delivery_id)
+
+
+def finish_attempt(
+    session: Session, delivery_id: str, settings: Settings, *, status_code: int | None, error: str | None
+) -> WebhookDelivery:
+    """Record an attempt: delivered on 2xx; else the next attempt after the next interval, or failed past the last."""
+    row = session.get(WebhookDelivery, delivery_id)
+    assert row is not None
+    now = utcnow()
+    row.attempts += 1
+    row.last_status_code = status_code
+    row.last_error = error[:500] if error else None
+    if status_code is not None and 200 <= status_code < 300:
+        row.status, row.delivered_at, row.next_attempt_at = DELIVERED, now, None
+    elif row.attempts > len(settings.webhook_retry_intervals_s):
+        row.status, row.next_attempt_at = FAILED, None
+    else:
+        row.next_attempt_at = now + timedelta(seconds=settings.webhook_retry_intervals_s[row.attempts - 1])
+    session.add(row)
+    session.commit()
+    session.refresh(row)
+    return row
+
+
+def due_deliveries(session: Session, limit: int = 100) -> list[str]:
+    """Ids of pending deliveries whose next attempt is due, oldest first."""
+    return list(
+        session.exec(
+            select(WebhookDelivery.id)
+            .where(WebhookDelivery.status == PENDING, col(WebhookDelivery.next_attempt_at) <= utcnow())
+            .order_by(col(WebhookDelivery.next_attempt_at))
+            .limit(limit)
+        ).all()
+    )
+
+
+def jobs_missing_delivery(session: Session, event_type: str, finished_before: datetime, limit: int = 100) -> list[str]:
+    """Final jobs with a callback URL, finished before `finished_before` (and within a day of it), that have no
+    delivery: their worker stopped between finishing them and recording the webhook."""
+    recorded = select(WebhookDelivery.subject_id).where(WebhookDelivery.event_type == event_type)
+    return list(
+        session.exec(
+            select(Job.id)
+            .where(
+                col(Job.callback_url).is_not(None),
+                col(Job.status).in_(list(FINAL_STATUSES)),
+                col(Job.finished_at) < finished_before,
+                col(Job.finished_at) >= finished_before - timedelta(days=1),
+                col(Job.id).not_in(recorded),
+            )
+            .limit(limit)
+        ).all()
+    )
+
+
+def list_deliveries(
+    session: Session, tenant: str, *, status: str | None, before: datetime | None, limit: int
+) -> list[WebhookDelivery]:
+    """The tenant's deliveries, newest first; `before` pages on created_at."""
+    query = select(WebhookDelivery).where(WebhookDelivery.tenant == tenant)
+    if status:
+        query = query.where(WebhookDelivery.status == status)
+    if before is not None:
+        query = query.where(col(WebhookDelivery.created_at) < as_utc(before))
+    return list(session.exec(query.order_by(col(WebhookDelivery.created_at).desc()).limit(limit)).all())
+
+
+def _find(session: Session, event_type: str, subject_id: str) -> WebhookDelivery | None:
+    return session.exec(
+        select(WebhookDelivery).where(
+            WebhookDelivery.event_type == event_type, WebhookDelivery.subject_id == subject_id
+        )
+    ).first()
+
+
+def _new_secret() -> str:
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def _key(secret: str) -> bytes:
+    return base64.b64decode(secret.removeprefix(SECRET_PREFIX))
