@@ -17,7 +17,7 @@ from api.routes import audit, dashboard, decisions, health, jobs, listings, poli
 from api.routes.health import CHECK_TIMEOUT_S
 from core import __version__
 from core.auth import bootstrap_admin_key
-from core.blobs import LocalBlobStore
+from core.blobs import open_blob_store
 from core.broker import make_celery
 from core.db import migrate, session_scope
 from core.errors import AuthError, ConfigError, Forbidden
@@ -59,7 +59,8 @@ def run(settings: Settings | None = None) -> None:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    migrate(settings.resolved_database_url)
+    if settings.migrate_on_start:
+        migrate(settings.resolved_database_url)
     _ensure_admin_key(settings)
     # Re-read when the files change (polled at most every 2 s on access): policy edits need no restart.
     loaded = PolicyRegistry(
@@ -74,7 +75,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings=settings,
         policies=loaded,
         celery=celery,
-        blobs=LocalBlobStore(settings.resolved_blob_dir),
+        blobs=open_blob_store(settings),
         redis=client,
     )
     set_build_info("api")

@@ -44,7 +44,7 @@ def reconcile_once(settings: Settings, celery: Celery, redis_client: Any) -> Rec
         stale = jobs.stale_jobs(session, queued_before=queued_before, running_before=running_before)
     if not stale:
         return report
-    waiting = queued_task_ids(redis_client, Queue.INFERENCE.value)
+    waiting = queued_task_ids(redis_client, Queue.INFERENCE.value, fresh_s=settings.running_lease_s)
     for job in stale:
         with session_scope(url) as session:
             if job.status == JobStatus.RUNNING:
