@@ -4,7 +4,10 @@ One interface, two backends chosen by `MODTAG_BLOB_URL` (`open_blob_store`): a d
 what one machine and `modtag up` use) and S3-compatible object storage (`s3://bucket/prefix`: AWS S3,
 MinIO, R2, Ceph, GCS's S3 API), so API and workers share no directory. S3 goes through boto3: the
 conservative choice, whose credential chain covers what a cluster hands a pod (the `AWS_*` variables,
-web identity tokens, instance profiles) and whose standard retry mode absorbs the store's throttling.
+web identity tokens, instance profiles), which honours AWS_ENDPOINT_URL(_S3) as every AWS SDK does,
+whose standard retry mode absorbs the store's throttling, and against which moto (the tests' S3
+server) is built. obstore would add GCS and Azure natively with one small wheel, but it is young
+(0.x), asks for an explicit allow-http option per client, and every store named above speaks S3.
 """
 
 from __future__ import annotations
