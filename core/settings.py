@@ -65,7 +65,9 @@ class Settings(BaseSettings):
     running_lease_s: int = Field(
         default=60, gt=0, description="A running job whose worker has not renewed its lease for this long is retried."
     )
-    lease_renew_s: float = Field(default=15.0, gt=0, description="How often a worker renews its running jobs' leases.")
+    lease_renew_s: float | None = Field(
+        default=None, gt=0, description="How often a worker renews its running jobs' leases; default a quarter lease."
+    )
     worker_drain_s: float = Field(
         default=60.0, gt=0, description="After SIGTERM, how long running jobs may finish before they are handed back."
     )
@@ -127,11 +129,15 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if not self.auth and self.environment == "production":
             raise ValueError("auth=false (MODTAG_AUTH) is for development only; production requires API keys")
-        if self.lease_renew_s * 2 > self.running_lease_s:
+        if self.lease_renew_s is not None and self.lease_renew_s * 2 > self.running_lease_s:
             raise ValueError("lease_renew_s must be at most half of running_lease_s, so one missed renewal is no loss")
         if self.visibility_timeout_s is not None and self.visibility_timeout_s <= self.job_timeout_s:
             raise ValueError("visibility_timeout_s must be longer than job_timeout_s")
         return self
+
+    @property
+    def resolved_lease_renew_s(self) -> float:
+        return self.lease_renew_s or self.running_lease_s / 4
 
     @property
     def resolved_visibility_timeout_s(self) -> int:

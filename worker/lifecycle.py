@@ -81,11 +81,11 @@ class JobLifecycle:
             return jobs.renew_leases(session, held, self.worker)
 
     def start_renewing(self, stop: threading.Event) -> threading.Thread:
-        """Renew every `lease_renew_s` in a daemon thread until `stop` is set: a job's lease lapses only when
-        its worker is gone (killed, frozen, partitioned), however long the job itself runs."""
+        """Renew every `lease_renew_s` (a quarter lease by default) in a daemon thread until `stop` is set: a job's
+        lease lapses only when its worker is gone (killed, frozen, partitioned), however long the job itself runs."""
 
         def loop() -> None:
-            while not stop.wait(self.settings.lease_renew_s):
+            while not stop.wait(self.settings.resolved_lease_renew_s):
                 try:
                     self.renew()
                 except Exception:  # a database outage must not end the renewals; the next round tries again
