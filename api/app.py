@@ -20,7 +20,7 @@ from api.routes import audit, banks, dashboard, decisions, health, jobs, listing
 from api.routes.health import CHECK_TIMEOUT_S
 from core import __version__
 from core.auth import bootstrap_admin_key
-from core.blobs import LocalBlobStore
+from core.blobs import open_blob_store
 from core.broker import make_celery
 from core.db import migrate, session_scope
 from core.errors import AuthError, ConfigError, Forbidden
@@ -98,7 +98,8 @@ def server_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    migrate(settings.resolved_database_url)
+    if settings.migrate_on_start:
+        migrate(settings.resolved_database_url)
     _ensure_admin_key(settings)
     # Re-read when the files change (polled at most every MODTAG_POLICY_RELOAD_S on access): edits need no restart.
     loaded = PolicyRegistry(
@@ -114,7 +115,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings=settings,
         policies=loaded,
         celery=celery,
-        blobs=LocalBlobStore(settings.resolved_blob_dir),
+        blobs=open_blob_store(settings),
         redis=client,
     )
     set_build_info("api")

@@ -1,4 +1,14 @@
-"""The image store: where uploaded and fetched image bytes live until the worker has judged them."""
+"""The image store: where uploaded and fetched image bytes live until the worker has judged them.
+
+One interface, two backends chosen by `MODTAG_BLOB_URL` (`open_blob_store`): a directory (`file:///path`,
+what one machine and `modtag up` use) and S3-compatible object storage (`s3://bucket/prefix`: AWS S3,
+MinIO, R2, Ceph, GCS's S3 API), so API and workers share no directory. S3 goes through boto3: the
+conservative choice, whose credential chain covers what a cluster hands a pod (the `AWS_*` variables,
+web identity tokens, instance profiles), which honours AWS_ENDPOINT_URL(_S3) as every AWS SDK does,
+whose standard retry mode absorbs the store's throttling, and against which moto (the tests' S3
+server) is built. obstore would add GCS and Azure natively with one small wheel, but it is young
+(0.x), asks for an explicit allow-http option per client, and every store named above speaks S3.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +16,14 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
 
-from core.errors import NotFound
+from core.errors import ConfigError, NotFound, TransientError
+from core.settings import Settings
 
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 
@@ -24,6 +38,23 @@ class BlobStore(Protocol):
     def delete(self, key: str) -> None: ...
 
 
+def open_blob_store(settings: Settings) -> BlobStore:
+    """The store MODTAG_BLOB_URL names (`file://` or `s3://`; default the blob directory); ConfigError for another."""
+    url = settings.resolved_blob_url
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        return LocalBlobStore(Path(unquote(parts.path)))
+    if parts.scheme == "s3" and parts.netloc:
+        # Enough connections for every task thread of a worker to read at once.
+        connections = max(10, settings.worker_concurrency or 0, 2 * settings.batch_max_images)
+        return S3BlobStore(parts.netloc, parts.path.strip("/"), max_connections=connections)
+    raise ConfigError(f"blob store URL {url!r} is neither file:///path nor s3://bucket/prefix", code="blob_url_invalid")
+
+
+def blob_key(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 class LocalBlobStore:
     """Blobs as files under one directory (a local disk or a shared volume), keyed by SHA-256."""
 
@@ -32,8 +63,8 @@ class LocalBlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def put(self, data: bytes) -> str:
-        key = hashlib.sha256(data).hexdigest()
-        path = self._path(key)
+        key = blob_key(data)
+        path = self.root / _relative(key)
         if path.exists():
             return key
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,14 +83,87 @@ class LocalBlobStore:
 
     def get(self, key: str) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            return (self.root / _relative(key)).read_bytes()
         except FileNotFoundError:
-            raise NotFound(f"image {key[:12]}... is no longer in the blob store", code="blob_missing") from None
+            raise _missing(key) from None
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        (self.root / _relative(key)).unlink(missing_ok=True)
 
-    def _path(self, key: str) -> Path:
-        if not _KEY.match(key):
-            raise NotFound(f"{key!r} is not a blob key", code="blob_missing")
-        return self.root / key[:2] / key
+
+class S3BlobStore:
+    """Blobs as objects `prefix/ab/<sha256>` in one bucket. Region, endpoint and credentials come from the
+    standard AWS variables (AWS_REGION, AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...): an `http://` endpoint
+    is used only when AWS_ENDPOINT_URL names one. An unreachable store is a TransientError: the job retries."""
+
+    def __init__(self, bucket: str, prefix: str = "", *, max_connections: int = 10) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = f"{prefix}/" if prefix else ""
+        config = Config(
+            # One connection per task thread that may read at once; "standard" retries back off on throttling.
+            max_pool_connections=max_connections,
+            retries={"mode": "standard", "max_attempts": 4},
+            connect_timeout=5,
+            read_timeout=30,
+        )
+        self._client: Any = boto3.session.Session().client(
+            "s3",
+            region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None,
+            config=config,
+        )
+
+    def put(self, data: bytes) -> str:
+        key = blob_key(data)
+        with self._errors(key):
+            # The key is the content's hash, so writing it again is harmless: no read-before-write round trip.
+            self._client.put_object(Bucket=self.bucket, Key=self._name(key), Body=data)
+        return key
+
+    def get(self, key: str) -> bytes:
+        with self._errors(key):
+            response = self._client.get_object(Bucket=self.bucket, Key=self._name(key))
+            return bytes(response["Body"].read())
+
+    def delete(self, key: str) -> None:
+        with self._errors(key):
+            self._client.delete_object(Bucket=self.bucket, Key=self._name(key))
+
+    def _name(self, key: str) -> str:
+        return self.prefix + _relative(key)
+
+    @contextmanager
+    def _errors(self, key: str) -> Iterator[None]:
+        """botocore's exceptions as the store's: a missing object, a refusal to fix, or a transient failure."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if code in ("NoSuchKey", "404"):
+                raise _missing(key) from None
+            if status in (401, 403) or code == "NoSuchBucket":
+                raise ConfigError(
+                    f"object storage refused s3://{self.bucket}: {code} (check the bucket and the AWS_* credentials)",
+                    code="blob_store_denied",
+                ) from exc
+            raise TransientError(f"object storage answered {code}", code="blob_store_unavailable") from exc
+        except BotoCoreError as exc:
+            message = f"object storage unreachable: {exc.__class__.__name__}"
+            raise TransientError(message, code="blob_store_unavailable") from exc
+
+
+def _relative(key: str) -> str:
+    if not _KEY.match(key):
+        raise NotFound(f"{key!r} is not a blob key", code="blob_missing")
+    return f"{key[:2]}/{key}"
+
+
+def _missing(key: str) -> NotFound:
+    return NotFound(f"image {key[:12]}... is no longer in the blob store", code="blob_missing")

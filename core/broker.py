@@ -6,6 +6,7 @@ Tasks are enqueued by name, so the API never imports the worker (and with it tor
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from celery import Celery
@@ -14,6 +15,7 @@ from core.queues import Queue, TaskName
 from core.settings import Settings
 
 UNACKED_KEY = "unacked"  # kombu's Redis transport keeps delivered-but-unacknowledged messages here
+UNACKED_INDEX_KEY = "unacked_index"  # ... and when each was delivered (a sorted set of delivery tags)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -40,7 +42,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             # Longer than any job, so a slow job is not redelivered to a second worker while it runs.
-            "visibility_timeout": settings.visibility_timeout_s,
+            "visibility_timeout": settings.resolved_visibility_timeout_s,
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
         },
@@ -58,14 +60,22 @@ def enqueue_job(app: Celery, job_id: str) -> None:
     app.send_task(TaskName.PROCESS_JOB.value, args=[job_id], queue=Queue.INFERENCE.value, task_id=task_id_for(job_id))
 
 
-def queued_task_ids(client: Any, queue: str, limit: int = 100_000) -> set[str] | None:
-    """Task ids waiting in `queue` or delivered but unacknowledged; None when the queue is too long to scan."""
+def queued_task_ids(client: Any, queue: str, *, fresh_s: float, limit: int = 100_000) -> set[str] | None:
+    """Task ids waiting in `queue` or delivered less than `fresh_s` ago and unacknowledged; None when the queue is
+    too long to scan.
+
+    An older unacknowledged message may belong to a dead worker, and Redis would hand it out again only
+    after the whole visibility timeout: its job must not hide behind it (the claim makes a second message
+    harmless)."""
     if client.llen(queue) > limit or client.hlen(UNACKED_KEY) > limit:
         return None
     ids: set[str] = set()
     for raw in client.lrange(queue, 0, -1):
         ids.add(_task_id(raw))
-    for raw in client.hvals(UNACKED_KEY):
+    fresh = client.zrangebyscore(UNACKED_INDEX_KEY, time.time() - fresh_s, "+inf")
+    for raw in client.hmget(UNACKED_KEY, fresh) if fresh else []:
+        if raw is None:
+            continue
         try:
             message = json.loads(raw)[0]
         except (ValueError, IndexError, TypeError):

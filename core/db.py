@@ -12,6 +12,8 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine
 
+from core.settings import get_settings
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
@@ -25,7 +27,12 @@ def get_engine(url: str) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    # Settings, not constants: the fleet's processes times (size + overflow) must fit the server's
+    # max_connections (deploy/CAPACITY.md works out the budget).
+    settings = get_settings()
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
+    )
 
 
 @contextmanager
@@ -58,6 +65,14 @@ def migrate(url: str) -> None:
             command.upgrade(config, "head")
         return
     command.upgrade(config, "head")
+
+
+def schema_revision(url: str) -> str | None:
+    """The Alembic revision the database is at (None before the first migration)."""
+    from alembic.runtime.migration import MigrationContext
+
+    with get_engine(url).connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
 
 
 def ping(url: str) -> None:

@@ -96,7 +96,10 @@ def get_decision(session: Session, job_id: str) -> Decision | None:
 
 
 def claim_job(session: Session, job_id: str, worker: str, lease_s: float) -> Job | None:
-    """Mark a job running for this worker, unless it is final or another worker holds a live lease."""
+    """Mark a job running for this worker, unless it is final or another worker holds a live lease.
+
+    A running job's lease is its `updated_at`: set by the claim, renewed by its worker (`renew_leases`)
+    while the job runs, so only a job whose worker stopped renewing for `lease_s` is taken over."""
     now = utcnow()
     result = session.execute(
         update(Job)
@@ -104,7 +107,7 @@ def claim_job(session: Session, job_id: str, worker: str, lease_s: float) -> Job
             col(Job.id) == job_id,
             or_(
                 col(Job.status) == JobStatus.QUEUED,
-                and_(col(Job.status) == JobStatus.RUNNING, col(Job.started_at) < now - timedelta(seconds=lease_s)),
+                and_(col(Job.status) == JobStatus.RUNNING, col(Job.updated_at) < now - timedelta(seconds=lease_s)),
             ),
         )
         .values(status=JobStatus.RUNNING, started_at=now, updated_at=now, worker=worker, attempts=Job.attempts + 1)
@@ -231,6 +234,19 @@ def requeue_job(session: Session, job_id: str) -> None:
     session.commit()
 
 
+def renew_leases(session: Session, job_ids: Sequence[str], worker: str) -> int:
+    """Renew the leases this worker holds on its running jobs; how many it still held."""
+    if not job_ids:
+        return 0
+    result = session.execute(
+        update(Job)
+        .where(col(Job.id).in_(list(job_ids)), col(Job.worker) == worker, col(Job.status) == JobStatus.RUNNING)
+        .values(updated_at=utcnow())
+    )
+    session.commit()
+    return int(getattr(result, "rowcount", 0))
+
+
 def stale_jobs(
     session: Session, *, queued_before: datetime, running_before: datetime, limit: int = 500
 ) -> Sequence[Job]:
@@ -240,7 +256,7 @@ def stale_jobs(
         .where(
             or_(
                 and_(col(Job.status) == JobStatus.QUEUED, col(Job.updated_at) < queued_before),
-                and_(col(Job.status) == JobStatus.RUNNING, col(Job.started_at) < running_before),
+                and_(col(Job.status) == JobStatus.RUNNING, col(Job.updated_at) < running_before),
             )
         )
         .order_by(col(Job.created_at))
@@ -253,7 +269,7 @@ def reset_stale_running(session: Session, job_id: str, running_before: datetime)
     """Put a running job whose lease expired back to queued; False if someone else already moved it."""
     result = session.execute(
         update(Job)
-        .where(col(Job.id) == job_id, col(Job.status) == JobStatus.RUNNING, col(Job.started_at) < running_before)
+        .where(col(Job.id) == job_id, col(Job.status) == JobStatus.RUNNING, col(Job.updated_at) < running_before)
         .values(status=JobStatus.QUEUED, updated_at=utcnow())
     )
     session.commit()

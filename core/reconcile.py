@@ -19,7 +19,7 @@ from typing import Any
 from celery import Celery
 
 from core import jobs, metrics
-from core.blobs import LocalBlobStore
+from core.blobs import open_blob_store
 from core.broker import enqueue_job, queued_task_ids, task_id_for
 from core.db import session_scope
 from core.erasure import sweep_retention
@@ -48,7 +48,7 @@ def reconcile_once(settings: Settings, celery: Celery, redis_client: Any) -> Rec
         stale = jobs.stale_jobs(session, queued_before=queued_before, running_before=running_before)
     if not stale:
         return report
-    waiting = queued_task_ids(redis_client, Queue.INFERENCE.value)
+    waiting = queued_task_ids(redis_client, Queue.INFERENCE.value, fresh_s=settings.running_lease_s)
     for job in stale:
         with session_scope(url) as session:
             if job.status == JobStatus.RUNNING:
@@ -86,7 +86,7 @@ def start_reconciler(settings: Settings, celery: Celery, stop: threading.Event) 
 
     def loop() -> None:
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
-        blobs = LocalBlobStore(settings.resolved_blob_dir)
+        blobs = open_blob_store(settings)
         while not stop.wait(settings.reconcile_interval_s):
             try:
                 report = reconcile_once(settings, celery, client)

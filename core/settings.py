@@ -30,6 +30,15 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir.")
     redis_url: str = "redis://localhost:6379/0"
     blob_dir: Path | None = Field(default=None, description="Image store; default data_dir/blobs.")
+    blob_url: str | None = Field(
+        default=None,
+        description="Image store as a URL: file:///path or s3://bucket/prefix (AWS_* variables); default blob_dir.",
+    )
+    db_pool_size: int = Field(default=5, ge=1, le=200, description="PostgreSQL connections kept open per process.")
+    db_max_overflow: int = Field(default=5, ge=0, le=200, description="Extra PostgreSQL connections under load.")
+    migrate_on_start: bool = Field(
+        default=True, description="API and workers migrate the database at start; false where `modtag migrate` runs."
+    )
     policies_dir: Path | None = Field(default=None, description="Extra policy YAML files beside the built-ins.")
 
     # Models: a preset (base, large, tiny-random, random-base) or a directory of three model folders.
@@ -57,8 +66,20 @@ class Settings(BaseSettings):
 
     # Jobs and queues.
     job_timeout_s: int = Field(default=300, gt=0, description="Hard limit for one job in the worker.")
-    visibility_timeout_s: int = Field(default=3600, gt=0)
-    running_lease_s: int = Field(default=900, gt=0, description="A running job older than this is retried.")
+    visibility_timeout_s: int | None = Field(
+        default=None,
+        gt=0,
+        description="Redis redelivers an unacknowledged message after this; default follows the lease.",
+    )
+    running_lease_s: int = Field(
+        default=60, gt=0, description="A running job whose worker has not renewed its lease for this long is retried."
+    )
+    lease_renew_s: float | None = Field(
+        default=None, gt=0, description="How often a worker renews its running jobs' leases; default a quarter lease."
+    )
+    worker_drain_s: float = Field(
+        default=60.0, gt=0, description="After SIGTERM, how long running jobs may finish before they are handed back."
+    )
     queued_grace_s: int = Field(default=60, gt=0, description="A queued job older than this is re-enqueued.")
     reconcile_interval_s: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=3, gt=0)
@@ -128,6 +149,13 @@ class Settings(BaseSettings):
             raise ValueError("must be a preset (base, large, tiny-random, random-base) or a directory")
         return value
 
+    @field_validator("blob_url")
+    @classmethod
+    def _blob_url_known(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(file:///.|s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/|$))", value):
+            raise ValueError("must be file:///absolute/path or s3://bucket[/prefix]")
+        return value
+
     @field_validator("admin_key", "api_key", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value: object) -> object:
@@ -145,11 +173,21 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if not self.auth and self.environment == "production":
             raise ValueError("auth=false (MODTAG_AUTH) is for development only; production requires API keys")
-        if self.running_lease_s <= self.job_timeout_s:
-            raise ValueError("running_lease_s must be longer than job_timeout_s")
-        if self.visibility_timeout_s <= self.job_timeout_s:
+        if self.lease_renew_s is not None and self.lease_renew_s * 2 > self.running_lease_s:
+            raise ValueError("lease_renew_s must be at most half of running_lease_s, so one missed renewal is no loss")
+        if self.visibility_timeout_s is not None and self.visibility_timeout_s <= self.job_timeout_s:
             raise ValueError("visibility_timeout_s must be longer than job_timeout_s")
         return self
+
+    @property
+    def resolved_lease_renew_s(self) -> float:
+        return self.lease_renew_s or self.running_lease_s / 4
+
+    @property
+    def resolved_visibility_timeout_s(self) -> int:
+        # The lease, not Redis, is what brings a dead worker's jobs back; the visibility timeout only has to
+        # outlast a job that runs to its time limit and the leases around it, so a live job is not redelivered.
+        return self.visibility_timeout_s or self.job_timeout_s + 2 * self.running_lease_s
 
     @property
     def resolved_database_url(self) -> str:
@@ -164,6 +202,10 @@ class Settings(BaseSettings):
     @property
     def resolved_blob_dir(self) -> Path:
         return (self.blob_dir or self.data_dir / "blobs").resolve()
+
+    @property
+    def resolved_blob_url(self) -> str:
+        return self.blob_url or self.resolved_blob_dir.as_uri()
 
     @property
     def resolved_models_cache_dir(self) -> Path:

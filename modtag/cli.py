@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile = sub.add_parser("reconcile", help="re-enqueue jobs whose messages were lost, once")
     reconcile.set_defaults(handler=cmd_reconcile)
 
+    migrate_cmd = sub.add_parser(
+        "migrate", help="bring the database to the newest schema, once (a deployment's migration job)"
+    )
+    migrate_cmd.set_defaults(handler=cmd_migrate)
+
     bench = sub.add_parser("bench", help="time the engine against the stock per-call way; print a JSON report")
     bench.add_argument(
         "--models", default="random-base", help="random-base (default; no download), base, large or a directory"
@@ -495,6 +500,15 @@ def cmd_reconcile(_: argparse.Namespace, settings: Settings) -> int:
 
     report = reconcile_once(settings, make_celery(settings), redis.Redis.from_url(settings.redis_url))
     print(f"re-enqueued {report.requeued} queued, recovered {report.recovered} running, failed {report.failed}")
+    return EXIT_OK
+
+
+def cmd_migrate(_: argparse.Namespace, settings: Settings) -> int:
+    from core.db import migrate, schema_revision
+
+    # Concurrent runs are safe: PostgreSQL's advisory lock (SQLite's file lock) lets one migrate at a time.
+    migrate(settings.resolved_database_url)
+    print(f"database at revision {schema_revision(settings.resolved_database_url)}")
     return EXIT_OK
 
 

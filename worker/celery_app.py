@@ -8,15 +8,17 @@ so CUDA is never initialised in a forked parent.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from typing import Any
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from core import metrics
-from core.broker import make_celery
+from core.broker import enqueue_job, make_celery
 from core.errors import ConfigError
 from core.logs import log_context
 from core.queues import TaskName
@@ -34,6 +36,7 @@ app = make_celery(settings)
 _runtime: WorkerRuntime | None = None
 _runtime_lock = threading.Lock()
 _stop = threading.Event()
+DRAIN_POLL_S = 0.1  # how often a draining worker looks whether its running jobs have finished
 
 
 def runtime() -> WorkerRuntime:
@@ -100,8 +103,35 @@ def _on_ready(**_: Any) -> None:
     metrics.set_build_info("worker")
     start_reconciler(settings, app, _stop)
     start_webhook_sender(settings, _stop)
+    runtime().lifecycle.start_renewing(_stop)
+
+
+@worker_shutting_down.connect
+def _on_shutting_down(**_: Any) -> None:
+    # SIGTERM (a pod evicted, a node drained): Celery stops taking messages and waits for the running tasks;
+    # this bounds the wait, so the process exits inside the orchestrator's grace period.
+    threading.Thread(target=_drain, args=(runtime(),), name="modtag-drain", daemon=True).start()
 
 
 @worker_shutdown.connect
 def _on_shutdown(**_: Any) -> None:
     _stop.set()
+
+
+def _drain(current: WorkerRuntime) -> None:
+    """Let the running jobs finish for `worker_drain_s`; then hand them back to the queue and exit."""
+    deadline = time.monotonic() + settings.worker_drain_s
+    while current.lifecycle.held and time.monotonic() < deadline:
+        time.sleep(DRAIN_POLL_S)
+    if not current.lifecycle.held:
+        return  # Celery's own warm shutdown acknowledges the finished tasks and exits
+    returned = current.lifecycle.hand_back()
+    for job_id in returned:
+        enqueue_job(app, job_id)
+    log.warning(
+        "drain ran past %gs: handed %d job(s) back to the queue; exiting", settings.worker_drain_s, len(returned)
+    )
+    logging.shutdown()
+    # The task threads are still inside the model: only leaving the process ends them. Their messages stay
+    # unacknowledged in Redis, and the claim turns a later redelivery of a decided job into nothing.
+    os._exit(0)

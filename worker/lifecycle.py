@@ -9,6 +9,7 @@ retried with the longest backoff until the database answers. Metrics of final st
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,53 @@ class JobLifecycle:
         self.settings = settings
         self.worker = worker
         self._url = settings.resolved_database_url
+        self._held: set[str] = set()  # the jobs this worker runs now, whose leases it renews
+        self._held_lock = threading.Lock()
+
+    @property
+    def held(self) -> list[str]:
+        """The ids of the jobs this worker has claimed and not yet finished or handed back."""
+        with self._held_lock:
+            return sorted(self._held)
+
+    def release(self, job_id: str) -> None:
+        """This worker is done with the job (decided, failed or handed back): its lease is no longer renewed."""
+        with self._held_lock:
+            self._held.discard(job_id)
+
+    def renew(self) -> int:
+        """Renew the leases of the jobs this worker runs; how many it still held (a lapsed one may have moved on)."""
+        held = self.held
+        if not held:
+            return 0
+        with session_scope(self._url) as session:
+            return jobs.renew_leases(session, held, self.worker)
+
+    def start_renewing(self, stop: threading.Event) -> threading.Thread:
+        """Renew every `lease_renew_s` (a quarter lease by default) in a daemon thread until `stop` is set: a job's
+        lease lapses only when its worker is gone (killed, frozen, partitioned), however long the job itself runs."""
+
+        def loop() -> None:
+            while not stop.wait(self.settings.resolved_lease_renew_s):
+                try:
+                    self.renew()
+                except Exception:  # a database outage must not end the renewals; the next round tries again
+                    log.exception("could not renew the leases of %d running job(s)", len(self.held))
+
+        thread = threading.Thread(target=loop, name="modtag-leases", daemon=True)
+        thread.start()
+        return thread
+
+    def hand_back(self) -> list[str]:
+        """Put every job this worker runs back to `queued` (a drain that ran out of time); their ids.
+
+        The attempt stays counted: a job that outlasts every drain still ends after `max_attempts`."""
+        returned = self.held
+        for job_id in returned:
+            with session_scope(self._url) as session:
+                jobs.requeue_job(session, job_id)
+            self.release(job_id)
+        return returned
 
     def claim(self, job_id: str) -> Job:
         """Mark the job running for this worker (one more attempt); Unclaimed when this delivery must not run it.
@@ -69,6 +117,8 @@ class JobLifecycle:
                 job = jobs.claim_job(session, job_id, self.worker, self.settings.running_lease_s)
                 if job is not None:
                     add_log_fields(tenant=job.tenant, request_id=job.request_id)
+                    with self._held_lock:
+                        self._held.add(job.id)
                     return job
                 raise Unclaimed(self._unclaimed(session, job_id))
         except (OperationalError, DBAPIError) as exc:

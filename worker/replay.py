@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from sqlmodel import Session, col, select
 
 from core.banks import BankMatcher
-from core.blobs import LocalBlobStore
+from core.blobs import open_blob_store
 from core.db import session_scope
 from core.errors import InvalidField, ModtagError, PolicyError
 from core.hashes import BankMatch, ImageHashes
@@ -258,7 +258,7 @@ def _infer(inference: InferenceService, settings: Settings, work: Sequence[tuple
     fresh = _Fresh()
     if not inference.roles or not work:
         return fresh
-    blobs = LocalBlobStore(settings.resolved_blob_dir)
+    blobs = open_blob_store(settings)
     limits = ImageLimits.from_settings(settings)
     for chunk in _chunks(list(work), settings.batch_max_images):
         ready = []

@@ -9,6 +9,7 @@ counts the attempts); the process keeps serving either way.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from collections.abc import Iterator, Mapping
@@ -20,7 +21,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core import jobs, metrics
 from core.banks import BankMatcher
-from core.blobs import LocalBlobStore
+from core.blobs import open_blob_store
 from core.db import migrate, session_scope
 from core.errors import ModelError, ModtagError, PolicyError, TransientError
 from core.hashes import image_hashes
@@ -49,20 +50,22 @@ class WorkerRuntime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.name = f"{socket.gethostname()}:{id(self):x}"
+        # Unique across a fleet: a pod's hostname, a process on a shared host by its pid.
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
         # Re-read when the files change (polled at most every POLICY_RELOAD_S), so edits need no restart.
         self.registry = PolicyRegistry(
             self._policy_dirs(),
             interval_s=settings.policy_reload_s,
             on_reload=self._reloaded,
         )
-        self.blobs = LocalBlobStore(settings.resolved_blob_dir)
+        self.blobs = open_blob_store(settings)
         self.limits = ImageLimits.from_settings(settings)
         self.inference = InferenceService(settings, tag_sets=self._tag_sets)
         self.lifecycle = JobLifecycle(settings, self.name)
         self.banks = BankMatcher()
         self.pixels = PixelBudget(round(settings.worker_decoded_megapixels * 1_000_000))
-        migrate(settings.resolved_database_url)
+        if settings.migrate_on_start:
+            migrate(settings.resolved_database_url)
 
     @property
     def policies(self) -> Mapping[str, Policy]:
@@ -88,6 +91,18 @@ class WorkerRuntime:
         except Unclaimed as unclaimed:
             return unclaimed.result
         try:
+            return self._decide(job)
+        finally:
+            self.lifecycle.release(job.id)
+
+    def give_up(self, job_id: str, code: str, message: str) -> None:
+        """Fail a job from outside its run (the Celery task's time limit), with its callbacks."""
+        job = self.lifecycle.give_up(job_id, code, message)
+        if job is not None:
+            send_callbacks(self.settings, job)
+
+    def _decide(self, job: Job) -> JobResult:
+        try:
             return self._run(job)
         except ModtagError as exc:
             if exc.retryable:
@@ -103,12 +118,6 @@ class WorkerRuntime:
         except Exception as exc:  # a bug must fail the job, not the worker
             log.exception("job %s failed unexpectedly", job.id)
             return self._fail(job, "internal_error", f"unexpected {exc.__class__.__name__}: {exc}")
-
-    def give_up(self, job_id: str, code: str, message: str) -> None:
-        """Fail a job from outside its run (the Celery task's time limit), with its callbacks."""
-        job = self.lifecycle.give_up(job_id, code, message)
-        if job is not None:
-            send_callbacks(self.settings, job)
 
     def _run(self, job: Job) -> JobResult:
         timings: dict[str, float] = {}

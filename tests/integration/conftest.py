@@ -14,9 +14,10 @@ from tests.support.api import Api, admin_key, api_settings, running_api
 from tests.support.deployment import Deployment, child_env
 from tests.support.photos import encoded_photos
 from tests.support.receiver import receiver, webhook_receiver
+from tests.support.s3 import S3Bucket
 from tests.support.servers import reset_postgres
 
-__all__ = ["api", "api_overrides", "db_url", "deployment", "encoded_photos", "receiver", "webhook_receiver"]
+__all__ = ["api", "api_overrides", "db_url", "deployment", "encoded_photos", "fleet", "receiver", "webhook_receiver"]
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -59,5 +60,36 @@ def deployment(tmp_path: Path, redis_url: str, database_url: str, models_cache: 
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     deployment = Deployment(env=env, log_dir=log_dir, key=admin_key(database_url))
+    yield deployment
+    deployment.stop_all()
+
+
+@pytest.fixture
+def fleet(
+    tmp_path: Path, redis_url: str, postgres_url: str, s3_bucket: S3Bucket, tiny_models_dir: Path
+) -> Iterator[Deployment]:
+    """A deployment as a fleet runs it: PostgreSQL, Redis and S3 shared, and every process (API, each worker)
+    on a directory of its own, so nothing can pass through a shared path."""
+    reset_postgres(postgres_url)
+    env = {
+        **os.environ,
+        **s3_bucket.env,
+        "MODTAG_DATABASE_URL": postgres_url,
+        "MODTAG_REDIS_URL": redis_url,
+        "MODTAG_BLOB_URL": s3_bucket.blob_url,
+        "MODTAG_MODELS": "tiny-random",
+        "MODTAG_WORKER_METRICS_PORT": "0",
+        "MODTAG_BATCH_WAIT_MS": "5",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    deployment = Deployment(
+        env=env,
+        log_dir=log_dir,
+        key=admin_key(postgres_url),
+        hosts_dir=tmp_path / "hosts",
+        models_source=tiny_models_dir.parent,
+    )
     yield deployment
     deployment.stop_all()

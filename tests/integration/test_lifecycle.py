@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
+from sqlmodel import col
 
 from core import jobs
 from core.db import session_scope
@@ -77,3 +80,47 @@ def test_giving_up_from_outside_the_run_names_the_attempts_made(database_url: st
     assert (final.status, final.error_code) == (JobStatus.FAILED, "job_timeout")
     assert final.error_message == "gave up after 1 attempt: the job ran over 120s"
     assert lifecycle.give_up("0" * 32, "job_timeout", "gone") is None
+
+
+def age_lease(database_url: str, job_id: str, seconds: float) -> None:
+    """Move the job's last lease renewal `seconds` into the past: what a worker that stopped renewing leaves."""
+    with session_scope(database_url) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        session.execute(
+            update(Job).where(col(Job.id) == job_id).values(updated_at=job.updated_at - timedelta(seconds=seconds))
+        )
+
+
+def test_a_renewed_lease_holds_and_a_lapsed_one_passes_to_another_worker(database_url: str, tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, data_dir=tmp_path, database_url=database_url, running_lease_s=60)
+    alive, other = JobLifecycle(settings, "worker-a"), JobLifecycle(settings, "worker-b")
+    job_id = new_job(database_url)
+    alive.claim(job_id)
+    assert alive.held == [job_id]
+    age_lease(database_url, job_id, 59)  # the job has run for most of a lease...
+    assert alive.renew() == 1  # ...and its worker renews it
+    age_lease(database_url, job_id, 30)
+    with pytest.raises(Unclaimed) as busy:
+        other.claim(job_id)
+    assert busy.value.result.outcome == "busy"
+
+    age_lease(database_url, job_id, 61)  # the worker stopped renewing: it died
+    taken = other.claim(job_id)
+    assert (taken.worker, taken.attempts) == ("worker-b", 2)
+    assert alive.renew() == 0  # the old worker, if it comes back, no longer holds it
+    alive.release(job_id)
+    assert alive.held == [] and other.held == [job_id]
+
+
+def test_handing_back_requeues_the_running_jobs(database_url: str, tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, data_dir=tmp_path, database_url=database_url)
+    lifecycle = JobLifecycle(settings, "worker-a")
+    first, second = new_job(database_url), new_job(database_url)
+    lifecycle.claim(first)
+    lifecycle.claim(second)
+    assert sorted(lifecycle.hand_back()) == sorted([first, second])
+    assert lifecycle.held == []
+    assert {stored(database_url, job_id).status for job_id in (first, second)} == {JobStatus.QUEUED}
+    again = JobLifecycle(settings, "worker-b").claim(first)
+    assert again.attempts == 2  # the handed-back attempt still counts

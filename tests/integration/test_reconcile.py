@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from sqlmodel import col
 
 from core import jobs
 from core.blobs import LocalBlobStore
-from core.broker import enqueue_job, make_celery, queued_task_ids, task_id_for
+from core.broker import UNACKED_INDEX_KEY, UNACKED_KEY, enqueue_job, make_celery, queued_task_ids, task_id_for
 from core.db import session_scope
 from core.errors import NotFound
 from core.queues import Queue
@@ -47,14 +49,15 @@ def test_reconcile_requeues_lost_recovers_abandoned_and_fails_exhausted(
     waiting = new_job(database_url, updated_at=long_ago)  # queued, with its message still in Redis
     enqueue_job(celery, waiting)
     fresh = new_job(database_url)  # just submitted: not stale yet
-    abandoned = new_job(database_url, status=JobStatus.RUNNING, started_at=long_ago, attempts=1)
-    exhausted = new_job(database_url, status=JobStatus.RUNNING, started_at=long_ago, attempts=3)
+    # Running jobs whose worker stopped renewing their lease (updated_at) long ago.
+    abandoned = new_job(database_url, status=JobStatus.RUNNING, started_at=long_ago, updated_at=long_ago, attempts=1)
+    exhausted = new_job(database_url, status=JobStatus.RUNNING, started_at=long_ago, updated_at=long_ago, attempts=3)
     done = new_job(database_url, status=JobStatus.DONE, updated_at=long_ago)
 
     report = reconcile_once(settings, celery, client)
 
     assert (report.requeued, report.recovered, report.failed) == (1, 1, 1)
-    in_redis = queued_task_ids(client, Queue.INFERENCE.value)
+    in_redis = queued_task_ids(client, Queue.INFERENCE.value, fresh_s=settings.running_lease_s)
     assert in_redis == {task_id_for(job_id) for job_id in (lost, waiting, abandoned)}
     assert client.llen(Queue.INFERENCE.value) == 3  # `waiting` was not enqueued a second time
     with session_scope(database_url) as session:
@@ -97,3 +100,39 @@ def test_the_reconciler_loop_sweeps_retention(database_url: str, redis_url: str,
     assert erased_at(database_url, recent) is None
     with pytest.raises(NotFound):
         blobs.get(key)
+
+
+def test_a_job_does_not_hide_behind_a_message_a_dead_worker_took(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """kombu keeps a delivered message in its unacked set until the visibility timeout: a live worker's
+    fresh delivery counts as waiting, one delivered a lease ago (its worker may be dead) does not."""
+    settings = settings_for(database_url, redis_url, tmp_path)
+    celery = make_celery(settings)
+    client = redis.Redis.from_url(redis_url)
+    long_ago = utcnow() - timedelta(hours=2)
+    taken_by_dead = new_job(database_url, updated_at=long_ago)
+    taken_by_live = new_job(database_url, updated_at=long_ago)
+    for job_id, delivered_s_ago in ((taken_by_dead, settings.running_lease_s + 5), (taken_by_live, 1)):
+        enqueue_job(celery, job_id)
+        deliver_without_ack(client, job_id, time.time() - delivered_s_ago)
+    assert client.llen(Queue.INFERENCE.value) == 0
+
+    report = reconcile_once(settings, celery, client)
+
+    assert report.requeued == 1
+    assert queued_ids(client) == [task_id_for(taken_by_dead)]
+    celery.close()
+
+
+def deliver_without_ack(client: redis.Redis, job_id: str, at: float) -> None:
+    """What kombu's Redis transport does when a worker takes a message: the queue's head moves to `unacked`."""
+    raw = client.rpop(Queue.INFERENCE.value)
+    assert raw is not None and task_id_for(job_id) in raw.decode()
+    tag = f"tag-{job_id}"
+    client.hset(UNACKED_KEY, tag, json.dumps([raw.decode(), "", Queue.INFERENCE.value]))
+    client.zadd(UNACKED_INDEX_KEY, {tag: at})
+
+
+def queued_ids(client: redis.Redis) -> list[str]:
+    return [json.loads(raw)["headers"]["id"] for raw in client.lrange(Queue.INFERENCE.value, 0, -1)]

@@ -3,5 +3,6 @@
 photos: real public-domain photos (scikit-image), encoded or decoded. waiting: wait on a condition, never on
 a fixed interval. api: an API served in-process over real HTTP, keys, the error shape. deployment: the API
 and workers as child processes. models: the tiny random models as fixtures. receiver: an HTTP server that
-records callbacks. policies: policies written inline (load, failure, a one-category policy).
+records callbacks. policies: policies written inline (load, failure, a one-category policy). s3: a
+real S3 HTTP server (moto) and a bucket per test.
 """

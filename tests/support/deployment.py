@@ -1,8 +1,10 @@
 """A real modtag deployment in child processes: the API (`modtag api`) and workers (`modtag worker`) sharing
-one database, Redis and blob directory, driven through the CLI's own HTTP client."""
+one database, Redis and blob store, driven through the CLI's own HTTP client. A fleet (`hosts_dir` set)
+gives every process a directory of its own, as separate machines would have: they share no path."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +31,8 @@ class Deployment:
     api_url: str = ""
     key: str = ""  # an admin key of tenant `default`; `headers` and `client` carry it
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    hosts_dir: Path | None = None  # each process's own data directory (and models copy) lives under it
+    models_source: Path | None = None  # the models cache each host gets a copy of
     _client: ApiClient | None = None
 
     @property
@@ -114,11 +118,22 @@ class Deployment:
         return path.read_text(errors="replace")[-4000:] if path.exists() else "(no log)"
 
     def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        env = {**self.env, **(extra_env or {})}
+        env = {**self.env, **self._host_env(name), **(extra_env or {})}
         log = (self.log_dir / f"{name}.log").open("ab")
         process = subprocess.Popen([sys.executable, "-m", "modtag", *args], env=env, stdout=log, stderr=log)
         self.processes.append(process)
         return process
+
+    def _host_env(self, name: str) -> dict[str, str]:
+        if self.hosts_dir is None:
+            return {}
+        host = self.hosts_dir / name
+        env = {"MODTAG_DATA_DIR": str(host / "data")}
+        if self.models_source is not None:
+            if not (host / "models").exists():
+                shutil.copytree(self.models_source, host / "models")
+            env["MODTAG_MODELS_CACHE_DIR"] = str(host / "models")
+        return env
 
 
 def child_env(

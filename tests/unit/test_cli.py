@@ -66,7 +66,8 @@ def test_scan_of_a_folder_without_images(tmp_path: Path, capsys: pytest.CaptureF
         ("MODTAG_MAX_UPLOAD_BYTES", "-5", "MODTAG_MAX_UPLOAD_BYTES"),
         ("MODTAG_DTYPE", "float8", "MODTAG_DTYPE"),
         ("MODTAG_API_PORT", "99999", "MODTAG_API_PORT"),
-        ("MODTAG_RUNNING_LEASE_S", "10", "running_lease_s must be longer than job_timeout_s"),
+        ("MODTAG_LEASE_RENEW_S", "40", "lease_renew_s must be at most half of running_lease_s"),
+        ("MODTAG_BLOB_URL", "ftp://host/x", "MODTAG_BLOB_URL"),
         ("MODTAG_MODELS", "   ", "MODTAG_MODELS"),
     ],
 )

