@@ -99,12 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--all", action="store_true", help="list every job, not only those that would change")
     replay.add_argument("--json", action="store_true")
     replay.add_argument("--models", default=None, help=_MODELS_HELP)
+    replay.add_argument(
+        "--dtype",
+        choices=_DTYPES,
+        default=None,
+        help="new checks' models at this dtype (MODTAG_DTYPE)",
+    )
     replay.set_defaults(handler=cmd_policy_replay)
     test = policy_sub.add_parser("test", help="run a policy on example images in allow/ review/ block/ folders")
     test.add_argument("file", type=Path, metavar="FILE")
     test.add_argument("cases", type=Path, metavar="CASES_DIR")
     test.add_argument("--json", action="store_true")
     test.add_argument("--models", default=None, help=_MODELS_HELP)
+    test.add_argument("--dtype", choices=_DTYPES, default=None, help="the models at this dtype (MODTAG_DTYPE)")
+    test.add_argument(
+        "--compare-dtype",
+        choices=_DTYPES,
+        default=None,
+        metavar="DTYPE",
+        help="also run the cases at DTYPE and print both decisions side by side (int8: CPU only)",
+    )
     test.set_defaults(handler=cmd_policy_test)
 
     listing_cmd = sub.add_parser("listing", help="marketplace listings")
@@ -140,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "bfloat16", "float16", "int8"],
+        choices=_DTYPES,
         help="the fast dtype (auto: bf16 where the hardware computes it natively, fp16 on older GPUs)",
     )
     bench.add_argument("--batch-size", type=_positive_int, default=8, help="images per engine call (default 8)")
@@ -191,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")  # MODTAG_DTYPE's values
 _MODELS_HELP = "base, large, tiny-random, random-base, or a directory with caption/ vqa/ itm/ (MODTAG_MODELS)"
 
 
@@ -327,6 +342,7 @@ def cmd_policy_replay(args: argparse.Namespace, settings: Settings) -> int:
     if args.limit < 1:
         raise InvalidField("--limit must be at least 1", code="invalid_field")
     policy = load_policy(args.file)
+    settings = _at_dtype(settings, args.dtype)
     migrate(settings.resolved_database_url)
     report = replay_policy(
         policy, settings, since=since, until=until, target=args.target, tenant=args.tenant, limit=args.limit
@@ -339,17 +355,31 @@ def cmd_policy_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_policy_test(args: argparse.Namespace, settings: Settings) -> int:
-    from modtag.policytools import cases_json, print_cases
+    from modtag.policytools import cases_json, compared_cases_json, print_cases, print_compared_cases
     from policies import load_policy
     from worker.replay import run_cases
 
     policy = load_policy(args.file)
+    settings = _at_dtype(settings, args.dtype)
     results = run_cases(policy, args.cases, settings)
+    if args.compare_dtype:
+        # The same cases at a second dtype, so a user sees what int8 (say) would decide on their own images.
+        compared = run_cases(policy, args.cases, _at_dtype(settings, args.compare_dtype))
+        dtypes = (settings.dtype, args.compare_dtype)
+        if args.json:
+            print(compared_cases_json(results, compared, dtypes))
+        else:
+            print_compared_cases(results, compared, dtypes, sys.stdout)
+        return EXIT_OK if all(result.passed for result in [*results, *compared]) else EXIT_FAILED_JOBS
     if args.json:
         print(cases_json(results))
     else:
         print_cases(results, sys.stdout)
     return EXIT_OK if all(result.passed for result in results) else EXIT_FAILED_JOBS
+
+
+def _at_dtype(settings: Settings, dtype: str | None) -> Settings:
+    return settings.model_copy(update={"dtype": dtype}) if dtype else settings
 
 
 def cmd_listing_check(args: argparse.Namespace, settings: Settings) -> int:
