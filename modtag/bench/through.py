@@ -87,8 +87,8 @@ def through_stack(options: BenchOptions, dtype: torch.dtype | str, log: Callable
 def stack_settings(options: BenchOptions, dtype: torch.dtype | str, data_dir: Path, *, metrics_port: int) -> Settings:
     """The settings of the bench's stack: its own data directory and SQLite database, the bench's models and batches.
 
-    Built from arguments only (no `.env`), so a MODTAG_* setting of the user's own installation changes
-    nothing here but what pydantic-settings reads from the environment for the fields not given.
+    Given as arguments and never written to this process's environment; no `.env` file is read, so the
+    user's installation reaches the stack only through MODTAG_* variables of fields not given here.
     """
     return Settings(
         _env_file=None,  # type: ignore[call-arg]
