@@ -124,5 +124,5 @@ def test_policy_test_decides_the_cases_at_two_dtypes_side_by_side(
 
     main([*command, "--compare-dtype", other])
     out = capsys.readouterr().out
-    assert "FLOAT32" in out and other.upper() in out and "rocket.jpg" in out
+    assert "EXPECTED  FLOAT32" in out and other.upper() in out and out.count("\nsame ") + out.count("\nDIFF ") == 2
     assert f"2 cases: {sum(case['same'] for case in compared)} decided the same at float32 and {other}" in out
