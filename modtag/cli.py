@@ -118,12 +118,26 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--all", action="store_true", help="list every job, not only those that would change")
     replay.add_argument("--json", action="store_true")
     replay.add_argument("--models", default=None, help=_MODELS_HELP)
+    replay.add_argument(
+        "--dtype",
+        choices=_DTYPES,
+        default=None,
+        help="new checks' models at this dtype (MODTAG_DTYPE)",
+    )
     replay.set_defaults(handler=cmd_policy_replay)
     test = policy_sub.add_parser("test", help="run a policy on example images in allow/ review/ block/ folders")
     test.add_argument("file", type=Path, metavar="FILE")
     test.add_argument("cases", type=Path, metavar="CASES_DIR")
     test.add_argument("--json", action="store_true")
     test.add_argument("--models", default=None, help=_MODELS_HELP)
+    test.add_argument("--dtype", choices=_DTYPES, default=None, help="the models at this dtype (MODTAG_DTYPE)")
+    test.add_argument(
+        "--compare-dtype",
+        choices=_DTYPES,
+        default=None,
+        metavar="DTYPE",
+        help="also run the cases at DTYPE and print both decisions side by side (int8: CPU only)",
+    )
     test.set_defaults(handler=cmd_policy_test)
 
     listing_cmd = sub.add_parser("listing", help="marketplace listings")
@@ -177,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "bfloat16", "float16", "int8"],
+        choices=_DTYPES,
         help="the fast dtype (auto: bf16 where the hardware computes it natively, fp16 on older GPUs)",
     )
     bench.add_argument("--batch-size", type=_positive_int, default=8, help="images per engine call (default 8)")
@@ -235,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")  # MODTAG_DTYPE's values
 _MODELS_HELP = "base, large, tiny-random, random-base, or a directory with caption/ vqa/ itm/ (MODTAG_MODELS)"
 
 
@@ -379,6 +394,7 @@ def cmd_policy_replay(args: argparse.Namespace, settings: Settings) -> int:
     if args.limit < 1:
         raise InvalidField("--limit must be at least 1", code="invalid_field")
     policy = load_policy(args.file)
+    settings = _at_dtype(settings, args.dtype)
     migrate(settings.resolved_database_url)
     report = replay_policy(
         policy, settings, since=since, until=until, target=args.target, tenant=args.tenant, limit=args.limit
@@ -388,7 +404,7 @@ def cmd_policy_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_policy_test(args: argparse.Namespace, settings: Settings) -> int:
-    from modtag.policytools import cases_json, print_cases
+    from modtag.policytools import cases_json, compared_cases_json, print_cases, print_compared_cases
     from modtag.preflight import check_models_reachable
     from policies import load_policy
     from worker.replay import run_cases
@@ -396,9 +412,24 @@ def cmd_policy_test(args: argparse.Namespace, settings: Settings) -> int:
     policy = load_policy(args.file)
     if args.cases.is_dir():  # else run_cases says what the cases directory must be
         check_models_reachable(settings.models)  # offline: fail in seconds with what to do, as `scan` does
+    settings = _at_dtype(settings, args.dtype)
     results = run_cases(policy, args.cases, settings)
+    if args.compare_dtype:
+        # The same cases at a second dtype, so a user sees what int8 (say) would decide on their own images.
+        compared = run_cases(policy, args.cases, _at_dtype(settings, args.compare_dtype))
+        dtypes = (settings.dtype, args.compare_dtype)
+        _print_report(
+            args.json,
+            lambda: compared_cases_json(results, compared, dtypes),
+            lambda out: print_compared_cases(results, compared, dtypes, out),
+        )
+        return EXIT_OK if all(result.passed for result in [*results, *compared]) else EXIT_FAILED_JOBS
     _print_report(args.json, lambda: cases_json(results), lambda out: print_cases(results, out))
     return EXIT_OK if all(result.passed for result in results) else EXIT_FAILED_JOBS
+
+
+def _at_dtype(settings: Settings, dtype: str | None) -> Settings:
+    return settings.model_copy(update={"dtype": dtype}) if dtype else settings
 
 
 def cmd_listing_check(args: argparse.Namespace, settings: Settings) -> int:
@@ -432,7 +463,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
     if args.banks is not None:
-        from modtag.banks_bench import format_banks_report, run_banks_bench
+        from modtag.bench.banks import format_banks_report, run_banks_bench
 
         banks_report = run_banks_bench(args.banks)
         if not args.json:

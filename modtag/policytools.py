@@ -1,4 +1,4 @@
-"""`modtag policy replay` and `modtag policy test`: argument parsing and the tables they print."""
+"""`modtag policy replay` and `modtag policy test` (at one dtype or two side by side): parsing and their tables."""
 
 from __future__ import annotations
 
@@ -108,3 +108,37 @@ def _table(rows: Sequence[Sequence[str]], out: TextIO, width: int = 60) -> None:
     for row in rows:
         cells = [row[i][:width].ljust(widths[i]) for i in range(columns - 1)]
         out.write("  ".join([*cells, row[-1]]).rstrip() + "\n")
+
+
+def print_compared_cases(
+    results: Sequence[CaseResult], compared: Sequence[CaseResult], dtypes: tuple[str, str], out: TextIO
+) -> None:
+    """The same cases decided at two dtypes, side by side: a user checks int8 on their own images before switching."""
+    first, second = dtypes
+    rows = [("", "IMAGE", "EXPECTED", first.upper(), second.upper())]
+    for a, b in zip(results, compared, strict=True):
+        mark = "same" if (a.actual, a.error) == (b.actual, b.error) else "DIFF"
+        rows.append((mark, str(a.path), a.expected, a.actual or "error", b.actual or "error"))
+    _table(rows, out)
+    same = sum(1 for row in rows[1:] if row[0] == "same")
+    passed = [sum(1 for r in side if r.passed) for side in (results, compared)]
+    out.write(
+        f"\n{len(results)} cases: {same} decided the same at {first} and {second}; "
+        f"passed {passed[0]} at {first}, {passed[1]} at {second}\n"
+    )
+
+
+def compared_cases_json(results: Sequence[CaseResult], compared: Sequence[CaseResult], dtypes: tuple[str, str]) -> str:
+    first, second = dtypes
+    data = [
+        {
+            "path": str(a.path),
+            "expected": a.expected,
+            "decided": {first: a.actual, second: b.actual},
+            "passed": {first: a.passed, second: b.passed},
+            "same": (a.actual, a.error) == (b.actual, b.error),
+            "error": {first: a.error, second: b.error},
+        }
+        for a, b in zip(results, compared, strict=True)
+    ]
+    return json.dumps(data, indent=2)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from policies import ModelOutputs, Requirements, TagSet
+from policies import AnswerQuery, ModelOutputs, Requirements, TagSet
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from worker.engine import ImageOutput, ImageRequest, TagQuery
+    from worker.engine import AnswerRequest, ImageOutput, ImageRequest, TagQuery
 
 # The model each engine stage runs (the `model` label of modtag_model_inference_seconds); preprocessing and
 # the vision pass cover every model of the batch.
@@ -35,16 +35,23 @@ def roles_for(needs: Requirements) -> set[str]:
 
 def image_request(image: Image.Image, needs: Requirements) -> ImageRequest:
     """The engine request that computes `needs` for one decoded image."""
-    from worker.engine import AnswerRequest, ImageRequest
+    from worker.engine import ImageRequest
 
     return ImageRequest(
         image=image,
         caption=needs.caption,
         probes=needs.probes,
         texts=needs.texts,
-        answers=tuple(AnswerRequest(q.key, q.question, q.candidates, q.required) for q in needs.answers),
+        answers=tuple(answer_request(q) for q in needs.answers),
         tags=tuple(tag_query(t) for t in needs.tag_sets),
     )
+
+
+def answer_request(question: AnswerQuery) -> AnswerRequest:
+    """The engine request that ranks one policy question's candidate answers."""
+    from worker.engine import AnswerRequest
+
+    return AnswerRequest(question.key, question.question, question.candidates, question.required)
 
 
 def tag_query(tag_set: TagSet) -> TagQuery:

@@ -14,8 +14,8 @@ import torch
 from torch.nn import functional
 
 from core.errors import ConfigError
-from modtag import bench, peers
-from modtag.bench import BenchOptions, count_flops, format_report, run_bench
+from modtag.bench import BenchOptions, count_flops, format_report, peers, run_bench
+from modtag.bench import engine as bench
 from modtag.cli import main
 from worker.engine import ImageOutput
 from worker.linear import install_packed_linear
@@ -278,7 +278,7 @@ def test_tags_command_prints_json_and_refuses_mixed_runs(
 
 
 def test_the_stack_profile_is_the_difference_of_two_scrapes() -> None:
-    from modtag.bench import stack_profile
+    from modtag.bench.through import stack_profile
 
     def exposition(batches: int, images: int, vision: float, probes: float, decode: float, jobs: int) -> str:
         return "\n".join(

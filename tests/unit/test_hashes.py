@@ -106,7 +106,7 @@ def test_banks_match_per_tenant_and_follow_changes(tmp_path: Path, pdqs: dict[st
 
 
 def test_banks_bench_reports_what_it_measured() -> None:
-    from modtag.banks_bench import format_banks_report, run_banks_bench
+    from modtag.bench.banks import format_banks_report, run_banks_bench
 
     report = run_banks_bench(5000, queries=20, repeat=1)
     assert report["bank_size"] == 5000 and report["correct"] == report["queries"] == 20

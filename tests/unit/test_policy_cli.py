@@ -1,9 +1,11 @@
-"""The policy and listing commands' argument handling: dates, attributes, case folders, exit statuses."""
+"""The policy and listing commands' argument handling: dates, attributes, case folders, exit statuses, dtypes."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,6 +13,9 @@ from core.errors import InvalidField
 from core.moments import parse_since
 from modtag.cli import main
 from modtag.listing import listing_failed, parse_attributes
+from policies import builtin_dir
+from tests.support.photos import photo_bytes
+from worker.quant import int8_linear_available
 from worker.replay import find_cases
 
 
@@ -85,3 +90,39 @@ def test_a_listing_fails_when_a_photo_could_not_be_checked() -> None:
     assert not listing_failed({"verdict": {"status": "done", "photos": {"failed": 0}}})
     assert listing_failed({"verdict": {"status": "done", "photos": {"failed": 1}}})
     assert listing_failed({"verdict": {"status": "pending"}})
+
+
+def test_policy_test_decides_the_cases_at_two_dtypes_side_by_side(
+    tiny_models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MODTAG_MODELS_CACHE_DIR", str(tiny_models_dir.parent))
+    monkeypatch.setenv("MODTAG_DATA_DIR", str(tmp_path / "data"))
+    cases = tmp_path / "cases"
+    for folder, name in (("allow", "rocket"), ("review", "astronaut")):
+        (cases / folder).mkdir(parents=True)
+        (cases / folder / f"{name}.jpg").write_bytes(photo_bytes(name, size=(80, 60)))
+    policy = str(builtin_dir() / "moderation.yaml")
+    other = "int8" if int8_linear_available() else "bfloat16"  # int8 needs the CPU's int8 kernels
+    command = ["policy", "test", policy, str(cases), "--models", "tiny-random", "--dtype", "float32"]
+
+    def decided(*extra: str) -> tuple[int, list[dict[str, Any]]]:
+        status = main([*command, *extra, "--json"])
+        return status, json.loads(capsys.readouterr().out)
+
+    status, single = decided()
+    compared_status, compared = decided("--compare-dtype", other)
+    assert [case["path"] for case in compared] == [case["path"] for case in single]
+    # The first side is the plain run at --dtype; the second ran the same cases at the other dtype.
+    assert [case["decided"]["float32"] for case in compared] == [case["decided"] for case in single]
+    for case in compared:
+        decisions = case["decided"]
+        assert set(decisions) == {"float32", other}
+        assert set(decisions.values()) <= {"allow", "review", "block"}
+        assert case["same"] == (decisions["float32"] == decisions[other])
+    all_passed = all(all(case["passed"].values()) for case in compared)
+    assert compared_status == (0 if all_passed else 1) and status in (0, 1)
+
+    main([*command, "--compare-dtype", other])
+    out = capsys.readouterr().out
+    assert "EXPECTED  FLOAT32" in out and other.upper() in out and out.count("\nsame ") + out.count("\nDIFF ") == 2
+    assert f"2 cases: {sum(case['same'] for case in compared)} decided the same at float32 and {other}" in out

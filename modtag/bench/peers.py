@@ -41,7 +41,7 @@ def peers_bench(
     models: str, cache_dir: Path, device: str, batch_size: int, repeat: int, log: Callable[[str], None]
 ) -> dict[str, Any]:
     """ms per image of the caption model's vision encoder, per runtime and dtype, on one batch of photos."""
-    from modtag.bench import photos
+    from modtag.bench.common import photos
 
     peers = installed_peers()
     torch_device = resolve_device(device)

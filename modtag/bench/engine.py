@@ -1,0 +1,355 @@
+"""`modtag bench`: the engine against the stock tutorial way, on the same models, photos and checks, in one run.
+
+The phases, each on its own copy of the models (the engine installs fused attention on the models it
+runs, and the baseline must run the stock code):
+
+1. baseline: `worker/baseline.py`, float32, one processor call and one generate/forward per image,
+   question and text, as the model cards show;
+2. engine at float32: a first run counts the FLOPs (`FlopCounterMode`) and gives the parity outputs,
+   then `repeat` timed runs;
+3. engine at the fast dtype (bf16 on CPUs with AVX512-BF16/AMX and recent GPUs, fp16 on older GPUs):
+   a first run for the parity against float32, then `repeat` timed runs;
+4. the throughput of a plain matrix product at both dtypes: the machine's practical peak;
+5. optionally the other programs of the package: the peers (`peers.py`) and the stack (`through.py`).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from modtag.bench.common import (
+    CAPTION_TOKENS,
+    DECISION_POLICY,
+    PHOTOS,
+    PROBES,
+    TARGET_FRACTION_OF_PEAK,
+    TARGET_INT8_OVER_FAST,
+    TARGET_PARITY_FP32,
+    TARGET_SPEEDUP_FAST,
+    TARGET_SPEEDUP_FP32,
+    TARGET_STACK_RATIO,
+    TEXTS,
+    BenchOptions,
+    Log,
+    bench_fast_dtype,
+    caption_agreement,
+    check_options,
+    dtype_name,
+    load_average,
+    load_roles,
+    machine_info,
+    max_score_diff,
+    mean_score_diff,
+    photos,
+    quiet_transformers,
+    ratio,
+    stage_totals,
+    sync,
+    workload,
+)
+from modtag.bench.tags import run_tags_bench
+from modtag.bench.through import through_stack
+from worker.attention import has_fused_attention
+from worker.engine import Engine, ImageOutput, ImageRequest
+from worker.linear import has_packed_linear, packed_linear_available
+from worker.models import load_models, resolve_device
+from worker.quant import has_int8_linear, int8_linear_available
+
+
+def run_bench(options: BenchOptions) -> dict[str, Any]:
+    """Run every phase and return the report (the JSON object `modtag bench --json` prints)."""
+    check_options(options)
+    if options.tags:
+        return run_tags_bench(options)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    device = resolve_device(options.device)
+    fast = bench_fast_dtype(options, device)
+    requests = workload(options.images)
+    log = Log(options.progress)
+    load_before = load_average()
+    with quiet_transformers():
+        baseline, baseline_outputs = (None, []) if options.skip_baseline else _baseline(options, requests, log)
+        log(f"engine float32: loading {options.models} and counting FLOPs")
+        engine_fp32, fp32_outputs, flops = _engine_phase(options, requests, torch.float32, log, count=True)
+        if fast == torch.float32:
+            engine_fast, fast_outputs = dict(engine_fp32), fp32_outputs
+        else:
+            log(f"engine {dtype_name(fast)}: loading {options.models}")
+            engine_fast, fast_outputs, _ = _engine_phase(options, requests, fast, log, count=False)
+        engine_int8 = None
+        if options.dtype == "int8" or (device.type == "cpu" and int8_linear_available()):
+            log(f"engine int8: loading {options.models}")
+            engine_int8, int8_outputs, _ = _engine_phase(options, requests, "int8", log, count=False)
+            engine_int8["fidelity"] = {
+                "max_abs_score_diff": max_score_diff(int8_outputs, fp32_outputs),
+                "mean_abs_score_diff": mean_score_diff(int8_outputs, fp32_outputs),
+                "caption_token_agreement": caption_agreement(int8_outputs, fp32_outputs),
+                **decision_agreement(options, log),
+            }
+        log("matrix-product peak")
+        peak_fast = matmul_peak(device, fast, options.peak_size)
+        peak_fp32 = peak_fast if fast == torch.float32 else matmul_peak(device, torch.float32, options.peak_size)
+
+    flops_per_image = flops / len(requests)
+    report: dict[str, Any] = {
+        "workload": {
+            "images": len(requests),
+            "photos": [PHOTOS[i % len(PHOTOS)] for i in range(len(requests))],
+            "probes": len(PROBES),
+            "texts": len(TEXTS),
+            "caption_tokens": CAPTION_TOKENS,
+            "models": options.models,
+        },
+        # Other processes on the machine slow any phase down: the load average tells how busy it was.
+        "machine": {**machine_info(device), "load_average_before": load_before, "load_average_after": load_average()},
+        "baseline": baseline,
+        "engine_fp32": engine_fp32,
+        "engine_fast": engine_fast,
+        "speedup_fp32": ratio(engine_fp32["images_per_s"], baseline["images_per_s"] if baseline else None),
+        "speedup_fast": ratio(engine_fast["images_per_s"], baseline["images_per_s"] if baseline else None),
+        # int8 linear layers (`worker/quant.py`), the rest at the fast dtype; fidelity against float32.
+        "engine_int8": engine_int8,
+        "speedup_int8_over_fast": ratio(engine_int8["images_per_s"], engine_fast["images_per_s"])
+        if engine_int8
+        else None,
+        "parity": {
+            "compared_images": len(baseline_outputs),
+            "max_abs_score_diff_fp32": max_score_diff(fp32_outputs, baseline_outputs) if baseline_outputs else None,
+            "caption_token_agreement_fp32": (
+                caption_agreement(fp32_outputs, baseline_outputs) if baseline_outputs else None
+            ),
+            "max_abs_score_diff_fast": max_score_diff(fast_outputs, fp32_outputs),
+            "mean_abs_score_diff_fast": mean_score_diff(fast_outputs, fp32_outputs),
+            "caption_token_agreement_fast": caption_agreement(fast_outputs, fp32_outputs),
+        },
+        "flops_per_image": flops_per_image,
+        "peak_flops_fast": peak_fast,
+        "peak_flops_fp32": peak_fp32,
+        "achieved_flops_fast": flops_per_image * engine_fast["images_per_s"],
+        "fraction_of_peak_fast": flops_per_image * engine_fast["images_per_s"] / peak_fast,
+        "fraction_of_peak_fp32": flops_per_image * engine_fp32["images_per_s"] / peak_fp32,
+        "through_stack": None,
+    }
+    report["peers"] = None
+    if options.peers:
+        from modtag.bench.peers import peers_bench
+
+        with quiet_transformers():
+            report["peers"] = peers_bench(
+                options.models, options.cache_dir, options.device, options.batch_size, max(options.repeat, 3), log
+            )
+    if options.through_stack:
+        with quiet_transformers():
+            report["through_stack"] = through_stack(options, "int8" if options.dtype == "int8" else fast, log)
+    report["targets"] = _targets(report)
+    return report
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = None, reps: int = 5) -> float:
+    """FLOP/s of the best of `reps` square matrix products big enough to keep every core busy.
+
+    On CPUs both `torch.mm` and the packed oneDNN product the engine's linear layers use are timed, and
+    the faster counts: the engine is held to the best the machine does, not to a slow reference.
+    """
+    size = size or (8192 if device.type == "cuda" else 3072)
+    generator = torch.Generator().manual_seed(0)
+    left = torch.randn(size, size, generator=generator).to(device, dtype)
+    right = torch.randn(size, size, generator=generator).to(device, dtype)
+    out = torch.empty(size, size, dtype=dtype, device=device)
+    products: list[Callable[[], object]] = [lambda: torch.mm(left, right, out=out)]
+    if device.type == "cpu" and packed_linear_available(dtype):
+        packed = torch.ops.mkldnn._reorder_linear_weight(right, size)
+        products.append(lambda: torch.ops.mkldnn._linear_pointwise(left, packed, None, "none", [], ""))
+    best = math.inf
+    with torch.inference_mode():
+        for product in products:
+            for attempt in range(reps + 1):
+                sync(device)
+                started = time.perf_counter()
+                product()
+                sync(device)
+                if attempt:  # the first product warms up the kernels
+                    best = min(best, time.perf_counter() - started)
+    return 2.0 * size**3 / best
+
+
+def count_flops(run: Callable[[], object]) -> tuple[float, object]:
+    """The matrix-product FLOPs (matmul, linear, convolution, attention) `run()` performs, and its result."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # PyTorch counts the CUDA attention kernels, not the CPU flash kernel nor oneDNN's packed linear.
+    mapping = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+        torch.ops.mkldnn._linear_pointwise: _linear_flops,
+    }
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        result = run()
+    return float(counter.get_total_flops()), result
+
+
+def decision_agreement(options: BenchOptions, log: Callable[[str], None]) -> dict[str, Any]:
+    """How often the moderation policy decides the same with int8 as with float32, on the workload's photos.
+
+    Each dtype's engine runs the policy's own checks (caption, probes, texts) on every photo, and the
+    policy decides on each; reports the share of identical actions and of identical category verdicts.
+    """
+    from core.hashes import BankMatch
+    from policies import ModelOutputs, decide, load_policies
+    from worker.adapter import image_request, model_outputs, roles_for
+
+    policy = load_policies([])[DECISION_POLICY]
+    needs = policy.requirements()
+    # The photos are in no bank: the worker's hash step would say so before the models run.
+    unbanked = ModelOutputs(banks={query.bank: BankMatch(query.bank) for query in needs.banks})
+    requests = [image_request(image, needs) for image in photos(options.images)]
+    decisions = {}
+    for dtype in ("float32", "int8"):
+        log(f"{DECISION_POLICY} decisions at {dtype}")
+        loaded = load_models(
+            options.models, roles_for(needs), cache_dir=options.cache_dir, device=options.device, dtype=dtype
+        )
+        engine = Engine(loaded, max_caption_tokens=CAPTION_TOKENS, max_batch=options.batch_size)
+        outputs = [
+            out
+            for start in range(0, len(requests), options.batch_size)
+            for out in engine.run(requests[start : start + options.batch_size])
+        ]
+        decisions[dtype] = [decide(policy, unbanked.merged(model_outputs(output))) for output in outputs]
+        del engine, loaded
+        gc.collect()
+    pairs = list(zip(decisions["int8"], decisions["float32"], strict=True))
+    verdicts = [
+        (low.categories[name].action, high.categories[name].action) for low, high in pairs for name in high.categories
+    ]
+    return {
+        "policy": DECISION_POLICY,
+        "decisions": len(pairs),
+        "decision_agreement": sum(low.action == high.action for low, high in pairs) / len(pairs),
+        "category_agreement": sum(a == b for a, b in verdicts) / len(verdicts) if verdicts else None,
+    }
+
+
+def _baseline(
+    options: BenchOptions, requests: list[ImageRequest], log: Callable[[str], None]
+) -> tuple[dict[str, Any], list[ImageOutput]]:
+    from worker.baseline import run_baseline
+
+    count = min(options.baseline_images or len(requests), len(requests))
+    log(f"baseline float32: loading {options.models}")
+    models = load_roles(options, torch.float32)
+    outputs: list[ImageOutput] = []
+    image_seconds: list[float] = []
+    bar = tqdm(requests[:count], desc="baseline", unit="img", disable=not options.progress, leave=False)
+    for request in bar:
+        started = time.perf_counter()
+        outputs.extend(
+            run_baseline(models, [request], max_caption_tokens=CAPTION_TOKENS, min_caption_tokens=CAPTION_TOKENS)
+        )
+        sync(models.device)
+        image_seconds.append(time.perf_counter() - started)
+    del models
+    gc.collect()
+    seconds = sum(image_seconds)
+    stats = {
+        "dtype": "float32",
+        "images": count,
+        "seconds": seconds,
+        "image_seconds": image_seconds,
+        "seconds_per_image": seconds / count,
+        "images_per_s": count / seconds,
+        "stages_s": stage_totals(outputs),
+    }
+    return stats, outputs
+
+
+def _engine_phase(
+    options: BenchOptions,
+    requests: list[ImageRequest],
+    dtype: torch.dtype | str,
+    log: Callable[[str], None],
+    *,
+    count: bool,
+) -> tuple[dict[str, Any], list[ImageOutput], float]:
+    models = load_roles(options, dtype)
+    engine = Engine(
+        models, max_caption_tokens=CAPTION_TOKENS, min_caption_tokens=CAPTION_TOKENS, max_batch=options.batch_size
+    )
+
+    def run_all() -> list[ImageOutput]:
+        outputs: list[ImageOutput] = []
+        for start in range(0, len(requests), options.batch_size):
+            outputs.extend(engine.run(requests[start : start + options.batch_size]))
+        return outputs
+
+    # The first run warms up (and, at float32, counts the FLOPs); its outputs are the parity outputs.
+    log(f"engine {dtype_name(dtype)}: first run" + (" (counting FLOPs)" if count else ""))
+    if count:
+        flops, first = count_flops(run_all)
+        outputs: list[ImageOutput] = first  # type: ignore[assignment]
+    else:
+        flops, outputs = 0.0, run_all()
+    runs: list[tuple[float, list[ImageOutput]]] = []
+    for _ in tqdm(range(options.repeat), desc=f"engine {dtype_name(dtype)}", disable=not options.progress, leave=False):
+        started = time.perf_counter()
+        timed = run_all()
+        runs.append((time.perf_counter() - started, timed))
+    seconds, best_outputs = min(runs, key=lambda run: run[0])
+    stats = {
+        "dtype": models.dtype_name,
+        "images": len(requests),
+        "batch_size": options.batch_size,
+        "seconds": seconds,
+        "runs_s": [run[0] for run in runs],
+        "images_per_s": len(requests) / seconds,
+        "stages_s": stage_totals(best_outputs),
+        "techniques": {
+            "fused_attention": all(has_fused_attention(loaded.model) for loaded in models.models.values()),
+            "packed_linear": all(has_packed_linear(loaded.model) for loaded in models.models.values()),
+            "int8_linear": all(has_int8_linear(loaded.model) for loaded in models.models.values()),
+            "fast_decoding": engine.fast_decoding,
+        },
+    }
+    return stats, outputs, flops  # the models go with this frame: the next phase has the memory
+
+
+def _sdpa_flops(
+    query_shape: tuple[int, ...], key_shape: tuple[int, ...], value_shape: tuple[int, ...], *_: Any, **__: Any
+) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return int(sdpa_flop_count(query_shape, key_shape, value_shape))
+
+
+def _linear_flops(input_shape: tuple[int, ...], weight_shape: tuple[int, ...], *_: Any, **__: Any) -> int:
+    # (..., K) x (N, K)^T: 2 K N per input row.
+    return 2 * math.prod(input_shape) * weight_shape[0]
+
+
+def _targets(report: dict[str, Any]) -> dict[str, bool | None]:
+    parity = report["parity"]
+    stack = report.get("through_stack")
+    fp32_parity = None
+    if parity["max_abs_score_diff_fp32"] is not None:
+        fp32_parity = (
+            parity["max_abs_score_diff_fp32"] <= TARGET_PARITY_FP32 and parity["caption_token_agreement_fp32"] == 1.0
+        )
+    return {
+        "speedup_fp32": None if report["speedup_fp32"] is None else report["speedup_fp32"] >= TARGET_SPEEDUP_FP32,
+        "parity_fp32": fp32_parity,
+        "speedup_fast": None if report["speedup_fast"] is None else report["speedup_fast"] >= TARGET_SPEEDUP_FAST,
+        "fraction_of_peak_fast": report["fraction_of_peak_fast"] >= TARGET_FRACTION_OF_PEAK,
+        "through_stack": None if not stack else stack["ratio"] >= TARGET_STACK_RATIO,
+        "int8_over_fast": (
+            None
+            if report["speedup_int8_over_fast"] is None
+            else report["speedup_int8_over_fast"] >= TARGET_INT8_OVER_FAST
+        ),
+    }
