@@ -54,7 +54,7 @@ $(STAMP): pyproject.toml $(LOCK)
 # The lock leaves torch (and its CUDA wheels) out: TORCH_SPEC and the image's TORCH_INDEX_URL choose the build.
 lock: $(STAMP)
 	$(BIN)/python -m pip install --quiet uv
-	$(BIN)/uv pip compile pyproject.toml --extra worker --extra embedded --extra test --no-header \
+	$(BIN)/uv pip compile pyproject.toml --all-extras --no-header \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-emit-package torch \
 		$$($(BIN)/uv pip compile pyproject.toml --extra worker --python-version 3.11 \
 			--python-platform x86_64-manylinux_2_28 2>/dev/null | grep -oE '^(nvidia-|triton|cuda-)[^=]*' \
