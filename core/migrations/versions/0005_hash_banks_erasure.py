@@ -1,9 +1,4 @@
-"""Hash banks and their items; a job's PDQ hash, its erasure tombstone; a decision's reuse of an earlier one
-
-Revision ID: 0005
-Revises: 0004
-Create Date: 2026-11-30
-"""
+"""Hash banks and their items; a job's PDQ hash, its erasure tombstone; a decision's reuse of an earlier one"""
 
 from __future__ import annotations
 
@@ -12,8 +7,6 @@ from alembic import op
 
 revision = "0005"
 down_revision = "0004"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

@@ -1,10 +1,5 @@
 """Signed webhooks: per-tenant signing secrets and the delivery log (one row per message, retried from it);
-a job's request id (its submission's X-Request-ID, for following it through the logs)
-
-Revision ID: 0006
-Revises: 0004
-Create Date: 2026-11-30
-"""
+a job's request id (its submission's X-Request-ID, for following it through the logs)"""
 
 from __future__ import annotations
 
@@ -13,8 +8,6 @@ from alembic import op
 
 revision = "0006"
 down_revision = "0005"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
