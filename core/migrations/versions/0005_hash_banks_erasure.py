@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from core.migrations.columns import columns
+
 revision = "0005"
 down_revision = "0004"
 
@@ -12,26 +14,34 @@ down_revision = "0004"
 def upgrade() -> None:
     op.create_table(
         "banks",
-        sa.Column("id", sa.String(length=32), nullable=False),
-        sa.Column("tenant", sa.String(length=64), nullable=False),
-        sa.Column("name", sa.String(length=64), nullable=False),
-        sa.Column("description", sa.String(length=2000), nullable=True),
-        sa.Column("revision", sa.Integer(), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        *columns(
+            """
+            id           varchar(32)
+            tenant       varchar(64)
+            name         varchar(64)
+            description  varchar(2000)  null
+            revision     integer
+            created_at   timestamptz
+            """
+        ),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("tenant", "name", name="uq_banks_tenant_name"),
     )
     op.create_table(
         "bank_items",
-        sa.Column("id", sa.String(length=32), nullable=False),
-        sa.Column("bank_id", sa.String(length=32), nullable=False),
-        sa.Column("tenant", sa.String(length=64), nullable=False),
-        sa.Column("sha256", sa.String(length=64), nullable=True),
-        sa.Column("pdq", sa.String(length=64), nullable=True),
-        sa.Column("pdq_quality", sa.Integer(), nullable=True),
-        sa.Column("note", sa.String(length=2000), nullable=True),
-        sa.Column("added_by", sa.String(length=32), nullable=True),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        *columns(
+            """
+            id           varchar(32)
+            bank_id      varchar(32)
+            tenant       varchar(64)
+            sha256       varchar(64)    null
+            pdq          varchar(64)    null
+            pdq_quality  integer        null
+            note         varchar(2000)  null
+            added_by     varchar(32)    null
+            created_at   timestamptz
+            """
+        ),
         sa.ForeignKeyConstraint(["bank_id"], ["banks.id"]),
         sa.PrimaryKeyConstraint("id"),
     )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from core.migrations.columns import columns
+
 revision = "0006"
 down_revision = "0005"
 
@@ -14,28 +16,38 @@ def upgrade() -> None:
     op.add_column("jobs", sa.Column("request_id", sa.String(length=128), nullable=True))
     op.create_table(
         "webhook_secrets",
-        sa.Column("id", sa.String(length=32), primary_key=True),
-        sa.Column("tenant", sa.String(length=64), nullable=False),
-        sa.Column("secret", sa.String(length=128), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
+        *columns(
+            """
+            id          varchar(32)
+            tenant      varchar(64)
+            secret      varchar(128)
+            created_at  timestamptz
+            expires_at  timestamptz   null
+            """
+        ),
+        sa.PrimaryKeyConstraint("id"),
     )
     op.create_index("ix_webhook_secrets_tenant", "webhook_secrets", ["tenant"])
     op.create_table(
         "webhook_deliveries",
-        sa.Column("id", sa.String(length=64), primary_key=True),
-        sa.Column("tenant", sa.String(length=64), nullable=False),
-        sa.Column("event_type", sa.String(length=32), nullable=False),
-        sa.Column("subject_id", sa.String(length=32), nullable=False),
-        sa.Column("url", sa.String(length=2048), nullable=False),
-        sa.Column("payload", sa.Text(), nullable=False),
-        sa.Column("status", sa.String(length=16), nullable=False),
-        sa.Column("attempts", sa.Integer(), nullable=False),
-        sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("last_status_code", sa.Integer(), nullable=True),
-        sa.Column("last_error", sa.String(length=500), nullable=True),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=True),
+        *columns(
+            """
+            id                varchar(64)
+            tenant            varchar(64)
+            event_type        varchar(32)
+            subject_id        varchar(32)
+            url               varchar(2048)
+            payload           text
+            status            varchar(16)
+            attempts          integer
+            next_attempt_at   timestamptz    null
+            last_status_code  integer        null
+            last_error        varchar(500)   null
+            created_at        timestamptz
+            delivered_at      timestamptz    null
+            """
+        ),
+        sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("event_type", "subject_id", name="uq_webhook_deliveries_event_subject"),
     )
     op.create_index("ix_webhook_deliveries_status_next_attempt_at", "webhook_deliveries", ["status", "next_attempt_at"])
