@@ -102,6 +102,9 @@ def stack_settings(options: BenchOptions, dtype: torch.dtype | str, data_dir: Pa
         # Scraped before and after the timed jobs: where the stack's time went (see stack_profile).
         worker_metrics_port=metrics_port,
         torch_threads=options.threads or 0,
+        # The jobs repeat the workload's photos: reusing an earlier identical upload's decision would time
+        # the database, not the models, so every job here runs them.
+        reuse_decisions=False,
     )
 
 
