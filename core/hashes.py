@@ -23,8 +23,7 @@ PDQ_MIN_QUALITY = 50  # the reference implementation's own threshold for a hash 
 DEFAULT_MAX_DISTANCE = 31  # the Hamming distance HMA and the PDQ paper use for a match
 # PDQ works on a 64x64 luminance grid: hashing a 512 px copy gives the same bits far faster than 4000 px.
 _HASH_SIDE = 512
-_PDQ_TEXT = re.compile(r"^[0-9a-f]{64}$")
-_SHA256_TEXT = re.compile(r"^[0-9a-f]{64}$")
+_HEX_256_BITS = re.compile(r"^[0-9a-f]{64}$")  # a PDQ hash and a SHA-256 digest alike
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ def pdq_distance(a: str, b: str) -> int:
 def parse_pdq(text: str) -> str:
     """A PDQ hash as 64 lower-case hex digits; InvalidField (422) `pdq_invalid` otherwise."""
     value = text.strip().lower()
-    if not _PDQ_TEXT.match(value):
+    if not _HEX_256_BITS.match(value):
         raise InvalidField("a PDQ hash is 64 hex digits (256 bits)", code="pdq_invalid")
     return value
 
@@ -75,7 +74,7 @@ def parse_pdq(text: str) -> str:
 def parse_sha256(text: str) -> str:
     """A SHA-256 digest as 64 lower-case hex digits; InvalidField (422) `sha256_invalid` otherwise."""
     value = text.strip().lower()
-    if not _SHA256_TEXT.match(value):
+    if not _HEX_256_BITS.match(value):
         raise InvalidField("a SHA-256 digest is 64 hex digits", code="sha256_invalid")
     return value
 

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED_JOBS, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
 MAX_BENCH_BANK = 50_000_000  # 1.6 GB of hashes: about what a machine that runs the bench can hold twice
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 Number = TypeVar("Number", int, float)
 # What the [worker] extra installs: a command that needs them says so in one line instead of a traceback.
 _WORKER_MODULES = frozenset({"torch", "transformers", "numpy"})

@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     from worker.engine import Engine
 
 log = logging.getLogger(__name__)
-POLICY_RELOAD_S = 2.0  # how often a worker looks for edited policy files (a hash of a few small files)
 
 
 class WorkerRuntime:
@@ -52,7 +51,7 @@ class WorkerRuntime:
         self.settings = settings
         # Unique across a fleet: a pod's hostname, a process on a shared host by its pid.
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        # Re-read when the files change (polled at most every POLICY_RELOAD_S), so edits need no restart.
+        # Re-read when the files change (polled at most every MODTAG_POLICY_RELOAD_S), so edits need no restart.
         self.registry = PolicyRegistry(
             self._policy_dirs(),
             interval_s=settings.policy_reload_s,
