@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
     torch_threads: int = Field(default=0, ge=0, description="0: torch's default.")
+    native_kernels: bool = Field(
+        default=True, description="The vision attention's AVX-512 kernel, built with the C compiler on first use."
+    )
 
     # Limits on inputs.
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, gt=0)

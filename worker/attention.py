@@ -9,6 +9,9 @@ products per cache-sized chunk of heads instead. The replacements keep the stock
 masks and cache handling and change only how the attention is computed: in float32 they agree with
 the stock classes to about 1e-6.
 
+On CPUs with AVX-512 the vision encoders' self-attention runs a native kernel instead (worker/native: the
+scores of a block of query rows kept in cache, about 1.5x PyTorch's attention), where it can be built.
+
 They are installed on the given model's module instances, never on the classes, so other models of the
 same class (the stock baseline's, in `modtag bench` and the parity tests) keep the stock arithmetic.
 """
@@ -25,20 +28,26 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.blip.modeling_blip import BlipAttention
 from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
 
+from worker.native import NativeAttention, native_attention
+
 _MARK = "_modtag_fused_attention"
+_NATIVE = "_modtag_native_attention"
 
 
-def install_fused_attention(model: nn.Module) -> int:
+def install_fused_attention(model: nn.Module, native: bool = True) -> int:
     """Replace the attention of every BLIP vision and text attention module in `model`; returns how many.
 
+    `native`: the vision encoders' self-attention runs the native kernel where it can (worker/native).
     Idempotent: modules already replaced are left alone (and not counted).
     """
+    kernel = native_attention() if native else None
     installed = 0
     for module in model.modules():
         if getattr(module, _MARK, False):
             continue
         if isinstance(module, BlipAttention):
             module.forward = types.MethodType(_vision_attention, module)  # type: ignore[method-assign]
+            setattr(module, _NATIVE, kernel)
         elif isinstance(module, BlipTextSelfAttention):
             module.forward = types.MethodType(_text_attention, module)  # type: ignore[method-assign]
         else:
@@ -52,6 +61,11 @@ def has_fused_attention(model: nn.Module) -> bool:
     """True if every BLIP attention module of `model` runs the fused attention."""
     modules = [m for m in model.modules() if isinstance(m, BlipAttention | BlipTextSelfAttention)]
     return bool(modules) and all(getattr(m, _MARK, False) for m in modules)
+
+
+def has_native_attention(model: nn.Module) -> bool:
+    """True if the vision attention of `model` has the native kernel (used for the dtypes and CPUs it suits)."""
+    return any(getattr(m, _NATIVE, None) is not None for m in model.modules() if isinstance(m, BlipAttention))
 
 
 def attend(
@@ -130,7 +144,12 @@ def _vision_attention(self: BlipAttention, hidden_states: torch.Tensor, **_: Any
     # It returns the attention probabilities as well, which nothing in the engine reads.
     batch, length, width = hidden_states.shape
     qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-    context = attend(qkv[0], qkv[1], qkv[2], None, self.scale)
+    query, key, value = qkv.unbind(0)
+    kernel: NativeAttention | None = getattr(self, _NATIVE, None)
+    if kernel is not None and kernel.supports(query, key, value):
+        context = kernel(query, key, value, self.scale)
+    else:
+        context = attend(query, key, value, None, self.scale)
     return self.projection(context.reshape(batch, length, width)), None
 
 

@@ -164,8 +164,10 @@ class Engine:
     linear layers of the given models' modules (not of their classes): the same results within float
     rounding, faster. Load a separate copy to run the stock arithmetic beside it, as `modtag bench`
     and the parity tests do. On CPUs the packed weights are a second copy of the linear layers' weights,
-    nearly doubling the models' memory. `fast_decoding` generates captions with `worker/captioning.py`
-    (when the decoder's generation config is plain greedy search) instead of transformers' `generate`.
+    nearly doubling the models' memory. `native_kernels` runs the vision encoders' self-attention in the
+    native kernel (worker/native) on CPUs with AVX-512 where a C compiler can build it. `fast_decoding`
+    generates captions with `worker/captioning.py` (when the decoder's generation config is plain greedy
+    search) instead of transformers' `generate`.
     """
 
     def __init__(
@@ -178,6 +180,7 @@ class Engine:
         max_row_tokens: int = 512,
         token_cache_size: int = 4096,
         fused_attention: bool = True,
+        native_kernels: bool = True,
         packed_linear: bool = True,
         fast_decoding: bool = True,
         answer_budget: int = ANSWER_BUDGET,
@@ -197,7 +200,7 @@ class Engine:
         self.fast_decoding = fast_decoding
         for loaded in models.models.values():
             if fused_attention:
-                install_fused_attention(loaded.model)
+                install_fused_attention(loaded.model, native=native_kernels)
             if packed_linear:
                 install_packed_linear(loaded.model)
         self.max_caption_tokens = max_caption_tokens

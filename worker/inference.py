@@ -171,4 +171,4 @@ def build_engine(settings: Settings, roles: set[str]) -> Engine:
     )
     for role, seconds in loaded.load_seconds.items():
         metrics.MODEL_LOAD.labels(role).set(seconds)
-    return Engine(loaded)
+    return Engine(loaded, native_kernels=settings.native_kernels)

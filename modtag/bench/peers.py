@@ -3,7 +3,10 @@
 The vision encoder is most of the engine's time, and it is what a user would hand to another runtime.
 The same caption model's vision encoder (stock float32 weights, exported once per peer) runs on the same
 batch of preprocessed photos as modtag's engine runs it (fused attention, packed or int8 linear
-layers) at each dtype; the timings interleave, so load from other processes hits every runtime alike.
+layers) at each dtype, and as the engine runs it with PyTorch's attention instead of the native kernel
+(worker/native), the figure before that kernel. The timings interleave, each round in another order
+(a runtime's threads may still spin after it returns, slowing whichever runs next: rotating spreads
+that over all of them), so load from other processes hits every runtime alike.
 The peers are an optional extra (`pip install 'modtag[peers]'`); without them the report says so.
 """
 
@@ -23,6 +26,7 @@ from torch import nn
 
 from worker.engine import Engine
 from worker.models import fast_dtype, load_models, resolve_device
+from worker.native import cpu_supports, native_attention
 from worker.quant import int8_linear_available
 
 PEERS = ("openvino", "onnxruntime")
@@ -54,12 +58,19 @@ def peers_bench(
     errors: dict[str, str] = {}
     dtypes = ["float32"] + ([] if fast_dtype(torch_device) == torch.float32 else ["bfloat16"])
     engines = []
-    for dtype in [*dtypes, *(["int8"] if int8_linear_available() else [])]:
-        log(f"peers: modtag vision encoder at {dtype}")
+    variants = [(dtype, True) for dtype in [*dtypes, *(["int8"] if int8_linear_available() else [])]]
+    # The figures before the native kernel, where it runs here.
+    if native_attention() is not None:
+        variants += [(dtype, False) for dtype in dtypes if cpu_supports(getattr(torch, dtype))]
+    for dtype, native in variants:
+        log(f"peers: modtag vision encoder at {dtype}" + ("" if native else ", PyTorch's attention"))
         loaded = load_models(models, {"caption"}, cache_dir=cache_dir, device=device, dtype=dtype)
-        engines.append(Engine(loaded))  # installs the engine's attention and linear layers on its models
+        # The engine installs its attention and linear layers on these models' modules.
+        engine = Engine(loaded, native_kernels=native)
+        engines.append(engine)
         encoder: nn.Module = loaded.get("caption").model.vision_model  # type: ignore[assignment]
-        runners[f"modtag {dtype}"] = _torch_runner(encoder, pixels.to(loaded.dtype))
+        label = f"modtag {dtype}" + ("" if native else ", torch attention")
+        runners[label] = _torch_runner(encoder, pixels.to(loaded.dtype))
     vision: nn.Module = stock.model.vision_model  # type: ignore[assignment]
     with tempfile.TemporaryDirectory(prefix="modtag-peers-") as tmp:
         for peer in peers:
@@ -70,11 +81,13 @@ def peers_bench(
                 errors[peer] = f"{type(exc).__name__}: {exc}"[:300]
         log("peers: timing, interleaved")
         times: dict[str, list[float]] = {name: [] for name in runners}
+        order = list(runners)
         with torch.inference_mode():
             for run in runners.values():
                 run()  # warm-up
-            for _ in range(repeat):
-                for name, run in runners.items():
+            for round_ in range(repeat):
+                for name in order[round_ % len(order) :] + order[: round_ % len(order)]:
+                    run = runners[name]
                     started = time.perf_counter()
                     run()
                     times[name].append(time.perf_counter() - started)
@@ -139,7 +152,10 @@ def _onnxruntime_runners(
     wrapped = _LastHiddenState(vision)
     with torch.no_grad():
         torch.onnx.export(wrapped, (pixels,), str(path), input_names=["pixel_values"], dynamo=False)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    # Its threads otherwise spin on after each run, taking the cores from whichever runtime runs next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     inputs = {"pixel_values": pixels.numpy()}
     return {"onnxruntime float32": lambda: session.run(None, inputs)}
 

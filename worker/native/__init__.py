@@ -1,0 +1,168 @@
+"""Native kernels: the vision encoders' fused self-attention (attention.c), built on first use with the C compiler.
+
+PyTorch's CPU attention writes each head's (tokens x tokens) scores to memory and reads them back twice; the
+kernel keeps them in the L2 cache a block of query rows at a time (about 1.5x PyTorch's attention here, in
+float32 and bfloat16; see attention.c). It needs AVX-512 (and AVX-512 BF16 for bfloat16), a C compiler (`cc`,
+or `CC`) and heads of 64. Where any of that is missing, or `MODTAG_NATIVE_KERNELS=false` (the engine's
+`native_kernels`), the engine runs PyTorch's attention as before, and nothing else changes.
+
+The library is compiled once per source, compiler and flags into the user's cache directory (about a second)
+and loaded with ctypes; it links the OpenMP runtime PyTorch has already loaded, so it runs on PyTorch's threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("attention.c")
+HEAD_SIZE = 64
+# Portable to any CPU with these, not tuned to the building one: an image can build it once for its fleet.
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma", "-fopenmp", "-shared", "-fPIC")
+_ENTRY = {torch.float32: "modtag_attention_f32", torch.bfloat16: "modtag_attention_bf16"}
+_build_lock = threading.Lock()
+
+
+class NativeAttention:
+    """softmax(q k^T * scale) v over (images, heads, tokens, 64) strided views, into (images, tokens, heads, 64)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._functions = {}
+        for dtype, name in _ENTRY.items():
+            function = getattr(library, name)
+            function.restype = ctypes.c_int
+            pointer, size = ctypes.c_void_p, ctypes.c_int64
+            function.argtypes = [pointer] * 8 + [size, size, size, ctypes.c_float, ctypes.c_int]
+            self._functions[dtype] = function
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+        images, heads, tokens, size = query.shape
+        out = torch.empty((images, tokens, heads, size), dtype=query.dtype)
+        status = self._functions[query.dtype](
+            query.data_ptr(),
+            _strides(query),
+            key.data_ptr(),
+            _strides(key),
+            value.data_ptr(),
+            _strides(value),
+            out.data_ptr(),
+            _strides(out.transpose(1, 2)),
+            images,
+            heads,
+            tokens,
+            scale,
+            torch.get_num_threads(),
+        )
+        if status != 0:
+            raise MemoryError("native attention: could not allocate its per-thread buffers")
+        return out
+
+    def supports(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+        """Whether these operands suit the kernel (else the caller runs PyTorch's attention)."""
+        return (
+            query.dtype in self._functions
+            and cpu_supports(query.dtype)
+            and query.device.type == "cpu"
+            and query.shape[-1] == HEAD_SIZE
+            and query.shape == key.shape == value.shape
+            and all(t.dtype == query.dtype and t.stride(-1) == 1 for t in (key, value))
+            and query.stride(-1) == 1
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
+        )
+
+
+def native_attention() -> NativeAttention | None:
+    """The kernel, built and loaded on first use; None where it cannot run here (logged once, with the reason)."""
+    return _load()
+
+
+@lru_cache(maxsize=4)
+def cpu_supports(dtype: torch.dtype) -> bool:
+    """AVX-512 (float32), plus AVX-512 BF16 (bfloat16), from the kernel flags of this CPU."""
+    flags = _cpu_flags()
+    needed = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "fma"}
+    if dtype == torch.bfloat16:
+        needed.add("avx512_bf16")
+    return needed <= flags
+
+
+def build(directory: Path | None = None) -> Path:
+    """Compile attention.c (if not already built) and return the library's path. Raises OSError on failure."""
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise OSError(f"no C compiler ({compiler!r} is not on PATH); install one (e.g. gcc) or set CC")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS]).encode()).hexdigest()[:16]
+    target = (directory or _cache_dir()) / f"attention-{digest}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as partial:
+        pass
+    try:
+        done = subprocess.run(
+            [compiler, *FLAGS, "-o", partial.name, str(SOURCE)], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise OSError(f"{compiler} failed on {SOURCE.name}: {done.stderr.strip()[-500:]}")
+        os.replace(partial.name, target)  # atomic: concurrent builders each write their own file
+    finally:
+        Path(partial.name).unlink(missing_ok=True)
+    return target
+
+
+# Helpers.
+
+
+@lru_cache(maxsize=1)
+def _load() -> NativeAttention | None:
+    if not cpu_supports(torch.float32):
+        log.info("native attention: this CPU lacks AVX-512; PyTorch's attention runs instead")
+        return None
+    with _build_lock:
+        try:
+            return NativeAttention(ctypes.CDLL(str(build())))
+        except OSError as exc:
+            log.warning("native attention unavailable, PyTorch's attention runs instead (slower): %s", exc)
+            return None
+
+
+def _cache_dir() -> Path:
+    import platformdirs
+
+    directory = Path(platformdirs.user_cache_dir("modtag", appauthor=False)) / "native"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if os.access(directory, os.W_OK):
+            return directory
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"modtag-native-{os.getuid()}"
+
+
+@lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def _strides(tensor: torch.Tensor) -> ctypes.Array[ctypes.c_int64]:
+    return (ctypes.c_int64 * 3)(tensor.stride(0), tensor.stride(1), tensor.stride(2))
