@@ -115,16 +115,25 @@ def test_native_off_keeps_pytorch_attention() -> None:
 
 
 def test_build_is_cached_and_says_why_it_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    built = build(tmp_path)
+    source = tmp_path / "src" / "attention.c"
+    source.parent.mkdir()
+    shutil.copy(native.SOURCE, source)
+    monkeypatch.setattr(native, "SOURCE", source)
+    built = build(tmp_path / "cache")
     first = built.stat().st_mtime_ns
-    assert build(tmp_path) == built and built.stat().st_mtime_ns == first  # compiled once per source and compiler
+    assert build(tmp_path / "cache") == built and built.stat().st_mtime_ns == first  # compiled once per source
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with pytest.raises(OSError, match="no C compiler"):
         build(tmp_path / "missing")
     monkeypatch.setenv("CC", "false")  # a compiler that fails
-    with pytest.raises(OSError, match="false failed on attention.c"):
+    with pytest.raises(OSError, match=r"false failed on attention\.c"):
         build(tmp_path / "failing")
     assert not list((tmp_path / "failing").glob("*.so"))  # no half-written library left behind
+    # An image builds it beside its source; without a compiler, that one is used.
+    monkeypatch.delenv("CC")
+    prebuilt = build(source.parent)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert build(tmp_path / "elsewhere") == prebuilt
 
 
 def test_cpu_without_avx512_gets_pytorch_attention(monkeypatch: pytest.MonkeyPatch) -> None:

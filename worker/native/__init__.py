@@ -6,8 +6,10 @@ float32 and bfloat16; see attention.c). It needs AVX-512 (and AVX-512 BF16 for b
 or `CC`) and heads of 64. Where any of that is missing, or `MODTAG_NATIVE_KERNELS=false` (the engine's
 `native_kernels`), the engine runs PyTorch's attention as before, and nothing else changes.
 
-The library is compiled once per source, compiler and flags into the user's cache directory (about a second)
-and loaded with ctypes; it links the OpenMP runtime PyTorch has already loaded, so it runs on PyTorch's threads.
+The library is compiled once per source and flags into the user's cache directory (about a second) and loaded
+with ctypes; it links the OpenMP runtime PyTorch has already loaded, so it runs on PyTorch's threads. An image
+without a compiler builds it beside its source when the image is built (`python -m worker.native`, as
+deploy/docker/Dockerfile.worker does); a library found there is used first.
 """
 
 from __future__ import annotations
@@ -99,15 +101,15 @@ def cpu_supports(dtype: torch.dtype) -> bool:
 
 
 def build(directory: Path | None = None) -> Path:
-    """Compile attention.c (if not already built) and return the library's path. Raises OSError on failure."""
+    """Compile attention.c (unless built already, here or beside the source); the library's path. OSError on failure."""
+    name = f"attention-{hashlib.sha256(chr(0).join([SOURCE.read_text(), *FLAGS]).encode()).hexdigest()[:16]}.so"
+    target = (directory or _cache_dir()) / name
+    for built in (target, SOURCE.with_name(name)):
+        if built.exists():
+            return built
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise OSError(f"no C compiler ({compiler!r} is not on PATH); install one (e.g. gcc) or set CC")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS]).encode()).hexdigest()[:16]
-    target = (directory or _cache_dir()) / f"attention-{digest}.so"
-    if target.exists():
-        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as partial:
         pass
@@ -166,3 +168,7 @@ def _cpu_flags() -> frozenset[str]:
 
 def _strides(tensor: torch.Tensor) -> ctypes.Array[ctypes.c_int64]:
     return (ctypes.c_int64 * 3)(tensor.stride(0), tensor.stride(1), tensor.stride(2))
+
+
+if __name__ == "__main__":  # python -m worker.native: build beside the source (an image's build step)
+    print(build(SOURCE.parent))
