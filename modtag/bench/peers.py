@@ -26,7 +26,7 @@ from torch import nn
 
 from worker.engine import Engine
 from worker.models import fast_dtype, load_models, resolve_device
-from worker.native import cpu_supports, native_attention
+from worker.native import HEAD_SIZE, cpu_supports, native_attention
 from worker.quant import int8_linear_available
 
 PEERS = ("openvino", "onnxruntime")
@@ -59,8 +59,9 @@ def peers_bench(
     dtypes = ["float32"] + ([] if fast_dtype(torch_device) == torch.float32 else ["bfloat16"])
     engines = []
     variants = [(dtype, True) for dtype in [*dtypes, *(["int8"] if int8_linear_available() else [])]]
-    # The figures before the native kernel, where it runs here.
-    if native_attention() is not None:
+    # The figures before the native kernel, where it runs here (heads of its size).
+    vision_config = stock.model.config.vision_config
+    if native_attention() is not None and vision_config.hidden_size // vision_config.num_attention_heads == HEAD_SIZE:
         variants += [(dtype, False) for dtype in dtypes if cpu_supports(getattr(torch, dtype))]
     for dtype, native in variants:
         log(f"peers: modtag vision encoder at {dtype}" + ("" if native else ", PyTorch's attention"))
@@ -107,7 +108,8 @@ def format_peers(peers: dict[str, Any]) -> list[str]:
     if not peers["ms_per_image"]:
         return [peers["message"]]
     lines = [f"vision stage, ms per image (batches of {peers['batch_size']}; median of interleaved runs):"]
-    lines += [f"  {name:<24}{ms:>8.0f}" for name, ms in sorted(peers["ms_per_image"].items(), key=lambda kv: kv[1])]
+    width = max(map(len, peers["ms_per_image"])) + 2
+    lines += [f"  {name:<{width}}{ms:>6.0f}" for name, ms in sorted(peers["ms_per_image"].items(), key=lambda kv: kv[1])]
     lines += [f"  {peer} failed: {error}" for peer, error in peers["errors"].items()]
     return lines
 
@@ -129,11 +131,15 @@ def _openvino_runners(
     runners: dict[str, Callable[[], object]] = {}
     inputs = pixels.numpy()
     for dtype in dtypes:
-        # One synchronous request of the whole batch, as modtag runs it: the LATENCY hint uses every core for it.
+        # One synchronous request of the whole batch, as modtag runs it, on as many threads as torch has.
         compiled = core.compile_model(
             converted,
             "CPU",
-            {"INFERENCE_PRECISION_HINT": "f32" if dtype == "float32" else "bf16", "PERFORMANCE_HINT": "LATENCY"},
+            {
+                "INFERENCE_PRECISION_HINT": "f32" if dtype == "float32" else "bf16",
+                "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+            },
         )
         runners[f"openvino {dtype}"] = _call(compiled, inputs)
     return runners
@@ -155,6 +161,7 @@ def _onnxruntime_runners(
     options = onnxruntime.SessionOptions()
     # Its threads otherwise spin on after each run, taking the cores from whichever runtime runs next.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = torch.get_num_threads()
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     inputs = {"pixel_values": pixels.numpy()}
     return {"onnxruntime float32": lambda: session.run(None, inputs)}

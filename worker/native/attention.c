@@ -22,7 +22,9 @@
 
 #define DIM 64      /* head size */
 #define MR 6        /* query rows per micro-tile */
-#define BLOCK 48    /* query rows per block: BLOCK x tokens float32 scores stay in L2 */
+#ifndef BLOCK
+#define BLOCK 48 /* query rows per block: BLOCK x tokens float32 scores stay in L2 */
+#endif
 
 typedef uint16_t bf16;
 
@@ -285,7 +287,7 @@ int modtag_attention_f32(const float *q, const int64_t *qs, const float *k, cons
     {
         float *kt = aligned_alloc(64, sizeof(float) * DIM * width);
         float *scores = aligned_alloc(64, sizeof(float) * BLOCK * width);
-        float *inverse = aligned_alloc(64, sizeof(float) * 64);
+        float *inverse = aligned_alloc(64, sizeof(float) * round_up(BLOCK, 16));
         if (!kt || !scores || !inverse) failed = 1;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < images * heads; item++) {
@@ -313,7 +315,7 @@ int modtag_attention_bf16(const bf16 *q, const int64_t *qs, const bf16 *k, const
         uint32_t *vp = aligned_alloc(64, sizeof(uint32_t) * (width / 2) * DIM);
         float *scores = aligned_alloc(64, sizeof(float) * BLOCK * width);
         bf16 *weights = aligned_alloc(64, round_up(sizeof(bf16) * BLOCK * width, 64));
-        float *inverse = aligned_alloc(64, sizeof(float) * 64);
+        float *inverse = aligned_alloc(64, sizeof(float) * round_up(BLOCK, 16));
         if (!kt || !vp || !scores || !weights || !inverse) failed = 1;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < images * heads; item++) {
