@@ -109,7 +109,8 @@ def format_peers(peers: dict[str, Any]) -> list[str]:
         return [peers["message"]]
     lines = [f"vision stage, ms per image (batches of {peers['batch_size']}; median of interleaved runs):"]
     width = max(map(len, peers["ms_per_image"])) + 2
-    lines += [f"  {name:<{width}}{ms:>6.0f}" for name, ms in sorted(peers["ms_per_image"].items(), key=lambda kv: kv[1])]
+    fastest_first = sorted(peers["ms_per_image"].items(), key=lambda kv: kv[1])
+    lines += [f"  {name:<{width}}{ms:>6.0f}" for name, ms in fastest_first]
     lines += [f"  {peer} failed: {error}" for peer, error in peers["errors"].items()]
     return lines
 
