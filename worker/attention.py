@@ -28,7 +28,7 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.blip.modeling_blip import BlipAttention
 from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
 
-from worker.native import NativeAttention, native_attention
+from worker.native import HEAD_SIZE, NativeAttention, native_attention
 
 _MARK = "_modtag_fused_attention"
 _NATIVE = "_modtag_native_attention"
@@ -64,8 +64,12 @@ def has_fused_attention(model: nn.Module) -> bool:
 
 
 def has_native_attention(model: nn.Module) -> bool:
-    """True if the vision attention of `model` has the native kernel (used for the dtypes and CPUs it suits)."""
-    return any(getattr(m, _NATIVE, None) is not None for m in model.modules() if isinstance(m, BlipAttention))
+    """True if the vision attention of `model` runs the native kernel (at the dtypes this CPU has it for)."""
+    return any(
+        getattr(m, _NATIVE, None) is not None and m.head_dim == HEAD_SIZE
+        for m in model.modules()
+        if isinstance(m, BlipAttention)
+    )
 
 
 def attend(

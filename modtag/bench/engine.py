@@ -56,7 +56,7 @@ from modtag.bench.common import (
 )
 from modtag.bench.tags import run_tags_bench
 from modtag.bench.through import through_stack
-from worker.attention import has_fused_attention
+from worker.attention import has_fused_attention, has_native_attention
 from worker.engine import Engine, ImageOutput, ImageRequest
 from worker.linear import has_packed_linear, packed_linear_available
 from worker.models import load_models, resolve_device
@@ -185,9 +185,13 @@ def count_flops(run: Callable[[], object]) -> tuple[float, object]:
     """The matrix-product FLOPs (matmul, linear, convolution, attention) `run()` performs, and its result."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    # PyTorch counts the CUDA attention kernels, not the CPU flash kernel nor oneDNN's packed linear.
+    import worker.native  # noqa: F401  (registers modtag's attention operator)
+
+    # PyTorch counts the CUDA attention kernels, not the CPU flash kernel, oneDNN's packed linear nor
+    # modtag's native attention (the same products as the flash kernel).
     mapping = {
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+        torch.ops.modtag.vision_attention: _sdpa_flops,
         torch.ops.mkldnn._linear_pointwise: _linear_flops,
     }
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
@@ -312,6 +316,7 @@ def _engine_phase(
         "stages_s": stage_totals(best_outputs),
         "techniques": {
             "fused_attention": all(has_fused_attention(loaded.model) for loaded in models.models.values()),
+            "native_attention": all(has_native_attention(loaded.model) for loaded in models.models.values()),
             "packed_linear": all(has_packed_linear(loaded.model) for loaded in models.models.values()),
             "int8_linear": all(has_int8_linear(loaded.model) for loaded in models.models.values()),
             "fast_decoding": engine.fast_decoding,

@@ -145,3 +145,21 @@ def test_cpu_without_avx512_gets_pytorch_attention(monkeypatch: pytest.MonkeyPat
     finally:
         native.cpu_supports.cache_clear()
         native._load.cache_clear()
+
+
+def test_flop_counter_sees_the_kernel(kernel: NativeAttention) -> None:
+    # `modtag bench` reports the share of peak from counted FLOPs: the kernel's two products count like SDPA's.
+    from modtag.bench.engine import count_flops
+
+    query, key, value = _qkv(2, 17, 3, seed=2)
+    flops, result = count_flops(lambda: kernel(query, key, value, 0.125))
+    assert flops == 2 * (2 * 2 * 3 * 17 * 17 * 64)
+    assert torch.equal(result, kernel.run(query, key, value, 0.125))  # type: ignore[arg-type]
+
+
+def test_tiny_models_heads_are_too_small_for_the_kernel(tiny_models_dir: Path) -> None:
+    from worker.models import load_models
+
+    loaded = load_models("tiny-random", {"caption"}, cache_dir=tiny_models_dir.parent)
+    install_fused_attention(loaded.get("caption").model)
+    assert not has_native_attention(loaded.get("caption").model)
