@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from fastapi import FastAPI
 from sqlalchemy.exc import IntegrityError
+from starlette.types import ASGIApp
 
 from api.deps import Services
 from api.docs import install_docs
@@ -34,10 +35,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+class ModtagApi(FastAPI):
+    """FastAPI with the request id outermost, around Starlette's own error middleware: an unexpected error's 500, its
+    log line and its access log line carry the request's id like every other answer."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return RequestIdMiddleware(super().build_middleware_stack())
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API wired to `settings` (default: the environment). Connections open in the lifespan, not here."""
     settings = settings or get_settings()
-    app = FastAPI(
+    app = ModtagApi(
         title="modtag",
         version=__version__,
         summary="Image moderation and product tagging: submit images, read decisions.",
@@ -45,8 +54,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "Limits on every request: the request line and headers together at most `MODTAG_MAX_HEADER_BYTES` "
             f"(default {Settings.model_fields['max_header_bytes'].default} bytes; past it 400); a body at most "
             f"`MODTAG_MAX_BODY_BYTES` (default {Settings.model_fields['max_body_bytes'].default} bytes; 413 "
-            "`body_too_large`) except image uploads, which have their own limits; a call to /v1 without a key is "
-            "401 before its body is read."
+            "`body_too_large`) except image uploads, which have their own limits; every call to /v1 has its key "
+            "checked before its body is read (401, or 429 past the failure limit)."
         ),
         lifespan=_lifespan,
         docs_url=None,  # served by api.docs with local assets
@@ -58,8 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Forbidden, dashboard.refusal)  # type: ignore[arg-type]
     app.add_middleware(DashboardHeadersMiddleware)
     app.add_middleware(RequestLimitsMiddleware, settings=settings)
-    app.add_middleware(HttpMetricsMiddleware)
-    app.add_middleware(RequestIdMiddleware)  # outermost: even a refused request gets an id
+    app.add_middleware(HttpMetricsMiddleware)  # inside the request id (ModtagApi), which every answer gets
     for module in (jobs, listings, decisions, review, audit, policies, shadow, banks, webhooks, health, dashboard):
         app.include_router(module.router)
     install_docs(app)

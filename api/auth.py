@@ -4,9 +4,11 @@ Keys travel as `Authorization: Bearer <key>` or `X-API-Key: <key>`. The dashboar
 a key into a session cookie (HttpOnly, SameSite=Strict, Secure in production); the cookie is accepted
 on GET/HEAD anywhere (reading a thumbnail from an <img>) and on POSTs under /dashboard/, which must
 also carry the session's CSRF token. API writes under /v1 need the key itself: no ambient credential
-can make them. Refusals: 401 `auth_required` / `auth_invalid` / `auth_revoked`, 403 `forbidden`, and 429
-`too_many_failures` (with Retry-After) for a bad key from an address, or for a key prefix, that failed too often
-(api/failures.py; a valid key is never refused).
+can make them. `identify` decides; for every /v1 call it runs in the ASGI layer (api/limits.py) before a
+byte of the body is read, so a wrong key costs the server no more than a missing one. Refusals: 401
+`auth_required` / `auth_invalid` / `auth_revoked`, 403 `forbidden`, and 429 `too_many_failures` (with
+Retry-After) for a bad key from an address, or for a key prefix, that failed too often (api/failures.py; a
+valid key is never refused).
 
 `MODTAG_AUTH=false` (development only; refused in production) makes every caller an admin of the
 `default` tenant. /healthz, /readyz and /metrics stay open: probes and Prometheus carry no key, so
@@ -18,13 +20,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyCookie, APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from redis import Redis
 from sqlmodel import Session, col, delete, select
+from starlette.requests import HTTPConnection
 
 from api.deps import ServicesDep, SessionDep, SettingsDep
 from api.failures import client_address, refuse_repeated_failure
@@ -54,10 +59,63 @@ PUBLIC_PATHS = frozenset(
     }
 )
 
-# Security schemes: they make /docs show an "Authorize" button; the checks themselves are in `get_principal`.
+# Security schemes: they make /docs show an "Authorize" button and parse the headers; `identify` decides.
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>` (from `modtag keys create`)")
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The key, as a header")
 _session_cookie = APIKeyCookie(name=SESSION_COOKIE, auto_error=False, description="Dashboard sign-in")
+
+
+# Where RequestLimitsMiddleware leaves the caller it identified (before the body was read) for `get_principal`.
+DECIDED_SCOPE_KEY = "modtag.principal"
+
+
+@dataclass(frozen=True)
+class Presented:
+    """What a request presents to say who it is, read from its headers and cookie by the security schemes."""
+
+    authorization: str | None  # the raw Authorization header: a non-Bearer one is refused, not ignored
+    bearer: str | None
+    header_key: str | None
+    cookie: str | None
+
+
+async def presented(request: Request) -> Presented:
+    """The credentials of a request that no route has seen yet (the same parsing as the route dependencies)."""
+    bearer = await _bearer(request)
+    return Presented(
+        authorization=request.headers.get("authorization"),
+        bearer=bearer.credentials if bearer is not None else None,
+        header_key=await _api_key_header(request),
+        cookie=await _session_cookie(request),
+    )
+
+
+def identify(
+    connection: HTTPConnection, credentials: Presented, session: Session, settings: Settings, redis: Redis
+) -> Principal:
+    """The caller, or AuthError (401) / TooManyFailures (429): the one place that decides, from headers and cookie
+    alone (never the body). Header keys win over the cookie; a failed key counts toward the failure limit, and the
+    key is checked before the limit, so a valid key is never refused."""
+    if not settings.auth:
+        return Principal(name="anonymous (auth off)", role=Role.ADMIN, tenant=DEFAULT_TENANT, via="auth-off")
+    key = credentials.bearer if credentials.bearer is not None else credentials.header_key
+    key_attempt = key is not None or credentials.authorization is not None
+    try:
+        if credentials.authorization is not None and credentials.bearer is None:
+            raise AuthError("send the key as `Authorization: Bearer <key>`", code="auth_invalid")
+        if key is not None:
+            return _known(principal_for(authenticate(session, key)))
+        if credentials.cookie is not None and _cookie_allowed(connection):
+            return _known(session_principal(session, credentials.cookie))
+        raise AuthError(
+            "this needs an API key: send `Authorization: Bearer <key>` (or sign in at /dashboard/login)",
+            code="auth_required",
+        )
+    except AuthError as exc:
+        AUTH_FAILURES.labels(code=exc.code).inc()
+        if key_attempt:
+            refuse_repeated_failure(redis, client_address(connection), key, settings)
+        raise
 
 
 def get_principal(
@@ -69,28 +127,18 @@ def get_principal(
     header_key: Annotated[str | None, Depends(_api_key_header)],
     cookie: Annotated[str | None, Depends(_session_cookie)],
 ) -> Principal:
-    """The caller, or 401. Header keys win over the cookie."""
-    if not settings.auth:
-        return Principal(name="anonymous (auth off)", role=Role.ADMIN, tenant=DEFAULT_TENANT, via="auth-off")
-    authorization = request.headers.get("authorization")
-    presented = bearer.credentials if bearer is not None else header_key
-    key_attempt = presented is not None or authorization is not None
-    try:
-        if authorization is not None and bearer is None:
-            raise AuthError("send the key as `Authorization: Bearer <key>`", code="auth_invalid")
-        if presented is not None:
-            return _known(principal_for(authenticate(session, presented)))
-        if cookie is not None and _cookie_allowed(request):
-            return _known(session_principal(session, cookie))
-        raise AuthError(
-            "this needs an API key: send `Authorization: Bearer <key>` (or sign in at /dashboard/login)",
-            code="auth_required",
-        )
-    except AuthError as exc:
-        AUTH_FAILURES.labels(code=exc.code).inc()
-        if key_attempt:
-            refuse_repeated_failure(services.redis, client_address(request), presented, settings)
-        raise
+    """The caller: the one RequestLimitsMiddleware identified (every /v1 call, before its body was read), else
+    `identify` now (the dashboard's pages and forms)."""
+    decided = request.scope.get(DECIDED_SCOPE_KEY)
+    if isinstance(decided, Principal):
+        return decided
+    credentials = Presented(
+        authorization=request.headers.get("authorization"),
+        bearer=bearer.credentials if bearer is not None else None,
+        header_key=header_key,
+        cookie=cookie,
+    )
+    return identify(request, credentials, session, settings, services.redis)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
@@ -198,8 +246,9 @@ def _known(principal: Principal) -> Principal:
     return principal
 
 
-def _cookie_allowed(request: Request) -> bool:
-    return request.method in ("GET", "HEAD") or request.url.path.startswith("/dashboard/")
+def _cookie_allowed(connection: HTTPConnection) -> bool:
+    method = connection.scope.get("method", "")
+    return method in ("GET", "HEAD") or connection.url.path.startswith("/dashboard/")
 
 
 def _token_hash(token: str) -> str:

@@ -42,8 +42,13 @@ def get_app_settings(request: Request) -> Settings:
 
 def get_session(settings: Annotated[Settings, Depends(get_app_settings)]) -> Iterator[Session]:
     """A session per request; repository functions in core.jobs commit their own writes."""
-    with Session(get_engine(settings.resolved_database_url), expire_on_commit=False) as session:
+    with new_session(settings) as session:
         yield session
+
+
+def new_session(settings: Settings) -> Session:
+    """A session on the app's database, for `with` (what `get_session` gives a route)."""
+    return Session(get_engine(settings.resolved_database_url), expire_on_commit=False)
 
 
 def resolve_policy(policies: Mapping[str, Policy], name: str) -> Policy:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import math
 
-from fastapi import Request
 from redis import Redis, RedisError
+from starlette.requests import HTTPConnection
 
 from core.auth import generated_prefix
 from core.errors import TooManyFailures
@@ -32,7 +32,7 @@ _MAX_ADDRESS = 64
 _warned = False
 
 
-def client_address(request: Request) -> str:
+def client_address(request: HTTPConnection) -> str:
     """The caller's address as the server reports it (a header a remote caller sends is not trusted)."""
     host = request.client.host if request.client is not None else ""
     return (host or "unknown")[:_MAX_ADDRESS]

@@ -1,9 +1,11 @@
-"""Limits applied before any route runs: anonymous calls refused unread, small bodies, no stray multipart.
+"""Limits applied before any route runs: callers identified unread, small bodies, no stray multipart.
 
-FastAPI reads and parses a route's JSON or form body before its dependencies run, so the key check cannot
-protect the memory of a route that takes a body: this ASGI layer does, before anything is parsed.
-- A call to /v1 that carries no credential at all (no `Authorization`, no `X-API-Key`, no session cookie) is
-  401 `auth_required` without a byte of its body read.
+FastAPI reads and parses a route's JSON or form body before its dependencies run, so a key check in a route
+dependency cannot protect the memory of a route that takes a body: this ASGI layer does, before anything is parsed.
+- Every call to /v1 is identified here (`api.auth.identify`, from its headers and cookie alone) before a byte of its
+  body is read: no key, a wrong or a revoked one is 401 (`auth_required`, `auth_invalid`, `auth_revoked`), or 429
+  `too_many_failures` past the failure limit, with the body unread; the caller found is handed to the route
+  (`api.auth.get_principal` reads it back), so the key is looked up once.
 - Every route but the uploads (`UPLOAD_ROUTES`, which read their bodies themselves under their own caps and
   only after the key check) takes at most `max_body_bytes`: a larger Content-Length is 413 `body_too_large` at
   once, and a chunked or lying body is cut off at the cap with the same answer.
@@ -15,14 +17,20 @@ protect the memory of a route that takes a body: this ASGI layer does, before an
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
-from http.cookies import CookieError, SimpleCookie
 
+from sqlalchemy.exc import OperationalError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.auth import SESSION_COOKIE
+from api.auth import DECIDED_SCOPE_KEY, Presented, identify, presented
+from api.deps import Services, new_session
 from api.middleware import HttpMiddleware
+from core.errors import ModtagError
+from core.principals import Principal
 from core.settings import Settings
 
 # (method, path pattern) of the routes that take images: they read and cap their own bodies after the key check.
@@ -56,14 +64,13 @@ class RequestLimitsMiddleware(HttpMiddleware):
             )
             return
         headers = _headers(scope)
-        if self.settings.auth and path.startswith("/v1/") and not _has_credential(headers):
-            await _refuse(
-                send,
-                401,
-                "this needs an API key: send `Authorization: Bearer <key>` (or sign in at /dashboard/login)",
-                "auth_required",
-            )
-            return
+        if self.settings.auth and path.startswith("/v1/"):
+            request = Request(scope)  # no receive: identifying the caller cannot read the body
+            try:
+                scope[DECIDED_SCOPE_KEY] = await run_in_threadpool(self._identify, request, await presented(request))
+            except (ModtagError, OperationalError) as exc:
+                await _answer_with_handler(scope, receive, send, exc)
+                return
         if is_upload(str(scope.get("method", "")), path):
             await self.app(scope, receive, send)
             return
@@ -77,6 +84,11 @@ class RequestLimitsMiddleware(HttpMiddleware):
             await _refuse(send, 413, _too_large(cap), "body_too_large")
             return
         await self._capped(scope, receive, send, cap)
+
+    def _identify(self, request: Request, credentials: Presented) -> Principal:
+        services: Services = request.app.state.services
+        with new_session(self.settings) as session:
+            return identify(request, credentials, session, self.settings, services.redis)
 
     async def _capped(self, scope: Scope, receive: Receive, send: Send, cap: int) -> None:
         received = 0
@@ -114,15 +126,16 @@ def _headers(scope: Scope) -> dict[str, str]:
     return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope.get("headers", [])}
 
 
-def _has_credential(headers: dict[str, str]) -> bool:
-    if headers.get("authorization") or headers.get("x-api-key"):
-        return True
-    cookie = SimpleCookie()
-    try:
-        cookie.load(headers.get("cookie", ""))
-    except CookieError:
-        return False
-    return SESSION_COOKIE in cookie
+async def _answer_with_handler(scope: Scope, receive: Receive, send: Send, exc: Exception) -> None:
+    """Answer `exc` as the app's own exception handler for it would (the same body, status and headers as from a
+    route), and close the connection: the request's body was never read."""
+    handlers = scope["app"].exception_handlers
+    handler = next(handlers[kind] for kind in type(exc).__mro__ if kind in handlers)
+    response = handler(Request(scope), exc)
+    if inspect.isawaitable(response):
+        response = await response
+    response.headers["connection"] = "close"
+    await response(scope, receive, send)
 
 
 def _too_large(cap: int) -> str:
@@ -132,9 +145,7 @@ def _too_large(cap: int) -> str:
 async def _refuse(send: Send, status: int, detail: str, code: str) -> None:
     body = json.dumps({"detail": detail, "code": code}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if status == 401:
-        headers.append((b"www-authenticate", b'Bearer realm="modtag"'))
-    if status in (413, 401, 431):
+    if status in (413, 431):
         headers.append((b"connection", b"close"))  # the unread body is not drained; the connection cannot be reused
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -8,9 +8,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
 from core.jobs import NewJob, commit_once
@@ -98,10 +99,11 @@ def listing_jobs(session: Session, listing_id: str) -> list[tuple[Job, Decision 
 def listing_callback_due(session: Session, listing_id: str) -> ListingCallback | None:
     """Claim the listing's callback once every photo is final: its URL and rows, or None when not due.
 
-    The claim is a conditional UPDATE (`callback_sent_at IS NULL`), committed before returning, so of
-    two workers finishing the last two photos at once exactly one gets the payload. The claim is made
-    before the POST: a delivery that fails is not retried (at most once; `GET /v1/listings/{id}` stays
-    the source of truth).
+    The claim is a conditional UPDATE (`callback_sent_at IS NULL`), so of two workers finishing the last two photos
+    at once exactly one gets the payload. It is left uncommitted: the caller commits it with the delivery row
+    (`core.webhooks.record_delivery`, the outbox the sender delivers from, at least once), in one transaction, so a
+    worker that dies between the claim and the row leaves neither, and `listings_missing_callback` finds the
+    listing again.
     """
     listing = session.get(Listing, listing_id)
     if listing is None or not listing.callback_url or listing.callback_sent_at is not None:
@@ -114,7 +116,30 @@ def listing_callback_due(session: Session, listing_id: str) -> ListingCallback |
         .where(col(Listing.id) == listing_id, col(Listing.callback_sent_at).is_(None))
         .values(callback_sent_at=utcnow())
     )
-    session.commit()
     if getattr(claimed, "rowcount", 0) != 1:  # another worker claimed it between our read and our update
         return None
     return ListingCallback(listing.callback_url, listing, rows)
+
+
+def listings_missing_callback(session: Session, finished_before: datetime, limit: int = 100) -> list[str]:
+    """Listings with a callback URL whose photos are all final, the last finished before `finished_before` (and
+    within a day of it), and whose callback nobody recorded: the last photo's worker stopped first."""
+    last_finished = select(func.max(Job.finished_at)).where(col(Job.listing_id) == col(Listing.id)).scalar_subquery()
+    unfinished = (
+        select(Job.id)
+        .where(col(Job.listing_id) == col(Listing.id), col(Job.status).not_in(list(FINAL_STATUSES)))
+        .exists()
+    )
+    return list(
+        session.exec(
+            select(Listing.id)
+            .where(
+                col(Listing.callback_url).is_not(None),
+                col(Listing.callback_sent_at).is_(None),
+                ~unfinished,
+                last_finished < finished_before,
+                last_finished >= finished_before - timedelta(days=1),
+            )
+            .limit(limit)
+        ).all()
+    )

@@ -270,7 +270,8 @@ class Listing(SQLModel, table=True):
     submitted_by: str | None = Field(default=None, max_length=32)
     created_at: datetime = _now_field()
     callback_url: str | None = Field(default=None, max_length=2048)
-    # Set by the one worker that claims the callback (see core.listings.listing_callback_due): at most one POST.
+    # Set by the one worker that claims the callback, in the transaction that writes its webhook delivery row (see
+    # core.listings.listing_callback_due): one delivery, sent at least once.
     callback_sent_at: datetime | None = _moment_field()
 
 

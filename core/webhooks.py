@@ -88,7 +88,8 @@ def signature_headers(secrets_: Sequence[str], message_id: str, timestamp: int, 
 def record_delivery(
     session: Session, *, tenant: str, event_type: str, subject_id: str, url: str, payload: bytes
 ) -> WebhookDelivery:
-    """The delivery of this event for this subject, written once (a redelivered task finds the first one)."""
+    """The delivery of this event for this subject, written once (a redelivered task finds the first one). It commits
+    what the session holds with it: a listing's callback claim is made durable only together with its row."""
     existing = _find(session, event_type, subject_id)
     if existing is not None:
         return existing

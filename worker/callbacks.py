@@ -2,7 +2,10 @@
 
 Each is recorded as a signed delivery (core/webhooks.py) before its first attempt, tried once at once, then
 retried by `start_webhook_sender` with backoff until delivered or out of retries: at least once, the same
-`webhook-id` and body every time. The API stays the source of truth; a failed delivery never fails the job.
+`webhook-id` and body every time. A worker that stops between finishing a job and recording its webhooks leaves
+them to the sender's sweep (`_record_missing`: final jobs without a delivery row, final listings whose callback
+nobody claimed; a listing's claim commits with its delivery row). The API stays the source of truth; a failed
+delivery never fails the job.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from core import jobs, metrics, webhooks
 from core.db import session_scope
 from core.errors import ModtagError
-from core.listings import listing_callback_due
+from core.listings import listing_callback_due, listings_missing_callback
 from core.public import JobPublic
 from core.settings import Settings
 from core.tables import Job, utcnow
@@ -100,16 +103,20 @@ def start_webhook_sender(settings: Settings, stop: threading.Event) -> threading
 
 
 def _record_missing(settings: Settings) -> None:
-    """Record the webhooks of final jobs whose worker stopped before it could (at least once, even then). Jobs
-    finished in the last `queued_grace_s` are left to their own worker."""
+    """Record the webhooks of final jobs and listings whose worker stopped before it could (at least once, even
+    then). Those finished in the last `queued_grace_s` are left to their own worker."""
     url = settings.resolved_database_url
     grace = utcnow() - timedelta(seconds=settings.queued_grace_s)
     with session_scope(url) as session:
         missing = webhooks.jobs_missing_delivery(session, JOB_EVENT, grace)
         found = [job for job_id in missing if (job := jobs.get_job(session, job_id)) is not None]
+        listings = listings_missing_callback(session, grace)
     for job in found:
         log.warning("job %s was final without its webhook recorded; recording it now", job.id)
         _record(settings, job)
+    for listing_id in listings:
+        log.warning("listing %s was final without its webhook recorded; recording it now", listing_id)
+        _record_listing(settings, listing_id)
 
 
 def _record(settings: Settings, job: Job) -> list[str]:
@@ -130,17 +137,23 @@ def _record(settings: Settings, job: Job) -> list[str]:
                 )
                 recorded.append(row.id)
     if job.listing_id:
-        with session_scope(url) as session:
-            due = listing_callback_due(session, job.listing_id)
-            if due is not None:
-                body = listing_public(due.listing, due.rows).model_dump(mode="json")
-                row = webhooks.record_delivery(
-                    session,
-                    tenant=due.listing.tenant,
-                    event_type=LISTING_EVENT,
-                    subject_id=due.listing.id,
-                    url=due.url,
-                    payload=json.dumps(body).encode(),
-                )
-                recorded.append(row.id)
+        recorded.extend(_record_listing(settings, job.listing_id))
     return recorded
+
+
+def _record_listing(settings: Settings, listing_id: str) -> list[str]:
+    """The listing's webhook, when due: the claim and the delivery row commit together (or, if we die, neither)."""
+    with session_scope(settings.resolved_database_url) as session:
+        due = listing_callback_due(session, listing_id)
+        if due is None:
+            return []
+        body = listing_public(due.listing, due.rows).model_dump(mode="json")
+        row = webhooks.record_delivery(
+            session,
+            tenant=due.listing.tenant,
+            event_type=LISTING_EVENT,
+            subject_id=due.listing.id,
+            url=due.url,
+            payload=json.dumps(body).encode(),
+        )
+        return [row.id]

@@ -18,7 +18,7 @@ from core.errors import TooManyFailures
 from core.metrics import AUTH_FAILURES
 from modtag.client import ApiClient
 from modtag.servers import free_port
-from tests.support.api import Api, api_settings, assert_error, running_api
+from tests.support.api import Api, api_settings, assert_error, raw_http, running_api
 from tests.support.waiting import wait_for
 
 LIMIT = 10
@@ -72,6 +72,25 @@ def test_the_eleventh_failure_is_refused_but_a_valid_key_never_is(api: Api) -> N
         assert anonymous.get("/healthz").status_code == 200
         assert anonymous.get("/readyz").status_code == 200
         assert_error(anonymous.get("/v1/audit"), 401, "auth_required")  # no key: not an attempt
+
+
+def test_wrong_keys_promising_big_bodies_are_counted_unread_and_a_valid_key_still_works(api: Api) -> None:
+    def promise(key: str, path: str = "/v1/review/x/resolve", length: int = 50_000_000) -> tuple[int, dict[str, Any]]:
+        # Only the head: a server that read (or waited for) the body before checking the key would not answer.
+        head = f"POST {path} HTTP/1.1\nHost: t\nContent-Type: application/json\nContent-Length: {length}\n"
+        return raw_http(api.base_url, head + f"Authorization: Bearer {key}\n")
+
+    for index in range(LIMIT):
+        path = "/v1/jobs" if index % 2 else "/v1/review/x/resolve"
+        status, body = promise("mtk_wrong", path, 50_000_000 if index % 3 else 4000)
+        assert (status, body["code"]) == (401, "auth_invalid")
+    assert int(api.redis.get(KEY_PREFIX + ADDRESS) or 0) == LIMIT
+    status, body = promise("mtk_wrong")
+    assert (status, body["code"]) == (429, "too_many_failures")
+    # The valid key from the same address is checked first and never refused: its big body gets the body limit.
+    status, body = promise(api.key)
+    assert (status, body["code"]) == (413, "body_too_large")
+    assert api.client.get("/v1/audit").status_code == 200
 
 
 def test_another_address_is_unaffected(api: Api) -> None:

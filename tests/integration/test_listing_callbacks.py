@@ -1,5 +1,5 @@
 """A listing's callback: claimed once when its last photo is final (SQLite and PostgreSQL), refused when hostile,
-and delivered once through a real API and worker."""
+delivered once through a real API and worker, and still delivered when the worker that claimed it died."""
 
 from __future__ import annotations
 
@@ -12,17 +12,19 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import inspect, text
 from sqlmodel import select
+from standardwebhooks.webhooks import Webhook
 
-from core import metrics
+from core import metrics, webhooks
 from core.db import MIGRATIONS_DIR, get_engine, session_scope
 from core.jobs import NewJob, fail_job
 from core.listings import NewListing, create_listing, listing_callback_due
 from core.settings import Settings
-from core.tables import Job, Listing
+from core.tables import Job, Listing, WebhookDelivery
 from policies.listing import listing_public
 from tests.support.api import Api, assert_error
 from tests.support.deployment import Deployment, wait_listing
 from tests.support.photos import photo_bytes
+from tests.support.receiver import WebhookReceiver
 from tests.support.waiting import wait_for
 from worker.callbacks import send_callbacks
 
@@ -245,3 +247,46 @@ def test_a_two_photo_listing_calls_back_once_with_its_verdict(
     assert body["verdict"]["status"] == "done" and body["verdict"]["action"] in ("allow", "review", "block")
     assert [photo["index"] for photo in body["photos"]] == [1, 2]
     assert all(photo["status"] == "done" and photo["decision"] for photo in body["photos"])
+
+
+class WorkerDied(BaseException):
+    """The worker process ending at this very line (nothing after it runs, no handler catches it)."""
+
+
+def test_a_listing_whose_worker_died_after_the_claim_is_delivered_once(
+    deployment: Deployment, webhook_receiver: WebhookReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    database_url = deployment.env["MODTAG_DATABASE_URL"]
+    listing_id, [job_id] = new_listing(database_url, photos=1, callback_url=webhook_receiver.url)
+    fail(database_url, job_id)
+    # The last photo's worker claims the listing's callback, then dies before its delivery row is written.
+    settings = Settings(
+        _env_file=None, data_dir=tmp_path, database_url=database_url, policies_dir=None, fetch_allow_private=True
+    )
+
+    def die(*_: Any, **__: Any) -> None:
+        raise WorkerDied
+
+    with monkeypatch.context() as patched:
+        patched.setattr(webhooks, "record_delivery", die)
+        with pytest.raises(WorkerDied):
+            send_callbacks(settings, job_of(database_url, job_id))
+    assert webhook_receiver.attempts == []
+
+    # Another worker's webhook sender finds the listing and delivers it.
+    deployment.start_worker(MODTAG_WEBHOOK_POLL_S="0.1", MODTAG_QUEUED_GRACE_S="1")
+
+    def delivered() -> list[WebhookDelivery]:
+        with session_scope(database_url) as session:
+            rows = session.exec(select(WebhookDelivery).where(WebhookDelivery.subject_id == listing_id)).all()
+        return list(rows) if rows and rows[0].status == webhooks.DELIVERED else []
+
+    [row] = wait_for(delivered, 60, "the listing's webhook delivered")
+    # A redelivered task of the last photo finishing again changes nothing: no second delivery, no second POST.
+    send_callbacks(settings, job_of(database_url, job_id))
+    [(headers, body)] = webhook_receiver.attempts
+    assert headers["webhook-id"] == row.id and row.event_type == "listing.completed" and row.attempts == 1
+    with session_scope(database_url) as session:
+        secret = webhooks.tenant_secret(session, "default").secret
+        assert len(session.exec(select(WebhookDelivery)).all()) == 1
+    assert Webhook(secret).verify(body, headers)["id"] == listing_id

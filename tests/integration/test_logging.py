@@ -6,7 +6,12 @@ import json
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
+from core.db import session_scope
+from core.jobs import NewJob, create_job
+from core.tables import Job
+from tests.support.api import assert_error
 from tests.support.deployment import Deployment, wait_final
 from tests.support.photos import photo_bytes
 from tests.support.waiting import wait_for
@@ -48,3 +53,39 @@ def test_a_request_id_is_echoed_and_follows_the_job_into_the_worker_log(deployme
     assert len(fresh.headers["x-request-id"]) == 32
     hostile = deployment.client.get("/healthz", headers={"X-Request-ID": "a b\tc" + "x" * 300})
     assert hostile.headers["x-request-id"] != "a b\tc" + "x" * 300 and len(hostile.headers["x-request-id"]) == 32
+
+
+def test_every_access_line_carries_its_request_id_even_an_unexpected_error(deployment: Deployment) -> None:
+    deployment.env["MODTAG_LOG_FORMAT"] = "json"
+    deployment.start_api()
+    # A row this API cannot read (written by hand, or by a newer version) makes its route fail unexpectedly.
+    with session_scope(deployment.env["MODTAG_DATABASE_URL"]) as session:
+        new = NewJob(tenant="default", policy="moderation", policy_version=None, source="url", image_url="https://a/b")
+        job, _ = create_job(session, new)
+        session.execute(update(Job).where(Job.id == job.id).values(status="archived"))  # type: ignore[arg-type]
+    sent = {
+        "req-ok": ("/healthz", 200),
+        "req-refused": ("/v1/audit", 401),
+        "req-unknown": ("/nowhere", 404),
+        "req-broken": (f"/v1/jobs/{job.id}", 500),
+    }
+    for request_id, (path, status) in sent.items():
+        headers = {"X-Request-ID": request_id}
+        if status == 401:
+            headers["Authorization"] = "Bearer mtk_wrong"
+        response = deployment.client.get(path, headers=headers)
+        assert response.status_code == status, response.text
+        assert response.headers["x-request-id"] == request_id
+    assert_error(response, 500, "internal_error")
+
+    def access_lines() -> list[dict[str, Any]]:
+        return [line for line in _lines(deployment, "api") if line["logger"] == "uvicorn.access"]
+
+    wait_for(lambda: len(access_lines()) >= len(sent) + 1, 30, "the access lines")  # and start_api's /readyz
+    for line in access_lines():
+        assert line.get("request_id"), line
+    for request_id, (path, status) in sent.items():
+        [line] = [line for line in access_lines() if line["request_id"] == request_id]
+        assert f'"GET {path} HTTP/1.1" {status}' in line["message"], line
+    [error] = [line for line in _lines(deployment, "api") if line["message"].startswith("unexpected")]
+    assert error["request_id"] == "req-broken" and error["level"] == "ERROR"

@@ -1,5 +1,6 @@
-"""Limits applied before any route reads a body (api/limits.py, api.app.server_config), over real HTTP: anonymous
-calls refused unread, small bodies on every route but the uploads, no stray multipart, bounded headers."""
+"""Limits applied before any route reads a body (api/limits.py, api.app.server_config), over real HTTP: missing,
+wrong and revoked keys refused unread, small bodies on every route but the uploads, no stray multipart, bounded
+headers."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from core.auth import cli_principal, create_key, revoke_key
+from core.db import session_scope
 from tests.support.api import Api, assert_error
 
 BIG = 50 * 1024 * 1024
@@ -55,11 +58,19 @@ def _answer(sock: socket.socket) -> tuple[int, dict[str, Any]]:
     return int(lines[0].split()[1]), json.loads(body[:length]) if length else {}
 
 
-def _promise_a_big_body(sock: socket.socket, extra_headers: str = "") -> tuple[int, dict[str, Any]]:
-    """Send only the head of a 50 MB JSON post: a server that waited for the body would never answer."""
+def _promise_a_big_body(
+    sock: socket.socket,
+    extra_headers: str = "",
+    *,
+    path: str = "/v1/review/x/resolve",
+    content_type: str = "application/json",
+    length: int = BIG,
+) -> tuple[int, dict[str, Any]]:
+    """Send only the head of a post (50 MB of JSON by default): a server that waited for the body would never
+    answer (the socket's timeout is only a safety net)."""
     sock.sendall(
-        b"POST /v1/review/x/resolve HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-        + f"{extra_headers}Content-Length: {BIG}\r\n\r\n".encode()
+        f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: {content_type}\r\n".encode()
+        + f"{extra_headers}Content-Length: {length}\r\n\r\n".encode()
     )
     return _answer(sock)
 
@@ -74,6 +85,43 @@ def test_an_anonymous_50_mb_post_is_refused_before_its_body_is_read(api: Api) ->
                 for _ in range(BIG // len(CHUNK)):
                     sock.sendall(CHUNK)
     assert _rss_bytes() - before < 40 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "length"),
+    [
+        ("/v1/review/x/resolve", "application/json", BIG),
+        ("/v1/review/x/resolve", "application/json", 4000),  # under the cap: a route that parsed first would wait
+        ("/v1/jobs", "multipart/form-data; boundary=b", BIG),
+        ("/v1/listings", "multipart/form-data; boundary=b", BIG),
+    ],
+)
+def test_a_wrong_or_revoked_key_is_refused_before_the_body_is_read(
+    api: Api, path: str, content_type: str, length: int
+) -> None:
+    with session_scope(api.db_url) as session:
+        row, revoked = create_key(session, role="admin", tenant="default", name="old", actor=cli_principal("default"))
+        revoke_key(session, row.id, cli_principal("default"))
+    for header, code in (
+        ("Authorization: Bearer mtk_wrong", "auth_invalid"),
+        ("X-API-Key: mtk_wrong", "auth_invalid"),
+        ("Authorization: Basic abc", "auth_invalid"),
+        (f"Authorization: Bearer {revoked}", "auth_revoked"),
+        ("Cookie: modtag_session=stale", "auth_required"),  # a cookie never makes a /v1 write
+    ):
+        with _connection(api.base_url) as sock:
+            status, body = _promise_a_big_body(
+                sock, header + "\r\n", path=path, content_type=content_type, length=length
+            )
+        assert (status, body["code"]) == (401, code), (header, body)
+    # The same key check as the route's: a valid key reaches the route (which reads and judges the body).
+    with _connection(api.base_url) as sock:
+        sock.sendall(
+            b"POST /v1/review/x/resolve HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {api.key}\r\nContent-Length: 2\r\n\r\n{{}}".encode()
+        )
+        status, body = _answer(sock)
+    assert (status, body["code"]) == (422, "invalid_field")
 
 
 def test_a_large_body_is_413_on_every_route_but_the_uploads(api: Api) -> None:

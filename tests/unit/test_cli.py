@@ -148,6 +148,9 @@ def test_policy_test_with_unreachable_models_fails_like_scan(tmp_path: Path) -> 
     assert (
         "[model_unavailable]" in done.stderr and "hf download" in done.stderr and "huggingface-cli" not in done.stderr
     )
+    # Refused by the preflight, as `scan` is, before any model load: HF_HUB_OFFLINE makes the loader fail fast here,
+    # but without it (an offline machine that does not say so) the loader spends minutes in the hub's retries.
+    assert "the hub cannot be reached from this machine" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize(

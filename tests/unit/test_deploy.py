@@ -372,6 +372,15 @@ def test_the_lock_pins_every_dependency_but_torch() -> None:
     assert "-c $(LOCK)" in (ROOT / "Makefile").read_text()
 
 
+def test_the_license_is_apache_2_0_in_the_pep_639_form() -> None:
+    """A LICENSE file, named by an SPDX `license` string and `license-files` (the table form setuptools drops)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
+
+
 @pytest.mark.parametrize("name", ["Dockerfile.api", "Dockerfile.worker"])
 def test_dockerfile_copies_every_package_and_nothing_ignored(name: str) -> None:
     ignored = [
