@@ -5,8 +5,9 @@ The same caption model's vision encoder (stock float32 weights, exported once pe
 batch of preprocessed photos as modtag's engine runs it (fused attention, packed or int8 linear
 layers) at each dtype, and as the engine runs it with PyTorch's attention instead of the native kernel
 (worker/native), the figure before that kernel. The timings interleave, each round in another order
-(a runtime's threads may still spin after it returns, slowing whichever runs next: rotating spreads
-that over all of them), so load from other processes hits every runtime alike.
+and each timed call follows an untimed one of the same runtime (a runtime's threads may still spin after
+it returns, slowing whichever runs next; a worker runs one runtime only), so load from other processes
+hits every runtime alike and none pays for another's threads.
 The peers are an optional extra (`pip install 'modtag[peers]'`); without them the report says so.
 """
 
@@ -89,6 +90,7 @@ def peers_bench(
             for round_ in range(repeat):
                 for name in order[round_ % len(order) :] + order[: round_ % len(order)]:
                     run = runners[name]
+                    run()  # untimed: the previous runtime's threads, which may spin on after it returns, settle
                     started = time.perf_counter()
                     run()
                     times[name].append(time.perf_counter() - started)
