@@ -45,21 +45,23 @@ class PolicyRegistry(Mapping[str, Policy]):
         *,
         interval_s: float = DEFAULT_INTERVAL_S,
         on_reload: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.dirs = tuple(dirs)
         self.interval_s = interval_s
         self._on_reload = on_reload  # told "loaded" or "failed" (a metric, in the API and workers)
+        self._clock = clock  # seconds, monotonic; tests pass their own to step past the interval
         self._lock = threading.Lock()
         self._fingerprint = _fingerprint(self.dirs)
         self._policies: dict[str, Policy] = load_policies(self.dirs)
-        self._checked_at = time.monotonic()
+        self._checked_at = clock()
         self._failed_fingerprint: str | None = None
         self.error: ReloadError | None = None
         self.generation = 1  # bumped on every successful reload
 
     def refresh(self, *, force: bool = False) -> bool:
         """Reload if the files changed (and the interval passed, unless `force`); True when a new set loaded."""
-        now = time.monotonic()
+        now = self._clock()
         if not force and now - self._checked_at < self.interval_s:
             return False
         with self._lock:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import math
 import textwrap
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import policies.registry
 from core.errors import PolicyError
 from policies import (
     AttributeCheck,
@@ -33,6 +33,7 @@ from policies import (
 from policies.context import MAX_CHUNK_WORDS, context_value, text_chunks
 from policies.listing import ListingImage, listing_verdict
 from policies.registry import PolicyRegistry
+from policies.registry import _fingerprint as fingerprint
 from policies.replay import missing_requirements, outputs_from_evidence
 from tests.support.policies import failure, load, policy_with
 
@@ -484,16 +485,30 @@ def test_registry_reloads_edits_and_keeps_the_last_good_version(tmp_path: Path) 
     assert outcomes == ["loaded", "failed", "loaded", "loaded"]
 
 
-def test_registry_polls_at_most_every_interval(tmp_path: Path) -> None:
+def test_registry_polls_at_most_every_interval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "mine.yaml").write_text(ACTIVE)
-    registry = PolicyRegistry([tmp_path], interval_s=3600)
+    now = [1000.0]
+    registry = PolicyRegistry([tmp_path], interval_s=60, clock=lambda: now[0])
+    looks: list[tuple[Path, ...]] = []  # every time the registry reads the watched files
+
+    def counted(dirs: tuple[Path, ...]) -> str:
+        looks.append(dirs)
+        return fingerprint(dirs)
+
+    monkeypatch.setattr(policies.registry, "_fingerprint", counted)
     (tmp_path / "mine.yaml").write_text(ACTIVE.replace("0.5", "0.6"))
-    assert registry["mine"].categories[0].review == 0.5  # not yet looked
-    assert registry.refresh(force=True) and registry["mine"].categories[0].review == 0.6
-    started = time.perf_counter()
-    for _ in range(10_000):
+    now[0] += 59.9
+    for _ in range(1000):
         registry.get("mine")
-    assert time.perf_counter() - started < 1.0  # an access between polls costs nothing
+    assert registry["mine"].categories[0].review == 0.5 and looks == []  # an access between polls reads no file
+    now[0] += 0.1
+    assert registry["mine"].categories[0].review == 0.6 and len(looks) == 1  # the interval passed: one look
+    for _ in range(1000):
+        registry.get("mine")
+    assert len(looks) == 1  # the next look is a whole interval after that one
+    (tmp_path / "mine.yaml").write_text(ACTIVE.replace("0.5", "0.7"))
+    assert registry.refresh(force=True) and registry["mine"].categories[0].review == 0.7  # force skips the wait
+    assert len(looks) == 2
 
 
 # --- replay from stored evidence ---------------------------------------------------------------------------
