@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import policies.checks.caption as caption_check
 from core.errors import PolicyError
 from core.hashes import BankMatch
 from policies import (
@@ -28,6 +30,7 @@ from policies import (
     load_policy,
     load_policy_text,
 )
+from policies.checks.caption import MAX_CAPTION_CHARS
 from tests.support.policies import failure, load, policy_with
 
 CASES = Path(__file__).parent / "policy_cases"
@@ -474,11 +477,25 @@ def test_caption_rule_scores_its_score_or_zero() -> None:
     assert decide(policy, caption="a gunmetal car") == ("allow", 0.0)
 
 
-def test_a_long_caption_is_bounded() -> None:
+def test_a_long_caption_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     check = CaptionCheck(kind="caption", patterns=[r"\w+ \w+ gun"])
-    started = time.perf_counter()
+    searched: list[int] = []  # the length of every text a pattern is run over
+    real_compile = caption_check.compile_pattern
+
+    class Watched:
+        def __init__(self, regex: re.Pattern[str]) -> None:
+            self.regex = regex
+
+        def finditer(self, text: str) -> Iterator[re.Match[str]]:
+            searched.append(len(text))
+            return self.regex.finditer(text)
+
+    monkeypatch.setattr(caption_check, "compile_pattern", lambda pattern: Watched(real_compile(pattern)))
     assert check.find("a " * 100_000 + "x y gun") is None  # past the caption cap
-    assert time.perf_counter() - started < 1.0
+    assert searched == [MAX_CAPTION_CHARS]  # the work a pattern can do is bounded by the cap, not the caption
+    ending = " x y gun"
+    assert check.find("b" * (MAX_CAPTION_CHARS - len(ending)) + ending) == "x y gun"  # within the cap: found
+    assert check.find("b" * (MAX_CAPTION_CHARS - len(ending) + 1) + ending) is None  # one character past it
 
 
 # --- evidence ---------------------------------------------------------------------------------------------
@@ -570,12 +587,12 @@ def test_requirements_are_deduplicated_in_first_seen_order() -> None:
         ),
     ],
 )
-def test_hostile_case_files_are_refused_quickly(name: str, code: str, says: str) -> None:
+def test_hostile_case_files_are_refused(name: str, code: str, says: str) -> None:
+    # The code and message name the limit that fired while composing the YAML, before anything walks the
+    # expansion: that, not a stopwatch, shows the refusal is cheap. Without the limit the bomb gets another code.
     path = CASES / name
-    started = time.perf_counter()
     with pytest.raises(PolicyError) as caught:
         load_policy(path)
-    assert time.perf_counter() - started < 1.0
     assert caught.value.code == code
     assert caught.value.message.startswith(f"{path}:") and says in caught.value.message
 
@@ -640,10 +657,8 @@ def test_file_over_1_mib_is_refused_before_parsing(tmp_path: Path) -> None:
 def test_hostile_files(tmp_path: Path, content: bytes, code: str, says: str) -> None:
     path = tmp_path / "hostile.yaml"
     path.write_bytes(content)
-    started = time.perf_counter()
     with pytest.raises(PolicyError) as caught:
         load_policy(path)
-    assert time.perf_counter() - started < 2.0
     assert caught.value.code == code
     assert caught.value.message.startswith(f"{path}:") and says in caught.value.message
 
