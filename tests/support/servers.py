@@ -1,9 +1,14 @@
-"""Real servers as fixtures: a redis-server process, a PostgreSQL (pgserver), databases on the newest schema."""
+"""Real servers as fixtures: a redis-server process, a PostgreSQL (pgserver), databases on the newest schema;
+and a server that accepts connections and never answers, as a hung dependency looks from outside."""
 
 from __future__ import annotations
 
 import os
+import socket
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -69,3 +74,42 @@ def reset_postgres(url: str) -> None:
     with get_engine(url).begin() as connection:
         connection.execute(text("DROP SCHEMA public CASCADE"))
         connection.execute(text("CREATE SCHEMA public"))
+
+
+@dataclass
+class SilentServer:
+    """A TCP port on 127.0.0.1 that accepts connections and never sends a byte; `accepted` counts connections."""
+
+    port: int
+    accepted: list[socket.socket] = field(default_factory=list)
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+@contextmanager
+def silent_server() -> Iterator[SilentServer]:
+    """Serve a `SilentServer` until the block ends, then close every connection it held open."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = SilentServer(port=listener.getsockname()[1])
+
+    def hold() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # the listener was closed: the block ended
+                return
+            server.accepted.append(connection)
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        # shutdown() wakes the accept() the thread is blocked in (close() alone need not, on Linux).
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(5)
+        for connection in server.accepted:
+            connection.close()
