@@ -108,7 +108,6 @@ def test_a_sigkilled_workers_jobs_are_decided_elsewhere_once(fleet: Deployment) 
         assert after[job_id].attempts == 2 and not after[job_id].worker.endswith(f":{doomed.pid}")  # type: ignore[union-attr]
     lease_s = FAST_RECOVERY["MODTAG_RUNNING_LEASE_S"]
     print(f"\nrecovery after SIGKILL: {len(held)} running job(s) decided {recovery_s:.1f}s later (lease {lease_s}s)")
-    assert recovery_s < 180
 
 
 @pytest.mark.timeout(600)  # several processes start on a shared 2-core machine
@@ -121,9 +120,10 @@ def test_sigterm_mid_batch_hands_the_batch_back_and_exits_within_the_drain(fleet
     held = wait_for(lambda: running_on(fleet, job_ids, draining.pid), 60, "the worker running jobs")
     draining.send_signal(signal.SIGTERM)
     asked_at = time.monotonic()
+    # A generous deadline, not a performance bound: without the drain the worker would hold its batch for
+    # SLOW_BATCH's 600 s; TimeoutExpired here fails the test.
     draining.wait(drain_s + 30)
     exited_s = time.monotonic() - asked_at
-    assert exited_s < drain_s + 30
     assert "handed" in fleet.log("draining") and "back to the queue" in fleet.log("draining")
     states = rows(fleet, held)
     assert {job.status for job in states.values()} == {JobStatus.QUEUED}  # handed back, not left running
