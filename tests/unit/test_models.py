@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
+import socket
 from pathlib import Path
 
 import pytest
@@ -34,10 +34,8 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
 
 
-def test_tiny_build_is_fast_deterministic_and_marked_random(tmp_path: Path) -> None:
-    started = time.perf_counter()
+def test_tiny_build_is_deterministic_and_marked_random(tmp_path: Path) -> None:
     first = build_random_models(tmp_path / "a", "tiny", seed=0)
-    assert time.perf_counter() - started < 5
     second = build_random_models(tmp_path / "b", "tiny", seed=0)
     other_seed = build_random_models(tmp_path / "c", "tiny", seed=1)
 
@@ -162,10 +160,12 @@ def test_hub_model_not_cached_and_no_network_says_how_to_get_it(
 ) -> None:
     missing_id = "modtag-tests/no-such-blip-model"
     monkeypatch.setitem(models.MODEL_PRESETS, "base", {"caption": missing_id, "vqa": missing_id, "itm": missing_id})
-    started = time.perf_counter()
+    connections: list[object] = []  # offline means no attempt at the network (none to wait on), not a quick one
+    monkeypatch.setattr(socket.socket, "connect", lambda _, address: connections.append(address))
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *_, **__: connections.append(host) or [])
     with pytest.raises(ModelError) as error:
         load_models("base", {"vqa"}, cache_dir=tmp_path, offline=True)
-    assert time.perf_counter() - started < 10
+    assert connections == []
     assert error.value.code == "model_unavailable"
     message = error.value.message
     for hint in (missing_id, "internet", f"hf download {missing_id}", "MODTAG_MODELS", "tiny-random"):
