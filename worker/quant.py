@@ -33,6 +33,7 @@ from transformers.models.blip.modeling_blip import BlipMLP
 from transformers.models.blip.modeling_blip_text import BlipTextIntermediate
 
 from worker.linear import is_exact_gelu
+from worker.native import native_quantizer
 
 _INT8 = "_modtag_int8_weight"
 
@@ -139,14 +140,19 @@ def _int8_linear(layer: nn.Linear, inputs: torch.Tensor, activation: str) -> tor
     ):
         stock = functional.linear(inputs, layer.weight.to(inputs.dtype), _cast(layer.bias, inputs.dtype))
         return functional.gelu(stock) if activation == "gelu" else stock
-    rows = _float_rows(inputs, layer.in_features)
-    low, high = (float(value) for value in torch.aminmax(rows))
-    # The range must hold 0 so that zero (padding, ReLU-like outputs) stays exact.
-    low, high = min(low, 0.0), max(high, 0.0)
-    scale = (high - low) / 255 or 1.0
-    zero_point = min(255, max(0, round(-low / scale)))
-    # fbgemm's vectorized quantizer; the view reads its uint8 storage without a copy.
-    quantized = torch.quantize_per_tensor(rows, scale, zero_point, torch.quint8).view(torch.uint8)
+    quantizer = native_quantizer() if inputs.dtype == torch.bfloat16 else None
+    if quantizer is not None:
+        # The same scale, zero point and rounding in two parallel passes over the bfloat16 input (worker/native).
+        quantized, scale, zero_point = quantizer(inputs.reshape(-1, layer.in_features))
+    else:
+        rows = _float_rows(inputs, layer.in_features)
+        low, high = (float(value) for value in torch.aminmax(rows))
+        # The range must hold 0 so that zero (padding, ReLU-like outputs) stays exact.
+        low, high = min(low, 0.0), max(high, 0.0)
+        scale = (high - low) / 255 or 1.0
+        zero_point = min(255, max(0, round(-low / scale)))
+        # fbgemm's vectorized quantizer; the view reads its uint8 storage without a copy.
+        quantized = torch.quantize_per_tensor(rows, scale, zero_point, torch.quint8).view(torch.uint8)
     # ("gelu", "none") is the exact, erf-based GELU, as BLIP's configs ask.
     algorithm = "none" if activation == "gelu" else ""
     output: torch.Tensor = torch.ops.onednn.qlinear_pointwise(

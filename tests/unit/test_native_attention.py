@@ -118,6 +118,7 @@ def test_build_is_cached_and_says_why_it_fails(tmp_path: Path, monkeypatch: pyte
     source = tmp_path / "src" / "attention.c"
     source.parent.mkdir()
     shutil.copy(native.SOURCE, source)
+    shutil.copy(native.SOURCE.with_name("quantize.c"), source.with_name("quantize.c"))
     monkeypatch.setattr(native, "SOURCE", source)
     built = build(tmp_path / "cache")
     first = built.stat().st_mtime_ns
@@ -163,3 +164,22 @@ def test_tiny_models_heads_are_too_small_for_the_kernel(tiny_models_dir: Path) -
     loaded = load_models("tiny-random", {"caption"}, cache_dir=tiny_models_dir.parent)
     install_fused_attention(loaded.get("caption").model)
     assert not has_native_attention(loaded.get("caption").model)
+
+
+@pytest.mark.skipif(not cpu_supports(torch.bfloat16), reason="this CPU lacks AVX-512 BF16")
+@pytest.mark.parametrize("shape", [(1, 5), (3, 17), (37, 768), (577, 3072)])
+def test_quantizer_matches_pytorch(shape: tuple[int, int]) -> None:
+    # The int8 layers' input quantizer (worker/quant.py): PyTorch's scale, zero point and values.
+    quantizer = native.native_quantizer()
+    assert quantizer is not None
+    rows = (torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1])) * 3 + 0.5).bfloat16()
+    got, scale, zero = quantizer(rows)
+    low, high = (float(v) for v in torch.aminmax(rows.float()))
+    low, high = min(low, 0.0), max(high, 0.0)
+    assert scale == (high - low) / 255 and zero == min(255, max(0, round(-low / scale)))
+    expected = torch.quantize_per_tensor(rows.float(), scale, zero, torch.quint8).int_repr()
+    assert got.shape == rows.shape and got.dtype == torch.uint8
+    assert (got.int() - expected.int()).abs().max().item() <= 1  # ties may round the other way
+    assert (got != expected).float().mean().item() < 0.02
+    positive, _, zero = quantizer(rows.abs())
+    assert zero == 0 and positive.max().item() == 255  # all positive: the range starts at 0

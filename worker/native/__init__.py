@@ -41,6 +41,7 @@ class NativeAttention:
     """softmax(q k^T * scale) v over (images, heads, tokens, 64) strided views, into (images, tokens, heads, 64)."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
+        self.quantizer = NativeQuantizer(library)
         self._functions = {}
         for dtype, name in _ENTRY.items():
             function = getattr(library, name)
@@ -107,7 +108,8 @@ def cpu_supports(dtype: torch.dtype) -> bool:
 
 def build(directory: Path | None = None) -> Path:
     """Compile attention.c (unless built already, here or beside the source); the library's path. OSError on failure."""
-    name = f"attention-{hashlib.sha256(chr(0).join([SOURCE.read_text(), *FLAGS]).encode()).hexdigest()[:16]}.so"
+    texts = [source.read_text() for source in _sources()]
+    name = f"attention-{hashlib.sha256(chr(0).join([*texts, *FLAGS]).encode()).hexdigest()[:16]}.so"
     target = (directory or _cache_dir()) / name
     for built in (target, SOURCE.with_name(name)):
         if built.exists():
@@ -120,7 +122,7 @@ def build(directory: Path | None = None) -> Path:
         pass
     try:
         done = subprocess.run(
-            [compiler, *FLAGS, "-o", partial.name, str(SOURCE)], capture_output=True, text=True, check=False
+            [compiler, *FLAGS, "-o", partial.name, *map(str, _sources())], capture_output=True, text=True, check=False
         )
         if done.returncode != 0:
             raise OSError(f"{compiler} failed on {SOURCE.name}: {done.stderr.strip()[-500:]}")
@@ -144,7 +146,42 @@ def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float)
     return query.new_empty((images, tokens, heads, size))
 
 
+class NativeQuantizer:
+    """bfloat16 rows to uint8 with one scale and zero point over them (the range widened to hold 0)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._function = library.modtag_quantize_bf16
+        self._function.restype = ctypes.c_int
+        self._function.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_double),
+            ctypes.POINTER(ctypes.c_int64),
+            ctypes.c_int,
+        ]
+
+    def __call__(self, rows: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        rows = rows.contiguous()
+        out = torch.empty(rows.shape, dtype=torch.uint8)
+        scale, zero = ctypes.c_double(), ctypes.c_int64()
+        threads = torch.get_num_threads()
+        self._function(rows.data_ptr(), rows.numel(), out.data_ptr(), ctypes.byref(scale), ctypes.byref(zero), threads)
+        return out, scale.value, zero.value
+
+
+def native_quantizer() -> NativeQuantizer | None:
+    """The int8 layers' bfloat16 input quantizer; None where the native library cannot run here."""
+    kernel = _load()
+    return None if kernel is None or not cpu_supports(torch.bfloat16) else kernel.quantizer
+
+
 # Helpers.
+
+
+def _sources() -> tuple[Path, ...]:
+    # Compiled into the same library beside the attention: the int8 layers' input quantizer (worker/quant.py).
+    return (SOURCE, SOURCE.with_name("quantize.c"))
 
 
 @lru_cache(maxsize=1)
