@@ -162,6 +162,9 @@ def build_engine(settings: Settings, roles: set[str]) -> Engine:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+    from worker import native
+
+    native.enable(settings.native_kernels)
     loaded = load_models(
         settings.models,
         roles,

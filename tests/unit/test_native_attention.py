@@ -183,3 +183,13 @@ def test_quantizer_matches_pytorch(shape: tuple[int, int]) -> None:
     assert (got != expected).float().mean().item() < 0.02
     positive, _, zero = quantizer(rows.abs())
     assert zero == 0 and positive.max().item() == 255  # all positive: the range starts at 0
+
+
+def test_native_kernels_off_leaves_int8_to_pytorchs_quantizer() -> None:
+    # MODTAG_NATIVE_KERNELS=false: the worker turns the library off for the int8 layers too.
+    native.enable(False)
+    try:
+        assert native.native_quantizer() is None
+    finally:
+        native.enable(True)
+    assert native.native_quantizer() is not None or not cpu_supports(torch.bfloat16)

@@ -1,10 +1,12 @@
-"""Native kernels: the vision encoders' fused self-attention (attention.c), built on first use with the C compiler.
+"""Native kernels, built on first use with the C compiler: the vision encoders' fused self-attention (attention.c)
+and the int8 layers' input quantizer (quantize.c: two parallel passes over bfloat16, about 5x PyTorch's way).
 
 PyTorch's CPU attention writes each head's (tokens x tokens) scores to memory and reads them back twice; the
 kernel keeps them in the L2 cache a block of query rows at a time (about 1.5x PyTorch's attention here, in
 float32 and bfloat16; see attention.c). It needs AVX-512 (and AVX-512 BF16 for bfloat16), a C compiler (`cc`,
 or `CC`) and heads of 64. Where any of that is missing, or `MODTAG_NATIVE_KERNELS=false` (the engine's
-`native_kernels`), the engine runs PyTorch's attention as before, and nothing else changes.
+`native_kernels`), the engine runs PyTorch's attention (and int8 layers PyTorch's quantizer) as before, and
+nothing else changes.
 
 The library is compiled once per source and flags into the user's cache directory (about a second) and loaded
 with ctypes; it links the OpenMP runtime PyTorch has already loaded, so it runs on PyTorch's threads. An image
@@ -171,12 +173,24 @@ class NativeQuantizer:
 
 
 def native_quantizer() -> NativeQuantizer | None:
-    """The int8 layers' bfloat16 input quantizer; None where the native library cannot run here."""
+    """The int8 layers' bfloat16 input quantizer; None where the native library cannot run here or is off."""
+    if not _ENABLED[0]:
+        return None
     kernel = _load()
     return None if kernel is None or not cpu_supports(torch.bfloat16) else kernel.quantizer
 
 
+def enable(on: bool) -> None:
+    """Whether int8 layers may quantize with the library: `MODTAG_NATIVE_KERNELS`, process-wide (the worker sets it).
+
+    The attention kernel is chosen per engine (`Engine(native_kernels=...)`).
+    """
+    _ENABLED[0] = on
+
+
 # Helpers.
+
+_ENABLED = [True]
 
 
 def _sources() -> tuple[Path, ...]:
