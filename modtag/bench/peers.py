@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from worker.attention import has_native_attention
 from worker.engine import Engine
 from worker.models import fast_dtype, load_models, resolve_device
-from worker.native import HEAD_SIZE, cpu_supports, native_attention
+from worker.native import cpu_supports
 from worker.quant import int8_linear_available
 
 PEERS = ("openvino", "onnxruntime")
@@ -58,21 +59,16 @@ def peers_bench(
     runners: dict[str, Callable[[], object]] = {}
     errors: dict[str, str] = {}
     dtypes = ["float32"] + ([] if fast_dtype(torch_device) == torch.float32 else ["bfloat16"])
-    engines = []
-    variants = [(dtype, True) for dtype in [*dtypes, *(["int8"] if int8_linear_available() else [])]]
-    # The figures before the native kernel, where it runs here (heads of its size).
-    vision_config = stock.model.config.vision_config
-    if native_attention() is not None and vision_config.hidden_size // vision_config.num_attention_heads == HEAD_SIZE:
-        variants += [(dtype, False) for dtype in dtypes if cpu_supports(getattr(torch, dtype))]
-    for dtype, native in variants:
-        log(f"peers: modtag vision encoder at {dtype}" + ("" if native else ", PyTorch's attention"))
-        loaded = load_models(models, {"caption"}, cache_dir=cache_dir, device=device, dtype=dtype)
-        # The engine installs its attention and linear layers on these models' modules.
-        engine = Engine(loaded, native_kernels=native)
-        engines.append(engine)
-        encoder: nn.Module = loaded.get("caption").model.vision_model  # type: ignore[assignment]
-        label = f"modtag {dtype}" + ("" if native else ", torch attention")
-        runners[label] = _torch_runner(encoder, pixels.to(loaded.dtype))
+    engines: list[Engine] = []
+    kernel_runs = False
+    for dtype in [*dtypes, *(["int8"] if int8_linear_available() else [])]:
+        encoder, compute = _modtag_encoder(models, cache_dir, device, dtype, True, engines, log)
+        kernel_runs = kernel_runs or has_native_attention(encoder)
+        runners[f"modtag {dtype}"] = _torch_runner(encoder, pixels.to(compute))
+    # The figures before the native kernel, where it runs here.
+    for dtype in [dtype for dtype in dtypes if kernel_runs and cpu_supports(getattr(torch, dtype))]:
+        encoder, compute = _modtag_encoder(models, cache_dir, device, dtype, False, engines, log)
+        runners[f"modtag {dtype}, torch attention"] = _torch_runner(encoder, pixels.to(compute))
     vision: nn.Module = stock.model.vision_model  # type: ignore[assignment]
     with tempfile.TemporaryDirectory(prefix="modtag-peers-") as tmp:
         for peer in peers:
@@ -118,6 +114,24 @@ def format_peers(peers: dict[str, Any]) -> list[str]:
 
 
 # Helpers.
+
+
+def _modtag_encoder(
+    models: str,
+    cache_dir: Path,
+    device: str,
+    dtype: str,
+    native: bool,
+    engines: list[Engine],
+    log: Callable[[str], None],
+) -> tuple[nn.Module, torch.dtype]:
+    """The caption model's vision encoder at `dtype` with the engine's attention and linear layers, and the dtype
+    it computes in (bf16 for int8)."""
+    log(f"peers: modtag vision encoder at {dtype}" + ("" if native else ", PyTorch's attention"))
+    loaded = load_models(models, {"caption"}, cache_dir=cache_dir, device=device, dtype=dtype)
+    engines.append(Engine(loaded, native_kernels=native))  # kept until the timings are done
+    encoder: nn.Module = loaded.get("caption").model.vision_model  # type: ignore[assignment]
+    return encoder, loaded.dtype
 
 
 def _torch_runner(vision: nn.Module, pixels: torch.Tensor) -> Callable[[], object]:

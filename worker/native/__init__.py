@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -43,7 +44,6 @@ class NativeAttention:
     """softmax(q k^T * scale) v over (images, heads, tokens, 64) strided views, into (images, tokens, heads, 64)."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self.quantizer = NativeQuantizer(library)
         self._functions = {}
         for dtype, name in _ENTRY.items():
             function = getattr(library, name)
@@ -95,7 +95,8 @@ class NativeAttention:
 
 def native_attention() -> NativeAttention | None:
     """The kernel, built and loaded on first use; None where it cannot run here (logged once, with the reason)."""
-    return _load()
+    library = _load()
+    return None if library is None else library.attention
 
 
 @lru_cache(maxsize=4)
@@ -109,7 +110,7 @@ def cpu_supports(dtype: torch.dtype) -> bool:
 
 
 def build(directory: Path | None = None) -> Path:
-    """Compile attention.c (unless built already, here or beside the source); the library's path. OSError on failure."""
+    """Compile the sources (unless built already, here or beside them); the library's path. OSError on failure."""
     texts = [source.read_text() for source in _sources()]
     name = f"attention-{hashlib.sha256(chr(0).join([*texts, *FLAGS]).encode()).hexdigest()[:16]}.so"
     target = (directory or _cache_dir()) / name
@@ -136,7 +137,7 @@ def build(directory: Path | None = None) -> Path:
 
 @torch.library.custom_op("modtag::vision_attention", mutates_args=(), device_types="cpu")
 def _vision_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-    kernel = _load()
+    kernel = native_attention()
     if kernel is None:  # only reached through a NativeAttention, which exists only once loaded
         raise RuntimeError("native attention called where it could not be loaded")
     return kernel.run(query, key, value, scale)
@@ -174,10 +175,10 @@ class NativeQuantizer:
 
 def native_quantizer() -> NativeQuantizer | None:
     """The int8 layers' bfloat16 input quantizer; None where the native library cannot run here or is off."""
-    if not _ENABLED[0]:
+    if not _quantizer_enabled:
         return None
-    kernel = _load()
-    return None if kernel is None or not cpu_supports(torch.bfloat16) else kernel.quantizer
+    library = _load()
+    return None if library is None or not cpu_supports(torch.bfloat16) else library.quantizer
 
 
 def enable(on: bool) -> None:
@@ -185,12 +186,19 @@ def enable(on: bool) -> None:
 
     The attention kernel is chosen per engine (`Engine(native_kernels=...)`).
     """
-    _ENABLED[0] = on
+    global _quantizer_enabled
+    _quantizer_enabled = on
 
 
 # Helpers.
 
-_ENABLED = [True]
+_quantizer_enabled = True
+
+
+@dataclass(frozen=True)
+class _Library:
+    attention: NativeAttention
+    quantizer: NativeQuantizer
 
 
 def _sources() -> tuple[Path, ...]:
@@ -199,16 +207,17 @@ def _sources() -> tuple[Path, ...]:
 
 
 @lru_cache(maxsize=1)
-def _load() -> NativeAttention | None:
+def _load() -> _Library | None:
     if not cpu_supports(torch.float32):
-        log.info("native attention: this CPU lacks AVX-512; PyTorch's attention runs instead")
+        log.info("native kernels: this CPU lacks AVX-512; PyTorch's attention and int8 quantizer run instead")
         return None
     with _build_lock:
         try:
-            return NativeAttention(ctypes.CDLL(str(build())))
+            library = ctypes.CDLL(str(build()))
         except OSError as exc:
-            log.warning("native attention unavailable, PyTorch's attention runs instead (slower): %s", exc)
+            log.warning("native kernels unavailable, PyTorch's attention and int8 quantizer run instead: %s", exc)
             return None
+    return _Library(NativeAttention(library), NativeQuantizer(library))
 
 
 def _cache_dir() -> Path:
