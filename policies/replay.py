@@ -14,13 +14,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from policies.checks import KINDS
-from policies.outputs import ModelOutputs
+from policies.outputs import ModelOutputs, TextLine
 from policies.requirements import Requirements
 
 
-def outputs_from_evidence(evidence: Sequence[Mapping[str, Any]], caption: str | None) -> ModelOutputs:
-    """The model outputs a stored decision was made from, as far as its evidence records them (per kind)."""
-    outputs = ModelOutputs(caption=caption)
+def outputs_from_evidence(
+    evidence: Sequence[Mapping[str, Any]], caption: str | None, text: Sequence[Mapping[str, Any]] | None = None
+) -> ModelOutputs:
+    """The model outputs a stored decision was made from, as far as its evidence records them (per kind).
+
+    The caption and the lines read (`text`) are stored beside the evidence, not in it.
+    """
+    lines = None if text is None else tuple(TextLine.from_public(line) for line in text)
+    outputs = ModelOutputs(caption=caption, text=lines)
     for entry in evidence:
         kind = KINDS.get(str(entry.get("kind")))
         score = entry.get("score")
@@ -45,4 +51,6 @@ def missing_requirements(needs: Requirements, outputs: ModelOutputs) -> Requirem
         answers=tuple(answers),
         tag_sets=tuple(t for t in needs.tag_sets if t.key not in outputs.tags),
         describe=False,
+        read_text=needs.read_text and outputs.text is None,
+        measures=tuple(m for m in needs.measures if m not in outputs.measures),
     )

@@ -1,8 +1,11 @@
-"""What a policy asks of the models: the questions, texts, answer rankings and tag sets one image needs."""
+"""What a policy asks of the models: the questions, texts, answer rankings, tag sets, text reading and pixel
+measurements one image needs, and the capabilities (`policies.capabilities`) that compute them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from policies.capabilities import MODEL_FREE, Capability
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,28 @@ class Requirements:
     tag_sets: tuple[TagSet, ...] = ()
     describe: bool = False
     banks: tuple[BankQuery, ...] = ()  # not a model output: the worker matches hashes before any model runs
+    read_text: bool = False  # the lines of text in the image (OCR)
+    measures: tuple[str, ...] = ()  # pixel measurements by name (worker/families/pixels)
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        """The capabilities these requirements ask for (the bank lookup included: it is not a model's)."""
+        wanted = {
+            Capability.CAPTION: self.caption,
+            Capability.YES_NO: bool(self.probes),
+            Capability.TEXT_MATCH: bool(self.texts or self.describe),
+            Capability.ANSWER_RANK: bool(self.answers),
+            Capability.TAGS: bool(self.tag_sets),
+            Capability.TEXT_READ: self.read_text,
+            Capability.PIXELS: bool(self.measures),
+            Capability.BANK_MATCH: bool(self.banks),
+        }
+        return frozenset(capability for capability, needed in wanted.items() if needed)
+
+    @property
+    def model_capabilities(self) -> frozenset[Capability]:
+        """The capabilities some model family must compute (the worker's own steps left out)."""
+        return self.capabilities - MODEL_FREE
 
     def merge(self, other: Requirements) -> Requirements:
         """Everything either needs: what one engine pass computes for an active policy and its shadows."""
@@ -70,7 +95,9 @@ class Requirements:
     @property
     def empty(self) -> bool:
         """True when no model needs to run (bank lookups are not model work)."""
-        return not (self.caption or self.probes or self.texts or self.answers or self.tag_sets)
+        return not (
+            self.caption or self.probes or self.texts or self.answers or self.tag_sets or self.read_text or self.measures
+        )
 
 
 class RequirementsBuilder:
@@ -84,6 +111,8 @@ class RequirementsBuilder:
         self._answers: dict[str, AnswerQuery] = {}
         self._tag_sets: dict[str, TagSet] = {}
         self._banks: dict[str, int] = {}
+        self.read_text = False
+        self._measures: dict[str, None] = {}
 
     def probe(self, question: str) -> None:
         self._probes.setdefault(question)
@@ -101,6 +130,14 @@ class RequirementsBuilder:
     def bank(self, query: BankQuery) -> None:
         self._banks[query.bank] = max(query.max_distance, self._banks.get(query.bank, query.max_distance))
 
+    def text_lines(self) -> None:
+        """The lines of text in the image (OCR)."""
+        self.read_text = True
+
+    def measure(self, name: str) -> None:
+        """One pixel measurement of the image, by name."""
+        self._measures.setdefault(name)
+
     def add(self, needs: Requirements) -> None:
         """Everything `needs` asks for, besides what was collected."""
         self.caption = self.caption or needs.caption
@@ -115,6 +152,9 @@ class RequirementsBuilder:
             self.tag_set(tag_set)
         for bank in needs.banks:
             self.bank(bank)
+        self.read_text = self.read_text or needs.read_text
+        for name in needs.measures:
+            self.measure(name)
 
     def build(self) -> Requirements:
         return Requirements(
@@ -125,4 +165,6 @@ class RequirementsBuilder:
             tag_sets=tuple(self._tag_sets.values()),
             describe=self.describe,
             banks=tuple(BankQuery(bank, distance) for bank, distance in self._banks.items()),
+            read_text=self.read_text,
+            measures=tuple(self._measures),
         )
