@@ -1,8 +1,8 @@
 """Erasure and retention: a job's image and content removed on request or after MODTAG_RETENTION_DAYS.
 
 What goes: the image (its blob, unless another job still uses the same bytes: blobs are content
-addressed and shared), the image URL, the context, the caption, the evidence, tags, contradictions and
-reasons (they quote the caption and the context). What stays, as a tombstone for statistics: the job
+addressed and shared), the image URL, the context, the caption, the lines read (text), the evidence, tags,
+contradictions and reasons (they quote the caption and the context). What stays, as a tombstone for statistics: the job
 row with `erased_at`, the decision's action and its category scores and actions. Every erasure is
 audit-logged in the same transaction.
 """
@@ -44,7 +44,7 @@ def erase_job(session: Session, blobs: BlobStore, job: Job, actor: Principal, *,
     session.add(job)
     decision = session.exec(select(Decision).where(Decision.job_id == job.id)).first()
     if decision is not None:
-        decision.caption, decision.reason, decision.contradictions = None, None, None
+        decision.caption, decision.text, decision.reason, decision.contradictions = None, None, None, None
         decision.evidence, decision.tags = [], []
         decision.categories = {
             name: {field: result.get(field) for field in _CATEGORY_KEPT} for name, result in decision.categories.items()

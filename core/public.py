@@ -95,6 +95,14 @@ class CategoryResult(OpenModel):
     reason: str | None = Field(default=None, description="Which check decided, with what score, against what.")
 
 
+class TextLinePublic(PublicModel):
+    """One line of text read in the image."""
+
+    text: str
+    score: float = Field(description="The reader's confidence, 0 to 1.")
+    box: list[int] = Field(min_length=4, max_length=4, description="[x0, y0, x1, y1] in image pixels.")
+
+
 class DecisionPublic(OpenModel):
     """A stored decision with its evidence."""
 
@@ -103,6 +111,9 @@ class DecisionPublic(OpenModel):
     action: Action
     categories: dict[str, CategoryResult]
     caption: str | None
+    text: list[TextLinePublic] | None = Field(
+        default=None, description="The lines read in the image (OCR), when a check read text; boxes in image pixels."
+    )
     evidence: list[dict[str, Any]]
     tags: list[dict[str, Any]]
     contradictions: list[dict[str, Any]] = Field(

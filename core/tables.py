@@ -129,6 +129,8 @@ class Decision(SQLModel, table=True):
     policy: str = Field(max_length=64, index=True)
     policy_version: str = Field(max_length=64)
     caption: str | None = Field(default=None, max_length=2000)
+    # The lines OCR read, when a check read text: [{text, score, box: [x0, y0, x1, y1]}] in image pixels.
+    text: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON))
     categories: dict[str, Any] = _json_field(dict)
     evidence: list[dict[str, Any]] = _json_field(list)
     tags: list[dict[str, Any]] = _json_field(list)

@@ -337,9 +337,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from worker.runtime import WorkerRuntime
 
     serve_metrics(settings)  # first: a taken port stops the worker before the models load
-    runtime = WorkerRuntime(settings)
-    engine = runtime.load()  # fail here, with how to get the weights, before taking any job
-    logging.getLogger("modtag").info("models loaded: %s", engine.describe())
+    runtime = WorkerRuntime.from_settings(settings)
+    runtime.load()  # fail here, with how to get the weights, before taking any job
+    logging.getLogger("modtag").info("models loaded: %s", runtime.inference.describe())
     install_runtime(runtime)
     # Twice the batch: while one batch computes, the next one's images are fetched, decoded and waiting,
     # so batches leave full instead of as each thread comes back from storing its last result.

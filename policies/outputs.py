@@ -64,7 +64,10 @@ class ModelOutputs:
             except ValueError:
                 known = ", ".join(c.value for c in Capability)
                 raise TypeError(f"ModelOutputs has no capability {name!r}; the capabilities are {known}") from None
-        self._values: dict[Capability, Any] = {c: v for c, v in merged.items() if v is not None}
+        # An empty mapping is no output (nothing was asked); an empty tuple of lines is one (no text was read).
+        self._values: dict[Capability, Any] = {
+            c: v for c, v in merged.items() if v is not None and not (isinstance(v, Mapping) and not v)
+        }
         self.position = position
 
     def get(self, capability: Capability) -> Any:

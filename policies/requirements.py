@@ -96,7 +96,13 @@ class Requirements:
     def empty(self) -> bool:
         """True when no model needs to run (bank lookups are not model work)."""
         return not (
-            self.caption or self.probes or self.texts or self.answers or self.tag_sets or self.read_text or self.measures
+            self.caption
+            or self.probes
+            or self.texts
+            or self.answers
+            or self.tag_sets
+            or self.read_text
+            or self.measures
         )
 
 

@@ -44,7 +44,7 @@ def runtime() -> WorkerRuntime:
     global _runtime
     with _runtime_lock:
         if _runtime is None:
-            _runtime = WorkerRuntime(settings)
+            _runtime = WorkerRuntime.from_settings(settings)
         return _runtime
 
 

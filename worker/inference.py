@@ -1,94 +1,105 @@
-"""The inference service: the engine behind one model thread (the batcher), loaded once, with its tag warm-up.
+"""The inference service: the model families behind one model thread (the batcher), loaded once, warmed.
 
 The Celery runtime, `modtag policy replay` and `modtag policy test` all compute model outputs through
-it: policy requirements in, `ModelOutputs` out, the engine's own types kept inside (worker/adapter.py
-maps them). Only the batcher's thread runs torch (worker/batcher.py says why): models are loaded,
-warmed and run there. Each batch reports its per-stage compute once, as the engine measured it.
+it: images and policy requirements in, `ModelOutputs` out. Which families load is decided by the
+capabilities the loaded policies need (worker/families); each batch runs every loaded family on the
+images that need it, and the outputs are merged per image. Only the batcher's thread runs the models
+(worker/batcher.py says why): families are loaded, warmed and run there, one after the other, so
+torch and ONNX Runtime share the worker's one thread budget. Each batch reports its per-stage compute
+once, as the families measured it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from core import metrics
 from core.errors import ModelError
 from core.settings import Settings
-from policies import ModelOutputs, Requirements, TagSet
-from worker.adapter import STAGE_MODELS, image_request, model_outputs, tag_query
+from policies import ModelOutputs, Requirements
+from policies.capabilities import Capability
 from worker.batcher import Batcher
+from worker.families import FAMILIES, Family, ImageWork, LoadedFamily, families_for
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from worker.engine import Engine, ImageOutput, ImageRequest
-
 log = logging.getLogger(__name__)
-
-EngineFactory = Callable[[set[str]], "Engine"]
 
 
 class InferenceService:
     """Model outputs for (image, requirements) pairs, batched across callers on one model thread.
 
-    `tag_sets` is read on the model thread whenever a warm-up runs (at start and after `rewarm`), so it
-    may follow a policy registry that reloads.
+    `warm_needs` is read on the model thread whenever a warm-up runs (at start and after `rewarm`), so it
+    may follow a policy registry that reloads. `families` is the registry (tests wrap it to count loads).
     """
 
     def __init__(
         self,
         settings: Settings,
         *,
-        tag_sets: Callable[[], Iterable[TagSet]] = tuple,
-        engine_factory: EngineFactory | None = None,
+        warm_needs: Callable[[], Requirements | None] = lambda: None,
+        families: Sequence[Family] = FAMILIES,
     ) -> None:
         self.settings = settings
-        self._tag_sets = tag_sets
-        self._engine_factory = engine_factory or (lambda roles: build_engine(settings, roles))
-        self._engine: Engine | None = None
-        self._batcher: Batcher[ImageRequest, ImageOutput] | None = None
+        self._warm_needs = warm_needs
+        self._families = {family.name: family for family in families}
+        self._loaded: dict[str, tuple[frozenset[Capability], LoadedFamily]] = {}
+        self._batcher: Batcher[ImageWork, ModelOutputs] | None = None
         self._lock = threading.Lock()
 
-    def start(self, roles: set[str]) -> Engine:
-        """Load the models of `roles` once (thread-safe) and warm the tag sets; ModelError says how to get weights."""
+    def start(self, capabilities: Iterable[Capability]) -> None:
+        """Load the families that compute `capabilities` once (thread-safe), warmed; ModelError says how to get weights.
+
+        A service started once loads nothing more: a capability new in a policy reload needs a restart.
+        """
         with self._lock:
-            if self._engine is None:
-                batcher: Batcher[ImageRequest, ImageOutput] = Batcher(
-                    self._run_batch,
-                    max_images=self.settings.batch_max_images,
-                    wait_ms=self.settings.batch_wait_ms,
-                )
-                try:
-                    self._engine = batcher.call(lambda: self._load(roles))
-                except BaseException:
-                    batcher.close()
-                    raise
-                self._batcher = batcher
-            return self._engine
+            if self._batcher is not None:
+                return
+            batcher: Batcher[ImageWork, ModelOutputs] = Batcher(
+                self._run_batch, max_images=self.settings.batch_max_images, wait_ms=self.settings.batch_wait_ms
+            )
+            try:
+                batcher.call(lambda: self._load(frozenset(capabilities)))
+            except BaseException:
+                batcher.close()
+                raise
+            self._batcher = batcher
 
     @property
-    def engine(self) -> Engine | None:
-        """The engine, once `start` has loaded it."""
-        return self._engine
+    def started(self) -> bool:
+        return self._batcher is not None
 
     @property
-    def roles(self) -> set[str]:
-        """The models loaded (none before `start`)."""
-        return set(self._engine.models.models) if self._engine is not None else set()
+    def capabilities(self) -> frozenset[Capability]:
+        """What the loaded families compute (none before `start`)."""
+        return frozenset(c for share, _ in self._loaded.values() for c in share)
+
+    def family(self, name: str) -> LoadedFamily | None:
+        """A loaded family by name (bench and tests reach the BLIP engine this way)."""
+        loaded = self._loaded.get(name)
+        return loaded[1] if loaded is not None else None
 
     def describe(self) -> dict[str, Any]:
-        """The loaded models, for a decision's `models` field."""
-        return self._engine.describe() if self._engine is not None else {}
+        """The loaded models, for a decision's `models` field: every family's roles, the first model family's device."""
+        described = [family.describe() for _, family in self._loaded.values()]
+        if not described:
+            return {}
+        first = next((d for d in described if d.get("roles")), described[0])
+        return {
+            "random": any(d.get("random") for d in described),
+            "device": first.get("device"),
+            "dtype": first.get("dtype"),
+            "roles": {role: info for d in described for role, info in d.get("roles", {}).items()},
+        }
 
     def rewarm(self) -> None:
-        """Warm tag sets new since the last warm-up, on the model thread between batches (no wait)."""
-        batcher, engine = self._batcher, self._engine
-        if batcher is not None and engine is not None:
-            # Encoded now rather than by the first job that needs them; sets already cached cost nothing.
-            batcher.call_soon(lambda: self._warm_tags(engine))
+        """Warm what is new since the last warm-up, on the model thread between batches (no wait)."""
+        if self._batcher is not None:
+            self._batcher.call_soon(self._warm)
 
     def call(self, function: Callable[[], Any]) -> Any:
         """Run `function` on the model thread after the work queued before it (a barrier for warm-ups)."""
@@ -96,13 +107,13 @@ class InferenceService:
 
     def infer(self, image: Image.Image, needs: Requirements, timeout_s: float | None = None) -> ModelOutputs:
         """The outputs `needs` asks for on one image; TimeoutError after `timeout_s`."""
-        return model_outputs(self._started().run(image_request(image, needs), timeout_s=timeout_s))
+        return self._started().run(ImageWork(image, needs), timeout_s=timeout_s)
 
     def infer_all(self, work: Sequence[tuple[Image.Image, Requirements]]) -> list[ModelOutputs]:
         """The outputs of several images, in order, submitted together so that they share batches."""
         batcher = self._started()
-        futures = [batcher.submit(image_request(image, needs)) for image, needs in work]
-        return [model_outputs(future.result()) for future in futures]
+        futures = [batcher.submit(ImageWork(image, needs)) for image, needs in work]
+        return [future.result() for future in futures]
 
     def close(self) -> None:
         """Stop the model thread (after the work already queued); the service cannot infer afterwards."""
@@ -115,63 +126,32 @@ class InferenceService:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def _started(self) -> Batcher[ImageRequest, ImageOutput]:
+    def _started(self) -> Batcher[ImageWork, ModelOutputs]:
         if self._batcher is None:
             raise ModelError("the models are not loaded", code="model_not_loaded")
         return self._batcher
 
-    def _load(self, roles: set[str]) -> Engine:
-        engine = self._engine_factory(roles)
-        self._warm_tags(engine)
-        return engine
+    def _load(self, capabilities: frozenset[Capability]) -> None:
+        for family, share in families_for(capabilities, self._families.values()):
+            self._loaded[family.name] = (share, family.load(self.settings, share))
+        self._warm()
 
-    def _warm_tags(self, engine: Engine) -> None:
-        # The first job of a tag set would otherwise pay the text pass over its whole taxonomy (561 texts
-        # of the product taxonomy: ~3 s on 2 CPU cores at base size, far more on busy cores), which could
-        # approach a job timeout.
-        if "itm" not in engine.models.models:
-            return
-        tag_sets = {t.key: t for t in self._tag_sets()}
-        if not tag_sets:
-            return
-        started = time.perf_counter()
-        encoded = engine.warm_tags([tag_query(t) for t in tag_sets.values()])
-        log.info(
-            "tag text features: %d texts of %d tag sets encoded in %.1fs",
-            encoded,
-            len(tag_sets),
-            time.perf_counter() - started,
-        )
+    def _warm(self) -> None:
+        needs = self._warm_needs()
+        if needs is not None:
+            for _, family in self._loaded.values():
+                family.warm(needs)
 
-    def _run_batch(self, requests: Sequence[ImageRequest]) -> list[ImageOutput]:
-        """One engine batch (on the model thread), its compute time per model and stage observed once."""
-        if self._engine is None:  # only start() starts the batcher, and it sets the engine before any request
-            raise ModelError("the models are not loaded", code="model_not_loaded")
-        batch = self._engine.run_batch(requests)
-        for stage, seconds in batch.timings.items():
-            metrics.MODEL_INFERENCE.labels(STAGE_MODELS.get(stage, "all"), stage).observe(seconds)
-        return batch.images
-
-
-def build_engine(settings: Settings, roles: set[str]) -> Engine:
-    """Load the models of `roles` as the settings say and build the engine on them (on the calling thread)."""
-    from worker.engine import Engine
-    from worker.models import load_models
-
-    if settings.torch_threads:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)
-    from worker import native
-
-    native.enable(settings.native_kernels)
-    loaded = load_models(
-        settings.models,
-        roles,
-        cache_dir=settings.resolved_models_cache_dir,
-        device=settings.device,
-        dtype=settings.dtype,
-    )
-    for role, seconds in loaded.load_seconds.items():
-        metrics.MODEL_LOAD.labels(role).set(seconds)
-    return Engine(loaded, native_kernels=settings.native_kernels)
+    def _run_batch(self, work: Sequence[ImageWork]) -> list[ModelOutputs]:
+        """One batch (on the model thread): each loaded family on the images that need it; timings observed once."""
+        outputs = [ModelOutputs() for _ in work]
+        for share, family in self._loaded.values():
+            rows = [row for row, item in enumerate(work) if item.needs.model_capabilities & share]
+            if not rows:
+                continue
+            batch = family.run_batch([work[row] for row in rows])
+            for row, output in zip(rows, batch.outputs, strict=True):
+                outputs[row] = outputs[row].merged(output)
+            for (model, stage), seconds in batch.timings.items():
+                metrics.MODEL_INFERENCE.labels(model, stage).observe(seconds)
+        return outputs

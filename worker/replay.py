@@ -26,9 +26,10 @@ from core.settings import Settings
 from core.tables import Decision, Job, JobStatus
 from core.urls import fetch_image_bytes
 from policies import ModelOutputs, Policy, PolicyDecision, Requirements, decide
+from policies.capabilities import Capability
 from policies.replay import missing_requirements, outputs_from_evidence
-from worker.adapter import roles_for
-from worker.inference import EngineFactory, InferenceService
+from worker.families import FAMILIES, Family
+from worker.inference import InferenceService
 
 ACTIONS = ("allow", "review", "block")
 _T = TypeVar("_T")
@@ -54,7 +55,7 @@ class ReplayReport:
     version: str
     target: str  # the policy whose stored jobs were re-decided
     jobs: list[ReplayedJob]
-    roles_loaded: list[str]
+    roles_loaded: list[str]  # the models loaded for what the stored evidence lacked
 
     @property
     def changed(self) -> list[ReplayedJob]:
@@ -95,7 +96,7 @@ def replay_policy(
     target: str | None = None,
     tenant: str | None = None,
     limit: int = 1000,
-    engine_factory: EngineFactory | None = None,
+    families: Sequence[Family] = FAMILIES,
 ) -> ReplayReport:
     """Re-decide the stored decisions of `target` (default: the policy `policy` shadows, else its own name).
 
@@ -127,16 +128,18 @@ def replay_policy(
             except PolicyError as exc:
                 entry.skipped = f"{exc.message} ({exc.code})"
                 continue
-            stored = outputs_from_evidence(decision.evidence, decision.caption)
+            stored = outputs_from_evidence(decision.evidence, decision.caption, decision.text)
+            stored = stored.merged(ModelOutputs(position=job.listing_index))
             stored = stored.merged(_bank_lookups(session, matcher, job, needs, stored))
             pending.append((entry, job, decision, stored, missing_requirements(needs, stored)))
 
-    roles: set[str] = set()
+    capabilities: set[Capability] = set()
     for _, _, _, _, missing in pending:
-        roles |= roles_for(missing)
-    with InferenceService(settings, engine_factory=engine_factory) as inference:
-        if roles:
-            inference.start(roles)
+        capabilities |= missing.model_capabilities
+    with InferenceService(settings, families=families) as inference:
+        if capabilities:
+            inference.start(capabilities)
+        roles = sorted(inference.describe().get("roles", {}))
         fresh = _infer(inference, settings, [(job, missing) for _, job, _, _, missing in pending if not missing.empty])
     for entry, job, decision, stored, missing in pending:
         try:
@@ -153,7 +156,7 @@ def replay_policy(
     for entry in replayed:
         if entry.new_action is None and entry.skipped is None:
             entry.skipped = fresh.errors.get(entry.job_id, "not re-decided")
-    return ReplayReport(policy.name, policy.version, target, replayed, sorted(roles))
+    return ReplayReport(policy.name, policy.version, target, replayed, roles)
 
 
 def run_cases(
@@ -161,7 +164,7 @@ def run_cases(
     cases_dir: Path,
     settings: Settings,
     *,
-    engine_factory: EngineFactory | None = None,
+    families: Sequence[Family] = FAMILIES,
 ) -> list[CaseResult]:
     """Decide every example image under `cases_dir/{allow,review,block}/` and compare with its folder.
 
@@ -179,13 +182,13 @@ def run_cases(
             plans.append((result, context, policy.requirements(context)))
         except ModtagError as exc:
             result.error = f"{exc.message} ({exc.code})"
-    roles: set[str] = set()
+    capabilities: set[Capability] = set()
     for _, _, needs in plans:
-        roles |= roles_for(needs)
+        capabilities |= needs.model_capabilities
     limits = ImageLimits.from_settings(settings)
-    with InferenceService(settings, engine_factory=engine_factory) as inference:
-        if roles:
-            inference.start(roles)
+    with InferenceService(settings, families=families) as inference:
+        if capabilities:
+            inference.start(capabilities)
         for chunk in _chunks(plans, settings.batch_max_images):
             ready = []
             for result, context, needs in chunk:
@@ -194,7 +197,7 @@ def run_cases(
                 except (ModtagError, OSError) as exc:
                     result.error = getattr(exc, "message", str(exc))
             work = [(image, needs) for _, _, image, needs in ready]
-            outputs = inference.infer_all(work) if roles and ready else [ModelOutputs() for _ in ready]
+            outputs = inference.infer_all(work) if capabilities and ready else [ModelOutputs() for _ in ready]
             for (result, context, _, needs), output in zip(ready, outputs, strict=True):
                 try:
                     # Example images belong to no tenant: no bank holds them, so hash checks score 0.
@@ -256,7 +259,7 @@ class _Fresh(dict[str, ModelOutputs]):
 
 def _infer(inference: InferenceService, settings: Settings, work: Sequence[tuple[Job, Requirements]]) -> _Fresh:
     fresh = _Fresh()
-    if not inference.roles or not work:
+    if not inference.capabilities or not work:
         return fresh
     blobs = open_blob_store(settings)
     limits = ImageLimits.from_settings(settings)

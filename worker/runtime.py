@@ -14,14 +14,14 @@ import socket
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from PIL import Image
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core import jobs, metrics
 from core.banks import BankMatcher
-from core.blobs import open_blob_store
+from core.blobs import BlobStore, open_blob_store
 from core.db import migrate, session_scope
 from core.errors import ModelError, ModtagError, PolicyError, TransientError
 from core.hashes import image_hashes
@@ -29,59 +29,88 @@ from core.images import ImageLimits, decode_image, sniff_image
 from core.settings import Settings
 from core.tables import Decision, Job, ShadowDecision, as_utc, utcnow
 from core.urls import fetch_image_bytes
-from policies import ModelOutputs, Policy, PolicyDecision, Requirements, TagSet, decide
+from policies import ModelOutputs, Policy, PolicyDecision, Requirements, decide
+from policies.capabilities import Capability
 from policies.evaluate import decide_early
 from policies.registry import PolicyRegistry
-from worker.adapter import roles_for
+from policies.requirements import RequirementsBuilder
 from worker.callbacks import send_callbacks
 from worker.inference import InferenceService
 from worker.lifecycle import JobLifecycle, JobResult, Unclaimed
 from worker.pixels import PixelBudget
 
-if TYPE_CHECKING:
-    from worker.engine import Engine
-
 log = logging.getLogger(__name__)
+
+# A shadow policy, what it needs of this job, or why it cannot run on it.
+ShadowPlan = tuple[Policy, Requirements | None, PolicyError | None]
 
 
 class WorkerRuntime:
     """Policies, inference and job lifecycle of one worker process; `process(job_id)` runs one delivery of a job."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: PolicyRegistry,
+        blobs: BlobStore,
+        inference: InferenceService,
+        lifecycle: JobLifecycle,
+        banks: BankMatcher,
+        pixels: PixelBudget,
+    ) -> None:
         self.settings = settings
-        # Unique across a fleet: a pod's hostname, a process on a shared host by its pid.
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
-        # Re-read when the files change (polled at most every MODTAG_POLICY_RELOAD_S), so edits need no restart.
-        self.registry = PolicyRegistry(
-            self._policy_dirs(),
-            interval_s=settings.policy_reload_s,
-            on_reload=self._reloaded,
-        )
-        self.blobs = open_blob_store(settings)
+        self.name = lifecycle.worker
+        self.registry = registry
+        self.blobs = blobs
         self.limits = ImageLimits.from_settings(settings)
-        self.inference = InferenceService(settings, tag_sets=self._tag_sets)
-        self.lifecycle = JobLifecycle(settings, self.name)
-        self.banks = BankMatcher()
-        self.pixels = PixelBudget(round(settings.worker_decoded_megapixels * 1_000_000))
+        self.inference = inference
+        self.lifecycle = lifecycle
+        self.banks = banks
+        self.pixels = pixels
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WorkerRuntime:
+        """The runtime of a worker process as the settings say, its database migrated when they ask for it."""
+        # Unique across a fleet: a pod's hostname, a process on a shared host by its pid.
+        name = f"{socket.gethostname()}:{os.getpid()}"
+        inference_ref: list[InferenceService] = []
+
+        def reloaded(outcome: str) -> None:
+            metrics.POLICY_RELOADS.labels(outcome).inc()
+            if outcome == "loaded" and inference_ref:
+                inference_ref[0].rewarm()  # what a reload added is prepared between batches, not by its first job
+
+        # Re-read when the files change (polled at most every MODTAG_POLICY_RELOAD_S), so edits need no restart.
+        dirs = [settings.policies_dir] if settings.policies_dir else []
+        registry = PolicyRegistry(dirs, interval_s=settings.policy_reload_s, on_reload=reloaded)
+        inference = InferenceService(settings, warm_needs=lambda: _all_needs(registry))
+        inference_ref.append(inference)
         if settings.migrate_on_start:
             migrate(settings.resolved_database_url)
+        return cls(
+            settings,
+            registry=registry,
+            blobs=open_blob_store(settings),
+            inference=inference,
+            lifecycle=JobLifecycle(settings, name),
+            banks=BankMatcher(),
+            pixels=PixelBudget(round(settings.worker_decoded_megapixels * 1_000_000)),
+        )
 
     @property
     def policies(self) -> Mapping[str, Policy]:
         """The loaded policies, as of the last reload."""
         return self.registry
 
-    def roles_needed(self) -> set[str]:
-        """Only the models some loaded policy needs."""
-        roles: set[str] = set()
-        for policy in self.policies.values():
-            roles |= roles_for(policy.requirements())
-        return roles
+    def capabilities_needed(self) -> frozenset[Capability]:
+        """Only what some loaded policy needs: the families that compute it are the ones loaded."""
+        return _all_needs(self.policies).model_capabilities
 
-    def load(self) -> Engine:
-        """Load the models once (thread-safe), tag sets warmed; raises ModelError with how to get the weights."""
-        engine = self.inference.engine  # every job asks: only the first pays for reading the policies' needs
-        return engine if engine is not None else self.inference.start(self.roles_needed())
+    def load(self) -> None:
+        """Load the model families once (thread-safe), warmed; raises ModelError with how to get the weights."""
+        if not self.inference.started:  # every job asks: only the first pays for reading the policies' needs
+            self.inference.start(self.capabilities_needed())
 
     def process(self, job_id: str) -> JobResult:
         """Run one delivery of a job. Raises RetryLater when the job went back to the queue for another attempt."""
@@ -119,19 +148,9 @@ class WorkerRuntime:
             return self._fail(job, "internal_error", f"unexpected {exc.__class__.__name__}: {exc}")
 
     def _run(self, job: Job) -> JobResult:
+        """Plan what the policy and its shadows need, read the image, judge it, store the decision."""
         timings: dict[str, float] = {}
-        policy = self.policies.get(job.policy)
-        if policy is None:
-            raise PolicyError(f"policy {job.policy!r} is not loaded on this worker", code="policy_not_found")
-        context = job.context or {}
-        needs = policy.requirements(context)  # a missing context field fails the job before any work
-        self.load()
-        roles = self.inference.roles
-        _check_roles(policy, needs, roles)
-        shadows = self._shadow_plans(policy, context, roles)
-        for _, shadow_needs, _ in shadows:
-            if shadow_needs is not None:
-                needs = needs.merge(shadow_needs)
+        policy, context, needs, shadows = self._plan(job)
         with _stage(timings, "fetch"):
             data = self._image_bytes(job)
         header = sniff_image(data, self.limits)
@@ -139,40 +158,7 @@ class WorkerRuntime:
         with self.pixels.hold(header.width * header.height, timeout_s=self.settings.job_timeout_s):
             with _stage(timings, "decode"):
                 image = decode_image(data, self.limits)
-            with _stage(timings, "hash"):
-                hashes = image_hashes(data, image)
-                with session_scope(self.settings.resolved_database_url) as session:
-                    jobs.record_hashes(session, job, hashes.sha256, hashes.pdq, hashes.pdq_quality)
-                    queries = [(query.bank, query.max_distance) for query in needs.banks]
-                    known = ModelOutputs(banks=self.banks.lookup(session, job.tenant, queries, hashes))
-                    earlier = (
-                        jobs.reusable_decision(session, job, policy.version) if self.settings.reuse_decisions else None
-                    )
-            # Known content first: a bank match that blocks, then an earlier identical upload, and only then the models.
-            verdict = decide_early(policy, known, context)
-            if verdict is not None:
-                decision = self._decision(job, policy, verdict, known, models={})
-                shadow_rows: list[ShadowDecision] = []
-                how = "hash_match"
-            elif earlier is not None:
-                decision = _reused(job, earlier)
-                shadow_rows = []
-                how = "reused"
-            else:
-                with _stage(timings, "infer"):
-                    outputs = (
-                        ModelOutputs()
-                        if needs.empty
-                        else self.inference.infer(image, needs, timeout_s=self.settings.job_timeout_s)
-                    )
-                outputs = known.merged(outputs)
-                with _stage(timings, "evaluate"):
-                    verdict = decide(policy, outputs, context)
-                    shadow_rows = [
-                        _shadow_row(shadow, policy, verdict, outputs, context, error) for shadow, _, error in shadows
-                    ]
-                decision = self._decision(job, policy, verdict, outputs, models=self.inference.describe())
-                how = ""
+            decision, shadow_rows, how = self._judge(job, policy, context, needs, shadows, data, image, timings)
             del image  # the pixels are given back with the budget
         with _stage(timings, "store"):
             stored = self.lifecycle.store(job, decision, shadow_rows)
@@ -185,6 +171,72 @@ class WorkerRuntime:
             send_callbacks(self.settings, job)
         return JobResult(job.id, "done", timings=timings)
 
+    def _plan(self, job: Job) -> tuple[Policy, Mapping[str, Any], Requirements, list[ShadowPlan]]:
+        """The job's policy, context, what it and its shadows need computed, and each shadow's plan."""
+        policy = self.policies.get(job.policy)
+        if policy is None:
+            raise PolicyError(f"policy {job.policy!r} is not loaded on this worker", code="policy_not_found")
+        context = job.context or {}
+        needs = policy.requirements(context)  # a missing context field fails the job before any work
+        self.load()
+        loaded = self.inference.capabilities
+        _check_capabilities(policy, needs, loaded)
+        shadows = self._shadow_plans(policy, context, loaded)
+        for _, shadow_needs, _ in shadows:
+            if shadow_needs is not None:
+                needs = needs.merge(shadow_needs)
+        return policy, context, needs, shadows
+
+    def _judge(
+        self,
+        job: Job,
+        policy: Policy,
+        context: Mapping[str, Any],
+        needs: Requirements,
+        shadows: list[ShadowPlan],
+        data: bytes,
+        image: Image.Image,
+        timings: dict[str, float],
+    ) -> tuple[Decision, list[ShadowDecision], str]:
+        """The decision (and shadow rows): known content first, then an earlier identical upload, then the models.
+
+        The third value says how it was decided without the models (`hash_match`, `reused`), or is empty.
+        """
+        with _stage(timings, "hash"):
+            known, earlier = self._known(job, policy, needs, data, image)
+        verdict = decide_early(policy, known, context)
+        if verdict is not None:
+            return self._decision(job, policy, verdict, known, models={}), [], "hash_match"
+        if earlier is not None:
+            return _reused(job, earlier), [], "reused"
+        with _stage(timings, "infer"):
+            outputs = (
+                ModelOutputs()
+                if needs.empty
+                else self.inference.infer(image, needs, timeout_s=self.settings.job_timeout_s)
+            )
+        outputs = known.merged(outputs)
+        with _stage(timings, "evaluate"):
+            verdict = decide(policy, outputs, context)
+            shadow_rows = [
+                _shadow_row(shadow, policy, verdict, outputs, context, error) for shadow, _, error in shadows
+            ]
+        return self._decision(job, policy, verdict, outputs, models=self.inference.describe()), shadow_rows, ""
+
+    def _known(
+        self, job: Job, policy: Policy, needs: Requirements, data: bytes, image: Image.Image
+    ) -> tuple[ModelOutputs, Decision | None]:
+        """The image's hashes recorded; what the banks know of it; an earlier identical upload's reusable decision."""
+        hashes = image_hashes(data, image)
+        with session_scope(self.settings.resolved_database_url) as session:
+            jobs.record_hashes(session, job, hashes.sha256, hashes.pdq, hashes.pdq_quality)
+            queries = [(query.bank, query.max_distance) for query in needs.banks]
+            known = ModelOutputs(
+                banks=self.banks.lookup(session, job.tenant, queries, hashes), position=job.listing_index
+            )
+            earlier = jobs.reusable_decision(session, job, policy.version) if self.settings.reuse_decisions else None
+        return known, earlier
+
     def _decision(
         self, job: Job, policy: Policy, verdict: PolicyDecision, outputs: ModelOutputs, models: dict[str, Any]
     ) -> Decision:
@@ -194,6 +246,7 @@ class WorkerRuntime:
             policy=policy.name,
             policy_version=policy.version,
             caption=outputs.caption,
+            text=None if outputs.text is None else [line.public() for line in outputs.text],
             categories={name: result.model_dump(mode="json") for name, result in verdict.categories.items()},
             evidence=[item.model_dump(mode="json") for item in verdict.evidence],
             tags=[tag.model_dump(mode="json") for tag in verdict.tags],
@@ -204,14 +257,14 @@ class WorkerRuntime:
         )
 
     def _shadow_plans(
-        self, policy: Policy, context: Mapping[str, Any], roles: set[str]
-    ) -> list[tuple[Policy, Requirements | None, PolicyError | None]]:
+        self, policy: Policy, context: Mapping[str, Any], loaded: frozenset[Capability]
+    ) -> list[ShadowPlan]:
         """Each shadow of `policy` with what it needs, or why it cannot run on this job (never failing the job)."""
-        plans: list[tuple[Policy, Requirements | None, PolicyError | None]] = []
+        plans: list[ShadowPlan] = []
         for shadow in self.registry.shadows_of(policy.name):
             try:
                 shadow_needs = shadow.requirements(context)
-                _check_roles(shadow, shadow_needs, roles)
+                _check_capabilities(shadow, shadow_needs, loaded)
             except PolicyError as exc:
                 plans.append((shadow, None, exc))
                 continue
@@ -243,17 +296,6 @@ class WorkerRuntime:
         send_callbacks(self.settings, job)
         return result
 
-    def _tag_sets(self) -> list[TagSet]:
-        return [tag_set for policy in self.policies.values() for tag_set in policy.requirements().tag_sets]
-
-    def _reloaded(self, outcome: str) -> None:
-        metrics.POLICY_RELOADS.labels(outcome).inc()
-        if outcome == "loaded":
-            self.inference.rewarm()  # a tag set new in this reload is encoded between batches, not by its first job
-
-    def _policy_dirs(self) -> list[Path]:
-        return [self.settings.policies_dir] if self.settings.policies_dir else []
-
 
 def _since_start(job: Job) -> float:
     return round((utcnow() - as_utc(job.started_at or utcnow())).total_seconds() * 1000, 1)
@@ -266,6 +308,7 @@ _REUSED_FIELDS = frozenset(
         "policy",
         "policy_version",
         "caption",
+        "text",
         "categories",
         "evidence",
         "tags",
@@ -286,12 +329,21 @@ def _reused(job: Job, earlier: Decision) -> Decision:
     )
 
 
-def _check_roles(policy: Policy, needs: Requirements, loaded: set[str]) -> None:
-    missing = roles_for(needs) - loaded
+def _all_needs(policies: Mapping[str, Policy]) -> Requirements:
+    """What every loaded policy needs without a job's context, merged: the families to load and what to warm."""
+    needs = RequirementsBuilder()
+    for policy in policies.values():
+        needs.add(policy.requirements())
+    return needs.build()
+
+
+def _check_capabilities(policy: Policy, needs: Requirements, loaded: frozenset[Capability]) -> None:
+    missing = needs.model_capabilities - loaded
     if missing:
+        names = ", ".join(sorted(capability.value for capability in missing))
         raise ModelError(
-            f"policy '{policy.name}' needs the {', '.join(sorted(missing))} model(s), which this worker did not load "
-            "(the policy arrived in a reload); restart the worker to load them",
+            f"policy '{policy.name}' needs {names}, which no model this worker loaded computes "
+            "(the policy arrived in a reload); restart the worker to load the models for it",
             code="model_not_loaded",
         )
 

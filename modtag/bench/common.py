@@ -18,8 +18,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from core.errors import ConfigError
-from worker.engine import ImageOutput, ImageRequest
-from worker.models import LoadedModels, fast_dtype, load_models, resolve_dtype
+from worker.families.blip.engine import ImageOutput, ImageRequest
+from worker.families.blip.models import LoadedModels, fast_dtype, load_models, resolve_dtype
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "hubble_deep_field", "moon")
 """scikit-image's bundled public-domain photos; the grey ones (camera, coins, moon) are converted to RGB."""

@@ -3,7 +3,7 @@
 The phases, each on its own copy of the models (the engine installs fused attention on the models it
 runs, and the baseline must run the stock code):
 
-1. baseline: `worker/baseline.py`, float32, one processor call and one generate/forward per image,
+1. baseline: `worker/families/blip/baseline.py`, float32, one processor call and one generate/forward per image,
    question and text, as the model cards show;
 2. engine at float32: a first run counts the FLOPs (`FlopCounterMode`) and gives the parity outputs,
    then `repeat` timed runs;
@@ -56,11 +56,11 @@ from modtag.bench.common import (
 )
 from modtag.bench.tags import run_tags_bench
 from modtag.bench.through import through_stack
-from worker.attention import has_fused_attention, has_native_attention
-from worker.engine import Engine, ImageOutput, ImageRequest
-from worker.linear import has_packed_linear, packed_linear_available
-from worker.models import load_models, resolve_device
-from worker.quant import has_int8_linear, int8_linear_available
+from worker.families.blip.attention import has_fused_attention, has_native_attention
+from worker.families.blip.engine import Engine, ImageOutput, ImageRequest
+from worker.families.blip.linear import has_packed_linear, packed_linear_available
+from worker.families.blip.models import load_models, resolve_device
+from worker.families.blip.quant import has_int8_linear, int8_linear_available
 
 
 def run_bench(options: BenchOptions) -> dict[str, Any]:
@@ -115,7 +115,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         "engine_fast": engine_fast,
         "speedup_fp32": ratio(engine_fp32["images_per_s"], baseline["images_per_s"] if baseline else None),
         "speedup_fast": ratio(engine_fast["images_per_s"], baseline["images_per_s"] if baseline else None),
-        # int8 linear layers (`worker/quant.py`), the rest at the fast dtype; fidelity against float32.
+        # int8 linear layers (`worker/families/blip/quant.py`), the rest at the fast dtype; fidelity against float32.
         "engine_int8": engine_int8,
         "speedup_int8_over_fast": ratio(engine_int8["images_per_s"], engine_fast["images_per_s"])
         if engine_int8
@@ -185,7 +185,7 @@ def count_flops(run: Callable[[], object]) -> tuple[float, object]:
     """The matrix-product FLOPs (matmul, linear, convolution, attention) `run()` performs, and its result."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    import worker.native  # noqa: F401  (registers modtag's attention operator)
+    import worker.families.blip.native  # noqa: F401  (registers modtag's attention operator)
 
     # PyTorch counts the CUDA attention kernels, not the CPU flash kernel, oneDNN's packed linear nor
     # modtag's native attention (the same products as the flash kernel).
@@ -207,7 +207,8 @@ def decision_agreement(options: BenchOptions, log: Callable[[str], None]) -> dic
     """
     from core.hashes import BankMatch
     from policies import ModelOutputs, decide, load_policies
-    from worker.adapter import image_request, model_outputs, roles_for
+    from worker.families.blip import roles_for
+    from worker.families.blip.adapter import image_request, model_outputs
 
     policy = load_policies([])[DECISION_POLICY]
     needs = policy.requirements()
@@ -218,7 +219,11 @@ def decision_agreement(options: BenchOptions, log: Callable[[str], None]) -> dic
     for dtype in ("float32", "int8"):
         log(f"{DECISION_POLICY} decisions at {dtype}")
         loaded = load_models(
-            options.models, roles_for(needs), cache_dir=options.cache_dir, device=options.device, dtype=dtype
+            options.models,
+            roles_for(needs.capabilities),
+            cache_dir=options.cache_dir,
+            device=options.device,
+            dtype=dtype,
         )
         engine = Engine(loaded, max_caption_tokens=CAPTION_TOKENS, max_batch=options.batch_size)
         outputs = [
@@ -244,7 +249,7 @@ def decision_agreement(options: BenchOptions, log: Callable[[str], None]) -> dic
 def _baseline(
     options: BenchOptions, requests: list[ImageRequest], log: Callable[[str], None]
 ) -> tuple[dict[str, Any], list[ImageOutput]]:
-    from worker.baseline import run_baseline
+    from worker.families.blip.baseline import run_baseline
 
     count = min(options.baseline_images or len(requests), len(requests))
     log(f"baseline float32: loading {options.models}")

@@ -4,7 +4,7 @@ The vision encoder is most of the engine's time, and it is what a user would han
 The same caption model's vision encoder (stock float32 weights, exported once per peer) runs on the same
 batch of preprocessed photos as modtag's engine runs it (fused attention, packed or int8 linear
 layers) at each dtype, and as the engine runs it with PyTorch's attention instead of the native kernel
-(worker/native), the figure before that kernel. The timings interleave, each round in another order
+(worker/families/blip/native), the figure before that kernel. The timings interleave, each round in another order
 and each timed call follows an untimed one of the same runtime (a runtime's threads may still spin after
 it returns, slowing whichever runs next; a worker runs one runtime only), so load from other processes
 hits every runtime alike and none pays for another's threads.
@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from worker.attention import has_native_attention
-from worker.engine import Engine
-from worker.models import fast_dtype, load_models, resolve_device
-from worker.native import cpu_supports
-from worker.quant import int8_linear_available
+from worker.families.blip.attention import has_native_attention
+from worker.families.blip.engine import Engine
+from worker.families.blip.models import fast_dtype, load_models, resolve_device
+from worker.families.blip.native import cpu_supports
+from worker.families.blip.quant import int8_linear_available
 
 PEERS = ("openvino", "onnxruntime")
 INSTALL_HINT = (

@@ -30,8 +30,8 @@ from modtag.bench.common import (
     quiet_transformers,
     stage_totals,
 )
-from worker.engine import Engine, ImageOutput, ImageRequest, TagQuery
-from worker.models import load_models, resolve_device
+from worker.families.blip.engine import Engine, ImageOutput, ImageRequest, TagQuery
+from worker.families.blip.models import load_models, resolve_device
 
 
 def run_tags_bench(options: BenchOptions) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def run_tags_bench(options: BenchOptions) -> dict[str, Any]:
     load_before = load_average()
 
     from policies import TagsCheck, load_policies
-    from worker.adapter import answer_request, tag_query
+    from worker.families.blip.adapter import answer_request, tag_query
 
     policies = load_policies([])
     [tags_check] = [check for _, check in policies[TAGS_POLICY].checks() if isinstance(check, TagsCheck)]

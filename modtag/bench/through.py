@@ -25,8 +25,8 @@ from modtag.bench.common import PHOTOS, BenchOptions, dtype_name, jpeg, photos
 from modtag.client import ApiClient
 from modtag.servers import free_port
 from modtag.stack import Stack
-from worker.engine import Engine
-from worker.models import load_models
+from worker.families.blip.engine import Engine
+from worker.families.blip.models import load_models
 
 
 def through_stack(options: BenchOptions, dtype: torch.dtype | str, log: Callable[[str], None]) -> dict[str, Any]:
@@ -36,13 +36,14 @@ def through_stack(options: BenchOptions, dtype: torch.dtype | str, log: Callable
     the worker's engine settings and batches of `options.batch_size`.
     """
     from policies import load_policies
-    from worker.adapter import image_request, roles_for
+    from worker.families.blip import roles_for
+    from worker.families.blip.adapter import image_request
 
     needs = load_policies([])["moderation"].requirements()
     encoded = [jpeg(image) for image in photos(options.stack_jobs)]
     # What the worker computes for each job, from the same decoded JPEG files.
     requests = [image_request(Image.open(io.BytesIO(data)).convert("RGB"), needs) for data in encoded]
-    roles = roles_for(needs)
+    roles = roles_for(needs.capabilities)
 
     log(f"engine alone, moderation policy, {dtype_name(dtype)}")
     loaded = load_models(

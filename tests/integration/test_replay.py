@@ -3,11 +3,12 @@ random models, a real database (SQLite and PostgreSQL), stored images."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlmodel import select
@@ -19,8 +20,11 @@ from core.settings import Settings, get_settings
 from core.tables import Decision, ShadowDecision
 from modtag.cli import main
 from policies import builtin_dir, load_policy
+from policies.capabilities import Capability
 from tests.support.photos import photo_bytes
 from tests.support.policies import gun_shadow
+from worker.families import FAMILIES, Family, LoadedFamily
+from worker.families.blip import roles_for
 from worker.replay import replay_policy, run_cases
 from worker.runtime import WorkerRuntime
 
@@ -50,7 +54,7 @@ def settings(tmp_path: Path, database_url: str, tiny_models_dir: Path) -> Settin
 def decided(settings: Settings) -> list[str]:
     """Three moderation jobs decided by the worker runtime, with the shadow beside them."""
     blobs = LocalBlobStore(settings.resolved_blob_dir)
-    runtime = WorkerRuntime(settings)
+    runtime = WorkerRuntime.from_settings(settings)
     ids = []
     for name in PHOTOS:
         data = photo_bytes(name, size=(96, 64))
@@ -74,17 +78,20 @@ def moderation_variant(tmp_path: Path, old: str, new: str, name: str = "new.yaml
 
 
 class CountingEngines:
-    """Builds real engines (through the worker's loader), recording which models each replay asked for."""
+    """The real model families (loaded through the worker's loaders), recording which BLIP models each replay loaded."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.roles: list[set[str]] = []
+        self.families = [dataclasses.replace(family, load=self._load(family)) for family in FAMILIES]
 
-    def __call__(self, roles: set[str]) -> Any:
-        from worker.inference import build_engine
+    def _load(self, family: Family) -> Callable[[Settings, frozenset[Capability]], LoadedFamily]:
+        def load(settings: Settings, capabilities: frozenset[Capability]) -> LoadedFamily:
+            if family.name == "blip":
+                self.roles.append(roles_for(capabilities))
+            return family.load(settings, capabilities)
 
-        self.roles.append(set(roles))
-        return build_engine(self.settings, roles)
+        return load
 
 
 def test_shadows_are_recorded_beside_the_decision_and_never_acted_on(settings: Settings, decided: list[str]) -> None:
@@ -104,14 +111,16 @@ def test_replay_of_unchanged_checks_needs_no_models_and_reproduces_decisions(
 ) -> None:
     since = datetime.now(UTC) - timedelta(hours=1)
     engines = CountingEngines(settings)
-    same = replay_policy(load_policy(builtin_dir() / "moderation.yaml"), settings, since=since, engine_factory=engines)
+    same = replay_policy(
+        load_policy(builtin_dir() / "moderation.yaml"), settings, since=since, families=engines.families
+    )
     assert len(same.jobs) == 3 and same.changed == [] and engines.roles == []
     assert all(job.new_action == job.old_action and not job.inferred for job in same.jobs)
 
     # Every category reviews at 0: stored evidence alone re-decides every job.
     strict = tmp_path / "strict.yaml"
     strict.write_text(re.sub(r"review: [0-9.]+", "review: 0.0", (builtin_dir() / "moderation.yaml").read_text()))
-    report = replay_policy(load_policy(strict), settings, since=since, engine_factory=engines)
+    report = replay_policy(load_policy(strict), settings, since=since, families=engines.families)
     assert engines.roles == [] and {job.new_action for job in report.jobs} <= {"review", "block"}
     assert all(job.changed for job in report.jobs)  # categories that allowed now review
     assert report.confusion()["allow"]["allow"] == 0
@@ -126,7 +135,7 @@ def test_replay_runs_inference_only_for_new_checks(settings: Settings, decided: 
     )
     engines = CountingEngines(settings)
     report = replay_policy(
-        load_policy(new), settings, since=datetime.now(UTC) - timedelta(hours=1), engine_factory=engines
+        load_policy(new), settings, since=datetime.now(UTC) - timedelta(hours=1), families=engines.families
     )
     assert engines.roles == [{"vqa"}]  # one model, for the one new question
     assert all(job.inferred and job.new_action is not None for job in report.jobs)
@@ -206,7 +215,7 @@ def test_listing_cases_read_a_sidecar_context(settings: Settings, tmp_path: Path
 
 def test_listing_decisions_replay_from_stored_answers_and_tags(settings: Settings, tmp_path: Path) -> None:
     blobs = LocalBlobStore(settings.resolved_blob_dir)
-    runtime = WorkerRuntime(settings)
+    runtime = WorkerRuntime.from_settings(settings)
     context = {"title": "Red ceramic mug", "attributes": {"color": "crimson", "material": "ceramic"}}
     for name in ("coffee", "chelsea"):
         key = blobs.put(photo_bytes(name, size=(96, 64)))
@@ -226,11 +235,11 @@ def test_listing_decisions_replay_from_stored_answers_and_tags(settings: Setting
     since = datetime.now(UTC) - timedelta(hours=1)
     listing = (builtin_dir() / "listing.yaml").read_text()
     engines = CountingEngines(settings)
-    same = replay_policy(load_policy(builtin_dir() / "listing.yaml"), settings, since=since, engine_factory=engines)
+    same = replay_policy(load_policy(builtin_dir() / "listing.yaml"), settings, since=since, families=engines.families)
     assert len(same.jobs) == 2 and same.changed == [] and engines.roles == []
     (tmp_path / "thresholds.yaml").write_text(listing.replace("review: 0.7", "review: 0.0"))
-    report = replay_policy(load_policy(tmp_path / "thresholds.yaml"), settings, since=since, engine_factory=engines)
+    report = replay_policy(load_policy(tmp_path / "thresholds.yaml"), settings, since=since, families=engines.families)
     assert engines.roles == [] and all(job.new_action == "review" for job in report.jobs)
     (tmp_path / "more_tags.yaml").write_text(listing.replace("top_k: 3", "top_k: 4"))
-    replay_policy(load_policy(tmp_path / "more_tags.yaml"), settings, since=since, engine_factory=engines)
+    replay_policy(load_policy(tmp_path / "more_tags.yaml"), settings, since=since, families=engines.families)
     assert engines.roles == [{"itm"}]  # only the tag set changed

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from worker.models import LoadedModels
+    from worker.families.blip.models import LoadedModels
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +23,7 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Load them by path (`load_models(str(tiny_models_dir), ...)`) or by preset with its parent as the
     cache: `load_models("tiny-random", ..., cache_dir=tiny_models_dir.parent)`.
     """
-    from worker.models import ROLES, resolve_model_dirs
+    from worker.families.blip.models import ROLES, resolve_model_dirs
 
     dirs = resolve_model_dirs("tiny-random", tmp_path_factory.mktemp("models"))
     return Path(dirs[ROLES[0]]).parent
@@ -32,7 +32,7 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def loaded(tiny_models_dir: Path) -> LoadedModels:
     """The engine's models, every role (engines install fused attention on them)."""
-    from worker.models import ROLES, load_models
+    from worker.families.blip.models import ROLES, load_models
 
     return load_models("tiny-random", set(ROLES), cache_dir=tiny_models_dir.parent)
 
@@ -40,7 +40,7 @@ def loaded(tiny_models_dir: Path) -> LoadedModels:
 @pytest.fixture(scope="module")
 def stock(tiny_models_dir: Path) -> LoadedModels:
     """The same weights, loaded again, for the stock calls: never given to an engine."""
-    from worker.models import ROLES, load_models
+    from worker.families.blip.models import ROLES, load_models
 
     return load_models("tiny-random", set(ROLES), cache_dir=tiny_models_dir.parent)
 

@@ -10,9 +10,9 @@ import torch
 from transformers.models.blip.modeling_blip import BlipAttention
 from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
 
-from worker import attention
-from worker.attention import attend, has_fused_attention, install_fused_attention
-from worker.models import load_models
+from worker.families.blip import attention
+from worker.families.blip.attention import attend, has_fused_attention, install_fused_attention
+from worker.families.blip.models import load_models
 
 
 def _eager(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

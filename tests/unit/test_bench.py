@@ -17,9 +17,9 @@ from core.errors import ConfigError
 from modtag.bench import BenchOptions, count_flops, format_report, peers, run_bench
 from modtag.bench import engine as bench
 from modtag.cli import main
-from worker.engine import ImageOutput
-from worker.linear import install_packed_linear
-from worker.quant import int8_linear_available
+from worker.families.blip.engine import ImageOutput
+from worker.families.blip.linear import install_packed_linear
+from worker.families.blip.quant import int8_linear_available
 
 # The keys the issue promises to scripts comparing runs.
 REQUIRED_KEYS = [

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 from transformers import GenerationConfig
 
-from worker.captioning import greedy_captions, plain_greedy
-from worker.engine import Engine, ImageRequest
-from worker.models import LoadedModels, load_models
+from worker.families.blip.captioning import greedy_captions, plain_greedy
+from worker.families.blip.engine import Engine, ImageRequest
+from worker.families.blip.models import LoadedModels, load_models
 
 EOS, PAD = 102, 0
 

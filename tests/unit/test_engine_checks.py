@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.engine import AnswerRequest, Engine, ImageRequest, TagQuery
-from worker.models import LoadedModel, LoadedModels
+from worker.families.blip.engine import AnswerRequest, Engine, ImageRequest, TagQuery
+from worker.families.blip.models import LoadedModel, LoadedModels
 
 TOLERANCE = 1e-4
 COLOURS = (

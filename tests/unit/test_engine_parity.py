@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from core.errors import ConfigError, ModelError
-from worker import attention, baseline
-from worker.attention import has_fused_attention
-from worker.engine import STAGES, Engine, ImageOutput, ImageRequest
-from worker.models import LoadedModels, load_models
+from worker.families.blip import attention, baseline
+from worker.families.blip.attention import has_fused_attention
+from worker.families.blip.engine import STAGES, Engine, ImageOutput, ImageRequest
+from worker.families.blip.models import LoadedModels, load_models
 
 TOLERANCE = 1e-4
 

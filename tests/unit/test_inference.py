@@ -12,7 +12,6 @@ from core.hashes import BankMatch
 from core.settings import Settings
 from policies import ModelOutputs, decide, load_policies
 from tests.support.photos import photo_bytes
-from worker.adapter import roles_for
 from worker.inference import InferenceService
 
 
@@ -40,8 +39,10 @@ def test_a_batch_gives_policy_outputs_and_reports_each_stage_once(tmp_path: Path
     stages = [("all", "preprocess"), ("all", "vision"), ("caption", "caption"), ("vqa", "probes"), ("itm", "matches")]
     before = {stage: observations(*stage) for stage in [*stages, ("vqa", "answers"), ("itm", "tags")]}
     with InferenceService(settings) as inference:
-        inference.start(roles_for(needs))
-        assert inference.roles == {"caption", "vqa", "itm"} and inference.describe()["random"] is True
+        inference.start(needs.model_capabilities)
+        assert {"caption", "vqa", "itm"} <= set(inference.describe()["roles"]) and inference.describe()[
+            "random"
+        ] is True
         outputs = inference.infer_all([(image, needs) for image in images])
     assert len(outputs) == 2
     for output in outputs:

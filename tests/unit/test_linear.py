@@ -10,8 +10,8 @@ from torch import nn
 from transformers.models.blip.modeling_blip import BlipMLP
 from transformers.models.blip.modeling_blip_text import BlipTextIntermediate
 
-from worker.linear import has_packed_linear, install_packed_linear, packed_linear_available
-from worker.models import load_models
+from worker.families.blip.linear import has_packed_linear, install_packed_linear, packed_linear_available
+from worker.families.blip.models import load_models
 
 pytestmark = pytest.mark.skipif(
     not packed_linear_available(torch.float32),

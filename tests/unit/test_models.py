@@ -18,8 +18,8 @@ from transformers import (
 )
 
 from core.errors import ConfigError, ModelError
-from worker import models
-from worker.models import (
+from worker.families.blip import models
+from worker.families.blip.models import (
     RANDOM_MARKER,
     build_random_models,
     fast_dtype,

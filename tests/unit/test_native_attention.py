@@ -1,4 +1,5 @@
-"""The native attention kernel (worker/native): built by the real compiler, the stock numbers, a clear refusal.
+"""The native attention kernel (worker/families/blip/native): built by the real compiler, the stock numbers,
+a clear refusal.
 
 It needs AVX-512 and a C compiler; the CI machine has both. Elsewhere these tests skip, saying which is
 missing, and the engine runs PyTorch's attention (test_attention.py covers that path).
@@ -14,9 +15,9 @@ import pytest
 import torch
 from transformers import BlipVisionConfig, BlipVisionModel
 
-from worker import native
-from worker.attention import attend, has_native_attention, install_fused_attention
-from worker.native import NativeAttention, build, cpu_supports, native_attention
+from worker.families.blip import native
+from worker.families.blip.attention import attend, has_native_attention, install_fused_attention
+from worker.families.blip.native import NativeAttention, build, cpu_supports, native_attention
 
 pytestmark = [
     pytest.mark.skipif(not cpu_supports(torch.float32), reason="the kernel needs AVX-512; this CPU lacks it"),
@@ -159,7 +160,7 @@ def test_flop_counter_sees_the_kernel(kernel: NativeAttention) -> None:
 
 
 def test_tiny_models_heads_are_too_small_for_the_kernel(tiny_models_dir: Path) -> None:
-    from worker.models import load_models
+    from worker.families.blip.models import load_models
 
     loaded = load_models("tiny-random", {"caption"}, cache_dir=tiny_models_dir.parent)
     install_fused_attention(loaded.get("caption").model)
@@ -169,7 +170,7 @@ def test_tiny_models_heads_are_too_small_for_the_kernel(tiny_models_dir: Path) -
 @pytest.mark.skipif(not cpu_supports(torch.bfloat16), reason="this CPU lacks AVX-512 BF16")
 @pytest.mark.parametrize("shape", [(1, 5), (3, 17), (37, 768), (577, 3072)])
 def test_quantizer_matches_pytorch(shape: tuple[int, int]) -> None:
-    # The int8 layers' input quantizer (worker/quant.py): PyTorch's scale, zero point and values.
+    # The int8 layers' input quantizer (worker/families/blip/quant.py): PyTorch's scale, zero point and values.
     quantizer = native.native_quantizer()
     assert quantizer is not None
     rows = (torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1])) * 3 + 0.5).bfloat16()

@@ -15,7 +15,7 @@ from modtag.cli import main
 from modtag.listing import listing_failed, parse_attributes
 from policies import builtin_dir
 from tests.support.photos import photo_bytes
-from worker.quant import int8_linear_available
+from worker.families.blip.quant import int8_linear_available
 from worker.replay import find_cases
 
 

@@ -18,10 +18,10 @@ from transformers.models.blip.modeling_blip import BlipMLP
 
 from core.errors import ConfigError
 from core.settings import Settings
-from worker.engine import Engine, ImageRequest
-from worker.linear import has_packed_linear
-from worker.models import LoadedModels, load_models
-from worker.quant import has_int8_linear, install_int8_linear, int8_linear_available
+from worker.families.blip.engine import Engine, ImageRequest
+from worker.families.blip.linear import has_packed_linear
+from worker.families.blip.models import LoadedModels, load_models
+from worker.families.blip.quant import has_int8_linear, install_int8_linear, int8_linear_available
 
 pytestmark = pytest.mark.skipif(
     not int8_linear_available(), reason="this PyTorch has no oneDNN int8 linear kernels (int8 is refused)"

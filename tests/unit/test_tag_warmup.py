@@ -12,8 +12,9 @@ from PIL import Image
 
 from core.settings import Settings
 from policies import load_policies
-from worker.engine import Engine, ImageRequest, TagQuery
-from worker.models import LoadedModels
+from worker.families.blip.adapter import BlipFamily
+from worker.families.blip.engine import Engine, ImageRequest, TagQuery
+from worker.families.blip.models import LoadedModels
 from worker.runtime import WorkerRuntime
 
 TAGS = ("a photo of a mug", "a photo of a cat", "a photo of a rocket", "a photo of a red item",
@@ -162,12 +163,12 @@ def runtime(tmp_path: Path, tiny_models_dir: Path) -> Iterator[WorkerRuntime]:
         models_cache_dir=tiny_models_dir.parent,
         batch_wait_ms=1,
     )
-    yield WorkerRuntime(settings)
+    yield WorkerRuntime.from_settings(settings)
 
 
 def test_worker_load_warms_every_loaded_policys_tag_sets(runtime: WorkerRuntime, caplog: Any) -> None:
-    caplog.set_level("INFO", logger="worker.inference")
-    engine = runtime.load()
+    caplog.set_level("INFO", logger="worker.families.blip.adapter")
+    engine = blip_engine(runtime)
     policies = load_policies([])
     tag_sets = [t for name in ("listing", "tagging") for t in policies[name].requirements().tag_sets]
     assert len(tag_sets) == 2 and tag_sets[0].texts == tag_sets[1].texts  # one taxonomy, two top_k
@@ -188,8 +189,8 @@ def test_a_tag_set_new_in_a_reload_is_warmed_on_the_model_thread(tmp_path: Path,
         models_cache_dir=tiny_models_dir.parent,
         policies_dir=policies_dir,
     )
-    runtime = WorkerRuntime(settings)
-    engine = runtime.load()
+    runtime = WorkerRuntime.from_settings(settings)
+    engine = blip_engine(runtime)
     texts = ("a photo of a teapot", "a photo of a kettle", "a photo of a samovar")
     (policies_dir / "kitchen.yaml").write_text(
         "name: kitchen\n"
@@ -209,3 +210,11 @@ def test_a_tag_set_new_in_a_reload_is_warmed_on_the_model_thread(tmp_path: Path,
     query = next(t for t in runtime.policies["kitchen"].requirements().tag_sets)
     assert set(query.texts) == set(texts)
     assert engine.warm_tags([TagQuery(query.key, query.texts, query.groups, query.top_k)]) == 0
+
+
+def blip_engine(runtime: WorkerRuntime) -> Engine:
+    """The BLIP engine a worker loaded for its policies."""
+    runtime.load()
+    family = runtime.inference.family("blip")
+    assert isinstance(family, BlipFamily)
+    return family.engine

@@ -1,6 +1,6 @@
 """The BLIP inference engine: captions, yes/no probes and image-text matches for a batch of images.
 
-It computes what the stock per-image, per-question, per-text calls compute (`worker/baseline.py`;
+It computes what the stock per-image, per-question, per-text calls compute (`worker/families/blip/baseline.py`;
 the parity tests hold it to 1e-4 in float32) with far less work:
 
 - each image goes through each role's vision encoder once, batched across the images of a call;
@@ -10,12 +10,12 @@ the parity tests hold it to 1e-4 in float32) with far less work:
   tokens (577 at base size, the bulk of a text pass) are computed once per image, not once per text;
 - the yes/no answers of all probes of all images come from one decoder step, batched (by question
   length: see `Engine._probe`);
-- captions are generated greedily for all images at once (`worker/captioning.py`: a preallocated
+- captions are generated greedily for all images at once (`worker/families/blip/captioning.py`: a preallocated
   self-attention cache, and the image side of cross-attention folded into the queries, which saves
   the per-layer key/value projections of the 577 image tokens);
-- on the engine's own model instances (never their classes), attention runs fused (`worker/attention.py`:
+- on the engine's own model instances (never their classes), attention runs fused (`worker/families/blip/attention.py`:
   SDPA, or cache-sized chunks for bf16 on CPUs) and, on CPUs, linear layers run on weights packed
-  once for oneDNN with the bias and the MLPs' GELU fused (`worker/linear.py`); everything runs under
+  once for oneDNN with the bias and the MLPs' GELU fused (`worker/families/blip/linear.py`); everything runs under
   `torch.inference_mode`.
 
 On CUDA the pixel tensors are prepared in pinned host memory and copied without blocking.
@@ -45,10 +45,10 @@ from transformers import (
 )
 
 from core.errors import ConfigError, ModelError
-from worker.attention import install_fused_attention
-from worker.captioning import greedy_captions, plain_greedy
-from worker.linear import install_packed_linear
-from worker.models import LoadedModels, Role
+from worker.families.blip.attention import install_fused_attention
+from worker.families.blip.captioning import greedy_captions, plain_greedy
+from worker.families.blip.linear import install_packed_linear
+from worker.families.blip.models import LoadedModels, Role
 
 STAGES = ("preprocess", "vision", "caption", "probes", "matches", "answers", "tags")
 ANSWER_BUDGET = 16  # at most this many answers of one question are scored in full (see Engine._rank_answers)
@@ -165,8 +165,8 @@ class Engine:
     rounding, faster. Load a separate copy to run the stock arithmetic beside it, as `modtag bench`
     and the parity tests do. On CPUs the packed weights are a second copy of the linear layers' weights,
     nearly doubling the models' memory. `native_kernels` runs the vision encoders' self-attention in the
-    native kernel (worker/native) on CPUs with AVX-512 where a C compiler can build it. `fast_decoding`
-    generates captions with `worker/captioning.py` (when the decoder's generation config is plain greedy
+    native kernel (worker/families/blip/native) on CPUs with AVX-512 where a C compiler can build it. `fast_decoding`
+    generates captions with `worker/families/blip/captioning.py` (when the decoder's generation config is plain greedy
     search) instead of transformers' `generate`.
     """
 

@@ -10,7 +10,7 @@ nothing else changes.
 
 The library is compiled once per source and flags into the user's cache directory (about a second) and loaded
 with ctypes; it links the OpenMP runtime PyTorch has already loaded, so it runs on PyTorch's threads. An image
-without a compiler builds it beside its source when the image is built (`python -m worker.native`, as
+without a compiler builds it beside its source when the image is built (`python -m worker.families.blip.native`, as
 deploy/docker/Dockerfile.worker does); a library found there is used first.
 """
 
@@ -202,7 +202,7 @@ class _Library:
 
 
 def _sources() -> tuple[Path, ...]:
-    # Compiled into the same library beside the attention: the int8 layers' input quantizer (worker/quant.py).
+    # Compiled into the same library beside the attention: the int8 layers' input quantizer (blip/quant.py).
     return (SOURCE, SOURCE.with_name("quantize.c"))
 
 
@@ -249,5 +249,5 @@ def _strides(tensor: torch.Tensor) -> ctypes.Array[ctypes.c_int64]:
     return (ctypes.c_int64 * 3)(tensor.stride(0), tensor.stride(1), tensor.stride(2))
 
 
-if __name__ == "__main__":  # python -m worker.native: build beside the source (an image's build step)
+if __name__ == "__main__":  # python -m worker.families.blip.native: build beside the source (an image's build step)
     print(build(SOURCE.parent))

@@ -34,8 +34,8 @@ from transformers import (
 )
 
 from core.errors import ConfigError, ModelError
-from worker.quant import install_int8_linear, int8_linear_available
-from worker.wordlist import COMMON_WORDS, SUFFIX_PIECES
+from worker.families.blip.quant import install_int8_linear, int8_linear_available
+from worker.families.blip.wordlist import COMMON_WORDS, SUFFIX_PIECES
 
 Role = Literal["caption", "vqa", "itm"]
 RandomSize = Literal["tiny", "base"]
@@ -96,7 +96,9 @@ class LoadedModels:
     models: dict[Role, LoadedModel]
     device: torch.device
     dtype: torch.dtype  # what activations, attention and norms compute in
-    int8: bool = False  # linear layers on int8 weights and dynamically quantized inputs (`worker/quant.py`)
+    int8: bool = (
+        False  # linear layers on int8 weights and dynamically quantized inputs (`worker/families/blip/quant.py`)
+    )
 
     def __contains__(self, role: object) -> bool:
         return role in self.models
@@ -152,7 +154,7 @@ def load_models(
     ConfigError (unknown preset, role, device or dtype).
 
     `int8` (CPUs only) loads at the fast dtype (bf16 where the CPU computes it) and then quantizes every
-    linear layer (`worker/quant.py`); the rest of the models computes at that dtype.
+    linear layer (`worker/families/blip/quant.py`); the rest of the models computes at that dtype.
     """
     unknown = set(roles) - set(ROLES)
     if unknown:

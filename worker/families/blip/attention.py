@@ -9,7 +9,7 @@ products per cache-sized chunk of heads instead. The replacements keep the stock
 masks and cache handling and change only how the attention is computed: in float32 they agree with
 the stock classes to about 1e-6.
 
-On CPUs with AVX-512 the vision encoders' self-attention runs a native kernel instead (worker/native: the
+On CPUs with AVX-512 the vision encoders' self-attention runs a native kernel instead (worker/families/blip/native: the
 scores of a block of query rows kept in cache, about 1.5x PyTorch's attention), where it can be built.
 
 They are installed on the given model's module instances, never on the classes, so other models of the
@@ -28,7 +28,7 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.blip.modeling_blip import BlipAttention
 from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
 
-from worker.native import HEAD_SIZE, NativeAttention, native_attention
+from worker.families.blip.native import HEAD_SIZE, NativeAttention, native_attention
 
 _MARK = "_modtag_fused_attention"
 _NATIVE = "_modtag_native_attention"
@@ -37,7 +37,7 @@ _NATIVE = "_modtag_native_attention"
 def install_fused_attention(model: nn.Module, native: bool = True) -> int:
     """Replace the attention of every BLIP vision and text attention module in `model`; returns how many.
 
-    `native`: the vision encoders' self-attention runs the native kernel where it can (worker/native).
+    `native`: the vision encoders' self-attention runs the native kernel where it can (worker/families/blip/native).
     Idempotent: modules already replaced are left alone (and not counted).
     """
     kernel = native_attention() if native else None

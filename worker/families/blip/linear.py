@@ -82,7 +82,7 @@ _BATCH_HINT = 4096
 def _pack_linears(model: nn.Module) -> int:
     installed = 0
     for module in model.modules():
-        # A layer whose forward was replaced per instance already (int8, `worker/quant.py`) keeps it.
+        # A layer whose forward was replaced per instance already (int8, `worker/families/blip/quant.py`) keeps it.
         if type(module) is not nn.Linear or hasattr(module, _PACKED) or "forward" in module.__dict__:
             continue
         weight = module.weight

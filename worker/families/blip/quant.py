@@ -9,7 +9,7 @@ oneDNN's int8 product runs on the VNNI dot-product instructions with the dequant
 Why per call and not per token: oneDNN's int8 linear takes one activation scale, and a per-token
 scale done by hand (`torch._int_mm` and an unfused float epilogue over the int32 products) measured
 slower than bf16 here; the fused kernel is about twice as fast as the packed bf16 product at the
-vision encoder's shapes. Its bf16 input is quantized by the native library (worker/native/quantize.c: two
+vision encoder's shapes. Its bf16 input is quantized by the native library (worker/families/blip/native/quantize.c: two
 parallel passes) where it builds, else by PyTorch (a float32 copy, a min/max and fbgemm's one-thread
 quantizer, about 5x as long: 14% of the int8 layers' time at two threads). One consequence: an image's
 results depend slightly on the other images of its batch, as the activation range is shared (the bench
@@ -34,8 +34,8 @@ from torch.nn import functional
 from transformers.models.blip.modeling_blip import BlipMLP
 from transformers.models.blip.modeling_blip_text import BlipTextIntermediate
 
-from worker.linear import is_exact_gelu
-from worker.native import native_quantizer
+from worker.families.blip.linear import is_exact_gelu
+from worker.families.blip.native import native_quantizer
 
 _INT8 = "_modtag_int8_weight"
 
@@ -144,7 +144,7 @@ def _int8_linear(layer: nn.Linear, inputs: torch.Tensor, activation: str) -> tor
         return functional.gelu(stock) if activation == "gelu" else stock
     quantizer = native_quantizer() if inputs.dtype == torch.bfloat16 else None
     if quantizer is not None:
-        # The same scale, zero point and rounding in two parallel passes over the bfloat16 input (worker/native).
+        # The same scale, zero point and rounding in two parallel passes over the bfloat16 input (blip/native).
         quantized, scale, zero_point = quantizer(inputs.reshape(-1, layer.in_features))
     else:
         rows = _float_rows(inputs, layer.in_features)

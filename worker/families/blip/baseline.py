@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from worker.engine import ImageOutput, ImageRequest
-from worker.models import LoadedModel, LoadedModels
+from worker.families.blip.engine import ImageOutput, ImageRequest
+from worker.families.blip.models import LoadedModel, LoadedModels
 
 
 def run_baseline(

@@ -1,4 +1,4 @@
-/* uint8 quantization of bfloat16 activations for the int8 linear layers (worker/quant.py): one scale and
+/* uint8 quantization of bfloat16 activations for the int8 linear layers (worker/families/blip/quant.py): one scale and
    zero point over the whole input, its range widened to hold 0, as that module computes them; then
    q = clamp(round(x / scale) + zero, 0, 255), rounding half to even.
 
