@@ -30,7 +30,6 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue=Queue.INFERENCE.value,
         task_routes={
             TaskName.PROCESS_JOB.value: {"queue": Queue.INFERENCE.value},
-            TaskName.RECONCILE.value: {"queue": Queue.MAINTENANCE.value},
         },
         # The worker's task threads (twice the batch size, see `modtag worker`) already hold the batch that
         # computes and the next one; reserving more would only keep messages from idle workers.

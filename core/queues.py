@@ -6,14 +6,13 @@ from enum import StrEnum
 
 
 class Queue(StrEnum):
-    """Celery queues. `inference` jobs need the BLIP models; `maintenance` tasks do not."""
+    """Celery queues. `inference` jobs need the model families. The reconciler and the webhook sender are
+    threads of every worker (core/reconcile.py, worker/callbacks.py), not tasks: they need no queue."""
 
     INFERENCE = "modtag.inference"
-    MAINTENANCE = "modtag.maintenance"
 
 
 class TaskName(StrEnum):
     """Task names, so the API can enqueue by name without importing the worker (and torch)."""
 
     PROCESS_JOB = "modtag.process_job"
-    RECONCILE = "modtag.reconcile"

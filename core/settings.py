@@ -12,7 +12,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ConfigError
 
-MODEL_PRESETS = ("base", "large", "tiny-random", "random-base")
 # A key chosen by an operator (MODTAG_ADMIN_KEY): long and printable, so it fits a header and is hard to guess.
 KEY_PATTERN = re.compile(r"^[\x21-\x7e]{32,256}$")
 
@@ -41,7 +40,7 @@ class Settings(BaseSettings):
     )
     policies_dir: Path | None = Field(default=None, description="Extra policy YAML files beside the built-ins.")
 
-    # Models: a preset (base, large, tiny-random, random-base) or a directory of three model folders.
+    # BLIP models: a preset (worker/families/blip/presets.py) or a directory of three model folders.
     models: str = "base"
     models_cache_dir: Path | None = Field(default=None, description="Where built random models are kept.")
     device: str = "auto"

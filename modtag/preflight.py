@@ -15,7 +15,7 @@ def check_models_reachable(models: str, timeout_s: float = 5.0) -> None:
     Without this, a worker on a machine with no internet spends minutes in huggingface_hub's retries
     before reporting what is wrong.
     """
-    from worker.families.blip.models import MODEL_PRESETS
+    from worker.families.blip.presets import MODEL_PRESETS
 
     if models not in MODEL_PRESETS:
         return  # random presets are built locally; directories are checked by the loader

@@ -18,16 +18,16 @@ from transformers import (
 )
 
 from core.errors import ConfigError, ModelError
-from worker.families.blip import models
+from worker.families.blip import models, random_build
 from worker.families.blip.models import (
-    RANDOM_MARKER,
-    build_random_models,
     fast_dtype,
     load_models,
     resolve_device,
     resolve_dtype,
     resolve_model_dirs,
 )
+from worker.families.blip.presets import RANDOM_MARKER
+from worker.families.blip.random_build import build_random_models
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -75,13 +75,13 @@ def test_build_reuses_its_own_result_and_refuses_foreign_directories(tmp_path: P
 def test_build_losing_a_race_keeps_the_winners_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Another process renames its finished build into place while this one is still writing.
     dest = tmp_path / "m"
-    write = models._write_random_models
+    write = random_build._write_random_models
 
     def write_while_another_process_wins(root: Path, *args: object) -> None:
         write(root, *args)  # type: ignore[arg-type]
         shutil.copytree(root, dest)
 
-    monkeypatch.setattr(models, "_write_random_models", write_while_another_process_wins)
+    monkeypatch.setattr(random_build, "_write_random_models", write_while_another_process_wins)
     assert build_random_models(dest, "tiny") == dest
     assert (dest / RANDOM_MARKER).is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
@@ -138,7 +138,7 @@ def test_random_vocabulary_has_real_words_and_tokenizes_anything(tiny_models_dir
     assert "[UNK]" not in tokens
     assert tokens[:3] == ["is", "there", "a"]
     assert tokenizer.convert_tokens_to_string(tokens).replace(" ", "") == "isthereazyzzyva-42inthepicture?!"
-    assert len(models._random_tokenizer("base")) == 30524  # bert-base-uncased + [DEC] + [ENC]
+    assert len(random_build._random_tokenizer("base")) == 30524  # bert-base-uncased + [DEC] + [ENC]
 
 
 def test_only_the_requested_roles_are_loaded(tiny_models_dir: Path) -> None:

@@ -48,7 +48,7 @@ from core.errors import ConfigError, ModelError
 from worker.families.blip.attention import install_fused_attention
 from worker.families.blip.captioning import greedy_captions, plain_greedy
 from worker.families.blip.linear import install_packed_linear
-from worker.families.blip.models import LoadedModels, Role
+from worker.families.blip.models import LoadedModels, ModelRole
 
 STAGES = ("preprocess", "vision", "caption", "probes", "matches", "answers", "tags")
 ANSWER_BUDGET = 16  # at most this many answers of one question are scored in full (see Engine._rank_answers)
@@ -134,8 +134,8 @@ class PreparedBatch:
     """The CPU side of a call: pixel values per role and packed, tokenized texts."""
 
     requests: list[ImageRequest]
-    images: dict[Role, list[int]]  # per role: the request index of each row of pixels[role]
-    pixels: dict[Role, torch.Tensor]
+    images: dict[ModelRole, list[int]]  # per role: the request index of each row of pixels[role]
+    pixels: dict[ModelRole, torch.Tensor]
     probe_pairs: list[tuple[int, str]]  # (request index, question), unique per request: probes and answer questions
     match_pairs: list[tuple[int, str]]
     probe_passes: list[TextPass]
@@ -208,7 +208,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_row_tokens = max_row_tokens
         self.answer_budget = max(answer_budget, 1)
-        self._token_cache: OrderedDict[tuple[Role, str], tuple[int, ...]] = OrderedDict()
+        self._token_cache: OrderedDict[tuple[ModelRole, str], tuple[int, ...]] = OrderedDict()
         self._token_cache_size = token_cache_size
         self._lock = threading.Lock()
         self._text = {role: _TextConfig.of(loaded.model) for role, loaded in models.models.items()}
@@ -261,7 +261,7 @@ class Engine:
         reqs = list(requests)
         for request in reqs:
             _validate(request)
-        images: dict[Role, list[int]] = {
+        images: dict[ModelRole, list[int]] = {
             "caption": [i for i, r in enumerate(reqs) if r.caption],
             "vqa": [i for i, r in enumerate(reqs) if r.probes or r.answers],
             "itm": [i for i, r in enumerate(reqs) if r.texts or r.tags],
@@ -375,7 +375,7 @@ class Engine:
 
     # Forward stages.
 
-    def _encode_images(self, role: Role, pixels: torch.Tensor) -> torch.Tensor:
+    def _encode_images(self, role: ModelRole, pixels: torch.Tensor) -> torch.Tensor:
         model = cast(_BlipModel, self.models.get(role).model)
         chunks = []
         for chunk in pixels.split(self.max_batch):
@@ -648,13 +648,13 @@ class Engine:
 
     # Preprocess helpers.
 
-    def _pixels(self, reqs: list[ImageRequest], images: dict[Role, list[int]]) -> dict[Role, torch.Tensor]:
+    def _pixels(self, reqs: list[ImageRequest], images: dict[ModelRole, list[int]]) -> dict[ModelRole, torch.Tensor]:
         # Roles whose image processors are configured alike (the usual case) share one resize.
-        by_config: dict[str, list[Role]] = {}
+        by_config: dict[str, list[ModelRole]] = {}
         for role in images:
             image_processor = self.models.get(role).processor.image_processor
             by_config.setdefault(image_processor.to_json_string(), []).append(role)
-        pixels: dict[Role, torch.Tensor] = {}
+        pixels: dict[ModelRole, torch.Tensor] = {}
         for roles in by_config.values():
             union = sorted({i for role in roles for i in images[role]})
             image_processor = self.models.get(roles[0]).processor.image_processor
@@ -669,7 +669,7 @@ class Engine:
                     pixels[role] = pixels[role].pin_memory()
         return pixels
 
-    def _pack(self, role: Role, pairs: list[tuple[int, str]], image_requests: list[int]) -> list[TextPass]:
+    def _pack(self, role: ModelRole, pairs: list[tuple[int, str]], image_requests: list[int]) -> list[TextPass]:
         if not pairs:
             return []
         image_row = {request_index: row for row, request_index in enumerate(image_requests)}
@@ -693,7 +693,7 @@ class Engine:
             for start in range(0, len(rows), self.max_batch)
         ]
 
-    def _tokens(self, role: Role, text: str) -> tuple[int, ...]:
+    def _tokens(self, role: ModelRole, text: str) -> tuple[int, ...]:
         key = (role, text)
         with self._lock:
             cached = self._token_cache.get(key)
