@@ -7,7 +7,7 @@ Decoding in the task threads overlaps with model compute in the model thread.
 The model thread is the only thread that should run torch in a worker: `call` runs model loading and
 warm-ups there too. On CPUs each thread that runs torch operators gets its own OpenMP thread team;
 two teams on few cores make every parallel region wake sleeping threads instead of spinning ones
-(measured here: a batch 9% slower, its caption stage 45% slower, once another thread had run the model).
+(a whole batch slower, its caption stage most, once another thread had run the model; figures in the README).
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ oneDNN's int8 product runs on the VNNI dot-product instructions with the dequant
 (for BLIP's MLPs) the exact GELU fused into its output, written in the input's dtype.
 
 Why per call and not per token: oneDNN's int8 linear takes one activation scale, and a per-token
-scale done by hand (`torch._int_mm` and an unfused float epilogue over the int32 products) measured
-slower than bf16 here; the fused kernel is about twice as fast as the packed bf16 product at the
-vision encoder's shapes. Its bf16 input is quantized by the native library (worker/families/blip/native/quantize.c: two
+scale done by hand (`torch._int_mm` and an unfused float epilogue over the int32 products) was
+slower than bf16 in the bench; the fused kernel is well ahead of the packed bf16 product at the
+vision encoder's shapes (the README has the figures). Its bf16 input is quantized by the native library (worker/families/blip/native/quantize.c: two
 parallel passes) where it builds, else by PyTorch (a float32 copy, a min/max and fbgemm's one-thread
-quantizer, about 5x as long: 14% of the int8 layers' time at two threads). One consequence: an image's
+quantizer: several times as long, a visible share of the int8 layers' time). One consequence: an image's
 results depend slightly on the other images of its batch, as the activation range is shared (the bench
 reports how far int8 moves scores and decisions).
 
@@ -179,7 +179,7 @@ def _float_rows(inputs: torch.Tensor, features: int) -> torch.Tensor:
     """The input as float32 rows (the quantizer reads float32), in this thread's reused buffer.
 
     A fresh float32 copy of a vision batch's MLP input is 57 MB: allocated per call, the kernel maps new
-    pages every time, which measured 6 to 100 times slower than copying into warm memory.
+    pages every time, which is many times slower than copying into warm memory.
     """
     rows = inputs.reshape(-1, features)
     if rows.dtype == torch.float32:
