@@ -204,9 +204,13 @@ def decision_agreement(options: BenchOptions, log: Callable[[str], None]) -> dic
 
     Each dtype's engine runs the policy's own checks (caption, probes, texts) on every photo, and the
     policy decides on each; reports the share of identical actions and of identical category verdicts.
+    What other families compute for the policy (text read by OCR, pixel measurements) does not depend on
+    BLIP's dtype: it is computed once and shared by both.
     """
     from core.hashes import BankMatch
+    from core.settings import Settings
     from policies import ModelOutputs, decide, load_policies
+    from worker.families import ImageWork, families_for
     from worker.families.blip import roles_for
     from worker.families.blip.adapter import image_request, model_outputs
 
@@ -214,7 +218,14 @@ def decision_agreement(options: BenchOptions, log: Callable[[str], None]) -> dic
     needs = policy.requirements()
     # The photos are in no bank: the worker's hash step would say so before the models run.
     unbanked = ModelOutputs(banks={query.bank: BankMatch(query.bank) for query in needs.banks})
-    requests = [image_request(image, needs) for image in photos(options.images)]
+    images = photos(options.images)
+    requests = [image_request(image, needs) for image in images]
+    others = [ModelOutputs() for _ in images]
+    for family, share in families_for(needs.model_capabilities):
+        if family.name != "blip":
+            settings = Settings(_env_file=None, torch_threads=options.threads or 0)  # type: ignore[call-arg]
+            batch = family.load(settings, share).run_batch([ImageWork(image, needs) for image in images])
+            others = [known.merged(fresh) for known, fresh in zip(others, batch.outputs, strict=True)]
     decisions = {}
     for dtype in ("float32", "int8"):
         log(f"{DECISION_POLICY} decisions at {dtype}")
@@ -231,7 +242,10 @@ def decision_agreement(options: BenchOptions, log: Callable[[str], None]) -> dic
             for start in range(0, len(requests), options.batch_size)
             for out in engine.run(requests[start : start + options.batch_size])
         ]
-        decisions[dtype] = [decide(policy, unbanked.merged(model_outputs(output))) for output in outputs]
+        decisions[dtype] = [
+            decide(policy, unbanked.merged(other).merged(model_outputs(output)))
+            for other, output in zip(others, outputs, strict=True)
+        ]
         del engine, loaded
         gc.collect()
     pairs = list(zip(decisions["int8"], decisions["float32"], strict=True))

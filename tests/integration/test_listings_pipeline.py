@@ -92,7 +92,7 @@ def test_a_listing_is_checked_photo_by_photo_with_a_listing_verdict(deployment: 
         decision = photo["decision"]
         assert decision["policy"] == "listing" and decision["reason"]
         kinds = {entry["kind"] for entry in decision["evidence"]}
-        assert kinds == {"describe", "attribute", "tags"}
+        assert kinds == {"describe", "attribute", "tags", "text", "photo"}
         describe = next(e for e in decision["evidence"] if e["kind"] == "describe")
         assert describe["matched"] and set(describe["scores"]) >= {"Red ceramic coffee mug", "A large mug."}
         colour = next(e for e in decision["evidence"] if e["category"] == "color_mismatch")

@@ -25,6 +25,21 @@ def photo_bytes(name: str, fmt: str = "JPEG", size: tuple[int, int] | None = Non
     return buffer.getvalue()
 
 
+def product_photo(background: tuple[int, int, int] = (255, 255, 255), text: str | None = None) -> bytes:
+    """A listing photo as a JPEG: the coffee cup cut from its photo onto a plain `background`, with `text`
+    written under it in Pillow's bundled font when given (what a seller's contact details look like)."""
+    from PIL import ImageDraw, ImageFont
+
+    canvas = Image.new("RGB", (640, 480), background)
+    cup = photo_image("coffee").crop((170, 40, 470, 300))  # the cup and saucer
+    canvas.paste(cup, (170, 40))
+    if text is not None:
+        ImageDraw.Draw(canvas).text((60, 380), text, fill=(0, 0, 0), font=ImageFont.load_default(size=36))
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
 @pytest.fixture(scope="session", name="photos")
 def encoded_photos() -> dict[str, bytes]:
     """The integration layer's `photos`: the four photos as JPEG files, what an upload carries."""
