@@ -49,7 +49,7 @@ def test_contact_details_in_a_photo_go_to_review_and_the_main_photo_rules_judge_
     line = evidence(with_text, "contact_in_photo")
     assert "0176" in line["matched"] and line["score"] >= 0.5
     assert any("0176" in read["text"] for read in with_text["decision"]["text"])
-    assert all(0 <= v for read in with_text["decision"]["text"] for v in read["box"])
+    assert all(v >= 0 for read in with_text["decision"]["text"] for v in read["box"])
     assert not without_text["decision"]["categories"]["contact_in_photo"]["fired"]
     assert without_text["decision"]["text"] == []
 
