@@ -21,7 +21,9 @@ the parity tests hold it to 1e-4 in float32) with far less work:
 On CUDA the pixel tensors are prepared in pinned host memory and copied without blocking.
 
 Stages are separate methods (`preprocess` on the CPU, `forward` on the device, `postprocess` to
-plain Python), so a worker can overlap the preprocessing of a batch with the forward of the previous.
+plain Python), timed and tested apart. A worker runs them one after the other on its one model thread:
+preprocessing beside a forward would be a second thread running torch (worker/batcher.py says why not);
+what does overlap the models is decoding, in the task threads, while a batch computes.
 """
 
 from __future__ import annotations
