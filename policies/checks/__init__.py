@@ -12,8 +12,10 @@ from policies.checks.caption import CaptionCheck
 from policies.checks.describe import DescribeCheck
 from policies.checks.hash import HashCheck
 from policies.checks.match import MatchCheck
+from policies.checks.photo import PhotoCheck
 from policies.checks.probe import ProbeCheck
 from policies.checks.tags import TagsCheck
+from policies.checks.text import TextCheck
 
 KINDS: dict[str, type[BaseCheck]] = {
     "attribute": AttributeCheck,
@@ -21,8 +23,10 @@ KINDS: dict[str, type[BaseCheck]] = {
     "describe": DescribeCheck,
     "hash": HashCheck,
     "match": MatchCheck,
+    "photo": PhotoCheck,
     "probe": ProbeCheck,
     "tags": TagsCheck,
+    "text": TextCheck,
 }
 CHECK_KINDS: tuple[str, ...] = tuple(sorted(KINDS))
 
@@ -35,6 +39,8 @@ __all__ = [
     "DescribeCheck",
     "HashCheck",
     "MatchCheck",
+    "PhotoCheck",
     "ProbeCheck",
     "TagsCheck",
+    "TextCheck",
 ]

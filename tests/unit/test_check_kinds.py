@@ -13,6 +13,7 @@ from core.errors import PolicyError
 from core.hashes import BankMatch
 from policies import ModelOutputs, Policy, Requirements, decide, load_policy_text
 from policies.checks import KINDS
+from policies.outputs import TextLine
 from policies.replay import missing_requirements, outputs_from_evidence
 
 EXAMPLES: dict[str, dict[str, object]] = {
@@ -21,8 +22,10 @@ EXAMPLES: dict[str, dict[str, object]] = {
     "describe": {"from": ["title", "description"], "negate": True},
     "hash": {"bank": "known_bad", "max_distance": 31},
     "match": {"text": "a photo of a mug"},
+    "photo": {"measure": "white_background", "min": 0.6, "photos": "main"},
     "probe": {"question": "is there a mug in the picture?", "negate": True},
     "tags": {"tags": ["mug", "teapot", "kettle"], "top_k": 2},
+    "text": {"detect": ["phone"], "terms": ["whatsapp"], "min_score": 0.5},
 }
 CONTEXT = {"title": "A red mug", "description": "Ceramic. Holds 300 ml.", "attributes": {"color": "Crimson"}}
 
@@ -46,6 +49,8 @@ def outputs_for(needs: Requirements) -> ModelOutputs:
         answers={q.key: {answer: -0.5 * (i + 1) for i, answer in enumerate(q.candidates)} for q in needs.answers},
         tags={t.key: {text: 0.9 - 0.2 * i for i, text in enumerate(t.texts[: t.top_k])} for t in needs.tag_sets},
         banks={q.bank: BankMatch(q.bank, item="0123abcd", distance=7, by="pdq") for q in needs.banks},
+        text=(TextLine("CALL 555 0142", 0.9, (10, 10, 200, 40)),) if needs.read_text else None,
+        measures={name: {"width": 640.0, "height": 480.0}.get(name, 0.3) for name in needs.measures} or None,
     )
 
 
@@ -64,7 +69,8 @@ def test_a_kind_asks_for_what_it_scores_and_replays_from_its_own_evidence(kind: 
     assert decision.reason.startswith("review by 'concern': " + kind)  # the explanation names the check
 
     stored = [item.model_dump(mode="json") for item in decision.evidence]
-    replayed = outputs_from_evidence(stored, outputs.caption)
+    lines = None if outputs.text is None else [line.public() for line in outputs.text]
+    replayed = outputs_from_evidence(stored, outputs.caption, lines)  # the caption and lines are stored beside
     assert missing_requirements(needs, replayed).empty  # its evidence records every number it asked for
     assert decide(policy, replayed, CONTEXT) == decision
 

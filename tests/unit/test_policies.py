@@ -31,6 +31,7 @@ from policies import (
     load_policy_text,
 )
 from policies.checks.caption import MAX_CAPTION_CHARS
+from policies.outputs import TextLine
 from tests.support.policies import failure, load, policy_with
 
 CASES = Path(__file__).parent / "policy_cases"
@@ -434,6 +435,7 @@ def test_scores_are_rounded_and_stored_evidence_re_evaluates_identically() -> No
         probes={q: (i * 0.137) % 1 for i, q in enumerate(requirements.probes)},
         matches={t: 1 / 3 for t in requirements.texts},
         banks={query.bank: BankMatch(query.bank) for query in requirements.banks},  # in no bank: the hash check is 0
+        text=(),  # no text read in the image: the text checks score 0
     )
     decision = evaluate(collect_evidence(policy, outputs), policy)
     assert all(e.score == round(e.score, 6) for e in decision.evidence)
@@ -583,7 +585,8 @@ def test_requirements_are_deduplicated_in_first_seen_order() -> None:
         (
             "unknown_kind.yaml",
             "policy_invalid",
-            "unknown check kind 'ocr'; known kinds: attribute, caption, describe, hash, match, probe, tags",
+            "unknown check kind 'ocr'; known kinds: attribute, caption, describe, hash, match, photo, probe, tags, "
+            "text",
         ),
     ],
 )
@@ -729,8 +732,11 @@ def test_builtin_moderation_policy() -> None:
     known_bad = policy.category("known_bad")  # a bank match blocks before any model runs
     assert [(check.kind, check.model_free) for check in known_bad.checks] == [("hash", True)]
     assert (known_bad.review, known_bad.block) == (None, 1.0)
+    text_only = [category for category in policy.categories if {c.kind for c in category.checks} == {"text"}]
+    assert [category.name for category in text_only] == ["scam_text", "hate_text"]
+    assert all(category.review is not None and category.block is None for category in text_only)  # OCR: review only
     for category in policy.categories:
-        if category is known_bad:
+        if category is known_bad or category in text_only:
             continue
         kinds = [check.kind for check in category.checks]
         assert 2 <= kinds.count("probe") <= 4, category.name
@@ -755,8 +761,8 @@ def test_builtin_moderation_on_plausible_outputs() -> None:
 
     unbanked = {query.bank: BankMatch(query.bank) for query in requirements.banks}
 
-    def run(caption: str, **probes: float) -> dict[str, str]:
-        outputs = ModelOutputs(caption=caption, probes=quiet | probes, matches=matches, banks=unbanked)
+    def run(caption: str, lines: tuple[TextLine, ...] = (), **probes: float) -> dict[str, str]:
+        outputs = ModelOutputs(caption=caption, probes=quiet | probes, matches=matches, banks=unbanked, text=lines)
         decision = evaluate(collect_evidence(policy, outputs), policy)
         return {name: result.action for name, result in decision.categories.items() if result.fired}
 
@@ -771,6 +777,11 @@ def test_builtin_moderation_on_plausible_outputs() -> None:
         )
         == {}
     )
+    bait = TextLine("Pay with Ca$h App or DM me on Telegram", 0.95, (0, 0, 300, 20))
+    contact = TextLine("CALL 555 0142", 0.95, (0, 30, 120, 50))
+    assert run("a flyer on a wall", (bait,)) == {"scam_text": "review"}  # 2 x 0.95 / 3 >= 0.5
+    assert run("a business card", (contact,)) == {}  # contact details alone: 0.95 / 3
+    assert run("a flyer on a wall", (TextLine("SIEG HEIL", 0.9, (0, 0, 90, 20)),)) == {"hate_text": "review"}
 
 
 def test_the_readme_example_loads_and_behaves_as_documented() -> None:

@@ -32,6 +32,7 @@ from policies import (
 )
 from policies.context import MAX_CHUNK_WORDS, context_value, text_chunks
 from policies.listing import ListingImage, listing_verdict
+from policies.outputs import TextLine
 from policies.registry import PolicyRegistry
 from policies.registry import _fingerprint as fingerprint
 from policies.replay import missing_requirements, outputs_from_evidence
@@ -523,10 +524,13 @@ def test_stored_evidence_rebuilds_the_outputs_of_every_kind() -> None:
         matches=dict.fromkeys(needs.texts, 0.4),
         answers={q.key: {c: -1.0 - i * 0.1 for i, c in enumerate(q.candidates)} for q in needs.answers},
         tags={tag_set.key: {"a photo of a mug": 0.8, "a photo of a red item": 0.7}},
+        text=(TextLine("wa.me/15550142", 0.9, (0, 0, 64, 48)),),
+        measures={"white_background": 0.3, "sharpness": 0.7, "product_fill": 0.4, "width": 640.0, "height": 480.0},
     )
     decision = decide(listing, outputs, context)
     stored = json.loads(json.dumps([e.model_dump(mode="json") for e in decision.evidence]))
-    rebuilt = outputs_from_evidence(stored, None)
+    lines = [line.public() for line in outputs.text or ()]  # stored beside the evidence, like the caption
+    rebuilt = outputs_from_evidence(stored, None, lines)
     assert missing_requirements(needs, rebuilt).empty
     assert decide(listing, rebuilt, context) == decision
     assert evaluate([Evidence.model_validate(e) for e in stored], listing) == decision
