@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, or_, update
+from sqlalchemy import ColumnElement, String, and_, case, exists, literal_column, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, func, select
 
@@ -300,10 +300,12 @@ def list_decisions(
     since: datetime | None = None,
     until: datetime | None = None,
     flagged: bool = False,
+    text: str | None = None,
     limit: int = 50,
     cursor: str | None = None,
 ) -> tuple[list[Decision], str | None]:
-    """Decisions newest first, filtered (`flagged`: review or block); keyset pagination with an opaque cursor."""
+    """Decisions newest first, filtered (`flagged`: review or block; `text`: a line read in the image contains it,
+    case-insensitive, taken literally); keyset pagination with an opaque cursor."""
     query = select(Decision)
     if tenant is not None:
         query = query.where(Decision.tenant == tenant)
@@ -322,6 +324,8 @@ def list_decisions(
             DecisionCategory.category == category, col(DecisionCategory.fired).is_(True)
         )
         query = query.where(col(Decision.id).in_(fired))
+    if text:
+        query = query.where(_read_line_contains(session, text))
     if cursor:
         decided_at, decision_id = decode_cursor(cursor)
         query = query.where(
@@ -334,6 +338,28 @@ def list_decisions(
     rows = list(session.exec(query).all())
     next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
     return rows[:limit], next_cursor
+
+
+def _read_line_contains(session: Session, needle: str) -> ColumnElement[bool]:
+    """A line of the decision's `text` contains `needle` (case-insensitive; `%`, `_` and `/` mean themselves).
+
+    The lines are unnested and each line's `text` compared, never the JSON document as a whole: that would also
+    match the keys ("score", "box"), the numbers and the JSON escapes of quotes and non-ASCII letters.
+    """
+    lines: Any
+    if session.get_bind().dialect.name == "sqlite":
+        lines = func.json_each(col(Decision.text)).table_valued("value").alias("line")
+        line_text = func.json_extract(lines.c.value, "$.text", type_=String)
+    else:
+        # json_array_elements refuses a scalar, and an erased decision's text may be a JSON null.
+        array = case(
+            (func.json_typeof(col(Decision.text)) == "array", col(Decision.text)),
+            else_=literal_column("'[]'::json"),
+        )
+        lines = func.json_array_elements(array).table_valued("value").alias("line")
+        line_text = lines.c.value.op("->>", return_type=String)("text")
+    # autoescape: the user's string is matched literally (LIKE's % and _ and the escape character escaped).
+    return exists(select(literal_column("1")).select_from(lines).where(line_text.icontains(needle, autoescape=True)))
 
 
 def encode_cursor(decision: Decision) -> str:

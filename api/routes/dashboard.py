@@ -54,6 +54,7 @@ LOGIN_CSRF_COOKIE = "modtag_login_csrf"
 DEFAULT_PAGE = "/dashboard/flagged"
 _NEXT = re.compile(r"^/dashboard(/[A-Za-z0-9_/-]*)?(\?[A-Za-z0-9_=&%.:+-]*)?$")
 _SLUG = re.compile(SLUG_PATTERN)
+TEXT_FILTER_MAX = 200  # characters of the Flagged page's text search; a longer one is refused (422 invalid_field)
 _RANGES = {"24h": (timedelta(hours=24), timedelta(hours=1)), "7d": (timedelta(days=7), timedelta(days=1)),
            "30d": (timedelta(days=30), timedelta(days=1))}  # fmt: skip
 # Messages shown after a form POST. Only these codes are shown: the query string never carries text.
@@ -170,10 +171,12 @@ def flagged_page(
     category: Annotated[str | None, Query(max_length=64)] = None,
     since: Annotated[str | None, Query(max_length=40)] = None,
     until: Annotated[str | None, Query(max_length=40)] = None,
+    text: Annotated[str | None, Query(max_length=TEXT_FILTER_MAX)] = None,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> Response:
-    """Flagged content: thumbnails, captions and category scores; filter by policy, category, action, time."""
+    """Flagged content: thumbnails, captions and scores; filter by policy, category, action, time and text read."""
     clean_policy, clean_category = _slug_or_none(policy), _slug_or_none(category)
+    clean_text = (text or "").strip() or None
     since_at, until_at = _parse_time(since), _parse_time(until)
     decisions, next_cursor = list_decisions(
         session,
@@ -184,6 +187,7 @@ def flagged_page(
         category=clean_category,
         since=since_at,
         until=until_at,
+        text=clean_text,
         limit=30,
         cursor=_decision_cursor(cursor),
     )
@@ -209,7 +213,9 @@ def flagged_page(
             "category": clean_category or "",
             "since": since if since_at else "",
             "until": until if until_at else "",
+            "text": clean_text or "",
         },
+        text_max=TEXT_FILTER_MAX,
         next_cursor=next_cursor,
     )
 

@@ -9,6 +9,7 @@ test's temporary directory); their paths are printed.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Iterator
@@ -16,8 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image, ImageDraw, ImageFont
 
-from tests.support.api import admin_key
+from core.db import session_scope
+from core.jobs import claim_job, store_decision
+from core.tables import Decision
+from tests.support.api import admin_key, api_settings, running_api
 from tests.support.deployment import Deployment, child_env, submit, wait_final
 from tests.support.photos import photo_bytes
 
@@ -203,6 +208,73 @@ def test_reviewer_works_the_queue_and_the_admin_finds_the_audit_trail(
     assert job["review"]["resolution"]["action"] == "block"
     assert job["review"]["resolution"]["by"]["name"] == "Rui (reviewer)"
     assert all(path.stat().st_size > 5000 for path in shots)
+
+
+def test_the_job_page_draws_the_text_boxes_over_the_image(
+    tmp_path: Path, redis_url: str, browser: Any, screenshots: Path
+) -> None:
+    """The boxes of the lines read land on the drawn text in the thumbnail (no worker: the decision is stored)."""
+    settings = api_settings(tmp_path / "api", f"sqlite:///{tmp_path / 'modtag.db'}", redis_url)
+    image, lines = _image_with_text()
+    with running_api(settings) as api:
+        response = api.upload(image, filename="sign.png", mime="image/png")
+        assert response.status_code == 202, response.text
+        job_id = response.json()["id"]
+        with session_scope(api.db_url) as session:
+            job = claim_job(session, job_id, "test-worker", 60)
+            assert job is not None
+            decision = Decision(job_id=job_id, action="block", policy="moderation", policy_version="v1", text=lines)
+            store_decision(session, job, decision)
+        page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+        page.goto(f"{api.base_url}/dashboard/login?next=/dashboard/jobs/{job_id}")
+        page.fill("#key", api.key)
+        page.click("button[type=submit]")
+        page.wait_for_url(re.compile(f"/dashboard/jobs/{job_id}$"))
+        thumb = page.locator(".ocr-frame img.thumb")
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=thumb.element_handle())
+        path = screenshots / "job-text-boxes.png"
+        page.screenshot(path=str(path), full_page=True)
+        page.locator(".ocr-frame").screenshot(path=str(screenshots / "job-text-boxes-thumbnail.png"))
+        print(f"\nscreenshots: {path} and its thumbnail beside it")
+        assert page.locator("[data-testid=ocr-lines] tr").count() == len(lines) + 1
+        # Where each box lands on screen against where its line is drawn in the thumbnail (object-fit: contain).
+        drawn = page.evaluate(
+            """img => {
+                const r = img.getBoundingClientRect();
+                const s = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight);
+                const [w, h] = [img.naturalWidth * s, img.naturalHeight * s];
+                return {left: r.left + (r.width - w) / 2, top: r.top + (r.height - h) / 2, width: w};
+            }""",
+            thumb.element_handle(),
+        )
+        scale = drawn["width"] / 640
+        rects = page.locator("[data-testid=ocr-boxes] rect")
+        assert rects.count() == len(lines)
+        for index, line in enumerate(lines):
+            box = rects.nth(index).bounding_box()
+            x0, y0, x1, y1 = line["box"]
+            assert box is not None
+            assert abs(box["x"] - (drawn["left"] + x0 * scale)) < 3, (line, box, drawn)
+            assert abs(box["y"] - (drawn["top"] + y0 * scale)) < 3, (line, box, drawn)
+            assert abs(box["width"] - (x1 - x0) * scale) < 3, (line, box, drawn)
+            assert abs(box["height"] - (y1 - y0) * scale) < 3, (line, box, drawn)
+        page.context.close()
+    assert path.stat().st_size > 5000
+
+
+def _image_with_text() -> tuple[bytes, list[dict[str, Any]]]:
+    """A 640x400 sign with three lines drawn, and those lines as OCR would report them (boxes from the font)."""
+    image = Image.new("RGB", (640, 400), (250, 246, 232))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=40)
+    lines = []
+    for text, origin in (("CALL 555-0100", (40, 40)), ("<b>Vintage</b> lamp", (180, 170)), ("100% cotton", (60, 300))):
+        draw.text(origin, text, fill=(20, 20, 20), font=font)
+        x0, y0, x1, y1 = (int(v) for v in draw.textbbox(origin, text, font=font))
+        lines.append({"text": text, "score": 0.9, "box": [x0, y0, x1, y1]})
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue(), lines
 
 
 def _judged_by_the_worker(stack: Deployment) -> str:
