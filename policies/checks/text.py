@@ -22,19 +22,20 @@ Detectors (`detect:`), each tuned for noisy OCR of photos rather than for clean 
 
 `terms` match case-, accent- and l33t-insensitively (`wh4tsapp`, `TELEGRAM`, `télégram`, `ca$happ`),
 ignoring spaces, dots, dashes and underscores inside the text (`cash app`, `w.h.a.t.s.a.p.p`), as whole
-words: not inside a longer word (`zelle` does not fire on `mozzarelle`, nor `telegram` on `telegrams`:
-list plurals yourself), and keeping at least half of the term's letters as letters (`534` is a number,
-not a l33t `sea`; a term written in digits, `1488`, matches those digits).
+words: not inside a longer word or number (`zelle` does not fire on `mozzarelle`, nor `telegram` on
+`telegrams`: list plurals yourself), and keeping at least half of the term's letters as letters (`534`
+is a number, not a l33t `sea`; a term written in digits, `1488`, matches those digits).
 
 `patterns` are RE2 regular expressions (google-re2): matching time is linear in the line's length
 whatever the pattern, so a policy author cannot write a pattern that stalls a worker. What RE2 cannot
 compile (backreferences, lookaround) is refused at load. Patterns are case-sensitive as written;
 start one with `(?i)` to ignore case.
 
-Lines whose OCR confidence is below `min_score` are ignored; each line is searched up to its first
-MAX_LINE_CHARS characters. Score: the OCR confidence of the most confident matching line (0 when none).
-Evidence: `matched` the line (shortened), `field` the rule that matched (`phone`, `term 'whatsapp'`,
-`pattern /dm\\s+me/`), `seen` the matched text (shortened).
+Lines whose OCR confidence is below `min_score` are ignored. Detectors and terms read a line's first
+MAX_LINE_CHARS characters (NFKC-normalised); patterns read the whole line as OCR gave it.
+Score: the OCR confidence of the most confident matching line (0 when none). Evidence: `matched` the
+line (shortened), `field` the rule that matched (`phone`, `term 'whatsapp'`, `pattern /dm\\s+me/`),
+`seen` the matched text (shortened).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ MAX_TERMS = 200
 MAX_TERM_CHARS = 60
 MAX_PATTERNS = 32
 MAX_PATTERN_CHARS = 200
-# An OCR line is a line of a photo: a few dozen characters. The cap bounds the work of every rule on a hostile line.
+# An OCR line is a line of a photo: a few dozen characters. The cap bounds the Python work of detectors and terms.
 MAX_LINE_CHARS = 1000
 # RE2's memory budget per compiled pattern (its default is 8 MiB); a pattern over it is refused at load.
 _PATTERN_MAX_MEM = 4 << 20
@@ -127,15 +128,16 @@ class TextCheck(BaseCheck):
 
     def find(self, line: str) -> tuple[str, str] | None:
         """The first rule that matches `line` and the text it matched: detectors, then terms, then patterns."""
-        line = unicodedata.normalize("NFKC", line[:MAX_LINE_CHARS])
+        head = unicodedata.normalize("NFKC", line[:MAX_LINE_CHARS])
         for name in dict.fromkeys(self.detect):
-            found = DETECTORS[name](line)
+            found = DETECTORS[name](head)
             if found is not None:
                 return name, found
         if self.terms:
-            hit = _find_term(line, _term_skeletons(tuple(self.terms)))
+            hit = _find_term(head, _term_skeletons(tuple(self.terms)))
             if hit is not None:
                 return hit
+        # RE2 is linear, so patterns read the whole line: cutting it would move where `$` matches.
         for pattern in self.patterns:
             for match in compile_pattern(pattern).finditer(line):
                 if match.end() > match.start():
@@ -234,8 +236,9 @@ def _find_term(line: str, terms: tuple[tuple[str, str, int], ...]) -> tuple[str,
         while start != -1:
             first, last = where[start], where[start + len(skeleton) - 1]
             span = line[first : last + 1]
-            inside_a_word = (first > 0 and line[first - 1].isalpha()) or (
-                last + 1 < len(line) and line[last + 1].isalpha()
+            # Letters and digits on either side make it part of a longer word or number: "mozzarelle", "14889".
+            inside_a_word = (first > 0 and line[first - 1].isalnum()) or (
+                last + 1 < len(line) and line[last + 1].isalnum()
             )
             # A l33t spelling keeps at least half of the term's letters: "534" is a number, not "sea".
             if not inside_a_word and 2 * sum(ch.isalpha() for ch in span) >= letters:
