@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from policies.problems import TypeWords, type_in_words
+from policies.problems import TypeWords, did_you_mean, type_in_words
 
 CONTEXT_FIELDS = ("title", "description", "attributes.<name>")
 # BLIP's ITM head was trained on COCO-style captions (about 10-15 words); past ~35 word pieces a
@@ -32,10 +31,10 @@ def check_context_path(path: str) -> str:
         return path
     known = ["title", "description", "attributes"]
     root = path.split(".", 1)[0]
-    close = difflib.get_close_matches(root, known, n=1, cutoff=0.6)
+    close = did_you_mean(root, known)
     hint = ""
-    if close and close[0] != root:
-        hint = f"did you mean '{close[0]}{path[len(root) :]}'? "
+    if close and close != root:
+        hint = f"did you mean '{close}{path[len(root) :]}'? "
     elif root == "attributes":
         hint = "an attribute is named in lowercase letters, digits and '_' (attributes.color); "
     return _raise(f"unknown context field '{path}'; {hint}a job's context has title, description and attributes.<name>")

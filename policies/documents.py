@@ -6,7 +6,6 @@ line and column of the value (or key) it is about, with "did you mean" for unkno
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -16,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from core.errors import PolicyError
-from policies.problems import Loc, PolicyProblems, TypeWords, format_location, type_in_words
+from policies.problems import Loc, PolicyProblems, TypeWords, did_you_mean, format_location, type_in_words
 
 MAX_FILE_BYTES = 1 << 20  # 1 MiB: a real policy is a few KiB
 MAX_NODES = 50_000  # counted with aliases expanded, so an alias bomb stops here
@@ -316,8 +315,8 @@ def _sentence(error: Any, loc: Loc, root_model: type[BaseModel], tagged: Tagged)
             return "unknown field 'version': the version is computed from the content, so remove it"
         model = _model_at(loc[:-1], root_model, tagged)
         allowed = sorted(info.alias or name for name, info in model.model_fields.items()) if model is not None else []
-        close = difflib.get_close_matches(field, allowed, n=1, cutoff=0.6)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        close = did_you_mean(field, allowed)
+        hint = f"did you mean '{close}'? " if close else ""
         return f"unknown field '{field}'; {hint}allowed fields: {', '.join(allowed)}"
     if kind == "union_tag_invalid":
         return f"unknown check kind '{ctx.get('tag')}'; known kinds: {', '.join(sorted(tagged))}"

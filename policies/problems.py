@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 
 Loc = tuple[str | int, ...]
@@ -33,3 +34,9 @@ def type_in_words(value: object, words: TypeWords, otherwise: str) -> str:
 
     Order counts: bool is an int, so a table that names both lists bool first."""
     return next((said for kinds, said in words if isinstance(value, kinds)), otherwise)
+
+
+def did_you_mean(name: str, known: Sequence[str]) -> str | None:
+    """The one of `known` that `name` is most likely a typo of, or None: the loader's "did you mean" hints."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return close[0] if close else None

@@ -18,7 +18,6 @@ photo), and a lone image counts as a main photo.
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import math
 import numbers
@@ -31,7 +30,7 @@ from pydantic import AfterValidator, Field, model_validator
 from core.errors import PolicyError
 from policies.checks.base import DECIMALS, BaseCheck, MissingOutput
 from policies.outputs import Evidence, ModelOutputs, TextLine
-from policies.problems import PolicyProblems
+from policies.problems import PolicyProblems, did_you_mean
 from policies.requirements import RequirementsBuilder
 
 PIXEL_MEASURES: tuple[str, ...] = ("min_side", "product_fill", "sharpness", "white_background")
@@ -45,8 +44,8 @@ _PHOTO_FIELD = re.compile(r"^photo ([1-9][0-9]{0,5})$")
 
 def _known_measure(name: str) -> str:
     if name not in MEASURES:
-        close = difflib.get_close_matches(name, MEASURES, n=1, cutoff=0.6)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        close = did_you_mean(name, MEASURES)
+        hint = f"did you mean '{close}'? " if close else ""
         raise ValueError(f"unknown measure '{name}'; {hint}known measures: {', '.join(MEASURES)}")
     return name
 

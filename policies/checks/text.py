@@ -40,7 +40,6 @@ line (shortened), `field` the rule that matched (`phone`, `term 'whatsapp'`, `pa
 
 from __future__ import annotations
 
-import difflib
 import unicodedata
 from collections.abc import Callable, Mapping
 from functools import lru_cache
@@ -52,6 +51,7 @@ from pydantic import AfterValidator, Field, StringConstraints, model_validator
 from policies.checks.base import BaseCheck, MissingOutput, probability, shorten
 from policies.fields import Threshold, single_line
 from policies.outputs import Evidence, ModelOutputs, TextLine
+from policies.problems import did_you_mean
 from policies.requirements import RequirementsBuilder
 
 MAX_TERMS = 200
@@ -66,8 +66,8 @@ _PATTERN_MAX_MEM = 4 << 20
 
 def _known_detector(name: str) -> str:
     if name not in DETECTORS:
-        close = difflib.get_close_matches(name, sorted(DETECTORS), n=1, cutoff=0.6)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        close = did_you_mean(name, sorted(DETECTORS))
+        hint = f"did you mean '{close}'? " if close else ""
         raise ValueError(f"unknown detector '{name}'; {hint}known detectors: {', '.join(sorted(DETECTORS))}")
     return name
 
