@@ -32,12 +32,13 @@ def _render(
     """An RGB image with each (text, top-left, pixel size) drawn in black, and where each text's ink lies."""
     image = Image.new("RGB", size, "white") if background is None else background.resize(size).convert("RGB")
     draw = ImageDraw.Draw(image)
-    inked = []
+    inked: list[tuple[int, int, int, int]] = []
     for text, at, px in lines:
         font = _font(px, dejavu=len(inked) % 2 == 1)
         draw.text(at, text, fill="black", font=font)
-        inked.append(tuple(int(v) for v in draw.textbbox(at, text, font=font)))
-    return image, inked  # type: ignore[return-value]
+        x0, y0, x1, y1 = draw.textbbox(at, text, font=font)
+        inked.append((int(x0), int(y0), int(x1), int(y1)))
+    return image, inked
 
 
 def _squash(text: str) -> str:
