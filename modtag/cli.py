@@ -226,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="instead: time PDQ bank lookups in a bank of N random hashes (build time, memory, lookup per image)",
     )
+    bench.add_argument(
+        "--ocr",
+        action="store_true",
+        help="instead: the OCR reader against RapidOCR per image (--images, --repeat rounds, --batch-size, --threads)",
+    )
     bench.add_argument("--json", action="store_true", help="print only the JSON report")
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(handler=cmd_bench)
@@ -468,6 +473,15 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         if not args.json:
             print(format_banks_report(banks_report) + "\n")
         print(json.dumps(banks_report, indent=2))
+        return EXIT_OK
+    if args.ocr:
+        from modtag.bench.ocr import OcrBenchOptions, format_ocr_report, run_ocr_bench
+
+        ocr = OcrBenchOptions(args.images, args.repeat, args.batch_size, args.threads, not args.no_progress)
+        ocr_report = run_ocr_bench(ocr)
+        if not args.json:
+            print(format_ocr_report(ocr_report) + "\n")
+        print(json.dumps(ocr_report, indent=2))
         return EXIT_OK
 
     from modtag.bench import BenchOptions, format_report, run_bench
