@@ -3,7 +3,8 @@
 The stock BLIP classes compute attention eagerly: a score matrix, a scale, a mask add, a softmax and a
 second product, each a separate pass over memory, with copies of the heads in between.
 `torch.nn.functional.scaled_dot_product_attention` (SDPA) does the same arithmetic in one kernel
-(FlashAttention on CUDA and CPU): used on GPUs and for float32 on CPUs (where it beats the eager code on the vision encoder).
+(FlashAttention on CUDA and CPU): used on GPUs and for float32 on CPUs (where it beats the eager code
+on the vision encoder).
 For bfloat16 on CPUs without AMX that kernel is slower than the eager code, and `attend` runs the two
 products per cache-sized chunk of heads instead. The replacements keep the stock modules, weights,
 masks and cache handling and change only how the attention is computed: in float32 they agree with
