@@ -9,11 +9,11 @@ oneDNN's int8 product runs on the VNNI dot-product instructions with the dequant
 Why per call and not per token: oneDNN's int8 linear takes one activation scale, and a per-token
 scale done by hand (`torch._int_mm` and an unfused float epilogue over the int32 products) was
 slower than bf16 in the bench; the fused kernel is well ahead of the packed bf16 product at the
-vision encoder's shapes (the README has the figures). Its bf16 input is quantized by the native library (native/quantize.c: two
-parallel passes) where it builds, else by PyTorch (a float32 copy, a min/max and fbgemm's one-thread
-quantizer: several times as long, a visible share of the int8 layers' time). One consequence: an image's
-results depend slightly on the other images of its batch, as the activation range is shared (the bench
-reports how far int8 moves scores and decisions).
+vision encoder's shapes (the README has the figures). Its bf16 input is quantized by the native
+library (native/quantize.c: two parallel passes) where it builds, else by PyTorch (a float32 copy, a
+min/max and fbgemm's one-thread quantizer: several times as long, a visible share of the int8 layers'
+time). One consequence: an image's results depend slightly on the other images of its batch, as the
+activation range is shared (the bench reports how far int8 moves scores and decisions).
 
 Attention, layer norms and everything else stay in the model's dtype (bf16 where the CPU has it).
 The float weight is kept, so a model used with gradients, moved off the CPU or fed another dtype falls
