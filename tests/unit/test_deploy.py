@@ -6,8 +6,10 @@ promtool and a compose validator when those tools are installed (the tests that 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -32,6 +34,14 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "modtag.json"
 K8S = DEPLOY / "k8s"
 K8S_BASE = K8S / "base"
 OVERLAYS = ("cpu", "gpu")
+INGRESS = K8S / "components" / "ingress-tls"
+RUNBOOK = DEPLOY / "RUNBOOK.md"
+# checkov's Kubernetes checks the manifests skip, each with a reason in a `checkov.io/skipN` annotation.
+CHECKOV_SKIPS = {"CKV_K8S_43", "CKV_K8S_35"}
+CHECKOV_INSTALL = (
+    "pip install checkov, in a virtual environment of its own: it pins boto3, botocore, packaging and networkx "
+    "below requirements.lock, so it is not in the test extra"
+)
 BASE_IMAGE = "python:3.11.11-slim-bookworm"
 COMPOSE_SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD")
 KUBERNETES_VERSION = "1.31.0"  # the schemas kubernetes-validate checks against
@@ -500,7 +510,12 @@ def test_k8s_api_probes_worker_shutdown_and_migration() -> None:
     assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert api["command"] == ["modtag", "api", "--host", "0.0.0.0", "--port", "8000"]
-    assert "FORWARDED_ALLOW_IPS" in {item["name"] for item in api["env"]}
+    # The API trusts X-Forwarded-For from MODTAG_TRUSTED_PROXIES only (api/app.py server_config): uvicorn's own
+    # FORWARDED_ALLOW_IPS is not read, so it must not be there pretending to configure it.
+    api_env = {item["name"]: item.get("value") for item in api["env"]}
+    assert "FORWARDED_ALLOW_IPS" not in api_env
+    proxies = [entry.strip() for entry in api_env["MODTAG_TRUSTED_PROXIES"].split(",")]
+    assert proxies and all(ipaddress.ip_network(entry) for entry in proxies)
     worker = k8s_object("Deployment", "modtag-worker")["spec"]["template"]["spec"]
     configmap = k8s_object("ConfigMap", "modtag-config")["data"]
     drain_s = float(configmap.get("MODTAG_WORKER_DRAIN_S", Settings.model_fields["worker_drain_s"].default))
@@ -637,6 +652,167 @@ def test_kubernetes_validate_accepts_every_core_object(overlay: str) -> None:
     broken["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFs"] = True
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_worker_is_ready_once_it_exports_its_build_info(tmp_path: Path) -> None:
+    """The readiness probe runs against a real metrics server: not ready while the models load (the server is up,
+    without the worker's build info), ready once `worker_ready` has set it."""
+    from prometheus_client import CollectorRegistry, Info, start_http_server
+
+    worker = pod_spec(k8s_object("Deployment", "modtag-worker"))["containers"][0]
+    port = int(k8s_object("ConfigMap", "modtag-config")["data"]["MODTAG_WORKER_METRICS_PORT"])
+    assert {"name": "metrics", "containerPort": port} in worker["ports"]
+    command = worker["readinessProbe"]["exec"]["command"]
+    assert command[:2] == ["python", "-c"] and f"127.0.0.1:{port}/metrics" in command[2]
+    registry = CollectorRegistry()
+    build = Info("modtag_build", "modtag version and component of this process", registry=registry)
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        probe = [sys.executable, "-c", command[2].replace(f":{port}/", f":{server.server_port}/")]
+        assert subprocess.run(probe, timeout=30).returncode == 1, "ready before the models loaded"
+        build.info({"version": "0.1.0", "component": "worker"})
+        assert subprocess.run(probe, timeout=30).returncode == 0, "not ready once the worker exports its build info"
+    finally:
+        server.shutdown()
+        thread.join(5)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_workers_compute_with_as_many_threads_as_their_cpu_limit(overlay: str) -> None:
+    """A pod sees the node's cores; torch and ONNX Runtime would size their pools by them and be throttled."""
+    for workload in k8s_workloads(rendered(overlay)):
+        for container in pod_spec(workload)["containers"]:
+            assert container["resources"]["limits"].get("cpu"), f"{overlay} {workload['metadata']['name']}"
+    worker = pod_spec(k8s_object("Deployment", "modtag-worker", rendered(overlay)))["containers"][0]
+    env = {item["name"]: item.get("value") for item in worker["env"]}
+    limit = worker["resources"]["limits"]["cpu"]
+    assert 1 <= int(env["MODTAG_TORCH_THREADS"]) <= int(limit), (env["MODTAG_TORCH_THREADS"], limit)
+
+
+def test_the_ingress_example_serves_the_api_over_tls_and_keeps_metrics_inside() -> None:
+    import kubernetes_validate
+
+    component = yaml.safe_load((INGRESS / "kustomization.yaml").read_text())
+    assert component["kind"] == "Component" and component["apiVersion"] == "kustomize.config.k8s.io/v1alpha1"
+    (ingress,) = _documents([INGRESS / name for name in component["resources"]])
+    kubernetes_validate.validate(ingress, KUBERNETES_VERSION, strict=True)
+    assert ingress["kind"] == "Ingress" and ingress["metadata"]["namespace"] == "modtag"
+    assert ingress["metadata"]["annotations"]["cert-manager.io/cluster-issuer"]
+    spec = ingress["spec"]
+    tls_hosts = {host for tls in spec["tls"] for host in tls["hosts"]}
+    assert all(tls["secretName"] for tls in spec["tls"])
+    assert {rule["host"] for rule in spec["rules"]} == tls_hosts, "a host served without its certificate"
+    service = k8s_object("Service", "modtag-api")
+    service_ports = {port["name"] for port in service["spec"]["ports"]}
+    paths = []
+    for rule in spec["rules"]:
+        for path in rule["http"]["paths"]:
+            backend = path["backend"]["service"]
+            assert backend["name"] == service["metadata"]["name"] and backend["port"]["name"] in service_ports
+            paths.append(path["path"])
+    assert {"/v1", "/dashboard", "/healthz"} <= set(paths)
+    assert not [path for path in paths if path in ("/", "/metrics", "/readyz")], paths
+    # The body limit is above the largest body the API takes (a listing's photos), so the API answers 413 itself.
+    from core.settings import Settings
+
+    fields = Settings.model_fields
+    largest = fields["listing_max_images"].default * fields["max_upload_bytes"].default
+    size = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert int(size.removesuffix("m")) * 1024 * 1024 > largest
+
+
+@pytest.fixture(scope="module")
+def checkov_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """checkov's Kubernetes checks over what is applied: the base as it is, each overlay rendered (the overlays'
+    own files are patch fragments, not objects) and the ingress component; one run, offline."""
+    checkov = require_tool("checkov", CHECKOV_INSTALL, venv=True)
+    root = tmp_path_factory.mktemp("checkov")
+    shutil.copytree(K8S_BASE, root / "base")
+    shutil.copytree(INGRESS, root / "ingress-tls")
+    for overlay in OVERLAYS:
+        (root / f"overlay-{overlay}").mkdir()
+        (root / f"overlay-{overlay}" / "rendered.yaml").write_text(yaml.safe_dump_all(rendered(overlay)))
+    return run_checkov(checkov, root)
+
+
+def test_checkov_finds_no_failed_kubernetes_check(checkov_report: dict[str, Any]) -> None:
+    results = checkov_report["results"]
+    failed = [f"{c['file_path']} {c['resource']}: {c['check_id']} {c['check_name']}" for c in results["failed_checks"]]
+    assert not failed, "\n".join(failed)
+    assert checkov_report["summary"]["parsing_errors"] == 0
+    resources = {check["resource"] for check in results["passed_checks"]}
+    for name in ("Deployment.modtag.modtag-api", "Deployment.modtag.modtag-worker", "StatefulSet.modtag.redis"):
+        assert name in resources, f"checkov did not check {name}"
+    for check in results["skipped_checks"]:
+        assert check["check_id"] in CHECKOV_SKIPS, f"{check['resource']} skips {check['check_id']}"
+        reason = check["check_result"].get("suppress_comment", "")
+        assert len(reason) > 30, f"{check['resource']} skips {check['check_id']} without a reason"
+
+
+def test_checkov_catches_a_missing_cpu_limit_and_pull_policy(tmp_path: Path) -> None:
+    checkov = require_tool("checkov", CHECKOV_INSTALL, venv=True)
+    broken = json.loads(json.dumps(k8s_object("Deployment", "modtag-api", rendered("cpu"))))
+    container = pod_spec(broken)["containers"][0]
+    del container["resources"]["limits"]["cpu"], container["imagePullPolicy"]
+    (tmp_path / "api.yaml").write_text(yaml.safe_dump(broken))
+    failed = {check["check_id"] for check in run_checkov(checkov, tmp_path)["results"]["failed_checks"]}
+    assert {"CKV_K8S_11", "CKV_K8S_15"} <= failed, failed
+
+
+# --- the runbook ---------------------------------------------------------------------------------
+
+
+def test_the_runbook_says_what_to_do_for_every_alert() -> None:
+    sections = set(re.findall(r"^### (\w+)$", RUNBOOK.read_text(), re.M))
+    alerts = set(alert_names())
+    assert alerts <= sections, f"alerts without a RUNBOOK.md section: {sorted(alerts - sections)}"
+    assert not {name for name in sections if name.startswith("Modtag")} - alerts, "a section for no alert"
+    text = RUNBOOK.read_text()
+    for section in re.split(r"^### ", text, flags=re.M)[1:]:
+        name = section.split("\n", 1)[0]
+        if name in alerts:
+            assert re.search(r"^1\. .*\n(?:.*\n)*?2\. .*\n(?:.*\n)*?3\. ", section, re.M), (
+                f"{name}: three things to look at"
+            )
+
+
+def test_the_runbook_covers_operations() -> None:
+    text = RUNBOOK.read_text()
+    for heading in ("## Backup", "## Restore", "## Upgrading", "## Rotating the admin key", "## Draining workers"):
+        assert f"\n{heading}" in text, heading
+    for needle in ("pg_dump", "pg_restore", "put-bucket-versioning", "aws s3 sync", "/v1/webhooks/secret/rotate"):
+        assert needle in text, needle
+    from core.settings import Settings
+
+    for variable in set(re.findall(r"MODTAG_[A-Z0-9_]+", text)):
+        assert variable.removeprefix("MODTAG_").lower() in Settings.model_fields, f"{variable} is not a setting"
+    # Every migration is in the table of what each adds, so a new one is judged for rollback when it lands.
+    revisions = {path.name[:4] for path in (ROOT / "core" / "migrations" / "versions").glob("[0-9]*.py")}
+    assert revisions <= set(re.findall(r"^\| (\d{4}) \|", text, re.M)), "a migration missing from RUNBOOK.md"
+
+
+def test_every_modtag_command_in_the_runbook_parses() -> None:
+    from modtag.cli import build_parser
+
+    parser = build_parser()
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", RUNBOOK.read_text(), re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            words = shlex.split(line.split(" #", 1)[0])
+            # `modtag ...`, or the command a `kubectl exec` or `docker compose exec` runs in a container.
+            starts = [
+                i + 1 for i, word in enumerate(words) if word == "modtag" and (i == 0 or words[i - 1] in ("--", "api"))
+            ]
+            commands += [words[start:] for start in starts]
+    inline = re.findall(r"`modtag ([a-z][^`]*)`", RUNBOOK.read_text())
+    commands += [shlex.split(command) for command in inline]
+    assert len(commands) >= 5
+    for words in commands:
+        args = [word.replace("KEY_ID", "0123abcd") for word in words]
+        try:
+            parser.parse_args(args)
+        except SystemExit as exc:
+            raise AssertionError(f"`modtag {' '.join(words)}` does not parse") from exc
 
 
 # --- examples ------------------------------------------------------------------------------------
@@ -994,6 +1170,15 @@ def require_tool(name: str, install: str, *, venv: bool = False) -> str:
     if path is None:
         pytest.skip(f"{name} is not installed ({install})")
     return path
+
+
+def run_checkov(checkov: str, directory: Path) -> dict[str, Any]:
+    """checkov's Kubernetes checks over `directory`, without contacting its vendor (--skip-download)."""
+    command = [checkov, "-d", str(directory), "--framework", "kubernetes", "--compact", "--skip-download", "-o", "json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode in (0, 1), f"checkov failed:\n{result.stdout}\n{result.stderr}"
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
 
 
 def run_ok(command: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
