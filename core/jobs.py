@@ -188,7 +188,8 @@ def reusable_decision(session: Session, job: Job, policy_version: str) -> Decisi
     """The decision of an earlier finished job of the same tenant, bytes, context and policy version, if any.
 
     Erased jobs are never reused (their evidence is gone). The context counts: a listing photo judged
-    against one title says nothing about another title.
+    against one title says nothing about another title. So does being a listing's main photo (or a lone
+    image) or not: rules limited to the main photo (`photos: main`) judge one and skip the other.
     """
     if not job.image_sha256:
         return None
@@ -208,9 +209,14 @@ def reusable_decision(session: Session, job: Job, policy_version: str) -> Decisi
     ).all()
     for decision, earlier in rows:
         # A bank match decided without models: whether it still blocks is the bank's say now, never a copy's.
-        if decision.models and (earlier.context or None) == (job.context or None):
+        same_place = _is_main_photo(earlier) == _is_main_photo(job)
+        if decision.models and (earlier.context or None) == (job.context or None) and same_place:
             return decision
     return None
+
+
+def _is_main_photo(job: Job) -> bool:
+    return not job.listing_index
 
 
 def fail_job(session: Session, job_id: str, code: str, message: str) -> None:

@@ -12,7 +12,9 @@ Detectors (`detect:`), each tuned for noisy OCR of photos rather than for clean 
   currency sign or before `%` or one, after `ISBN`, decimals (`3.14159265`), dates (`2024-05-12`,
   `12.05.2024`), runs of years (`2019 2020 2021 2022`), thousands-grouped amounts (`1 250 000`, so
   `555 123 456` is missed too), lists of sizes (`36 38 40 42`: groups of 1 or 2 digits count only as
-  a `0`-led number of 9 digits or more).
+  a `0`-led number of 9 digits or more). After a word that announces a number (`call`, `tel`, `phone`,
+  `mobile`, `whatsapp`, `sms`, `contact`...), 7 to 15 digits in any grouping count, glued to the word
+  or not: PP-OCR drops the spaces of printed lines (`CALL 0176 5550 1423` reads `CALL017655501423`).
 - `email`: `name@domain.tld`, and spelled-out forms `bob at example dot com`, `bob [at] example [dot] com`
   (the last label must be a common top-level domain).
 - `url`: a scheme (`https://...`), `www.`, or a bare domain ending in a common top-level domain
@@ -262,6 +264,12 @@ _PHONE_SPAN = re2.compile(r"\+?\(?[0-9OoIl|]+(?:[ .\-()]{1,3}[0-9OoIl|]+)*\)?")
 _DIGIT_GROUP = re2.compile(r"[0-9OoIl|]+")
 _CONFUSED_DIGITS = str.maketrans({"O": "0", "o": "0", "I": "1", "l": "1", "|": "1"})
 _YEAR = re2.compile(r"^(19|20)[0-9][0-9]$")
+# A word that says a phone number follows. OCR of printed lines drops spaces ("CALL017655501423"): after
+# such a word a number may be glued to it and written in one block of any length a phone number has.
+_PHONE_CUE = re2.compile(
+    r"(?i)(?:^|[^\p{L}\p{N}])(?:call|tel|tél|phone|ph|mob|mobile|cell|whatsapp|wa|sms|text|contact|fon|telefon|tlf|hotline)"
+    r"[\s:.\-]{0,3}$"
+)
 
 _EMAIL = re2.compile(r"[\p{L}\p{N}_.+\-]+@[\p{L}\p{N}\-]+(?:\.[\p{L}\p{N}\-]+)*\.\p{L}\p{L}+")
 _SPELLED_AT = r"(?:\s*[\[(]\s*at\s*[\])]\s*|\s+at\s+)"
@@ -301,7 +309,8 @@ def _phone_in(line: str, start: int, end: int) -> str | None:
     begin = start if real[0] == 0 else groups[real[0]][0]
     groups = groups[real[0] : real[-1] + 1]
     last = groups[-1][1]
-    if begin > 0 and (line[begin - 1].isalnum() or line[begin - 1] in "_/#"):
+    cued = _PHONE_CUE.search(line[max(0, begin - 13) : begin]) is not None
+    if begin > 0 and (line[begin - 1].isalnum() or line[begin - 1] in "_/#") and not cued:
         return None  # glued to a word, a path or a number sign: SKU1234567, ref/1234567, #1234567
     if last < len(line) and (line[last].isalnum() or line[last] in "%_/"):
         return None
@@ -318,6 +327,8 @@ def _phone_in(line: str, start: int, end: int) -> str | None:
     if plus:
         return line[begin:last] if 8 <= count <= 15 else None
     separators = [line[groups[i][1] : groups[i + 1][0]] for i in range(len(groups) - 1)]
+    if cued:
+        return line[begin:last] if 7 <= count <= 15 else None
     if 7 <= count <= 12 and _national_shape(digits, separators, count):
         return line[begin:last]
     return None

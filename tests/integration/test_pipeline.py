@@ -41,7 +41,7 @@ def test_photos_get_stored_explainable_decisions(deployment: Deployment, photos:
         assert all(0.0 <= item["score"] <= 1.0 for item in decision["evidence"])
         assert isinstance(decision["caption"], str)
         models = decision["models"]
-        assert models["random"] is True and set(models["roles"]) == {"caption", "vqa", "itm"}
+        assert models["random"] is True and set(models["roles"]) == {"caption", "vqa", "itm", "ocr"}
         assert all(info["random"] for info in models["roles"].values())
         assert len(decisions_for(deployment.env["MODTAG_DATABASE_URL"], job["id"])) == 1
     listed = deployment.client.get("/v1/decisions", params={"limit": 10}).json()

@@ -49,3 +49,20 @@ def test_only_the_same_tenant_bytes_context_and_version_with_models_is_reused(tm
         assert reusable_decision(session, pending(session, tenant="globex", context={"title": "a mug"}), "v1") is None
         erase_job(session, LocalBlobStore(tmp_path / "blobs"), earlier, system_principal("acme"))
         assert reusable_decision(session, pending(session, context={"title": "a mug"}), "v1") is None
+
+
+def test_a_listings_main_photo_and_its_other_photos_never_share_a_decision(tmp_path: Path) -> None:
+    """Rules limited to the main photo (`photos: main`) judge it and skip the others: the place counts."""
+    url = f"sqlite:///{tmp_path / 'reuse.db'}"
+    migrate(url)
+    with Session(get_engine(url), expire_on_commit=False) as session:
+        second = decided(session, context={"title": "a mug"})
+        second.listing_index = 1
+        session.add(second)
+        session.commit()
+        main = pending(session, context={"title": "a mug"})
+        assert reusable_decision(session, main, "v1") is None  # the earlier copy was photo 2
+        third = pending(session, context={"title": "a mug"})
+        third.listing_index = 2
+        found = reusable_decision(session, third, "v1")
+        assert found is not None and found.job_id == second.id  # photo 2 and photo 3: both skip main-photo rules

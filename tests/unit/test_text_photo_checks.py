@@ -46,6 +46,10 @@ FOUND = {
         ("call me 555-O142 now", "555-O142"),  # OCR read a zero as the letter O
         ("O7700 900l23", "O7700 900l23"),
         ("555.014.2368", "555.014.2368"),
+        # PP-OCR drops the spaces of printed lines: after a word announcing a number, any block counts.
+        ("CALL017655501423", "017655501423"),
+        ("Tel:5550142", "5550142"),
+        ("WhatsApp+4915112345678", "+4915112345678"),
     ],
     "email": [
         ("mail bob@example.com now", "bob@example.com"),
@@ -71,6 +75,7 @@ NOT_FOUND = {
         "2024", "$19.99", "100%", "2019 2020 2021 2022", "2024-05-12", "12.05.2024", "12/05/2024", "1 250 000",
         "36 38 40 42", "SKU1234567", "#1234567890", "3.14159265", "4006381333931", "0 12345 67890 5",
         "ISBN 0-306-40615-2", "€ 1 299 999", "Hello world lol", "Size 38",
+        "recall1234567", "TEL 2024", "phone 123",  # a cue inside a word; too few digits after one
     ],
     "email": ["see you at 5.30", "meet me at the park", "me at home dot soon", "user@localhost"],
     "url": ["image.png", "example.comfort", "e.g. this", "version 1.2.3", "bob@example.com", "Contact.Us"],
