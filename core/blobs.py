@@ -12,6 +12,7 @@ server) is built. obstore would add GCS and Azure natively with one small wheel,
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-from core.errors import ConfigError, NotFound, TransientError
+from core.dependencies import Dependency
+from core.errors import ConfigError, DependencyUnavailable, NotFound, TransientError
 from core.settings import Settings
 
 _KEY = re.compile(r"^[0-9a-f]{64}$")
@@ -36,6 +38,10 @@ class BlobStore(Protocol):
     def get(self, key: str) -> bytes: ...
 
     def delete(self, key: str) -> None: ...
+
+    def ping(self) -> None:
+        """Reach the store cheaply (a stat, a HEAD of the bucket); DependencyUnavailable when it cannot be."""
+        ...
 
 
 def open_blob_store(settings: Settings) -> BlobStore:
@@ -63,6 +69,12 @@ class LocalBlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def put(self, data: bytes) -> str:
+        try:
+            return self._put(data)
+        except OSError as exc:  # a full or failing disk is the store's outage, not the image's
+            raise _disk_unavailable(exc) from exc
+
+    def _put(self, data: bytes) -> str:
         key = blob_key(data)
         path = self.root / _relative(key)
         if path.exists():
@@ -84,11 +96,23 @@ class LocalBlobStore:
     def get(self, key: str) -> bytes:
         try:
             return (self.root / _relative(key)).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise _missing(key) from None
+        except OSError as exc:
+            raise _disk_unavailable(exc) from exc
 
     def delete(self, key: str) -> None:
-        (self.root / _relative(key)).unlink(missing_ok=True)
+        try:
+            (self.root / _relative(key)).unlink(missing_ok=True)
+        except OSError as exc:
+            raise _disk_unavailable(exc) from exc
+
+    def ping(self) -> None:
+        try:
+            if not self.root.is_dir() or not os.access(self.root, os.W_OK | os.X_OK):
+                raise DependencyUnavailable(Dependency.BLOB_STORE, f"{self.root} is not a writable directory")
+        except OSError as exc:
+            raise _disk_unavailable(exc) from exc
 
 
 class S3BlobStore:
@@ -132,12 +156,21 @@ class S3BlobStore:
         with self._errors(key):
             self._client.delete_object(Bucket=self.bucket, Key=self._name(key))
 
+    def ping(self) -> None:
+        try:
+            with self._errors(""):
+                self._client.head_bucket(Bucket=self.bucket)
+        except NotFound:  # HEAD answers a bare 404 for a missing bucket
+            raise ConfigError(f"object storage has no bucket {self.bucket!r}", code="blob_store_denied") from None
+
     def _name(self, key: str) -> str:
         return self.prefix + _relative(key)
 
     @contextmanager
     def _errors(self, key: str) -> Iterator[None]:
-        """botocore's exceptions as the store's: a missing object, a refusal to fix, or a transient failure."""
+        """botocore's exceptions as the store's: a missing object, a refusal to fix, the store unreachable or
+        overloaded (refused, timed out, 5xx, throttled: an outage, DependencyUnavailable), or another transient
+        failure of this request."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -153,16 +186,30 @@ class S3BlobStore:
                     f"object storage refused s3://{self.bucket}: {code} (check the bucket and the AWS_* credentials)",
                     code="blob_store_denied",
                 ) from exc
-            raise TransientError(f"object storage answered {code}", code="blob_store_unavailable") from exc
+            if status >= 500 or status == 429 or code in _OVERLOADED:
+                raise DependencyUnavailable(Dependency.BLOB_STORE, f"object storage answered {code or status}") from exc
+            raise TransientError(f"object storage answered {code or status}", code="blob_store_error") from exc
         except BotoCoreError as exc:
-            message = f"object storage unreachable: {exc.__class__.__name__}"
-            raise TransientError(message, code="blob_store_unavailable") from exc
+            # Refused, reset, timed out, or no credentials to sign with: nothing about this job's image.
+            raise DependencyUnavailable(Dependency.BLOB_STORE, f"object storage: {exc.__class__.__name__}") from exc
 
 
 def _relative(key: str) -> str:
     if not _KEY.match(key):
         raise NotFound(f"{key!r} is not a blob key", code="blob_missing")
     return f"{key[:2]}/{key}"
+
+
+# What S3 and its look-alikes answer when they shed load (with 503, or 400 for RequestTimeout).
+_OVERLOADED = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests", "RequestTimeout"}
+)
+
+
+def _disk_unavailable(exc: OSError) -> DependencyUnavailable:
+    """A directory store's I/O error (EIO, ENOSPC, EACCES, a stale NFS handle...): the store's, not the image's."""
+    name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+    return DependencyUnavailable(Dependency.BLOB_STORE, f"{name} ({exc.strerror or exc})")
 
 
 def _missing(key: str) -> NotFound:

@@ -98,6 +98,18 @@ class TransientError(ModtagError, code="transient", http_status=503, retryable=T
     """Something outside the job failed (database, broker, out of memory): retrying may succeed."""
 
 
+class DependencyUnavailable(TransientError, code="dependency_unavailable"):
+    """A dependency (`database`, `blob_store`, `broker`) cannot be reached: an outage, never the job's fault.
+
+    The worker waits for it with capped backoff and does not spend one of the job's attempts on it.
+    """
+
+    def __init__(self, dependency: str, reason: str) -> None:
+        super().__init__(f"{dependency.replace('_', ' ')} unreachable: {reason}", code=f"{dependency}_unavailable")
+        self.dependency = dependency
+        self.reason = reason
+
+
 class AuthError(ModtagError, code="auth_required", http_status=401):
     """No key, a wrong key or a revoked key (401); `code` says which."""
 

@@ -76,6 +76,11 @@ SHADOW_DECISIONS = Counter(
 POLICY_RELOADS = Counter(
     "modtag_policy_reloads_total", "Reloads of changed policy files, by outcome (loaded, failed)", ["outcome"]
 )
+DEPENDENCY_UP = Gauge(
+    "modtag_dependency_up",
+    "Whether this process reached each dependency (database, blob_store, broker) when it last tried: 1 yes, 0 no",
+    ["dependency"],
+)
 
 
 def set_build_info(component: str) -> None:

@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     queued_grace_s: int = Field(default=60, gt=0, description="A queued job older than this is re-enqueued.")
     reconcile_interval_s: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=3, gt=0)
+    dependency_retry_max_s: float = Field(
+        default=300,
+        gt=0,
+        description="Longest wait before a job that met an unreachable database, blob store or broker is tried "
+        "again (exponential from about 1 s, with jitter; never one of its attempts, no limit on the waits).",
+    )
     batch_max_images: int = Field(default=8, gt=0)
     batch_wait_ms: int = Field(default=20, ge=0)
     policy_reload_s: float = Field(

@@ -21,6 +21,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core import jobs, metrics, webhooks
 from core.db import session_scope
+from core.dependencies import RECORD, Dependency, outage_of
 from core.errors import ModtagError
 from core.listings import listing_callback_due, listings_missing_callback
 from core.public import JobPublic
@@ -94,8 +95,13 @@ def start_webhook_sender(settings: Settings, stop: threading.Event) -> threading
                     due = webhooks.due_deliveries(session)
                 for delivery_id in due:
                     deliver(settings, delivery_id)
-            except Exception:  # the loop must survive a database outage
-                log.exception("webhook retry pass failed; will try again")
+                RECORD.succeeded(Dependency.DATABASE)
+            except Exception as exc:  # the loop must survive a database outage: one line per outage, not per pass
+                outage = outage_of(exc)
+                if outage is None:
+                    log.exception("webhook retry pass failed; will try again")
+                else:
+                    RECORD.failed(outage)
 
     thread = threading.Thread(target=loop, name="modtag-webhooks", daemon=True)
     thread.start()

@@ -23,6 +23,7 @@ from core import jobs, metrics
 from core.banks import BankMatcher
 from core.blobs import BlobStore, open_blob_store
 from core.db import migrate, session_scope
+from core.dependencies import Dependency, outage_of
 from core.errors import ModelError, ModtagError, PolicyError, TransientError
 from core.hashes import image_hashes
 from core.images import ImageLimits, decode_image, sniff_image
@@ -131,19 +132,33 @@ class WorkerRuntime:
 
     def _decide(self, job: Job) -> JobResult:
         try:
+            return self._outcome(job)
+        except Exception as exc:
+            # The job's outcome could not be written (the database went away meanwhile): wait for the database.
+            outage = outage_of(exc)
+            if outage is None:
+                raise
+            return self._retry(job, outage)
+
+    def _outcome(self, job: Job) -> JobResult:
+        """Run the job; its own errors fail it or count an attempt, a dependency's outage only makes it wait."""
+        try:
             return self._run(job)
         except ModtagError as exc:
-            if exc.retryable:
+            if exc.retryable:  # DependencyUnavailable among them: the lifecycle spends no attempt on it
                 return self._retry(job, exc)
             return self._fail(job, exc.code, exc.message)
         except (OperationalError, DBAPIError) as exc:
-            error = TransientError(f"database error: {exc.__class__.__name__}", code="database_unavailable")
+            error = outage_of(exc) or TransientError(f"database error: {exc.__class__.__name__}", code="database_error")
             return self._retry(job, error)
         except TimeoutError:
             return self._fail(job, "job_timeout", f"inference did not finish within {self.settings.job_timeout_s}s")
         except MemoryError:
             return self._retry(job, TransientError("out of memory while processing the image", code="out_of_memory"))
         except Exception as exc:  # a bug must fail the job, not the worker
+            outage = outage_of(exc)  # a pool timeout, a broker error: not a bug of the job's
+            if outage is not None:
+                return self._retry(job, outage)
             log.exception("job %s failed unexpectedly", job.id)
             return self._fail(job, "internal_error", f"unexpected {exc.__class__.__name__}: {exc}")
 
@@ -276,7 +291,8 @@ class WorkerRuntime:
 
     def _image_bytes(self, job: Job) -> bytes:
         if job.blob_key:
-            return self.blobs.get(job.blob_key)
+            with self.lifecycle.dependencies.watch(Dependency.BLOB_STORE):
+                return self.blobs.get(job.blob_key)
         if not job.image_url:
             raise ModtagError("job has neither an uploaded image nor an image_url", code="job_invalid")
         return fetch_image_bytes(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -15,6 +17,7 @@ from sqlmodel import Session
 
 from api.deps import Services, ServicesDep
 from api.errors import error_response
+from core.blobs import BlobStore
 from core.db import get_engine, ping
 from core.jobs import count_by_status
 from core.metrics import JOBS_BY_STATUS, QUEUE_DEPTH, REVIEW_OLDEST_AGE, REVIEW_QUEUE
@@ -28,6 +31,10 @@ router = APIRouter(tags=["operations"])
 
 CHECK_TIMEOUT_S = 2.0
 GAUGE_REFRESH_S = 5.0
+# A load balancer polls /readyz every few seconds on every replica; object stores bill each request. One probe
+# (a HEAD of the bucket, a stat of the directory) per 10 s per process answers an outage within a typical
+# failure threshold (3 polls) and costs a few thousand requests a day per replica.
+BLOB_CHECK_INTERVAL_S = 10.0
 # Checks run here so a hung dependency costs a worker of this pool, not the request past its timeout.
 _checks = ThreadPoolExecutor(max_workers=4, thread_name_prefix="readyz")
 _refresh_lock = threading.Lock()
@@ -45,9 +52,15 @@ def healthz() -> dict[str, str]:
     responses={503: {"model": NotReadyBody, "description": "A dependency is unreachable (see `checks`)."}},
 )
 def readyz(services: ServicesDep) -> Response | dict[str, object]:
-    """Readiness: the database and Redis both answer within 2 s."""
+    """Readiness: the database, Redis and the blob store answer within 2 s (the blob store probed every 10 s)."""
     url = services.settings.resolved_database_url
-    checks = _run_checks({"database": lambda: ping(url), "redis": lambda: services.redis.ping()})
+    checks = _run_checks(
+        {
+            "database": lambda: ping(url),
+            "redis": lambda: services.redis.ping(),
+            "blob_store": lambda: _blob_store_answers(services.blobs),
+        }
+    )
     failed = sorted(name for name, result in checks.items() if result != "ok")
     if failed:
         return error_response(503, f"not ready: {', '.join(failed)} unreachable", "not_ready", checks=checks)
@@ -76,9 +89,59 @@ def _run_checks(checks: dict[str, Callable[[], object]]) -> dict[str, str]:
             results[name] = "ok"
         except FutureTimeout:
             results[name] = f"timed out after {CHECK_TIMEOUT_S:.0f} s"
+        except BlobStoreNotReady as exc:
+            results[name] = f"failed: {exc}"
         except Exception as exc:  # any failure means not ready; the class name says which kind
             results[name] = f"failed: {type(exc).__name__}"
     return results
+
+
+@dataclass
+class _BlobProbe:
+    """The last probe of one blob store: when it ended and how, or since when one runs."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    ended_at: float = float("-inf")
+    failure: str | None = None
+    running_since: float | None = None
+
+
+_blob_probes: weakref.WeakKeyDictionary[BlobStore, _BlobProbe] = weakref.WeakKeyDictionary()
+_blob_probes_lock = threading.Lock()
+
+
+class BlobStoreNotReady(Exception):
+    """The blob store's last probe failed, or the one running has not answered for CHECK_TIMEOUT_S."""
+
+
+def _blob_store_answers(store: BlobStore) -> None:
+    """Raise unless the store answered its last probe. At most one probe per BLOB_CHECK_INTERVAL_S and one at a
+    time per store: a hung store holds one thread of the checks' pool, not one per request."""
+    with _blob_probes_lock:
+        probe = _blob_probes.setdefault(store, _BlobProbe())
+    with probe.lock:
+        now = time.monotonic()
+        if probe.running_since is not None:
+            if now - probe.running_since > CHECK_TIMEOUT_S:
+                raise BlobStoreNotReady(f"no answer for {now - probe.running_since:.0f} s")
+            due = False
+        else:
+            due = now - probe.ended_at >= BLOB_CHECK_INTERVAL_S
+            if due:
+                probe.running_since = now
+        if not due and probe.failure is not None:
+            raise BlobStoreNotReady(probe.failure)
+    if not due:
+        return
+    failure: str | None = None
+    try:
+        store.ping()
+    except Exception as exc:  # any failure means not ready; the class name says which kind
+        failure = type(exc).__name__
+    with probe.lock:
+        probe.running_since, probe.ended_at, probe.failure = None, time.monotonic(), failure
+    if failure is not None:
+        raise BlobStoreNotReady(failure)
 
 
 def _refresh_gauges(services: Services) -> None:
