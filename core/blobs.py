@@ -19,6 +19,7 @@ import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
@@ -41,6 +42,14 @@ class BlobStore(Protocol):
 
     def ping(self) -> None:
         """Reach the store cheaply (a stat, a HEAD of the bucket); DependencyUnavailable when it cannot be."""
+        ...
+
+    def keys_older_than(self, cutoff: datetime) -> Iterator[str]:
+        """The keys of the blobs last stored before `cutoff` (for the orphan sweep, core/erasure.py)."""
+        ...
+
+    def modified_at(self, key: str) -> datetime | None:
+        """When the blob was last stored (a `put` of the same bytes counts), or None when it is not there."""
         ...
 
 
@@ -78,7 +87,11 @@ class LocalBlobStore:
         key = blob_key(data)
         path = self.root / _relative(key)
         if path.exists():
-            return key
+            try:
+                os.utime(path)  # stored again now: the orphan sweep measures a blob's age from its last put
+                return key
+            except FileNotFoundError:
+                pass  # deleted in between: store it again
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write then rename, so a reader never sees half a file and two writers cannot collide.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
@@ -106,6 +119,17 @@ class LocalBlobStore:
             (self.root / _relative(key)).unlink(missing_ok=True)
         except OSError as exc:
             raise _disk_unavailable(exc) from exc
+
+    def keys_older_than(self, cutoff: datetime) -> Iterator[str]:
+        for path in self.root.glob("??/*"):
+            if _KEY.match(path.name) and (modified := self.modified_at(path.name)) is not None and modified < cutoff:
+                yield path.name
+
+    def modified_at(self, key: str) -> datetime | None:
+        try:
+            return datetime.fromtimestamp((self.root / _relative(key)).stat().st_mtime, UTC)
+        except FileNotFoundError:
+            return None
 
     def ping(self) -> None:
         try:
@@ -155,6 +179,23 @@ class S3BlobStore:
     def delete(self, key: str) -> None:
         with self._errors(key):
             self._client.delete_object(Bucket=self.bucket, Key=self._name(key))
+
+    def keys_older_than(self, cutoff: datetime) -> Iterator[str]:
+        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)
+        with self._errors(""):
+            for page in pages:
+                for entry in page.get("Contents", []):
+                    name = str(entry["Key"]).rsplit("/", 1)[-1]
+                    if _KEY.match(name) and entry["LastModified"] < cutoff:
+                        yield name
+
+    def modified_at(self, key: str) -> datetime | None:
+        try:
+            with self._errors(key):
+                modified: datetime = self._client.head_object(Bucket=self.bucket, Key=self._name(key))["LastModified"]
+        except NotFound:
+            return None
+        return modified
 
     def ping(self) -> None:
         try:

@@ -15,9 +15,24 @@ from sqlmodel import Session, SQLModel, col, func, select
 
 from core import review
 from core.errors import BadRequest, NotFound
-from core.tables import ID_PATTERN, Decision, DecisionCategory, Job, JobStatus, ShadowDecision, utcnow
+from core.tables import (
+    FINAL_STATUSES,
+    ID_PATTERN,
+    Decision,
+    DecisionCategory,
+    Job,
+    JobStatus,
+    ShadowDecision,
+    utcnow,
+)
 
 Won = TypeVar("Won")
+
+# A job erased while it ran ends `failed` with this code and sentence: no decision, nothing of its content.
+ERASED = "erased"
+ERASED_WHILE_RUNNING = "the job was erased while it ran: nothing was decided, and nothing of it was kept"
+# What stays of a failed job's message once the job is erased (the message may quote its URL or context).
+ERASED_MESSAGE = "the message was erased with the job's content"
 
 
 @dataclass(frozen=True)
@@ -121,13 +136,48 @@ def claim_job(session: Session, job_id: str, worker: str, lease_s: float) -> Job
     return job
 
 
-def store_decision(session: Session, job: Job, decision: Decision, shadows: Sequence[ShadowDecision] = ()) -> Decision:
+def store_decision(
+    session: Session, job: Job, decision: Decision, shadows: Sequence[ShadowDecision] = ()
+) -> Decision | None:
     """Write the decision, its category rows, the job's `done` state, what shadow policies would have decided and,
-    for a `review` decision, its place in the review queue (with the audit entry), in one transaction (idempotent)."""
+    for a `review` decision, its place in the review queue (with the audit entry), in one transaction (idempotent).
+
+    None when the job was erased before its decision could be stored: nothing of the decision is written, and the
+    job ends `failed` with code `erased` in the same transaction (one decision or one failure, never both).
+    """
     existing = get_decision(session, job.id)
     if existing is not None:
         return existing
     now = utcnow()
+    # The job row first, on condition that it is not erased: the UPDATE holds the row (PostgreSQL) or the database
+    # (SQLite) until the commit, so an erasure either committed before (no row matches) or waits for this
+    # transaction and then erases what it wrote (core/erasure.py takes the row the same way).
+    done = session.execute(
+        update(Job)
+        .where(col(Job.id) == job.id, col(Job.erased_at).is_(None))
+        .values(
+            status=JobStatus.DONE,
+            policy_version=decision.policy_version,
+            finished_at=now,
+            updated_at=now,
+            error_code=None,
+            error_message=None,
+        )
+    )
+    if getattr(done, "rowcount", 0) != 1:
+        session.execute(
+            update(Job)
+            .where(col(Job.id) == job.id, col(Job.status).not_in([str(status) for status in FINAL_STATUSES]))
+            .values(
+                status=JobStatus.FAILED,
+                error_code=ERASED,
+                error_message=ERASED_WHILE_RUNNING,
+                finished_at=now,
+                updated_at=now,
+            )
+        )
+        session.commit()
+        return None
     decision.job_id = job.id
     decision.tenant = job.tenant
     session.add(decision)
@@ -145,18 +195,6 @@ def store_decision(session: Session, job: Job, decision: Decision, shadows: Sequ
                 fired=bool(result["fired"]),
             )
         )
-    session.execute(
-        update(Job)
-        .where(col(Job.id) == job.id)
-        .values(
-            status=JobStatus.DONE,
-            policy_version=decision.policy_version,
-            finished_at=now,
-            updated_at=now,
-            error_code=None,
-            error_message=None,
-        )
-    )
     try:
         if decision.action == "review":
             review.enqueue(session, decision)
@@ -174,7 +212,9 @@ def store_decision(session: Session, job: Job, decision: Decision, shadows: Sequ
 def record_hashes(session: Session, job: Job, sha256: str, pdq: str, pdq_quality: int) -> None:
     """The image's hashes on the job row (a URL job learns its SHA-256 here; an upload's is set at intake)."""
     session.execute(
-        update(Job).where(col(Job.id) == job.id).values(image_sha256=sha256, pdq=pdq, pdq_quality=pdq_quality)
+        update(Job)
+        .where(col(Job.id) == job.id, col(Job.erased_at).is_(None))  # an erased job's hashes are not written back
+        .values(image_sha256=sha256, pdq=pdq, pdq_quality=pdq_quality)
     )
     session.commit()
     job.image_sha256, job.pdq, job.pdq_quality = sha256, pdq, pdq_quality
@@ -220,12 +260,14 @@ def _is_main_photo(job: Job) -> bool:
 
 
 def fail_job(session: Session, job_id: str, code: str, message: str) -> None:
-    """Final `failed` state with a stable code and a sentence. Never overrides a stored decision."""
+    """Final `failed` state with a stable code and a sentence. Never overrides a stored decision. An erased job keeps
+    the code but never the sentence: it may quote the erased URL (with its token) or the context."""
     now = utcnow()
+    kept_message = case((col(Job.erased_at).is_(None), message[:2000]), else_=ERASED_MESSAGE)
     session.execute(
         update(Job)
         .where(col(Job.id) == job_id, col(Job.status) != JobStatus.DONE)
-        .values(status=JobStatus.FAILED, error_code=code, error_message=message[:2000], finished_at=now, updated_at=now)
+        .values(status=JobStatus.FAILED, error_code=code, error_message=kept_message, finished_at=now, updated_at=now)
     )
     session.commit()
 

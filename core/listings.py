@@ -111,14 +111,40 @@ def listing_callback_due(session: Session, listing_id: str) -> ListingCallback |
     rows = listing_jobs(session, listing_id)
     if len(rows) < listing.image_count or any(job.status not in FINAL_STATUSES for job, _ in rows):
         return None
+    # An erasure clears the callback URL under the same row lock: the claim then matches nothing.
     claimed = session.execute(
         update(Listing)
-        .where(col(Listing.id) == listing_id, col(Listing.callback_sent_at).is_(None))
+        .where(
+            col(Listing.id) == listing_id,
+            col(Listing.callback_sent_at).is_(None),
+            col(Listing.callback_url).is_not(None),
+        )
         .values(callback_sent_at=utcnow())
     )
     if getattr(claimed, "rowcount", 0) != 1:  # another worker claimed it between our read and our update
         return None
-    return ListingCallback(listing.callback_url, listing, rows)
+    # The body is read under the claim's lock: a photo erased before it shows erased; one erased after waits for
+    # the delivery row and empties it (core/erasure.py locks the listing row first).
+    session.refresh(listing)
+    return ListingCallback(listing.callback_url or "", listing, listing_jobs(session, listing_id))
+
+
+def lock_listing(session: Session, listing_id: str) -> None:
+    """Hold the listing's row until the caller commits (a conditional no-op UPDATE: PostgreSQL locks the row,
+    SQLite the database), so a callback claim and an erasure of the listing or one of its photos take turns."""
+    session.execute(
+        update(Listing).where(col(Listing.id) == listing_id).values(callback_sent_at=Listing.callback_sent_at)
+    )
+
+
+def erase_listing_text(session: Session, listing: Listing) -> bool:
+    """Clear what the listing says (title, description, attributes) and its callback URL (caller commits); False
+    when nothing was left to clear."""
+    had = listing.title is not None or listing.description is not None or bool(listing.attributes)
+    had = had or listing.callback_url is not None
+    listing.title, listing.description, listing.attributes, listing.callback_url = None, None, {}, None
+    session.add(listing)
+    return had
 
 
 def listings_missing_callback(session: Session, finished_before: datetime, limit: int = 100) -> list[str]:

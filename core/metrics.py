@@ -68,6 +68,9 @@ DECISIONS_WITHOUT_MODELS = Counter(
 ERASURES = Counter(
     "modtag_erasures_total", "Jobs whose image and content were erased, by why (request, retention)", ["why"]
 )
+ORPHAN_BLOBS_DELETED = Counter(
+    "modtag_orphan_blobs_deleted_total", "Blobs past the grace period that no job used, deleted by the orphan sweep"
+)
 SHADOW_DECISIONS = Counter(
     "modtag_shadow_decisions_total",
     "Shadow policy decisions recorded beside an active decision, by whether they agreed (agree, disagree, error)",

@@ -227,6 +227,13 @@ class JobPublic(OpenModel):
     erased_at: Timestamp | None = Field(
         default=None, description="When the image and content were erased; the decision's action and scores stay."
     )
+    # Only the answer of an erasure carries it; a job read otherwise has no such key (not even null).
+    kept: dict[str, str] | None = Field(
+        default=None,
+        description='In the answer of an erasure only: what of the job was kept, and why (`{"hashes": "in bank '
+        'known_bad"}`); empty when nothing was.',
+        exclude_if=lambda kept: kept is None,
+    )
     # Only a listing's photos carry it; a job read on its own has no such key (not even null).
     index: int | None = Field(
         default=None,
@@ -236,7 +243,13 @@ class JobPublic(OpenModel):
 
     @classmethod
     def from_row(
-        cls, job: Job, decision: Decision | None, review: ReviewItem | None = None, *, index: int | None = None
+        cls,
+        job: Job,
+        decision: Decision | None,
+        review: ReviewItem | None = None,
+        *,
+        index: int | None = None,
+        kept: Mapping[str, str] | None = None,
     ) -> JobPublic:
         return _from_row(
             cls,
@@ -251,6 +264,7 @@ class JobPublic(OpenModel):
                 else None
             ),
             index=index,
+            kept=None if kept is None else dict(kept),
         )
 
 
@@ -483,7 +497,9 @@ class WebhookDeliveryPublic(PublicModel):
     event_type: Literal["job.completed", "listing.completed"]
     subject_id: str = Field(description="The job's or listing's id.")
     url: str
-    status: Literal["pending", "delivered", "failed"]
+    status: Literal["pending", "delivered", "failed", "dropped"] = Field(
+        description="`dropped`: its job or listing was erased before it was delivered (its body is gone too)."
+    )
     attempts: int
     next_attempt_at: Timestamp | None
     last_status_code: int | None

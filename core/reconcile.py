@@ -1,6 +1,7 @@
 """The reconciler: puts back on the queue every job whose message was lost, so no job is ever lost.
 
-Its loop also runs the retention sweep (core/erasure.py) when MODTAG_RETENTION_DAYS is set.
+Its loop also runs the retention sweep (core/erasure.py) when MODTAG_RETENTION_DAYS is set, and the sweep of
+orphan blobs every MODTAG_ORPHAN_SWEEP_INTERVAL_S.
 
 A job's message can vanish between the API's commit and its enqueue (a crash), when Redis restarts
 empty, or with a worker killed mid-job. The database is the source of truth: queued jobs with no
@@ -22,7 +23,7 @@ from core import jobs, metrics
 from core.blobs import open_blob_store
 from core.broker import enqueue_job, queued_task_ids, task_id_for
 from core.db import session_scope
-from core.erasure import sweep_retention
+from core.erasure import OrphanSweep, sweep_retention
 from core.queues import Queue
 from core.settings import Settings
 from core.tables import JobStatus, utcnow
@@ -87,6 +88,7 @@ def start_reconciler(settings: Settings, celery: Celery, stop: threading.Event) 
     def loop() -> None:
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
         blobs = open_blob_store(settings)
+        orphans = OrphanSweep(settings, blobs)
         while not stop.wait(settings.reconcile_interval_s):
             try:
                 report = reconcile_once(settings, celery, client)
@@ -94,6 +96,7 @@ def start_reconciler(settings: Settings, celery: Celery, stop: threading.Event) 
                     log.warning("reconciler: %s", report)
                 if settings.retention_days is not None:
                     sweep_retention(settings.resolved_database_url, blobs, settings.retention_days)
+                orphans.run_if_due()
             except Exception:  # the loop must survive a database or broker outage
                 log.exception("reconciler pass failed; will try again")
 

@@ -24,7 +24,17 @@ from core.errors import BadRequest, Conflict, ModtagError, NotFound
 from core.metrics import REVIEW_RESOLUTION
 from core.principals import Permission, Principal, system_principal
 from core.public import ReviewItemPublic
-from core.tables import ID_PATTERN, Decision, DecisionCategory, ReviewItem, ReviewState, as_utc, iso, utcnow
+from core.tables import (
+    ID_PATTERN,
+    AuditEntry,
+    Decision,
+    DecisionCategory,
+    ReviewItem,
+    ReviewState,
+    as_utc,
+    iso,
+    utcnow,
+)
 
 Order = Literal["oldest", "score"]
 Resolution = Literal["allow", "block"]
@@ -220,6 +230,23 @@ def reopen(session: Session, job_id: str, actor: Principal, reason: str) -> Revi
     return item
 
 
+def erase_notes(session: Session, job_id: str) -> None:
+    """An erased job's reviewer notes go: the resolution's reason and the notes its audit entries quote (who did
+    what, and when, stays). The caller commits, in the erasure's transaction."""
+    session.execute(update(ReviewItem).where(col(ReviewItem.job_id) == job_id).values(reason=None))
+    entries = session.exec(
+        select(AuditEntry).where(
+            AuditEntry.target_type == "job",
+            AuditEntry.target_id == job_id,
+            col(AuditEntry.action).startswith("review."),
+        )
+    ).all()
+    for entry in entries:
+        # New dicts, never changed in place: the JSON columns are written only when assigned.
+        entry.before, entry.after = _without_notes(entry.before), _without_notes(entry.after)
+        session.add(entry)
+
+
 def queue_stats(session: Session) -> QueueStats:
     """Open items over every tenant, for the gauges."""
     count, oldest = session.exec(
@@ -267,6 +294,17 @@ def items_for(session: Session, job_ids: Sequence[str]) -> dict[str, ReviewItem]
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+
+def _without_notes(snapshot: dict[str, Any] | None) -> dict[str, Any] | None:
+    if snapshot is None:
+        return None
+    cleared = dict(snapshot)
+    if isinstance(cleared.get("resolution"), dict):
+        cleared["resolution"] = {**cleared["resolution"], "reason": None}
+    if "reopen_reason" in cleared:
+        cleared["reopen_reason"] = None
+    return cleared
 
 
 def _item_in(job_id: str, tenant: str, state: ReviewState) -> ColumnElement[bool]:

@@ -148,6 +148,15 @@ class Settings(BaseSettings):
     retention_days: int | None = Field(
         default=None, gt=0, description="Erase the images and content of jobs older than this; unset keeps them."
     )
+    orphan_blob_grace_s: int = Field(
+        default=3600,
+        ge=300,
+        description="A stored image that no job uses is deleted once older than this (an upload stores its image, "
+        "then commits its job within its request: the grace must outlast the longest request).",
+    )
+    orphan_sweep_interval_s: float = Field(
+        default=900, gt=0, description="How often the reconciler looks for stored images that no job uses."
+    )
 
     @field_validator("models")
     @classmethod

@@ -8,6 +8,10 @@ failed attempt (a network error or a non-2xx answer) schedules the next one afte
 live secret of the tenant: `webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, one
 signature per secret, so a receiver can move to a rotated secret while the old one still signs (for
 `webhook_secret_overlap_s`, a day by default).
+
+Erasure (core/erasure.py) empties the deliveries of an erased job or listing: each row stays for the audit trail
+(when, to which host, how it went) without its body or the URL's path and query, and a pending one is `dropped`.
+A delivery recorded for a job already erased is written that way at once.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import hmac
 import secrets
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from urllib.parse import urlsplit
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, or_, select, update
@@ -27,6 +32,7 @@ from core.tables import FINAL_STATUSES, Job, WebhookDelivery, WebhookSecret, as_
 
 SECRET_PREFIX = "whsec_"
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+DROPPED = "dropped"  # its subject was erased before it was delivered: never sent again
 
 
 def tenant_secret(session: Session, tenant: str) -> WebhookSecret:
@@ -102,6 +108,8 @@ def record_delivery(
         payload=payload.decode(),
         next_attempt_at=utcnow(),
     )
+    if _erased_job(session, subject_id):
+        _empty(row)
     session.add(row)
     try:
         session.commit()
@@ -112,6 +120,22 @@ def record_delivery(
         return found
     session.refresh(row)
     return row
+
+
+def erase_deliveries(session: Session, subject_ids: Sequence[str]) -> int:
+    """Empty the deliveries of erased subjects (jobs, listings): the rows stay for the audit trail, without their
+    bodies or the path and query of their URL (a token may be there); pending ones are dropped, never sent again.
+    How many were still pending. The caller commits, in the erasure's transaction.
+
+    An attempt a sender claimed before this commit may still be on the wire; none starts after it.
+    """
+    rows = session.exec(select(WebhookDelivery).where(col(WebhookDelivery.subject_id).in_(list(subject_ids)))).all()
+    pending = 0
+    for row in rows:
+        pending += row.status == PENDING
+        _empty(row)
+        session.add(row)
+    return pending
 
 
 def claim_attempt(session: Session, delivery_id: str, lease_s: float) -> WebhookDelivery | None:
@@ -195,6 +219,29 @@ def list_deliveries(
     if before is not None:
         query = query.where(col(WebhookDelivery.created_at) < as_utc(before))
     return list(session.exec(query.order_by(col(WebhookDelivery.created_at).desc()).limit(limit)).all())
+
+
+def _erased_job(session: Session, subject_id: str) -> bool:
+    """Whether the subject is an erased job, asked under the job row's lock (held until the caller commits), so an
+    erasure either committed before (seen here) or waits for this row to be written and then empties it.
+
+    The lock is a conditional no-op UPDATE: PostgreSQL locks the row it matches, SQLite the database; a listing's
+    id matches no job (its own claim is the listing's guard: core.listings.listing_callback_due)."""
+    live = session.execute(
+        update(Job).where(col(Job.id) == subject_id, col(Job.erased_at).is_(None)).values(erased_at=None)
+    )
+    if getattr(live, "rowcount", 0) == 1:
+        return False
+    return session.exec(select(Job.id).where(Job.id == subject_id)).first() is not None
+
+
+def _empty(row: WebhookDelivery) -> None:
+    """A delivery of erased content: no body, only the URL's scheme and host, and never sent (again) if pending."""
+    parts = urlsplit(row.url)
+    row.payload = ""
+    row.url = f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    if row.status == PENDING:
+        row.status, row.next_attempt_at = DROPPED, None
 
 
 def _find(session: Session, event_type: str, subject_id: str) -> WebhookDelivery | None:

@@ -173,10 +173,16 @@ class JobLifecycle:
             raise self._outage_wait(job_id, outage) from outage
 
     def store(self, job: Job, decision: Decision, shadows: list[ShadowDecision]) -> bool:
-        """Write the decision and the job's `done` state in one transaction; False when another delivery already had."""
+        """Write the decision and the job's `done` state in one transaction; False when another delivery already had,
+        or when the job was erased meanwhile (it is then `failed` with code `erased`, and nothing of it stored)."""
         with self._database() as session:
             stored = jobs.store_decision(session, job, decision, shadows)
         self._waits.pop(job.id, None)
+        if stored is None:  # erased while it ran: stored nothing, failed `erased` in the same transaction
+            metrics.JOBS_FAILED.labels(job.policy, jobs.ERASED).inc()
+            metrics.JOBS_COMPLETED.labels(job.policy, "failed").inc()
+            log.info("job %s was erased while it ran; its decision was not stored", job.id)
+            return False
         if stored.id != decision.id:
             return False
         metrics.JOBS_COMPLETED.labels(job.policy, "done").inc()

@@ -50,10 +50,13 @@ def read_thumbnail(job_id: str, session: SessionDep, services: ServicesDep, prin
 
 @router.delete("/{job_id}", response_model=JobPublic, responses=error_responses(401, 403, 404, 422))
 def delete_job(job_id: str, session: SessionDep, services: ServicesDep, principal: Eraser) -> JobPublic:
-    """Erase the job's image, thumbnail, context and caption; the job stays as a tombstone (`erased_at`) with its
-    decision's action and category scores (role admin; a submit key for the jobs it submitted)."""
+    """Erase the job's image, thumbnail, URLs, context, caption, evidence, error message and reviewer notes, and
+    empty its webhooks; the job stays as a tombstone (`erased_at`) with its decision's action and category scores,
+    and `kept` says what else stayed and why (role admin; a submit key for the jobs it submitted)."""
     job = tenant_job(session, job_id, principal.tenant)
     key = job.blob_key
-    if erase_job(session, services.blobs, job, principal) and key is not None:
+    erasure = erase_job(session, services.blobs, job, principal)
+    if erasure.blob_deleted and key is not None:
         forget_thumbnail(key, services)
-    return JobPublic.from_row(job, get_decision(session, job.id), get_item(session, job.id, principal.tenant))
+    decision, item = get_decision(session, job.id), get_item(session, job.id, principal.tenant)
+    return JobPublic.from_row(job, decision, item, kept=erasure.kept)

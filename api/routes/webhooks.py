@@ -35,7 +35,9 @@ def rotate_secret(session: SessionDep, settings: SettingsDep, principal: Webhook
 def read_deliveries(
     session: SessionDep,
     principal: WebhookAdmin,
-    status: Annotated[Literal["pending", "delivered", "failed"] | None, Query(description="Only this status.")] = None,
+    status: Annotated[
+        Literal["pending", "delivered", "failed", "dropped"] | None, Query(description="Only this status.")
+    ] = None,
     before: Annotated[datetime | None, Query(description="`next_cursor` of the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> WebhookDeliveryPage:
