@@ -17,7 +17,7 @@ import logging
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
@@ -45,7 +45,7 @@ from api.schemas import MAX_DESCRIPTION_CHARS, MAX_TITLE_CHARS, JobRequest, List
 from core.broker import enqueue_job
 from core.errors import BadRequest, Conflict, FetchError, InvalidField, ModtagError, PayloadTooLarge, PolicyError
 from core.images import ImageHeader, ImageLimits, sniff_image
-from core.jobs import NewJob, create_job, find_by_idempotency_key
+from core.jobs import NewJob, create_job, find_by_idempotency_key, mark_enqueued
 from core.listings import (
     NewListing,
     create_listing,
@@ -213,8 +213,7 @@ def accept(
     record, jobs, created = submission.insert(session, photos, idempotency_key, callback_url)
     if not created and idempotency_key:  # a racing twin with the same key won: it must have been this request
         return _replay(submission, session, record, fingerprint, idempotency_key)
-    for job in jobs:
-        _enqueue(services, job)
+    _enqueue(services, session, jobs)
     return Accepted(record, jobs, created)
 
 
@@ -601,14 +600,27 @@ def _upload_job(services: Services, data: bytes, header: ImageHeader, common: di
     )
 
 
-def _enqueue(services: Services, job: Job) -> None:
+def _enqueue(services: Services, session: Session, jobs: Sequence[Job]) -> None:
+    """Enqueue the committed jobs and record which reached the broker. A failure is not the client's: the jobs are
+    committed, the answer stays 202, and the reconciler's outbox sweep enqueues the rest within seconds."""
+    enqueued: list[str] = []
+    broker_failed = False
+    for job in jobs:
+        JOBS_SUBMITTED.labels(policy=job.policy, source=job.source).inc()
+        if broker_failed:
+            continue  # it just failed this request: the sweep enqueues the rest, without one more wait per job
+        try:
+            enqueue_job(services.celery, job.id)
+        except Exception as exc:
+            broker_failed = True
+            logger.warning("job %s stored but not enqueued (%s); the reconciler will enqueue it", job.id, exc)
+            continue
+        enqueued.append(job.id)
     try:
-        enqueue_job(services.celery, job.id)
-    except Exception as exc:
-        # The job row is committed, so nothing is lost: the reconciler re-enqueues queued jobs that no worker
-        # picked up. The client still gets its 202 and can poll the job.
-        logger.warning("job %s stored but not enqueued (%s); the reconciler will enqueue it", job.id, exc)
-    JOBS_SUBMITTED.labels(policy=job.policy, source=job.source).inc()
+        mark_enqueued(session, *enqueued)
+    except Exception as exc:  # the sweep enqueues them a second time: the claim makes the duplicate harmless
+        session.rollback()
+        logger.warning("could not record the enqueue of %d job(s) (%s)", len(enqueued), exc)
 
 
 def _image_too_large(settings: Settings) -> str:

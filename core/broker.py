@@ -59,6 +59,32 @@ def enqueue_job(app: Celery, job_id: str) -> None:
     app.send_task(TaskName.PROCESS_JOB.value, args=[job_id], queue=Queue.INFERENCE.value, task_id=task_id_for(job_id))
 
 
+def enqueue_job_first(app: Celery, client: Any, job_id: str, *, scan: int = 1000) -> bool:
+    """Enqueue a job taken back from a worker (a lapsed lease, a drain's hand-back) at the head of its queue, so it
+    is the next one taken instead of waiting behind the backlog; False when it stayed at the tail (not found among
+    the `scan` newest messages, or already taken).
+
+    kombu's Redis transport publishes with LPUSH and consumes with BRPOP: the head is the list's right end. The
+    message is published the ordinary way (kombu writes it), then moved from the left end to the right end in one
+    Lua call, which moves nothing when a worker took it meanwhile."""
+    enqueue_job(app, job_id)
+    queue, task_id = Queue.INFERENCE.value, task_id_for(job_id)
+    for raw in client.lrange(queue, 0, scan - 1):  # the newest first: it was pushed a moment ago
+        if _task_id(raw) == task_id:
+            return bool(client.eval(_MOVE_TO_HEAD, 1, queue, raw))
+    return False
+
+
+# Remove one copy of the message from the tail end and push it at the head, atomically; 0 when it was gone.
+_MOVE_TO_HEAD = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('RPUSH', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
 def queued_task_ids(client: Any, queue: str, *, fresh_s: float, limit: int = 100_000) -> set[str] | None:
     """Task ids waiting in `queue` or delivered less than `fresh_s` ago and unacknowledged; None when the queue is
     too long to scan.

@@ -296,17 +296,28 @@ def renew_leases(session: Session, job_ids: Sequence[str], worker: str) -> int:
 
 
 def stale_jobs(
-    session: Session, *, queued_before: datetime, running_before: datetime, limit: int = 500
+    session: Session,
+    *,
+    queued_before: datetime,
+    running_before: datetime,
+    unenqueued_before: datetime | None = None,
+    enqueued_lost: bool = False,
+    limit: int = 500,
 ) -> Sequence[Job]:
-    """Jobs that may have lost their message: queued for long, or running past their lease."""
+    """Jobs that may have lost their message: queued for long, running past their lease, (`unenqueued_before`)
+    queued since before then without their task ever reaching the broker, or (`enqueued_lost`: the broker lost
+    its data) queued with their task enqueued, however recently."""
+    queued = and_(col(Job.status) == JobStatus.QUEUED, col(Job.updated_at) < queued_before)
+    if enqueued_lost:
+        queued = or_(queued, and_(col(Job.status) == JobStatus.QUEUED, col(Job.enqueued_at).is_not(None)))
+    if unenqueued_before is not None:
+        never_enqueued = and_(
+            col(Job.status) == JobStatus.QUEUED, col(Job.enqueued_at).is_(None), col(Job.updated_at) < unenqueued_before
+        )
+        queued = or_(queued, never_enqueued)
     query = (
         select(Job)
-        .where(
-            or_(
-                and_(col(Job.status) == JobStatus.QUEUED, col(Job.updated_at) < queued_before),
-                and_(col(Job.status) == JobStatus.RUNNING, col(Job.updated_at) < running_before),
-            )
-        )
+        .where(or_(queued, and_(col(Job.status) == JobStatus.RUNNING, col(Job.updated_at) < running_before)))
         .order_by(col(Job.created_at))
         .limit(limit)
     )
@@ -324,13 +335,22 @@ def reset_stale_running(session: Session, job_id: str, running_before: datetime)
     return getattr(result, "rowcount", 0) == 1
 
 
-def touch_queued(session: Session, job_id: str) -> bool:
-    """Record a re-enqueue of a queued job (bumps updated_at so it is not re-enqueued again at once)."""
-    result = session.execute(
-        update(Job).where(col(Job.id) == job_id, col(Job.status) == JobStatus.QUEUED).values(updated_at=utcnow())
-    )
+def touch_queued(session: Session, job_id: str, stale_before: datetime | None = None) -> bool:
+    """Record a re-enqueue of a queued job (bumps updated_at so it is not re-enqueued again at once); False if the
+    job is no longer queued or, with `stale_before`, was touched since then (another pass took it)."""
+    conditions = [col(Job.id) == job_id, col(Job.status) == JobStatus.QUEUED]
+    if stale_before is not None:
+        conditions.append(col(Job.updated_at) < stale_before)
+    result = session.execute(update(Job).where(*conditions).values(updated_at=utcnow()))
     session.commit()
     return getattr(result, "rowcount", 0) == 1
+
+
+def mark_enqueued(session: Session, *job_ids: str) -> None:
+    """Record that the jobs' tasks reached the broker: the outbox sweep leaves them to the queued grace from now on."""
+    if job_ids:
+        session.execute(update(Job).where(col(Job.id).in_(job_ids)).values(enqueued_at=utcnow()))
+        session.commit()
 
 
 def count_by_status(session: Session) -> dict[str, int]:

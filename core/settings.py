@@ -84,6 +84,31 @@ class Settings(BaseSettings):
     )
     queued_grace_s: int = Field(default=60, gt=0, description="A queued job older than this is re-enqueued.")
     reconcile_interval_s: float = Field(default=30.0, gt=0)
+    outbox_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="How often the reconciler looks for queued jobs whose task never reached the broker, and for a "
+        "broker restarted empty (one process of the fleet per look).",
+    )
+    outbox_grace_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="A queued job whose task never reached the broker (a crash or broker outage at submit) is "
+        "enqueued once older than this.",
+    )
+    reconcile_lock_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="The longest a reconciler pass holds the fleet's lock (in Redis): one pass at a time across the "
+        "fleet; a pass whose process died is taken over after this.",
+    )
+    worker_consumer_restarts: int = Field(
+        default=5,
+        ge=0,
+        description="How many times `modtag worker` restarts a Celery consumer that stopped on an error, within "
+        "`worker_consumer_restart_window_s`, before it exits non-zero.",
+    )
+    worker_consumer_restart_window_s: float = Field(default=300.0, gt=0)
     max_attempts: int = Field(default=3, gt=0)
     dependency_retry_max_s: float = Field(
         default=300,

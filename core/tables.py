@@ -79,6 +79,7 @@ class Job(SQLModel, table=True):
     __table_args__ = (
         _idempotency_key_unique("jobs"),
         Index("ix_jobs_status_updated_at", "status", "updated_at"),
+        Index("ix_jobs_status_enqueued_at", "status", "enqueued_at"),  # the outbox sweep (core/reconcile.py)
         Index("ix_jobs_tenant_image_sha256", "tenant", "image_sha256"),  # decision reuse, blob sharing
     )
 
@@ -112,6 +113,9 @@ class Job(SQLModel, table=True):
     updated_at: datetime = _now_field()
     started_at: datetime | None = _moment_field()
     finished_at: datetime | None = _moment_field()
+    # When the job's task last reached the broker; null while it never did (a crash or a broker outage between the
+    # commit and the enqueue): the reconciler's outbox sweep enqueues such jobs within seconds (core/reconcile.py).
+    enqueued_at: datetime | None = _moment_field()
     # Set when the image and content were erased (core/erasure.py); the row stays as a tombstone for statistics.
     erased_at: datetime | None = _moment_field()
 

@@ -305,7 +305,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()
         while not stop.wait(0.5):
-            stack._check_alive()
+            stack.supervise()  # a worker that died is restarted; the API's or Redis's death stops the stack
     print("modtag stopped")
     return EXIT_OK
 
@@ -338,7 +338,7 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from core.queues import Queue
-    from worker.celery_app import app, install_runtime, serve_metrics
+    from worker.celery_app import consume, install_runtime, serve_metrics
     from worker.runtime import WorkerRuntime
 
     serve_metrics(settings)  # first: a taken port stops the worker before the models load
@@ -349,7 +349,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     # Twice the batch: while one batch computes, the next one's images are fetched, decoded and waiting,
     # so batches leave full instead of as each thread comes back from storing its last result.
     concurrency = args.concurrency or settings.worker_concurrency or 2 * settings.batch_max_images
-    app.worker_main(
+    # Celery's exit status, which `worker_main` drops: a consumer that cannot go on ends the process non-zero.
+    return consume(
         [
             "worker",
             "--pool=threads",
@@ -361,7 +362,6 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             "--without-mingle",
         ]
     )
-    return EXIT_OK
 
 
 def cmd_policy_validate(args: argparse.Namespace, settings: Settings) -> int:

@@ -24,6 +24,10 @@ from core.settings import Settings, prepare_data_dir
 from modtag.client import ApiClient, ApiUnreachable
 from modtag.servers import RedisServer, die_with_parent, free_port
 
+# A worker that died is restarted by `modtag up`, unless it died this often within the window (a crash loop).
+WORKER_RESTARTS = 5
+WORKER_RESTART_WINDOW_S = 300.0
+
 
 class StackError(ConfigError):
     code = "stack_failed"
@@ -80,6 +84,8 @@ class Stack:
         self.temporary_key = temporary_key
         self.admin_key: str | None = None
         self._admin_key_id: str | None = None
+        self._envs: dict[str, dict[str, str]] = {}  # each child's environment, to restart a worker with
+        self._restarts: dict[str, list[float]] = {}  # when each worker was restarted (`supervise`)
 
     @property
     def api_url(self) -> str:
@@ -184,7 +190,25 @@ class Stack:
         )
         return {**settings_environment(settings), "PYTHONUNBUFFERED": "1"}
 
+    def supervise(self) -> None:
+        """While the stack runs: restart a worker that died (its running jobs come back through their lease), up to
+        WORKER_RESTARTS times in WORKER_RESTART_WINDOW_S each; any other child's death, or a worker dying too often or
+        of its own configuration error, stops the stack (StackError)."""
+        for name, process in list(self.processes.items()):
+            code = process.poll()
+            if code is None:
+                continue
+            now = time.monotonic()
+            recent = [moment for moment in self._restarts.get(name, []) if now - moment < WORKER_RESTART_WINDOW_S]
+            if not name.startswith("worker-") or self._own_error(name) or len(recent) >= WORKER_RESTARTS:
+                self._check_alive()
+            self._restarts[name] = [*recent, now]
+            if not self.quiet:
+                print(f"{name} exited with status {code}; restarting it (its log: {self.log_dir / name}.log)")
+            self._spawn(name, list(process.args), self._envs[name])  # type: ignore[arg-type]
+
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        self._envs[name] = env
         log = (self.log_dir / f"{name}.log").open("ab")
         self.processes[name] = subprocess.Popen(
             args, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
+import redis
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from core import metrics
-from core.broker import enqueue_job, make_celery
+from core.broker import enqueue_job_first, make_celery
 from core.errors import ConfigError
 from core.logs import log_context
 from core.queues import TaskName
@@ -32,6 +36,8 @@ log = logging.getLogger(__name__)
 
 settings = get_settings()
 app = make_celery(settings)
+# A broker outage is waited out however long it lasts: Celery's default gives up after 100 reconnection tries.
+app.conf.broker_connection_max_retries = None
 
 _runtime: WorkerRuntime | None = None
 _runtime_lock = threading.Lock()
@@ -77,6 +83,75 @@ def _process(self: Task, current: WorkerRuntime, job_id: str) -> dict[str, Any]:
         current.give_up(job_id, "job_timeout", f"the job ran over {settings.job_timeout_s}s")
         return {"job_id": job_id, "outcome": "failed", "code": "job_timeout"}
     return {"job_id": result.job_id, "outcome": result.outcome, "code": result.code}
+
+
+def consume(argv: list[str]) -> int:
+    """Run Celery's worker (the consumer and its thread pool) in this process until asked to stop; its exit status.
+
+    Celery ends its worker on an error it does not expect (`Unrecoverable error` in its log: the audit saw kombu's
+    Redis transport raise AttributeError in `restore_unacked` while it closed a connection Redis had dropped)
+    and then returns status 1, which `worker_main` used to drop. Such a stop is restarted here, in this process,
+    with the models and runtime kept, up to `worker_consumer_restarts` times in
+    `worker_consumer_restart_window_s`; past that the process exits non-zero with one line saying why, so that
+    `Restart=on-failure`, Kubernetes or `modtag up` starts a fresh one."""
+    from celery.worker import state
+
+    last_error = _LastError()
+    logging.getLogger("celery.worker.worker").addHandler(last_error)
+    try:
+        return supervise(
+            lambda: int(app.start(argv) or 0),
+            stopping=lambda: state.should_stop not in (None, False) or state.should_terminate not in (None, False),
+            last_error=lambda: last_error.message,
+            restarts=settings.worker_consumer_restarts,
+            window_s=settings.worker_consumer_restart_window_s,
+        )
+    finally:
+        logging.getLogger("celery.worker.worker").removeHandler(last_error)
+
+
+def supervise(
+    run: Callable[[], int],
+    *,
+    stopping: Callable[[], bool],
+    last_error: Callable[[], str],
+    restarts: int,
+    window_s: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """Call `run` (one Celery worker's life: its exit status) again each time it ends on its own with a non-zero
+    status, at most `restarts` times within `window_s`; the status it ended with otherwise."""
+    global _stop
+    recent: deque[float] = deque()
+    while True:
+        _stop = threading.Event()  # this run's: the last run's reconciler, webhook sender and renewals have ended
+        status = run()
+        if status == 0 or stopping():
+            return status
+        now = clock()
+        while recent and now - recent[0] > window_s:
+            recent.popleft()
+        if len(recent) >= restarts:
+            why = last_error() or f"exit status {status}"
+            print(
+                f"modtag worker: the Celery consumer stopped on an error {len(recent) + 1} times in {window_s:g} s "
+                f"(last: {why}); exiting with status {status} for the supervisor to start a fresh process",
+                file=sys.stderr,
+            )
+            return status
+        recent.append(now)
+        log.warning("the Celery consumer stopped on an error (%s); restarting it, models kept", last_error() or status)
+
+
+class _LastError(logging.Handler):
+    """Keeps the message of Celery's last `Unrecoverable error`: the one line a giving-up worker prints."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.CRITICAL)
+        self.message = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.message = record.getMessage()
 
 
 def serve_metrics(settings: Settings) -> None:
@@ -126,8 +201,12 @@ def _drain(current: WorkerRuntime) -> None:
     if not current.lifecycle.held:
         return  # Celery's own warm shutdown acknowledges the finished tasks and exits
     returned = current.lifecycle.hand_back()
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     for job_id in returned:
-        enqueue_job(app, job_id)
+        try:  # at the head of the queue: these jobs have waited their turn already
+            enqueue_job_first(app, client, job_id)
+        except Exception as exc:  # queued in the database: the reconciler enqueues it once its grace passed
+            log.warning("could not hand job %s back to the queue (%s)", job_id, exc)
     log.warning(
         "drain ran past %gs: handed %d job(s) back to the queue; exiting", settings.worker_drain_s, len(returned)
     )

@@ -1,0 +1,78 @@
+"""A Redis outage while a worker's tasks are acking: the worker process lives through it and every job is decided.
+
+Redis is SIGKILLed mid-work and restarted empty on the same port after longer than the 5 s the audit saw
+kill workers; the reconciler notices the restart and puts back the jobs whose messages it lost, well before
+the queued grace (a minute)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+from sqlalchemy import func
+from sqlmodel import select
+
+from core.db import session_scope
+from core.tables import Decision, Job, JobStatus
+from tests.support.deployment import Deployment, submit
+from tests.support.photos import NAMES, photo_bytes
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.timeout(600)
+
+OUTAGE_S = 6.0  # longer than the 5 s outage that ended workers in the audit
+OUTAGES = 3
+
+
+def statuses(database_url: str, job_ids: list[str]) -> Counter[str]:
+    with session_scope(database_url) as session:
+        found = session.exec(select(Job.status).where(Job.id.in_(job_ids))).all()  # type: ignore[attr-defined]
+        return Counter(str(status) for status in found)
+
+
+def decisions_per_job(database_url: str, job_ids: list[str]) -> Counter[str]:
+    with session_scope(database_url) as session:
+        query = select(Decision.job_id, func.count()).where(Decision.job_id.in_(job_ids)).group_by(Decision.job_id)  # type: ignore[attr-defined]
+        return Counter({job_id: int(count) for job_id, count in session.exec(query).all()})
+
+
+def kill_redis(redis_server: Any) -> None:
+    """SIGKILL, as a crashed or OOM-killed Redis goes: no goodbye to its clients."""
+    redis_server.process.kill()
+    redis_server.process.wait(10)
+    redis_server.process = None
+
+
+def test_a_worker_lives_through_redis_outages_while_acking(deployment: Deployment, redis_server: Any) -> None:
+    # The queued grace stays at its minute: the jobs the restarts lost come back because the restart is noticed.
+    deployment.env.update({"MODTAG_OUTBOX_INTERVAL_S": "0.5"})
+    database_url = deployment.env["MODTAG_DATABASE_URL"]
+    deployment.start_api()
+    worker = deployment.start_worker()
+    job_ids: list[str] = []
+    for outage in range(OUTAGES):
+        batch = [
+            submit(deployment, photo_bytes(NAMES[i % len(NAMES)], size=(64 + i, 48 + outage)), name=f"{i}.jpg")["id"]
+            for i in range(12)
+        ]
+        job_ids += batch
+        # Mid-work: some of this round's jobs decided (so tasks are acking), others still to come.
+        wait_for(lambda batch=batch: statuses(database_url, batch)["done"] >= 2, 120, "the worker deciding jobs")
+        kill_redis(redis_server)
+        down_at = time.monotonic()
+        wait_for(lambda down_at=down_at: time.monotonic() - down_at >= OUTAGE_S, OUTAGE_S + 5, "the outage to last")
+        assert worker.poll() is None, f"the worker exited ({worker.returncode}) during outage {outage + 1}: " + (
+            deployment.log("worker")
+        )
+        redis_server.start()
+    back_at = time.monotonic()
+    final = deployment.client.wait_jobs(job_ids, timeout_s=240)
+    print(
+        f"\n{OUTAGES} Redis outages of {OUTAGE_S:g} s: {len(final)} of {len(job_ids)} jobs final, the last "
+        f"{time.monotonic() - back_at:.1f} s after Redis came back; worker pid {worker.pid} alive"
+    )
+    assert worker.poll() is None, f"the worker exited ({worker.returncode}): " + deployment.log("worker")
+    assert {job["status"] for job in final.values()} == {JobStatus.DONE.value}, deployment.log("worker")
+    assert decisions_per_job(database_url, job_ids) == Counter(dict.fromkeys(job_ids, 1))
