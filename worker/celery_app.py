@@ -97,17 +97,17 @@ def consume(argv: list[str]) -> int:
     from celery.worker import state
 
     last_error = _LastError()
-    logging.getLogger("celery.worker.worker").addHandler(last_error)
+    logging.getLogger("celery.worker").addHandler(last_error)
     try:
         return supervise(
-            lambda: int(app.start(argv) or 0),
+            lambda: _run_celery(argv),
             stopping=lambda: state.should_stop not in (None, False) or state.should_terminate not in (None, False),
             last_error=lambda: last_error.message,
             restarts=settings.worker_consumer_restarts,
             window_s=settings.worker_consumer_restart_window_s,
         )
     finally:
-        logging.getLogger("celery.worker.worker").removeHandler(last_error)
+        logging.getLogger("celery.worker").removeHandler(last_error)
 
 
 def supervise(
@@ -143,6 +143,21 @@ def supervise(
         log.warning("the Celery consumer stopped on an error (%s); restarting it, models kept", last_error() or status)
 
 
+def _run_celery(argv: list[str]) -> int:
+    """`celery worker` in this process; its exit status (`app.start` and `worker_main` drop it)."""
+    from celery.bin.celery import celery as command
+    from click.exceptions import Exit
+
+    command.params[0].default = app
+    try:
+        status = command.main(args=argv, standalone_mode=False)
+    except Exit as exc:
+        status = exc.exit_code
+    finally:
+        command.params[0].default = None
+    return status if isinstance(status, int) else 0
+
+
 class _LastError(logging.Handler):
     """Keeps the message of Celery's last `Unrecoverable error`: the one line a giving-up worker prints."""
 
@@ -151,7 +166,9 @@ class _LastError(logging.Handler):
         self.message = ""
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.message = record.getMessage()
+        message = record.getMessage()
+        if message.startswith("Unrecoverable error"):  # not the other CRITICAL lines (a failed ack)
+            self.message = message
 
 
 def serve_metrics(settings: Settings) -> None:

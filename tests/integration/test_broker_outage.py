@@ -6,8 +6,10 @@ the queued grace (a minute)."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +26,7 @@ pytestmark = pytest.mark.timeout(600)
 
 OUTAGE_S = 6.0  # longer than the 5 s outage that ended workers in the audit
 OUTAGES = 3
+CONSUMER_FAULT = Path(__file__).parents[1] / "support" / "consumer_fault"
 
 
 def statuses(database_url: str, job_ids: list[str]) -> Counter[str]:
@@ -46,13 +49,31 @@ def kill_redis(redis_server: Any) -> None:
 
 
 def test_a_worker_lives_through_redis_outages_while_acking(deployment: Deployment, redis_server: Any) -> None:
+    outages_while_acking(deployment, redis_server, OUTAGES)
+
+
+def test_a_consumer_ended_by_the_audits_error_is_restarted_in_the_same_process(
+    deployment: Deployment, redis_server: Any
+) -> None:
+    # The audit's kombu error, injected at the first connection loss (tests/support/consumer_fault says why).
+    fault = {
+        "MODTAG_TEST_CONSUMER_FAULT": "1",
+        "PYTHONPATH": os.pathsep.join([str(CONSUMER_FAULT), os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+    }
+    outages_while_acking(deployment, redis_server, 2, **fault)
+    log = (deployment.log_dir / "worker.log").read_text(errors="replace")
+    assert "Unrecoverable error: AttributeError" in log and "restarting it, models kept" in log
+
+
+def outages_while_acking(deployment: Deployment, redis_server: Any, outages: int, **worker_env: str) -> None:
+    """`outages` Redis SIGKILLs while the worker's tasks ack; every job done once, the same worker process alive."""
     # The queued grace stays at its minute: the jobs the restarts lost come back because the restart is noticed.
     deployment.env.update({"MODTAG_OUTBOX_INTERVAL_S": "0.5"})
     database_url = deployment.env["MODTAG_DATABASE_URL"]
     deployment.start_api()
-    worker = deployment.start_worker()
+    worker = deployment.start_worker(**worker_env)
     job_ids: list[str] = []
-    for outage in range(OUTAGES):
+    for outage in range(outages):
         batch = [
             submit(deployment, photo_bytes(NAMES[i % len(NAMES)], size=(64 + i, 48 + outage)), name=f"{i}.jpg")["id"]
             for i in range(12)
@@ -70,7 +91,7 @@ def test_a_worker_lives_through_redis_outages_while_acking(deployment: Deploymen
     back_at = time.monotonic()
     final = deployment.client.wait_jobs(job_ids, timeout_s=240)
     print(
-        f"\n{OUTAGES} Redis outages of {OUTAGE_S:g} s: {len(final)} of {len(job_ids)} jobs final, the last "
+        f"\n{outages} Redis outages of {OUTAGE_S:g} s: {len(final)} of {len(job_ids)} jobs final, the last "
         f"{time.monotonic() - back_at:.1f} s after Redis came back; worker pid {worker.pid} alive"
     )
     assert worker.poll() is None, f"the worker exited ({worker.returncode}): " + deployment.log("worker")
