@@ -11,13 +11,12 @@ where the records go.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
@@ -31,11 +30,12 @@ from api.bodies import (
     JSON_SLACK_BYTES,
     MULTIPART_SLACK_BYTES,
     BodyLimits,
+    SpooledUpload,
     form_text,
     json_type,
-    read_body,
-    read_upload,
+    open_body,
     refuse_unknown_fields,
+    spooled_upload,
     strict_json,
     validate_body,
 )
@@ -59,7 +59,7 @@ from core.principals import Principal
 from core.public import JobPublic, ListingPublic
 from core.settings import Settings
 from core.tables import Job, Listing
-from core.urls import validate_image_url
+from core.urls import check_callback_url, validate_image_url
 from policies import Policy
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class Submission(ABC, Generic[Record]):
     replayed: ClassVar[str]
 
     policy: str
-    uploads: list[bytes]
+    uploads: list[SpooledUpload]  # spooled by the body reader, open until the response
     urls: list[str]
     callback_url: str | None
 
@@ -182,14 +182,17 @@ def accept(
     settings = services.settings
     submission.check_count(settings)
     limits = ImageLimits.from_settings(settings)
-    headers = [_sniff(data, limits, submission.photo_label(index)) for index, data in enumerate(submission.uploads)]
+    # One photo in memory at a time, only for its header checks; the store streams each from its spool.
+    headers = [_sniff(upload, limits, submission.photo_label(index)) for index, upload in enumerate(submission.uploads)]
     policy = resolve_policy(services.policies, submission.policy)
     context = submission.read_context(settings)
     require_context(policy, context)
     urls: list[str] = [check_url(url, submission.url_field(index)) for index, url in enumerate(submission.urls)]
     callback_url = check_url(submission.callback_url, "callback_url") if submission.callback_url else None
+    if callback_url:
+        check_callback_url(callback_url, allow_private=settings.fetch_allow_private)
 
-    digests = [hashlib.sha256(data).hexdigest() for data in submission.uploads]
+    digests = [upload.sha256 for upload in submission.uploads]
     fingerprint = Fingerprint(
         policy=policy.name,
         images=tuple(digests + urls),
@@ -208,7 +211,7 @@ def accept(
         "request_id": log_fields().get("request_id"),
     }
     uploads = zip(submission.uploads, headers, strict=True)
-    photos = [_upload_job(services, data, header, common) for data, header in uploads]
+    photos = [_upload_job(services, upload, header, common) for upload, header in uploads]
     photos.extend(NewJob(**common, source="url", image_url=url) for url in urls)
     record, jobs, created = submission.insert(session, photos, idempotency_key, callback_url)
     if not created and idempotency_key:  # a racing twin with the same key won: it must have been this request
@@ -429,8 +432,9 @@ def read_intake(
     return Intake(principal, idempotency_key, services, session, response)
 
 
-async def read_job_submission(request: Request, settings: SettingsDep) -> JobSubmission:
-    """`POST /v1/jobs` off the wire: a multipart upload or JSON with `image_url`, refused past its size first."""
+async def read_job_submission(request: Request, settings: SettingsDep) -> AsyncIterator[JobSubmission]:
+    """`POST /v1/jobs` off the wire: a multipart upload or JSON with `image_url`, refused past its size first; the
+    upload stays spooled (and its room in the upload budget held) until the route is done."""
     cap = settings.max_context_bytes + JSON_SLACK_BYTES
     limits = BodyLimits(
         multipart_cap=settings.max_upload_bytes + settings.max_context_bytes + MULTIPART_SLACK_BYTES,
@@ -452,10 +456,9 @@ async def read_job_submission(request: Request, settings: SettingsDep) -> JobSub
                 "the `image` file is missing: send the image as a multipart file field named `image`",
                 code="image_missing",
             )
-        data = await read_upload(image, settings.max_upload_bytes, "the image")
         return JobSubmission(
             policy=form_text(form, "policy") or "moderation",
-            uploads=[data],
+            uploads=[spooled_upload(image, settings.max_upload_bytes, "the image")],
             urls=[],
             callback_url=form_text(form, "callback_url") or None,
             context=form_text(form, "context"),
@@ -477,11 +480,13 @@ async def read_job_submission(request: Request, settings: SettingsDep) -> JobSub
             context=parsed.context,
         )
 
-    return await read_body(request, limits, from_form=from_form, from_json=from_json)
+    async with open_body(request, limits, from_form=from_form, from_json=from_json) as submission:
+        yield submission
 
 
-async def read_listing_submission(request: Request, settings: SettingsDep) -> ListingSubmission:
-    """`POST /v1/listings` off the wire: multipart `images` or JSON `image_urls`, refused past its size first."""
+async def read_listing_submission(request: Request, settings: SettingsDep) -> AsyncIterator[ListingSubmission]:
+    """`POST /v1/listings` off the wire: multipart `images` or JSON `image_urls`, refused past its size first; the
+    uploads stay spooled (and their room in the upload budget held) until the route is done."""
     most = settings.listing_max_images
     multipart_cap = most * settings.max_upload_bytes + settings.max_context_bytes + MULTIPART_SLACK_BYTES
     json_cap = settings.max_context_bytes + most * MAX_URL_CHARS + JSON_SLACK_BYTES
@@ -514,7 +519,7 @@ async def read_listing_submission(request: Request, settings: SettingsDep) -> Li
                 f"the listing has {len(uploads)} photos; at most {most} are accepted", code="too_many_images"
             )
         images = [
-            await read_upload(upload, settings.max_upload_bytes, f"photo {index + 1}")
+            spooled_upload(upload, settings.max_upload_bytes, f"photo {index + 1}")
             for index, upload in enumerate(uploads)
         ]
         return ListingSubmission(
@@ -540,7 +545,8 @@ async def read_listing_submission(request: Request, settings: SettingsDep) -> Li
             attributes=parsed.attributes,
         )
 
-    return await read_body(request, limits, from_form=from_form, from_json=from_json)
+    async with open_body(request, limits, from_form=from_form, from_json=from_json) as submission:
+        yield submission
 
 
 def require_context(policy: Policy, context: Mapping[str, Any] | None) -> None:
@@ -577,23 +583,25 @@ def _image_of(job: Job) -> str:
     return (job.image_sha256 if job.source == "upload" else job.image_url) or ""
 
 
-def _sniff(data: bytes, limits: ImageLimits, label: str | None) -> ImageHeader:
+def _sniff(upload: SpooledUpload, limits: ImageLimits, label: str | None) -> ImageHeader:
     try:
-        return sniff_image(data, limits)
+        return sniff_image(upload.read_whole(), limits)
     except ModtagError as exc:
         if label is None:
             raise
         raise ModtagError(f"{label}: {exc.message}", code=exc.code, http_status=exc.http_status) from None
 
 
-def _upload_job(services: Services, data: bytes, header: ImageHeader, common: dict[str, Any]) -> NewJob:
-    blob_key = services.blobs.put(data)
+def _upload_job(services: Services, upload: SpooledUpload, header: ImageHeader, common: dict[str, Any]) -> NewJob:
+    blob_key = services.blobs.put_file(upload.rewound())  # streamed from the spool, hashed again on the way
+    if blob_key != upload.sha256:
+        raise ModtagError("the upload changed while it was stored", code="internal_error", http_status=500)
     return NewJob(
         **common,
         source="upload",
         blob_key=blob_key,
         image_sha256=blob_key,  # the blob store is content-addressed by SHA-256
-        image_bytes=len(data),
+        image_bytes=upload.size or 0,
         image_width=header.width,
         image_height=header.height,
         image_format=header.format,

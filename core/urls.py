@@ -37,6 +37,7 @@ from core.errors import FetchError
 logger = logging.getLogger(__name__)
 
 MAX_URL_LENGTH = 2048
+CALLBACK_CHECK_TIMEOUT_S = 2.0
 ALLOW_PRIVATE_HINT = "set MODTAG_FETCH_ALLOW_PRIVATE=true only for trusted test setups"
 USER_AGENT = "modtag-image-fetcher/0.1"
 
@@ -66,6 +67,11 @@ _SPECIAL_PURPOSE: tuple[IPNetwork, ...] = tuple(
 # getaddrinfo can hang for the resolver's own timeout; it runs here, outside the event loop's
 # default executor, so `asyncio.run` never waits for it after our deadline has passed.
 _RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="modtag-dns")
+
+# getaddrinfo's answers that a name does not exist (not a resolver failing for now).
+_NO_SUCH_NAME = frozenset(
+    code for code in (getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None)) if code is not None
+)
 
 T = TypeVar("T")
 
@@ -124,8 +130,10 @@ def fetch_image_bytes(
     `ssl_context` replaces the default certificate store (certifi). Proxy environment variables
     are ignored: the vetted address must be the one connected to.
 
-    Raises FetchError with code url_invalid, fetch_forbidden_address, fetch_dns, fetch_connect,
-    fetch_timeout, fetch_too_large (413), fetch_http_error, fetch_too_many_redirects or fetch_failed.
+    Raises FetchError with code url_invalid, fetch_host_refused (a host that does not resolve or not to a public
+    address: one code and sentence for both, so a tenant cannot tell an internal name from a missing one; the
+    detail is in the server log), fetch_connect, fetch_timeout, fetch_too_large (413), fetch_http_error,
+    fetch_too_many_redirects or fetch_failed.
     """
     fetch = _Fetch(
         max_bytes=max_bytes,
@@ -135,6 +143,36 @@ def fetch_image_bytes(
         ssl_context=ssl_context or _default_ssl_context(),
     )
     return _run_blocking(fetch.run(url, timeout_s))
+
+
+def check_callback_url(url: str, *, allow_private: bool, timeout_s: float = CALLBACK_CHECK_TIMEOUT_S) -> None:
+    """Refuse at submit a callback URL (already through `validate_image_url`) that could never be delivered: a
+    host that resolves to a private or reserved address, or a name that does not exist (one code and sentence for
+    both, as fetching does). A resolver that is slow or failing for now passes: each delivery vets again.
+
+    Raises FetchError(code="callback_forbidden", http_status=422).
+    """
+    if allow_private:
+        return
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    lookup = _RESOLVER.submit(_lookup, host, parts.port or (443 if parts.scheme == "https" else 80))
+    try:
+        addresses = lookup.result(timeout=timeout_s)
+    except concurrent.futures.TimeoutError:
+        return
+    except (socket.gaierror, UnicodeError) as exc:
+        if isinstance(exc, socket.gaierror) and exc.errno not in _NO_SUCH_NAME:
+            return
+        logger.warning("refused the callback host %s: it does not resolve (%s)", host, exc)
+        addresses = []
+    if not addresses or _refusal(host, addresses, ()):
+        raise FetchError(
+            f"`callback_url`: modtag does not send callbacks to the host {host[:100]}: it does not resolve to a "
+            f"public address ({ALLOW_PRIVATE_HINT})",
+            code="callback_forbidden",
+            http_status=422,
+        )
 
 
 def post_json(
@@ -204,22 +242,8 @@ class _Fetch:
 
     def _vet(self, host: str, addresses: list[IPAddress]) -> None:
         """Every address must be public: one private answer among public ones still refuses the host."""
-        if self.allow_private:
-            return
-        for address in addresses:
-            if any(address in network for network in self.allowed_networks):
-                continue
-            problem = _address_class(address)
-            if problem:
-                # The detail goes to the operator's log only: telling a tenant what an internal name resolves
-                # to maps the private network for them.
-                resolved = "" if host == str(address) else f"{host} resolves to "
-                logger.warning("refused to fetch from %s%s, %s", resolved, address, problem)
-                raise FetchError(
-                    f"the host {host[:100]} is not allowed: modtag does not fetch from private or reserved "
-                    f"addresses ({ALLOW_PRIVATE_HINT})",
-                    code="fetch_forbidden_address",
-                )
+        if not self.allow_private and _refusal(host, addresses, self.allowed_networks):
+            raise _host_refused(host)
 
     async def post(self, url: str, payload: bytes, timeout_s: float, headers: Mapping[str, str]) -> int:
         """One POST of a JSON body to a vetted address; redirects are not followed. Returns the status."""
@@ -360,18 +384,50 @@ async def _resolve(host: str, port: int) -> list[IPAddress]:
     """All addresses of a host, resolved once; the connection uses only these."""
     loop = asyncio.get_running_loop()
     try:
-        infos = await loop.run_in_executor(_RESOLVER, lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        addresses = await loop.run_in_executor(_RESOLVER, _lookup, host, port)
     except (socket.gaierror, UnicodeError) as exc:
-        raise FetchError(f"cannot resolve the host {host}: {exc}", code="fetch_dns") from None
+        logger.warning("refused to fetch from %s: it does not resolve (%s)", host, exc)
+        raise _host_refused(host) from None
+    if not addresses:
+        logger.warning("refused to fetch from %s: it has no address", host)
+        raise _host_refused(host)
+    return addresses
+
+
+def _lookup(host: str, port: int) -> list[IPAddress]:
+    """getaddrinfo's distinct addresses of a host (blocking; raises socket.gaierror)."""
     addresses: list[IPAddress] = []
-    for info in infos:
+    for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
         # IPv6 link-local answers carry a zone ("fe80::1%eth0"): the address class ignores it.
         address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
         if address not in addresses:
             addresses.append(address)
-    if not addresses:
-        raise FetchError(f"the host {host} has no address", code="fetch_dns")
     return addresses
+
+
+def _refusal(host: str, addresses: Sequence[IPAddress], allowed_networks: Sequence[IPNetwork]) -> str | None:
+    """Why the host may not be used (logged here, for the operator only), or None when every address is public
+    or in `allowed_networks`."""
+    for address in addresses:
+        if any(address in network for network in allowed_networks):
+            continue
+        problem = _address_class(address)
+        if problem:
+            # The detail goes to the operator's log only: telling a tenant what an internal name resolves
+            # to maps the private network for them.
+            resolved = "" if host == str(address) else f"{host} resolves to "
+            logger.warning("refused the host %s%s, %s", resolved, address, problem)
+            return problem
+    return None
+
+
+def _host_refused(host: str) -> FetchError:
+    # One code and one sentence whether the name is missing or internal: the difference is for the server log.
+    return FetchError(
+        f"the host {host[:100]} is not allowed or does not resolve: modtag fetches only from public addresses "
+        f"({ALLOW_PRIVATE_HINT})",
+        code="fetch_host_refused",
+    )
 
 
 def _address_class(address: IPAddress) -> str | None:

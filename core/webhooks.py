@@ -27,8 +27,10 @@ from urllib.parse import urlsplit
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, or_, select, update
 
+from core import audit
+from core.principals import Principal
 from core.settings import Settings
-from core.tables import FINAL_STATUSES, Job, WebhookDelivery, WebhookSecret, as_utc, utcnow
+from core.tables import FINAL_STATUSES, Job, WebhookDelivery, WebhookSecret, as_utc, iso, utcnow
 
 SECRET_PREFIX = "whsec_"
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
@@ -49,16 +51,26 @@ def tenant_secret(session: Session, tenant: str) -> WebhookSecret:
     return row
 
 
-def rotate_secret(session: Session, tenant: str, overlap_s: int) -> WebhookSecret:
-    """A new secret for the tenant; the ones before it keep signing for `overlap_s` more seconds."""
+def rotate_secret(
+    session: Session, tenant: str, overlap_s: int, *, revoke_old: bool = False, actor: Principal | None = None
+) -> WebhookSecret:
+    """A new secret for the tenant; the ones before it keep signing for `overlap_s` more seconds, or stop at once
+    with `revoke_old` (a leaked secret). Audited under `actor` when given, in the same transaction."""
     now = utcnow()
+    still_signing = or_(col(WebhookSecret.expires_at).is_(None), col(WebhookSecret.expires_at) > now)
     session.exec(
         update(WebhookSecret)  # type: ignore[call-overload]
-        .where(col(WebhookSecret.tenant) == tenant, col(WebhookSecret.expires_at).is_(None))
-        .values(expires_at=now + timedelta(seconds=overlap_s))
+        .where(col(WebhookSecret.tenant) == tenant)
+        .where(still_signing if revoke_old else col(WebhookSecret.expires_at).is_(None))
+        .values(expires_at=now if revoke_old else now + timedelta(seconds=overlap_s))
     )
     row = WebhookSecret(tenant=tenant, secret=_new_secret(), created_at=now)
     session.add(row)
+    if actor is not None:
+        # The secret itself never enters the audit log: which one, and whether the old ones stopped at once.
+        session.flush()
+        after = {"created_at": iso(now), "revoke_old": revoke_old, "overlap_s": 0 if revoke_old else overlap_s}
+        audit.record(session, actor, "webhook_secret.rotate", "webhook_secret", row.id, before=None, after=after)
     session.commit()
     session.refresh(row)
     return row

@@ -23,11 +23,21 @@ def read_secret(session: SessionDep, principal: WebhookAdmin) -> WebhookSecretPu
     return WebhookSecretPublic.from_row(webhooks.tenant_secret(session, principal.tenant))
 
 
-@router.post("/secret/rotate", response_model=WebhookSecretPublic, responses=error_responses(401, 403))
-def rotate_secret(session: SessionDep, settings: SettingsDep, principal: WebhookAdmin) -> WebhookSecretPublic:
-    """A new secret; the previous one keeps signing beside it for `webhook_secret_overlap_s` (a day)."""
-    row = webhooks.rotate_secret(session, principal.tenant, settings.webhook_secret_overlap_s)
-    until = row.created_at + timedelta(seconds=settings.webhook_secret_overlap_s)
+@router.post("/secret/rotate", response_model=WebhookSecretPublic, responses=error_responses(401, 403, 422))
+def rotate_secret(
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: WebhookAdmin,
+    revoke_old: Annotated[
+        bool, Query(description="End the previous secrets now (a leaked secret) instead of after the overlap.")
+    ] = False,
+) -> WebhookSecretPublic:
+    """A new secret; the previous one keeps signing beside it for `webhook_secret_overlap_s` (a day), or stops at
+    once with `revoke_old=true`. Audited."""
+    row = webhooks.rotate_secret(
+        session, principal.tenant, settings.webhook_secret_overlap_s, revoke_old=revoke_old, actor=principal
+    )
+    until = row.created_at if revoke_old else row.created_at + timedelta(seconds=settings.webhook_secret_overlap_s)
     return WebhookSecretPublic.from_row(row, previous_valid_until=until)
 
 

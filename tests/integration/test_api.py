@@ -194,7 +194,7 @@ def test_json_image_url_submission(api: Api, redis_url: str) -> None:
             "image_url": "https://images.example.com/listing/42.jpg",
             "policy": "moderation",
             "context": {"title": "red bicycle", "color": "red"},
-            "callback_url": "https://hooks.example.com/modtag",
+            "callback_url": "https://93.184.215.14/modtag",
         },
     )
 
@@ -205,7 +205,7 @@ def test_json_image_url_submission(api: Api, redis_url: str) -> None:
     with session_scope(api.db_url) as session:
         stored = get_job(session, job["id"])
         assert stored is not None and stored.blob_key is None
-        assert stored.callback_url == "https://hooks.example.com/modtag"
+        assert stored.callback_url == "https://93.184.215.14/modtag"
     assert [m["headers"]["id"] for m in api.messages()] == [f"job-{job['id']}"]
 
 
@@ -269,7 +269,10 @@ def test_idempotency_key_reused_for_another_request_is_a_conflict(api: Api, phot
     changes: list[dict[str, Any]] = [
         {"files": {"image": ("a.jpg", photos["chelsea"], "image/jpeg")}},  # another image: the moderation bypass
         {"files": {"image": ("a.jpg", photos["rocket"], "image/jpeg")}, "data": {"context": '{"a": 1}'}},
-        {"files": {"image": ("a.jpg", photos["rocket"], "image/jpeg")}, "data": {"callback_url": "https://x.example/"}},
+        {
+            "files": {"image": ("a.jpg", photos["rocket"], "image/jpeg")},
+            "data": {"callback_url": "https://93.184.215.14/x"},
+        },
         {"json": {"image_url": "https://img.example/rocket.jpg"}},
     ]
     for change in changes:

@@ -371,7 +371,7 @@ def test_each_redirect_hop_is_vetted_again(
     with caplog.at_level("WARNING", logger="core.urls"):
         error = fetch_error(
             server.url(f"/redirect-to?location={location}"),
-            "fetch_forbidden_address",
+            "fetch_host_refused",
             allow_private=False,
             allowed_networks=LOOPBACK_ONLY,
         )
@@ -428,7 +428,7 @@ def test_private_and_special_addresses_are_refused(
     hits_before = len(server.hits)
 
     with caplog.at_level("WARNING", logger="core.urls"):
-        error = fetch_error(url.format(port=server.port), "fetch_forbidden_address", allow_private=False)
+        error = fetch_error(url.format(port=server.port), "fetch_host_refused", allow_private=False)
 
     # What the host is and resolves to is in the server log; the tenant learns only that it is not allowed.
     assert named in caplog.text
@@ -452,7 +452,7 @@ def test_one_private_answer_among_public_ones_refuses_the_host(
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(socket, "getaddrinfo", two_answers)
         with caplog.at_level("WARNING", logger="core.urls"):
-            error = fetch_error("http://mixed.modtag.test/x.png", "fetch_forbidden_address", allow_private=False)
+            error = fetch_error("http://mixed.modtag.test/x.png", "fetch_host_refused", allow_private=False)
     assert "mixed.modtag.test resolves to 127.0.0.1, a loopback address" in caplog.text
     assert "127.0.0.1" not in error.message
 
@@ -461,8 +461,19 @@ def test_one_private_answer_among_public_ones_refuses_the_host(
 
 
 def test_unknown_host() -> None:
-    error = fetch_error("http://no-such-host.invalid/x.png", "fetch_dns", timeout_s=3.0)
+    error = fetch_error("http://no-such-host.invalid/x.png", "fetch_host_refused", timeout_s=3.0)
     assert "no-such-host.invalid" in error.message
+
+
+def test_a_missing_name_and_a_refused_address_read_the_same(caplog: pytest.LogCaptureFixture) -> None:
+    # Were they told apart, a tenant could map which internal names exist; the difference is for the server log.
+    with caplog.at_level("WARNING", logger="core.urls"):
+        missing = fetch_error("http://no-such-host.invalid/x.png", "fetch_host_refused", timeout_s=3.0)
+        internal = fetch_error("http://localhost/x.png", "fetch_host_refused", allow_private=False)
+    assert missing.message.replace("no-such-host.invalid", "H") == internal.message.replace("localhost", "H")
+    assert missing.retryable == internal.retryable is False
+    assert "no-such-host.invalid: it does not resolve" in caplog.text
+    assert "localhost resolves to 127.0.0.1, a loopback address" in caplog.text
 
 
 def test_nothing_listening() -> None:

