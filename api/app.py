@@ -52,7 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Image moderation and product tagging: submit images, read decisions.",
         description=(
             "Limits on every request: the request line and headers together at most `MODTAG_MAX_HEADER_BYTES` "
-            f"(default {Settings.model_fields['max_header_bytes'].default} bytes; past it 400); a body at most "
+            f"(default {Settings.model_fields['max_header_bytes'].default} bytes; past it 431 `headers_too_large`); "
+            "a body at most "
             f"`MODTAG_MAX_BODY_BYTES` (default {Settings.model_fields['max_body_bytes'].default} bytes; 413 "
             "`body_too_large`) except image uploads, which have their own limits; every call to /v1 has its key "
             "checked before its body is read (401, or 429 past the failure limit)."
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=_lifespan,
         docs_url=None,  # served by api.docs with local assets
         redoc_url=None,
+        redirect_slashes=False,  # api.errors redirects with a relative Location, never one built from Host
     )
     app.state.settings = settings
     install_error_handlers(app)

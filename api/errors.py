@@ -12,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Match
 
 from core.errors import ModtagError, TooManyFailures
 from core.public import ErrorBody
@@ -32,6 +34,7 @@ _HTTP_CODES = {
     429: "rate_limited",
     503: "not_ready",
 }
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 _LOCATIONS = {"query": "query parameter", "path": "path parameter", "header": "header", "body": "field"}
 
 
@@ -75,6 +78,9 @@ async def _modtag_error(_request: Request, exc: ModtagError) -> JSONResponse:
     if exc.http_status >= 500:
         logger.warning("request failed: %s", exc)
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, TooManyFailures) else None
+    if exc.http_status == 415:
+        # Whatever of the body is still unsent would be read and thrown away: end the connection instead.
+        headers = {**(headers or {}), "Connection": "close"}
     return error_response(exc.http_status, exc.message, exc.code, headers=headers)
 
 
@@ -92,20 +98,50 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
     return error_response(422, detail, "invalid_field")
 
 
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     status = exc.status_code
     code = _HTTP_CODES.get(status) or _phrase_code(status)
     path = request.url.path[:200]
+    headers = dict(exc.headers or {})
+    if status == 404 and (other := _other_slash(request)) is not None:
+        # The router's own slash redirect builds an absolute URL from the Host header; this one stays on the
+        # server that was asked, whatever Host said.
+        query = f"?{request.url.query}" if request.url.query else ""
+        return RedirectResponse(other + query, status_code=307)
     if status == 404:
         detail = f"there is no {path}; see /docs for the API's routes"
     elif status == 405:
-        allowed = (exc.headers or {}).get("Allow", "")
+        headers["Allow"] = allowed = _allowed_methods(request) or headers.get("Allow", "")
         detail = f"{request.method[:16]} is not allowed on {path}" + (f"; use {allowed}" if allowed else "")
     elif isinstance(exc.detail, str) and exc.detail and exc.detail != _phrase(status):
         detail = exc.detail
     else:
         detail = f"the request failed: {_phrase(status).lower()}"
-    return error_response(status, detail, code, headers=exc.headers)
+    if status == 415:
+        headers["Connection"] = "close"
+    return error_response(status, detail, code, headers=headers or None)
+
+
+def _other_slash(request: Request) -> str | None:
+    """The path with its trailing slash added or removed when that path has a route, else None."""
+    path = request.url.path
+    if path == "/" or path.startswith("//"):  # "//host/" as a Location would leave for another site
+        return None
+    other = path[:-1] if path.endswith("/") else path + "/"
+    scope = {**request.scope, "path": other, "root_path": ""}
+    if other.startswith("//") or not any(route.matches(scope)[0] != Match.NONE for route in request.app.router.routes):
+        return None
+    return other
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (the router names only the first route's)."""
+    routes = request.app.router.routes
+    return ", ".join(
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    )
 
 
 async def _database_error(_request: Request, exc: OperationalError) -> JSONResponse:

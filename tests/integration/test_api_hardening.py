@@ -5,6 +5,9 @@ once, callbacks to private hosts refused at submit, no Host header in redirects,
 from __future__ import annotations
 
 import json
+import socket
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -80,3 +83,57 @@ def test_private_callbacks_are_accepted_when_the_private_setting_is_on(
     monkeypatch.setattr(api.settings, "fetch_allow_private", True)
     response = api.upload(photos["rocket"], callback_url="http://127.0.0.1:9/hook")
     assert response.status_code == 202, response.text
+
+
+# -- HTTP edges ------------------------------------------------------------------------------------------------------
+
+
+def test_a_trailing_slash_redirect_never_reflects_the_host_header(api: Api) -> None:
+    hostile = {"Host": "evil.example"}
+    response = api.client.get("/v1/decisions/", params={"limit": "5"}, headers=hostile, follow_redirects=False)
+    assert response.status_code == 307, response.text
+    assert response.headers["location"] == "/v1/decisions?limit=5"
+    assert api.client.get("/v1/decisions/", follow_redirects=True).status_code == 200  # clients keep working
+    assert_error(api.client.get("//evil.example/", headers=hostile, follow_redirects=False), 404, "not_found")
+
+
+def test_405_allows_every_method_of_the_path(api: Api) -> None:
+    response = api.client.put("/v1/jobs/00000000000000000000000000")
+    assert_error(response, 405, "method_not_allowed")
+    allowed = {method.strip() for method in response.headers["allow"].split(",")}
+    assert {"GET", "DELETE"} <= allowed, allowed
+    assert "GET" in response.json()["detail"] and "DELETE" in response.json()["detail"]
+
+
+def test_415_on_an_upload_closes_the_connection(api: Api) -> None:
+    boundary = "modtagboundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.txt"\r\n'
+        f"Content-Type: text/plain\r\n\r\n{'not an image ' * 100}\r\n--{boundary}--\r\n"
+    ).encode()
+    address = urlsplit(api.base_url)
+    head = (
+        f"POST /v1/jobs HTTP/1.1\r\nHost: {address.netloc}\r\nAuthorization: Bearer {api.key}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection((address.hostname, address.port), timeout=5) as sock:
+        sock.sendall(head.encode() + body)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):  # ends only when the server closes
+                received += chunk
+        except TimeoutError:
+            pytest.fail(f"the server kept the connection open after {received[:200]!r}")
+    status_line, _, rest = received.partition(b"\r\n")
+    assert status_line.split()[1] == b"415", received[:300]
+    assert b"connection: close" in rest.partition(b"\r\n\r\n")[0].lower()
+
+
+def test_oversized_headers_are_431_as_documented(api: Api) -> None:
+    limit = api.settings.max_header_bytes
+    assert_error(api.client.get("/healthz", headers={"X-Padding": "p" * (limit + 100)}), 431, "headers_too_large")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (row,) = [line for line in readme.splitlines() if line.startswith("| `MODTAG_MAX_HEADER_BYTES`")]
+    assert "431 `headers_too_large`" in row and "400" not in row
+    description = api.client.get("/openapi.json").json()["info"]["description"]
+    assert "past it 431 `headers_too_large`" in description
