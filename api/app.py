@@ -12,10 +12,11 @@ from fastapi import FastAPI
 from sqlalchemy.exc import IntegrityError
 from starlette.types import ASGIApp
 
+from api.bodies import UploadBudget
 from api.deps import Services
 from api.docs import install_docs
 from api.errors import install_error_handlers
-from api.limits import RequestLimitsMiddleware
+from api.limits import HeaderDeadlineProtocol, RequestLimitsMiddleware
 from api.middleware import DashboardHeadersMiddleware, HttpMetricsMiddleware, RequestIdMiddleware
 from api.routes import audit, banks, dashboard, decisions, health, jobs, listings, policies, review, shadow, webhooks
 from api.routes.health import CHECK_TIMEOUT_S
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redirect_slashes=False,  # api.errors redirects with a relative Location, never one built from Host
     )
     app.state.settings = settings
+    app.state.upload_budget = UploadBudget(settings.upload_bytes_in_flight, settings.upload_wait_s)
     install_error_handlers(app)
     app.add_exception_handler(AuthError, dashboard.refusal)  # type: ignore[arg-type]
     app.add_exception_handler(Forbidden, dashboard.refusal)  # type: ignore[arg-type]
@@ -92,9 +94,12 @@ def server_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn
     options: dict[str, Any] = {
         "host": settings.api_host,
         "port": settings.api_port,
-        # h11 bounds the request line and headers (httptools accepts megabytes of them).
-        "http": "h11",
+        # h11 bounds the request line and headers (httptools accepts megabytes of them), and they must arrive
+        # within the keep-alive timeout (HeaderDeadlineProtocol); a body within body_read_timeout_s (api.bodies).
+        "http": HeaderDeadlineProtocol,
         "h11_max_incomplete_event_size": settings.max_header_bytes,
+        "timeout_keep_alive": settings.keep_alive_timeout_s,
+        "limit_concurrency": settings.api_max_connections,
         # X-Forwarded-For is believed only from proxies an operator listed: never by default, not even loopback.
         "proxy_headers": bool(trusted),
         "forwarded_allow_ips": trusted or None,

@@ -1,14 +1,24 @@
 """Reading request bodies off the wire: a multipart form or a JSON object, size-capped before it is parsed.
 
 Nothing here trusts the client: the declared Content-Length is checked before a byte is read, the body is read
-through a hard cap (a chunked or lying request stops at the cap), and JSON is parsed strictly. What the fields
-mean is the reader's business (api/submissions.py); this module only gets them off the wire safely.
+through a hard cap (a chunked or lying request stops at the cap) and a deadline per chunk (a slow sender is 408),
+and JSON is parsed strictly. What the fields mean is the reader's business (api/submissions.py); this module only
+gets them off the wire safely.
+
+Memory stays bounded by design: an uploaded file is spooled to a temporary file as it arrives (in memory only up
+to `SPOOL_MEMORY_BYTES`), hashed on the way (`SpooledUpload.sha256`, the blob store's key), and a multipart body
+is read only with room in the process's `UploadBudget` (MODTAG_UPLOAD_BYTES_IN_FLIGHT): past it the request waits
+MODTAG_UPLOAD_WAIT_S, then is 503 `busy` with Retry-After.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
-from collections.abc import AsyncGenerator, Awaitable, Callable
+import math
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -25,6 +35,8 @@ from core.errors import BadRequest, InvalidField, ModtagError, PayloadTooLarge
 MULTIPART_SLACK_BYTES = 64 * 1024
 # Room in a JSON body for the URLs and the policy name beside the context.
 JSON_SLACK_BYTES = 16 * 1024
+# How much of an uploaded file stays in memory before its spool moves to a temporary file on disk.
+SPOOL_MEMORY_BYTES = 64 * 1024
 Body = TypeVar("Body")
 BodyModel = TypeVar("BodyModel", bound=BaseModel)
 
@@ -43,6 +55,81 @@ class BodyLimits:
     too_many_files: str | None = None  # the 422 `too_many_images` message; None: a malformed body (400)
 
 
+class UploadsBusy(ModtagError, code="busy", http_status=503, retryable=True):
+    """The process's upload budget stayed full (503 `busy`); `retry_after_s` says when to try again."""
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class UploadBudget:
+    """At most `total` bytes of multipart bodies being received and stored at once by one API process.
+
+    A request holds its declared Content-Length (the route's cap when it declares none; the whole budget at most,
+    so a body larger than it runs alone) from before its first byte is read until its response: the temporary
+    files, the one photo read whole for its header checks and the store's buffers all live within that time.
+    """
+
+    def __init__(self, total: int, wait_s: float) -> None:
+        self.total = total
+        self.wait_s = wait_s
+        self.held = 0
+        self._changed: asyncio.Condition | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        wanted = min(size, self.total)
+        changed = self._condition()
+        async with changed:
+            try:
+                await asyncio.wait_for(changed.wait_for(lambda: self.held + wanted <= self.total), self.wait_s)
+            except TimeoutError:
+                raise UploadsBusy(
+                    f"the server is receiving as many uploads as it holds at once ({self.total} bytes, "
+                    "MODTAG_UPLOAD_BYTES_IN_FLIGHT); retry shortly",
+                    retry_after_s=max(1, math.ceil(self.wait_s)),
+                ) from None
+            self.held += wanted
+        try:
+            yield
+        finally:
+            async with changed:
+                self.held -= wanted
+                changed.notify_all()
+
+    def _condition(self) -> asyncio.Condition:
+        # A condition belongs to one event loop; a test may serve the same app from several loops in turn.
+        loop = asyncio.get_running_loop()
+        if self._changed is None or self._loop is not loop:
+            self._changed, self._loop = asyncio.Condition(), loop
+        return self._changed
+
+
+class SpooledUpload(UploadFile):
+    """An uploaded file as it arrived: spooled (on disk past SPOOL_MEMORY_BYTES) and hashed on the way."""
+
+    def __init__(self, source: UploadFile) -> None:
+        super().__init__(source.file, size=0, filename=source.filename, headers=source.headers)
+        self._digest = hashlib.sha256()
+
+    @property
+    def sha256(self) -> str:
+        """The SHA-256 of the bytes received (hex): the blob store's key for them."""
+        return self._digest.hexdigest()
+
+    def read_whole(self) -> bytes:
+        """All its bytes, for the header checks (the caller reads one upload at a time and drops them)."""
+        self.file.seek(0)
+        return self.file.read()
+
+    def rewound(self) -> Any:
+        """Its spool from the first byte, to stream to the blob store."""
+        self.file.seek(0)
+        return self.file
+
+
 async def read_body(
     request: Request,
     limits: BodyLimits,
@@ -51,18 +138,36 @@ async def read_body(
     from_json: Callable[[dict[str, Any]], Body],
 ) -> Body:
     """Dispatch on Content-Type: a multipart form (closed once `from_form` is done) or a JSON object."""
+    async with open_body(request, limits, from_form=from_form, from_json=from_json) as body:
+        return body
+
+
+@asynccontextmanager
+async def open_body(
+    request: Request,
+    limits: BodyLimits,
+    *,
+    from_form: Callable[[FormData], Awaitable[Body]],
+    from_json: Callable[[dict[str, Any]], Body],
+) -> AsyncIterator[Body]:
+    """`read_body` for a reader that uses the uploads after `from_form`: a multipart body holds its room in the
+    upload budget, and its spooled files stay open, until the block ends."""
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type == "multipart/form-data":
         code, message = limits.multipart_too_large
-        _check_declared_length(request, limits.multipart_cap, code, message)
-        form = await _read_form(request, limits)
-        try:
-            return await from_form(form)
-        finally:
-            await form.close()
+        declared = _check_declared_length(request, limits.multipart_cap, code, message)
+        budget: UploadBudget = request.app.state.upload_budget
+        async with budget.hold(limits.multipart_cap if declared is None else declared):
+            form = await _read_form(request, limits)
+            try:
+                yield await from_form(form)
+            finally:
+                await form.close()
+        return
     if media_type == "application/json" or media_type.endswith("+json"):
         _check_declared_length(request, limits.json_cap, "payload_too_large", limits.json_too_large)
-        return from_json(await read_json_object(request, limits.json_cap, limits.json_too_large))
+        yield from_json(await read_json_object(request, limits.json_cap, limits.json_too_large))
+        return
     raise ModtagError(
         f"unsupported Content-Type {media_type[:100]!r}: send {limits.expected}",
         code="unsupported_media_type",
@@ -106,6 +211,15 @@ async def read_upload(upload: UploadFile, limit: int, what: str) -> bytes:
     return data
 
 
+def spooled_upload(upload: UploadFile, limit: int, what: str) -> SpooledUpload:
+    """An uploaded file left in its spool, refused (413 `image_too_large`) past `limit` bytes."""
+    if not isinstance(upload, SpooledUpload):
+        raise TypeError("uploads are spooled by this module's form parser")
+    if (upload.size or 0) > limit:
+        raise PayloadTooLarge(f"{what} is larger than the limit of {limit} bytes", code="image_too_large")
+    return upload
+
+
 def refuse_unknown_fields(form: FormData, allowed: frozenset[str]) -> None:
     """422 `unknown_field` naming the first form field the route does not take (a typo must not run defaults)."""
     for name in form:
@@ -146,9 +260,23 @@ def json_type(value: object) -> str:
 
 
 class _FormParser(MultiPartParser):
-    """Starlette's multipart parser, noting whether the closing boundary arrived: a cut-off body is malformed."""
+    """Starlette's multipart parser, its files spooled to disk past SPOOL_MEMORY_BYTES and hashed as they arrive,
+    noting whether the closing boundary arrived: a cut-off body is malformed."""
 
     complete = False
+    spool_max_size = SPOOL_MEMORY_BYTES
+
+    def on_headers_finished(self) -> None:
+        super().on_headers_finished()
+        part = self._current_part
+        if part.file is not None:
+            part.file = SpooledUpload(part.file)
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        super().on_part_data(data, start, end)
+        upload = self._current_part.file
+        if isinstance(upload, SpooledUpload):
+            upload._digest.update(data[start:end])
 
     def on_end(self) -> None:
         self.complete = True
@@ -176,10 +304,23 @@ async def _read_form(request: Request, limits: BodyLimits) -> FormData:
 
 
 async def _capped_stream(request: Request, cap: int, code: str, message: str) -> AsyncGenerator[bytes, None]:
-    """The body in chunks, aborting as soon as more than `cap` bytes arrived, whatever the headers said."""
+    """The body in chunks, aborting as soon as more than `cap` bytes arrived, whatever the headers said, or when
+    it has not all arrived MODTAG_BODY_READ_TIMEOUT_S after its first read (408 `body_timeout`: a slow sender
+    would hold its connection and its room in the upload budget for as long as it liked)."""
+    timeout_s: float = request.app.state.settings.body_read_timeout_s
+    deadline = asyncio.get_running_loop().time() + timeout_s
     received = 0
+    chunks = request.stream().__aiter__()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(chunks), deadline - asyncio.get_running_loop().time())
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise _SlowBody(
+                    f"the request body did not arrive within {timeout_s:g} s (MODTAG_BODY_READ_TIMEOUT_S)"
+                ) from None
             received += len(chunk)
             if received > cap:
                 raise PayloadTooLarge(message, code=code)
@@ -188,16 +329,22 @@ async def _capped_stream(request: Request, cap: int, code: str, message: str) ->
         raise BadRequest("the client disconnected before the body was complete", code="client_disconnected") from None
 
 
-def _check_declared_length(request: Request, cap: int, code: str, message: str) -> None:
+class _SlowBody(ModtagError, code="body_timeout", http_status=408):
+    """A request body whose sender stalled (408); the connection is not reused."""
+
+
+def _check_declared_length(request: Request, cap: int, code: str, message: str) -> int | None:
+    """The declared Content-Length (None when chunked), refused past `cap`."""
     declared = request.headers.get("content-length")
     if declared is None:
-        return  # chunked: the capped stream enforces the limit
+        return None  # chunked: the capped stream enforces the limit
     try:
         length = int(declared)
     except ValueError:
         raise BadRequest("the Content-Length header is not a number", code="bad_request") from None
     if length > cap:
         raise PayloadTooLarge(message, code=code)
+    return length
 
 
 def _unknown_field(name: str, allowed: list[str]) -> InvalidField:

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Match
 
-from core.errors import ModtagError, TooManyFailures
+from core.errors import ModtagError
 from core.public import ErrorBody
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 async def _modtag_error(_request: Request, exc: ModtagError) -> JSONResponse:
     if exc.http_status >= 500:
         logger.warning("request failed: %s", exc)
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, TooManyFailures) else None
+    retry_after_s = getattr(exc, "retry_after_s", None)  # TooManyFailures, api.bodies.UploadsBusy
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
     if exc.http_status == 415:
         # Whatever of the body is still unsent would be read and thrown away: end the connection instead.
         headers = {**(headers or {}), "Connection": "close"}

@@ -10,6 +10,8 @@ dependency cannot protect the memory of a route that takes a body: this ASGI lay
   only after the key check) takes at most `max_body_bytes`: a larger Content-Length is 413 `body_too_large` at
   once, and a chunked or lying body is cut off at the cap with the same answer.
 - Multipart bodies go only to the uploads: elsewhere they are 415 before Starlette spools a part to disk.
+- A connection must send a request's headers within `keep_alive_timeout_s` of opening (or of its previous
+  answer), whatever it trickles meanwhile, or it is closed (`HeaderDeadlineProtocol`, the server's protocol).
 - Request headers past `max_header_bytes` are 431 `headers_too_large`. The server bounds what it buffers the
   same way (`server_config`: h11's incomplete-event size), but h11 lets through headers that arrive whole in one
   read, so they are counted here too.
@@ -17,14 +19,17 @@ dependency cannot protect the memory of a route that takes a body: this ASGI lay
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import re
 
+import h11
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from api.auth import DECIDED_SCOPE_KEY, Presented, identify, presented
 from api.deps import Services, new_session
@@ -120,6 +125,47 @@ class RequestLimitsMiddleware(HttpMiddleware):
         await self.app(scope, capped_receive, guarded_send)
         if over and not answered:
             await _refuse(send, 413, _too_large(cap), "body_too_large")
+
+
+class HeaderDeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol, with a deadline for each request's headers: uvicorn's keep-alive timer starts only
+    after an answer and any byte cancels it, so a client trickling headers a byte at a time would hold its
+    connection for ever. Here the headers must be complete `timeout_keep_alive` seconds after the connection
+    opened or its previous answer went, or the connection is closed."""
+
+    _header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            self._cancel_header_deadline()  # the headers are in: the body has its own deadline (api.bodies)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._arm_header_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_deadline()
+        super().connection_lost(exc)
+
+    def _arm_header_deadline(self) -> None:
+        self._cancel_header_deadline()
+        self._header_deadline = self.loop.call_later(self.timeout_keep_alive, self._headers_too_slow)
+
+    def _cancel_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
 
 
 def _headers(scope: Scope) -> dict[str, str]:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlsplit
 
 from core.dependencies import Dependency
@@ -35,6 +35,11 @@ class BlobStore(Protocol):
     """Content-addressed storage: `put` returns a key that `get` accepts on any process sharing the store."""
 
     def put(self, data: bytes) -> str: ...
+
+    def put_file(self, source: BinaryIO) -> str:
+        """`put` the bytes from `source`'s position to its end, streamed in chunks (never whole in memory); the
+        same key `put` would give. `source` must be seekable (an upload's spool)."""
+        ...
 
     def get(self, key: str) -> bytes: ...
 
@@ -70,6 +75,10 @@ def blob_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# What a streaming put reads at a time.
+CHUNK_BYTES = 1024 * 1024
+
+
 class LocalBlobStore:
     """Blobs as files under one directory (a local disk or a shared volume), keyed by SHA-256."""
 
@@ -101,6 +110,32 @@ class LocalBlobStore:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return key
+
+    def put_file(self, source: BinaryIO) -> str:
+        try:
+            return self._put_file(source)
+        except OSError as exc:
+            raise _disk_unavailable(exc) from exc
+
+    def _put_file(self, source: BinaryIO) -> str:
+        # Hashed while copied to a temporary file in the store, then renamed to its key (or dropped: already there).
+        digest = hashlib.sha256()
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                while chunk := source.read(CHUNK_BYTES):
+                    digest.update(chunk)
+                    handle.write(chunk)
+                handle.flush()
+                os.fsync(handle.fileno())
+            key = digest.hexdigest()
+            path = self.root / _relative(key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, path)  # the same bytes under the same name: replacing an existing blob also dates it now
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -169,6 +204,23 @@ class S3BlobStore:
         with self._errors(key):
             # The key is the content's hash, so writing it again is harmless: no read-before-write round trip.
             self._client.put_object(Bucket=self.bucket, Key=self._name(key), Body=data)
+        return key
+
+    def put_file(self, source: BinaryIO) -> str:
+        from boto3.s3.transfer import TransferConfig
+
+        start = source.tell()
+        digest = hashlib.sha256()
+        while chunk := source.read(CHUNK_BYTES):
+            digest.update(chunk)
+        key = digest.hexdigest()
+        source.seek(start)
+        # One part in memory at a time: a multipart upload past 8 MB, read from the file part by part.
+        config = TransferConfig(
+            multipart_threshold=8 * CHUNK_BYTES, multipart_chunksize=8 * CHUNK_BYTES, use_threads=False
+        )
+        with self._errors(key):
+            self._client.upload_fileobj(source, self.bucket, self._name(key), Config=config)
         return key
 
     def get(self, key: str) -> bytes:

@@ -63,6 +63,28 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(
         default=16 * 1024, ge=1024, description="Largest request line and headers the API reads (431/400 past it)."
     )
+    upload_bytes_in_flight: int = Field(
+        default=256 * 1024 * 1024,
+        gt=0,
+        description="Upload bytes one API process receives and stores at once (each upload counts its Content-Length); "
+        "past it an upload waits `upload_wait_s`, then is 503 `busy` with Retry-After.",
+    )
+    upload_wait_s: float = Field(
+        default=5.0, ge=0, description="How long an upload waits for room under upload_bytes_in_flight."
+    )
+    body_read_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="A request body must have arrived this long after its first read (408 past it).",
+    )
+    keep_alive_timeout_s: float = Field(
+        default=5.0, gt=0, description="How long the API keeps an idle connection, and waits for a request's headers."
+    )
+    api_max_connections: int | None = Field(
+        default=None,
+        gt=0,
+        description="Connections and requests one API process serves at once (503 past it); unset: no limit.",
+    )
     fetch_timeout_s: float = Field(default=10.0, gt=0)
     fetch_allow_private: bool = Field(default=False, description="Allow image_url on loopback/private nets.")
 
@@ -123,6 +145,12 @@ class Settings(BaseSettings):
     )
     worker_decoded_megapixels: float = Field(
         default=320, gt=0, description="Decoded image pixels (millions) one worker holds at once; more jobs wait."
+    )
+    worker_decoded_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description="Bytes of decoded pixels one worker holds at once (RGB 3 per pixel, RGBA 4, 16-bit grey 2...); "
+        "more jobs wait. Default: MODTAG_WORKER_DECODED_MEGAPIXELS (deprecated) at 3 bytes per pixel, 960 MB.",
     )
     worker_concurrency: int | None = Field(
         default=None, gt=0, le=256, description="Task threads per worker; default twice batch_max_images."
@@ -224,6 +252,12 @@ class Settings(BaseSettings):
     @property
     def resolved_lease_renew_s(self) -> float:
         return self.lease_renew_s or self.running_lease_s / 4
+
+    @property
+    def resolved_worker_decoded_bytes(self) -> int:
+        if self.worker_decoded_bytes is not None:
+            return self.worker_decoded_bytes
+        return round(self.worker_decoded_megapixels * 1_000_000 * 3)  # the deprecated setting, as RGB
 
     @property
     def resolved_visibility_timeout_s(self) -> int:

@@ -38,7 +38,7 @@ from policies.requirements import RequirementsBuilder
 from worker.callbacks import send_callbacks
 from worker.inference import InferenceService
 from worker.lifecycle import JobLifecycle, JobResult, Unclaimed
-from worker.pixels import PixelBudget
+from worker.pixels import PixelBudget, decode_peak_bytes, pixel_bytes
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class WorkerRuntime:
             inference=inference,
             lifecycle=JobLifecycle(settings, name),
             banks=BankMatcher(),
-            pixels=PixelBudget(round(settings.worker_decoded_megapixels * 1_000_000)),
+            pixels=PixelBudget(settings.resolved_worker_decoded_bytes),
         )
 
     @property
@@ -169,10 +169,13 @@ class WorkerRuntime:
         with _stage(timings, "fetch"):
             data = self._image_bytes(job)
         header = sniff_image(data, self.limits)
-        # Decoded pixels are held against the worker-wide budget until the models are done with them.
-        with self.pixels.hold(header.width * header.height, timeout_s=self.settings.job_timeout_s):
+        # Decoded pixels are held against the worker-wide budget until the models are done with them: the decode's
+        # peak first, then the bytes of the RGB image kept.
+        peak = decode_peak_bytes(header.width, header.height)
+        with self.pixels.hold(peak, timeout_s=self.settings.job_timeout_s) as held:
             with _stage(timings, "decode"):
                 image = decode_image(data, self.limits)
+            held.settle(pixel_bytes(image.width, image.height, image.mode))
             decision, shadow_rows, how = self._judge(job, policy, context, needs, shadows, data, image, timings)
             del image  # the pixels are given back with the budget
         with _stage(timings, "store"):
