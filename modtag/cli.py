@@ -38,6 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = _settings(args)
         configure_logging(settings.log_format, os.environ.get("MODTAG_LOG_LEVEL", "INFO"))
+        if getattr(args, "opens_database", False):
+            _check_database(settings)
         return int(args.handler(args, settings))
     except ModtagError as exc:
         print(f"modtag: {exc.message} [{exc.code}]", file=sys.stderr)
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     api = sub.add_parser("api", help="run the HTTP API only")
     api.add_argument("--host", default=None)
     api.add_argument("--port", type=_port, default=None)
-    api.set_defaults(handler=cmd_api)
+    api.set_defaults(handler=cmd_api, opens_database=True)
 
     worker = sub.add_parser("worker", help="run one worker process (loads the models once)")
     worker.add_argument("--models", default=None, help=_MODELS_HELP)
@@ -169,12 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     bank_import.set_defaults(handler=cmd_banks_import)
 
     reconcile = sub.add_parser("reconcile", help="re-enqueue jobs whose messages were lost, once")
-    reconcile.set_defaults(handler=cmd_reconcile)
+    reconcile.set_defaults(handler=cmd_reconcile, opens_database=True)
 
     migrate_cmd = sub.add_parser(
         "migrate", help="bring the database to the newest schema, once (a deployment's migration job)"
     )
-    migrate_cmd.set_defaults(handler=cmd_migrate)
+    migrate_cmd.set_defaults(handler=cmd_migrate, opens_database=True)
 
     bench = sub.add_parser("bench", help="time the engine against the stock per-call way; print a JSON report")
     bench.add_argument(
@@ -236,19 +238,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=cmd_bench)
 
     keys = sub.add_parser("keys", help="API keys: create, list, revoke (works on the database directly)")
+    keys.set_defaults(opens_database=True)
+    data_dir_help = "the data directory of `modtag up --data-dir` whose database to use (default: the user's)"
+    keys.add_argument("--data-dir", type=Path, default=None, help=data_dir_help)
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     create = keys_sub.add_parser("create", help="create a key and print it (once: only its hash is stored)")
     create.add_argument("--role", required=True, choices=["submit", "review", "admin"])
     create.add_argument("--tenant", required=True, help="the tenant whose jobs the key sees (one install: `default`)")
     create.add_argument("--name", default=None, help="who or what uses the key, shown in listings and the audit log")
     create.add_argument("--json", action="store_true", help="print the key and its record as JSON")
+    create.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS, help=data_dir_help)
     create.set_defaults(handler=cmd_keys_create)
     listing = keys_sub.add_parser("list", help="list keys (never the secrets)")
     listing.add_argument("--tenant", default=None)
     listing.add_argument("--json", action="store_true")
+    listing.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS, help=data_dir_help)
     listing.set_defaults(handler=cmd_keys_list)
     revoke = keys_sub.add_parser("revoke", help="revoke a key by id; it stops working at once, sign-ins too")
     revoke.add_argument("key_id", metavar="ID")
+    revoke.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS, help=data_dir_help)
     revoke.set_defaults(handler=cmd_keys_revoke)
     return parser
 
@@ -621,6 +629,27 @@ def _keys_session(settings: Settings) -> Any:
     print(f"database: {make_url(url).render_as_string(hide_password=True)}", file=sys.stderr)
     migrate(url)
     return session_scope(url)
+
+
+def _check_database(settings: Settings) -> None:
+    """A database server that cannot be reached is one line and exit status 3, not a driver's traceback."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from core.db import ping
+
+    url = settings.resolved_database_url
+    if url.startswith("sqlite"):  # a local file: made on first use, never unreachable
+        return
+    try:
+        ping(url)
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
+        shown = make_url(url).render_as_string(hide_password=True)
+        raise ModtagError(
+            f"cannot reach the database at {shown}: {reason}. Is it running, and is MODTAG_DATABASE_URL right?",
+            code="database_unavailable",
+        ) from None
 
 
 def _short_time(value: object) -> str:

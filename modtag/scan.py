@@ -54,7 +54,7 @@ def scan(
     results = [ScanResult(path) for path in files]
     for result in _bar(results, "submitting", progress):
         reply = client.submit_job(result.path, policy=policy)
-        if reply.auth_refused:
+        if reply.auth_refused or reply.body.get("code") == "too_many_failures":
             # Every other file would be refused the same way: stop with what to do instead.
             raise ModtagError(
                 f"the API refused the request: {reply.body.get('detail')} Pass a key with --api-key or "

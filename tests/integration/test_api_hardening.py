@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
 from core import webhooks
 from core.db import session_scope
-from tests.support.api import Api, assert_error
+from modtag.cli import main
+from tests.support.api import Api, api_settings, assert_error, running_api
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -137,3 +139,34 @@ def test_oversized_headers_are_431_as_documented(api: Api) -> None:
     assert "431 `headers_too_large`" in row and "400" not in row
     description = api.client.get("/openapi.json").json()["info"]["description"]
     assert "past it 431 `headers_too_large`" in description
+
+
+# -- the command line against the API --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["mtk_" + "0" * 40, None])
+def test_scan_with_a_refused_key_exits_3_with_one_line(
+    api: Api, photos: dict[str, bytes], tmp_path: Path, key: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photo = tmp_path / "rocket.jpg"
+    photo.write_bytes(photos["rocket"])
+    argv = ["scan", "--no-progress", "--api", api.base_url, *(["--api-key", key] if key else []), str(photo)]
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("modtag: the API refused the request") and "[auth_" in err, err
+
+
+def test_scan_past_the_failed_key_limit_exits_3(
+    db_url: str, redis_server: Any, tmp_path: Path, photos: dict[str, bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Behind a proxy every client may share one address: the refusal then comes as 429, and is still the key's.
+    settings = api_settings(tmp_path, db_url, redis_server.url, auth_max_failures=1, auth_failure_window_s=60)
+    photo = tmp_path / "rocket.jpg"
+    photo.write_bytes(photos["rocket"])
+    with running_api(settings) as limited:
+        argv = ["scan", "--no-progress", "--api", limited.base_url, "--api-key", "mtk_" + "1" * 40, str(photo)]
+        main(argv)  # the first refusal: 401
+        capsys.readouterr()
+        assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "[too_many_failures]" in err, err

@@ -290,3 +290,31 @@ def test_the_admin_key_comes_from_a_file_never_from_argv(
     assert refused.value.code == 2
     assert main(["up", "--admin-key-file", str(tmp_path / "missing.key")]) == 2
     assert "cannot read --admin-key-file" in capsys.readouterr().err
+
+
+def test_keys_take_the_data_dir_of_modtag_up(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data_dir = tmp_path / "stack"
+    assert main(["keys", "--data-dir", str(data_dir), "create", "--role", "review", "--tenant", "default"]) == 0
+    assert f"database: sqlite:///{data_dir / 'modtag.db'}" in capsys.readouterr().err
+    assert main(["keys", "list", "--data-dir", str(data_dir), "--json"]) == 0  # after the action's name too
+    listed = capsys.readouterr()
+    assert [key["role"] for key in json.loads(listed.out)] == ["review"] and str(data_dir) in listed.err
+
+
+@pytest.mark.parametrize("command", [["keys", "list"], ["migrate"], ["reconcile"], ["api", "--port", "0"]])
+def test_an_unreachable_database_is_one_line_and_exit_3(
+    command: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()
+    monkeypatch.setenv("MODTAG_DATABASE_URL", f"postgresql+psycopg://modtag:hunter2@127.0.0.1:{port}/modtag")
+    assert main(command) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"modtag: cannot reach the database at postgresql+psycopg://modtag:***@127.0.0.1:{port}")
+    assert err.rstrip().endswith("[database_unavailable]") and "hunter2" not in err
+
+
+def test_deploy_env_is_never_committed() -> None:
+    root = Path(__file__).resolve().parents[2]
+    ignored = subprocess.run(["git", "check-ignore", "-q", "deploy/.env"], cwd=root, check=False)
+    assert ignored.returncode == 0, "deploy/.env (the compose file's secrets) must be git-ignored"
