@@ -76,6 +76,29 @@ def get_bank(session: Session, tenant: str, name: str) -> Bank:
     return bank
 
 
+def import_items(
+    session: Session, actor: Principal, bank: Bank, items: Sequence[NewBankItem]
+) -> tuple[list[BankItem], int]:
+    """Add the items whose hash the bank does not hold yet (an item is its SHA-256, else its PDQ hash), so importing
+    a list twice adds it once; returns the rows added and how many items were skipped."""
+    if len(items) > MAX_IMPORT_ITEMS:
+        raise InvalidField(f"at most {MAX_IMPORT_ITEMS} items per request", code="bank_import_too_large")
+    held: set[tuple[str, str]] = set()
+    for column, kind in ((BankItem.sha256, "sha256"), (BankItem.pdq, "pdq")):
+        wanted = {value for new in items if (value := getattr(new, kind)) is not None}
+        for start in range(0, len(wanted), 1000):  # bounded IN lists
+            chunk = sorted(wanted)[start : start + 1000]
+            found = session.exec(select(column).where(BankItem.bank_id == bank.id, col(column).in_(chunk))).all()
+            held.update((kind, str(value)) for value in found)
+    fresh = []
+    for new in items:
+        identity = ("sha256", new.sha256) if new.sha256 is not None else ("pdq", new.pdq or "")
+        if identity not in held:
+            held.add(identity)  # a hash twice in one request is added once
+            fresh.append(new)
+    return (add_items(session, actor, bank, fresh) if fresh else []), len(items) - len(fresh)
+
+
 def add_items(session: Session, actor: Principal, bank: Bank, items: Sequence[NewBankItem]) -> list[BankItem]:
     """Add items to a bank in one transaction, each audited; the bank's revision moves once."""
     if not items:

@@ -469,10 +469,11 @@ class BankItemPublic(PublicModel):
 
 
 class BankImport(PublicModel):
-    """What an import of hashes added."""
+    """What an import of hashes added, and how many it skipped because the bank already held their hash."""
 
     bank: str
     added: int
+    skipped: int = 0
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------

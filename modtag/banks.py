@@ -42,10 +42,11 @@ def read_hash_file(path: Path, kind: HashKind) -> list[dict[str, str]]:
     return items
 
 
-def import_hashes(client: ApiClient, bank: str, items: list[dict[str, str]]) -> Iterator[int]:
-    """Send the items in chunks; yields how many each accepted request added. Raises RuntimeError on a refusal."""
+def import_hashes(client: ApiClient, bank: str, items: list[dict[str, str]]) -> Iterator[tuple[int, int]]:
+    """Send the items in chunks; yields how many each accepted request added and skipped (already in the bank).
+    Raises RuntimeError on a refusal."""
     for start in range(0, len(items), IMPORT_CHUNK):
         reply = client.import_bank_items(bank, items[start : start + IMPORT_CHUNK])
         if reply.status != 201:
             raise RuntimeError(f"{reply.body.get('detail', 'refused')} ({reply.body.get('code', reply.status)})")
-        yield int(reply.body["added"])
+        yield int(reply.body["added"]), int(reply.body.get("skipped", 0))

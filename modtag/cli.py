@@ -533,14 +533,15 @@ def cmd_banks_import(args: argparse.Namespace, settings: Settings) -> int:
             if reply.status not in (201, 409):
                 print(f"modtag: cannot create bank {args.name!r}: {reply.body.get('detail')}", file=sys.stderr)
                 return EXIT_ERROR
-        added = 0
+        added = skipped = 0
         try:
-            for count in import_hashes(client, args.name, items):
+            for count, already in import_hashes(client, args.name, items):
                 added += count
+                skipped += already
         except RuntimeError as exc:
             print(f"modtag: bank {args.name!r}: {exc} (after {added} added)", file=sys.stderr)
             return EXIT_ERROR
-    print(f"bank {args.name}: {added} {args.kind} hashes added")
+    print(f"bank {args.name}: {added} {args.kind} hashes added, {skipped} skipped (already in the bank)")
     return EXIT_OK
 
 

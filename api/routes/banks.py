@@ -113,8 +113,8 @@ def import_bank_items(
 ) -> BankImport:
     """Add many hashes at once, as trust-and-safety teams exchange them (roles admin, review)."""
     bank = banks.get_bank(session, principal.tenant, name)
-    rows = banks.add_items(session, principal, bank, [_item(entry) for entry in body.items])
-    return BankImport(bank=bank.name, added=len(rows))
+    rows, skipped = banks.import_items(session, principal, bank, [_item(entry) for entry in body.items])
+    return BankImport(bank=bank.name, added=len(rows), skipped=skipped)
 
 
 @router.get("/{name}/items/{item_id}", response_model=BankItemPublic, responses=error_responses(401, 403, 404, 422))

@@ -102,3 +102,20 @@ def test_cli_imports_a_csv_of_hashes(api: Api, tmp_path: Path, capsys: pytest.Ca
     listing.write_text(f"{1:064x}\nnot-a-hash\n")
     assert main(args) == 2
     assert "hashes.csv:2" in capsys.readouterr().err
+
+
+def test_importing_a_list_twice_adds_it_once(api: Api, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    listing = tmp_path / "again.csv"
+    listing.write_text("\n".join(f"{index:064x}" for index in range(100, 110)) + "\n")
+    args = ["banks", "import", "twice", str(listing), "--create", "--api", api.base_url, "--api-key", api.key]
+    assert main(args) == 0
+    assert "10 pdq hashes added, 0 skipped" in capsys.readouterr().out
+    listing.write_text("\n".join(f"{index:064x}" for index in range(105, 115)) + "\n")
+    assert main(args) == 0
+    assert "5 pdq hashes added, 5 skipped (already in the bank)" in capsys.readouterr().out
+    [bank] = [b for b in api.client.get("/v1/banks").json()["data"] if b["name"] == "twice"]
+    assert bank["items"] == 15
+    repeated = [{"pdq": f"{200:064x}"}, {"pdq": f"{200:064x}"}, {"pdq": f"{105:064x}"}]
+    answer = api.client.post("/v1/banks/twice/import", json={"items": repeated})
+    assert answer.status_code == 201, answer.text
+    assert answer.json() == {"bank": "twice", "added": 1, "skipped": 2}
