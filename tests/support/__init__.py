@@ -4,5 +4,6 @@ photos: real public-domain photos (scikit-image), encoded or decoded. waiting: w
 a fixed interval. api: an API served in-process over real HTTP, keys, the error shape. deployment: the API
 and workers as child processes. models: the tiny random models as fixtures. receiver: an HTTP server that
 records callbacks. policies: policies written inline (load, failure, a one-category policy). s3: a
-real S3 HTTP server (moto) and a bucket per test.
+real S3 HTTP server (moto) and a bucket per test. proxy: a TCP path to a server that a test can cut. outages:
+what outage tests read (a worker's metrics, decisions per job, the outage log lines) and do (kill Redis).
 """
