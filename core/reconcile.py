@@ -15,6 +15,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -25,6 +26,7 @@ from core import jobs, metrics
 from core.blobs import open_blob_store
 from core.broker import enqueue_job, enqueue_job_first, queued_task_ids, task_id_for
 from core.db import session_scope
+from core.dependencies import RECORD, Dependency, outage_of
 from core.erasure import OrphanSweep, sweep_retention
 from core.queues import Queue
 from core.settings import Settings
@@ -55,27 +57,38 @@ class ReconcileReport:
 
 
 def reconcile_once(
-    settings: Settings, celery: Celery, redis_client: Any, *, full: bool = True, now: datetime | None = None
+    settings: Settings,
+    celery: Celery,
+    redis_client: Any,
+    *,
+    full: bool = True,
+    now: datetime | None = None,
+    recover_running: bool = True,
 ) -> ReconcileReport:
     """One pass over stale jobs, by one process of the fleet at a time (a lock in Redis): another process's pass
     in progress makes this one a no-op (`skipped`). Without Redis it raises: nothing could be enqueued anyway.
 
     Every pass enqueues the queued jobs whose task never reached the broker (`outbox_grace_s`) and, when Redis
     lost its data since the last pass, every queued job whose message is not in Redis. A `full` pass also
-    re-enqueues the jobs queued for longer than `queued_grace_s` and takes back the running jobs past their lease.
+    re-enqueues the jobs queued for longer than `queued_grace_s` and takes back the running jobs past their lease,
+    unless `recover_running` is off (a database just back: see `LeaseTrust`).
     """
     token = secrets.token_hex(16)
     if not redis_client.set(LOCK_KEY, token, nx=True, px=max(1, round(settings.reconcile_lock_s * 1000))):
         return ReconcileReport(skipped=True)
     try:
-        report = _reconcile(settings, celery, redis_client, full=full, now=now or utcnow())
+        report = _reconcile(
+            settings, celery, redis_client, full=full, now=now or utcnow(), recover_running=recover_running
+        )
         redis_client.set(MARKER_KEY, token)
         return report
     finally:
         redis_client.eval(_RELEASE, 1, LOCK_KEY, token)
 
 
-def _reconcile(settings: Settings, celery: Celery, redis_client: Any, *, full: bool, now: datetime) -> ReconcileReport:
+def _reconcile(
+    settings: Settings, celery: Celery, redis_client: Any, *, full: bool, now: datetime, recover_running: bool
+) -> ReconcileReport:
     report = ReconcileReport(broker_restarted=not redis_client.exists(MARKER_KEY))
     # A job queued since before `never`: looked at by every pass; `queued_before` and `running_before` by full ones.
     never = now - timedelta(seconds=settings.outbox_grace_s)
@@ -83,6 +96,8 @@ def _reconcile(settings: Settings, celery: Celery, redis_client: Any, *, full: b
     running_before = now - timedelta(seconds=settings.running_lease_s)
     if not full:
         queued_before = running_before = _NEVER
+    if not recover_running:
+        running_before = _NEVER
     url = settings.resolved_database_url
     # After a restart every enqueued job's message may be gone; a job never enqueued still waits for the outbox
     # grace, since the API may be enqueueing it right now.
@@ -143,6 +158,37 @@ def _reconcile(settings: Settings, celery: Celery, redis_client: Any, *, full: b
 _NEVER = datetime(2000, 1, 1, tzinfo=UTC)
 
 
+class LeaseTrust:
+    """Whether a running job's stale lease may be read as a dead worker: not while the database is unreachable
+    for this process, and not for a whole lease after it came back.
+
+    During a database outage no worker can renew its leases, so every running job's `updated_at` goes stale
+    together; taking those jobs back the moment the database answers would count an attempt against jobs whose
+    workers are alive and about to renew (the chaos run saw it 0.2 s after a 10 s outage). A lease after the
+    outage, a live worker has renewed and only a dead one's jobs are still stale.
+    """
+
+    def __init__(self, lease_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._lease_s = lease_s
+        self._clock = clock
+        self._down = False
+        self._back_at: float | None = None
+
+    def database_down(self) -> None:
+        self._down = True
+
+    def database_answered(self) -> None:
+        if self._down:
+            self._down = False
+            self._back_at = self._clock()
+
+    @property
+    def trusted(self) -> bool:
+        if self._down:
+            return False
+        return self._back_at is None or self._clock() - self._back_at >= self._lease_s
+
+
 def start_reconciler(settings: Settings, celery: Celery, stop: threading.Event) -> threading.Thread:
     """In a daemon thread until `stop` is set: `reconcile_once` every `outbox_interval_s` (a full pass, and the
     sweeps, every `reconcile_interval_s`). A broker outage logs one line when it starts and one when it ends."""
@@ -154,10 +200,14 @@ def start_reconciler(settings: Settings, celery: Celery, stop: threading.Event) 
         orphans = OrphanSweep(settings, blobs)
         last_full = time.monotonic()
         broker_down_since: float | None = None
+        leases = LeaseTrust(settings.running_lease_s)
         while not stop.wait(min(settings.outbox_interval_s, settings.reconcile_interval_s)):
             full = time.monotonic() - last_full >= settings.reconcile_interval_s
             try:
-                report = reconcile_once(settings, celery, client, full=full)
+                report = reconcile_once(settings, celery, client, full=full, recover_running=leases.trusted)
+                if not report.skipped:  # this pass read the database
+                    leases.database_answered()
+                    RECORD.succeeded(Dependency.DATABASE)
                 if broker_down_since is not None:
                     log.info("reconciler: Redis reachable again after %.1f s", time.monotonic() - broker_down_since)
                     broker_down_since = None
@@ -173,8 +223,13 @@ def start_reconciler(settings: Settings, celery: Celery, stop: threading.Event) 
                 if broker_down_since is None:
                     broker_down_since = time.monotonic()
                     log.warning("reconciler: Redis unreachable (%s); waiting for it", exc)
-            except Exception:  # the loop must survive a database outage
-                log.exception("reconciler pass failed; will try again")
+            except Exception as exc:  # the loop must survive a database outage
+                outage = outage_of(exc)
+                if outage is not None and outage.dependency == Dependency.DATABASE:
+                    leases.database_down()
+                    RECORD.failed(outage)  # one line per outage and process, not a traceback per pass
+                else:
+                    log.exception("reconciler pass failed; will try again")
 
     thread = threading.Thread(target=loop, name="modtag-reconciler", daemon=True)
     thread.start()

@@ -203,16 +203,21 @@ def test_a_callback_url_that_is_not_text_is_refused(api: Api, value: Any) -> Non
     assert "callback_url" in response.text
 
 
-def test_a_callback_url_is_stored_normalised_and_private_addresses_wait_for_delivery(api: Api) -> None:
-    """As for jobs, the API checks the syntax; where the host resolves (private, loopback) is checked at delivery."""
-    for url, stored in (("HTTPS://Hooks.Example.com/x#frag", "https://hooks.example.com/x"),
-                        ("http://10.0.0.1/hook", "http://10.0.0.1/hook")):  # fmt: skip
-        body = {"image_urls": ["https://img.example.com/a.jpg"], "title": "Red mug", "callback_url": url}
-        response = api.client.post("/v1/listings", json=body)
-        assert response.status_code == 202, response.text
-        with session_scope(api.db_url) as session:
-            listing = session.get(Listing, response.json()["id"])
-            assert listing is not None and listing.callback_url == stored and listing.callback_sent_at is None
+def test_a_callback_url_is_stored_normalised_and_private_addresses_are_refused(api: Api) -> None:
+    """As for jobs: the URL is normalised, and a host on a private or loopback address is refused at submit."""
+    body = {
+        "image_urls": ["https://img.example.com/a.jpg"],
+        "title": "Red mug",
+        "callback_url": "HTTPS://93.184.215.14/x#frag",
+    }
+    response = api.client.post("/v1/listings", json=body)
+    assert response.status_code == 202, response.text
+    with session_scope(api.db_url) as session:
+        listing = session.get(Listing, response.json()["id"])
+        assert listing is not None and listing.callback_url == "https://93.184.215.14/x"
+        assert listing.callback_sent_at is None
+    refused = api.client.post("/v1/listings", json={**body, "callback_url": "http://10.0.0.1/hook"})
+    assert refused.status_code == 422 and refused.json()["code"] == "callback_forbidden", refused.text
 
 
 def listing_count(api: Api) -> int:
