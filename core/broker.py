@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from typing import Any
 
 from celery import Celery
@@ -91,23 +92,38 @@ def queued_task_ids(client: Any, queue: str, *, fresh_s: float, limit: int = 100
 
     An older unacknowledged message may belong to a dead worker, and Redis would hand it out again only
     after the whole visibility timeout: its job must not hide behind it (the claim makes a second message
-    harmless)."""
+    harmless). An older one that carries an `eta` less than `fresh_s` ago (or still ahead) is a retry its
+    worker holds until then (a job waiting out a dependency outage): it counts as waiting, or every long
+    outage would end with a second delivery of each job handed back during it."""
     if client.llen(queue) > limit or client.hlen(UNACKED_KEY) > limit:
         return None
     ids: set[str] = set()
     for raw in client.lrange(queue, 0, -1):
         ids.add(_task_id(raw))
-    fresh = client.zrangebyscore(UNACKED_INDEX_KEY, time.time() - fresh_s, "+inf")
-    for raw in client.hmget(UNACKED_KEY, fresh) if fresh else []:
+    now = time.time()
+    delivered = client.zrangebyscore(UNACKED_INDEX_KEY, "-inf", "+inf", withscores=True)
+    tags = [tag for tag, _ in delivered]
+    for (_, at), raw in zip(delivered, client.hmget(UNACKED_KEY, tags) if tags else [], strict=True):
         if raw is None:
             continue
         try:
             message = json.loads(raw)[0]
+            body = json.dumps(message) if isinstance(message, dict) else message
         except (ValueError, IndexError, TypeError):
             continue
-        ids.add(_task_id(json.dumps(message) if isinstance(message, dict) else message))
+        if at >= now - fresh_s or _eta(body) >= now - fresh_s:
+            ids.add(_task_id(body))
     ids.discard("")
     return ids
+
+
+def _eta(raw: str) -> float:
+    """The POSIX time a Celery message is due (its `eta` header), or 0 when it has none."""
+    try:
+        eta = json.loads(raw).get("headers", {}).get("eta")
+        return datetime.fromisoformat(eta).timestamp() if isinstance(eta, str) else 0.0
+    except (ValueError, AttributeError, TypeError):
+        return 0.0
 
 
 def _task_id(raw: bytes | str) -> str:

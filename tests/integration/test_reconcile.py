@@ -18,7 +18,7 @@ from core.blobs import LocalBlobStore
 from core.broker import UNACKED_INDEX_KEY, UNACKED_KEY, enqueue_job, make_celery, queued_task_ids, task_id_for
 from core.db import session_scope
 from core.errors import NotFound
-from core.queues import Queue
+from core.queues import Queue, TaskName
 from core.reconcile import reconcile_once, start_reconciler
 from core.settings import Settings
 from core.tables import Job, JobStatus, utcnow
@@ -136,3 +136,20 @@ def deliver_without_ack(client: redis.Redis, job_id: str, at: float) -> None:
 
 def queued_ids(client: redis.Redis) -> list[str]:
     return [json.loads(raw)["headers"]["id"] for raw in client.lrange(Queue.INFERENCE.value, 0, -1)]
+
+
+def test_a_retry_held_until_its_eta_is_not_delivered_twice(database_url: str, redis_url: str, tmp_path: Path) -> None:
+    """A job handed back during a dependency outage waits out its countdown as a message its worker holds
+    unacknowledged: delivered long ago, due later. It is waiting, not lost (the chaos run re-delivered such jobs)."""
+    settings = settings_for(database_url, redis_url, tmp_path)
+    celery = make_celery(settings)
+    client = redis.Redis.from_url(redis_url)
+    long_ago = utcnow() - timedelta(hours=2)
+    held = new_job(database_url, updated_at=long_ago)
+    celery.send_task(TaskName.PROCESS_JOB.value, args=[held], task_id=task_id_for(held), countdown=300)
+    deliver_without_ack(client, held, time.time() - settings.running_lease_s - 5)
+
+    report = reconcile_once(settings, celery, client)
+
+    assert report.requeued == 0 and queued_ids(client) == []
+    celery.close()
