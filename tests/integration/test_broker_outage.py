@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func
 from sqlmodel import select
 
 from core.db import session_scope
-from core.tables import Decision, Job, JobStatus
+from core.tables import Job, JobStatus
 from tests.support.deployment import Deployment, submit
+from tests.support.outages import decisions_per_job, kill_redis
 from tests.support.photos import NAMES, photo_bytes
 from tests.support.waiting import wait_for
 
@@ -33,19 +33,6 @@ def statuses(database_url: str, job_ids: list[str]) -> Counter[str]:
     with session_scope(database_url) as session:
         found = session.exec(select(Job.status).where(Job.id.in_(job_ids))).all()  # type: ignore[attr-defined]
         return Counter(str(status) for status in found)
-
-
-def decisions_per_job(database_url: str, job_ids: list[str]) -> Counter[str]:
-    with session_scope(database_url) as session:
-        query = select(Decision.job_id, func.count()).where(Decision.job_id.in_(job_ids)).group_by(Decision.job_id)  # type: ignore[attr-defined]
-        return Counter({job_id: int(count) for job_id, count in session.exec(query).all()})
-
-
-def kill_redis(redis_server: Any) -> None:
-    """SIGKILL, as a crashed or OOM-killed Redis goes: no goodbye to its clients."""
-    redis_server.process.kill()
-    redis_server.process.wait(10)
-    redis_server.process = None
 
 
 def test_a_worker_lives_through_redis_outages_while_acking(deployment: Deployment, redis_server: Any) -> None:

@@ -215,13 +215,14 @@ def test_outages_of_each_dependency_fail_no_job_and_end_no_worker(
         for dependency in ("blob store", "database"):
             down, up = outage_lines(fleet.log_dir / f"{name}.log", dependency)
             assert len(down) == 1 and len(up) == 1, (name, dependency, down, up)
-    # The broker's lines come from the reconciler, which a consumer restarted on Celery's unrecoverable error
-    # stops until the broker answers again: that worker may have neither (deploy/CAPACITY.md, "Outages").
-    redis_down, redis_up = (
-        [log.count(f"reconciler: Redis {marker}") for log in logs.values()]
-        for marker in ("unreachable", "reachable again")
-    )
-    assert sum(redis_down) >= 1 and sum(redis_up) >= 1 and all(up <= 1 for up in redis_up), (redis_down, redis_up)
+    # The broker's lines come from the reconciler. A consumer that Celery's unrecoverable error in kombu ended (it
+    # happens here for real, in some runs in both workers) is restarted in the same process, and its reconciler
+    # with it, once the broker answers: that worker logs the restart instead of the end of the outage
+    # (deploy/CAPACITY.md, "Outages"). Either way each worker said what happened, once.
+    for name, log in logs.items():
+        down, up = (log.count(f"reconciler: Redis {marker}") for marker in ("unreachable", "reachable again"))
+        restarted = log.count("restarting it, models kept")
+        assert up <= 1 and (up == 1 or restarted >= 1), (name, down, up, restarted)
 
 
 def hold(dependency: str, minimum_s: float, met: Any, *, restore: Any) -> Outage:

@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import re
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from sqlmodel import func, select
+from sqlmodel import select
 
 from core.db import session_scope
-from core.tables import Decision, Job, JobStatus
+from core.tables import Job, JobStatus
 from modtag.servers import free_port
 from tests.support.deployment import Deployment, submit
+from tests.support.outages import decisions_per_job, outage_lines, worker_metric
 from tests.support.photos import NAMES, photo_bytes
 from tests.support.proxy import cuttable_proxy
 from tests.support.s3 import S3Bucket
@@ -34,20 +33,6 @@ from tests.support.waiting import wait_for
 JOBS = 8
 OUTAGE_MIN_S = 10  # longer than the old window (about 6 s)
 OUTAGE_WAITS = {"MODTAG_DEPENDENCY_RETRY_MAX_S": "4"}
-
-
-def metric(port: int, name: str, **labels: str) -> float | None:
-    """One sample of the worker's /metrics, or None (not exported yet, or the worker not answering)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-            text = response.read().decode()
-    except OSError:
-        return None
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return None
 
 
 def submit_photos(deployment: Deployment, count: int) -> list[str]:
@@ -62,23 +47,8 @@ def rows(database_url: str, job_ids: list[str]) -> dict[str, Job]:
         return {job.id: job for job in session.exec(select(Job).where(Job.id.in_(job_ids))).all()}  # type: ignore[attr-defined]
 
 
-def decisions_per_job(database_url: str, job_ids: list[str]) -> Counter[str]:
-    with session_scope(database_url) as session:
-        query = select(Decision.job_id, func.count()).where(Decision.job_id.in_(job_ids)).group_by(Decision.job_id)  # type: ignore[attr-defined]
-        return Counter({job_id: int(count) for job_id, count in session.exec(query).all()})
-
-
 def retries(port: int, reason: str) -> float:
-    return metric(port, "modtag_jobs_retried_total", reason=reason) or 0.0
-
-
-def outage_lines(log: Path, name: str) -> tuple[list[str], list[str]]:
-    text = log.read_text(errors="replace")
-    # The record's own lines (Celery's retry lines quote the error too).
-    own = [line for line in text.splitlines() if "core.dependencies" in line]
-    return [line for line in own if f"{name} unreachable: " in line], [
-        line for line in own if f"{name} reachable again" in line
-    ]
+    return worker_metric(port, "modtag_jobs_retried_total", reason=reason) or 0.0
 
 
 def longest_wait(log: Path) -> float:
@@ -111,7 +81,7 @@ def test_an_s3_outage_longer_than_the_old_retry_window_fails_no_job(fleet: Deplo
             240,
             "every job meeting the outage, for longer than the old window",
         )
-        assert metric(metrics_port, "modtag_dependency_up", dependency="blob_store") == 0
+        assert worker_metric(metrics_port, "modtag_dependency_up", dependency="blob_store") == 0
         assert {job.status for job in rows(database_url, job_ids).values()} <= {JobStatus.QUEUED, JobStatus.RUNNING}
         s3.restore()
         outage_s = time.monotonic() - cut_at
@@ -121,7 +91,9 @@ def test_an_s3_outage_longer_than_the_old_retry_window_fails_no_job(fleet: Deplo
     assert decisions_per_job(database_url, job_ids) == Counter(dict.fromkeys(job_ids, 1))
     assert {job.attempts for job in rows(database_url, job_ids).values()} == {1}  # the outage cost no attempt
     assert worker.poll() is None
-    wait_for(lambda: metric(metrics_port, "modtag_dependency_up", dependency="blob_store") == 1, 30, "the gauge at 1")
+    wait_for(
+        lambda: worker_metric(metrics_port, "modtag_dependency_up", dependency="blob_store") == 1, 30, "the gauge at 1"
+    )
     down, up = outage_lines(fleet.log_dir / "worker.log", "blob store")
     assert len(down) == 1 and len(up) == 1, (down, up)
     longest = longest_wait(fleet.log_dir / "worker.log")
@@ -166,7 +138,7 @@ def test_a_database_outage_mid_batch_costs_no_attempt(fleet: Deployment, postgre
             240,
             "every job meeting the outage, for longer than the old window",
         )
-        assert metric(metrics_port, "modtag_dependency_up", dependency="database") == 0
+        assert worker_metric(metrics_port, "modtag_dependency_up", dependency="database") == 0
         database.restore()
         outage_s = time.monotonic() - cut_at
         final = fleet.client.wait_jobs(job_ids, timeout_s=180)
@@ -176,7 +148,9 @@ def test_a_database_outage_mid_batch_costs_no_attempt(fleet: Deployment, postgre
     attempts = {job.id: job.attempts for job in rows(postgres_url, job_ids).values()}
     assert set(attempts.values()) == {1}, {job_id: attempts[job_id] for job_id in running_at_cut}
     assert worker.poll() is None
-    wait_for(lambda: metric(metrics_port, "modtag_dependency_up", dependency="database") == 1, 30, "the gauge at 1")
+    wait_for(
+        lambda: worker_metric(metrics_port, "modtag_dependency_up", dependency="database") == 1, 30, "the gauge at 1"
+    )
     down, up = outage_lines(fleet.log_dir / "worker.log", "database")
     assert len(down) == 1 and len(up) == 1, (down, up)
     print(
