@@ -12,15 +12,14 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from core import jobs
 from core.blobs import LocalBlobStore, S3BlobStore
-from core.db import session_scope
 from core.dependencies import DependencyRecord, outage_delay, outage_of
 from core.errors import DependencyUnavailable, NotFound, TransientError
 from core.settings import Settings
-from core.tables import Job, JobStatus
+from core.tables import JobStatus
 from modtag.servers import free_port
 from tests.support.api import api_settings, running_api
+from tests.support.jobs import new_job, stored
 from tests.support.s3 import S3Bucket
 from tests.support.servers import silent_server
 
@@ -35,22 +34,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def new_job(database_url: str) -> str:
-    with session_scope(database_url) as session:
-        job, _ = jobs.create_job(
-            session,
-            jobs.NewJob(tenant="default", policy="moderation", policy_version=None, source="upload", blob_key="0" * 64),
-        )
-    return job.id
-
-
-def stored(database_url: str, job_id: str) -> Job:
-    with session_scope(database_url) as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        return job
 
 
 def gauge(dependency: str) -> float | None:

@@ -9,28 +9,12 @@ import pytest
 from sqlalchemy import update
 from sqlmodel import col
 
-from core import jobs
 from core.db import session_scope
 from core.errors import TransientError
 from core.settings import Settings
 from core.tables import Job, JobStatus
+from tests.support.jobs import new_job, stored
 from worker.lifecycle import JobLifecycle, RetryLater, Unclaimed
-
-
-def new_job(database_url: str) -> str:
-    with session_scope(database_url) as session:
-        job, _ = jobs.create_job(
-            session,
-            jobs.NewJob(tenant="default", policy="moderation", policy_version=None, source="upload", blob_key="0" * 64),
-        )
-    return job.id
-
-
-def stored(database_url: str, job_id: str) -> Job:
-    with session_scope(database_url) as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        return job
 
 
 def test_attempts_are_counted_by_claims_and_a_retry_gives_up_at_max_attempts(database_url: str, tmp_path: Path) -> None:

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import update
-from sqlmodel import col
 
 from core import jobs
 from core.blobs import LocalBlobStore
@@ -21,21 +19,13 @@ from core.errors import NotFound
 from core.queues import Queue, TaskName
 from core.reconcile import reconcile_once, start_reconciler
 from core.settings import Settings
-from core.tables import Job, JobStatus, utcnow
+from core.tables import JobStatus, utcnow
+from tests.support.jobs import new_job
 from tests.support.waiting import wait_for
 
 
 def settings_for(database_url: str, redis_url: str, tmp_path: Path) -> Settings:
     return Settings(database_url=database_url, redis_url=redis_url, data_dir=tmp_path, queued_grace_s=1, max_attempts=3)
-
-
-def new_job(database_url: str, **values: object) -> str:
-    with session_scope(database_url) as session:
-        job, _ = jobs.create_job(session, jobs.NewJob(tenant="default", policy="moderation", policy_version=None,
-                                                      source="upload", blob_key="0" * 64))  # fmt: skip
-        if values:
-            session.execute(update(Job).where(col(Job.id) == job.id).values(**values))
-    return job.id
 
 
 def test_reconcile_requeues_lost_recovers_abandoned_and_fails_exhausted(

@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from sqlalchemy import update
-from sqlmodel import col
 
 from core import jobs
 from core.broker import enqueue_job, make_celery, task_id_for
@@ -23,6 +21,7 @@ from core.reconcile import LOCK_KEY, LeaseTrust, reconcile_once
 from core.settings import Settings
 from core.tables import Job, JobStatus, utcnow
 from tests.support.api import api_settings, running_api
+from tests.support.jobs import new_job
 from tests.support.photos import photo_bytes
 
 QUEUE = Queue.INFERENCE.value
@@ -32,16 +31,6 @@ def settings_for(database_url: str, redis_url: str, tmp_path: Path, **fields: An
     return Settings(
         _env_file=None, database_url=database_url, redis_url=redis_url, data_dir=tmp_path, max_attempts=3, **fields
     )
-
-
-def new_job(database_url: str, **values: object) -> str:
-    """A queued job as the API commits it; `values` overwrite its columns (its age, its status)."""
-    with session_scope(database_url) as session:
-        job, _ = jobs.create_job(session, jobs.NewJob(tenant="default", policy="moderation", policy_version=None,
-                                                      source="upload", blob_key="0" * 64))  # fmt: skip
-        if values:
-            session.execute(update(Job).where(col(Job.id) == job.id).values(**values))
-    return job.id
 
 
 def messages(client: redis.Redis) -> list[str]:

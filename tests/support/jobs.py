@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from sqlmodel import Session
+from sqlalchemy import update
+from sqlmodel import Session, col
 
+from core.db import session_scope
 from core.jobs import NewJob, claim_job, create_job
 from core.tables import Job
 
@@ -19,3 +21,23 @@ def claimed_url_job(
     claimed = claim_job(session, job.id, worker, 60)
     assert claimed is not None
     return claimed
+
+
+def new_job(database_url: str, **values: object) -> str:
+    """A queued upload job as the API commits it; `values` overwrite its columns (its age, its status)."""
+    with session_scope(database_url) as session:
+        job, _ = create_job(
+            session,
+            NewJob(tenant="default", policy="moderation", policy_version=None, source="upload", blob_key="0" * 64),
+        )
+        if values:
+            session.execute(update(Job).where(col(Job.id) == job.id).values(**values))
+    return job.id
+
+
+def stored(database_url: str, job_id: str) -> Job:
+    """The job's row as the database holds it now."""
+    with session_scope(database_url) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
