@@ -118,6 +118,8 @@ class Job(SQLModel, table=True):
     enqueued_at: datetime | None = _moment_field()
     # Set when the image and content were erased (core/erasure.py); the row stays as a tombstone for statistics.
     erased_at: datetime | None = _moment_field()
+    # What the blob is: "image" (one picture) or "video" (a clip or an animation, decided on its sampled frames).
+    media: str = Field(default="image", max_length=8, sa_column_kwargs={"server_default": "image"})
 
 
 class Decision(SQLModel, table=True):
@@ -145,6 +147,11 @@ class Decision(SQLModel, table=True):
     # Claims of the job's context the photo contradicts (listing policies): [{category, field, claimed, seen, score}].
     contradictions: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON))
     reused_from: str | None = Field(default=None, max_length=32)  # the earlier job whose decision this one copies
+    # A video's judged frames [{time_s, action, scores: {category: score}}] and the runs of consecutive frames where a
+    # category fired [{category, start_s, end_s, max_score}]; null for an image.
+    frames: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON))
+    segments: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON))
+    filmstrip_key: str | None = Field(default=None, max_length=64)  # the blob of the video's filmstrip JPEG
 
 
 class DecisionCategory(SQLModel, table=True):
