@@ -14,6 +14,8 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from core.principals import Permission, Principal
 
 TEMPLATES = Path(__file__).parent / "templates"
+# The viewer's greyscale choice: a cookie, so it is this browser's (one moderator's) and needs no table.
+GREYSCALE_COOKIE = "modtag_greyscale"
 
 _environment = Environment(
     loader=FileSystemLoader(TEMPLATES),
@@ -32,6 +34,7 @@ def render(
         "principal": principal,
         "csrf_token": (principal.csrf_token or "") if principal else "",
         "can": lambda name: principal is not None and principal.can(Permission(name)),
+        "greyscale": request.cookies.get(GREYSCALE_COOKIE) == "1",
     }
     page = _environment.get_template(template).render({**values, **context})
     return HTMLResponse(page, status_code=status_code)

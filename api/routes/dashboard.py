@@ -35,7 +35,7 @@ from api.auth import (
 from api.deps import ServicesDep, SessionDep, SettingsDep
 from api.errors import error_response
 from api.failures import client_address, refuse_repeated_failure
-from api.pages import render
+from api.pages import GREYSCALE_COOKIE, render
 from api.schemas import SLUG_PATTERN
 from core import review
 from core.audit import list_entries
@@ -52,6 +52,7 @@ router = APIRouter(prefix="/dashboard", tags=["dashboard"], include_in_schema=Fa
 
 LOGIN_CSRF_COOKIE = "modtag_login_csrf"
 DEFAULT_PAGE = "/dashboard/flagged"
+GREYSCALE_COOKIE_MAX_AGE_S = 365 * 24 * 3600
 _NEXT = re.compile(r"^/dashboard(/[A-Za-z0-9_/-]*)?(\?[A-Za-z0-9_=&%.:+-]*)?$")
 _SLUG = re.compile(SLUG_PATTERN)
 TEXT_FILTER_MAX = 200  # characters of the Flagged page's text search; a longer one is refused (422 invalid_field)
@@ -161,6 +162,32 @@ def logout(request: Request, session: SessionDep, csrf_token: Annotated[str, For
     return response
 
 
+@router.post("/preferences", response_class=RedirectResponse)
+def preferences(
+    request: Request,
+    settings: SettingsDep,
+    principal: Reader,
+    form: ButtonDep,
+    greyscale: Annotated[Literal["on", "off"], Form()] = "on",
+) -> Response:
+    """The greyscale switch: remembered in a cookie for this browser (a year), shown on every page."""
+    check_csrf(principal, form.csrf_token)
+    response = RedirectResponse(safe_next(form.next), status_code=303)
+    if greyscale == "on":
+        response.set_cookie(
+            GREYSCALE_COOKIE,
+            "1",
+            max_age=GREYSCALE_COOKIE_MAX_AGE_S,
+            path="/dashboard",
+            httponly=True,
+            samesite="strict",
+            secure=cookie_is_secure(request, settings),
+        )
+    else:
+        response.delete_cookie(GREYSCALE_COOKIE, path="/dashboard")
+    return response
+
+
 @router.get("/flagged", response_class=HTMLResponse)
 def flagged_page(
     request: Request,
@@ -198,7 +225,7 @@ def flagged_page(
         {
             **_page(DecisionPublic.from_row(decision)),
             "review": _page(ReviewItemPublic.from_row(items[decision.job_id])) if decision.job_id in items else None,
-            "source": sources.get(decision.job_id),
+            **sources.get(decision.job_id, {"source": None, "erased": False}),
         }
         for decision in decisions
     ]
@@ -253,7 +280,7 @@ def review_page(
         {
             **_page(ReviewQueueEntry.from_rows(item, decision, now=now)),
             "mine": item.claimed_by == me,
-            "source": sources.get(item.job_id),
+            **sources.get(item.job_id, {"source": None, "erased": False}),
         }
         for item, decision in items
     ]
@@ -460,11 +487,12 @@ def refusal(request: Request, exc: ModtagError) -> Response:
     return error_response(exc.http_status, exc.message, exc.code, headers=headers)
 
 
-def _sources(session: Session, job_ids: list[str]) -> dict[str, str]:
+def _sources(session: Session, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """What a job card's thumbnail needs of each job: its `source` and whether it was `erased`."""
     if not job_ids:
         return {}
-    rows = session.exec(select(Job.id, Job.source).where(col(Job.id).in_(job_ids))).all()
-    return {str(job_id): str(source) for job_id, source in rows}
+    rows = session.exec(select(Job.id, Job.source, Job.erased_at).where(col(Job.id).in_(job_ids))).all()
+    return {str(job_id): {"source": str(source), "erased": erased_at is not None} for job_id, source, erased_at in rows}
 
 
 def _slug_or_none(value: str | None) -> str | None:
