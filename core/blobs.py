@@ -43,6 +43,15 @@ class BlobStore(Protocol):
 
     def get(self, key: str) -> bytes: ...
 
+    def size(self, key: str) -> int:
+        """The blob's length in bytes; NotFound `blob_missing` when it is not there."""
+        ...
+
+    def read_range(self, key: str, start: int, end: int) -> Iterator[bytes]:
+        """The bytes `start` to `end` (exclusive) of the blob, in chunks of at most CHUNK_BYTES: a video served
+        with range requests or copied to a worker's file, never whole in memory."""
+        ...
+
     def delete(self, key: str) -> None: ...
 
     def ping(self) -> None:
@@ -149,6 +158,23 @@ class LocalBlobStore:
         except OSError as exc:
             raise _disk_unavailable(exc) from exc
 
+    def size(self, key: str) -> int:
+        try:
+            return (self.root / _relative(key)).stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            raise _missing(key) from None
+        except OSError as exc:
+            raise _disk_unavailable(exc) from exc
+
+    def read_range(self, key: str, start: int, end: int) -> Iterator[bytes]:
+        try:
+            handle = (self.root / _relative(key)).open("rb")
+        except (FileNotFoundError, NotADirectoryError):
+            raise _missing(key) from None
+        except OSError as exc:
+            raise _disk_unavailable(exc) from exc
+        return _chunks_of(handle, start, end)
+
     def delete(self, key: str) -> None:
         try:
             (self.root / _relative(key)).unlink(missing_ok=True)
@@ -228,6 +254,25 @@ class S3BlobStore:
             response = self._client.get_object(Bucket=self.bucket, Key=self._name(key))
             return bytes(response["Body"].read())
 
+    def size(self, key: str) -> int:
+        with self._errors(key):
+            return int(self._client.head_object(Bucket=self.bucket, Key=self._name(key))["ContentLength"])
+
+    def read_range(self, key: str, start: int, end: int) -> Iterator[bytes]:
+        if end <= start:
+            return iter(())
+        with self._errors(key):
+            span = f"bytes={start}-{end - 1}"
+            response = self._client.get_object(Bucket=self.bucket, Key=self._name(key), Range=span)
+        return self._streamed(key, response["Body"])
+
+    def _streamed(self, key: str, body: Any) -> Iterator[bytes]:
+        try:
+            with self._errors(key):
+                yield from body.iter_chunks(CHUNK_BYTES)
+        finally:
+            body.close()
+
     def delete(self, key: str) -> None:
         with self._errors(key):
             self._client.delete_object(Bucket=self.bucket, Key=self._name(key))
@@ -285,6 +330,16 @@ class S3BlobStore:
         except BotoCoreError as exc:
             # Refused, reset, timed out, or no credentials to sign with: nothing about this job's image.
             raise DependencyUnavailable(Dependency.BLOB_STORE, f"object storage: {exc.__class__.__name__}") from exc
+
+
+def _chunks_of(handle: BinaryIO, start: int, end: int) -> Iterator[bytes]:
+    """The bytes [start, end) of an open file in chunks, closing it when done (or when the reader stops)."""
+    with handle:
+        handle.seek(start)
+        left = end - start
+        while left > 0 and (chunk := handle.read(min(CHUNK_BYTES, left))):
+            left -= len(chunk)
+            yield chunk
 
 
 def _relative(key: str) -> str:
