@@ -4,18 +4,21 @@ Photos of one listing show the item from several sides, so "does it match the de
 question for the listing, not each photo: a close-up of a label need not match the title, as long as
 some photo does. Categories made only of describe checks therefore take their listing-level action
 from the best photo (the least severe); every other category from the worst photo, since one photo
-of the wrong colour is enough to ask a person. Photos are numbered from 1, as a seller counts them.
+of the wrong colour is enough to ask a person: the subject rule (policies/subject.py, shared with videos) on the
+photos' typed decisions. Photos are numbered from 1, as a seller counts them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from core.public import JobPublic, ListingPublic
 from core.tables import Decision, Job, Listing
-from policies.evaluate import SEVERITY
+from policies.evaluate import CategoryResult, PolicyDecision
+from policies.outputs import Contradiction, Evidence, Tag
+from policies.subject import SubjectPart, subject_verdict
 
 _NOUNS = {"color": "colour", "colour": "colour", "count": "number of items", "product_type": "kind of product"}
 
@@ -35,25 +38,17 @@ def listing_verdict(images: Sequence[ListingImage]) -> dict[str, Any]:
     final = [image for image in images if image.status in ("done", "failed")]
     decided = [image for image in images if image.status == "done" and image.decision is not None]
     pending = len(images) - len(final)
+    parts = [SubjectPart(image.index, stored_decision(image.decision or {})) for image in decided]
+    describe_only = _describe_categories(parts)
+    verdict = subject_verdict(parts, best_of=describe_only)
     findings: list[str] = []
     categories: dict[str, dict[str, Any]] = {}
-    describe_only = _describe_categories(decided)
-    for name in _category_names(decided):
-        results = [(image, (image.decision or {}).get("categories", {}).get(name)) for image in decided]
-        results = [(image, result) for image, result in results if result is not None]
-        if not results:
-            continue
-        fired = [_photo(image) for image, result in results if result.get("fired")]
-        if name in describe_only:
-            best_image, best = min(results, key=lambda pair: (SEVERITY[pair[1]["action"]], pair[1]["score"]))
-            action = best["action"]
-            if best.get("fired"):
-                findings.append(_no_match_sentence(len(results), _photo(best_image)))
-        else:
-            action = max((result["action"] for _, result in results), key=SEVERITY.__getitem__)
-        categories[name] = {"action": action, "photos": fired}
-    for image in decided:
-        findings.extend(_photo_findings(image, describe_only))
+    for name, category in verdict.categories.items():
+        if name in describe_only and category.result.fired:
+            findings.append(_no_match_sentence(_photos_with(parts, name), category.decided_by + 1))
+        categories[name] = {"action": category.action, "photos": [position + 1 for position in category.fired_in]}
+    for part in parts:
+        findings.extend(_photo_findings(part, describe_only))
     for image in final:
         if image.status == "failed":
             error = image.error or {}
@@ -63,7 +58,6 @@ def listing_verdict(images: Sequence[ListingImage]) -> dict[str, Any]:
     matches = None
     if describe_only:
         matches = all(categories[name]["action"] == "allow" for name in describe_only if name in categories)
-    action = max((c["action"] for c in categories.values()), key=SEVERITY.__getitem__, default="allow")
     if pending:
         status = "pending"
     elif not decided and images:
@@ -72,13 +66,38 @@ def listing_verdict(images: Sequence[ListingImage]) -> dict[str, Any]:
         status = "done"
     return {
         "status": status,
-        "action": action if status == "done" else None,
+        "action": verdict.action if status == "done" else None,
         "matches_description": matches if status == "done" else None,
         "findings": findings,
         "categories": categories,
-        "tags": _merged_tags(decided),
+        "tags": _merged_tags(parts),
         "photos": {"total": len(images), "decided": len(decided), "failed": len(final) - len(decided)},
     }
+
+
+def stored_decision(decision: Mapping[str, Any]) -> PolicyDecision:
+    """A stored decision (API shape) as the typed decision the subject rule reads. Lenient: an erased decision
+    keeps only its action and category scores, and keys a later version adds are left out."""
+    categories = {
+        str(name): CategoryResult(
+            score=float(result.get("score", 0.0)),
+            action=result.get("action", "allow"),
+            fired=bool(result.get("fired")),
+            decided_by=result.get("decided_by"),
+            reason=result.get("reason"),
+        )
+        for name, result in (decision.get("categories") or {}).items()
+    }
+    return PolicyDecision(
+        action=decision.get("action", "allow"),
+        categories=categories,
+        evidence=[_known(Evidence, {"score": 0.0, **entry}) for entry in decision.get("evidence") or []],
+        policy=str(decision.get("policy", "")),
+        policy_version=str(decision.get("policy_version", "")),
+        tags=[_known(Tag, tag) for tag in decision.get("tags") or []],
+        contradictions=[_known(Contradiction, item) for item in decision.get("contradictions") or []],
+        reason=decision.get("reason") or "",
+    )
 
 
 def listing_public(listing: Listing, rows: Sequence[tuple[Job, Decision | None]]) -> ListingPublic:
@@ -93,23 +112,27 @@ def _image(photo: JobPublic) -> ListingImage:
     return ListingImage(index=(photo.index or 1) - 1, status=photo.status, decision=decision, error=error)
 
 
+Model = TypeVar("Model", Evidence, Tag, Contradiction)
+
+
+def _known(model: type[Model], values: Mapping[str, Any]) -> Model:
+    return model.model_validate({key: value for key, value in values.items() if key in model.model_fields})
+
+
 def _photo(image: ListingImage) -> int:
     return image.index + 1
 
 
-def _category_names(decided: Sequence[ListingImage]) -> list[str]:
-    names: dict[str, None] = {}
-    for image in decided:
-        names.update(dict.fromkeys((image.decision or {}).get("categories", {})))
-    return list(names)
+def _photos_with(parts: Sequence[SubjectPart], category: str) -> int:
+    return sum(1 for part in parts if category in part.decision.categories)
 
 
-def _describe_categories(decided: Sequence[ListingImage]) -> set[str]:
+def _describe_categories(parts: Sequence[SubjectPart]) -> set[str]:
     """Categories whose every evidence entry is a describe check (decided per listing, by the best photo)."""
     kinds: dict[str, set[str]] = {}
-    for image in decided:
-        for entry in (image.decision or {}).get("evidence", []):
-            kinds.setdefault(str(entry.get("category")), set()).add(str(entry.get("kind")))
+    for part in parts:
+        for entry in part.decision.evidence:
+            kinds.setdefault(entry.category, set()).add(entry.kind)
     return {name for name, found in kinds.items() if found == {"describe"}}
 
 
@@ -119,31 +142,31 @@ def _no_match_sentence(photos: int, closest: int) -> str:
     return f"no photo matches the description (the closest is photo {closest})"
 
 
-def _photo_findings(image: ListingImage, describe_only: set[str]) -> list[str]:
-    decision = image.decision or {}
+def _photo_findings(part: SubjectPart, describe_only: set[str]) -> list[str]:
+    photo = part.position + 1
     sentences: list[str] = []
     explained: set[str] = set()
-    for contradiction in decision.get("contradictions", []):
-        category = str(contradiction.get("category"))
+    for contradiction in part.decision.contradictions:
+        category = contradiction.category
         if category in describe_only:
             continue
         explained.add(category)
-        field = str(contradiction.get("field", ""))
+        field = contradiction.field
         noun = _NOUNS.get(field.rsplit(".", 1)[-1], field.rsplit(".", 1)[-1].replace("_", " "))
-        seen = contradiction.get("seen")
-        detail = f": {seen}, the listing says {contradiction.get('claimed')}" if seen else ""
-        sentences.append(f"photo {_photo(image)} shows a different {noun}{detail}")
-    for name, result in decision.get("categories", {}).items():
-        if result.get("fired") and name not in explained and name not in describe_only:
-            sentences.append(f"photo {_photo(image)}: {name} ({result.get('action')}): {result.get('reason') or ''}")
+        seen = contradiction.seen
+        detail = f": {seen}, the listing says {contradiction.claimed}" if seen else ""
+        sentences.append(f"photo {photo} shows a different {noun}{detail}")
+    for name, result in part.decision.categories.items():
+        if result.fired and name not in explained and name not in describe_only:
+            sentences.append(f"photo {photo}: {name} ({result.action}): {result.reason or ''}")
     return sentences
 
 
-def _merged_tags(decided: Sequence[ListingImage]) -> list[dict[str, Any]]:
+def _merged_tags(parts: Sequence[SubjectPart]) -> list[dict[str, Any]]:
     best: dict[tuple[str, str], dict[str, Any]] = {}
-    for image in decided:
-        for tag in (image.decision or {}).get("tags", []):
-            key = (str(tag.get("group")), str(tag.get("tag")))
-            if key not in best or best[key]["score"] < tag.get("score", 0):
-                best[key] = {**tag, "photo": _photo(image)}
+    for part in parts:
+        for tag in part.decision.tags:
+            key = (tag.group, tag.tag)
+            if key not in best or best[key]["score"] < tag.score:
+                best[key] = {**tag.model_dump(mode="json"), "photo": part.position + 1}
     return sorted(best.values(), key=lambda tag: -float(tag["score"]))
