@@ -65,6 +65,13 @@ class ImageError(ModtagError, code="image_invalid", http_status=415):
     """
 
 
+class VideoError(ModtagError, code="video_invalid", http_status=422):
+    """A video or an animated image cannot be used: too long, an unsupported codec, corrupt, frames too large...
+
+    Permanent like ImageError: the same bytes fail the same way. 413 for bytes over MODTAG_MAX_VIDEO_BYTES.
+    """
+
+
 class FetchError(ModtagError, code="fetch_failed", http_status=422):
     """An `image_url` could not be fetched (refused address, timeout, too large, HTTP error).
 
@@ -120,6 +127,14 @@ class Forbidden(ModtagError, code="forbidden", http_status=403):
 
 class Conflict(ModtagError, code="conflict", http_status=409):
     """The record is not in a state that allows this (a review item claimed by someone else, already resolved...)."""
+
+
+class QuotaExceeded(ModtagError, code="quota_exceeded", http_status=429):
+    """The tenant is past its submission quota (429); `retry_after_s` says when the next submission fits."""
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class TooManyFailures(ModtagError, code="too_many_failures", http_status=429):

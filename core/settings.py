@@ -12,6 +12,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ConfigError
 
+# The largest quota numbers taken (settings and the quota API): far above any real need, small enough for Redis's
+# Lua numbers (doubles) to stay exact.
+QUOTA_MAX_RATE = 1_000_000.0
+QUOTA_MAX_COUNT = 1_000_000_000
+
 # A key chosen by an operator (MODTAG_ADMIN_KEY): long and printable, so it fits a header and is hard to guess.
 KEY_PATTERN = re.compile(r"^[\x21-\x7e]{32,256}$")
 
@@ -56,6 +61,23 @@ class Settings(BaseSettings):
     max_image_side: int = Field(default=16_384, gt=0)
     min_image_side: int = Field(default=8, gt=0)
     max_context_bytes: int = Field(default=64 * 1024, gt=0)
+    # Videos and animated images (core/video.py).
+    max_video_bytes: int = Field(default=500 * 1024 * 1024, gt=0, description="Largest video upload or download.")
+    max_video_seconds: float = Field(default=600.0, gt=0, description="Longest video accepted (422 video_too_long).")
+    max_video_side: int = Field(
+        default=4096, gt=0, description="Largest side of a video's frames (422 video_frame_too_large)."
+    )
+    video_fps: float = Field(default=1.0, gt=0, le=30, description="Frames sampled per second of video.")
+    video_scene_threshold: float = Field(
+        default=0.15, ge=0, le=1, description="Mean grey change (0-1) that keeps a frame between samples; 0: off."
+    )
+    video_pdq_skip: int = Field(
+        default=20, ge=0, le=128, description="A frame this close (PDQ bits) to the last kept one is skipped."
+    )
+    video_max_frames: int = Field(
+        default=300, ge=1, le=10_000, description="Frames judged per video at most; a long video's interval stretches."
+    )
+    video_decode_threads: int = Field(default=0, ge=0, le=64, description="Decoder threads per video; 0: up to 4.")
     listing_max_images: int = Field(default=10, gt=0, le=100, description="Photos one POST /v1/listings may carry.")
     max_body_bytes: int = Field(
         default=64 * 1024, gt=0, description="Largest request body of a route that takes no image (413 past it)."
@@ -103,6 +125,20 @@ class Settings(BaseSettings):
     )
     worker_drain_s: float = Field(
         default=60.0, gt=0, description="After SIGTERM, how long running jobs may finish before they are handed back."
+    )
+    max_prefer_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=300,
+        description="The longest `Prefer: wait=N` a submission may ask the API to hold its answer for a decision "
+        "(0 turns moderate-now calls off: every submission answers 202 at once).",
+    )
+    prefer_wait_recheck_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="While a `Prefer: wait` call waits, how often it reads the job from the database besides the "
+        "worker's notice in Redis (what a missed notice, or Redis down, costs at most).",
     )
     queued_grace_s: int = Field(default=60, gt=0, description="A queued job older than this is re-enqueued.")
     reconcile_interval_s: float = Field(default=30.0, gt=0)
@@ -167,6 +203,29 @@ class Settings(BaseSettings):
         default=86_400, ge=0, description="How long a rotated-out webhook secret keeps signing beside the new one."
     )
 
+    # Tenant quotas (core/quotas.py): submissions (photos) per second as a token bucket in Redis, per tenant and
+    # lane, and a daily cap; unset is unlimited. An admin of quota_admin_tenant overrides them per tenant.
+    tenant_rate: float | None = Field(
+        default=None, gt=0, le=QUOTA_MAX_RATE, description="Submissions per second a tenant may make (interactive)."
+    )
+    tenant_burst: int | None = Field(
+        default=None, ge=1, le=QUOTA_MAX_COUNT, description="How many at once above the rate; default the rate, >= 1."
+    )
+    tenant_bulk_rate: float | None = Field(
+        default=None, gt=0, le=QUOTA_MAX_RATE, description="Submissions per second in the bulk lane, its own budget."
+    )
+    tenant_bulk_burst: int | None = Field(
+        default=None, ge=1, le=QUOTA_MAX_COUNT, description="The bulk lane's burst; default its rate, >= 1."
+    )
+    tenant_daily_cap: int | None = Field(
+        default=None, ge=0, le=QUOTA_MAX_COUNT, description="Submissions per tenant and UTC day, both lanes together."
+    )
+    quota_admin_tenant: str = Field(
+        default="default",
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+        description="The tenant whose admins set every tenant's quota (other admins only read their own).",
+    )
+
     log_format: Literal["text", "json"] = Field(
         default="text", description="json: one JSON object per line, with request id, job id and tenant."
     )
@@ -193,6 +252,30 @@ class Settings(BaseSettings):
         "loopback.",
     )
 
+    # Dashboard single sign-on with OpenID Connect (core/sso.py, api/sso.py); unset issuer: keys only.
+    oidc_issuer: str | None = Field(
+        default=None, description="The identity provider's issuer URL (discovery: <issuer>/.well-known/...)."
+    )
+    oidc_client_id: str | None = Field(default=None, max_length=256, description="modtag's client id there.")
+    oidc_client_secret: SecretStr | None = Field(default=None, description="modtag's client secret there.")
+    oidc_tenant_claim: str = Field(default="modtag_tenant", min_length=1, description="The claim naming the tenant.")
+    oidc_role_claim: str = Field(
+        default="modtag_role", min_length=1, description="The claim naming the role (a string or a list)."
+    )
+    oidc_roles: str = Field(
+        default="",
+        description="Comma-separated `value=role` pairs mapping the role claim's values to submit, review or admin; "
+        "empty: the claim holds those names.",
+    )
+    oidc_scopes: str = Field(default="openid profile email", description="The scopes asked for (openid first).")
+    oidc_redirect_url: str | None = Field(
+        default=None,
+        description="The callback registered at the provider; default: this server's /dashboard/sso/callback as "
+        "the browser reached it.",
+    )
+    oidc_display_name: str = Field(default="single sign-on", max_length=64, description="The sign-in button's name.")
+    oidc_timeout_s: float = Field(default=10, gt=0, le=60, description="Each call to the identity provider.")
+
     # Known content and retention (core/banks.py, core/erasure.py).
     reuse_decisions: bool = Field(
         default=True,
@@ -210,6 +293,21 @@ class Settings(BaseSettings):
     orphan_sweep_interval_s: float = Field(
         default=900, gt=0, description="How often the reconciler looks for stored images that no job uses."
     )
+    bank_import_max_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="The largest hash list one `POST /v1/banks/{name}/import` reads (at most 100,000 hashes).",
+    )
+    bank_flood_share: float = Field(
+        default=0.05,
+        gt=0,
+        le=1,
+        description="A banked hash matching more than this share of a tenant's uploads of the day (UTC) is a flood: "
+        "modtag_bank_flood_warnings_total counts it (core/bankflood.py).",
+    )
+    bank_flood_min_matches: int = Field(
+        default=50, ge=1, description="The fewest matches of one banked hash in a day before it can count as a flood."
+    )
 
     @field_validator("models")
     @classmethod
@@ -226,6 +324,14 @@ class Settings(BaseSettings):
             raise ValueError("must be file:///absolute/path or s3://bucket[/prefix]")
         return value
 
+    @field_validator(
+        "tenant_rate", "tenant_burst", "tenant_bulk_rate", "tenant_bulk_burst", "tenant_daily_cap", mode="before"
+    )
+    @classmethod
+    def _unlimited_is_none(cls, value: object) -> object:
+        # `MODTAG_TENANT_RATE=` (compose's unset variable) or `unlimited` mean no limit.
+        return None if isinstance(value, str) and value.strip().lower() in ("", "unlimited") else value
+
     @field_validator("admin_key", "api_key", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value: object) -> object:
@@ -239,8 +345,36 @@ class Settings(BaseSettings):
             raise ValueError("must be 32 to 256 printable ASCII characters without spaces (use a random string)")
         return value
 
+    @field_validator("oidc_issuer", "oidc_client_id", "oidc_client_secret", "oidc_redirect_url", mode="before")
+    @classmethod
+    def _empty_oidc_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("oidc_issuer", "oidc_redirect_url")
+    @classmethod
+    def _oidc_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
+            raise ValueError("must be an http(s) URL without a query (https in production)")
+        return value
+
+    @field_validator("oidc_roles")
+    @classmethod
+    def _oidc_roles_known(cls, value: str) -> str:
+        for pair in filter(None, (part.strip() for part in value.split(","))):
+            _, _, role = pair.partition("=")
+            if role.strip() not in ("submit", "review", "admin"):
+                raise ValueError(f"{pair!r} is not `value=role` with role submit, review or admin")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        oidc = (self.oidc_issuer, self.oidc_client_id, self.oidc_client_secret)
+        if any(value is not None for value in oidc) and not all(value is not None for value in oidc):
+            raise ValueError("single sign-on needs oidc_issuer, oidc_client_id and oidc_client_secret together")
+        if self.environment == "production" and any(
+            url and not url.startswith("https://") for url in (self.oidc_issuer, self.oidc_redirect_url)
+        ):
+            raise ValueError("oidc_issuer and oidc_redirect_url must be https in production")
         if not self.auth and self.environment == "production":
             raise ValueError("auth=false (MODTAG_AUTH) is for development only; production requires API keys")
         if self.lease_renew_s is not None and self.lease_renew_s * 2 > self.running_lease_s:
