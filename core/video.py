@@ -176,7 +176,7 @@ def probe(source: Source, limits: VideoLimits, *, container: str | None = None) 
     `container` is what the magic bytes said (`sniff_video`, or "gif"/"apng"/"webp" for an animated image);
     None sniffs it here. Raises VideoError: `video_empty`, `video_too_large` (413), `video_unsupported` (415),
     `video_no_stream`, `video_codec_unsupported`, `video_corrupt`, `video_too_long`, `video_frame_too_large`,
-    `video_frame_too_small` (422).
+    `video_frame_too_small` (422). An open file is left rewound.
     """
     size = _size_of(source)
     if size == 0:
@@ -189,6 +189,7 @@ def probe(source: Source, limits: VideoLimits, *, container: str | None = None) 
         )
     kind = container or _sniff_source(source)
     info = _probe_webp(source) if kind == "webp" else _probe_av(source, kind, limits)
+    _rewind(source)
     _check_info(info, limits)
     return info
 

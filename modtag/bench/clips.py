@@ -52,7 +52,7 @@ def write_clip(
             stream.options = {"preset": "ultrafast", "tune": "stillimage"}
         number = 0
         for shot in shots:
-            still = None if shot.pan else av.VideoFrame.from_image(_view(shot.picture, size, 0.0))
+            still = None if shot.pan else av.VideoFrame.from_image(_view(shot.picture, size, None))
             for step in range(round(shot.seconds * fps)):
                 frame = still or av.VideoFrame.from_image(_view(shot.picture, size, shot.pan * step / fps))
                 frame.pts = number
@@ -64,9 +64,9 @@ def write_clip(
     return path
 
 
-def _view(picture: Image.Image, size: tuple[int, int], offset: float) -> Image.Image:
-    """The part of `picture` in view at `offset` (a share of its width), scaled to `size`."""
-    if not offset:
+def _view(picture: Image.Image, size: tuple[int, int], offset: float | None) -> Image.Image:
+    """The part of `picture` in view at `offset` (a share of its width; None: all of it), scaled to `size`."""
+    if offset is None:
         return picture.convert("RGB").resize(size)
     width, height = picture.size
     window = int(width * 0.6)
