@@ -9,7 +9,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, WithJsonSchema
 
 from core.moments import parse_since
 
@@ -17,6 +17,7 @@ from core.moments import parse_since
 SLUG_PATTERN = r"^[a-z0-9_-]+$"
 MAX_TITLE_CHARS = 500
 MAX_DESCRIPTION_CHARS = 20_000
+MAX_LABELS = 200  # per-category labels in one resolution: more categories than any policy has
 
 
 # An age as the API takes it: at most 5 digits (99999 weeks still lands after year 1) and no spaces, so that the
@@ -36,6 +37,13 @@ Moment = Annotated[
     WithJsonSchema({"anyOf": [{"type": "string", "format": "date-time"}, {"type": "string", "pattern": _AGE}]}),
 ]
 SINCE_HELP = "ISO 8601 (naive times are UTC) or an age: 7d, 12h, 30m."
+# Typed loosely in the bodies so that a bad value is 422 `invalid_priority`, as in the multipart form.
+PRIORITY_SCHEMA = {
+    "type": "string",
+    "enum": ["interactive", "bulk"],
+    "default": "interactive",
+    "description": "`bulk` goes to its own queue, taken only while no `interactive` job waits (backfills).",
+}
 
 
 class JobRequest(BaseModel):
@@ -49,6 +57,7 @@ class JobRequest(BaseModel):
     # Typed loosely so that a non-object is reported as `invalid_context`, like the multipart form does.
     context: Annotated[Any, WithJsonSchema({"type": "object", "description": "Listing text and attributes."})] = None
     callback_url: str | None = Field(default=None, description="http(s) URL, at most 2048 characters.")
+    priority: Annotated[Any, WithJsonSchema(PRIORITY_SCHEMA)] = None
 
 
 class ListingRequest(BaseModel):
@@ -65,6 +74,7 @@ class ListingRequest(BaseModel):
     callback_url: str | None = Field(
         default=None, description="http(s) URL, at most 2048 characters: POSTed the listing once every photo is final."
     )
+    priority: Annotated[Any, WithJsonSchema(PRIORITY_SCHEMA)] = None
 
 
 class ResolveRequest(BaseModel):
@@ -79,6 +89,12 @@ class ResolveRequest(BaseModel):
         max_length=64,
         pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$",
         description="With `block`: also add the image's hashes to this bank of the tenant, so copies are blocked.",
+    )
+    categories: dict[Annotated[str, Field(max_length=64)], StrictBool] | None = Field(
+        default=None,
+        max_length=MAX_LABELS,
+        description="Per category of the decision's policy, whether it applies (true) or not (false); categories not "
+        "given follow the action (block: the fired ones apply; allow: none does). Feeds calibration.",
     )
 
 
@@ -97,6 +113,9 @@ class BankRequest(BaseModel):
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
     description: str | None = Field(default=None, max_length=2000)
+    kind: Literal["block", "allow"] = Field(
+        default="block", description="`allow`: an allow-list; a match in it suppresses the block banks' matches."
+    )
 
 
 class BankItemRequest(BaseModel):
@@ -115,3 +134,23 @@ class BankImportRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     items: list[BankItemRequest] = Field(min_length=1, max_length=100_000)
+
+
+# Quota numbers: JSON numbers only (a string is refused, not read), finite, within core.settings' bounds.
+_QuotaRate = Annotated[float, Field(strict=True, gt=0, le=1_000_000, allow_inf_nan=False)]
+_QuotaCount = Annotated[int, Field(strict=True, ge=1, le=1_000_000_000)]
+
+
+class QuotaRequest(BaseModel):
+    """`PUT /v1/quotas/{tenant}`: the tenant's override. A field given as a number sets that limit, `null` makes it
+    unlimited, a field left out follows the MODTAG_TENANT_* setting."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rate: _QuotaRate | None = Field(default=None, description="Submissions (photos) per second, interactive lane.")
+    burst: _QuotaCount | None = Field(default=None, description="How many at once above the rate.")
+    bulk_rate: _QuotaRate | None = Field(default=None, description="Submissions per second in the bulk lane.")
+    bulk_burst: _QuotaCount | None = Field(default=None, description="The bulk lane's burst.")
+    daily_cap: Annotated[int, Field(strict=True, ge=0, le=1_000_000_000)] | None = Field(
+        default=None, description="Submissions per UTC day, both lanes together; 0 stops the tenant's submissions."
+    )

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from sqlmodel import Session
 from starlette.datastructures import FormData, UploadFile
 
+from api import quotas
 from api.auth import Submitter
 from api.bodies import (
     JSON_SLACK_BYTES,
@@ -41,7 +42,7 @@ from api.bodies import (
 )
 from api.deps import Services, ServicesDep, SessionDep, SettingsDep, resolve_policy
 from api.errors import error_responses
-from api.schemas import MAX_DESCRIPTION_CHARS, MAX_TITLE_CHARS, JobRequest, ListingRequest
+from api.schemas import MAX_DESCRIPTION_CHARS, MAX_TITLE_CHARS, PRIORITY_SCHEMA, JobRequest, ListingRequest
 from core.broker import enqueue_job
 from core.errors import BadRequest, Conflict, FetchError, InvalidField, ModtagError, PayloadTooLarge, PolicyError
 from core.images import ImageHeader, ImageLimits, sniff_image
@@ -57,6 +58,7 @@ from core.logs import log_fields
 from core.metrics import JOBS_SUBMITTED
 from core.principals import Principal
 from core.public import JobPublic, ListingPublic
+from core.queues import Priority
 from core.settings import Settings
 from core.tables import Job, Listing
 from core.urls import check_callback_url, validate_image_url
@@ -71,8 +73,8 @@ MAX_ATTRIBUTE_CHARS = 200
 _IDEMPOTENCY_KEY_MAX = 255
 _ATTRIBUTE_NAME = re.compile(r"^[a-z0-9_]{1,64}$")
 # `image_url` is listed so that a form with both it and `image` gets the clearer `ambiguous_image`.
-_JOB_FORM_FIELDS = frozenset({"image", "image_url", "policy", "context", "callback_url"})
-_LISTING_FORM_FIELDS = frozenset({"images", "policy", "title", "description", "attributes", "callback_url"})
+_JOB_FORM_FIELDS = frozenset({"image", "image_url", "policy", "context", "callback_url", "priority"})
+_LISTING_FORM_FIELDS = frozenset({"images", "policy", "title", "description", "attributes", "callback_url", "priority"})
 Record = TypeVar("Record", Job, Listing)
 
 
@@ -100,6 +102,8 @@ class Submission(ABC, Generic[Record]):
     uploads: list[SpooledUpload]  # spooled by the body reader, open until the response
     urls: list[str]
     callback_url: str | None
+    # `interactive` or `bulk`, checked as the body is read (read_priority): quotas give each its own budget.
+    priority: Priority = Priority.INTERACTIVE
 
     def check_count(self, settings: Settings) -> None:
         """Refuse a submission with no photo, or too many."""
@@ -201,6 +205,8 @@ def accept(
     )
     if idempotency_key and (existing := submission.find(session, principal.tenant, idempotency_key)) is not None:
         return _replay(submission, session, existing, fingerprint, idempotency_key)
+    # A replay costs nothing; a new submission one token per photo, before any image is stored (api/quotas.py).
+    quotas.charge(services, session, principal, lane=submission.priority.value, photos=len(fingerprint.images))
 
     common: dict[str, Any] = {
         "tenant": principal.tenant,
@@ -209,6 +215,7 @@ def accept(
         "context": context,
         "submitted_by": principal.key_id,
         "request_id": log_fields().get("request_id"),
+        "priority": submission.priority.value,
     }
     uploads = zip(submission.uploads, headers, strict=True)
     photos = [_upload_job(services, upload, header, common) for upload, header in uploads]
@@ -249,6 +256,7 @@ class JobSubmission(Submission[Job]):
             "policy": {"type": "string", "default": "moderation"},
             "context": {"type": "string", "description": "A JSON object, e.g. the listing's title and attributes."},
             "callback_url": {"type": "string", "format": "uri"},
+            "priority": PRIORITY_SCHEMA,
         },
     }
     json_body = JobRequest
@@ -312,6 +320,7 @@ class ListingSubmission(Submission[Listing]):
             "attributes": {"type": "string", "description": 'A JSON object, e.g. {"color": "red", "count": 2}.'},
             "policy": {"type": "string", "default": "listing"},
             "callback_url": {"type": "string", "format": "uri"},
+            "priority": PRIORITY_SCHEMA,
         },
     }
     json_body = ListingRequest
@@ -461,6 +470,7 @@ async def read_job_submission(request: Request, settings: SettingsDep) -> AsyncI
             uploads=[spooled_upload(image, settings.max_upload_bytes, "the image")],
             urls=[],
             callback_url=form_text(form, "callback_url") or None,
+            priority=read_priority(form_text(form, "priority")),
             context=form_text(form, "context"),
             context_is_text=True,
         )
@@ -477,6 +487,7 @@ async def read_job_submission(request: Request, settings: SettingsDep) -> AsyncI
             uploads=[],
             urls=[parsed.image_url],
             callback_url=parsed.callback_url,
+            priority=read_priority(parsed.priority),
             context=parsed.context,
         )
 
@@ -527,6 +538,7 @@ async def read_listing_submission(request: Request, settings: SettingsDep) -> As
             uploads=images,
             urls=[],
             callback_url=form_text(form, "callback_url") or None,
+            priority=read_priority(form_text(form, "priority")),
             title=form_text(form, "title"),
             description=form_text(form, "description"),
             attributes=form_text(form, "attributes"),
@@ -540,6 +552,7 @@ async def read_listing_submission(request: Request, settings: SettingsDep) -> As
             uploads=[],
             urls=parsed.image_urls,
             callback_url=parsed.callback_url,
+            priority=read_priority(parsed.priority),
             title=parsed.title,
             description=parsed.description,
             attributes=parsed.attributes,
@@ -547,6 +560,19 @@ async def read_listing_submission(request: Request, settings: SettingsDep) -> As
 
     async with open_body(request, limits, from_form=from_form, from_json=from_json) as submission:
         yield submission
+
+
+def read_priority(value: object) -> Priority:
+    """The `priority` field: `interactive` (also when absent) or `bulk`; anything else is 422 `invalid_priority`."""
+    if value is None:
+        return Priority.INTERACTIVE
+    if isinstance(value, str):
+        try:
+            return Priority(value.strip())
+        except ValueError:
+            pass
+    shown = repr(value[:32]) if isinstance(value, str) else json_type(value)
+    raise InvalidField(f'`priority` must be "interactive" or "bulk", not {shown}', code="invalid_priority")
 
 
 def require_context(policy: Policy, context: Mapping[str, Any] | None) -> None:
@@ -618,7 +644,7 @@ def _enqueue(services: Services, session: Session, jobs: Sequence[Job]) -> None:
         if broker_failed:
             continue  # it just failed this request: the sweep enqueues the rest, without one more wait per job
         try:
-            enqueue_job(services.celery, job.id)
+            enqueue_job(services.celery, job.id, Priority.of(job.priority))
         except Exception as exc:
             broker_failed = True
             logger.warning("job %s stored but not enqueued (%s); the reconciler will enqueue it", job.id, exc)

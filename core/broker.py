@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
 from celery import Celery
 
-from core.queues import Queue, TaskName
+from core.queues import Priority, Queue, TaskName
 from core.settings import Settings
 
 UNACKED_KEY = "unacked"  # kombu's Redis transport keeps delivered-but-unacknowledged messages here
@@ -45,6 +46,9 @@ def make_celery(settings: Settings) -> Celery:
             "visibility_timeout": settings.resolved_visibility_timeout_s,
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
+            # BRPOP on the queues in the order of the worker's -Q flag (core.queues.Queue): a bulk message is
+            # taken only while no interactive one waits. The default (round robin) would alternate between them.
+            "queue_order_strategy": "priority",
         },
         broker_pool_limit=10,
     )
@@ -56,11 +60,15 @@ def task_id_for(job_id: str) -> str:
     return f"job-{job_id}"
 
 
-def enqueue_job(app: Celery, job_id: str) -> None:
-    app.send_task(TaskName.PROCESS_JOB.value, args=[job_id], queue=Queue.INFERENCE.value, task_id=task_id_for(job_id))
+def enqueue_job(app: Celery, job_id: str, priority: Priority = Priority.INTERACTIVE) -> None:
+    """Send the job's task to its priority's queue."""
+    queue = priority.queue.value
+    app.send_task(TaskName.PROCESS_JOB.value, args=[job_id], queue=queue, task_id=task_id_for(job_id))
 
 
-def enqueue_job_first(app: Celery, client: Any, job_id: str, *, scan: int = 1000) -> bool:
+def enqueue_job_first(
+    app: Celery, client: Any, job_id: str, priority: Priority = Priority.INTERACTIVE, *, scan: int = 1000
+) -> bool:
     """Enqueue a job taken back from a worker (a lapsed lease, a drain's hand-back) at the head of its queue, so it
     is the next one taken instead of waiting behind the backlog; False when it stayed at the tail (not found among
     the `scan` newest messages, or already taken).
@@ -68,8 +76,8 @@ def enqueue_job_first(app: Celery, client: Any, job_id: str, *, scan: int = 1000
     kombu's Redis transport publishes with LPUSH and consumes with BRPOP: the head is the list's right end. The
     message is published the ordinary way (kombu writes it), then moved from the left end to the right end in one
     Lua call, which moves nothing when a worker took it meanwhile."""
-    enqueue_job(app, job_id)
-    queue, task_id = Queue.INFERENCE.value, task_id_for(job_id)
+    enqueue_job(app, job_id, priority)
+    queue, task_id = priority.queue.value, task_id_for(job_id)
     for raw in client.lrange(queue, 0, scan - 1):  # the newest first: it was pushed a moment ago
         if _task_id(raw) == task_id:
             return bool(client.eval(_MOVE_TO_HEAD, 1, queue, raw))
@@ -86,20 +94,24 @@ return 0
 """
 
 
-def queued_task_ids(client: Any, queue: str, *, fresh_s: float, limit: int = 100_000) -> set[str] | None:
-    """Task ids waiting in `queue` or delivered less than `fresh_s` ago and unacknowledged; None when the queue is
-    too long to scan.
+def queued_task_ids(
+    client: Any, queues: str | Iterable[str] = tuple(Queue), *, fresh_s: float, limit: int = 100_000
+) -> set[str] | None:
+    """Task ids waiting in `queues` (every queue by default) or delivered less than `fresh_s` ago and
+    unacknowledged; None when the queues are too long to scan.
 
     An older unacknowledged message may belong to a dead worker, and Redis would hand it out again only
     after the whole visibility timeout: its job must not hide behind it (the claim makes a second message
     harmless). An older one that carries an `eta` less than `fresh_s` ago (or still ahead) is a retry its
     worker holds until then (a job waiting out a dependency outage): it counts as waiting, or every long
     outage would end with a second delivery of each job handed back during it."""
-    if client.llen(queue) > limit or client.hlen(UNACKED_KEY) > limit:
+    names = [queues] if isinstance(queues, str) else [str(queue) for queue in queues]
+    if sum(client.llen(name) for name in names) > limit or client.hlen(UNACKED_KEY) > limit:
         return None
     ids: set[str] = set()
-    for raw in client.lrange(queue, 0, -1):
-        ids.add(_task_id(raw))
+    for name in names:
+        for raw in client.lrange(name, 0, -1):
+            ids.add(_task_id(raw))
     now = time.time()
     delivered = client.zrangebyscore(UNACKED_INDEX_KEY, "-inf", "+inf", withscores=True)
     tags = [tag for tag, _ in delivered]

@@ -22,6 +22,7 @@ from core.tables import (
     DecisionCategory,
     Job,
     JobStatus,
+    ReviewKind,
     ShadowDecision,
     utcnow,
 )
@@ -57,6 +58,7 @@ class NewJob:
     listing_id: str | None = None
     listing_index: int | None = None
     request_id: str | None = None  # the submitting request's id, carried into the worker's log lines
+    priority: str = "interactive"  # core.queues.Priority: which queue its task goes to
 
 
 def create_job(session: Session, new: NewJob) -> tuple[Job, bool]:
@@ -137,10 +139,12 @@ def claim_job(session: Session, job_id: str, worker: str, lease_s: float) -> Job
 
 
 def store_decision(
-    session: Session, job: Job, decision: Decision, shadows: Sequence[ShadowDecision] = ()
+    session: Session, job: Job, decision: Decision, shadows: Sequence[ShadowDecision] = (), *, audit_rate: float = 0.0
 ) -> Decision | None:
     """Write the decision, its category rows, the job's `done` state, what shadow policies would have decided and,
     for a `review` decision, its place in the review queue (with the audit entry), in one transaction (idempotent).
+    An automatic allow or block goes to the queue as an `audit` item when the job is in the policy's `audit_rate`
+    sample (core.review.audit_sampled: decided by the job id, so a redelivery samples the same way).
 
     None when the job was erased before its decision could be stored: nothing of the decision is written, and the
     job ends `failed` with code `erased` in the same transaction (one decision or one failure, never both).
@@ -198,6 +202,8 @@ def store_decision(
     try:
         if decision.action == "review":
             review.enqueue(session, decision)
+        elif review.audit_sampled(job.id, audit_rate):
+            review.enqueue(session, decision, ReviewKind.AUDIT)
         session.commit()
     except IntegrityError:
         # A redelivered copy of this job finished first: keep its decision, never a second one.

@@ -103,6 +103,23 @@ class TextLinePublic(PublicModel):
     box: list[int] = Field(min_length=4, max_length=4, description="[x0, y0, x1, y1] in image pixels.")
 
 
+class FramePublic(PublicModel):
+    """One judged frame of a video."""
+
+    time_s: float = Field(description="Seconds from the start of the video.")
+    action: Action
+    scores: dict[str, float] = Field(description="The frame's highest category scores (at most 3).")
+
+
+class SegmentPublic(PublicModel):
+    """A stretch of a video over which a category fired on consecutive judged frames."""
+
+    category: str
+    start_s: float
+    end_s: float = Field(description="Where the next judged frame begins, or the end of the video.")
+    max_score: float
+
+
 class DecisionPublic(OpenModel):
     """A stored decision with its evidence."""
 
@@ -127,6 +144,17 @@ class DecisionPublic(OpenModel):
     duration_ms: float
     reused_from: str | None = Field(
         default=None, description="The earlier job (same tenant, bytes and policy version) whose decision was reused."
+    )
+    # Only a video's decision carries them; an image's has no such keys (not even null).
+    frames: list[FramePublic] | None = Field(
+        default=None,
+        description="A video's judged frames in time order: each one's time, action and top category scores.",
+        exclude_if=lambda frames: frames is None,
+    )
+    segments: list[SegmentPublic] | None = Field(
+        default=None,
+        description="Where a category fired over consecutive judged frames of a video (seconds from the start).",
+        exclude_if=lambda segments: segments is None,
     )
 
     @classmethod
@@ -169,6 +197,11 @@ class ReviewResolution(PublicModel):
     reason: str | None
     by: ReviewActor
     at: Timestamp
+    labels: dict[str, bool] | None = Field(
+        default=None,
+        description="Per category, whether it applies (given, or from the action: block = the fired categories, "
+        "allow = none); what calibration learns from. Null for resolutions from before labels.",
+    )
 
 
 class ReviewItemPublic(OpenModel):
@@ -177,8 +210,13 @@ class ReviewItemPublic(OpenModel):
     job_id: str
     decision_id: str
     policy: str
-    category: str | None = Field(description="The highest-scoring flagged category.")
+    category: str | None = Field(description="The highest-scoring flagged category (audit items: any category).")
     score: float
+    kind: Literal["review", "audit"] = Field(
+        default="review",
+        description="`review`: the policy said review. `audit`: an automatic allow or block sampled at the "
+        "policy's `audit_rate`, to measure how often automatic decisions are right.",
+    )
     state: Literal["open", "resolved"]
     queued_at: Timestamp
     claim: ReviewClaim | None = Field(description="A live claim; an expired one is shown as null.")
@@ -198,7 +236,9 @@ class ReviewItemPublic(OpenModel):
             item,
             claim=ReviewClaim(by=claimant, expires_at=expires) if live else None,
             resolution=(
-                ReviewResolution(action=item.resolution, reason=item.reason, by=resolver, at=item.resolved_at)
+                ReviewResolution(
+                    action=item.resolution, reason=item.reason, by=resolver, at=item.resolved_at, labels=item.labels
+                )
                 if resolved
                 else None
             ),
@@ -224,6 +264,9 @@ class JobPublic(OpenModel):
     decision: DecisionPublic | None
     review: ReviewItemPublic | None = Field(default=None, description="The human review, for `review` decisions.")
     hashes: JobHashes | None = Field(default=None, description="The image's hashes, once known.")
+    priority: Literal["interactive", "bulk"] = Field(
+        default="interactive", description="`bulk` jobs wait while any `interactive` one waits (their own queue)."
+    )
     erased_at: Timestamp | None = Field(
         default=None, description="When the image and content were erased; the decision's action and scores stay."
     )
@@ -431,6 +474,80 @@ class AuditPage(PublicModel):
     next_cursor: str | None
 
 
+# --- labels and calibration ---------------------------------------------------------------------------------------
+
+
+class CurvePoint(PublicModel):
+    """One threshold on a category's precision-recall curve: what acting at `score >= threshold` would have done."""
+
+    threshold: float
+    precision: float = Field(description="Of the labelled jobs at or above the threshold, the share labelled true.")
+    recall: float = Field(description="Of the jobs labelled true, the share at or above the threshold.")
+
+
+class Thresholds(PublicModel):
+    review: float | None
+    block: float | None
+
+
+class CalibrationTarget(PublicModel):
+    block_precision: float
+    review_recall: float
+
+
+class MeasuredPrecision(PublicModel):
+    """How often people agreed with one automatic action, over the audit sample, with a 95% Wilson interval."""
+
+    sampled: int = Field(description="Audit items of this automatic action that people resolved.")
+    agreed: int = Field(description="Of those, resolved with the same action.")
+    precision: float | None = Field(description="agreed / sampled (null when nothing was sampled).")
+    low: float | None = Field(description="The 95% Wilson interval's lower end.")
+    high: float | None = Field(description="The 95% Wilson interval's upper end.")
+
+
+class CalibrationPublic(PublicModel):
+    """A category's thresholds measured against the tenant's review labels (`GET /v1/calibration`)."""
+
+    policy: str
+    category: str
+    since: Timestamp
+    labelled: int = Field(description="Resolved jobs with a label for this category.")
+    positives: int = Field(description="Of those, labelled true (the category applies).")
+    points: list[CurvePoint] = Field(description="One per distinct score, lowest threshold first.")
+    current: Thresholds = Field(description="The category's thresholds in the loaded policy.")
+    suggested: Thresholds = Field(
+        description="`block`: the lowest threshold whose precision meets `target.block_precision`; `review`: the "
+        "highest whose recall meets `target.review_recall` (never above `block`); null when no threshold does."
+    )
+    target: CalibrationTarget
+    audit: dict[Literal["allow", "block"], MeasuredPrecision] = Field(
+        description="The policy's automatic allows and blocks as people judged their audit sample."
+    )
+
+
+class LabelledJobPublic(PublicModel):
+    """A resolved review item with its labels, as `GET /v1/labels` exports it (for training elsewhere)."""
+
+    job_id: str
+    policy: str
+    policy_version: str
+    kind: Literal["review", "audit"]
+    decision: Literal["allow", "review", "block"] = Field(description="The machine's action.")
+    scores: dict[str, float] = Field(description="The machine's score per category.")
+    resolution: Literal["allow", "block"]
+    labels: dict[str, bool]
+    reviewer: ReviewActor
+    labelled_at: Timestamp
+    image: JobHashes | None = Field(description="The image's hashes; its bytes: GET /v1/labels/{job_id}/image.")
+    image_format: str | None
+    source: Literal["upload", "url"]
+
+
+class LabelledJobPage(PublicModel):
+    data: list[LabelledJobPublic]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+
+
 # --- banks -------------------------------------------------------------------------------------------------------
 
 
@@ -439,6 +556,7 @@ class BankPublic(PublicModel):
 
     name: str
     description: str | None
+    kind: str  # `block`, or `allow`: an allow-list whose matches suppress the block banks'
     items: int
     created_at: Timestamp
 
@@ -474,6 +592,24 @@ class BankImport(PublicModel):
     bank: str
     added: int
     skipped: int = 0
+    unsupported: dict[str, int] = {}  # signals of types modtag does not match (HMA's video_md5...), by type
+
+
+class BankMatchPublic(PublicModel):
+    """One bank holding a looked-up hash (`GET /v1/lookup`): its closest item and how far it is."""
+
+    bank: str
+    kind: str
+    content_id: str  # the bank item's id (HMA calls a banked entry's id `content_id`)
+    signal_type: str  # how it matched: `pdq` or `sha256`
+    distance: int  # PDQ Hamming distance in bits; 0 for an exact SHA-256 match
+    allowed_by: str | None  # a block match suppressed by this allow-list item ("bank/item")
+
+
+class LookupResult(PublicModel):
+    """`GET /v1/lookup`: the tenant's banks holding the hash, by bank name (HMA's `raw_lookup` shape)."""
+
+    matches: list[BankMatchPublic]
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
@@ -495,13 +631,17 @@ class WebhookDeliveryPublic(PublicModel):
     """One webhook message and how its delivery went; `id` is the `webhook-id` every attempt carried."""
 
     id: str
-    event_type: Literal["job.completed", "listing.completed"]
+    event_type: Literal["job.decided", "job.failed", "listing.decided", "review.resolved"] = Field(
+        description="The body's `type` (the Standard Webhooks envelope)."
+    )
     subject_id: str = Field(description="The job's or listing's id.")
     url: str
     status: Literal["pending", "delivered", "failed", "dropped"] = Field(
         description="`dropped`: its job or listing was erased before it was delivered (its body is gone too)."
     )
-    attempts: int
+    attempts: int = Field(description="Attempts since it was recorded, or since its last redelivery.")
+    redeliveries: int = Field(description="How many times an admin sent it again.")
+    redelivered_at: Timestamp | None
     next_attempt_at: Timestamp | None
     last_status_code: int | None
     last_error: str | None
@@ -516,6 +656,33 @@ class WebhookDeliveryPublic(PublicModel):
 class WebhookDeliveryPage(PublicModel):
     data: list[WebhookDeliveryPublic]
     next_cursor: str | None = Field(description="Pass as `before` for the next, older page.")
+
+
+class QuotaLimits(PublicModel):
+    """A tenant's submission limits (photos; null: unlimited). A burst left null follows its rate (at least 1)."""
+
+    rate: float | None = Field(description="Submissions per second in the interactive lane.")
+    burst: int | None = Field(description="How many the interactive lane takes at once above the rate.")
+    bulk_rate: float | None = Field(description="Submissions per second in the bulk lane (its own budget).")
+    bulk_burst: int | None
+    daily_cap: int | None = Field(description="Submissions per UTC day, both lanes together.")
+
+
+class QuotaPublic(PublicModel):
+    """A tenant's quota: the override an admin set (only its fields; null: unlimited) and the limits in force."""
+
+    tenant: str
+    override: dict[str, float | int | None] | None = Field(
+        description="The fields an admin set; a field left out follows the MODTAG_TENANT_* setting. Null: none."
+    )
+    limits: QuotaLimits = Field(description="What applies: the settings with the override above them.")
+    updated_at: Timestamp | None
+    updated_by: str | None
+
+
+class QuotaPage(PublicModel):
+    defaults: QuotaLimits = Field(description="The MODTAG_TENANT_* settings, for tenants without an override.")
+    data: list[QuotaPublic]
 
 
 def _from_row(shape: type[Shape], row: SQLModel, **given: Any) -> Shape:

@@ -28,7 +28,7 @@ from core.broker import enqueue_job, enqueue_job_first, queued_task_ids, task_id
 from core.db import session_scope
 from core.dependencies import RECORD, Dependency, outage_of
 from core.erasure import OrphanSweep, sweep_retention
-from core.queues import Queue
+from core.queues import Priority
 from core.settings import Settings
 from core.tables import JobStatus, utcnow
 
@@ -111,7 +111,7 @@ def _reconcile(
         )
     if not stale:
         return report
-    waiting = queued_task_ids(redis_client, Queue.INFERENCE.value, fresh_s=settings.running_lease_s)
+    waiting = queued_task_ids(redis_client, fresh_s=settings.running_lease_s)  # on every queue
     for job in stale:
         with session_scope(url) as session:
             first = False
@@ -145,10 +145,11 @@ def _reconcile(
                     continue
                 report.requeued += 1
                 metrics.JOBS_REENQUEUED.labels("queued").inc()
+            priority = Priority.of(job.priority)  # back on its own queue: a bulk job never jumps the live ones
             if first:
-                enqueue_job_first(celery, redis_client, job.id)
+                enqueue_job_first(celery, redis_client, job.id, priority)
             else:
-                enqueue_job(celery, job.id)
+                enqueue_job(celery, job.id, priority)
             jobs.mark_enqueued(session, job.id)
         log.info("re-enqueued job %s (was %s)", job.id, job.status)
     return report

@@ -12,6 +12,8 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from core.vectors import EmbeddingVector
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -120,6 +122,8 @@ class Job(SQLModel, table=True):
     erased_at: datetime | None = _moment_field()
     # What the blob is: "image" (one picture) or "video" (a clip or an animation, decided on its sampled frames).
     media: str = Field(default="image", max_length=8, sa_column_kwargs={"server_default": "image"})
+    # `interactive` or `bulk` (core.queues.Priority): which queue its task goes to.
+    priority: str = Field(default="interactive", max_length=16, sa_column_kwargs={"server_default": "interactive"})
 
 
 class Decision(SQLModel, table=True):
@@ -208,6 +212,11 @@ class ReviewState(StrEnum):
     RESOLVED = "resolved"
 
 
+class ReviewKind(StrEnum):
+    REVIEW = "review"
+    AUDIT = "audit"
+
+
 class ReviewItem(SQLModel, table=True):
     """A `review` decision waiting for (or resolved by) a person. The machine decision is never changed."""
 
@@ -215,6 +224,7 @@ class ReviewItem(SQLModel, table=True):
     __table_args__ = (
         Index("ix_review_items_tenant_state_queued_at", "tenant", "state", "queued_at"),
         Index("ix_review_items_tenant_state_score", "tenant", "state", "score"),
+        Index("ix_review_items_tenant_policy_resolved_at", "tenant", "policy", "resolved_at"),  # calibration, export
     )
 
     job_id: str = Field(foreign_key="jobs.id", primary_key=True, max_length=32)
@@ -234,6 +244,11 @@ class ReviewItem(SQLModel, table=True):
     resolved_by_name: str | None = Field(default=None, max_length=128)
     resolved_at: datetime | None = _moment_field()
     reopen_count: int = 0
+    # `review`: the policy said review. `audit`: an automatic allow or block sampled at the policy's `audit_rate`,
+    # so the precision of automatic decisions is measured (core/review.py audit_sampled).
+    kind: str = Field(default=ReviewKind.REVIEW, max_length=16, sa_column_kwargs={"server_default": "review"})
+    # The resolution's per-category labels {category: true|false} (core/review.py effective_labels); null while open.
+    labels: dict[str, bool] | None = Field(default=None, sa_column=Column(JSON))
 
 
 class AuditEntry(SQLModel, table=True):
@@ -325,6 +340,8 @@ class Bank(SQLModel, table=True):
     tenant: str = Field(max_length=64)
     name: str = Field(max_length=64)
     description: str | None = Field(default=None, max_length=2000)
+    # `block`: a match is evidence against the image; `allow`: a match suppresses every block bank's (core/banks.py).
+    kind: str = Field(default="block", max_length=8, sa_column_kwargs={"server_default": "block"})
     # Bumped by every change to the items: a worker rebuilds its index of the bank when it differs.
     revision: int = 0
     created_at: datetime = _now_field()
@@ -360,25 +377,92 @@ class WebhookSecret(SQLModel, table=True):
 
 
 class WebhookDelivery(SQLModel, table=True):
-    """One webhook message (a final job or listing) and its delivery: the same `id` (webhook-id) on every attempt."""
+    """One webhook message (an event about a job or listing) and its delivery: the same `id` (webhook-id) on every
+    attempt and every redelivery."""
 
     __tablename__ = "webhook_deliveries"
     __table_args__ = (
-        UniqueConstraint("event_type", "subject_id", name="uq_webhook_deliveries_event_subject"),
+        # `sequence` tells apart the repeats of one event type for one subject: a review resolved, reopened and
+        # resolved again sends two `review.resolved` messages; every other event happens once (sequence 0).
+        UniqueConstraint("event_type", "subject_id", "sequence", name="uq_webhook_deliveries_event_subject_sequence"),
         Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
         Index("ix_webhook_deliveries_tenant_created_at", "tenant", "created_at"),
     )
 
     id: str = Field(max_length=64, primary_key=True)  # msg_<hex>
     tenant: str = Field(max_length=64)
-    event_type: str = Field(max_length=32)  # job.completed, listing.completed
-    subject_id: str = Field(max_length=32)
+    event_type: str = Field(max_length=32)  # job.decided, job.failed, listing.decided, review.resolved
+    subject_id: str = Field(max_length=32)  # the job's or listing's id
+    sequence: int = 0
     url: str = Field(max_length=2048)
-    payload: str = Field(sa_column=Column(Text, nullable=False))  # the exact bytes signed and sent
-    status: str = Field(default="pending", max_length=16)  # pending, delivered, failed
-    attempts: int = 0
+    # The exact bytes signed and sent: the Standard Webhooks envelope {type, timestamp, data} (core/events.py).
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+    status: str = Field(default="pending", max_length=16)  # pending, delivered, failed, dropped
+    attempts: int = 0  # since it was recorded, or since its last redelivery
+    redeliveries: int = 0  # how many times an admin sent it again (POST /v1/webhooks/deliveries/{id}/redeliver)
+    redelivered_at: datetime | None = _moment_field()
     next_attempt_at: datetime | None = _moment_field()
     last_status_code: int | None = None
     last_error: str | None = Field(default=None, max_length=500)
     created_at: datetime = _now_field()
     delivered_at: datetime | None = _moment_field()
+
+
+class JobEmbedding(SQLModel, table=True):
+    """A job's image embedding (BLIP's ITC image features, L2-normalised), stored by the worker with its decision.
+
+    Comparable only with embeddings of the same `model` (the ITM weights); `dim` is the vector's length, so one
+    table holds every model's vectors (core/embeddings.py).
+    """
+
+    __tablename__ = "job_embeddings"
+    __table_args__ = (Index("ix_job_embeddings_tenant_model", "tenant", "model"),)
+
+    job_id: str = Field(foreign_key="jobs.id", primary_key=True, max_length=32)
+    tenant: str = Field(max_length=64)
+    model: str = Field(max_length=255)
+    dim: int
+    vector: Any = Field(sa_column=Column(EmbeddingVector(), nullable=False))
+    created_at: datetime = _now_field()
+
+
+class ExampleSet(SQLModel, table=True):
+    """A tenant's named set of labelled example images that `examples` checks vote with."""
+
+    __tablename__ = "example_sets"
+    __table_args__ = (UniqueConstraint("tenant", "name", name="uq_example_sets_tenant_name"),)
+
+    id: str = _id_field()
+    tenant: str = Field(max_length=64)
+    name: str = Field(max_length=64)
+    description: str | None = Field(default=None, max_length=2000)
+    # Bumped by every change to the set (an item added, deleted, erased, or its embedding stored): workers reload it.
+    revision: int = 0
+    created_at: datetime = _now_field()
+
+
+class ExampleItem(SQLModel, table=True):
+    """One job's image in an example set, labelled positive or negative; its embedding is the job's."""
+
+    __tablename__ = "example_items"
+    __table_args__ = (UniqueConstraint("set_id", "job_id", name="uq_example_items_set_job"),)
+
+    id: str = _id_field()
+    set_id: str = Field(foreign_key="example_sets.id", max_length=32, index=True)
+    job_id: str = Field(foreign_key="jobs.id", max_length=32, index=True)
+    tenant: str = Field(max_length=64)
+    label: str = Field(max_length=16)  # positive or negative
+    added_by: str | None = Field(default=None, max_length=32)  # the API key's id
+    created_at: datetime = _now_field()
+
+
+class TenantQuota(SQLModel, table=True):
+    """An admin's override of a tenant's submission quota (core/quotas.py). `limits` holds only the fields set:
+    a number, or null for unlimited; a field left out follows the MODTAG_TENANT_* setting."""
+
+    __tablename__ = "tenant_quotas"
+
+    tenant: str = Field(primary_key=True, max_length=64)
+    limits: dict[str, Any] = _json_field(dict)
+    updated_at: datetime = _now_field()
+    updated_by: str | None = Field(default=None, max_length=128)  # the admin's name

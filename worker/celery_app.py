@@ -219,9 +219,9 @@ def _drain(current: WorkerRuntime) -> None:
         return  # Celery's own warm shutdown acknowledges the finished tasks and exits
     returned = current.lifecycle.hand_back()
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
-    for job_id in returned:
-        try:  # at the head of the queue: these jobs have waited their turn already
-            enqueue_job_first(app, client, job_id)
+    for job_id, priority in returned.items():
+        try:  # at the head of its own queue: these jobs have waited their turn already
+            enqueue_job_first(app, client, job_id, priority)
         except Exception as exc:  # queued in the database: the reconciler enqueues it once its grace passed
             log.warning("could not hand job %s back to the queue (%s)", job_id, exc)
     log.warning(

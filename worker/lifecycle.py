@@ -27,7 +27,9 @@ from core import jobs, metrics
 from core.db import session_scope
 from core.dependencies import RECORD, Dependency, DependencyRecord, outage_delay
 from core.errors import DependencyUnavailable, ModtagError, TransientError
+from core.finality import FinalNotices
 from core.logs import add_log_fields
+from core.queues import Priority
 from core.settings import Settings
 from core.tables import FINAL_STATUSES, Decision, Job, JobStatus, ShadowDecision, as_utc, utcnow
 
@@ -81,10 +83,11 @@ class JobLifecycle:
         self.dependencies = dependencies
         self._rand = rand
         self._url = settings.resolved_database_url
-        self._held: set[str] = set()  # the jobs this worker runs now, whose leases it renews
+        self._held: dict[str, Priority] = {}  # the jobs this worker runs now (leases renewed), with their queue
         self._held_lock = threading.Lock()
         self._waits: dict[str, int] = {}  # job id -> outage waits so far, for the backoff
         self._owed: dict[str, int] = {}  # job id -> the claim's attempt count to undo when the database answers
+        self.notices = FinalNotices(settings.redis_url)  # wakes the API's moderate-now calls (`Prefer: wait`)
 
     @property
     def held(self) -> list[str]:
@@ -95,7 +98,7 @@ class JobLifecycle:
     def release(self, job_id: str) -> None:
         """This worker is done with the job (decided, failed or handed back): its lease is no longer renewed."""
         with self._held_lock:
-            self._held.discard(job_id)
+            self._held.pop(job_id, None)
 
     def renew(self) -> int:
         """Renew the leases of the jobs this worker runs; how many it still held (a lapsed one may have moved on)."""
@@ -137,11 +140,13 @@ class JobLifecycle:
         thread.start()
         return thread
 
-    def hand_back(self) -> list[str]:
-        """Put every job this worker runs back to `queued` (a drain that ran out of time); their ids.
+    def hand_back(self) -> dict[str, Priority]:
+        """Put every job this worker runs back to `queued` (a drain that ran out of time); their ids, each with the
+        priority whose queue it goes back to.
 
         The attempt stays counted: a job that outlasts every drain still ends after `max_attempts`."""
-        returned = self.held
+        with self._held_lock:
+            returned = dict(sorted(self._held.items()))
         for job_id in returned:
             with session_scope(self._url) as session:
                 jobs.requeue_job(session, job_id)
@@ -163,7 +168,7 @@ class JobLifecycle:
                 if job is not None:
                     add_log_fields(tenant=job.tenant, request_id=job.request_id)
                     with self._held_lock:
-                        self._held.add(job.id)
+                        self._held[job.id] = Priority.of(job.priority)
                     return job
                 raise Unclaimed(self._unclaimed(session, job_id))
         except DependencyUnavailable as outage:
@@ -172,12 +177,14 @@ class JobLifecycle:
                     self._owed.setdefault(job_id, owed)
             raise self._outage_wait(job_id, outage) from outage
 
-    def store(self, job: Job, decision: Decision, shadows: list[ShadowDecision]) -> bool:
+    def store(self, job: Job, decision: Decision, shadows: list[ShadowDecision], *, audit_rate: float = 0.0) -> bool:
         """Write the decision and the job's `done` state in one transaction; False when another delivery already had,
-        or when the job was erased meanwhile (it is then `failed` with code `erased`, and nothing of it stored)."""
+        or when the job was erased meanwhile (it is then `failed` with code `erased`, and nothing of it stored).
+        `audit_rate` is the policy's: that share of automatic decisions also goes to the review queue as audits."""
         with self._database() as session:
-            stored = jobs.store_decision(session, job, decision, shadows)
+            stored = jobs.store_decision(session, job, decision, shadows, audit_rate=audit_rate)
         self._waits.pop(job.id, None)
+        self.notices.job_final(job.id, job.listing_id)
         if stored is None:  # erased while it ran: stored nothing, failed `erased` in the same transaction
             metrics.JOBS_FAILED.labels(job.policy, jobs.ERASED).inc()
             metrics.JOBS_COMPLETED.labels(job.policy, "failed").inc()
@@ -197,6 +204,7 @@ class JobLifecycle:
         with self._database() as session:
             jobs.fail_job(session, job.id, code, message)
         self._waits.pop(job.id, None)
+        self.notices.job_final(job.id, job.listing_id)
         metrics.JOBS_FAILED.labels(job.policy, code).inc()
         metrics.JOBS_COMPLETED.labels(job.policy, "failed").inc()
         log.info("job %s failed: %s (%s)", job.id, message, code)

@@ -3,28 +3,48 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
+from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.auth import Eraser, Reader
 from api.deps import ServicesDep, SessionDep
 from api.errors import error_responses
+from api.moderate_now import FinalWaiterDep, PreferencesDep, wait_for_final
 from api.submissions import IntakeDep, JobSubmission, JobSubmissionDep, submission_route
 from api.thumbnails import forget_thumbnail, thumbnail_response
 from core.erasure import erase_job
+from core.finality import job_subject
 from core.jobs import get_decision, tenant_job
 from core.public import JobPublic
 from core.review import get_item
+from core.tables import FINAL_STATUSES, Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 @router.post("", **submission_route(JobSubmission))
-def submit_job(intake: IntakeDep, submission: JobSubmissionDep) -> JobPublic:
-    """Submit an image (multipart upload or JSON `image_url`) to be judged against a policy (role submit)."""
-    accepted = intake.accept(submission, "/v1/jobs")
+async def submit_job(
+    intake: IntakeDep, submission: JobSubmissionDep, preferences: PreferencesDep, waiter: FinalWaiterDep
+) -> JobPublic:
+    """Submit an image (multipart upload or JSON `image_url`) to be judged against a policy (role submit); with
+    `Prefer: wait=N`, answered 200 with the decided job when it is decided within N seconds."""
+    accepted = await run_in_threadpool(intake.accept, submission, "/v1/jobs")
     job = accepted.record
+    wait_s = preferences.wait_within(intake.services.settings.max_prefer_wait_s)
+    if wait_s is not None:
+        return await wait_for_final(
+            intake, preferences, wait_s, job_subject(job.id), lambda session: _job_now(session, job), waiter
+        )
     if accepted.created:
         return JobPublic.from_row(job, None)
-    return JobPublic.from_row(job, get_decision(intake.session, job.id), get_item(intake.session, job.id, job.tenant))
+    return (await run_in_threadpool(_job_now, intake.session, job))[1]
+
+
+def _job_now(session: Session, job: Job) -> tuple[bool, JobPublic]:
+    """Whether the job is final now, and its body as `GET /v1/jobs/{id}` shows it."""
+    row = session.get(Job, job.id) or job
+    body = JobPublic.from_row(row, get_decision(session, row.id), get_item(session, row.id, row.tenant))
+    return row.status in FINAL_STATUSES, body
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=error_responses(401, 403, 404, 422))

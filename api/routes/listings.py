@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.auth import Eraser, Reader
 from api.deps import ServicesDep, SessionDep
 from api.errors import error_responses
+from api.moderate_now import FinalWaiterDep, PreferencesDep, wait_for_final
 from api.submissions import IntakeDep, ListingSubmission, ListingSubmissionDep, submission_route
 from api.thumbnails import forget_thumbnail
 from core.erasure import erase_listing
 from core.errors import NotFound
+from core.finality import listing_subject
 from core.listings import get_listing, listing_jobs
 from core.public import ListingPublic
 from core.tables import ID_PATTERN, Listing
@@ -26,12 +29,32 @@ router = APIRouter(prefix="/v1/listings", tags=["listings"])
 
 
 @router.post("", **submission_route(ListingSubmission))
-def submit_listing(intake: IntakeDep, submission: ListingSubmissionDep) -> ListingPublic:
-    """Submit a listing's photos with its title, description and attributes: one job per photo (role submit)."""
-    accepted = intake.accept(submission, "/v1/listings")
+async def submit_listing(
+    intake: IntakeDep, submission: ListingSubmissionDep, preferences: PreferencesDep, waiter: FinalWaiterDep
+) -> ListingPublic:
+    """Submit a listing's photos with its title, description and attributes: one job per photo (role submit); with
+    `Prefer: wait=N`, answered 200 with the verdict when every photo is final within N seconds."""
+    accepted = await run_in_threadpool(intake.accept, submission, "/v1/listings")
+    listing = accepted.record
+    wait_s = preferences.wait_within(intake.services.settings.max_prefer_wait_s)
+    if wait_s is not None:
+        return await wait_for_final(
+            intake,
+            preferences,
+            wait_s,
+            listing_subject(listing.id),
+            lambda session: _listing_now(session, listing),
+            waiter,
+        )
     if accepted.created:
-        return listing_public(accepted.record, [(job, None) for job in accepted.jobs])
-    return listing_public(accepted.record, listing_jobs(intake.session, accepted.record.id))
+        return listing_public(listing, [(job, None) for job in accepted.jobs])
+    return (await run_in_threadpool(_listing_now, intake.session, listing))[1]
+
+
+def _listing_now(session: Session, listing: Listing) -> tuple[bool, ListingPublic]:
+    """Whether the listing's verdict is final now (every photo final), and its body as `GET` shows it."""
+    body = listing_public(listing, listing_jobs(session, listing.id))
+    return body.verdict.status != "pending", body
 
 
 @router.get("/{listing_id}", response_model=ListingPublic, responses=error_responses(401, 403, 404, 422))

@@ -1,14 +1,19 @@
-"""Reserved for the job priority lane (interactive/bulk) (issue 18): filled in by that change; a no-op until then"""
+"""A job's priority (interactive or bulk): which Celery queue its task goes to and the reconciler puts it back on"""
 
 from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
 
 revision = "0009"
 down_revision = "0008"
 
 
 def upgrade() -> None:
-    pass
+    # Every job before this revision was submitted as a live one: the server default fills them.
+    op.add_column("jobs", sa.Column("priority", sa.String(length=16), nullable=False, server_default="interactive"))
 
 
 def downgrade() -> None:
-    pass
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("priority")
