@@ -18,7 +18,24 @@ from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.limits import HeaderDeadlineProtocol, RequestLimitsMiddleware
 from api.middleware import DashboardHeadersMiddleware, HttpMetricsMiddleware, RequestIdMiddleware
-from api.routes import audit, banks, dashboard, decisions, health, jobs, listings, policies, review, shadow, webhooks
+from api.routes import (
+    audit,
+    banks,
+    calibration,
+    dashboard,
+    decisions,
+    health,
+    jobs,
+    labels,
+    listings,
+    policies,
+    quotas,
+    review,
+    shadow,
+    webhooks,
+)
+from api.routes import lookup as hash_lookup
+from api.routes import sso as dashboard_sso
 from api.routes.health import CHECK_TIMEOUT_S
 from core import __version__
 from core.auth import bootstrap_admin_key
@@ -27,6 +44,7 @@ from core.broker import make_celery
 from core.db import migrate, session_scope
 from core.errors import AuthError, ConfigError, Forbidden
 from core.metrics import POLICY_RELOADS, set_build_info
+from core.quotas import QuotaGate
 from core.settings import Settings, get_settings
 from policies.registry import PolicyRegistry
 
@@ -74,6 +92,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(HttpMetricsMiddleware)  # inside the request id (ModtagApi), which every answer gets
     for module in (jobs, listings, decisions, review, audit, policies, shadow, banks, webhooks, health, dashboard):
         app.include_router(module.router)
+    for module in (calibration, labels):  # review labels: calibration and the export
+        app.include_router(module.router)
+    app.include_router(hash_lookup.router)  # hash lookups across the tenant's banks, shaped like HMA's
+    app.include_router(quotas.router)  # tenant quotas (admin)
+    app.include_router(dashboard_sso.router)  # single sign-on for the dashboard (api/sso.py)
     install_docs(app)
     return app
 
@@ -132,6 +155,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         celery=celery,
         blobs=open_blob_store(settings),
         redis=client,
+        quotas=QuotaGate(client),
     )
     set_build_info("api")
     logger.info("modtag API ready with policies: %s", ", ".join(sorted(loaded)))

@@ -56,6 +56,8 @@ PUBLIC_PATHS = frozenset(
         "/dashboard",
         "/dashboard/login",
         "/dashboard/logout",
+        "/dashboard/sso/login",
+        "/dashboard/sso/callback",
     }
 )
 
@@ -170,6 +172,8 @@ BankEditor = Annotated[Principal, Depends(Require(Permission.BANKS))]
 BankCreator = Annotated[Principal, Depends(Require(Permission.BANKS_CREATE))]
 Eraser = Annotated[Principal, Depends(Require(Permission.ERASE))]
 WebhookAdmin = Annotated[Principal, Depends(Require(Permission.WEBHOOKS))]
+QuotaAdmin = Annotated[Principal, Depends(Require(Permission.QUOTAS))]
+LabelExporter = Annotated[Principal, Depends(Require(Permission.LABELS))]
 
 
 def route_permission(route: APIRoute) -> Permission | None:

@@ -50,6 +50,7 @@ class NewJob:
     image_width: int | None = None
     image_height: int | None = None
     image_format: str | None = None
+    media: str = "image"  # "video": a video file or an animated image, judged on its frames (core/video.py)
     image_url: str | None = None
     context: dict[str, Any] | None = None
     callback_url: str | None = None

@@ -26,6 +26,8 @@ class Permission(StrEnum):
     BANKS_CREATE = "banks:create"  # create a bank (admin)
     ERASE = "jobs:erase"  # DELETE /v1/jobs/{id}: submit keys only their own jobs (core/erasure.py checks)
     WEBHOOKS = "webhooks:manage"  # the webhook signing secret and the delivery log
+    QUOTAS = "quotas:manage"  # tenant quotas: read one's own; set anyone's from the quota admin tenant (api/quotas.py)
+    LABELS = "labels:export"  # the tenant's labelled jobs and their images, for training elsewhere (admin)
 
 
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {

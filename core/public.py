@@ -267,6 +267,10 @@ class JobPublic(OpenModel):
     priority: Literal["interactive", "bulk"] = Field(
         default="interactive", description="`bulk` jobs wait while any `interactive` one waits (their own queue)."
     )
+    media: Literal["image", "video"] = Field(
+        default="image",
+        description="`video` for an MP4, MOV or WebM file and for an animated GIF, WebP or PNG: judged on its frames.",
+    )
     erased_at: Timestamp | None = Field(
         default=None, description="When the image and content were erased; the decision's action and scores stay."
     )

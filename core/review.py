@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -19,8 +20,9 @@ from typing import Any, Literal
 from sqlalchemy import ColumnElement, and_, or_, update
 from sqlmodel import Session, col, func, select
 
+from core import events
 from core.audit import record
-from core.errors import BadRequest, Conflict, ModtagError, NotFound
+from core.errors import BadRequest, Conflict, InvalidField, ModtagError, NotFound
 from core.metrics import REVIEW_RESOLUTION
 from core.principals import Permission, Principal, system_principal
 from core.public import ReviewItemPublic
@@ -30,6 +32,7 @@ from core.tables import (
     Decision,
     DecisionCategory,
     ReviewItem,
+    ReviewKind,
     ReviewState,
     as_utc,
     iso,
@@ -47,10 +50,16 @@ class QueueStats:
     oldest_queued_at: datetime | None
 
 
-def enqueue(session: Session, decision: Decision) -> ReviewItem:
-    """Put a `review` decision in the queue (caller commits, in the decision's own transaction)."""
-    flagged = [(name, result) for name, result in decision.categories.items() if result.get("action") != "allow"]
-    top = max(flagged, key=lambda item: (float(item[1]["score"]), item[0]), default=None)
+def enqueue(session: Session, decision: Decision, kind: ReviewKind = ReviewKind.REVIEW) -> ReviewItem:
+    """Put a `review` decision (or an `audit` sample of an automatic one) in the queue (caller commits, in the
+    decision's own transaction)."""
+    # An audit sample of an allow has nothing flagged: its top category overall is shown.
+    shown = [
+        (name, result)
+        for name, result in decision.categories.items()
+        if kind == ReviewKind.AUDIT or result.get("action") != "allow"
+    ]
+    top = max(shown, key=lambda item: (float(item[1]["score"]), item[0]), default=None)
     item = ReviewItem(
         job_id=decision.job_id,
         decision_id=decision.id,
@@ -59,6 +68,7 @@ def enqueue(session: Session, decision: Decision) -> ReviewItem:
         category=top[0] if top else None,
         score=float(top[1]["score"]) if top else 0.0,
         queued_at=utcnow(),
+        kind=kind,
     )
     session.add(item)
     record(
@@ -71,6 +81,42 @@ def enqueue(session: Session, decision: Decision) -> ReviewItem:
         after=item_public(item),
     )
     return item
+
+
+def audit_sampled(job_id: str, rate: float) -> bool:
+    """Whether an automatic decision of this job is one of the `rate` share sent to the queue as an audit item.
+
+    A function of the job id alone (its SHA-256 read as a number in [0, 1)): a redelivered job samples the same way,
+    and every worker agrees without sharing state."""
+    if rate <= 0:
+        return False
+    draw = int.from_bytes(hashlib.sha256(f"audit:{job_id}".encode()).digest()[:8], "big") / 2**64
+    return draw < rate
+
+
+def effective_labels(
+    categories: Mapping[str, Mapping[str, Any]], action: Resolution, given: Mapping[str, bool] | None
+) -> dict[str, bool]:
+    """A resolution's labels: the categories the reviewer gave, and for the others what the action says (a block:
+    the categories that fired apply; an allow: none applies). InvalidField `unknown_category` for a name the
+    decision's policy version does not have (the API names the closest one first)."""
+    given = dict(given or {})
+    unknown = sorted(name for name in given if name not in categories)
+    if unknown:
+        raise InvalidField(
+            f"no category {unknown[0][:64]!r} in this decision's policy; its categories: "
+            + ", ".join(sorted(categories)),
+            code="unknown_category",
+        )
+    labels: dict[str, bool] = {}
+    for name, result in categories.items():
+        if name in given:
+            labels[name] = bool(given[name])
+        elif action == "allow":
+            labels[name] = False
+        elif result.get("fired"):
+            labels[name] = True
+    return labels
 
 
 def get_item(session: Session, job_id: str, tenant: str) -> ReviewItem | None:
@@ -88,12 +134,15 @@ def list_queue(
     order: Order = "oldest",
     policy: str | None = None,
     category: str | None = None,
+    kind: ReviewKind | None = None,
     limit: int = 50,
     cursor: str | None = None,
 ) -> tuple[list[tuple[ReviewItem, Decision]], str | None]:
     """Queue items with their decisions: oldest first or highest score first; keyset paging."""
     query = select(ReviewItem, Decision).join(Decision, col(Decision.id) == col(ReviewItem.decision_id))
     query = query.where(ReviewItem.tenant == tenant)
+    if kind is not None:
+        query = query.where(ReviewItem.kind == kind)
     if state is not None:
         query = query.where(ReviewItem.state == state)
     if policy:
@@ -168,13 +217,25 @@ def release(session: Session, job_id: str, actor: Principal, *, now: datetime | 
 
 
 def resolve(
-    session: Session, job_id: str, actor: Principal, action: Resolution, reason: str, *, now: datetime | None = None
+    session: Session,
+    job_id: str,
+    actor: Principal,
+    action: Resolution,
+    reason: str,
+    *,
+    labels: Mapping[str, bool] | None = None,
+    now: datetime | None = None,
 ) -> ReviewItem:
-    """Record a person's allow/block beside the machine decision. Needs no claim, unless someone else holds one."""
+    """Record a person's allow/block beside the machine decision. Needs no claim, unless someone else holds one.
+
+    `labels` says per category whether it applies; the categories not given follow the action (effective_labels).
+    They are stored on the item, with who and when, and quoted by the audit entry."""
     if action not in ("allow", "block"):
         raise BadRequest("a resolution is `allow` or `block`", code="resolution_invalid")
     reason = check_reason(reason)
     before = _existing(session, job_id, actor.tenant)
+    decision = session.get(Decision, before["decision_id"])
+    effective = effective_labels(decision.categories if decision else {}, action, labels)
     now = now or utcnow()
     me = claimant_id(actor)
     item = _update_if_claimable(
@@ -189,6 +250,7 @@ def resolve(
             "resolved_by": me,
             "resolved_by_name": actor.name[:128],
             "resolved_at": now,
+            "labels": effective,
             "claimed_by": None,
             "claimed_by_name": None,
             "claim_expires_at": None,
@@ -196,6 +258,7 @@ def resolve(
         "resolve",
     )
     record(session, actor, "review.resolved", "job", job_id, before=before, after=item_public(item, now=now))
+    events.record_review_resolved(session, item)  # the job's webhook, committed with the resolution
     session.commit()
     REVIEW_RESOLUTION.labels(policy=item.policy, resolution=action).observe(
         max(0.0, (now - as_utc(item.queued_at)).total_seconds())
@@ -219,6 +282,7 @@ def reopen(session: Session, job_id: str, actor: Principal, reason: str) -> Revi
             "resolved_by": None,
             "resolved_by_name": None,
             "resolved_at": None,
+            "labels": None,
             "queued_at": now,
             "reopen_count": ReviewItem.reopen_count + 1,
         },

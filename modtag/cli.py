@@ -140,6 +140,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run the cases at DTYPE and print both decisions side by side (int8: CPU only)",
     )
     test.set_defaults(handler=cmd_policy_test)
+    calibrate = policy_sub.add_parser(
+        "calibrate", help="thresholds from the tenant's review labels: a table, curves (PNG) and a new policy version"
+    )
+    calibrate.add_argument("policy", metavar="P", help="the loaded policy's name")
+    calibrate.add_argument("--since", default="30d", help="labels given since: ISO date/time or an age (default 30d)")
+    calibrate.add_argument(
+        "--target-precision", type=_unit_interval, default=0.95, help="precision a block threshold must reach (0.95)"
+    )
+    calibrate.add_argument(
+        "--target-recall", type=_unit_interval, default=0.9, help="recall a review threshold must keep (0.9)"
+    )
+    calibrate.add_argument("--write", type=Path, default=None, metavar="NEW.yaml", help="write the calibrated policy")
+    calibrate.add_argument("--name", default=None, help="the written policy's name (P-calibrated)")
+    calibrate.add_argument("--plots", type=Path, default=None, metavar="DIR", help="write a PNG curve per category")
+    calibrate.add_argument("--json", action="store_true", help="print each category's calibration as JSON")
+    calibrate.add_argument("--api", required=True, help="the API URL")
+    calibrate.add_argument("--api-key", default=None, help="the key to send (default MODTAG_API_KEY)")
+    calibrate.set_defaults(handler=cmd_policy_calibrate)
 
     listing_cmd = sub.add_parser("listing", help="marketplace listings")
     listing_sub = listing_cmd.add_subparsers(dest="listing_command", required=True, metavar="ACTION")
@@ -159,16 +177,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     banks_cmd = sub.add_parser("banks", help="hash banks of known images")
     banks_sub = banks_cmd.add_subparsers(dest="banks_command", required=True, metavar="ACTION")
-    bank_import = banks_sub.add_parser("import", help="add a CSV list of PDQ or SHA-256 hashes to a bank")
+    bank_import = banks_sub.add_parser("import", help="add a hash list (HMA's format or CSV) to a bank (admin key)")
     bank_import.add_argument("name", metavar="NAME")
     bank_import.add_argument(
-        "file", type=Path, metavar="FILE", help="one hash per line, optionally a note after a comma"
+        "file", type=Path, metavar="FILE", help="HMA's `<signal_type> <signal>` per line, or a CSV (see README)"
     )
-    bank_import.add_argument("--kind", choices=("pdq", "sha256"), default="pdq", help="what the hashes are (pdq)")
-    bank_import.add_argument("--create", action="store_true", help="create the bank first (admin key)")
+    bank_import.add_argument(
+        "--format", choices=("hma", "csv"), default=None, help="the file's format (default: csv for *.csv, else hma)"
+    )
+    bank_import.add_argument(
+        "--signal-type",
+        choices=("pdq", "sha256", "video_sha256"),
+        default=None,
+        help="the type of lines that give a hash alone (an HMA file of bare hashes, a CSV without a header)",
+    )
+    bank_import.add_argument("--create", action="store_true", help="create the bank first")
+    bank_import.add_argument(
+        "--bank-kind", choices=("block", "allow"), default="block", help="with --create: the new bank's kind (block)"
+    )
+    bank_import.add_argument("--no-progress", action="store_true")
     bank_import.add_argument("--api", required=True, help="the API URL")
     bank_import.add_argument("--api-key", default=None, help="the key to send (default MODTAG_API_KEY)")
     bank_import.set_defaults(handler=cmd_banks_import)
+    bank_export = banks_sub.add_parser("export", help="write a bank's hashes in HMA's format or as CSV (admin key)")
+    bank_export.add_argument("name", metavar="NAME")
+    bank_export.add_argument("--format", choices=("hma", "csv"), default="hma", help="the file's format (hma)")
+    bank_export.add_argument("--out", type=Path, default=None, help="the file to write (default: standard output)")
+    bank_export.add_argument("--api", required=True, help="the API URL")
+    bank_export.add_argument("--api-key", default=None, help="the key to send (default MODTAG_API_KEY)")
+    bank_export.set_defaults(handler=cmd_banks_export)
+
+    labels_cmd = sub.add_parser("labels", help="the review labels of the tenant")
+    labels_sub = labels_cmd.add_subparsers(dest="labels_command", required=True, metavar="ACTION")
+    export = labels_sub.add_parser("export", help="labelled jobs as JSON lines, with their images, into DIR")
+    export.add_argument("directory", type=Path, metavar="DIR")
+    export.add_argument("--since", default="30d", help="labels given since: ISO date/time or an age (default 30d)")
+    export.add_argument("--no-images", action="store_true", help="the JSON lines only")
+    export.add_argument("--no-progress", action="store_true")
+    export.add_argument("--api", required=True, help="the API URL")
+    export.add_argument("--api-key", default=None, help="an admin key (default MODTAG_API_KEY)")
+    export.set_defaults(handler=cmd_labels_export)
 
     reconcile = sub.add_parser("reconcile", help="re-enqueue jobs whose messages were lost, once")
     reconcile.set_defaults(handler=cmd_reconcile, opens_database=True)
@@ -440,6 +488,74 @@ def cmd_policy_test(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK if all(result.passed for result in results) else EXIT_FAILED_JOBS
 
 
+def cmd_policy_calibrate(args: argparse.Namespace, settings: Settings) -> int:
+    from modtag.calibrate import (
+        calibrated_policy,
+        calibrations,
+        calibrations_json,
+        print_calibrations,
+        read_policy,
+        write_plots,
+    )
+
+    _check_moment("--since", args.since)
+    name = args.name or f"{args.policy}-calibrated"[:64]
+    with _api_client(args, settings, timeout_s=120) as client:
+        policy = read_policy(client, args.policy)
+        found = calibrations(
+            client, policy, since=args.since, block_precision=args.target_precision, review_recall=args.target_recall
+        )
+    _print_report(args.json, lambda: calibrations_json(found), lambda out: print_calibrations(found, out))
+    notes = []
+    if args.plots is not None:
+        plots = write_plots(found, args.plots)
+        notes.append(f"{len(plots)} curve(s) written to {args.plots}")
+    if args.write is not None:
+        text, written = calibrated_policy(policy, found, name)
+        args.write.write_text(text, encoding="utf-8")
+        notes.append(
+            f"{args.write}: policy {written.name!r} version {written.version}, a shadow of {written.shadows!r}; "
+            f"replay it: modtag policy replay {args.write} --since {args.since}"
+        )
+    for note in notes:
+        print(note, file=sys.stderr if args.json else sys.stdout)
+    return EXIT_OK
+
+
+def cmd_labels_export(args: argparse.Namespace, settings: Settings) -> int:
+    from modtag.labels import export_labels
+
+    _check_moment("--since", args.since)
+    with _api_client(args, settings, timeout_s=120) as client:
+        report = export_labels(
+            client, args.directory, since=args.since, images=not args.no_images, progress=not args.no_progress
+        )
+    print(
+        f"{report.jobs} labelled jobs written to {report.path}, {report.images} images in {report.images_dir}"
+        + (f", {report.missing} images not available ({report.why_missing})" if report.missing else "")
+    )
+    return EXIT_OK
+
+
+def _check_moment(flag: str, value: str) -> None:
+    from core.moments import parse_since
+
+    try:
+        parse_since(value)
+    except ValueError as exc:
+        raise InvalidField(f"{flag}: {exc}", code="invalid_field") from None
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"{text!r} must be above 0 and at most 1")
+    return value
+
+
 def _at_dtype(settings: Settings, dtype: str | None) -> Settings:
     return settings.model_copy(update={"dtype": dtype}) if dtype else settings
 
@@ -520,28 +636,58 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_banks_import(args: argparse.Namespace, settings: Settings) -> int:
-    from modtag.banks import HashFileError, import_hashes, read_hash_file
+    from core.errors import ModtagError
+    from core.hashexchange import ExchangeFormat
+    from modtag.banks import BankImportError, guess_format, import_list, read_list
 
+    fmt = ExchangeFormat(args.format) if args.format else guess_format(args.file)
     try:
-        items = read_hash_file(args.file, args.kind)
-    except (OSError, HashFileError) as exc:
-        print(f"modtag: {exc}", file=sys.stderr)
+        found = read_list(args.file, fmt, args.signal_type)
+    except OSError as exc:
+        print(f"modtag: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModtagError as exc:
+        print(f"modtag: {args.file}: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     with _api_client(args, settings, timeout_s=120) as client:
         if args.create:
-            reply = client.create_bank(args.name)
+            reply = client.create_bank(args.name, kind=args.bank_kind)
             if reply.status not in (201, 409):
                 print(f"modtag: cannot create bank {args.name!r}: {reply.body.get('detail')}", file=sys.stderr)
                 return EXIT_ERROR
         added = skipped = 0
         try:
-            for count, already in import_hashes(client, args.name, items):
+            for count, already in import_list(client, args.name, found, progress=not args.no_progress):
                 added += count
                 skipped += already
-        except RuntimeError as exc:
+        except BankImportError as exc:
             print(f"modtag: bank {args.name!r}: {exc} (after {added} added)", file=sys.stderr)
             return EXIT_ERROR
-    print(f"bank {args.name}: {added} {args.kind} hashes added, {skipped} skipped (already in the bank)")
+    unsupported = ", ".join(f"{count} {kind}" for kind, count in sorted(found.unsupported.items()))
+    print(
+        f"bank {args.name}: {added} hashes added, {skipped} skipped (already in the bank)"
+        + (f", not imported (signal types modtag does not match): {unsupported}" if unsupported else "")
+    )
+    return EXIT_OK
+
+
+def cmd_banks_export(args: argparse.Namespace, settings: Settings) -> int:
+    with _api_client(args, settings, timeout_s=300) as client:
+        if args.out is None:
+            reply = client.export_bank(args.name, sys.stdout.buffer, fmt=args.format)
+        else:
+            partial = args.out.with_name(args.out.name + ".partial")
+            with partial.open("wb") as out:
+                reply = client.export_bank(args.name, out, fmt=args.format)
+            if reply.status == 200:
+                partial.replace(args.out)  # a file that is there is whole
+            else:
+                partial.unlink()
+    if reply.status != 200:
+        print(f"modtag: bank {args.name!r}: {reply.body.get('detail')} ({reply.body.get('code')})", file=sys.stderr)
+        return EXIT_ERROR
+    if args.out is not None:
+        print(f"bank {args.name}: {reply.body['bytes']} bytes written to {args.out}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -96,13 +96,53 @@ class ApiClient(httpx.Client):
                 return Reply.of(self.post("/v1/jobs", files={"image": (name, handle, mime)}, data={"policy": policy}))
         return Reply.of(self.post("/v1/jobs", files={"image": (name, image, mime)}, data={"policy": policy}))
 
-    def create_bank(self, name: str, description: str | None = None) -> Reply:
-        """POST /v1/banks (admin)."""
-        return Reply.of(self.post("/v1/banks", json={"name": name, "description": description}))
+    def create_bank(self, name: str, description: str | None = None, kind: str = "block") -> Reply:
+        """POST /v1/banks (admin): `kind` block, or allow for an allow-list."""
+        return Reply.of(self.post("/v1/banks", json={"name": name, "description": description, "kind": kind}))
 
     def import_bank_items(self, name: str, items: list[dict[str, str]]) -> Reply:
         """POST /v1/banks/{name}/import: items of {"pdq" or "sha256", optional "note"}."""
         return Reply.of(self.post(f"/v1/banks/{name}/import", json={"items": items}))
+
+    def import_bank_file(self, name: str, content: bytes, *, fmt: str = "hma", signal_type: str | None = None) -> Reply:
+        """POST /v1/banks/{name}/import with a hash list file (`fmt` hma or csv) (admin)."""
+        params = {"format": fmt, **({"signal_type": signal_type} if signal_type else {})}
+        files = {"file": (f"{name}.{'csv' if fmt == 'csv' else 'txt'}", content, "text/plain")}
+        return Reply.of(self.post(f"/v1/banks/{name}/import", params=params, files=files))
+
+    def export_bank(self, name: str, out: BinaryIO, *, fmt: str = "hma") -> Reply:
+        """GET /v1/banks/{name}/export written to `out` as it arrives (admin); on 200 the body says how many bytes."""
+        with self.stream("GET", f"/v1/banks/{name}/export", params={"format": fmt}) as response:
+            if response.status_code != 200:
+                response.read()
+                return Reply.of(response)
+            written = 0
+            for chunk in response.iter_bytes():
+                out.write(chunk)
+                written += len(chunk)
+        return Reply(200, {"bytes": written})
+
+    def policy(self, name: str) -> Reply:
+        """GET /v1/policies/{name}: the loaded policy in full, with its version."""
+        return Reply.of(self.get(f"/v1/policies/{name}"))
+
+    def calibration(
+        self, policy: str, category: str, *, since: str, block_precision: float, review_recall: float
+    ) -> Reply:
+        """GET /v1/calibration: one category's precision-recall curve from the tenant's review labels."""
+        params: dict[str, str | float] = {
+            "policy": policy,
+            "category": category,
+            "since": since,
+            "block_precision": block_precision,
+            "review_recall": review_recall,
+        }
+        return Reply.of(self.get("/v1/calibration", params=params))
+
+    def labels(self, *, since: str, cursor: str | None = None, limit: int = 500) -> Reply:
+        """GET /v1/labels: one page of the tenant's labelled jobs, oldest first."""
+        params: dict[str, str | int] = {"since": since, "limit": limit, **({"cursor": cursor} if cursor else {})}
+        return Reply.of(self.get("/v1/labels", params=params))
 
     def erase_job(self, job_id: str) -> Reply:
         """DELETE /v1/jobs/{id}: erase the image and content, keep the tombstone."""

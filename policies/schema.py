@@ -67,6 +67,9 @@ class Policy(StrictModel):
     name: Slug
     description: Description
     shadows: Slug | None = None
+    # The share (0 to 1) of automatic allow and block decisions also sent to the review queue as `audit` items, so
+    # the precision of automatic decisions is measured from people's labels (core/review.py audit_sampled).
+    audit_rate: Threshold = 0.0
     defaults: Defaults | None = None
     categories: list[Category] = Field(min_length=1)
 
@@ -211,6 +214,8 @@ def _content_hash(policy: Policy) -> str:
     content = policy.model_dump(mode="json", exclude={"defaults"})
     if content.get("shadows") is None:
         content.pop("shadows", None)  # policies written before shadows existed keep their versions
+    if not content.get("audit_rate"):
+        content.pop("audit_rate", None)  # likewise policies that sample no audit items
     taxonomies: dict[str, str] = {}
     for _, check in policy.checks():
         taxonomies.update(check.taxonomy_versions())

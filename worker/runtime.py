@@ -36,9 +36,11 @@ from policies.evaluate import decide_early
 from policies.registry import PolicyRegistry
 from policies.requirements import RequirementsBuilder
 from worker.callbacks import send_callbacks
+from worker.embedding import ITM_CAPABILITIES, EmbeddingStep
 from worker.inference import InferenceService
 from worker.lifecycle import JobLifecycle, JobResult, Unclaimed
 from worker.pixels import PixelBudget, decode_peak_bytes, pixel_bytes
+from worker.video import VideoJudge
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class WorkerRuntime:
         inference: InferenceService,
         lifecycle: JobLifecycle,
         banks: BankMatcher,
+        embedding: EmbeddingStep | None = None,
         pixels: PixelBudget,
     ) -> None:
         self.settings = settings
@@ -68,6 +71,7 @@ class WorkerRuntime:
         self.inference = inference
         self.lifecycle = lifecycle
         self.banks = banks
+        self.embedding = embedding or EmbeddingStep(settings)
         self.pixels = pixels
 
     @classmethod
@@ -106,7 +110,9 @@ class WorkerRuntime:
 
     def capabilities_needed(self) -> frozenset[Capability]:
         """Only what some loaded policy needs: the families that compute it are the ones loaded."""
-        return _all_needs(self.policies).model_capabilities
+        needed = _all_needs(self.policies).model_capabilities
+        # With the ITM model loaded anyway, the image embedding costs a projection: jobs store it (worker/embedding.py).
+        return needed | {Capability.IMAGE_EMBEDDING} if needed & ITM_CAPABILITIES else needed
 
     def load(self) -> None:
         """Load the model families once (thread-safe), warmed; raises ModelError with how to get the weights."""
@@ -166,6 +172,8 @@ class WorkerRuntime:
         """Plan what the policy and its shadows need, read the image, judge it, store the decision."""
         timings: dict[str, float] = {}
         policy, context, needs, shadows = self._plan(job)
+        if job.media == "video":
+            return self._run_video(job, policy, context, needs, timings)
         with _stage(timings, "fetch"):
             data = self._image_bytes(job)
         header = sniff_image(data, self.limits)
@@ -179,13 +187,35 @@ class WorkerRuntime:
             decision, shadow_rows, how = self._judge(job, policy, context, needs, shadows, data, image, timings)
             del image  # the pixels are given back with the budget
         with _stage(timings, "store"):
-            stored = self.lifecycle.store(job, decision, shadow_rows)
+            stored = self.lifecycle.store(job, decision, shadow_rows, audit_rate=policy.audit_rate)
         if stored:
             if how:
                 metrics.DECISIONS_WITHOUT_MODELS.labels(policy.name, how).inc()
             for row in shadow_rows:
                 outcome = "error" if row.action is None else ("agree" if row.action == decision.action else "disagree")
                 metrics.SHADOW_DECISIONS.labels(policy.name, row.policy, outcome).inc()
+            send_callbacks(self.settings, job)
+        return JobResult(job.id, "done", timings=timings)
+
+    def _run_video(
+        self, job: Job, policy: Policy, context: Mapping[str, Any], needs: Requirements, timings: dict[str, float]
+    ) -> JobResult:
+        """A video or an animated image, decided on its kept frames as one subject (worker/video.py). Its shadow
+        policies are not run: a shadow's agreement is measured on images."""
+        judge = VideoJudge(
+            self.settings,
+            blobs=self.blobs,
+            banks=self.banks,
+            inference=self.inference,
+            dependencies=self.lifecycle.dependencies,
+        )
+        with _stage(timings, "video"):
+            judged = judge.judge(job, policy, context, needs)
+        with _stage(timings, "store"):
+            stored = self.lifecycle.store(job, judged.decision, [], audit_rate=policy.audit_rate)
+        if stored:
+            if judged.how:
+                metrics.DECISIONS_WITHOUT_MODELS.labels(policy.name, judged.how).inc()
             send_callbacks(self.settings, job)
         return JobResult(job.id, "done", timings=timings)
 
@@ -226,14 +256,16 @@ class WorkerRuntime:
         if verdict is not None:
             return self._decision(job, policy, verdict, known, models={}), [], "hash_match"
         if earlier is not None:
+            self.embedding.copy_reused(job, earlier.reused_from or earlier.job_id)
             return _reused(job, earlier), [], "reused"
+        needs = self.embedding.needs_for(job, needs, self.inference.capabilities)
         with _stage(timings, "infer"):
             outputs = (
                 ModelOutputs()
                 if needs.empty
                 else self.inference.infer(image, needs, timeout_s=self.settings.job_timeout_s)
             )
-        outputs = known.merged(outputs)
+        outputs = self.embedding.after_inference(job, needs, known.merged(outputs), self.inference.describe())
         with _stage(timings, "evaluate"):
             verdict = decide(policy, outputs, context)
             shadow_rows = [

@@ -9,12 +9,13 @@ from fastapi import APIRouter, Query
 from api.auth import Reopener, Reviewer
 from api.deps import SessionDep, SettingsDep
 from api.errors import error_responses
+from api.labels import checked_labels
 from api.schemas import SLUG_PATTERN, ReopenRequest, ResolveRequest
 from core import banks, review
 from core.errors import InvalidField
 from core.jobs import tenant_job
 from core.public import ReviewItemPublic, ReviewQueueEntry, ReviewQueuePage
-from core.tables import ReviewState
+from core.tables import ReviewKind, ReviewState
 
 router = APIRouter(prefix="/v1/review", tags=["review"])
 
@@ -31,6 +32,10 @@ def read_queue(
     category: Annotated[
         str | None, Query(max_length=64, pattern=SLUG_PATTERN, description="Only items where it fired.")
     ] = None,
+    kind: Annotated[
+        Literal["review", "audit"] | None,
+        Query(description="Only `review` items (the policy said review) or `audit` samples of automatic decisions."),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> ReviewQueuePage:
@@ -42,6 +47,7 @@ def read_queue(
         order=order,
         policy=policy,
         category=category,
+        kind=ReviewKind(kind) if kind else None,
         limit=limit,
         cursor=cursor,
     )
@@ -69,13 +75,17 @@ def release_item(job_id: str, session: SessionDep, principal: Reviewer) -> Revie
 def resolve_item(job_id: str, body: ResolveRequest, session: SessionDep, principal: Reviewer) -> ReviewItemPublic:
     """Resolve an open item `allow` or `block` with a reason; the machine decision is kept beside it.
 
+    `categories` labels each category of the policy true or false (422 `unknown_category` for a name it lacks); the
+    categories not given follow the action: block, the fired ones apply; allow, none does.
+
     `add_to_bank` (with `block`) banks the image's hashes too, so later copies are blocked before the models run."""
     bank = None
     if body.add_to_bank is not None:
         if body.action != "block":
             raise InvalidField("`add_to_bank` goes with a `block` resolution", code="add_to_bank_needs_block")
         bank = banks.get_bank(session, principal.tenant, body.add_to_bank)  # 404 before anything changes
-    item = review.resolve(session, job_id, principal, body.action, body.reason)
+    labels = checked_labels(session, job_id, principal.tenant, body.categories)
+    item = review.resolve(session, job_id, principal, body.action, body.reason, labels=labels)
     if bank is not None:
         job = tenant_job(session, job_id, principal.tenant)
         banks.add_items(session, principal, bank, [banks.job_item(job, f"review of job {job.id}: {body.reason}")])
