@@ -7,7 +7,9 @@ evidence, tags, contradictions and reasons (they quote the caption and the conte
 and reasons, a failed job's message (it may quote the URL with its token), the reviewers' notes (on the queue item
 and in the audit entries that quote them), and the bodies of the job's webhook deliveries (pending ones are dropped).
 The job's hashes go too, unless a bank of the tenant holds them (an item made from this job, or one with the same
-SHA-256 or PDQ hash): then they stay, and the erasure says so (`kept`). What stays, as a tombstone for statistics:
+SHA-256 or PDQ hash): then they stay, and the erasure says so (`kept`). The image's embedding goes, and so does the
+job's membership of every example set (the sets' revisions move, so workers stop voting with it). What stays, as a
+tombstone for statistics:
 the job row with `erased_at`, its error code, the decision's action and its category scores and actions. Every
 erasure is audit-logged in the same transaction.
 
@@ -32,7 +34,7 @@ from itertools import islice
 from sqlalchemy import func, or_, update
 from sqlmodel import Session, col, select
 
-from core import audit, metrics, review, webhooks
+from core import audit, embeddings, metrics, review, webhooks
 from core.blobs import BlobStore
 from core.db import session_scope
 from core.errors import Forbidden
@@ -220,6 +222,7 @@ def _erase_rows(session: Session, job: Job, actor: Principal, why: str) -> _Eras
         shadow.categories = _categories_kept(shadow.categories)
         session.add(shadow)
     review.erase_notes(session, job.id)
+    examples_left = embeddings.erase(session, job.id)
     dropped = webhooks.erase_deliveries(session, [job.id, *([job.listing_id] if job.listing_id else [])])
     audit.record(
         session,
@@ -228,7 +231,13 @@ def _erase_rows(session: Session, job: Job, actor: Principal, why: str) -> _Eras
         "job",
         job.id,
         before=before,
-        after={"erased_at": now.isoformat(), "why": why, "kept": kept, "webhooks_dropped": dropped},
+        after={
+            "erased_at": now.isoformat(),
+            "why": why,
+            "kept": kept,
+            "webhooks_dropped": dropped,
+            "examples_left": examples_left,
+        },
         tenant=job.tenant,
     )
     return _Erased(Erasure(erased=True, blob_deleted=False, kept=kept), key)

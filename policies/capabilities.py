@@ -21,7 +21,10 @@ class Capability(StrEnum):
     TEXT_READ = "text"  # the lines of text read in the image (OCR): TextLine, in reading order
     PIXELS = "measures"  # per pixel measurement name: its value (no model: numpy on the decoded image)
     BANK_MATCH = "banks"  # per bank name: the closest known item (not a model's: the worker's hash step)
+    IMAGE_EMBEDDING = "embedding"  # the image's L2-normalised ITC embedding (tuple of floats), from the ITM model
+    EXAMPLE_MATCH = "examples"  # per example set name: its nearest examples (not a model's: the worker's lookup)
 
 
-MODEL_FREE: frozenset[Capability] = frozenset({Capability.BANK_MATCH})
-"""Capabilities the worker computes before any model family runs."""
+MODEL_FREE: frozenset[Capability] = frozenset({Capability.BANK_MATCH, Capability.EXAMPLE_MATCH})
+"""Capabilities the worker computes itself, not a model family: bank lookups before the models run, example-set
+lookups after them (on the image embedding)."""

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.hashes import BankMatch
+from core.vectors import Neighbour
 from policies.capabilities import Capability
 
 
@@ -46,7 +47,10 @@ class ModelOutputs:
     each group by ITC similarity).
     `measures`: per pixel measurement name, its value.
     `banks`: per bank name, the closest known item to the image (not a model output: the worker's hash step).
-    Single values: `caption` (str) and `text` (the lines read, a tuple of TextLine).
+    `examples`: per example set name, its nearest examples to the image, closest first (not a model output:
+    the worker's lookup of `embedding` in the tenant's set).
+    Single values: `caption` (str), `text` (the lines read, a tuple of TextLine) and `embedding` (the image's
+    L2-normalised ITC embedding, a tuple of floats).
 
     `position` is not a model output: the image's 0-based place in its subject (a listing's photos),
     None for an image judged alone; checks limited to a listing's main photo read it.
@@ -111,6 +115,14 @@ class ModelOutputs:
     @property
     def banks(self) -> Mapping[str, BankMatch]:
         return self._values.get(Capability.BANK_MATCH, _EMPTY)
+
+    @property
+    def embedding(self) -> tuple[float, ...] | None:
+        return self._values.get(Capability.IMAGE_EMBEDDING)
+
+    @property
+    def examples(self) -> Mapping[str, tuple[Neighbour, ...]]:
+        return self._values.get(Capability.EXAMPLE_MATCH, _EMPTY)
 
     def merged(self, fresh: ModelOutputs) -> ModelOutputs:
         """These outputs completed with `fresh` ones (fresh wins where both have a value; mappings merge by key)."""

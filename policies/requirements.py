@@ -47,6 +47,14 @@ class BankQuery:
 
 
 @dataclass(frozen=True)
+class ExampleQuery:
+    """An example set an `examples` check votes with, with the most neighbours any of its checks asks for."""
+
+    set: str
+    k: int
+
+
+@dataclass(frozen=True)
 class Requirements:
     """What the engine must compute for a policy (deduplicated, in first-seen order).
 
@@ -64,6 +72,8 @@ class Requirements:
     banks: tuple[BankQuery, ...] = ()  # not a model output: the worker matches hashes before any model runs
     read_text: bool = False  # the lines of text in the image (OCR)
     measures: tuple[str, ...] = ()  # pixel measurements by name (worker/families/pixels)
+    embedding: bool = False  # the image embedding (for an examples check, or stored for similar-image search)
+    examples: tuple[ExampleQuery, ...] = ()  # not a model output: the worker looks the embedding up in these sets
 
     @property
     def capabilities(self) -> frozenset[Capability]:
@@ -77,6 +87,8 @@ class Requirements:
             Capability.TEXT_READ: self.read_text,
             Capability.PIXELS: bool(self.measures),
             Capability.BANK_MATCH: bool(self.banks),
+            Capability.IMAGE_EMBEDDING: self.embedding or bool(self.examples),
+            Capability.EXAMPLE_MATCH: bool(self.examples),
         }
         return frozenset(capability for capability, needed in wanted.items() if needed)
 
@@ -103,6 +115,8 @@ class Requirements:
             or self.tag_sets
             or self.read_text
             or self.measures
+            or self.embedding
+            or self.examples
         )
 
 
@@ -119,6 +133,8 @@ class RequirementsBuilder:
         self._banks: dict[str, int] = {}
         self.read_text = False
         self._measures: dict[str, None] = {}
+        self.embedding = False
+        self._examples: dict[str, int] = {}
 
     def probe(self, question: str) -> None:
         self._probes.setdefault(question)
@@ -144,6 +160,13 @@ class RequirementsBuilder:
         """One pixel measurement of the image, by name."""
         self._measures.setdefault(name)
 
+    def image_embedding(self) -> None:
+        """The image's embedding (an examples check asks for its sets instead, which implies it)."""
+        self.embedding = True
+
+    def example_set(self, query: ExampleQuery) -> None:
+        self._examples[query.set] = max(query.k, self._examples.get(query.set, query.k))
+
     def add(self, needs: Requirements) -> None:
         """Everything `needs` asks for, besides what was collected."""
         self.caption = self.caption or needs.caption
@@ -161,6 +184,9 @@ class RequirementsBuilder:
         self.read_text = self.read_text or needs.read_text
         for name in needs.measures:
             self.measure(name)
+        self.embedding = self.embedding or needs.embedding
+        for query in needs.examples:
+            self.example_set(query)
 
     def build(self) -> Requirements:
         return Requirements(
@@ -173,4 +199,6 @@ class RequirementsBuilder:
             banks=tuple(BankQuery(bank, distance) for bank, distance in self._banks.items()),
             read_text=self.read_text,
             measures=tuple(self._measures),
+            embedding=self.embedding,
+            examples=tuple(ExampleQuery(name, k) for name, k in self._examples.items()),
         )

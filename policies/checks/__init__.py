@@ -10,6 +10,7 @@ from policies.checks.attribute import AttributeCheck
 from policies.checks.base import BaseCheck
 from policies.checks.caption import CaptionCheck
 from policies.checks.describe import DescribeCheck
+from policies.checks.examples import ExamplesCheck
 from policies.checks.hash import HashCheck
 from policies.checks.match import MatchCheck
 from policies.checks.photo import PhotoCheck
@@ -21,6 +22,7 @@ KINDS: dict[str, type[BaseCheck]] = {
     "attribute": AttributeCheck,
     "caption": CaptionCheck,
     "describe": DescribeCheck,
+    "examples": ExamplesCheck,
     "hash": HashCheck,
     "match": MatchCheck,
     "photo": PhotoCheck,
@@ -37,6 +39,7 @@ __all__ = [
     "BaseCheck",
     "CaptionCheck",
     "DescribeCheck",
+    "ExamplesCheck",
     "HashCheck",
     "MatchCheck",
     "PhotoCheck",

@@ -19,6 +19,7 @@ CAPABILITY_ROLES: dict[Capability, str] = {
     Capability.ANSWER_RANK: "vqa",
     Capability.TEXT_MATCH: "itm",
     Capability.TAGS: "itm",
+    Capability.IMAGE_EMBEDDING: "itm",
 }
 """The BLIP model (role) that computes each capability."""
 

@@ -100,6 +100,7 @@ def image_request(image: Image.Image, needs: Requirements) -> ImageRequest:
         texts=needs.texts,
         answers=tuple(answer_request(q) for q in needs.answers),
         tags=tuple(tag_query(t) for t in needs.tag_sets),
+        embedding=needs.embedding or bool(needs.examples),
     )
 
 
@@ -125,4 +126,5 @@ def model_outputs(output: ImageOutput) -> ModelOutputs:
         matches=output.matches,
         answers=output.answers,
         tags=output.tags,
+        embedding=output.embedding,
     )

@@ -51,6 +51,7 @@ from worker.families.blip.attention import install_fused_attention
 from worker.families.blip.captioning import greedy_captions, plain_greedy
 from worker.families.blip.linear import install_packed_linear
 from worker.families.blip.models import LoadedModels, ModelRole
+from worker.families.blip.precision import install_input_casts, install_mixed_precision
 
 STAGES = ("preprocess", "vision", "caption", "probes", "matches", "answers", "tags")
 ANSWER_BUDGET = 16  # at most this many answers of one question are scored in full (see Engine._rank_answers)
@@ -92,6 +93,7 @@ class ImageRequest:
     texts: Sequence[str] = ()
     answers: Sequence[AnswerRequest] = ()
     tags: Sequence[TagQuery] = ()
+    embedding: bool = False  # the image's ITC embedding (the ITM model's vision pass: shared with texts and tags)
 
 
 @dataclass
@@ -108,6 +110,8 @@ class ImageOutput:
     """Per AnswerRequest key: the log-likelihood of each scored answer."""
     tags: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per TagQuery key: the ITM probability of each re-ranked text."""
+    embedding: tuple[float, ...] | None = None
+    """The L2-normalised ITC image embedding (vision [CLS] through vision_proj), when asked for."""
 
 
 @dataclass
@@ -157,6 +161,7 @@ class RawOutputs:
     timings: dict[str, float] = field(default_factory=dict)
     answers: list[dict[str, float]] = field(default_factory=list)  # per answer work item
     tags: list[dict[str, float]] = field(default_factory=list)  # per tag work item
+    embeddings: dict[int, list[float]] = field(default_factory=dict)  # request index -> ITC image embedding
 
 
 class Engine:
@@ -169,7 +174,8 @@ class Engine:
     nearly doubling the models' memory. `native_kernels` runs the vision encoders' self-attention in the
     native kernel (worker/families/blip/native) on CPUs with AVX-512 where a C compiler can build it. `fast_decoding`
     generates captions with `worker/families/blip/captioning.py` (when the decoder's generation config is plain greedy
-    search) instead of transformers' `generate`.
+    search) instead of transformers' `generate`. `mixed_precision` keeps, for models loaded in bf16 or fp16,
+    the layer norms, the residual stream and the final projections in float32 (`worker/families/blip/precision.py`).
     """
 
     def __init__(
@@ -185,6 +191,7 @@ class Engine:
         native_kernels: bool = True,
         packed_linear: bool = True,
         fast_decoding: bool = True,
+        mixed_precision: bool = True,
         answer_budget: int = ANSWER_BUDGET,
         tag_feature_cache: int = TAG_FEATURE_CACHE,
     ) -> None:
@@ -201,10 +208,13 @@ class Engine:
         self.models = models
         self.fast_decoding = fast_decoding
         for loaded in models.models.values():
+            if mixed_precision:
+                install_mixed_precision(loaded.model)
             if fused_attention:
                 install_fused_attention(loaded.model, native=native_kernels)
             if packed_linear:
                 install_packed_linear(loaded.model)
+            install_input_casts(loaded.model)
         self.max_caption_tokens = max_caption_tokens
         self.min_caption_tokens = min_caption_tokens
         self.max_batch = max_batch
@@ -266,7 +276,7 @@ class Engine:
         images: dict[ModelRole, list[int]] = {
             "caption": [i for i, r in enumerate(reqs) if r.caption],
             "vqa": [i for i, r in enumerate(reqs) if r.probes or r.answers],
-            "itm": [i for i, r in enumerate(reqs) if r.texts or r.tags],
+            "itm": [i for i, r in enumerate(reqs) if r.texts or r.tags or r.embedding],
         }
         images = {role: rows for role, rows in images.items() if rows}
         for role in images:
@@ -329,6 +339,7 @@ class Engine:
 
             started = time.perf_counter()
             chosen = self._choose_tags(embeds["itm"], batch.images["itm"], batch.tag_work) if batch.tag_work else []
+            embeddings = self._image_embeddings(embeds["itm"], batch) if "itm" in embeds else {}
             timings["tags"] = time.perf_counter() - started
 
             started = time.perf_counter()
@@ -349,6 +360,7 @@ class Engine:
             timings=timings,
             answers=answers,
             tags=tags,
+            embeddings=embeddings,
         )
 
     def postprocess(self, batch: PreparedBatch, raw: RawOutputs) -> BatchOutput:
@@ -371,6 +383,8 @@ class Engine:
             outputs[work.request].answers[work.answer.key] = ranked
         for (request_index, query), scored in zip(batch.tag_work, raw.tags, strict=True):
             outputs[request_index].tags[query.key] = scored
+        for request_index, vector in raw.embeddings.items():
+            outputs[request_index].embedding = tuple(vector)
         decode_seconds = time.perf_counter() - started
         timings = self._share_timings(batch, raw, outputs, decode_seconds)
         return BatchOutput(outputs, timings)
@@ -570,6 +584,17 @@ class Engine:
             chosen.append(texts)
         return chosen
 
+    def _image_embeddings(self, image_embeds: torch.Tensor, batch: PreparedBatch) -> dict[int, list[float]]:
+        # The image side of ITC (as in _choose_tags) for the requests that ask for it, from the vision pass the
+        # ITM model made anyway: no second vision pass.
+        rows = [row for row, request in enumerate(batch.images["itm"]) if batch.requests[request].embedding]
+        if not rows:
+            return {}
+        model = cast(BlipForImageTextRetrieval, self.models.get("itm").model)
+        picked = image_embeds[torch.tensor(rows, dtype=torch.long, device=image_embeds.device), 0, :]
+        features = functional.normalize(model.vision_proj(picked).float(), dim=-1).cpu().tolist()
+        return {batch.images["itm"][row]: vector for row, vector in zip(rows, features, strict=True)}
+
     def _match_with_tags(
         self, image_embeds: torch.Tensor, batch: PreparedBatch, chosen: list[list[str]]
     ) -> tuple[torch.Tensor, list[dict[str, float]]]:
@@ -635,7 +660,7 @@ class Engine:
     def _encode_texts(
         self, text_encoder: torch.nn.Module, image_embeds: torch.Tensor, text_pass: TextPass
     ) -> torch.Tensor:
-        device, dtype = image_embeds.device, image_embeds.dtype
+        device, dtype = image_embeds.device, self.models.dtype
         # The 4D mask is used as given (additive); the image tokens need no mask (stock: all ones).
         additive = torch.zeros(text_pass.segments.shape, dtype=dtype, device=device)
         additive.masked_fill_(~text_pass.segments.to(device), torch.finfo(dtype).min)
