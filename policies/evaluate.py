@@ -144,12 +144,20 @@ def decide_early(
     When one of those categories blocks, nothing the models could add changes the action (block is the most
     severe), so the decision holds those categories only and the models never run. None otherwise.
     """
+    decision = decide_model_free(policy, outputs, context)
+    return decision if decision is not None and decision.action == "block" else None
+
+
+def decide_model_free(
+    policy: Policy, outputs: ModelOutputs, context: Mapping[str, Any] | None = None
+) -> PolicyDecision | None:
+    """The decision of the policy's categories made only of model-free checks (hash banks), whatever its action;
+    None when the policy has no such category. A video's frames are read this way before any model runs."""
     early = [category for category in policy.categories if all(check.model_free for check in category.checks)]
     if not early:
         return None
     partial = policy.model_copy(update={"categories": early})
-    decision = evaluate(collect_evidence(partial, outputs, context), partial)
-    return decision if decision.action == "block" else None
+    return evaluate(collect_evidence(partial, outputs, context), partial)
 
 
 # Combination and reasons.

@@ -109,11 +109,14 @@ class InferenceService:
         """The outputs `needs` asks for on one image; TimeoutError after `timeout_s`."""
         return self._started().run(ImageWork(image, needs), timeout_s=timeout_s)
 
-    def infer_all(self, work: Sequence[tuple[Image.Image, Requirements]]) -> list[ModelOutputs]:
-        """The outputs of several images, in order, submitted together so that they share batches."""
+    def infer_all(
+        self, work: Sequence[tuple[Image.Image, Requirements]], timeout_s: float | None = None
+    ) -> list[ModelOutputs]:
+        """The outputs of several images, in order, submitted together so that they share batches; TimeoutError
+        when one is not done `timeout_s` after the previous one."""
         batcher = self._started()
         futures = [batcher.submit(ImageWork(image, needs)) for image, needs in work]
-        return [future.result() for future in futures]
+        return [future.result(timeout=timeout_s) for future in futures]
 
     def close(self) -> None:
         """Stop the model thread (after the work already queued); the service cannot infer afterwards."""
