@@ -38,11 +38,12 @@ from core.errors import ModtagError
 from core.principals import Principal
 from core.settings import Settings
 
-# (method, path pattern) of the routes that take images: they read and cap their own bodies after the key check.
+# (method, path pattern) of the routes that take files: they read and cap their own bodies after the key check.
 UPLOAD_ROUTES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("POST", re.compile(r"^/v1/jobs/?$")),
     ("POST", re.compile(r"^/v1/listings/?$")),
     ("POST", re.compile(r"^/v1/banks/[^/]+/items/?$")),
+    ("POST", re.compile(r"^/v1/banks/[^/]+/import/?$")),  # hash lists, capped at MODTAG_BANK_IMPORT_MAX_BYTES
 )
 
 

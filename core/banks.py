@@ -1,29 +1,38 @@
 """Hash banks: a tenant's named lists of known images, their audited changes, and matching a job's image against them.
 
-Every change (a bank created, an item added or deleted) writes an audit entry in the same transaction and
-bumps the bank's `revision`: a worker keeps one PDQ index per bank and rebuilds it only when that
+Every change (a bank created, an item added or deleted, a list imported) writes an audit entry in the same
+transaction and bumps the bank's `revision`: a worker keeps one PDQ index per bank and rebuilds it only when that
 number moved, so a lookup costs one small query plus the index search (core/pdqindex.py).
+
+A bank's `kind` is `block` (a match is evidence against the image) or `allow` (an allow-list: known-good images,
+such as a platform's own logo or a famous artwork that copies of are fine). When the image matches an allow bank,
+every block bank's match for it is suppressed: it stays visible (`BankMatch.allowed_by`) but no longer counts.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
 from core import audit
+from core.db import session_scope
 from core.errors import Conflict, InvalidField, NotFound
-from core.hashes import PDQ_MIN_QUALITY, BankMatch, ImageHashes
+from core.hashes import DEFAULT_MAX_DISTANCE, PDQ_MIN_QUALITY, BankMatch, ImageHashes
 from core.pdqindex import PdqIndex
 from core.principals import Principal
 from core.tables import ID_PATTERN, Bank, BankItem, Job
 
 BANK_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 MAX_IMPORT_ITEMS = 100_000  # one request's worth; larger lists go in several imports
+BankKind = Literal["block", "allow"]
+BANK_KINDS: tuple[BankKind, ...] = ("block", "allow")
+_EXPORT_PAGE = 1000
 
 
 @dataclass(frozen=True)
@@ -45,12 +54,16 @@ def check_bank_name(name: str) -> str:
     return name
 
 
-def create_bank(session: Session, actor: Principal, name: str, description: str | None) -> Bank:
+def create_bank(
+    session: Session, actor: Principal, name: str, description: str | None, kind: BankKind = "block"
+) -> Bank:
     """A new empty bank of the actor's tenant; 409 `bank_exists` when the name is taken."""
     check_bank_name(name)
+    if kind not in BANK_KINDS:
+        raise InvalidField("a bank's kind is `block` or `allow`", code="bank_kind_invalid")
     if _find_bank(session, actor.tenant, name) is not None:
         raise Conflict(f"the bank {name!r} already exists", code="bank_exists")
-    bank = Bank(tenant=actor.tenant, name=name, description=description)
+    bank = Bank(tenant=actor.tenant, name=name, description=description, kind=kind)
     session.add(bank)
     audit.record(session, actor, "bank.create", "bank", bank.id, before=None, after=_bank_record(bank))
     session.commit()
@@ -77,17 +90,24 @@ def get_bank(session: Session, tenant: str, name: str) -> Bank:
 
 
 def import_items(
-    session: Session, actor: Principal, bank: Bank, items: Sequence[NewBankItem]
+    session: Session,
+    actor: Principal,
+    bank: Bank,
+    items: Sequence[NewBankItem],
+    *,
+    source: dict[str, object] | None = None,
 ) -> tuple[list[BankItem], int]:
     """Add the items whose hash the bank does not hold yet (an item is its SHA-256, else its PDQ hash), so importing
-    a list twice adds it once; returns the rows added and how many items were skipped."""
+    a list twice adds it once; returns the rows added and how many items were skipped.
+
+    One `bank.import` audit entry records the import (`source`: its format and counts), not one per hash."""
     if len(items) > MAX_IMPORT_ITEMS:
         raise InvalidField(f"at most {MAX_IMPORT_ITEMS} items per request", code="bank_import_too_large")
     held: set[tuple[str, str]] = set()
     for column, kind in ((BankItem.sha256, "sha256"), (BankItem.pdq, "pdq")):
-        wanted = {value for new in items if (value := getattr(new, kind)) is not None}
+        wanted = sorted({value for new in items if (value := getattr(new, kind)) is not None})
         for start in range(0, len(wanted), 1000):  # bounded IN lists
-            chunk = sorted(wanted)[start : start + 1000]
+            chunk = wanted[start : start + 1000]
             found = session.exec(select(column).where(BankItem.bank_id == bank.id, col(column).in_(chunk))).all()
             held.update((kind, str(value)) for value in found)
     fresh = []
@@ -96,11 +116,44 @@ def import_items(
         if identity not in held:
             held.add(identity)  # a hash twice in one request is added once
             fresh.append(new)
-    return (add_items(session, actor, bank, fresh) if fresh else []), len(items) - len(fresh)
+    skipped = len(items) - len(fresh)
+    rows = _insert(session, actor, bank, fresh, audit_each=False) if fresh else []
+    after = {"bank": bank.name, "added": len(rows), "skipped": skipped, **(source or {})}
+    audit.record(session, actor, "bank.import", "bank", bank.id, before=None, after=after)
+    session.commit()
+    return rows, skipped
 
 
 def add_items(session: Session, actor: Principal, bank: Bank, items: Sequence[NewBankItem]) -> list[BankItem]:
     """Add items to a bank in one transaction, each audited; the bank's revision moves once."""
+    rows = _insert(session, actor, bank, items, audit_each=True)
+    session.commit()
+    return rows
+
+
+def export_items(url: str, bank: Bank) -> Iterator[tuple[str, str | None, str | None, int | None, str | None, Any]]:
+    """The bank's items as (id, sha256, pdq, pdq_quality, note, created_at), read in pages from the database at
+    `url`, each page in its own short session, so a large export holds no transaction open while it is sent."""
+    after = ""
+    while True:
+        with session_scope(url) as session:
+            page = session.exec(
+                select(
+                    BankItem.id, BankItem.sha256, BankItem.pdq, BankItem.pdq_quality, BankItem.note, BankItem.created_at
+                )
+                .where(BankItem.bank_id == bank.id, col(BankItem.id) > after)
+                .order_by(col(BankItem.id))
+                .limit(_EXPORT_PAGE)
+            ).all()
+        yield from page
+        if len(page) < _EXPORT_PAGE:
+            return
+        after = page[-1][0]
+
+
+def _insert(
+    session: Session, actor: Principal, bank: Bank, items: Sequence[NewBankItem], *, audit_each: bool
+) -> list[BankItem]:
     if not items:
         raise InvalidField("nothing to add: give an image, a pdq or a sha256", code="bank_item_empty")
     if len(items) > MAX_IMPORT_ITEMS:
@@ -119,10 +172,12 @@ def add_items(session: Session, actor: Principal, bank: Bank, items: Sequence[Ne
             added_by=actor.key_id,
         )
         session.add(row)
-        audit.record(session, actor, "bank.item_add", "bank_item", row.id, before=None, after=_item_record(row, bank))
+        if audit_each:
+            audit.record(
+                session, actor, "bank.item_add", "bank_item", row.id, before=None, after=_item_record(row, bank)
+            )
         rows.append(row)
     _bump(session, bank)
-    session.commit()
     return rows
 
 
@@ -164,27 +219,67 @@ class BankMatcher:
     ) -> dict[str, BankMatch]:
         """For each (bank name, max PDQ distance): the closest item, or a BankMatch without item.
 
-        A bank the tenant does not have matches nothing (a policy may name a bank before it is created).
+        A bank the tenant does not have matches nothing (a policy may name a bank before it is created). When a
+        block bank matched, the tenant's allow banks are searched too (at DEFAULT_MAX_DISTANCE): an allow-listed
+        image's block matches come back with `allowed_by` set.
         """
         matches: dict[str, BankMatch] = {}
         for name, max_distance in banks:
             bank = _find_bank(session, tenant, name)
             matches[name] = BankMatch(name) if bank is None else self._match(session, bank, max_distance, hashes)
+        if any(match.item is not None and match.kind == "block" for match in matches.values()):
+            allowed = self.allowed(session, tenant, hashes)
+            if allowed is not None:
+                matches = {name: _suppressed(match, allowed) for name, match in matches.items()}
         return matches
 
+    def allowed(self, session: Session, tenant: str, hashes: ImageHashes) -> str | None:
+        """The first allow-list item ("bank/item") of the tenant that the image matches, or None."""
+        for bank in session.exec(
+            select(Bank).where(Bank.tenant == tenant, Bank.kind == "allow").order_by(col(Bank.name))
+        ).all():
+            match = self._match(session, bank, DEFAULT_MAX_DISTANCE, hashes)
+            if match.item is not None:
+                return f"{bank.name}/{match.item}"
+        return None
+
+    def match_signal(
+        self, session: Session, tenant: str, signal_type: str, value: str, max_distance: int
+    ) -> list[BankMatch]:
+        """Every bank of the tenant holding `value` (a normalised `sha256` digest or `pdq` hash): its closest item,
+        by bank name; block matches carry `allowed_by` when an allow bank matched too (what `/v1/lookup` answers)."""
+        found = []
+        for bank in session.exec(select(Bank).where(Bank.tenant == tenant).order_by(col(Bank.name))).all():
+            match = (
+                self._exact(session, bank, value)
+                if signal_type == "sha256"
+                else self._nearest(session, bank, value, max_distance)
+            )
+            if match.item is not None:
+                found.append(match)
+        allowed = next((f"{match.bank}/{match.item}" for match in found if match.kind == "allow"), None)
+        return [_suppressed(match, allowed) for match in found] if allowed is not None else found
+
     def _match(self, session: Session, bank: Bank, max_distance: int, hashes: ImageHashes) -> BankMatch:
-        exact = session.exec(
-            select(BankItem.id).where(BankItem.bank_id == bank.id, BankItem.sha256 == hashes.sha256).limit(1)
+        exact = self._exact(session, bank, hashes.sha256)
+        if exact.item is not None or not hashes.pdq_matchable:
+            return exact
+        return self._nearest(session, bank, hashes.pdq, max_distance)
+
+    def _exact(self, session: Session, bank: Bank, sha256: str) -> BankMatch:
+        item = session.exec(
+            select(BankItem.id).where(BankItem.bank_id == bank.id, BankItem.sha256 == sha256).limit(1)
         ).first()
-        if exact is not None:
-            return BankMatch(bank.name, item=exact, distance=0, by="sha256")
-        if not hashes.pdq_matchable:
-            return BankMatch(bank.name)
+        if item is None:
+            return BankMatch(bank.name, kind=bank.kind)
+        return BankMatch(bank.name, item=item, distance=0, by="sha256", kind=bank.kind)
+
+    def _nearest(self, session: Session, bank: Bank, pdq: str, max_distance: int) -> BankMatch:
         index, ids = self._index(session, bank)
-        nearest = index.nearest(hashes.pdq, max_distance)
+        nearest = index.nearest(pdq, max_distance)
         if nearest is None:
-            return BankMatch(bank.name)
-        return BankMatch(bank.name, item=ids[nearest.position], distance=nearest.distance, by="pdq")
+            return BankMatch(bank.name, kind=bank.kind)
+        return BankMatch(bank.name, item=ids[nearest.position], distance=nearest.distance, by="pdq", kind=bank.kind)
 
     def _index(self, session: Session, bank: Bank) -> tuple[PdqIndex, list[str]]:
         with self._lock:
@@ -209,13 +304,17 @@ def _find_bank(session: Session, tenant: str, name: str) -> Bank | None:
     return session.exec(select(Bank).where(Bank.tenant == tenant, Bank.name == name)).first()
 
 
+def _suppressed(match: BankMatch, allowed: str) -> BankMatch:
+    return replace(match, allowed_by=allowed) if match.item is not None and match.kind == "block" else match
+
+
 def _bump(session: Session, bank: Bank) -> None:
     # In SQL, so two writers at once both count: the index is rebuilt after either.
     session.execute(update(Bank).where(col(Bank.id) == bank.id).values(revision=col(Bank.revision) + 1))
 
 
 def _bank_record(bank: Bank) -> dict[str, object]:
-    return {"name": bank.name, "description": bank.description}
+    return {"name": bank.name, "description": bank.description, "kind": bank.kind}
 
 
 def _item_record(item: BankItem, bank: Bank) -> dict[str, object]:

@@ -83,10 +83,14 @@ def parse_sha256(text: str) -> str:
 class BankMatch:
     """The closest item of one bank to an image: exact by SHA-256 (distance 0), else by PDQ, else none.
 
-    `item` is None when nothing in the bank is within the distance asked for.
+    `item` is None when nothing in the bank is within the distance asked for. `kind` is the bank's (`block` or
+    `allow`); `allowed_by` names the allow-list item ("bank/item") that matched the same image and so suppresses
+    this block bank's match.
     """
 
     bank: str
     item: str | None = None
     distance: int | None = None
     by: str | None = None  # "sha256" or "pdq"
+    kind: str = "block"
+    allowed_by: str | None = None

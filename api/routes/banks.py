@@ -1,23 +1,37 @@
-"""Hash banks: `/v1/banks` and `/v1/banks/{name}/items[/{id}]`, the tenant's lists of known images (core/banks.py)."""
+"""Hash banks: `/v1/banks`, `/v1/banks/{name}/items[/{id}]` and `/v1/banks/{name}/import|export`, the tenant's lists
+of known images (core/banks.py), exchanged in HMA's format or as CSV (core/hashexchange.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
 from api.auth import BankCreator, BankEditor
-from api.bodies import MULTIPART_SLACK_BYTES, BodyLimits, form_text, read_body, read_upload, validate_body
-from api.deps import SessionDep, SettingsDep
+from api.bodies import (
+    MULTIPART_SLACK_BYTES,
+    BodyLimits,
+    form_text,
+    open_body,
+    read_body,
+    read_upload,
+    refuse_unknown_fields,
+    validate_body,
+)
+from api.deps import SessionDep, SettingsDep, new_session
 from api.errors import error_responses
 from api.schemas import BankImportRequest, BankItemRequest, BankRequest
 from core import banks
 from core.banks import NewBankItem
-from core.errors import InvalidField
+from core.errors import InvalidField, PayloadTooLarge
 from core.hashes import image_hashes, parse_pdq, parse_sha256
+from core.hashexchange import ExchangeFormat, HashList, read_hash_list, write_csv, write_hma
 from core.images import ImageLimits, decode_image
+from core.principals import Principal
 from core.public import BankImport, BankItemPublic, BankList, BankPublic
 from core.settings import Settings
 
@@ -25,6 +39,13 @@ router = APIRouter(prefix="/v1/banks", tags=["banks"])
 
 BankName = Annotated[str, Path(max_length=64, description="The bank's name.")]
 ItemId = Annotated[str, Path(max_length=64)]
+FormatParam = Annotated[
+    ExchangeFormat, Query(description="`hma`: HMA's signal file, `<signal_type> <signal>` per line; `csv`: a CSV.")
+]
+SignalTypeParam = Annotated[
+    str | None,
+    Query(max_length=40, description="The type of lines that give a hash alone (`pdq`, `sha256`, `video_sha256`)."),
+]
 _NOTE_CHARS = 2000
 _ITEM_BODY = {
     "multipart/form-data": {
@@ -46,7 +67,7 @@ _ITEM_BODY = {
 )
 def create_bank(body: BankRequest, session: SessionDep, principal: BankCreator) -> BankPublic:
     """Create an empty hash bank in the caller's tenant (role admin)."""
-    return BankPublic.from_row(banks.create_bank(session, principal, body.name, body.description), 0)
+    return BankPublic.from_row(banks.create_bank(session, principal, body.name, body.description, body.kind), 0)
 
 
 @router.get("", response_model=BankList, responses=error_responses(401, 403))
@@ -102,19 +123,99 @@ def add_bank_item(
     return BankItemPublic.from_row(row, bank.name)
 
 
+_IMPORT_BODY = {
+    "multipart/form-data": {
+        "schema": {
+            "type": "object",
+            "required": ["file"],
+            "properties": {"file": {"type": "string", "format": "binary", "description": "The hash list."}},
+        }
+    },
+    "application/json": {"schema": BankImportRequest.model_json_schema()},
+}
+
+
 @router.post(
     "/{name}/import",
     status_code=status.HTTP_201_CREATED,
     response_model=BankImport,
-    responses=error_responses(401, 403, 404, 413, 422),
+    openapi_extra={"requestBody": {"required": True, "content": _IMPORT_BODY}},
+    responses=error_responses(400, 401, 403, 404, 413, 415, 422),
 )
-def import_bank_items(
-    name: BankName, body: BankImportRequest, session: SessionDep, principal: BankEditor
+async def import_bank_items(
+    request: Request,
+    name: BankName,
+    principal: BankCreator,  # before the body: a caller who may not import is refused unread
+    settings: SettingsDep,
+    format: FormatParam = ExchangeFormat.HMA,
+    signal_type: SignalTypeParam = None,
 ) -> BankImport:
-    """Add many hashes at once, as trust-and-safety teams exchange them (roles admin, review)."""
+    """Add a hash list (a multipart `file` in HMA's format or CSV, or JSON `items`); hashes the bank already holds
+    are skipped and counted (role admin)."""
+    cap = settings.bank_import_max_bytes
+    limits = BodyLimits(
+        multipart_cap=cap + MULTIPART_SLACK_BYTES,
+        multipart_too_large=(
+            "bank_import_too_large",
+            f"the hash list is over {cap} bytes (MODTAG_BANK_IMPORT_MAX_BYTES)",
+        ),
+        max_files=1,
+        max_fields=1,
+        json_cap=cap,
+        json_too_large=f"the JSON body is over {cap} bytes (MODTAG_BANK_IMPORT_MAX_BYTES)",
+        expected="multipart/form-data with a `file` (the hash list), or application/json with `items`",
+    )
+
+    async def from_form(form: FormData) -> HashList:
+        refuse_unknown_fields(form, frozenset({"file"}))
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidField(
+                "the `file` is missing: send the hash list as multipart field `file`", code="file_missing"
+            )
+        if (upload.size or 0) > cap:
+            raise PayloadTooLarge(
+                f"the hash list is over {cap} bytes (MODTAG_BANK_IMPORT_MAX_BYTES)", code="bank_import_too_large"
+            )
+        await upload.seek(0)
+        return await run_in_threadpool(read_hash_list, upload.file, format, signal_type)
+
+    def from_json(document: dict[str, Any]) -> HashList:
+        return HashList(items=[_item(entry) for entry in validate_body(BankImportRequest, document).items])
+
+    async with open_body(request, limits, from_form=from_form, from_json=from_json) as found:
+        return await run_in_threadpool(_import, settings, principal, name, found, format)
+
+
+@router.get(
+    "/{name}/export",
+    response_class=StreamingResponse,
+    responses={
+        **error_responses(401, 403, 404, 422),
+        200: {"content": {"text/plain": {}, "text/csv": {}}, "description": "The bank's hashes."},
+    },
+)
+def export_bank_items(
+    name: BankName,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: BankCreator,
+    format: FormatParam = ExchangeFormat.HMA,
+) -> StreamingResponse:
+    """The bank's hashes as a file another system imports: HMA's signal file by default, or CSV (role admin)."""
     bank = banks.get_bank(session, principal.tenant, name)
-    rows, skipped = banks.import_items(session, principal, bank, [_item(entry) for entry in body.items])
-    return BankImport(bank=bank.name, added=len(rows), skipped=skipped)
+    rows = banks.export_items(settings.resolved_database_url, bank)
+    lines: Iterator[str]
+    if format is ExchangeFormat.CSV:
+        lines, media_type, suffix = write_csv(rows), "text/csv; charset=utf-8", "csv"
+    else:
+        lines = write_hma((sha256, pdq, quality) for _, sha256, pdq, quality, _, _ in rows)
+        media_type, suffix = "text/plain; charset=utf-8", "txt"
+    return StreamingResponse(
+        (line.encode() for line in lines),
+        media_type=media_type,
+        headers={"Content-Disposition": f'attachment; filename="{bank.name}.{suffix}"'},
+    )
 
 
 @router.get("/{name}/items/{item_id}", response_model=BankItemPublic, responses=error_responses(401, 403, 404, 422))
@@ -135,6 +236,14 @@ def delete_bank_item(name: BankName, item_id: ItemId, session: SessionDep, princ
     bank = banks.get_bank(session, principal.tenant, name)
     banks.delete_item(session, principal, bank, item_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def _import(settings: Settings, principal: Principal, name: str, found: HashList, fmt: ExchangeFormat) -> BankImport:
+    with new_session(settings) as session:
+        bank = banks.get_bank(session, principal.tenant, name)
+        source = {"format": fmt.value, "unsupported": dict(found.unsupported)}
+        rows, skipped = banks.import_items(session, principal, bank, found.items, source=source)
+    return BankImport(bank=bank.name, added=len(rows), skipped=skipped, unsupported=dict(found.unsupported))
 
 
 def _item(body: BankItemRequest) -> NewBankItem:

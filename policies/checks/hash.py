@@ -4,11 +4,16 @@ Not a model output: the worker hashes the image and looks it up before any model
 category made of hash checks blocks, the models do not run at all (`policies.evaluate.decide_early`).
 The score is 1 on a match and 0 otherwise; the evidence names the bank (`query`), the item
 (`matched`) and the distance (`scores.distance`, 0 for an exact SHA-256 match).
+
+An image on one of the tenant's allow-list banks (core/banks.py) is not blocked by a block bank: its match
+scores 0, and the evidence keeps the item and distance it matched with `seen` naming the allow-list item
+("bank/item") that suppressed it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, StringConstraints
@@ -46,10 +51,11 @@ class HashCheck(BaseCheck):
             return self.entry(category, score=0.0, query=self.bank)
         return self.entry(
             category,
-            score=1.0,
+            score=0.0 if match.allowed_by is not None else 1.0,
             query=self.bank,
             matched=match.item,
             field=match.by,
+            seen=match.allowed_by,
             scores={"distance": float(match.distance or 0)},
         )
 
@@ -59,11 +65,11 @@ class HashCheck(BaseCheck):
         scores = entry.get("scores") or {}
         distance = scores.get("distance") if isinstance(scores, Mapping) else None
         item = entry.get("matched")
-        if score <= 0 or item is None or not isinstance(distance, (int, float)):
+        allowed = entry.get("seen")
+        if item is None or not isinstance(distance, (int, float)) or (score <= 0 and allowed is None):
             return ModelOutputs(banks={bank: BankMatch(bank)})
-        return ModelOutputs(
-            banks={bank: BankMatch(bank, item=str(item), distance=int(distance), by=entry.get("field"))}
-        )
+        match = BankMatch(bank, item=str(item), distance=int(distance), by=entry.get("field"))
+        return ModelOutputs(banks={bank: replace(match, allowed_by=None if allowed is None else str(allowed))})
 
     @classmethod
     def explain(cls, entry: Evidence) -> str:
@@ -71,4 +77,5 @@ class HashCheck(BaseCheck):
             return ""
         distance = int((entry.scores or {}).get("distance", 0))
         how = "the same bytes" if entry.field == "sha256" else f"PDQ distance {distance}"
-        return f" (item {entry.matched}, {how})"
+        allowed = f"; allow-listed by {entry.seen}, so it does not count" if entry.seen else ""
+        return f" (item {entry.matched}, {how}{allowed})"
