@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import Eraser, Reader
 from api.deps import ServicesDep, SessionDep
 from api.errors import error_responses
+from api.media import video_response
 from api.moderate_now import FinalWaiterDep, PreferencesDep, wait_for_final
 from api.submissions import IntakeDep, JobSubmission, JobSubmissionDep, submission_route
 from api.thumbnails import forget_thumbnail, thumbnail_response
 from core.erasure import erase_job
 from core.finality import job_subject
 from core.jobs import get_decision, tenant_job
-from core.public import JobPublic
+from core.public import ErrorBody, JobPublic
 from core.review import get_item
 from core.tables import FINAL_STATUSES, Job
 
@@ -66,6 +69,28 @@ def read_thumbnail(job_id: str, session: SessionDep, services: ServicesDep, prin
     """A small JPEG of the job's uploaded image, for the caller's own tenant only."""
     job = tenant_job(session, job_id, principal.tenant)
     return thumbnail_response(job, services)
+
+
+@router.get(
+    "/{job_id}/video",
+    response_class=Response,
+    responses={
+        200: {"content": {"video/mp4": {}}, "description": "The whole video (Accept-Ranges: bytes)."},
+        206: {"content": {"video/mp4": {}}, "description": "The one range asked for, with Content-Range."},
+        416: {"model": ErrorBody, "description": "The range is outside the video (`range_not_satisfiable`)."},
+        **error_responses(401, 403, 404, 422),
+    },
+)
+def read_video(
+    job_id: str,
+    session: SessionDep,
+    services: ServicesDep,
+    principal: Reader,
+    range_header: Annotated[str | None, Header(alias="Range")] = None,
+) -> Response:
+    """A video job's stored video, with HTTP range requests (an HTML5 <video> seeks with them), own tenant only."""
+    job = tenant_job(session, job_id, principal.tenant)
+    return video_response(job, services, range_header)
 
 
 @router.delete("/{job_id}", response_model=JobPublic, responses=error_responses(401, 403, 404, 422))

@@ -1,0 +1,106 @@
+"""A video job's stored file over HTTP range requests (GET /v1/jobs/{id}/video), on SQLite and PostgreSQL, from a
+directory blob store and from S3 (moto's server): start, middle, suffix, open end, bad ranges, other tenants."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import update
+from sqlmodel import col
+
+from core.blobs import open_blob_store
+from core.db import session_scope
+from core.jobs import NewJob, create_job
+from core.tables import Job
+from tests.support.api import Api, admin_key, api_settings, assert_error, running_api
+from tests.support.photos import photo_image
+from tests.support.s3 import S3Bucket
+from tests.support.videos import Shot, write_clip
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    folder = tmp_path_factory.mktemp("clip")
+    shots = [Shot(1, photo_image("coffee", (160, 120))), Shot(1, photo_image("rocket", (160, 120)))]
+    return write_clip(folder / "clip.mp4", shots, size=(160, 120)).read_bytes()
+
+
+def video_job(api: Api, data: bytes, media: str = "video") -> str:
+    """A decided-or-not video job of the default tenant whose file is in the API's blob store."""
+    key = open_blob_store(api.settings).put(data)
+    with session_scope(api.db_url) as session:
+        job, _ = create_job(
+            session,
+            NewJob(tenant="default", policy="moderation", policy_version=None, source="upload", blob_key=key,
+                   image_sha256=key, image_format="mp4", image_bytes=len(data)),
+        )  # fmt: skip
+        session.execute(update(Job).where(col(Job.id) == job.id).values(media=media))
+        session.commit()
+    return job.id
+
+
+def ranged(api: Api, job_id: str, value: str | None, key: str | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key or api.key}"}
+    if value is not None:
+        headers["Range"] = value
+    return httpx.get(f"{api.base_url}/v1/jobs/{job_id}/video", headers=headers, timeout=30)
+
+
+def check_ranges(api: Api, data: bytes) -> None:
+    size = len(data)
+    job_id = video_job(api, data)
+    whole = ranged(api, job_id, None)
+    assert whole.status_code == 200 and whole.content == data
+    assert whole.headers["accept-ranges"] == "bytes" and whole.headers["content-type"] == "video/mp4"
+    assert whole.headers["cache-control"].startswith("private")
+
+    start = ranged(api, job_id, "bytes=0-99")
+    assert start.status_code == 206 and start.content == data[:100]
+    assert start.headers["content-range"] == f"bytes 0-99/{size}" and start.headers["content-length"] == "100"
+    middle = ranged(api, job_id, f"bytes={size // 2}-{size // 2 + 999}")
+    assert middle.status_code == 206 and middle.content == data[size // 2 : size // 2 + 1000]
+    suffix = ranged(api, job_id, "bytes=-500")
+    assert suffix.status_code == 206 and suffix.content == data[-500:]
+    assert suffix.headers["content-range"] == f"bytes {size - 500}-{size - 1}/{size}"
+    open_end = ranged(api, job_id, f"bytes={size - 10}-")
+    assert open_end.status_code == 206 and open_end.content == data[-10:]
+    past = ranged(api, job_id, f"bytes={size - 10}-{size * 10}")  # an end past the file is cut to it
+    assert past.status_code == 206 and past.content == data[-10:]
+
+    for bad in (f"bytes={size}-", f"bytes={size + 5}-{size + 10}", "bytes=-0"):
+        refused = ranged(api, job_id, bad)
+        assert_error(refused, 416, "range_not_satisfiable")
+        assert refused.headers["content-range"] == f"bytes */{size}"
+    # Malformed or multiple ranges are ignored (RFC 9110): the whole file. Hostile sizes change nothing.
+    for ignored in ("bytes=a-b", "items=0-5", "bytes=0-1,5-9", "bytes=9-3", "bytes=" + "9" * 5000):
+        answer = ranged(api, job_id, ignored)
+        assert answer.status_code in (200, 416) and (answer.status_code == 416 or answer.content == data), ignored
+
+    # Another tenant's video is an unknown id; an image job has no video; an unknown id is 404.
+    other = admin_key(api.db_url, role="review", tenant="globex", name=f"globex {job_id[:6]}")
+    assert_error(ranged(api, job_id, "bytes=0-9", key=other), 404, "job_not_found")
+    assert_error(ranged(api, video_job(api, b"\xff\xd8 not a video", media="image"), None), 404, "video_unavailable")
+    assert ranged(api, "0" * 32, None).status_code == 404
+    assert ranged(api, job_id, None, key="mt_not_a_key").status_code == 401
+
+
+def test_range_requests_on_a_directory_store(api: Api, clip: bytes) -> None:
+    check_ranges(api, clip)
+
+
+@pytest.fixture
+def s3_api(tmp_path: Path, s3_bucket: S3Bucket, redis_server: Any) -> Iterator[Api]:
+    url = f"sqlite:///{tmp_path / 'modtag.db'}"
+    settings = api_settings(tmp_path, url, redis_server.url, blob_url=s3_bucket.blob_url)
+    with running_api(settings) as server:
+        yield server
+
+
+def test_range_requests_on_s3(s3_api: Api, clip: bytes) -> None:
+    check_ranges(s3_api, clip)
