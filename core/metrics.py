@@ -76,8 +76,29 @@ SHADOW_DECISIONS = Counter(
     "Shadow policy decisions recorded beside an active decision, by whether they agreed (agree, disagree, error)",
     ["policy", "shadow", "outcome"],
 )
+BANK_FLOOD_WARNINGS = Counter(
+    "modtag_bank_flood_warnings_total",
+    "Banked hashes that matched more than MODTAG_BANK_FLOOD_SHARE of a tenant's uploads of the day (once per item "
+    "and day), by tenant and bank kind (block, allow)",
+    ["tenant", "bank_kind"],
+)
 POLICY_RELOADS = Counter(
     "modtag_policy_reloads_total", "Reloads of changed policy files, by outcome (loaded, failed)", ["outcome"]
+)
+QUOTA_ADMITTED = Counter(
+    "modtag_quota_admitted_total",
+    "Submissions (photos) the tenant quota let through, by tenant and lane (interactive, bulk)",
+    ["tenant", "lane"],
+)
+QUOTA_REFUSED = Counter(
+    "modtag_quota_refused_total",
+    "Submissions (photos) refused 429 quota_exceeded, by tenant, lane and reason (rate, daily_cap)",
+    ["tenant", "lane", "reason"],
+)
+QUOTA_UNCHECKED = Counter(
+    "modtag_quota_unchecked_total",
+    "Submissions (photos) admitted without a quota check because Redis was unreachable (quotas fail open)",
+    ["lane"],
 )
 DEPENDENCY_UP = Gauge(
     "modtag_dependency_up",

@@ -16,10 +16,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import redis
 from PIL import Image
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core import jobs, metrics
+from core.bankflood import FloodWatch
 from core.banks import BankMatcher
 from core.blobs import BlobStore, open_blob_store
 from core.db import migrate, session_scope
@@ -62,6 +64,7 @@ class WorkerRuntime:
         banks: BankMatcher,
         embedding: EmbeddingStep | None = None,
         pixels: PixelBudget,
+        flood: FloodWatch | None = None,
     ) -> None:
         self.settings = settings
         self.name = lifecycle.worker
@@ -73,6 +76,7 @@ class WorkerRuntime:
         self.banks = banks
         self.embedding = embedding or EmbeddingStep(settings)
         self.pixels = pixels
+        self.flood = flood
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkerRuntime:
@@ -101,6 +105,11 @@ class WorkerRuntime:
             lifecycle=JobLifecycle(settings, name),
             banks=BankMatcher(),
             pixels=PixelBudget(settings.resolved_worker_decoded_bytes),
+            flood=FloodWatch(
+                redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2),
+                share=settings.bank_flood_share,
+                min_matches=settings.bank_flood_min_matches,
+            ),
         )
 
     @property
@@ -281,10 +290,11 @@ class WorkerRuntime:
         with session_scope(self.settings.resolved_database_url) as session:
             jobs.record_hashes(session, job, hashes.sha256, hashes.pdq, hashes.pdq_quality)
             queries = [(query.bank, query.max_distance) for query in needs.banks]
-            known = ModelOutputs(
-                banks=self.banks.lookup(session, job.tenant, queries, hashes), position=job.listing_index
-            )
+            matches = self.banks.lookup(session, job.tenant, queries, hashes)
+            known = ModelOutputs(banks=matches, position=job.listing_index)
             earlier = jobs.reusable_decision(session, job, policy.version) if self.settings.reuse_decisions else None
+        if queries and self.flood is not None:
+            self.flood.observe(job.tenant, matches.values())
         return known, earlier
 
     def _decision(
