@@ -154,3 +154,36 @@ class QuotaRequest(BaseModel):
     daily_cap: Annotated[int, Field(strict=True, ge=0, le=1_000_000_000)] | None = Field(
         default=None, description="Submissions per UTC day, both lanes together; 0 stops the tenant's submissions."
     )
+
+
+class ExampleSetRequest(BaseModel):
+    """`POST /v1/example-sets`: a new example set of the caller's tenant."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+    description: str | None = Field(default=None, max_length=2000)
+
+
+class ExampleItemRequest(BaseModel):
+    """`POST /v1/example-sets/{name}/items` as JSON: one of the tenant's jobs, labelled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str = Field(min_length=1, max_length=64)
+    label: Literal["positive", "negative"]
+
+
+class BankFramesRequest(BaseModel):
+    """`POST /v1/review/{job_id}/bank-frames`: a video's judged frames into one of the tenant's banks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bank: str = Field(max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+    times: list[Annotated[float, Field(ge=0, le=1_000_000, allow_inf_nan=False)]] | None = Field(
+        default=None,
+        max_length=1000,
+        description="The frames to bank, by their `time_s`; default the frames on which a category fired "
+        "(all of them when none fired).",
+    )
+    note: str | None = Field(default=None, max_length=500, description="Kept on each bank item with the frame's time.")

@@ -109,6 +109,7 @@ class FramePublic(PublicModel):
     time_s: float = Field(description="Seconds from the start of the video.")
     action: Action
     scores: dict[str, float] = Field(description="The frame's highest category scores (at most 3).")
+    pdq: str | None = Field(default=None, description="The frame's PDQ hash (64 hex digits), as banks match it.")
 
 
 class SegmentPublic(PublicModel):
@@ -687,6 +688,62 @@ class QuotaPublic(PublicModel):
 class QuotaPage(PublicModel):
     defaults: QuotaLimits = Field(description="The MODTAG_TENANT_* settings, for tenants without an override.")
     data: list[QuotaPublic]
+
+
+# --- example sets and similar images ------------------------------------------------------------------------
+
+
+class ExampleSetPublic(PublicModel):
+    """A tenant's example set: its items by label, and how many still wait for their embedding (`pending`)."""
+
+    name: str
+    description: str | None
+    positive: int
+    negative: int
+    pending: int = Field(description="Items whose image no worker has embedded yet: they do not vote until then.")
+    created_at: Timestamp
+
+    @classmethod
+    def from_row(cls, example_set: Any, counts: Any) -> ExampleSetPublic:
+        return _from_row(cls, example_set, positive=counts.positive, negative=counts.negative, pending=counts.pending)
+
+
+class ExampleSetList(PublicModel):
+    data: list[ExampleSetPublic]
+
+
+class ExampleItemPublic(PublicModel):
+    """One job's image in an example set, with its label; `embedded` once a worker stored its embedding."""
+
+    set: str
+    job_id: str
+    label: Literal["positive", "negative"]
+    embedded: bool
+    added_by: str | None = Field(description="The API key that added it.")
+    created_at: Timestamp
+
+    @classmethod
+    def from_row(cls, item: Any, set_name: str, embedded: bool) -> ExampleItemPublic:
+        return _from_row(cls, item, set=set_name, embedded=embedded)
+
+
+class ExampleItemList(PublicModel):
+    data: list[ExampleItemPublic]
+    next_cursor: str | None = Field(description="Pass as `after` for the next page; null on the last one.")
+
+
+class SimilarJob(PublicModel):
+    """A job of the tenant whose image is near the asked one: cosine similarity of the image embeddings."""
+
+    job_id: str
+    similarity: float
+    action: Action | None = Field(description="Its machine decision's action, when it has one.")
+    created_at: Timestamp
+
+
+class SimilarJobs(PublicModel):
+    job_id: str
+    data: list[SimilarJob]
 
 
 def _from_row(shape: type[Shape], row: SQLModel, **given: Any) -> Shape:

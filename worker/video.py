@@ -53,6 +53,7 @@ class JudgedFrame:
     """One kept frame as the verdict reads it: when, what its decision was, and what the models said of it."""
 
     time_s: float
+    pdq: str
     decision: PolicyDecision
     caption: str | None = None
     text: list[dict[str, Any]] | None = None
@@ -103,6 +104,7 @@ class VideoJudge:
         queries = [(query.bank, query.max_distance) for query in needs.banks]
         known: list[ModelOutputs] = []
         times: list[float] = []
+        pdqs: list[str] = []
         model_free: list[PolicyDecision | None] = []
         thumbs: list[Image.Image] = []
         banked: int | None = None
@@ -118,6 +120,7 @@ class VideoJudge:
                 banked = number  # decided: the rest is still hashed for its frames and segments, never modelled
             known.append(outputs)
             times.append(frame.time_s)
+            pdqs.append(frame.pdq)
             model_free.append(free)
             thumbs.append(_thumbnail(frame.image))
             if banked is None and not needs.empty:
@@ -126,9 +129,12 @@ class VideoJudge:
         if not times:
             raise ModtagError("the video has no frame that could be judged", code="video_corrupt")
         if banked is not None:
-            judged = [JudgedFrame(t, free or _nothing(policy)) for t, free in zip(times, model_free, strict=True)]
+            judged = [
+                JudgedFrame(t, pdq, free or _nothing(policy))
+                for t, pdq, free in zip(times, pdqs, model_free, strict=True)
+            ]
             return VideoDecision(self._decision(job, policy, judged, duration_s, thumbs, models={}), "hash_match")
-        judged = self._infer(policy, context, needs, known, times, folder)
+        judged = self._infer(policy, context, needs, known, times, pdqs, folder)
         return VideoDecision(self._decision(job, policy, judged, duration_s, thumbs, self.inference.describe()), "")
 
     def _infer(
@@ -138,6 +144,7 @@ class VideoJudge:
         needs: Requirements,
         known: Sequence[ModelOutputs],
         times: Sequence[float],
+        pdqs: Sequence[str],
         folder: Path,
     ) -> list[JudgedFrame]:
         """Each frame's decision: through the models a window of frames at a time (none when the policy needs none)."""
@@ -157,7 +164,8 @@ class VideoJudge:
             for number, outputs in zip(numbers, fresh, strict=True):
                 merged = known[number].merged(outputs)
                 text = None if merged.text is None else [line.public() for line in merged.text]
-                judged.append(JudgedFrame(times[number], decide(policy, merged, context), merged.caption, text))
+                decision = decide(policy, merged, context)
+                judged.append(JudgedFrame(times[number], pdqs[number], decision, merged.caption, text))
         return judged
 
     def _decision(
@@ -187,7 +195,7 @@ class VideoJudge:
             contradictions=[item.model_dump(mode="json") for item in deciding.decision.contradictions],
             reason=f"{deciding.decision.reason} (the frame at {at:g} s; {len(judged)} frames judged)"[:2000],
             models=models,
-            frames=[frame_summary(frame.time_s, frame.decision) for frame in judged],
+            frames=[{**frame_summary(frame.time_s, frame.decision), "pdq": frame.pdq} for frame in judged],
             segments=[segment.public() for segment in segments([(f.time_s, f.decision) for f in judged], duration_s)],
             filmstrip_key=self._filmstrip(thumbs, fired, verdict.decided_by or 0),
         )

@@ -10,12 +10,13 @@ from api.auth import Reopener, Reviewer
 from api.deps import SessionDep, SettingsDep
 from api.errors import error_responses
 from api.labels import checked_labels
-from api.schemas import SLUG_PATTERN, ReopenRequest, ResolveRequest
+from api.schemas import SLUG_PATTERN, BankFramesRequest, ReopenRequest, ResolveRequest
 from core import banks, review
 from core.errors import InvalidField
-from core.jobs import tenant_job
-from core.public import ReviewItemPublic, ReviewQueueEntry, ReviewQueuePage
+from core.jobs import get_decision, tenant_job
+from core.public import BankImport, ReviewItemPublic, ReviewQueueEntry, ReviewQueuePage
 from core.tables import ReviewKind, ReviewState
+from core.videobanks import frame_items
 
 router = APIRouter(prefix="/v1/review", tags=["review"])
 
@@ -88,8 +89,33 @@ def resolve_item(job_id: str, body: ResolveRequest, session: SessionDep, princip
     item = review.resolve(session, job_id, principal, body.action, body.reason, labels=labels)
     if bank is not None:
         job = tenant_job(session, job_id, principal.tenant)
-        banks.add_items(session, principal, bank, [banks.job_item(job, f"review of job {job.id}: {body.reason}")])
+        note = f"review of job {job.id}: {body.reason}"
+        # A video is banked by its frames (the fired ones), not by the first frame's hash alone.
+        items = (
+            frame_items(job, get_decision(session, job.id), note)
+            if job.media == "video"
+            else [banks.job_item(job, note)]
+        )
+        banks.add_items(session, principal, bank, items)
     return ReviewItemPublic.from_row(item)
+
+
+@router.post(
+    "/{job_id}/bank-frames",
+    status_code=201,
+    response_model=BankImport,
+    responses=error_responses(400, 401, 403, 404, 409, 422),
+)
+def bank_frames(job_id: str, body: BankFramesRequest, session: SessionDep, principal: Reviewer) -> BankImport:
+    """Add a video's judged frames (their PDQ hashes) to a bank of the tenant, so that copies of them are blocked
+    before the models run: the frames `times` names, else those on which a category fired (role review or admin).
+    Hashes the bank holds already are skipped."""
+    bank = banks.get_bank(session, principal.tenant, body.bank)
+    job = tenant_job(session, job_id, principal.tenant)
+    note = f"frame of video job {job.id}" + (f": {body.note}" if body.note else "")
+    items = frame_items(job, get_decision(session, job.id), note, body.times)
+    rows, skipped = banks.import_items(session, principal, bank, items, source={"video_job": job.id})
+    return BankImport(bank=bank.name, added=len(rows), skipped=skipped)
 
 
 @router.post(

@@ -3,6 +3,7 @@ directory blob store and from S3 (moto's server): start, middle, suffix, open en
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,3 +105,35 @@ def s3_api(tmp_path: Path, s3_bucket: S3Bucket, redis_server: Any) -> Iterator[A
 
 def test_range_requests_on_s3(s3_api: Api, clip: bytes) -> None:
     check_ranges(s3_api, clip)
+
+
+def test_bank_frames_refuses_what_it_cannot_bank(api: Api, clip: bytes) -> None:
+    """The review queue's bank-frames route on broken and hostile input; the banking itself is tested on real
+    judged frames in test_video_verdict.py."""
+    bank = f"frames-{secrets.token_hex(3)}"
+    assert api.client.create_bank(bank, "frames of videos").status == 201
+    job_id = video_job(api, clip)
+
+    def bank_frames(target: str, body: Any, key: str | None = None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key or api.key}"}
+        return httpx.post(f"{api.base_url}/v1/review/{target}/bank-frames", json=body, headers=headers, timeout=30)
+
+    assert_error(bank_frames(job_id, {"bank": bank}), 409, "video_not_judged")
+    image = video_job(api, b"\xff\xd8 an image's bytes", media="image")
+    assert_error(bank_frames(image, {"bank": bank}), 422, "not_a_video")
+    assert_error(bank_frames(job_id, {"bank": "no-such-bank"}), 404, "bank_not_found")
+    other = admin_key(api.db_url, role="review", tenant="globex", name=f"globex {job_id[:6]}")
+    assert bank_frames(job_id, {"bank": bank}, key=other).status_code == 404
+    for hostile in (
+        {"bank": bank, "times": [1e300]},
+        {"bank": bank, "times": [-1]},
+        {"bank": bank, "times": [0.0] * 5000},
+        {"bank": bank, "times": "all"},
+        {"bank": "../../etc", "times": None},
+        {"bank": bank, "note": "x" * 10_000},
+        {"bank": bank, "unknown": 1},
+        [bank],
+    ):
+        assert bank_frames(job_id, hostile).status_code in (400, 422), hostile
+    submitter = admin_key(api.db_url, role="submit", name=f"submitter {job_id[:6]}")
+    assert bank_frames(job_id, {"bank": bank}, key=submitter).status_code == 403

@@ -16,7 +16,7 @@ from PIL import Image
 from sqlalchemy import update
 from sqlmodel import col
 
-from core.banks import NewBankItem, add_items, create_bank
+from core.banks import NewBankItem, add_items, create_bank, get_bank, import_items
 from core.blobs import LocalBlobStore
 from core.db import session_scope
 from core.hashes import pdq_hash
@@ -25,6 +25,7 @@ from core.principals import cli_principal
 from core.public import DecisionPublic
 from core.settings import Settings
 from core.tables import Job
+from core.videobanks import frame_items
 from tests.support.jobs import stored
 from tests.support.photos import photo_image
 from tests.support.videos import Shot, animated_image, write_clip
@@ -145,7 +146,7 @@ def test_a_video_is_decided_on_its_frames_banks_first(runtime: WorkerRuntime, tm
         size=SIZE,
         fps=5,
     )
-    _, decision = judge(runtime, middle)
+    job, decision = judge(runtime, middle)
     assert decision["action"] == "review" and decision["categories"]["white_card"]["fired"], decision
     [segment] = decision["segments"]
     assert segment["category"] == "white_card" and segment["max_score"] == 1.0
@@ -153,6 +154,23 @@ def test_a_video_is_decided_on_its_frames_banks_first(runtime: WorkerRuntime, tm
     assert decision["evidence"][0]["time_s"] == segment["start_s"]
     fired = [frame["time_s"] for frame in decision["frames"] if frame["action"] == "review"]
     assert fired and all(4 - 0.3 <= time_s < 8 for time_s in fired)
+    assert all(len(frame["pdq"]) == 64 for frame in decision["frames"])
+
+    # A reviewer banks the fired frames (what the review queue's bank-frames does): a clip showing the card again,
+    # shorter and later, is blocked by the bank, no model run.
+    url = runtime.settings.resolved_database_url
+    with session_scope(url) as session:
+        bank = get_bank(session, "default", "known")
+        items = frame_items(job, get_decision(session, job.id), "a title card")
+        added, skipped = import_items(session, cli_principal("default"), bank, items)
+    assert len(added) == len({frame["pdq"] for frame in decision["frames"] if frame["action"] == "review"})
+    assert skipped == 0 and all("a title card (frame at" in (row.note or "") for row in added)
+    again = write_clip(
+        tmp_path / "again.mp4", [Shot(3, photos["chelsea"]), Shot(2, white_card("coffee"))], size=SIZE, fps=5
+    )
+    _, decision = judge(runtime, again)
+    assert decision["action"] == "block" and decision["models"] == {}, decision
+    assert decision["evidence"][0]["time_s"] == pytest.approx(3, abs=0.3)
 
 
 def test_an_animated_gif_is_judged_on_its_frames_not_its_first(runtime: WorkerRuntime, tmp_path: Path) -> None:
