@@ -29,11 +29,13 @@ from api.routes import (
     labels,
     listings,
     policies,
+    quality,
     quotas,
     review,
     shadow,
     webhooks,
 )
+from api.routes import examples as example_sets
 from api.routes import lookup as hash_lookup
 from api.routes import sso as dashboard_sso
 from api.routes.health import CHECK_TIMEOUT_S
@@ -92,9 +94,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(HttpMetricsMiddleware)  # inside the request id (ModtagApi), which every answer gets
     for module in (jobs, listings, decisions, review, audit, policies, shadow, banks, webhooks, health, dashboard):
         app.include_router(module.router)
-    for module in (calibration, labels):  # review labels: calibration and the export
+    for module in (calibration, labels, quality):  # review labels: calibration, the export, the Quality page
         app.include_router(module.router)
     app.include_router(hash_lookup.router)  # hash lookups across the tenant's banks, shaped like HMA's
+    app.include_router(example_sets.router)  # example sets (image embeddings) and similar images
+    app.include_router(example_sets.similar_router)
     app.include_router(quotas.router)  # tenant quotas (admin)
     app.include_router(dashboard_sso.router)  # single sign-on for the dashboard (api/sso.py)
     install_docs(app)

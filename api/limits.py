@@ -41,6 +41,7 @@ from core.settings import Settings
 # (method, path pattern) of the routes that take files: they read and cap their own bodies after the key check.
 UPLOAD_ROUTES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("POST", re.compile(r"^/v1/jobs/?$")),
+    ("POST", re.compile(r"^/v1/example-sets/[^/]+/items/?$")),
     ("POST", re.compile(r"^/v1/listings/?$")),
     ("POST", re.compile(r"^/v1/banks/[^/]+/items/?$")),
     ("POST", re.compile(r"^/v1/banks/[^/]+/import/?$")),  # hash lists, capped at MODTAG_BANK_IMPORT_MAX_BYTES

@@ -24,6 +24,8 @@ class Permission(StrEnum):
     AUDIT = "audit:read"
     BANKS = "banks:edit"  # hash banks: list them, add, read and delete items
     BANKS_CREATE = "banks:create"  # create a bank (admin)
+    EXAMPLES = "examples:edit"  # example sets: list them, add, read and delete items
+    EXAMPLES_CREATE = "examples:create"  # create and delete an example set (admin)
     ERASE = "jobs:erase"  # DELETE /v1/jobs/{id}: submit keys only their own jobs (core/erasure.py checks)
     WEBHOOKS = "webhooks:manage"  # the webhook signing secret and the delivery log
     QUOTAS = "quotas:manage"  # tenant quotas: read one's own; set anyone's from the quota admin tenant (api/quotas.py)
@@ -32,7 +34,7 @@ class Permission(StrEnum):
 
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.SUBMIT: frozenset({Permission.SUBMIT, Permission.READ, Permission.ERASE}),
-    Role.REVIEW: frozenset({Permission.READ, Permission.REVIEW, Permission.BANKS}),
+    Role.REVIEW: frozenset({Permission.READ, Permission.REVIEW, Permission.BANKS, Permission.EXAMPLES}),
     Role.ADMIN: frozenset(Permission),
 }
 
