@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from sqlmodel import Session
 
+from api.schemas import MAX_LABELS
 from core import review
 from core.errors import InvalidField
 from core.tables import Decision
@@ -32,3 +33,17 @@ def checked_labels(session: Session, job_id: str, tenant: str, given: Mapping[st
                 code="unknown_category",
             )
     return dict(given)
+
+
+def form_labels(
+    session: Session, job_id: str, tenant: str, ticked: Sequence[str], shown: Sequence[str]
+) -> dict[str, bool] | None:
+    """The review form's checkboxes as labels: with any ticked, the ticked categories apply and the other shown ones
+    do not; with none ticked, None (the action decides). 422 `unknown_category` for a name the decision lacks."""
+    if not ticked:
+        return None
+    if len(ticked) > MAX_LABELS or len(shown) > MAX_LABELS:
+        raise InvalidField(f"at most {MAX_LABELS} categories can be labelled at once", code="invalid_field")
+    labels = {name[:64]: False for name in shown}
+    labels.update({name[:64]: True for name in ticked})
+    return checked_labels(session, job_id, tenant, labels)

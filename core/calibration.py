@@ -135,6 +135,14 @@ def suggest(
     return review, block
 
 
+def point_at(points: Sequence[CurvePoint], threshold: float | None) -> CurvePoint | None:
+    """Where `score >= threshold` sits on the curve: the point of the lowest labelled score at or above it (None
+    without a threshold, or above every labelled score)."""
+    if threshold is None:
+        return None
+    return next((point for point in points if point.threshold >= threshold), None)
+
+
 def audit_precision(
     session: Session, *, tenant: str, policy: str, since: datetime
 ) -> dict[Literal["allow", "block"], MeasuredPrecision]:

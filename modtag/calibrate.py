@@ -10,9 +10,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from core.calibration import point_at
 from core.errors import ModtagError, NotFound, PolicyError
+from core.public import CurvePoint
 from modtag.client import ApiClient, Reply
 from policies import Policy, load_policy_text
 from policies.checks import KINDS
@@ -170,10 +173,9 @@ def _body(reply: Reply) -> dict[str, Any]:
 
 
 def _point_at(points: Sequence[Mapping[str, Any]], threshold: float | None) -> Mapping[str, Any] | None:
-    """The curve's point where `score >= threshold` acts: the lowest point threshold at or above it."""
-    if threshold is None:
-        return None
-    return next((point for point in points if point["threshold"] >= threshold), None)
+    """The curve's point where `score >= threshold` acts (core.calibration.point_at), as the API's JSON."""
+    point = point_at([CurvePoint.model_validate(p) for p in points], threshold)
+    return None if point is None else point.model_dump()
 
 
 def _change(points: Sequence[Mapping[str, Any]], now: float | None, suggested: float | None) -> str:
@@ -196,11 +198,16 @@ def _without_defaults(check: Mapping[str, Any]) -> dict[str, Any]:
     kept: dict[str, Any] = {}
     for key, value in check.items():
         field = kind.model_fields.get(key)
-        optional = field is not None and not field.is_required() and field.default is not PydanticUndefined
-        if key != "kind" and optional and _as_json(field.get_default(call_default_factory=True)) == value:  # type: ignore[union-attr]
+        if key != "kind" and field is not None and _at_default(field, value):
             continue
         kept[key] = value
     return kept
+
+
+def _at_default(field: FieldInfo, value: Any) -> bool:
+    if field.is_required() or field.default is PydanticUndefined:
+        return False
+    return bool(_as_json(field.get_default(call_default_factory=True)) == value)
 
 
 def _as_json(value: Any) -> Any:

@@ -1,4 +1,4 @@
-"""The dashboard: server-rendered pages (flagged content, review queue, job detail, summary, audit).
+"""The dashboard: server-rendered pages (flagged content, review queue, job detail, summary, audit, webhook deliveries).
 
 No JavaScript is needed: every button is a form POST carrying the session's CSRF token, answered with
 a redirect back to the page (post/redirect/get). Pages are tenant-scoped like the API they mirror.
@@ -26,6 +26,7 @@ from api.auth import (
     Reader,
     Reopener,
     Reviewer,
+    WebhookAdmin,
     check_csrf,
     cookie_is_secure,
     end_session,
@@ -35,16 +36,17 @@ from api.auth import (
 from api.deps import ServicesDep, SessionDep, SettingsDep
 from api.errors import error_response
 from api.failures import client_address, refuse_repeated_failure
+from api.labels import form_labels
 from api.pages import GREYSCALE_COOKIE, render
 from api.schemas import SLUG_PATTERN
-from core import review
+from core import review, webhooks
 from core.audit import list_entries
 from core.auth import authenticate
 from core.errors import AuthError, ModtagError, TooManyFailures
 from core.jobs import decode_cursor, get_decision, list_decisions, tenant_job
 from core.metrics import AUTH_FAILURES
 from core.principals import Permission, Principal
-from core.public import AuditEntryPublic, DecisionPublic, ReviewItemPublic, ReviewQueueEntry
+from core.public import AuditEntryPublic, DecisionPublic, ReviewItemPublic, ReviewQueueEntry, WebhookDeliveryPublic
 from core.stats import category_counts, flag_rates, reused_count
 from core.tables import ID_PATTERN, Decision, Job, ReviewState, as_utc, iso, utcnow
 
@@ -55,6 +57,7 @@ DEFAULT_PAGE = "/dashboard/flagged"
 GREYSCALE_COOKIE_MAX_AGE_S = 365 * 24 * 3600
 _NEXT = re.compile(r"^/dashboard(/[A-Za-z0-9_/-]*)?(\?[A-Za-z0-9_=&%.:+-]*)?$")
 _SLUG = re.compile(SLUG_PATTERN)
+DELIVERIES_PER_PAGE = 50
 TEXT_FILTER_MAX = 200  # characters of the Flagged page's text search; a longer one is refused (422 invalid_field)
 _RANGES = {"24h": (timedelta(hours=24), timedelta(hours=1)), "7d": (timedelta(days=7), timedelta(days=1)),
            "30d": (timedelta(days=30), timedelta(days=1))}  # fmt: skip
@@ -72,6 +75,10 @@ NOTICES = {
     "reason_missing": "Give a reason: it is kept with the resolution.",
     "reason_invalid": "The reason is too long (at most 2000 characters).",
     "resolution_invalid": "Choose allow or block.",
+    "unknown_category": "A ticked category is not one of this decision's policy; reload the page and try again.",
+    "redelivered": "Queued for redelivery: the workers send it again within seconds, with the same webhook-id.",
+    "delivery_erased": "That webhook's job or listing was erased: there is nothing left to send.",
+    "delivery_not_found": "No such webhook delivery.",
 }
 
 Flagged = Literal["flagged", "review", "block", "allow", "all"]
@@ -321,9 +328,16 @@ def resolve_button(
     form: ButtonDep,
     action: Annotated[str, Form(max_length=16)] = "",
     reason: Annotated[str, Form(max_length=4000)] = "",
+    label: Annotated[list[str] | None, Form()] = None,
+    shown: Annotated[list[str] | None, Form()] = None,
 ) -> Response:
-    """The Allow and Block buttons."""
-    return _press(principal, form, lambda: review.resolve(session, job_id, principal, action, reason), "resolved")  # type: ignore[arg-type]
+    """The Allow and Block buttons, with the ticked categories as labels (none ticked: the action's labels)."""
+
+    def resolve() -> object:
+        labels = form_labels(session, job_id, principal.tenant, label or [], shown or [])
+        return review.resolve(session, job_id, principal, action, reason, labels=labels)  # type: ignore[arg-type]
+
+    return _press(principal, form, resolve, "resolved")
 
 
 @router.post("/review/{job_id}/reopen", response_class=RedirectResponse)
@@ -433,6 +447,37 @@ def audit_page(
     )
 
 
+@router.get("/deliveries", response_class=HTMLResponse)
+def deliveries_page(
+    request: Request,
+    session: SessionDep,
+    principal: WebhookAdmin,
+    status: Literal["", "pending", "delivered", "failed", "dropped"] = "",
+    before: Annotated[str | None, Query(max_length=64)] = None,
+    notice: Annotated[str | None, Query(max_length=64)] = None,
+) -> Response:
+    """The webhook delivery log: status, attempts, last error, and a Redeliver button (admins)."""
+    rows = webhooks.list_deliveries(
+        session, principal.tenant, status=status or None, before=_parse_time(before), limit=DELIVERIES_PER_PAGE
+    )
+    return render(
+        request,
+        "deliveries.html",
+        principal,
+        deliveries=[_page(WebhookDeliveryPublic.from_row(row)) for row in rows],
+        filters={"status": status},
+        next_before=iso(rows[-1].created_at) if len(rows) == DELIVERIES_PER_PAGE else None,
+        notice=NOTICES.get(notice or ""),
+        here=str(request.url.path) + (f"?{request.url.query}" if request.url.query else ""),
+    )
+
+
+@router.post("/deliveries/{delivery_id}/redeliver", response_class=RedirectResponse)
+def redeliver_button(delivery_id: str, session: SessionDep, principal: WebhookAdmin, form: ButtonDep) -> Response:
+    """The Redeliver button: the same message again, as POST /v1/webhooks/deliveries/{id}/redeliver."""
+    return _press(principal, form, lambda: webhooks.redeliver(session, delivery_id, principal), "redelivered")
+
+
 # --- helpers ---------------------------------------------------------------------------------------
 
 
@@ -441,9 +486,11 @@ def login_page(
 ) -> Response:
     """The sign-in form with a fresh login CSRF token (double-submit: a cookie and the same value in the form)."""
     token = secrets.token_urlsafe(32)
+    sso_name = settings.oidc_display_name if settings.oidc_issuer else None
     response = render(
-        request, "login.html", None, next_path=next_path, message=message, csrf_token=token, status_code=status
-    )
+        request, "login.html", None, next_path=next_path, message=message, csrf_token=token, status_code=status,
+        sso_name=sso_name,
+    )  # fmt: skip
     response.set_cookie(
         LOGIN_CSRF_COOKIE,
         token,

@@ -30,7 +30,7 @@ from tests.support.labels import QUESTIONS, decided_job, load_probe_policy, prob
 from tests.support.photos import photo_bytes
 from worker.replay import replay_policy
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]  # 230 jobs resolved over HTTP on each backend
 
 POLICY = load_probe_policy(probe_policy())
 JOBS = 200

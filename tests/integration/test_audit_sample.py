@@ -1,0 +1,80 @@
+"""The audit sample: a policy's `audit_rate` sends that share of automatic allows and blocks to the review queue as
+`audit` items, decided from the job id (a redelivered job samples the same way); on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from sqlmodel import select
+
+from core import review
+from core.db import session_scope
+from core.errors import PolicyError
+from core.jobs import store_decision
+from core.tables import Job, ReviewItem, ReviewKind
+from tests.support.labels import decided_job, load_probe_policy, probe_policy
+
+pytestmark = pytest.mark.timeout(120)
+
+RATE = 0.2
+JOBS = 300
+
+
+def test_audit_items_reach_the_queue_at_the_configured_rate(database_url: str) -> None:
+    policy = load_probe_policy(probe_policy(audit_rate=RATE))
+    assert policy.audit_rate == RATE
+    decided = [
+        decided_job(database_url, policy, {"weapons": 0.1 if i % 2 else 0.95, "drugs": 0.05}, audit_rate=RATE)
+        for i in range(JOBS)
+    ]
+    reviewed = decided_job(database_url, policy, {"weapons": 0.5, "drugs": 0.0}, audit_rate=RATE)  # a `review`
+    with session_scope(database_url) as session:
+        items = {item.job_id: item for item in session.exec(select(ReviewItem)).all()}
+        # A redelivered job stores nothing twice and samples the same way.
+        for job_id, decision in decided[:20]:
+            job = session.get(Job, job_id)
+            assert job is not None
+            assert store_decision(session, job, decision, audit_rate=RATE) is not None
+        assert len(session.exec(select(ReviewItem)).all()) == len(items)
+    assert items[reviewed[0]].kind == "review"
+    audits = [job_id for job_id, _ in decided if job_id in items]
+    assert all(items[job_id].kind == "audit" for job_id in audits)
+    assert {job_id for job_id, _ in decided if review.audit_sampled(job_id, RATE)} == set(audits)
+    # The share is the rate, within four standard deviations of the binomial (a random job id is a fair draw).
+    spread = 4 * math.sqrt(JOBS * RATE * (1 - RATE))
+    assert abs(len(audits) - JOBS * RATE) <= spread, len(audits)
+    # Both automatic actions are sampled; an audit item of an allow shows its top category.
+    actions = {decision.action for job_id, decision in decided if job_id in items}
+    assert actions == {"allow", "block"}
+    allowed = next(items[job_id] for job_id, decision in decided if job_id in items and decision.action == "allow")
+    assert (allowed.category, allowed.score) == ("weapons", 0.1)
+    with session_scope(database_url) as session:
+        queue, _ = review.list_queue(session, tenant="default", kind=ReviewKind.AUDIT, limit=500)
+        assert sorted(item.job_id for item, _ in queue) == sorted(audits)
+
+
+def test_sampling_is_a_function_of_the_job_id() -> None:
+    ids = [f"{i:032x}" for i in range(20_000)]
+    assert not any(review.audit_sampled(job_id, 0.0) for job_id in ids)
+    assert all(review.audit_sampled(job_id, 1.0) for job_id in ids)
+    share = sum(review.audit_sampled(job_id, 0.01) for job_id in ids) / len(ids)
+    assert 0.006 < share < 0.014
+    assert [review.audit_sampled(job_id, 0.3) for job_id in ids[:500]] == [
+        review.audit_sampled(job_id, 0.3) for job_id in ids[:500]
+    ]
+
+
+@pytest.mark.parametrize("rate", ["1.5", "-0.1", '"0.1"', "yes", ".nan", "[0.1]"])
+def test_audit_rate_is_validated_by_the_policy_schema(rate: str) -> None:
+    text = probe_policy().replace("categories:", f"audit_rate: {rate}\ncategories:", 1)
+    with pytest.raises(PolicyError) as caught:
+        load_probe_policy(text)
+    assert "audit_rate" in caught.value.message and "calib.yaml:3:" in caught.value.message
+
+
+def test_audit_rate_is_part_of_the_version_and_zero_changes_nothing() -> None:
+    plain = load_probe_policy(probe_policy())
+    zero = load_probe_policy(probe_policy().replace("categories:", "audit_rate: 0\ncategories:", 1))
+    sampled = load_probe_policy(probe_policy(audit_rate=0.05))
+    assert zero.version == plain.version != sampled.version
