@@ -185,8 +185,8 @@ class RequirementsBuilder:
         for name in needs.measures:
             self.measure(name)
         self.embedding = self.embedding or needs.embedding
-        for query in needs.examples:
-            self.example_set(query)
+        for example_query in needs.examples:
+            self.example_set(example_query)
 
     def build(self) -> Requirements:
         return Requirements(
