@@ -159,7 +159,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         celery=celery,
         blobs=open_blob_store(settings),
         redis=client,
-        quotas=QuotaGate(client),
+        quotas=QuotaGate.for_url(settings.redis_url),
     )
     set_build_info("api")
     logger.info("modtag API ready with policies: %s", ", ".join(sorted(loaded)))
