@@ -4,7 +4,6 @@ same bytes, and erasure and retention remove images (a shared blob only when no 
 from __future__ import annotations
 
 import hashlib
-import io
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,18 +18,9 @@ from core.principals import cli_principal
 from core.tables import utcnow
 from modtag.client import ApiClient
 from tests.support.deployment import Deployment, submit, wait_final
-from tests.support.photos import photo_bytes, photo_image
+from tests.support.photos import near_copy, photo_bytes
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def near_copy(name: str) -> bytes:
-    """The photo as someone re-uploading it would: resized to 90 % and re-encoded as JPEG at quality 70."""
-    image = photo_image(name)
-    image = image.resize((int(image.width * 0.9), int(image.height * 0.9)))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=70)
-    return buffer.getvalue()
 
 
 def blob_exists(deployment: Deployment, key: str) -> bool:

@@ -25,6 +25,15 @@ def photo_bytes(name: str, fmt: str = "JPEG", size: tuple[int, int] | None = Non
     return buffer.getvalue()
 
 
+def near_copy(name: str, scale: float = 0.9, quality: int = 70) -> bytes:
+    """The photo as someone re-uploading it would: resized (to 90 %) and re-encoded as JPEG (at quality 70)."""
+    image = photo_image(name)
+    image = image.resize((int(image.width * scale), int(image.height * scale)))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
 def product_photo(background: tuple[int, int, int] = (255, 255, 255), text: str | None = None) -> bytes:
     """A listing photo as a JPEG: the coffee cup cut from its photo onto a plain `background`, with `text`
     written under it in Pillow's bundled font when given (what a seller's contact details look like)."""
