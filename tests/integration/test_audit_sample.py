@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import text
 from sqlmodel import select
 
 from core import review
-from core.db import session_scope
+from core.db import MIGRATIONS_DIR, get_engine, session_scope
 from core.errors import PolicyError
 from core.jobs import store_decision
 from core.tables import Job, ReviewItem, ReviewKind
@@ -78,3 +82,33 @@ def test_audit_rate_is_part_of_the_version_and_zero_changes_nothing() -> None:
     zero = load_probe_policy(probe_policy().replace("categories:", "audit_rate: 0\ncategories:", 1))
     sampled = load_probe_policy(probe_policy(audit_rate=0.05))
     assert zero.version == plain.version != sampled.version
+
+
+def test_migration_0012_keeps_queued_items_both_ways(tmp_path: Path) -> None:
+    """SQLite rebuilds review_items for the new columns (batch mode): an item queued before 0012 reads as a
+    `review` item without labels, and survives a downgrade and a second upgrade."""
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["engine"] = get_engine(url)
+    command.upgrade(config, "0011")
+    with get_engine(url).begin() as connection:
+        for statement in (
+            "INSERT INTO jobs (id, tenant, status, policy, source, attempts, created_at, updated_at) "
+            "VALUES ('j1', 't', 'done', 'm', 'url', 1, '2026-01-01', '2026-01-01')",
+            "INSERT INTO decisions (id, job_id, tenant, action, policy, policy_version, categories, evidence, tags, "
+            "models, duration_ms, decided_at) VALUES ('d1', 'j1', 't', 'review', 'm', 'v', '{}', '[]', '[]', '{}', "
+            "1, '2026-01-01')",
+            "INSERT INTO review_items (job_id, decision_id, tenant, policy, score, state, queued_at, reopen_count) "
+            "VALUES ('j1', 'd1', 't', 'm', 0.5, 'open', '2026-01-01', 0)",
+        ):
+            connection.execute(text(statement))
+    command.upgrade(config, "0012")
+    with get_engine(url).begin() as connection:
+        assert connection.execute(text("SELECT job_id, kind, labels FROM review_items")).all() == [
+            ("j1", "review", None)
+        ]
+    command.downgrade(config, "0011")
+    with get_engine(url).begin() as connection:
+        assert connection.execute(text("SELECT job_id, state FROM review_items")).all() == [("j1", "open")]
+    command.upgrade(config, "0012")
