@@ -11,6 +11,7 @@ import pytest
 
 from core.errors import PolicyError
 from core.hashes import BankMatch
+from core.vectors import Neighbour
 from policies import ModelOutputs, Policy, Requirements, decide, load_policy_text
 from policies.checks import KINDS
 from policies.outputs import TextLine
@@ -20,6 +21,7 @@ EXAMPLES: dict[str, dict[str, object]] = {
     "attribute": {"question": "what color is the item?", "field": "attributes.color", "values": ["red", "blue"]},
     "caption": {"words": ["mug"], "score": 0.7},
     "describe": {"from": ["title", "description"], "negate": True},
+    "examples": {"set": "fakes", "k": 3},
     "hash": {"bank": "known_bad", "max_distance": 31},
     "match": {"text": "a photo of a mug"},
     "photo": {"measure": "white_background", "min": 0.6, "photos": "main"},
@@ -51,6 +53,10 @@ def outputs_for(needs: Requirements) -> ModelOutputs:
         banks={q.bank: BankMatch(q.bank, item="0123abcd", distance=7, by="pdq") for q in needs.banks},
         text=(TextLine("CALL 555 0142", 0.9, (10, 10, 200, 40)),) if needs.read_text else None,
         measures={name: {"width": 640.0, "height": 480.0}.get(name, 0.3) for name in needs.measures} or None,
+        examples={
+            q.set: (Neighbour("0a1b", "positive", 0.91), Neighbour("2c3d", "negative", 0.42))[: q.k]
+            for q in needs.examples
+        },
     )
 
 

@@ -585,7 +585,7 @@ def test_requirements_are_deduplicated_in_first_seen_order() -> None:
         (
             "unknown_kind.yaml",
             "policy_invalid",
-            "unknown check kind 'ocr'; known kinds: attribute, caption, describe, hash, match, photo, probe, tags, "
+            "unknown check kind 'ocr'; known kinds: attribute, caption, describe, examples, hash, match, photo, probe, tags, "
             "text",
         ),
     ],
