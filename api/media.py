@@ -1,4 +1,5 @@
-"""A video job's stored file, served with HTTP range requests from the blob store (an HTML5 <video> seeks with them).
+"""A video job's stored file, served with HTTP range requests from the blob store (an HTML5 <video> seeks with them),
+and its filmstrip (the job's thumbnail).
 
 Only one range per request (a player never asks for more; a multi-range request is answered whole, which RFC 9110
 allows), streamed from the blob store chunk by chunk: the video is never read whole into memory. A range that
@@ -16,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from api.deps import Services
 from api.errors import error_response
 from core.errors import NotFound
-from core.tables import Job
+from core.tables import Decision, Job
 
 # Private: a shared cache must never hand one tenant's video to someone else.
 CACHE_CONTROL = "private, max-age=3600"
@@ -59,6 +60,20 @@ def video_response(job: Job, services: Services, range_header: str | None) -> Re
         status = 206
     chunks = services.blobs.read_range(key, start, end)  # opened here: a missing blob is a 404, not a cut stream
     return StreamingResponse(chunks, status_code=status, media_type=media_type, headers=headers)
+
+
+def filmstrip_response(job: Job, decision: Decision | None, services: Services) -> Response:
+    """A video job's thumbnail: the filmstrip JPEG the worker drew of its judged frames (fired ones framed in red)."""
+    if job.erased_at is not None:
+        raise NotFound("this job's video was erased", code="job_erased")
+    key = decision.filmstrip_key if decision is not None else None
+    if key is None:
+        raise NotFound(
+            "this video has no filmstrip yet: it is drawn when the worker has judged its frames",
+            code="thumbnail_unavailable",
+        )
+    headers = {"Cache-Control": CACHE_CONTROL, "ETag": f'"{key[:32]}"'}
+    return Response(services.blobs.get(key), media_type="image/jpeg", headers=headers)
 
 
 def _span(header: str | None, size: int) -> tuple[int, int] | str | None:

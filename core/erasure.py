@@ -189,6 +189,7 @@ class _Erased:
 
     erasure: Erasure
     blob_key: str | None = None
+    filmstrip_key: str | None = None  # a video's filmstrip (a blob of its own), deleted with the video
 
 
 def _erase_rows(session: Session, job: Job, actor: Principal, why: str) -> _Erased:
@@ -212,8 +213,13 @@ def _erase_rows(session: Session, job: Job, actor: Principal, why: str) -> _Eras
         job.image_sha256, job.pdq, job.pdq_quality = None, None, None
     session.add(job)
     decision = session.exec(select(Decision).where(Decision.job_id == job.id)).first()
+    filmstrip = None
     if decision is not None:
         decision.caption, decision.text, decision.reason, decision.contradictions = None, None, None, None
+        # A video's frames keep their times, actions and scores (statistics, as categories do), not their hashes.
+        if decision.frames is not None:
+            decision.frames = [{k: v for k, v in frame.items() if k != "pdq"} for frame in decision.frames]
+        filmstrip, decision.filmstrip_key = decision.filmstrip_key, None
         decision.evidence, decision.tags = [], []
         decision.categories = _categories_kept(decision.categories)
         session.add(decision)
@@ -240,7 +246,7 @@ def _erase_rows(session: Session, job: Job, actor: Principal, why: str) -> _Eras
         },
         tenant=job.tenant,
     )
-    return _Erased(Erasure(erased=True, blob_deleted=False, kept=kept), key)
+    return _Erased(Erasure(erased=True, blob_deleted=False, kept=kept), key, filmstrip)
 
 
 def _finish(session: Session, blobs: BlobStore, done: list[_Erased], why: str) -> list[Erasure]:
@@ -259,6 +265,9 @@ def _finish(session: Session, blobs: BlobStore, done: list[_Erased], why: str) -
         deleted = key is not None and not _blob_in_use(session, key)
         if deleted and key is not None:
             blobs.delete(key)
+        strip = erased.filmstrip_key
+        if strip is not None and not session.exec(select(Decision.id).where(Decision.filmstrip_key == strip)).first():
+            blobs.delete(strip)
         finished.append(Erasure(erased=True, blob_deleted=deleted, kept=erasure.kept))
     return finished
 

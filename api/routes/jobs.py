@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import Eraser, Reader
 from api.deps import ServicesDep, SessionDep
 from api.errors import error_responses
-from api.media import video_response
+from api.media import filmstrip_response, video_response
 from api.moderate_now import FinalWaiterDep, PreferencesDep, wait_for_final
 from api.submissions import IntakeDep, JobSubmission, JobSubmissionDep, submission_route
 from api.thumbnails import forget_thumbnail, thumbnail_response
@@ -66,8 +66,11 @@ def read_job(job_id: str, session: SessionDep, principal: Reader) -> JobPublic:
     },
 )
 def read_thumbnail(job_id: str, session: SessionDep, services: ServicesDep, principal: Reader) -> Response:
-    """A small JPEG of the job's uploaded image, for the caller's own tenant only."""
+    """A small JPEG of the job's uploaded image (a video's: the filmstrip of its judged frames, the fired ones framed
+    in red, once judged), for the caller's own tenant only."""
     job = tenant_job(session, job_id, principal.tenant)
+    if job.media == "video":
+        return filmstrip_response(job, get_decision(session, job.id), services)
     return thumbnail_response(job, services)
 
 

@@ -1,0 +1,68 @@
+"""Videos through real processes (API and Celery worker, tiny random models): a banked shot blocks the clip with its
+time, an animated GIF is judged frame by frame, the thumbnail is the filmstrip, the video is served in ranges, and
+an erasure takes the video, its filmstrip and its frames' hashes."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.support.deployment import Deployment, submit, wait_final
+from tests.support.photos import photo_bytes, photo_image
+from tests.support.videos import Shot, animated_image, write_clip
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+
+SIZE = (160, 120)
+
+
+def test_a_video_through_api_and_worker(deployment: Deployment, tmp_path: Path) -> None:
+    deployment.start_api()
+    deployment.start_worker()
+    client = deployment.client
+    assert client.create_bank("known_bad", "removed before").status == 201
+    banked = client.post("/v1/banks/known_bad/items", files={"image": ("a.png", photo_bytes("astronaut", "PNG", SIZE))})
+    assert banked.status_code == 201, banked.text
+
+    timeline = (("coffee", 3), ("astronaut", 2), ("chelsea", 2))
+    shots = [Shot(seconds, photo_image(name, SIZE)) for name, seconds in timeline]
+    clip = write_clip(tmp_path / "clip.mp4", shots, size=SIZE, fps=5).read_bytes()
+    accepted = submit(deployment, clip, name="clip.mp4")
+    assert accepted["media"] == "video", accepted
+    job = wait_final(deployment, accepted["id"])
+    decision = job["decision"]
+    assert job["status"] == "done" and decision["action"] == "block", job
+    assert decision["models"] == {} and decision["evidence"][0]["kind"] == "hash"
+    assert decision["evidence"][0]["time_s"] == pytest.approx(3, abs=0.3)
+    [segment] = decision["segments"]
+    assert segment["category"] == "known_bad" and segment["start_s"] == pytest.approx(3, abs=0.3)
+    assert segment["end_s"] == pytest.approx(5, abs=0.3)
+
+    # The thumbnail is the filmstrip of the judged frames; the video itself comes in ranges.
+    strip = client.get(f"/v1/jobs/{job['id']}/thumbnail")
+    assert strip.status_code == 200 and strip.headers["content-type"] == "image/jpeg"
+    with Image.open(io.BytesIO(strip.content)) as picture:
+        assert picture.width >= len(decision["frames"]) * 60 and picture.height == 90
+    part = client.get(f"/v1/jobs/{job['id']}/video", headers={"Range": "bytes=0-15"})
+    assert part.status_code == 206 and part.content == clip[:16]
+
+    # An animated GIF is judged on its frames (the models run on each), not its first.
+    gif = animated_image(tmp_path, "GIF", names=("coffee", "chelsea", "rocket"), frame_ms=1000, size=SIZE)
+    animated = wait_final(deployment, submit(deployment, gif.read_bytes(), name="a.gif")["id"])
+    assert animated["status"] == "done" and animated["media"] == "video", animated
+    assert [frame["time_s"] for frame in animated["decision"]["frames"]] == [0.0, 1.0, 2.0]
+    assert animated["decision"]["models"]["random"] is True
+
+    # Erasure takes the video and the filmstrip; the frames keep their scores, not their hashes.
+    assert client.erase_job(job["id"]).status == 200
+    for path in ("video", "thumbnail"):
+        gone = client.get(f"/v1/jobs/{job['id']}/{path}")
+        assert gone.status_code == 404 and gone.json()["code"] == "job_erased"
+    erased = client.job(job["id"])["decision"]
+    assert erased["frames"] and all("pdq" not in frame or frame["pdq"] is None for frame in erased["frames"])
+    blobs = Path(deployment.env["MODTAG_DATA_DIR"]) / "blobs"
+    prefix = strip.headers["etag"].strip('"')
+    assert len(prefix) == 32 and not [path for path in blobs.rglob(f"{prefix}*") if path.is_file()]
