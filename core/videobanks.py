@@ -9,11 +9,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from sqlmodel import Session
+
+from core import banks
 from core.banks import NewBankItem
 from core.errors import Conflict, InvalidField
-from core.tables import Decision, Job
+from core.jobs import get_decision, tenant_job
+from core.principals import Principal
+from core.tables import BankItem, Decision, Job
 
 MAX_FRAMES = 1000  # frames banked per request at most (a decision holds MODTAG_VIDEO_MAX_FRAMES, 300 by default)
+
+
+def bank_frames(
+    session: Session, actor: Principal, job_id: str, bank_name: str, times: Sequence[float] | None, note: str | None
+) -> tuple[list[BankItem], int]:
+    """Bank the actor's tenant's video job's frames (`frame_items`) into its bank `bank_name`; the rows added and how
+    many hashes the bank held already (one `bank.import` audit entry). 404 for another tenant's job or bank."""
+    bank = banks.get_bank(session, actor.tenant, bank_name)
+    job = tenant_job(session, job_id, actor.tenant)
+    label = f"frame of video job {job.id}" + (f": {note}" if note else "")
+    items = frame_items(job, get_decision(session, job.id), label, times)
+    return banks.import_items(session, actor, bank, items, source={"video_job": job.id})
 
 
 def frame_items(
