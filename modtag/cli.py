@@ -83,9 +83,41 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds to wait for results")
     scan.add_argument("--json", action="store_true", help="print the jobs as JSON instead of a table")
     scan.add_argument("--no-progress", action="store_true")
+    scan.add_argument(
+        "--wait",
+        type=_wait_seconds,
+        nargs="?",
+        const=30,
+        default=None,
+        metavar="N",
+        help="moderate now: ask the API to answer each image with its decision (`Prefer: wait=N`, default 30 s; "
+        "the API caps it at MODTAG_MAX_PREFER_WAIT_S)",
+    )
     _stack_options(scan)
     _admin_key_option(scan)
     scan.set_defaults(handler=cmd_scan)
+
+    backfill = sub.add_parser(
+        "backfill", help="submit a catalogue (CSV or JSON lines of url/path, id, context) to the bulk lane, resumably"
+    )
+    backfill.add_argument("file", type=Path, metavar="FILE", help="CSV with a header, or JSON lines")
+    backfill.add_argument("--api", required=True, help="the modtag API's URL")
+    backfill.add_argument(
+        "--api-key", default=None, help="the key to send (default MODTAG_API_KEY; role submit or admin)"
+    )
+    backfill.add_argument(
+        "--rate", type=_positive_float, default=10.0, help="submissions per second at most (default 10)"
+    )
+    backfill.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="results.jsonl and failures.jsonl, the state a rerun resumes from (default ./FILE-NAME.backfill)",
+    )
+    backfill.add_argument("--policy", default="moderation")
+    backfill.add_argument("--no-progress", action="store_true")
+    backfill.set_defaults(handler=cmd_backfill)
 
     api = sub.add_parser("api", help="run the HTTP API only")
     api.add_argument("--host", default=None)
@@ -375,9 +407,39 @@ def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_USAGE
     progress = not args.no_progress and not args.json
     with _api_client(args, settings, timeout_s=60) as client:
-        results = scan(client, files, policy=args.policy, timeout_s=args.timeout, progress=progress)
+        results = scan(client, files, policy=args.policy, timeout_s=args.timeout, progress=progress, wait_s=args.wait)
     _print_report(args.json, lambda: to_json(results), lambda out: print_table(results, out))
     return EXIT_FAILED_JOBS if any(r.failed for r in results) else EXIT_OK
+
+
+def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    from modtag.backfill import backfill
+
+    out = args.out or Path(f"{args.file.name}.backfill")
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    stop = _install_stop_signals()  # Ctrl-C or SIGTERM: the row being sent is finished and recorded, then it stops
+    try:
+        with _api_client(args, settings, timeout_s=60) as client:
+            report = backfill(
+                client,
+                args.file,
+                out,
+                policy=args.policy,
+                rate_per_s=args.rate,
+                progress=not args.no_progress,
+                stop=stop,
+            )
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    print(
+        f"backfill of {args.file}: {report.submitted} submitted, {report.failed} failed, {report.skipped} done "
+        f"before; results in {out}/results.jsonl, failures in {out}/failures.jsonl"
+        + ("; interrupted: run the same command again to resume" if report.interrupted else "")
+    )
+    if report.interrupted:
+        return 130
+    return EXIT_FAILED_JOBS if report.failed else EXIT_OK
 
 
 def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
@@ -889,6 +951,7 @@ def _bounded(
 
 _positive_int = _bounded(int, "a whole number", lambda value: 1 <= value <= 256, "{value} is out of range (1 to 256)")
 _positive_float = _bounded(float, "a number", lambda value: value > 0, "{text} must be above 0")
+_wait_seconds = _bounded(int, "a whole number of seconds", lambda value: 0 <= value <= 3600, "{value} is not 0 to 3600")
 _port = _bounded(int, "a port number", lambda value: 0 <= value <= 65535, "{value} is not a port (0 to 65535)")
 _bank_size = _bounded(
     lambda text: int(float(text)),  # 1e6 reads as one million

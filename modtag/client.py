@@ -35,16 +35,18 @@ class Reply:
 
     status: int
     body: dict[str, Any]
+    retry_after_s: float | None = None  # a 429's or 503's Retry-After, in seconds
 
     @classmethod
     def of(cls, response: httpx.Response) -> Reply:
+        retry_after = _seconds(response.headers.get("Retry-After"))
         try:
             body = response.json()
         except ValueError:
-            return cls(response.status_code, {"code": "bad_response", "detail": response.text[:200]})
+            return cls(response.status_code, {"code": "bad_response", "detail": response.text[:200]}, retry_after)
         if not isinstance(body, dict):
-            return cls(response.status_code, {"code": "bad_response", "detail": str(body)[:200]})
-        return cls(response.status_code, body)
+            return cls(response.status_code, {"code": "bad_response", "detail": str(body)[:200]}, retry_after)
+        return cls(response.status_code, body, retry_after)
 
     @property
     def accepted(self) -> bool:
@@ -88,13 +90,43 @@ class ApiClient(httpx.Client):
         filename: str | None = None,
         policy: str = "moderation",
         mime: str = "application/octet-stream",
+        context: dict[str, Any] | None = None,
+        priority: str | None = None,
+        idempotency_key: str | None = None,
+        wait_s: int | None = None,
     ) -> Reply:
-        """POST /v1/jobs with an upload (bytes, or a file read as it is sent)."""
+        """POST /v1/jobs with an upload (bytes, or a file read as it is sent); `wait_s` asks for the decision in the
+        answer (`Prefer: wait=N`: 200 with the decided job when it is decided in time, else 202)."""
         name = filename or (image.name if isinstance(image, Path) else "image")
+        data = {"policy": policy}
+        if context is not None:
+            data["context"] = json.dumps(context)
+        if priority is not None:
+            data["priority"] = priority
+        headers = _submission_headers(idempotency_key, wait_s)
         if isinstance(image, Path):
             with image.open("rb") as handle:
-                return Reply.of(self.post("/v1/jobs", files={"image": (name, handle, mime)}, data={"policy": policy}))
-        return Reply.of(self.post("/v1/jobs", files={"image": (name, image, mime)}, data={"policy": policy}))
+                files = {"image": (name, handle, mime)}
+                return Reply.of(self.post("/v1/jobs", files=files, data=data, headers=headers))
+        return Reply.of(self.post("/v1/jobs", files={"image": (name, image, mime)}, data=data, headers=headers))
+
+    def submit_url_job(
+        self,
+        url: str,
+        *,
+        policy: str = "moderation",
+        context: dict[str, Any] | None = None,
+        priority: str | None = None,
+        idempotency_key: str | None = None,
+        wait_s: int | None = None,
+    ) -> Reply:
+        """POST /v1/jobs as JSON: the image at `url`, fetched by a worker."""
+        body: dict[str, Any] = {"image_url": url, "policy": policy}
+        if context is not None:
+            body["context"] = context
+        if priority is not None:
+            body["priority"] = priority
+        return Reply.of(self.post("/v1/jobs", json=body, headers=_submission_headers(idempotency_key, wait_s)))
 
     def create_bank(self, name: str, description: str | None = None, kind: str = "block") -> Reply:
         """POST /v1/banks (admin): `kind` block, or allow for an allow-list."""
@@ -232,3 +264,19 @@ class ApiClient(httpx.Client):
         response = self.get("/metrics")
         response.raise_for_status()
         return response.text
+
+
+def _submission_headers(idempotency_key: str | None, wait_s: int | None) -> dict[str, str]:
+    headers = {}
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = idempotency_key
+    if wait_s is not None:
+        headers["Prefer"] = f"wait={wait_s}"
+    return headers
+
+
+def _seconds(value: str | None) -> float | None:
+    """A Retry-After in delta-seconds (the form modtag sends); None when absent or another form."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return float(value.strip())

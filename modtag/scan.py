@@ -49,11 +49,13 @@ def scan(
     policy: str = "moderation",
     timeout_s: float = 600,
     progress: bool = True,
+    wait_s: int | None = None,
 ) -> list[ScanResult]:
-    """Submit each file, then poll until every job is final (or the timeout passes)."""
+    """Submit each file, then poll until every job is final (or the timeout passes). With `wait_s`, each
+    submission asks for its decision in the answer (`Prefer: wait=N`): only the jobs not decided in time are polled."""
     results = [ScanResult(path) for path in files]
-    for result in _bar(results, "submitting", progress):
-        reply = client.submit_job(result.path, policy=policy)
+    for result in _bar(results, "submitting" if wait_s is None else "judging now", progress):
+        reply = client.submit_job(result.path, policy=policy, wait_s=wait_s)
         if reply.auth_refused or reply.body.get("code") == "too_many_failures":
             # Every other file would be refused the same way: stop with what to do instead.
             raise ModtagError(
