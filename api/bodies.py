@@ -37,6 +37,8 @@ MULTIPART_SLACK_BYTES = 64 * 1024
 JSON_SLACK_BYTES = 16 * 1024
 # How much of an uploaded file stays in memory before its spool moves to a temporary file on disk.
 SPOOL_MEMORY_BYTES = 64 * 1024
+# How many first bytes of an uploaded file are kept to tell what it is (magic bytes) while it arrives.
+HEAD_BYTES = 64
 Body = TypeVar("Body")
 BodyModel = TypeVar("BodyModel", bound=BaseModel)
 
@@ -53,6 +55,12 @@ class BodyLimits:
     json_too_large: str
     expected: str  # what to send instead of an unsupported Content-Type
     too_many_files: str | None = None  # the 422 `too_many_images` message; None: a malformed body (400)
+    # The cap of one file by what its first bytes are (`HEAD_BYTES` of them, fewer for a shorter file):
+    # (cap, code, message of the 413). None: the body's cap alone. A video may be far larger than an image.
+    file_cap: Callable[[bytes], tuple[int, str, str]] | None = None
+    # The most one request holds of the upload budget; None: its whole declared length. A route whose largest files
+    # are never read whole into memory (a video streams from its spool) holds only what an image would.
+    budget_bytes: int | None = None
 
 
 class UploadsBusy(ModtagError, code="busy", http_status=503, retryable=True):
@@ -113,6 +121,9 @@ class SpooledUpload(UploadFile):
     def __init__(self, source: UploadFile) -> None:
         super().__init__(source.file, size=0, filename=source.filename, headers=source.headers)
         self._digest = hashlib.sha256()
+        self.head = b""  # its first HEAD_BYTES bytes: what it is, read without touching the spool
+        self.received = 0
+        self.cap: tuple[int, str, str] | None = None  # (bytes, code, message) once the head is known
 
     @property
     def sha256(self) -> str:
@@ -157,7 +168,8 @@ async def open_body(
         code, message = limits.multipart_too_large
         declared = _check_declared_length(request, limits.multipart_cap, code, message)
         budget: UploadBudget = request.app.state.upload_budget
-        async with budget.hold(limits.multipart_cap if declared is None else declared):
+        wanted = limits.multipart_cap if declared is None else declared
+        async with budget.hold(min(wanted, limits.budget_bytes or wanted)):
             form = await _read_form(request, limits)
             try:
                 yield await from_form(form)
@@ -265,6 +277,7 @@ class _FormParser(MultiPartParser):
 
     complete = False
     spool_max_size = SPOOL_MEMORY_BYTES
+    file_cap: Callable[[bytes], tuple[int, str, str]] | None = None
 
     def on_headers_finished(self) -> None:
         super().on_headers_finished()
@@ -277,6 +290,27 @@ class _FormParser(MultiPartParser):
         upload = self._current_part.file
         if isinstance(upload, SpooledUpload):
             upload._digest.update(data[start:end])
+            upload.received += end - start
+            if len(upload.head) < HEAD_BYTES:
+                upload.head += data[start : min(end, start + HEAD_BYTES - len(upload.head))]
+            self._check_file_cap(upload)
+
+    def on_part_end(self) -> None:
+        upload = self._current_part.file
+        if isinstance(upload, SpooledUpload):
+            self._check_file_cap(upload, ended=True)  # a file shorter than HEAD_BYTES is judged by what came
+        super().on_part_end()
+
+    def _check_file_cap(self, upload: SpooledUpload, *, ended: bool = False) -> None:
+        """Refuse a file past its own cap as soon as it passes it: an image's bytes stop at the image limit while
+        the body may carry a video's."""
+        if self.file_cap is None:
+            return
+        if upload.cap is None and (ended or len(upload.head) >= HEAD_BYTES):
+            upload.cap = self.file_cap(upload.head)
+        if upload.cap is not None and upload.received > upload.cap[0]:
+            _, code, message = upload.cap
+            raise PayloadTooLarge(message, code=code)
 
     def on_end(self) -> None:
         self.complete = True
@@ -288,6 +322,7 @@ async def _read_form(request: Request, limits: BodyLimits) -> FormData:
     parser = _FormParser(
         request.headers, body, max_files=limits.max_files, max_fields=limits.max_fields, max_part_size=cap
     )
+    parser.file_cap = limits.file_cap
     try:
         form = await parser.parse()
     except MultiPartException as exc:

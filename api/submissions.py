@@ -43,9 +43,10 @@ from api.bodies import (
 from api.deps import Services, ServicesDep, SessionDep, SettingsDep, resolve_policy
 from api.errors import error_responses
 from api.schemas import MAX_DESCRIPTION_CHARS, MAX_TITLE_CHARS, PRIORITY_SCHEMA, JobRequest, ListingRequest
+from api.upload_media import UploadHeader, check_upload, file_cap, upload_limit
 from core.broker import enqueue_job
 from core.errors import BadRequest, Conflict, FetchError, InvalidField, ModtagError, PayloadTooLarge, PolicyError
-from core.images import ImageHeader, ImageLimits, sniff_image
+from core.images import ImageLimits
 from core.jobs import NewJob, create_job, find_by_idempotency_key, mark_enqueued
 from core.listings import (
     NewListing,
@@ -62,6 +63,7 @@ from core.queues import Priority
 from core.settings import Settings
 from core.tables import Job, Listing
 from core.urls import check_callback_url, validate_image_url
+from core.video import VideoLimits
 from policies import Policy
 
 logger = logging.getLogger(__name__)
@@ -97,6 +99,7 @@ class Submission(ABC, Generic[Record]):
     form: ClassVar[dict[str, Any]]
     json_body: ClassVar[type[BaseModel]]
     replayed: ClassVar[str]
+    takes_video: ClassVar[bool] = False  # a video file or an animated image becomes a `media: video` job
 
     policy: str
     uploads: list[SpooledUpload]  # spooled by the body reader, open until the response
@@ -187,7 +190,10 @@ def accept(
     submission.check_count(settings)
     limits = ImageLimits.from_settings(settings)
     # One photo in memory at a time, only for its header checks; the store streams each from its spool.
-    headers = [_sniff(upload, limits, submission.photo_label(index)) for index, upload in enumerate(submission.uploads)]
+    videos = VideoLimits.from_settings(settings) if submission.takes_video else None
+    headers = [
+        _sniff(upload, limits, videos, submission.photo_label(index)) for index, upload in enumerate(submission.uploads)
+    ]
     policy = resolve_policy(services.policies, submission.policy)
     context = submission.read_context(settings)
     require_context(policy, context)
@@ -252,7 +258,11 @@ class JobSubmission(Submission[Job]):
         "type": "object",
         "required": ["image"],
         "properties": {
-            "image": {"type": "string", "format": "binary", "description": "JPEG, PNG, WebP, GIF..."},
+            "image": {
+                "type": "string",
+                "format": "binary",
+                "description": "JPEG, PNG, WebP, GIF...; or a video: MP4, MOV, WebM, an animated GIF, WebP or PNG.",
+            },
             "policy": {"type": "string", "default": "moderation"},
             "context": {"type": "string", "description": "A JSON object, e.g. the listing's title and attributes."},
             "callback_url": {"type": "string", "format": "uri"},
@@ -261,6 +271,7 @@ class JobSubmission(Submission[Job]):
     }
     json_body = JobRequest
     replayed = "A job with this Idempotency-Key already exists; it is returned."
+    takes_video = True
     context: Any = None  # multipart: the JSON text; JSON body: the parsed value
     context_is_text: bool = False
 
@@ -446,13 +457,18 @@ async def read_job_submission(request: Request, settings: SettingsDep) -> AsyncI
     upload stays spooled (and its room in the upload budget held) until the route is done."""
     cap = settings.max_context_bytes + JSON_SLACK_BYTES
     limits = BodyLimits(
-        multipart_cap=settings.max_upload_bytes + settings.max_context_bytes + MULTIPART_SLACK_BYTES,
+        multipart_cap=max(settings.max_upload_bytes, settings.max_video_bytes)
+        + settings.max_context_bytes
+        + MULTIPART_SLACK_BYTES,
         multipart_too_large=("image_too_large", _image_too_large(settings)),
         max_files=1,
         max_fields=8,
         json_cap=cap,
         json_too_large=f"the JSON body is over {cap} bytes; the context may be at most {settings.max_context_bytes}",
         expected="multipart/form-data with an `image` file, or application/json with an `image_url`",
+        file_cap=file_cap(settings),  # an image stops at its limit, a video file at the video limit
+        # A video is never read whole (probed and stored from its spool): it holds what an image would.
+        budget_bytes=settings.max_upload_bytes + settings.max_context_bytes + MULTIPART_SLACK_BYTES,
     )
 
     async def from_form(form: FormData) -> JobSubmission:
@@ -467,7 +483,7 @@ async def read_job_submission(request: Request, settings: SettingsDep) -> AsyncI
             )
         return JobSubmission(
             policy=form_text(form, "policy") or "moderation",
-            uploads=[spooled_upload(image, settings.max_upload_bytes, "the image")],
+            uploads=[spooled_upload(image, upload_limit(image, settings), "the image")],
             urls=[],
             callback_url=form_text(form, "callback_url") or None,
             priority=read_priority(form_text(form, "priority")),
@@ -609,16 +625,16 @@ def _image_of(job: Job) -> str:
     return (job.image_sha256 if job.source == "upload" else job.image_url) or ""
 
 
-def _sniff(upload: SpooledUpload, limits: ImageLimits, label: str | None) -> ImageHeader:
+def _sniff(upload: SpooledUpload, limits: ImageLimits, videos: VideoLimits | None, label: str | None) -> UploadHeader:
     try:
-        return sniff_image(upload.read_whole(), limits)
+        return check_upload(upload, limits, videos)
     except ModtagError as exc:
         if label is None:
             raise
         raise ModtagError(f"{label}: {exc.message}", code=exc.code, http_status=exc.http_status) from None
 
 
-def _upload_job(services: Services, upload: SpooledUpload, header: ImageHeader, common: dict[str, Any]) -> NewJob:
+def _upload_job(services: Services, upload: SpooledUpload, header: UploadHeader, common: dict[str, Any]) -> NewJob:
     blob_key = services.blobs.put_file(upload.rewound())  # streamed from the spool, hashed again on the way
     if blob_key != upload.sha256:
         raise ModtagError("the upload changed while it was stored", code="internal_error", http_status=500)
@@ -631,6 +647,7 @@ def _upload_job(services: Services, upload: SpooledUpload, header: ImageHeader, 
         image_width=header.width,
         image_height=header.height,
         image_format=header.format,
+        media=header.media,
     )
 
 
@@ -658,7 +675,11 @@ def _enqueue(services: Services, session: Session, jobs: Sequence[Job]) -> None:
 
 
 def _image_too_large(settings: Settings) -> str:
-    return f"the image is larger than the limit of {settings.max_upload_bytes} bytes"
+    most = max(settings.max_upload_bytes, settings.max_video_bytes)
+    return (
+        f"the upload is larger than the limit of {most} bytes (an image may be at most {settings.max_upload_bytes} "
+        f"bytes, MODTAG_MAX_UPLOAD_BYTES; a video {settings.max_video_bytes}, MODTAG_MAX_VIDEO_BYTES)"
+    )
 
 
 def _context_too_large(limit: int) -> PayloadTooLarge:

@@ -66,7 +66,7 @@ def measure(listings: int, photos: int, photo_mb: float, rounds: int, *, s3: boo
         try:
             base = f"http://127.0.0.1:{port}"
             _wait_ready(base, api)
-            idle = _memory_mb(api.pid)
+            idle = process_memory_mb(api.pid)
             images = [_photo(photo_mb, seed) for seed in range(photos)]
             statuses: Counter[str] = Counter()
             started = time.perf_counter()
@@ -76,7 +76,7 @@ def measure(listings: int, photos: int, photo_mb: float, rounds: int, *, s3: boo
                     with ThreadPoolExecutor(listings) as pool:
                         statuses.update(pool.map(lambda title: _send(client, images, title), titles))
             elapsed = time.perf_counter() - started
-            after = _memory_mb(api.pid)
+            after = process_memory_mb(api.pid)
         finally:
             api.terminate()
             api.wait(15)
@@ -160,7 +160,7 @@ def _wait_ready(base: str, api: subprocess.Popen[bytes]) -> None:
     raise TimeoutError("the API was not ready within 60 s")
 
 
-def _memory_mb(pid: int) -> dict[str, float]:
+def process_memory_mb(pid: int) -> dict[str, float]:
     """VmRSS and VmHWM (the peak resident set) of `pid`, in MB."""
     fields: dict[str, float] = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
