@@ -23,6 +23,7 @@ from api.routes import (
     banks,
     calibration,
     dashboard,
+    dashboard_banks,
     decisions,
     health,
     jobs,
@@ -101,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(example_sets.similar_router)
     app.include_router(quotas.router)  # tenant quotas (admin)
     app.include_router(dashboard_sso.router)  # single sign-on for the dashboard (api/sso.py)
+    app.include_router(dashboard_banks.router)  # the dashboard's Banks pages
     install_docs(app)
     return app
 

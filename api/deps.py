@@ -14,6 +14,7 @@ from sqlmodel import Session
 from core.blobs import BlobStore
 from core.db import get_engine
 from core.errors import NotFound
+from core.quotas import QuotaGate
 from core.settings import Settings
 from policies import Policy
 
@@ -27,6 +28,7 @@ class Services:
     celery: Celery
     blobs: BlobStore
     redis: Redis  # readiness and queue-depth gauges, with short timeouts
+    quotas: QuotaGate  # tenant submission quotas, in that Redis (core/quotas.py)
     gauges_refreshed_at: float = float("-inf")  # monotonic time of the last scrape-time gauge refresh
 
 

@@ -1,8 +1,12 @@
 """Signed webhooks (the Standard Webhooks specification): tenant secrets, signatures and the delivery log.
 
-A final job or listing with a callback URL becomes one `WebhookDelivery` row, whose id is the message's
-`webhook-id` and whose payload is the exact body: every attempt sends the same bytes under the same id, so a
-receiver can drop duplicates. Delivery is at least once: the row is written before the first attempt, and a
+An event (core/events.py: a final job or listing, a review resolved) with a callback URL becomes one
+`WebhookDelivery` row, whose id is the message's `webhook-id` and whose payload is the exact body (the Standard
+Webhooks envelope): every attempt sends the same bytes under the same id, so a receiver can drop duplicates. An
+admin's redelivery (`redeliver`) sends the same id and body again, with a fresh timestamp and signature, and
+restarts the retry schedule. Every attempt says `User-Agent: modtag-webhooks/<version>`.
+
+Delivery is at least once: the row is written before the first attempt, and a
 failed attempt (a network error or a non-2xx answer) schedules the next one after `webhook_retry_intervals_s`
 (exponential, over hours); past the last interval the delivery is `failed`. Each attempt is signed with every
 live secret of the tenant: `webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, one
@@ -27,14 +31,16 @@ from urllib.parse import urlsplit
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, or_, select, update
 
-from core import audit
+from core import __version__, audit
+from core.errors import Conflict, NotFound
 from core.principals import Principal
 from core.settings import Settings
-from core.tables import FINAL_STATUSES, Job, WebhookDelivery, WebhookSecret, as_utc, iso, utcnow
+from core.tables import FINAL_STATUSES, ID_PATTERN, Job, WebhookDelivery, WebhookSecret, as_utc, iso, utcnow
 
 SECRET_PREFIX = "whsec_"
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 DROPPED = "dropped"  # its subject was erased before it was delivered: never sent again
+USER_AGENT = f"modtag-webhooks/{__version__}"
 
 
 def tenant_secret(session: Session, tenant: str) -> WebhookSecret:
@@ -108,14 +114,33 @@ def record_delivery(
 ) -> WebhookDelivery:
     """The delivery of this event for this subject, written once (a redelivered task finds the first one). It commits
     what the session holds with it: a listing's callback claim is made durable only together with its row."""
-    existing = _find(session, event_type, subject_id)
+    existing = _find(session, event_type, subject_id, 0)
     if existing is not None:
         return existing
+    row = add_delivery(
+        session, tenant=tenant, event_type=event_type, subject_id=subject_id, sequence=0, url=url, payload=payload
+    )
+    try:
+        session.commit()
+    except IntegrityError:  # another worker wrote it first
+        session.rollback()
+        found = _find(session, event_type, subject_id, 0)
+        assert found is not None
+        return found
+    session.refresh(row)
+    return row
+
+
+def add_delivery(
+    session: Session, *, tenant: str, event_type: str, subject_id: str, sequence: int, url: str, payload: bytes
+) -> WebhookDelivery:
+    """A new delivery row, due now, added to the session: the caller commits it with the change it announces."""
     row = WebhookDelivery(
         id=f"msg_{secrets.token_hex(16)}",
         tenant=tenant,
         event_type=event_type,
         subject_id=subject_id,
+        sequence=sequence,
         url=url,
         payload=payload.decode(),
         next_attempt_at=utcnow(),
@@ -123,13 +148,35 @@ def record_delivery(
     if _erased_job(session, subject_id):
         _empty(row)
     session.add(row)
-    try:
-        session.commit()
-    except IntegrityError:  # another worker wrote it first
-        session.rollback()
-        found = _find(session, event_type, subject_id)
-        assert found is not None
-        return found
+    return row
+
+
+def redeliver(session: Session, delivery_id: str, actor: Principal) -> WebhookDelivery:
+    """Send a message again (the same `webhook-id` and body; each attempt signs a fresh timestamp): pending and due
+    now, with a fresh retry schedule (`attempts` counts from 0 again). The tenant's own messages only (another's id
+    is 404); an erased one (`dropped`, its body gone) is 409 `delivery_erased`. Audited, in the same transaction.
+    The workers' sender sends it on its next poll (`webhook_poll_s`)."""
+    row = session.get(WebhookDelivery, delivery_id) if ID_PATTERN.match(delivery_id) else None
+    if row is None or row.tenant != actor.tenant:
+        raise NotFound(f"no webhook delivery with id {delivery_id[:64]!r}", code="delivery_not_found")
+    if row.status == DROPPED or not row.payload:
+        raise Conflict(
+            f"the webhook {row.id} was emptied when its {row.event_type.split('.')[0]} was erased; there is nothing "
+            "to send",
+            code="delivery_erased",
+        )
+    before = _delivery_state(row)
+    now = utcnow()
+    row.status, row.attempts, row.next_attempt_at = PENDING, 0, now
+    row.delivered_at = None
+    row.redeliveries += 1
+    row.redelivered_at = now
+    session.add(row)
+    session.flush()
+    audit.record(
+        session, actor, "webhook.redeliver", "webhook_delivery", row.id, before=before, after=_delivery_state(row)
+    )
+    session.commit()
     session.refresh(row)
     return row
 
@@ -202,10 +249,12 @@ def due_deliveries(session: Session, limit: int = 100) -> list[str]:
     )
 
 
-def jobs_missing_delivery(session: Session, event_type: str, finished_before: datetime, limit: int = 100) -> list[str]:
+def jobs_missing_delivery(
+    session: Session, event_types: Sequence[str], finished_before: datetime, limit: int = 100
+) -> list[str]:
     """Final jobs with a callback URL, finished before `finished_before` (and within a day of it), that have no
-    delivery: their worker stopped between finishing them and recording the webhook."""
-    recorded = select(WebhookDelivery.subject_id).where(WebhookDelivery.event_type == event_type)
+    delivery of any of `event_types`: their worker stopped between finishing them and recording the webhook."""
+    recorded = select(WebhookDelivery.subject_id).where(col(WebhookDelivery.event_type).in_(list(event_types)))
     return list(
         session.exec(
             select(Job.id)
@@ -256,12 +305,25 @@ def _empty(row: WebhookDelivery) -> None:
         row.status, row.next_attempt_at = DROPPED, None
 
 
-def _find(session: Session, event_type: str, subject_id: str) -> WebhookDelivery | None:
+def _find(session: Session, event_type: str, subject_id: str, sequence: int) -> WebhookDelivery | None:
     return session.exec(
         select(WebhookDelivery).where(
-            WebhookDelivery.event_type == event_type, WebhookDelivery.subject_id == subject_id
+            WebhookDelivery.event_type == event_type,
+            WebhookDelivery.subject_id == subject_id,
+            WebhookDelivery.sequence == sequence,
         )
     ).first()
+
+
+def _delivery_state(row: WebhookDelivery) -> dict[str, object]:
+    """What the audit log keeps of a delivery: its state, never its body or URL."""
+    return {
+        "status": row.status,
+        "attempts": row.attempts,
+        "redeliveries": row.redeliveries,
+        "event_type": row.event_type,
+        "subject_id": row.subject_id,
+    }
 
 
 def _new_secret() -> str:

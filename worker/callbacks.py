@@ -1,4 +1,6 @@
-"""Webhooks of final jobs: the job to its callback_url, and its listing to the listing's once every photo is final.
+"""Webhooks of final jobs: the job to its callback_url (`job.decided` or `job.failed`), and its listing to the
+listing's once every photo is final (`listing.decided`); every body is the Standard Webhooks envelope
+(core/events.py). The same sender also sends what the API recorded (`review.resolved`, an admin's redelivery).
 
 Each is recorded as a signed delivery (core/webhooks.py) before its first attempt, tried once at once, then
 retried by `start_webhook_sender` with backoff until delivered or out of retries: at least once, the same
@@ -10,7 +12,6 @@ delivery never fails the job.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -23,6 +24,7 @@ from core import jobs, metrics, webhooks
 from core.db import session_scope
 from core.dependencies import RECORD, Dependency, outage_of
 from core.errors import ModtagError
+from core.events import JOB_EVENTS, EventType, envelope, job_event_type
 from core.listings import listing_callback_due, listings_missing_callback
 from core.public import JobPublic
 from core.settings import Settings
@@ -31,9 +33,6 @@ from core.urls import post_json
 from policies.listing import listing_public
 
 log = logging.getLogger(__name__)
-
-JOB_EVENT, LISTING_EVENT = "job.completed", "listing.completed"
-
 
 def send_callbacks(settings: Settings, job: Job) -> None:
     """Record the final job's webhook, and its listing's when this job was the last photo; try each once now."""
@@ -57,6 +56,7 @@ def deliver(settings: Settings, delivery_id: str, clock: Callable[[], float] = t
         headers = webhooks.signature_headers(
             webhooks.signing_secrets(session, row.tenant), row.id, int(clock()), row.payload.encode()
         )
+        headers["User-Agent"] = webhooks.USER_AGENT
         target, body, subject = row.url, row.payload.encode(), f"{row.event_type} {row.subject_id}"
     status: int | None = None
     error: str | None = None
@@ -114,7 +114,7 @@ def _record_missing(settings: Settings) -> None:
     url = settings.resolved_database_url
     grace = utcnow() - timedelta(seconds=settings.queued_grace_s)
     with session_scope(url) as session:
-        missing = webhooks.jobs_missing_delivery(session, JOB_EVENT, grace)
+        missing = webhooks.jobs_missing_delivery(session, JOB_EVENTS, grace)
         found = [job for job_id in missing if (job := jobs.get_job(session, job_id)) is not None]
         listings = listings_missing_callback(session, grace)
     for job in found:
@@ -133,13 +133,14 @@ def _record(settings: Settings, job: Job) -> list[str]:
             current = jobs.get_job(session, job.id)
             if current is not None:
                 public = JobPublic.from_row(current, jobs.get_decision(session, job.id))
+                event = job_event_type(current)
                 row = webhooks.record_delivery(
                     session,
                     tenant=current.tenant,
-                    event_type=JOB_EVENT,
+                    event_type=event,
                     subject_id=current.id,
                     url=job.callback_url,
-                    payload=json.dumps(public.model_dump(mode="json")).encode(),
+                    payload=envelope(event, public.model_dump(mode="json"), current.finished_at),
                 )
                 recorded.append(row.id)
     if job.listing_id:
@@ -157,9 +158,9 @@ def _record_listing(settings: Settings, listing_id: str) -> list[str]:
         row = webhooks.record_delivery(
             session,
             tenant=due.listing.tenant,
-            event_type=LISTING_EVENT,
+            event_type=EventType.LISTING_DECIDED,
             subject_id=due.listing.id,
             url=due.url,
-            payload=json.dumps(body).encode(),
+            payload=envelope(EventType.LISTING_DECIDED, body),
         )
         return [row.id]

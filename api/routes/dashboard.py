@@ -39,7 +39,7 @@ from api.failures import client_address, refuse_repeated_failure
 from api.labels import form_labels
 from api.pages import GREYSCALE_COOKIE, render
 from api.schemas import SLUG_PATTERN
-from core import review, webhooks
+from core import banks, resolutions, review, webhooks
 from core.audit import list_entries
 from core.auth import authenticate
 from core.errors import AuthError, ModtagError, TooManyFailures
@@ -49,11 +49,13 @@ from core.principals import Permission, Principal
 from core.public import AuditEntryPublic, DecisionPublic, ReviewItemPublic, ReviewQueueEntry, WebhookDeliveryPublic
 from core.stats import category_counts, flag_rates, reused_count
 from core.tables import ID_PATTERN, Decision, Job, ReviewState, as_utc, iso, utcnow
+from core.videobanks import bank_frames
 
 router = APIRouter(prefix="/dashboard", tags=["dashboard"], include_in_schema=False)
 
 LOGIN_CSRF_COOKIE = "modtag_login_csrf"
 DEFAULT_PAGE = "/dashboard/flagged"
+BLOCK_AND_BANK = "block_and_bank"  # the resolve form's third button
 GREYSCALE_COOKIE_MAX_AGE_S = 365 * 24 * 3600
 _NEXT = re.compile(r"^/dashboard(/[A-Za-z0-9_/-]*)?(\?[A-Za-z0-9_=&%.:+-]*)?$")
 _SLUG = re.compile(SLUG_PATTERN)
@@ -75,10 +77,17 @@ NOTICES = {
     "reason_missing": "Give a reason: it is kept with the resolution.",
     "reason_invalid": "The reason is too long (at most 2000 characters).",
     "resolution_invalid": "Choose allow or block.",
+    "resolved_banked": "Blocked, and the image's hashes added to the bank: copies are blocked before the models run.",
+    "bank_not_found": "That bank does not exist (any more); choose another.",
+    "bank_is_allow_list": "That bank is an allow-list; choose a block bank.",
+    "job_not_hashed": "This image has no hashes yet, so it cannot be banked; block it, and bank it once it has.",
+    "video_not_judged": "This video's frames have not been judged yet, so they cannot be banked.",
     "unknown_category": "A ticked category is not one of this decision's policy; reload the page and try again.",
     "redelivered": "Queued for redelivery: the workers send it again within seconds, with the same webhook-id.",
     "delivery_erased": "That webhook's job or listing was erased: there is nothing left to send.",
     "delivery_not_found": "No such webhook delivery.",
+    "banked": "Banked: copies of these frames are blocked before the models run.",
+    "not_a_video": "This job is an image: bank it with Block and add to bank.",
 }
 
 Flagged = Literal["flagged", "review", "block", "allow", "all"]
@@ -300,6 +309,7 @@ def review_page(
         next_cursor=next_cursor,
         notice=NOTICES.get(notice or ""),
         can_reopen=principal.can(Permission.REOPEN),
+        bank_choices=_block_banks(session, principal),
         here=str(request.url.path) + (f"?{request.url.query}" if request.url.query else ""),
     )
 
@@ -330,14 +340,32 @@ def resolve_button(
     reason: Annotated[str, Form(max_length=4000)] = "",
     label: Annotated[list[str] | None, Form()] = None,
     shown: Annotated[list[str] | None, Form()] = None,
+    bank: Annotated[str | None, Form(max_length=64)] = None,
 ) -> Response:
-    """The Allow and Block buttons, with the ticked categories as labels (none ticked: the action's labels)."""
+    """The Allow and Block buttons, with the ticked categories as labels (none ticked: the action's labels), and
+    "Block and add to bank": a block that banks the image's hashes in the chosen bank too (core/resolutions.py)."""
+    banked = action == BLOCK_AND_BANK
 
     def resolve() -> object:
         labels = form_labels(session, job_id, principal.tenant, label or [], shown or [])
-        return review.resolve(session, job_id, principal, action, reason, labels=labels)  # type: ignore[arg-type]
+        return resolutions.resolve(
+            session, job_id, principal, "block" if banked else action, reason, labels=labels,
+            add_to_bank=(bank or "") if banked else None,
+        )  # fmt: skip
 
-    return _press(principal, form, resolve, "resolved")
+    return _press(principal, form, resolve, "resolved_banked" if banked else "resolved")
+
+
+@router.post("/review/{job_id}/bank-frames", response_class=RedirectResponse)
+def bank_frames_button(
+    job_id: str,
+    session: SessionDep,
+    principal: Reviewer,
+    form: ButtonDep,
+    bank: Annotated[str, Form(max_length=64)] = "",
+) -> Response:
+    """The "Bank these frames" button of a video: its fired frames' PDQ hashes into one of the tenant's banks."""
+    return _press(principal, form, lambda: bank_frames(session, principal, job_id, bank.strip(), None, None), "banked")
 
 
 @router.post("/review/{job_id}/reopen", response_class=RedirectResponse)
@@ -382,6 +410,7 @@ def job_page(
         notice=NOTICES.get(notice or ""),
         can_review=principal.can(Permission.REVIEW),
         can_reopen=principal.can(Permission.REOPEN),
+        bank_choices=_block_banks(session, principal),
         here=f"/dashboard/jobs/{job.id}",
     )
 
@@ -532,6 +561,13 @@ def refusal(request: Request, exc: ModtagError) -> Response:
         return render(request, "forbidden.html", None, message=exc.message, status_code=exc.http_status)
     headers = {"WWW-Authenticate": 'Bearer realm="modtag"'} if exc.http_status == 401 else None
     return error_response(exc.http_status, exc.message, exc.code, headers=headers)
+
+
+def _block_banks(session: Session, principal: Principal) -> list[str]:
+    """The banks "Block and add to bank" offers: the tenant's block banks, for a role that may add to banks."""
+    if not principal.can(Permission.BANKS):
+        return []
+    return [bank.name for bank, _ in banks.list_banks(session, principal.tenant) if bank.kind != "allow"]
 
 
 def _sources(session: Session, job_ids: list[str]) -> dict[str, dict[str, Any]]:

@@ -55,3 +55,16 @@ def read_deliveries(
     rows = webhooks.list_deliveries(session, principal.tenant, status=status, before=before, limit=limit)
     cursor = iso(rows[-1].created_at) if len(rows) == limit else None
     return WebhookDeliveryPage(data=[WebhookDeliveryPublic.from_row(row) for row in rows], next_cursor=cursor)
+
+
+@router.post(
+    "/deliveries/{delivery_id}/redeliver",
+    status_code=202,
+    response_model=WebhookDeliveryPublic,
+    responses=error_responses(401, 403, 404, 409, 422),
+)
+def redeliver(delivery_id: str, session: SessionDep, principal: WebhookAdmin) -> WebhookDeliveryPublic:
+    """Send a message again: the same `webhook-id` and body, a fresh timestamp and signature, and a fresh retry
+    schedule; the workers send it within `webhook_poll_s`. Another tenant's id is 404; an erased one 409
+    `delivery_erased`. Audited (`webhook.redeliver`)."""
+    return WebhookDeliveryPublic.from_row(webhooks.redeliver(session, delivery_id, principal))

@@ -23,7 +23,9 @@ def test_callback_and_worker_metrics(deployment: Deployment, receiver: tuple[str
     failed = submit(deployment, photo_bytes("coffee")[:2000], "cut.jpg", callback_url=hook)
     assert wait_final(deployment, done["id"])["status"] == "done"
     assert wait_final(deployment, failed["id"])["status"] == "failed"
-    by_id = {body["id"]: body for body in received}
+    types = {body["data"]["id"]: body["type"] for body in received}
+    assert types == {done["id"]: "job.decided", failed["id"]: "job.failed"}
+    by_id = {body["data"]["id"]: body["data"] for body in received}
     assert by_id[done["id"]]["status"] == "done" and by_id[done["id"]]["decision"]["action"]
     assert by_id[failed["id"]]["error"]["code"] == "image_truncated"
 

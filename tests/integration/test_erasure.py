@@ -27,6 +27,7 @@ from core.blobs import BlobStore, LocalBlobStore, S3BlobStore
 from core.broker import make_celery
 from core.db import session_scope
 from core.erasure import erase_job, sweep_orphan_blobs
+from core.events import EventType
 from core.principals import Principal, system_principal
 from core.reconcile import start_reconciler
 from core.settings import Settings
@@ -47,7 +48,7 @@ from tests.support.api import Api, admin_key, assert_error
 from tests.support.receiver import WebhookReceiver
 from tests.support.s3 import S3Bucket
 from tests.support.waiting import wait_for
-from worker.callbacks import JOB_EVENT, send_callbacks
+from worker.callbacks import send_callbacks
 from worker.lifecycle import JobLifecycle
 
 pytestmark = pytest.mark.timeout(120)
@@ -207,7 +208,7 @@ def test_erasure_empties_stored_webhook_bodies_and_drops_pending_ones(database_u
         for job_id in (pending_job, sent_job):
             body = json.dumps({"caption": CAPTION, "context": CONTEXT, "image_url": SECRET_URL}).encode()
             webhooks.record_delivery(
-                session, tenant="default", event_type=JOB_EVENT, subject_id=job_id,
+                session, tenant="default", event_type=EventType.JOB_DECIDED, subject_id=job_id,
                 url=f"https://hooks.example.com/{job_id}?token=hook-secret", payload=body,
             )  # fmt: skip
         delivered = session.exec(select(WebhookDelivery).where(WebhookDelivery.subject_id == sent_job)).one()

@@ -128,7 +128,7 @@ def test_the_worker_posts_the_listing_once_and_never_to_a_private_address_unless
     job = job_of(database_url, job_ids[0])
     send_callbacks(allowed, job)
     send_callbacks(allowed, job)  # a redelivered task finishing again: still one POST
-    assert [body["id"] for body in received] == [listing_id]
+    assert [(body["type"], body["data"]["id"]) for body in received] == [("listing.decided", listing_id)]
     assert metrics.CALLBACKS.labels("delivered")._value.get() == delivered_before + 1
 
 
@@ -247,7 +247,9 @@ def test_a_two_photo_listing_calls_back_once_with_its_verdict(
     listing = wait_listing(deployment, response.json()["id"])
     wait_for(lambda: len(received) >= 1)
     deployment.wait_idle()  # both photos' tasks are over: a second, wrong callback would have arrived by now
-    [body] = received
+    [envelope] = received
+    assert envelope["type"] == "listing.decided" and envelope["timestamp"]
+    body = envelope["data"]
     assert body["id"] == listing["id"] and body["verdict"] == listing["verdict"]
     assert body["verdict"]["status"] == "done" and body["verdict"]["action"] in ("allow", "review", "block")
     assert [photo["index"] for photo in body["photos"]] == [1, 2]
@@ -290,8 +292,8 @@ def test_a_listing_whose_worker_died_after_the_claim_is_delivered_once(
     # A redelivered task of the last photo finishing again changes nothing: no second delivery, no second POST.
     send_callbacks(settings, job_of(database_url, job_id))
     [(headers, body)] = webhook_receiver.attempts
-    assert headers["webhook-id"] == row.id and row.event_type == "listing.completed" and row.attempts == 1
+    assert headers["webhook-id"] == row.id and row.event_type == "listing.decided" and row.attempts == 1
     with session_scope(database_url) as session:
         secret = webhooks.tenant_secret(session, "default").secret
         assert len(session.exec(select(WebhookDelivery)).all()) == 1
-    assert Webhook(secret).verify(body, headers)["id"] == listing_id
+    assert Webhook(secret).verify(body, headers)["data"]["id"] == listing_id

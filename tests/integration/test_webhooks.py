@@ -8,6 +8,8 @@ import json
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from core import __version__
+
 from tests.support.deployment import Deployment, submit, wait_final
 from tests.support.photos import photo_bytes
 from tests.support.receiver import WebhookReceiver
@@ -36,7 +38,9 @@ def test_a_refused_webhook_is_retried_with_the_same_id_and_signed(
     assert len(bodies) == 1
     for headers, body in webhook_receiver.attempts:
         verified = Webhook(secret).verify(body, headers)
-        assert verified["id"] == job["id"] and verified["status"] == "done"
+        assert verified["type"] == "job.decided" and verified["data"]["id"] == job["id"]
+        assert verified["data"]["status"] == "done" and verified["data"]["decision"]["action"]
+        assert headers["user-agent"] == f"modtag-webhooks/{__version__}"
     with pytest.raises(Exception, match="signature"):
         Webhook("whsec_" + "QUFB" * 8).verify(body, headers)
 
@@ -46,7 +50,7 @@ def test_a_refused_webhook_is_retried_with_the_same_id_and_signed(
 
     wait_for(delivered, 30, "the delivery log says delivered")
     (entry,) = deployment.client.get("/v1/webhooks/deliveries").json()["data"]
-    assert entry["id"] in ids and entry["subject_id"] == job["id"] and entry["event_type"] == "job.completed"
+    assert entry["id"] in ids and entry["subject_id"] == job["id"] and entry["event_type"] == "job.decided"
     assert entry["attempts"] == 3 and entry["last_status_code"] == 204
 
 
@@ -111,4 +115,5 @@ def test_a_final_job_whose_webhook_was_never_recorded_gets_it(
     secret = deployment.client.get("/v1/webhooks/secret").json()["secret"]
     headers, body = webhook_receiver.attempts[0]
     verified = Webhook(secret).verify(body, headers)
-    assert verified["id"] == job.id and verified["error"]["code"] == "fetch_dns"
+    assert verified["type"] == "job.failed" and verified["data"]["id"] == job.id
+    assert verified["data"]["error"]["code"] == "fetch_dns"

@@ -41,3 +41,27 @@ def stored(database_url: str, job_id: str) -> Job:
         job = session.get(Job, job_id)
         assert job is not None
         return job
+
+
+def decided_for_review(database_url: str, *, tenant: str = "default", callback_url: str | None = None) -> str:
+    """A URL job the worker decided `review` (stored as its write path stores it: decision, queue item, audit)."""
+    from core.jobs import store_decision
+    from core.tables import Decision
+
+    categories = {"weapons": {"score": 0.72, "action": "review", "fired": True, "decided_by": "probe"}}
+    with session_scope(database_url) as session:
+        job = claimed_url_job(
+            session,
+            tenant=tenant,
+            policy="moderation",
+            policy_version="v1",
+            image_url="https://img.example/a.jpg",
+            worker="test-worker",
+        )
+        if callback_url is not None:
+            session.execute(update(Job).where(col(Job.id) == job.id).values(callback_url=callback_url))
+        decision = Decision(
+            job_id=job.id, action="review", policy="moderation", policy_version="v1", categories=categories
+        )
+        store_decision(session, job, decision)
+        return job.id
