@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.support.dashboard import csrf_of, signed_in
 from tests.support.deployment import Deployment, submit, wait_final
 from tests.support.photos import photo_bytes, photo_image
 from tests.support.videos import Shot, animated_image, write_clip
@@ -48,6 +49,24 @@ def test_a_video_through_api_and_worker(deployment: Deployment, tmp_path: Path) 
         assert picture.width >= len(decision["frames"]) * 60 and picture.height == 90
     part = client.get(f"/v1/jobs/{job['id']}/video", headers={"Range": "bytes=0-15"})
     assert part.status_code == 206 and part.content == clip[:16]
+
+    # The job page plays the video (the cookie session reads it in ranges), lists the segments, and banks the frames.
+    with signed_in(deployment.api_url, deployment.key) as browser:
+        page = browser.get(f"/dashboard/jobs/{job['id']}")
+        assert page.status_code == 200 and f'src="/v1/jobs/{job["id"]}/video"' in page.text
+        segments = page.text.split('data-testid="segments"', 1)[1].split("</table>", 1)[0]
+        assert "known_bad" in segments and "3.0 s" in segments
+        assert browser.get(f"/v1/jobs/{job['id']}/video", headers={"Range": "bytes=0-9"}).status_code == 206
+        pressed = browser.post(
+            f"/dashboard/review/{job['id']}/bank-frames",
+            data={"csrf_token": csrf_of(page), "next": f"/dashboard/jobs/{job['id']}", "bank": "known_bad"},
+            follow_redirects=False,
+        )
+        assert pressed.status_code == 303 and pressed.headers["location"].endswith("notice=banked")
+    [bank] = client.get("/v1/banks").json()["data"]
+    assert bank["items"] == 2  # the photo banked first, and the one fired frame (its own PDQ hash, near the photo's)
+    audit = client.get("/v1/audit", params={"action": "bank.import"}).json()["data"]
+    assert audit and audit[0]["after"]["video_job"] == job["id"]
 
     # An animated GIF is judged on its frames (the models run on each), not its first.
     gif = animated_image(tmp_path, "GIF", names=("coffee", "chelsea", "rocket"), frame_ms=1000, size=SIZE)
