@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -95,7 +95,7 @@ def import_items(
     bank: Bank,
     items: Sequence[NewBankItem],
     *,
-    source: dict[str, object] | None = None,
+    source: Mapping[str, object] | None = None,
 ) -> tuple[list[BankItem], int]:
     """Add the items whose hash the bank does not hold yet (an item is its SHA-256, else its PDQ hash), so importing
     a list twice adds it once; returns the rows added and how many items were skipped.
@@ -138,17 +138,15 @@ def export_items(url: str, bank: Bank) -> Iterator[tuple[str, str | None, str | 
     while True:
         with session_scope(url) as session:
             page = session.exec(
-                select(
-                    BankItem.id, BankItem.sha256, BankItem.pdq, BankItem.pdq_quality, BankItem.note, BankItem.created_at
-                )
+                select(BankItem)
                 .where(BankItem.bank_id == bank.id, col(BankItem.id) > after)
                 .order_by(col(BankItem.id))
                 .limit(_EXPORT_PAGE)
             ).all()
-        yield from page
+        yield from ((row.id, row.sha256, row.pdq, row.pdq_quality, row.note, row.created_at) for row in page)
         if len(page) < _EXPORT_PAGE:
             return
-        after = page[-1][0]
+        after = page[-1].id
 
 
 def _insert(
@@ -193,6 +191,22 @@ def get_item(session: Session, bank: Bank, item_id: str) -> BankItem:
     if item is None or item.bank_id != bank.id:
         raise NotFound(f"bank {bank.name!r} has no item {item_id[:64]!r}", code="bank_item_not_found")
     return item
+
+
+def list_items(
+    session: Session, bank: Bank, *, limit: int = 100, before: str | None = None
+) -> tuple[list[BankItem], str | None]:
+    """The bank's items newest first, `limit` at a time; `before` is the previous page's cursor (the id of its last
+    item; an unknown one starts from the top). Returns the items and the next page's cursor."""
+    query = select(BankItem).where(BankItem.bank_id == bank.id)
+    last = session.get(BankItem, before) if before and ID_PATTERN.match(before) else None
+    if last is not None and last.bank_id == bank.id:
+        query = query.where(
+            (col(BankItem.created_at) < last.created_at)
+            | ((col(BankItem.created_at) == last.created_at) & (col(BankItem.id) < last.id))
+        )
+    rows = list(session.exec(query.order_by(col(BankItem.created_at).desc(), col(BankItem.id).desc()).limit(limit + 1)))
+    return rows[:limit], rows[limit - 1].id if len(rows) > limit else None
 
 
 def delete_item(session: Session, actor: Principal, bank: Bank, item_id: str) -> None:

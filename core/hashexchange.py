@@ -118,7 +118,8 @@ def read_hash_list(
                 f"the file holds more than {max_items} hashes: split it and import the parts one after another",
                 code="bank_import_too_large",
             )
-        found.items.append(NewBankItem(**{column: value}, note=note))
+        item = NewBankItem(pdq=value, note=note) if column == "pdq" else NewBankItem(sha256=value, note=note)
+        found.items.append(item)
     if total_problems:
         raise MalformedHashList(problems, total_problems)
     return found
