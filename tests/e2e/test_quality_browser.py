@@ -42,6 +42,10 @@ def test_quality_page_draws_each_curve_and_the_review_form_labels_categories(tmp
             body = {"action": "block" if any(truth.values()) else "allow", "reason": "test", "categories": truth}
             assert api.client.post(f"/v1/review/{job_id}/resolve", json=body).status_code == 200
         open_job, _ = decided_job(api.db_url, POLICY, {"weapons": 0.2, "drugs": 0.5}, blob_key=blob_key, image=image)
+        audit_job, allowed = decided_job(
+            api.db_url, POLICY, {"weapons": 0.1, "drugs": 0.0}, blob_key=blob_key, image=image, audit_rate=1.0
+        )
+        assert allowed.action == "allow"
         since = (utcnow() - timedelta(days=30)).isoformat()
         expected = {
             name: api.client.get("/v1/calibration", params={"policy": "calib", "category": name, "since": since}).json()
@@ -76,11 +80,14 @@ def test_quality_page_draws_each_curve_and_the_review_form_labels_categories(tmp
 
         # The review form: a checkbox per category, the fired one first; the ticked one is labelled true.
         page.goto(f"{api.base_url}/dashboard/review")
+        assert page.locator(f"article[data-job='{audit_job}'] [data-testid=audit]").inner_text() == "audit"
+        assert page.locator(f"article[data-job='{open_job}'] [data-testid=audit]").count() == 0
         card = page.locator(f"article[data-job='{open_job}']")
         boxes = card.locator("[data-testid=labels] input[type=checkbox]")
         assert [boxes.nth(i).get_attribute("value") for i in range(boxes.count())] == ["drugs", "weapons"]
         card.locator("[data-testid=label-weapons]").check()
         card.locator("textarea[name=reason]").fill("a rifle, no drugs")
+        page.screenshot(path=str(shots / "review-form.png"), full_page=True)
         card.locator("[data-testid=block]").click()
         page.wait_for_load_state()
         assert "Resolved" in page.inner_text("[role=status]")
