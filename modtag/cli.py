@@ -309,6 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: time PDQ bank lookups in a bank of N random hashes (build time, memory, lookup per image)",
     )
     bench.add_argument(
+        "--examples",
+        type=_bank_size,
+        nargs="?",
+        const=100_000,
+        default=None,
+        metavar="N",
+        help="instead: time embedding lookups (in memory, SQLite exact, pgvector exact and HNSW with its recall) "
+        "against 1,000, 100,000, 1,000,000 up to N stored embeddings (default N 100,000: a few minutes); "
+        "PostgreSQL from --database-url or a temporary pgserver",
+    )
+    bench.add_argument("--database-url", default=None, help="with --examples: the PostgreSQL to time pgvector on")
+    bench.add_argument(
         "--ocr",
         action="store_true",
         help="instead: the OCR reader against RapidOCR per image (--images, --repeat rounds, --batch-size, --threads)",
@@ -659,6 +671,17 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         if not args.json:
             print(format_banks_report(banks_report) + "\n")
         print(json.dumps(banks_report, indent=2))
+        return EXIT_OK
+    if args.examples is not None:
+        from modtag.bench.examples import ExamplesBenchOptions, format_examples_report, run_examples_bench
+
+        examples_options = ExamplesBenchOptions(
+            args.examples, database_url=args.database_url, progress=not args.no_progress
+        )
+        examples_report = run_examples_bench(examples_options)
+        if not args.json:
+            print(format_examples_report(examples_report) + "\n")
+        print(json.dumps(examples_report, indent=2))
         return EXIT_OK
     if args.ocr:
         from modtag.bench.ocr import OcrBenchOptions, format_ocr_report, run_ocr_bench
