@@ -16,8 +16,8 @@ python-threatexchange library it is built on):
   of refusing the file, since an HMA dump holds them beside its PDQ hashes.
 - `csv`: a header row names the columns: `signal_type` and `signal` (or `signal_str`, as `threatexchange dataset
   -P --csv` writes it), an optional `note`; other columns (`collab`, `tags`, modtag's `id`, `added_at`) are
-  ignored. A header may instead name a signal type (`pdq,note`): its column holds that type's hashes. A file
-  without a header is one hash per line with an optional note, of the `signal_type` parameter's type.
+  ignored. A header may instead name a signal type (`pdq,note`): its column holds that type's hashes. Without a
+  header, a row is `signal_type,signal[,note]`, or `hash[,note]` of the `signal_type` parameter's type.
 
 Reading is all or nothing: every malformed line is reported with its number and nothing is added.
 """
@@ -25,6 +25,7 @@ Reading is all or nothing: every malformed line is reported with its number and 
 from __future__ import annotations
 
 import csv
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -37,9 +38,12 @@ from core.hashes import PDQ_MIN_QUALITY, parse_pdq, parse_sha256
 
 MAX_LINE_CHARS = 4096  # a hash and a note; a longer line is hostile or not a hash list
 _REPORTED_LINES = 20  # malformed lines named in one error
+_UNSUPPORTED_TYPES = 16  # distinct signal types modtag does not match that one file may hold (HMA has about a dozen)
 _NOTE_CHARS = 2000
 # modtag's name of a signal -> the BankItem column it goes in.
 SIGNAL_COLUMNS = {"pdq": "pdq", "sha256": "sha256", "video_sha256": "sha256"}
+_TYPE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,39}$")  # python-threatexchange's SignalType.get_name() style
+_HASH_LIKE = re.compile(r"^[0-9a-f]{32,}$")
 
 
 class ExchangeFormat(StrEnum):
@@ -101,6 +105,9 @@ def read_hash_list(
                 if columns:
                     continue
             signal = reader(stripped, columns or {}, default_type)
+            unknown = signal is not None and signal[0] not in SIGNAL_COLUMNS and signal[0] not in found.unsupported
+            if unknown and len(found.unsupported) >= _UNSUPPORTED_TYPES:
+                raise _Bad("not a signal type modtag knows (too many unknown types: is this a hash list?)")
         except _Bad as bad:
             total_problems += 1
             if len(problems) < _REPORTED_LINES:
@@ -111,7 +118,7 @@ def read_hash_list(
         kind, value, note = signal
         column = SIGNAL_COLUMNS.get(kind)
         if column is None:
-            found.unsupported[kind[:40]] += 1
+            found.unsupported[kind] += 1
             continue
         if len(found.items) >= max_items:
             raise InvalidField(
@@ -187,13 +194,17 @@ def _read_csv_row(text: str, columns: dict[str, int], default_type: str | None) 
         index = columns.get(name)
         return cells[index] if index is not None and index < len(cells) and cells[index] else None
 
-    note = cell("note") if columns else (cells[1] if len(cells) > 1 and cells[1] else None)
+    if not columns:  # no header: `signal_type,signal[,note]`, or `hash[,note]` of the parameter's type
+        typed_row = len(cells) > 1 and _TYPE_NAME.match(cells[0]) is not None
+        kind = cells[0].lower() if typed_row else default_type
+        if kind is None:
+            raise _Bad("a CSV without a header row needs signal_type (or a header: signal_type,signal,note)")
+        rest = cells[1:] if typed_row else cells
+        note = rest[1][:_NOTE_CHARS] if len(rest) > 1 and rest[1] else None
+        return kind, _value(kind, rest[0]), note
+    note = cell("note")
     if note is not None:
         note = note[:_NOTE_CHARS]
-    if not columns:  # no header: a hash per line of the parameter's type
-        if default_type is None:
-            raise _Bad("a CSV without a header row needs signal_type (or a header: signal_type,signal,note)")
-        return default_type, _value(default_type, cells[0]), note
     typed = next((name for name in SIGNAL_COLUMNS if name in columns), None)
     if "signal_type" in columns:
         kind, signal = (cell("signal_type") or "").lower(), cell("signal") or cell("signal_str")
@@ -220,7 +231,7 @@ def _csv_header(text: str) -> dict[str, int]:
         return {}
     names = [cell.strip().lower() for cell in cells]
     known = {"signal_type", "signal", "signal_str", *SIGNAL_COLUMNS}
-    if not known.intersection(names):
+    if not known.intersection(names) or any(_HASH_LIKE.match(name) for name in names):
         return {}
     return {name: index for index, name in reversed(list(enumerate(names)))}
 

@@ -42,6 +42,7 @@ def test_csv_headers_in_the_shapes_people_and_threatexchange_write() -> None:
     ]
     assert read(f"pdq,note\n{PDQ},partner\n", CSV) == [(None, PDQ, "partner")]
     assert read(f"{PDQ},no header\n", CSV, "pdq") == [(None, PDQ, "no header")]
+    assert read(f"pdq,{PDQ}\nSHA256,{SHA},a note\n", CSV) == [(None, PDQ, None), (SHA, None, "a note")]
 
 
 @pytest.mark.parametrize(
@@ -59,6 +60,12 @@ def test_malformed_lines_are_named(text: str | bytes, fmt: ExchangeFormat, probl
     with pytest.raises(MalformedHashList) as caught:
         read(text, fmt)
     assert problem in caught.value.message and caught.value.code == "bank_import_malformed"
+
+
+def test_prose_is_not_a_list_of_unknown_signal_types() -> None:
+    with pytest.raises(MalformedHashList) as caught:
+        read("".join(f"word{index} and more words\n" for index in range(40)))
+    assert caught.value.message.startswith("24 malformed lines") and "line 17: not a signal type" in caught.value.message
 
 
 def test_many_bad_lines_are_summed_up_and_too_many_hashes_refused() -> None:
