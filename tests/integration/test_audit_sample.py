@@ -13,11 +13,15 @@ from sqlalchemy import text
 from sqlmodel import select
 
 from core import review
-from core.db import MIGRATIONS_DIR, get_engine, session_scope
+from core.blobs import LocalBlobStore
+from core.db import MIGRATIONS_DIR, get_engine, migrate, session_scope
 from core.errors import PolicyError
-from core.jobs import store_decision
-from core.tables import Job, ReviewItem, ReviewKind
+from core.jobs import NewJob, create_job, store_decision
+from core.settings import Settings
+from core.tables import Decision, Job, ReviewItem, ReviewKind
 from tests.support.labels import decided_job, load_probe_policy, probe_policy
+from tests.support.photos import photo_bytes
+from worker.runtime import WorkerRuntime
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -112,3 +116,38 @@ def test_migration_0012_keeps_queued_items_both_ways(tmp_path: Path) -> None:
     with get_engine(url).begin() as connection:
         assert connection.execute(text("SELECT job_id, state FROM review_items")).all() == [("j1", "open")]
     command.upgrade(config, "0012")
+
+
+def test_the_worker_samples_with_its_policys_audit_rate(tmp_path: Path, tiny_models_dir: Path) -> None:
+    """On the worker's code path (real tiny random models, in-process): a policy with audit_rate 1 sends its
+    automatic decision to the queue as an audit item; the same policy at rate 0 sends nothing."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "sampled.yaml").write_text(probe_policy("sampled", review=0.999, block=1.0, audit_rate=1.0))
+    (policies / "unsampled.yaml").write_text(probe_policy("unsampled", review=0.999, block=1.0))
+    settings = Settings(
+        _env_file=None,
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'modtag.db'}",
+        models="tiny-random",
+        models_cache_dir=tiny_models_dir.parent,
+        policies_dir=policies,
+        batch_wait_ms=1,
+    )
+    migrate(settings.resolved_database_url)
+    blobs = LocalBlobStore(settings.resolved_blob_dir)
+    runtime = WorkerRuntime.from_settings(settings)
+    decided = {}
+    for policy in ("sampled", "unsampled"):
+        key = blobs.put(photo_bytes("astronaut", size=(64, 48)))
+        with session_scope(settings.resolved_database_url) as session:
+            job, _ = create_job(
+                session, NewJob(tenant="default", policy=policy, policy_version=None, source="upload", blob_key=key)
+            )
+        assert runtime.process(job.id).outcome == "done"
+        decided[policy] = job.id
+    with session_scope(settings.resolved_database_url) as session:
+        sampled = session.get(ReviewItem, decided["sampled"])
+        decision = session.exec(select(Decision).where(Decision.job_id == decided["sampled"])).one()
+        assert sampled is not None and sampled.kind == "audit" and decision.action in ("allow", "block")
+        assert session.get(ReviewItem, decided["unsampled"]) is None
