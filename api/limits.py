@@ -45,6 +45,7 @@ UPLOAD_ROUTES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("POST", re.compile(r"^/v1/listings/?$")),
     ("POST", re.compile(r"^/v1/banks/[^/]+/items/?$")),
     ("POST", re.compile(r"^/v1/banks/[^/]+/import/?$")),  # hash lists, capped at MODTAG_BANK_IMPORT_MAX_BYTES
+    ("POST", re.compile(r"^/dashboard/banks/[^/]+/import/?$")),  # the Banks page's import form, the same cap
 )
 
 

@@ -23,6 +23,7 @@ from sqlmodel import Session, col, select
 from api.auth import (
     SESSION_COOKIE,
     Auditor,
+    ExampleEditor,
     Reader,
     Reopener,
     Reviewer,
@@ -38,8 +39,9 @@ from api.errors import error_response
 from api.failures import client_address, refuse_repeated_failure
 from api.labels import form_labels
 from api.pages import GREYSCALE_COOKIE, render
+from api.routes.examples import similar_jobs
 from api.schemas import SLUG_PATTERN
-from core import banks, resolutions, review, webhooks
+from core import banks, examples, resolutions, review, webhooks
 from core.audit import list_entries
 from core.auth import authenticate
 from core.errors import AuthError, ModtagError, TooManyFailures
@@ -64,11 +66,17 @@ TEXT_FILTER_MAX = 200  # characters of the Flagged page's text search; a longer 
 _RANGES = {"24h": (timedelta(hours=24), timedelta(hours=1)), "7d": (timedelta(days=7), timedelta(days=1)),
            "30d": (timedelta(days=30), timedelta(days=1))}  # fmt: skip
 # Messages shown after a form POST. Only these codes are shown: the query string never carries text.
+SIMILAR_STRIP = 12  # similar images on a job's page
 NOTICES = {
     "claimed": "Claimed: the item is yours until the lease runs out.",
     "released": "Released: the item is back in the queue for anyone to claim.",
     "resolved": "Resolved: your decision is stored beside the machine's.",
     "reopened": "Reopened: the item is back in the queue.",
+    "example_added": "Added to the example set: examples checks vote with it once its embedding is stored.",
+    "example_exists": "This image is already in that example set; delete it there to relabel it.",
+    "example_set_not_found": "That example set does not exist (any more); create it with POST /v1/example-sets.",
+    "example_label_invalid": "Choose positive or negative.",
+    "job_erased": "This job's image was erased: it cannot be an example.",
     "review_claimed": "Someone else has claimed this item; pick another one.",
     "review_resolved": "This item was already resolved.",
     "review_not_found": "That item is not in your review queue.",
@@ -412,7 +420,31 @@ def job_page(
         can_reopen=principal.can(Permission.REOPEN),
         bank_choices=_block_banks(session, principal),
         here=f"/dashboard/jobs/{job.id}",
+        can_examples=principal.can(Permission.EXAMPLES),
+        example_sets=[s.name for s, _ in examples.list_sets(session, principal.tenant)]
+        if principal.can(Permission.EXAMPLES)
+        else [],
+        similar=[_page(row) for row in similar_jobs(session, job, SIMILAR_STRIP) or []],
     )
+
+
+@router.post("/jobs/{job_id}/example", response_class=RedirectResponse)
+def add_example_button(
+    job_id: str,
+    session: SessionDep,
+    principal: ExampleEditor,
+    form: ButtonDep,
+    example_set: Annotated[str, Form(alias="set", max_length=64)] = "",
+    label: Annotated[str, Form(max_length=16)] = "",
+) -> Response:
+    """The job page's "Add as example" button: this job's image into one of the tenant's example sets."""
+
+    def add() -> object:
+        job = tenant_job(session, job_id, principal.tenant)
+        chosen = examples.get_set(session, principal.tenant, example_set.strip())
+        return examples.add_item(session, principal, chosen, job, examples.parse_label(label))
+
+    return _press(principal, form, add, "example_added")
 
 
 @router.get("/summary", response_class=HTMLResponse)

@@ -11,12 +11,10 @@ from api.deps import SessionDep, SettingsDep
 from api.errors import error_responses
 from api.labels import checked_labels
 from api.schemas import SLUG_PATTERN, BankFramesRequest, ReopenRequest, ResolveRequest
-from core import banks, review
-from core.errors import InvalidField
-from core.jobs import get_decision, tenant_job
+from core import resolutions, review
 from core.public import BankImport, ReviewItemPublic, ReviewQueueEntry, ReviewQueuePage
 from core.tables import ReviewKind, ReviewState
-from core.videobanks import frame_items
+from core.videobanks import bank_frames
 
 router = APIRouter(prefix="/v1/review", tags=["review"])
 
@@ -80,23 +78,10 @@ def resolve_item(job_id: str, body: ResolveRequest, session: SessionDep, princip
     categories not given follow the action: block, the fired ones apply; allow, none does.
 
     `add_to_bank` (with `block`) banks the image's hashes too, so later copies are blocked before the models run."""
-    bank = None
-    if body.add_to_bank is not None:
-        if body.action != "block":
-            raise InvalidField("`add_to_bank` goes with a `block` resolution", code="add_to_bank_needs_block")
-        bank = banks.get_bank(session, principal.tenant, body.add_to_bank)  # 404 before anything changes
     labels = checked_labels(session, job_id, principal.tenant, body.categories)
-    item = review.resolve(session, job_id, principal, body.action, body.reason, labels=labels)
-    if bank is not None:
-        job = tenant_job(session, job_id, principal.tenant)
-        note = f"review of job {job.id}: {body.reason}"
-        # A video is banked by its frames (the fired ones), not by the first frame's hash alone.
-        items = (
-            frame_items(job, get_decision(session, job.id), note)
-            if job.media == "video"
-            else [banks.job_item(job, note)]
-        )
-        banks.add_items(session, principal, bank, items)
+    item = resolutions.resolve(
+        session, job_id, principal, body.action, body.reason, labels=labels, add_to_bank=body.add_to_bank
+    )
     return ReviewItemPublic.from_row(item)
 
 
@@ -106,16 +91,12 @@ def resolve_item(job_id: str, body: ResolveRequest, session: SessionDep, princip
     response_model=BankImport,
     responses=error_responses(400, 401, 403, 404, 409, 422),
 )
-def bank_frames(job_id: str, body: BankFramesRequest, session: SessionDep, principal: Reviewer) -> BankImport:
+def bank_frames_route(job_id: str, body: BankFramesRequest, session: SessionDep, principal: Reviewer) -> BankImport:
     """Add a video's judged frames (their PDQ hashes) to a bank of the tenant, so that copies of them are blocked
     before the models run: the frames `times` names, else those on which a category fired (role review or admin).
     Hashes the bank holds already are skipped."""
-    bank = banks.get_bank(session, principal.tenant, body.bank)
-    job = tenant_job(session, job_id, principal.tenant)
-    note = f"frame of video job {job.id}" + (f": {body.note}" if body.note else "")
-    items = frame_items(job, get_decision(session, job.id), note, body.times)
-    rows, skipped = banks.import_items(session, principal, bank, items, source={"video_job": job.id})
-    return BankImport(bank=bank.name, added=len(rows), skipped=skipped)
+    rows, skipped = bank_frames(session, principal, job_id, body.bank, body.times, body.note)
+    return BankImport(bank=body.bank, added=len(rows), skipped=skipped)
 
 
 @router.post(
