@@ -58,7 +58,7 @@ from core.listings import (
 from core.logs import log_fields
 from core.metrics import JOBS_SUBMITTED
 from core.principals import Principal
-from core.public import JobPublic, ListingPublic
+from core.public import ErrorBody, JobPublic, ListingPublic
 from core.queues import Priority
 from core.settings import Settings
 from core.tables import Job, Listing
@@ -414,6 +414,12 @@ def submission_route(kind: type[Submission[Any]]) -> dict[str, Any]:
         "responses": {
             200: {"model": kind.public, "description": kind.replayed},
             **error_responses(400, 401, 403, 404, 409, 413, 415, 422),
+            429: {
+                "model": ErrorBody,
+                "description": "The tenant is past its submission quota (`quota_exceeded`: a rate or the daily cap), "
+                "or too many failed key checks (`too_many_failures`)",
+                "headers": {"Retry-After": {"description": "Whole seconds to wait.", "schema": {"type": "integer"}}},
+            },
         },
     }
 
