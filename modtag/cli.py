@@ -325,6 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead: the OCR reader against RapidOCR per image (--images, --repeat rounds, --batch-size, --threads)",
     )
+    bench.add_argument(
+        "--video",
+        action="store_true",
+        help="instead: a generated 1080p clip sampled (MODTAG_VIDEO_* settings) and judged, against every second's "
+        "frame through the engine; seconds per minute of video, frames kept, memory",
+    )
+    bench.add_argument(
+        "--video-seconds", type=_positive_int, default=60, help="with --video: the clip's length (default 60)"
+    )
     bench.add_argument("--json", action="store_true", help="print only the JSON report")
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(handler=cmd_bench)
@@ -581,12 +590,17 @@ def cmd_policy_calibrate(args: argparse.Namespace, settings: Settings) -> int:
         )
     _print_report(args.json, lambda: calibrations_json(found), lambda out: print_calibrations(found, out))
     notes = []
-    if args.plots is not None:
-        plots = write_plots(found, args.plots)
-        notes.append(f"{len(plots)} curve(s) written to {args.plots}")
+    try:
+        if args.plots is not None:
+            plots = write_plots(found, args.plots)
+            notes.append(f"{len(plots)} curve(s) written to {args.plots}")
+        if args.write is not None:
+            text, written = calibrated_policy(policy, found, name)
+            args.write.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        print(f"modtag: cannot write {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.write is not None:
-        text, written = calibrated_policy(policy, found, name)
-        args.write.write_text(text, encoding="utf-8")
         notes.append(
             f"{args.write}: policy {written.name!r} version {written.version}, a shadow of {written.shadows!r}; "
             f"replay it: modtag policy replay {args.write} --since {args.since}"
@@ -600,10 +614,14 @@ def cmd_labels_export(args: argparse.Namespace, settings: Settings) -> int:
     from modtag.labels import export_labels
 
     _check_moment("--since", args.since)
-    with _api_client(args, settings, timeout_s=120) as client:
-        report = export_labels(
-            client, args.directory, since=args.since, images=not args.no_images, progress=not args.no_progress
-        )
+    try:
+        with _api_client(args, settings, timeout_s=120) as client:
+            report = export_labels(
+                client, args.directory, since=args.since, images=not args.no_images, progress=not args.no_progress
+            )
+    except OSError as exc:
+        print(f"modtag: cannot write {exc.filename or args.directory}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     print(
         f"{report.jobs} labelled jobs written to {report.path}, {report.images} images in {report.images_dir}"
         + (f", {report.missing} images not available ({report.why_missing})" if report.missing else "")
@@ -695,6 +713,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
     from modtag.bench import BenchOptions, format_report, run_bench
 
+    if args.video:
+        return _bench_video(args, settings)
     options = BenchOptions(
         cache_dir=args.models_cache or settings.resolved_models_cache_dir,
         models=args.models,
@@ -716,6 +736,30 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     report = run_bench(options)
     if not args.json:
         print(format_report(report) + "\n")
+    print(json.dumps(report, indent=2))
+    return EXIT_OK
+
+
+def _bench_video(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    from core.video import Sampling
+    from modtag.bench import BenchOptions
+    from modtag.bench.video import VideoBenchOptions, format_video_report, run_video_bench
+
+    options = BenchOptions(
+        cache_dir=args.models_cache or settings.resolved_models_cache_dir,
+        models=args.models,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    video = VideoBenchOptions(seconds=args.video_seconds, sampling=Sampling.from_settings(settings))
+    report = run_video_bench(options, video)
+    if not args.json:
+        print(format_video_report(report) + "\n")
     print(json.dumps(report, indent=2))
     return EXIT_OK
 
