@@ -32,6 +32,7 @@ from core.tables import Decision, DecisionCategory, ReviewItem, ReviewKind, Revi
 
 DEFAULT_BLOCK_PRECISION = 0.95
 DEFAULT_REVIEW_RECALL = 0.9
+MAX_POINTS = 500  # points in an answer: a curve over many distinct scores is thinned (`thinned`)
 WILSON_Z = 1.959964  # a 95% interval
 
 
@@ -51,13 +52,14 @@ def calibrate(
     points = curve(labelled)
     positives = sum(1 for _, label in labelled if label)
     review, block = suggest(points, block_precision=block_precision, review_recall=review_recall)
+    kept = {current.review, current.block, review, block}
     return CalibrationPublic(
         policy=policy,
         category=category,
         since=since,
         labelled=len(labelled),
         positives=positives,
-        points=points,
+        points=thinned(points, MAX_POINTS, keep=[point_at(points, threshold) for threshold in kept]),
         current=current,
         suggested=Thresholds(review=review, block=block),
         target=CalibrationTarget(block_precision=block_precision, review_recall=review_recall),
@@ -133,6 +135,17 @@ def suggest(
     if review is not None and block is not None:
         review = min(review, block)
     return review, block
+
+
+def thinned(points: Sequence[CurvePoint], most: int, keep: Sequence[CurvePoint | None] = ()) -> list[CurvePoint]:
+    """At most about `most` points, evenly spaced along the curve, with both ends and the points in `keep` (the
+    thresholds in use and suggested): the suggestion is computed on every point, the answer stays small."""
+    if len(points) <= most:
+        return list(points)
+    step = (len(points) - 1) / (most - 1)
+    chosen = {round(i * step) for i in range(most)}
+    wanted = {point.threshold for point in keep if point is not None}
+    return [point for index, point in enumerate(points) if index in chosen or point.threshold in wanted]
 
 
 def point_at(points: Sequence[CurvePoint], threshold: float | None) -> CurvePoint | None:

@@ -518,7 +518,10 @@ class CalibrationPublic(PublicModel):
     since: Timestamp
     labelled: int = Field(description="Resolved jobs with a label for this category.")
     positives: int = Field(description="Of those, labelled true (the category applies).")
-    points: list[CurvePoint] = Field(description="One per distinct score, lowest threshold first.")
+    points: list[CurvePoint] = Field(
+        description="One per distinct labelled score, lowest threshold first; past 500, thinned evenly (keeping both "
+        "ends and the current and suggested thresholds)."
+    )
     current: Thresholds = Field(description="The category's thresholds in the loaded policy.")
     suggested: Thresholds = Field(
         description="`block`: the lowest threshold whose precision meets `target.block_precision`; `review`: the "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from core.calibration import curve, point_at, suggest, wilson
+from core.calibration import curve, point_at, suggest, thinned, wilson
 from modtag.calibrate import calibrated_policy
 from modtag.cli import main
 from modtag.servers import free_port
@@ -92,3 +92,16 @@ def test_bad_since_and_an_unreachable_api_are_one_line(tmp_path: Path, capsys: p
     blocked.write_text("not a directory")
     assert main(["labels", "export", str(blocked), "--api", api, "--no-progress"]) == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+def test_a_long_curve_is_thinned_keeping_its_ends_and_the_thresholds_in_use() -> None:
+    pairs = [(i / 10_000, i % 3 == 0) for i in range(10_000)]
+    points = curve(pairs)
+    assert len(points) == 10_000
+    keep = [point_at(points, 0.12345), point_at(points, 0.9)]
+    short = thinned(points, 500, keep=keep)
+    assert 500 <= len(short) <= 502
+    assert short[0] == points[0] and short[-1] == points[-1]
+    assert all(point in short for point in keep)
+    assert [p.threshold for p in short] == sorted(p.threshold for p in short)
+    assert thinned(points[:10], 500) == points[:10]
