@@ -91,6 +91,7 @@ NOTICES = {
     "job_not_hashed": "This image has no hashes yet, so it cannot be banked; block it, and bank it once it has.",
     "video_not_judged": "This video's frames have not been judged yet, so they cannot be banked.",
     "unknown_category": "A ticked category is not one of this decision's policy; reload the page and try again.",
+    "invalid_field": "The form could not be read (too many labels?); reload the page and try again.",
     "redelivered": "Queued for redelivery: the workers send it again within seconds, with the same webhook-id.",
     "delivery_erased": "That webhook's job or listing was erased: there is nothing left to send.",
     "delivery_not_found": "No such webhook delivery.",

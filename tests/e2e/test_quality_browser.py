@@ -92,6 +92,21 @@ def test_quality_page_draws_each_curve_and_the_review_form_labels_categories(tmp
         page.wait_for_load_state()
         assert "Resolved" in page.inner_text("[role=status]")
         page.screenshot(path=str(shots / "review-labelled.png"), full_page=True)
+        # A hostile form (a category the policy lacks, a flood of labels) changes nothing and says why.
+        csrf = page.locator("input[name=csrf_token]").first.get_attribute("value")
+        for labels in (["weaponz"], ["weapons"] * 300):
+            form = [("csrf_token", csrf), ("next", "/dashboard/review"), ("action", "block"), ("reason", "x")]
+            form += [("label", name) for name in labels] + [("shown", "drugs")]
+            answer = page.request.post(
+                f"{api.base_url}/dashboard/review/{audit_job}/resolve",
+                data="&".join(f"{name}={value}" for name, value in form),
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+                max_redirects=0,
+            )
+            assert answer.status == 303 and answer.headers["location"].endswith(
+                "notice=unknown_category" if len(labels) == 1 else "notice=invalid_field"
+            )
+        assert api.client.get(f"/v1/jobs/{audit_job}").json()["review"]["state"] == "open"
         resolution = api.client.get(f"/v1/jobs/{open_job}").json()["review"]["resolution"]
         assert resolution["labels"] == {"weapons": True, "drugs": False}
         assert resolution["by"]["name"] == "Rui (reviewer)"
