@@ -94,9 +94,11 @@ class ApiClient(httpx.Client):
         priority: str | None = None,
         idempotency_key: str | None = None,
         wait_s: int | None = None,
+        on_sent: Callable[[int], object] | None = None,
     ) -> Reply:
         """POST /v1/jobs with an upload (bytes, or a file read as it is sent); `wait_s` asks for the decision in the
-        answer (`Prefer: wait=N`: 200 with the decided job when it is decided in time, else 202)."""
+        answer (`Prefer: wait=N`: 200 with the decided job when it is decided in time, else 202). `on_sent` is told
+        the bytes of a file as they are read for sending (a progress bar for a large video)."""
         name = filename or (image.name if isinstance(image, Path) else "image")
         data = {"policy": policy}
         if context is not None:
@@ -106,7 +108,8 @@ class ApiClient(httpx.Client):
         headers = _submission_headers(idempotency_key, wait_s)
         if isinstance(image, Path):
             with image.open("rb") as handle:
-                files = {"image": (name, handle, mime)}
+                sent: BinaryIO = handle if on_sent is None else _Reported(handle, on_sent)  # type: ignore[assignment]
+                files = {"image": (name, sent, mime)}
                 return Reply.of(self.post("/v1/jobs", files=files, data=data, headers=headers))
         return Reply.of(self.post("/v1/jobs", files={"image": (name, image, mime)}, data=data, headers=headers))
 
@@ -280,3 +283,25 @@ def _seconds(value: str | None) -> float | None:
     if value is None or not value.strip().isdigit():
         return None
     return float(value.strip())
+
+
+class _Reported:
+    """A file being uploaded that tells `on_sent` how many bytes each read took (httpx streams it in chunks)."""
+
+    def __init__(self, handle: BinaryIO, on_sent: Callable[[int], object]) -> None:
+        self._handle = handle
+        self._on_sent = on_sent
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._handle.read(size)
+        self._on_sent(len(chunk))
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def fileno(self) -> int:
+        return self._handle.fileno()

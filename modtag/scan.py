@@ -1,9 +1,13 @@
-"""`modtag scan`: submit every image under some paths to an API, wait, and report the decisions."""
+"""`modtag scan`: submit every image and video under some paths to an API, wait, and report the decisions.
+
+A video gets a progress bar of its own while it uploads (it may be hundreds of MB); its line in the table names the
+segments where a category fired."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -15,6 +19,7 @@ from core.tables import FINAL_STATUSES
 from modtag.client import ApiClient
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".apng"}
 
 
 @dataclass
@@ -30,7 +35,7 @@ class ScanResult:
 
 
 def find_images(paths: Sequence[Path]) -> list[Path]:
-    """Image files under the paths; a file named explicitly is always taken (the API judges it)."""
+    """Image and video files under the paths; a file named explicitly is always taken (the API judges it)."""
     found: list[Path] = []
     for path in paths:
         if not path.exists():
@@ -38,7 +43,8 @@ def find_images(paths: Sequence[Path]) -> list[Path]:
         if path.is_file():
             found.append(path)
             continue
-        found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        wanted = IMAGE_SUFFIXES | VIDEO_SUFFIXES
+        found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in wanted))
     return found
 
 
@@ -55,7 +61,8 @@ def scan(
     submission asks for its decision in the answer (`Prefer: wait=N`): only the jobs not decided in time are polled."""
     results = [ScanResult(path) for path in files]
     for result in _bar(results, "submitting" if wait_s is None else "judging now", progress):
-        reply = client.submit_job(result.path, policy=policy, wait_s=wait_s)
+        with _upload_bar(result.path, progress) as sent:
+            reply = client.submit_job(result.path, policy=policy, wait_s=wait_s, on_sent=sent)
         if reply.auth_refused or reply.body.get("code") == "too_many_failures":
             # Every other file would be refused the same way: stop with what to do instead.
             raise ModtagError(
@@ -89,7 +96,7 @@ def print_table(results: Sequence[ScanResult], out: TextIO) -> None:
         out.write("  ".join([*cells, row[3]]).rstrip() + "\n")
     done = sum(1 for r in results if r.job and r.job.get("status") == "done")
     failed = sum(1 for r in results if r.failed)
-    out.write(f"\n{len(results)} images: {done} decided, {failed} failed\n")
+    out.write(f"\n{len(results)} files: {done} decided, {failed} failed\n")
 
 
 def to_json(results: Sequence[ScanResult]) -> str:
@@ -109,7 +116,11 @@ def _row(result: ScanResult) -> tuple[str, str, str]:
     categories = decision.get("categories") or {}
     top = max(categories.items(), key=lambda item: item[1]["score"], default=None)
     top_text = f"{top[0]} {top[1]['score']:.2f}" if top else ""
-    return str(decision.get("action", job.get("status"))), top_text, str(decision.get("caption") or "")
+    said = str(decision.get("caption") or "")
+    if decision.get("frames") is not None:  # a video: where categories fired, then the deciding frame's caption
+        runs = [f"{s['category']} {s['start_s']:g}-{s['end_s']:g} s" for s in decision.get("segments") or []]
+        said = f"[{len(decision['frames'])} frames; {', '.join(runs) or 'nothing fired'}] {said}".rstrip()
+    return str(decision.get("action", job.get("status"))), top_text, said
 
 
 def _shown_path(path: Path, width: int = 48) -> str:
@@ -119,6 +130,16 @@ def _shown_path(path: Path, width: int = 48) -> str:
     except ValueError:
         text = str(path)
     return text if len(text) <= width else "..." + text[-(width - 3) :]
+
+
+@contextmanager
+def _upload_bar(path: Path, enabled: bool) -> Iterator[Callable[[int], object] | None]:
+    """A video's own upload bar (bytes sent), closed when its submission is answered; nothing for an image."""
+    if not enabled or path.suffix.lower() not in VIDEO_SUFFIXES:
+        yield None
+        return
+    with tqdm(total=path.stat().st_size, desc=path.name[-40:], unit="B", unit_scale=True, leave=False) as bar:
+        yield bar.update
 
 
 def _bar(items: Iterable[ScanResult], desc: str, enabled: bool) -> Iterable[ScanResult]:

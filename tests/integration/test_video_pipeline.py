@@ -4,12 +4,14 @@ an erasure takes the video, its filmstrip and its frames' hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from modtag.scan import find_images, print_table, scan
 from tests.support.dashboard import csrf_of, signed_in
 from tests.support.deployment import Deployment, submit, wait_final
 from tests.support.photos import photo_bytes, photo_image
@@ -20,7 +22,9 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 SIZE = (160, 120)
 
 
-def test_a_video_through_api_and_worker(deployment: Deployment, tmp_path: Path) -> None:
+def test_a_video_through_api_and_worker(
+    deployment: Deployment, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     deployment.start_api()
     deployment.start_worker()
     client = deployment.client
@@ -30,7 +34,8 @@ def test_a_video_through_api_and_worker(deployment: Deployment, tmp_path: Path) 
 
     timeline = (("coffee", 3), ("astronaut", 2), ("chelsea", 2))
     shots = [Shot(seconds, photo_image(name, SIZE)) for name, seconds in timeline]
-    clip = write_clip(tmp_path / "clip.mp4", shots, size=SIZE, fps=5).read_bytes()
+    clip_path = write_clip(tmp_path / "clip.mp4", shots, size=SIZE, fps=5)
+    clip = clip_path.read_bytes()
     accepted = submit(deployment, clip, name="clip.mp4")
     assert accepted["media"] == "video", accepted
     job = wait_final(deployment, accepted["id"])
@@ -75,6 +80,16 @@ def test_a_video_through_api_and_worker(deployment: Deployment, tmp_path: Path) 
     assert [frame["time_s"] for frame in animated["decision"]["frames"]] == [0.0, 1.0, 2.0]
     assert animated["decision"]["models"]["random"] is True
 
+    # `modtag scan` takes video files, with an upload bar per video, and names the segments in its table.
+    results = scan(client, find_images([tmp_path]), timeout_s=120, progress=True)
+    assert [result.path.name for result in results] == ["animated.gif", "clip.mp4"]
+    assert all(result.job and result.job["status"] == "done" for result in results), results
+    assert "clip.mp4" in capsys.readouterr().err  # its own bar
+    table = io.StringIO()
+    print_table(results, table)
+    assert "known_bad 3-5 s" in table.getvalue() or "known_bad 3." in table.getvalue(), table.getvalue()
+    assert "2 files: 2 decided, 0 failed" in table.getvalue()
+
     # Erasure takes the video and the filmstrip; the frames keep their scores, not their hashes.
     assert client.erase_job(job["id"]).status == 200
     for path in ("video", "thumbnail"):
@@ -82,6 +97,12 @@ def test_a_video_through_api_and_worker(deployment: Deployment, tmp_path: Path) 
         assert gone.status_code == 404 and gone.json()["code"] == "job_erased"
     erased = client.job(job["id"])["decision"]
     assert erased["frames"] and all("pdq" not in frame or frame["pdq"] is None for frame in erased["frames"])
+    # The scan's copy of the clip has the same bytes and the same filmstrip: both stay until it is erased too.
     blobs = Path(deployment.env["MODTAG_DATA_DIR"]) / "blobs"
     prefix = strip.headers["etag"].strip('"')
-    assert len(prefix) == 32 and not [path for path in blobs.rglob(f"{prefix}*") if path.is_file()]
+    assert len(prefix) == 32 and [path for path in blobs.rglob(f"{prefix}*") if path.is_file()]
+    [again] = [result.job for result in results if result.path.name == "clip.mp4" and result.job]
+    assert client.get(f"/v1/jobs/{again['id']}/thumbnail").content == strip.content
+    assert client.erase_job(again["id"]).status == 200
+    assert not [path for path in blobs.rglob(f"{prefix}*") if path.is_file()]
+    assert not [path for path in blobs.rglob(f"{hashlib.sha256(clip).hexdigest()}*") if path.is_file()]
