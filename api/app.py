@@ -170,6 +170,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         celery.close()
         client.close()
+        app.state.services.quotas.close()
 
 
 def _ensure_admin_key(settings: Settings) -> None:
