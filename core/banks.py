@@ -17,7 +17,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from sqlalchemy import func, update
+from sqlalchemy import func, insert, update
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from core import audit
@@ -33,6 +34,7 @@ MAX_IMPORT_ITEMS = 100_000  # one request's worth; larger lists go in several im
 BankKind = Literal["block", "allow"]
 BANK_KINDS: tuple[BankKind, ...] = ("block", "allow")
 _EXPORT_PAGE = 1000
+_INSERT_BATCH = 5000
 
 
 @dataclass(frozen=True)
@@ -137,16 +139,23 @@ def export_items(url: str, bank: Bank) -> Iterator[tuple[str, str | None, str | 
     after = ""
     while True:
         with session_scope(url) as session:
-            page = session.exec(
-                select(BankItem)
-                .where(BankItem.bank_id == bank.id, col(BankItem.id) > after)
+            page = session.execute(
+                sa_select(
+                    col(BankItem.id),
+                    col(BankItem.sha256),
+                    col(BankItem.pdq),
+                    col(BankItem.pdq_quality),
+                    col(BankItem.note),
+                    col(BankItem.created_at),
+                )
+                .where(col(BankItem.bank_id) == bank.id, col(BankItem.id) > after)
                 .order_by(col(BankItem.id))
                 .limit(_EXPORT_PAGE)
             ).all()
-        yield from ((row.id, row.sha256, row.pdq, row.pdq_quality, row.note, row.created_at) for row in page)
+        yield from (tuple(row) for row in page)
         if len(page) < _EXPORT_PAGE:
             return
-        after = page[-1].id
+        after = page[-1][0]
 
 
 def _insert(
@@ -169,12 +178,17 @@ def _insert(
             note=new.note,
             added_by=actor.key_id,
         )
-        session.add(row)
         if audit_each:
+            session.add(row)
             audit.record(
                 session, actor, "bank.item_add", "bank_item", row.id, before=None, after=_item_record(row, bank)
             )
         rows.append(row)
+    if not audit_each:  # an import: plain multi-row INSERTs, several times faster than the ORM's unit of work
+        columns = [column.name for column in BankItem.__table__.columns]  # type: ignore[attr-defined]
+        for start in range(0, len(rows), _INSERT_BATCH):
+            batch = rows[start : start + _INSERT_BATCH]
+            session.execute(insert(BankItem), [{name: getattr(row, name) for name in columns} for row in batch])
     _bump(session, bank)
     return rows
 
