@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=_port, default=None, help="API port (default 8000)")
     up.set_defaults(handler=cmd_up)
 
-    scan = sub.add_parser("scan", help="judge every image under PATH... and print the decisions")
+    scan = sub.add_parser("scan", help="judge every image and video under PATH... and print the decisions")
     scan.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     scan.add_argument("--api", default=None, help="submit to this API URL instead of starting a local stack")
     scan.add_argument(
