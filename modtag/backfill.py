@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import threading
 import time
@@ -131,6 +132,8 @@ def backfill(
     """Submit every row of `source` not yet in `out_dir`'s results or failures, appending each outcome there."""
     if not source.is_file():
         raise InvalidField(f"{source}: no such file (a CSV with a header, or JSON lines)", code="backfill_input")
+    rows = read_rows(source)
+    first = next(rows, None)  # a CSV without a usable header is refused here, before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     done = _done_keys(out_dir / RESULTS_FILE) | _done_keys(out_dir / FAILURES_FILE)
     limiter = limiter or RateLimit(rate_per_s)
@@ -140,7 +143,7 @@ def backfill(
         (out_dir / FAILURES_FILE).open("a", encoding="utf-8") as failures,
         tqdm(total=count_rows(source), desc="backfill", unit="row", disable=not progress) as bar,
     ):
-        for row in read_rows(source):
+        for row in itertools.chain([first] if first is not None else [], rows):
             if stop is not None and stop.is_set():
                 report.interrupted = True
                 break

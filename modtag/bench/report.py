@@ -73,6 +73,12 @@ def format_report(report: dict[str, Any]) -> str:
             f"alone {stack['engine_images_per_s']:.3f} images/s = {stack['ratio']:.0%}"
             + (f" ({stack['failed']} jobs failed)" if stack["failed"] else "")
         )
+        now = stack.get("moderate_now") or {}
+        if now.get("calls"):
+            lines.append(
+                f"  moderate now (Prefer: wait, idle worker, one call at a time): p50 {now['p50_s'] * 1000:.0f} ms, "
+                f"p99 {now['p99_s'] * 1000:.0f} ms over {now['calls']} calls, {now['decided_in_time']} decided in time"
+            )
         profile = stack.get("profile") or {}
         if profile.get("batches"):
             per_job = {stage: seconds for stage, seconds in profile["worker_s_per_job"].items() if seconds is not None}

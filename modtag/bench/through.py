@@ -68,7 +68,7 @@ def through_stack(options: BenchOptions, dtype: torch.dtype | str, log: Callable
             path.write_bytes(data)
             files.append(path)
         settings = stack_settings(options, dtype, root / "data", metrics_port=free_port())
-        stack_seconds, done, failed, profile = _run_stack(settings, files, log, options.progress)
+        stack_seconds, done, failed, profile, moderate_now = _run_stack(settings, files, log, options.progress)
     return {
         "policy": "moderation",
         "dtype": dtype_name(dtype),
@@ -82,6 +82,7 @@ def through_stack(options: BenchOptions, dtype: torch.dtype | str, log: Callable
         "checks_per_image": {"caption": needs.caption, "probes": len(needs.probes), "texts": len(needs.texts)},
         "engine_batches": math.ceil(len(requests) / options.batch_size),
         "profile": profile,
+        "moderate_now": moderate_now,
     }
 
 
@@ -111,7 +112,7 @@ def stack_settings(options: BenchOptions, dtype: torch.dtype | str, data_dir: Pa
 
 def _run_stack(
     settings: Settings, files: list[Path], log: Callable[[str], None], progress: bool
-) -> tuple[float, int, int, dict[str, Any]]:
+) -> tuple[float, int, int, dict[str, Any], dict[str, Any]]:
     stack = Stack(settings, embedded_redis=True, port=free_port(), workers=1, temporary_key=True, quiet=True)
     with (
         stack,
@@ -126,8 +127,43 @@ def _run_stack(
         statuses = _judge(api, files, progress=progress)
         seconds = time.perf_counter() - started
         after = worker.metrics()
+        log(f"through the stack: {MODERATE_NOW_CALLS} moderate-now calls (Prefer: wait) on the idle worker")
+        moderate_now = moderate_now_latency(api, files[:MODERATE_NOW_CALLS])
     done = statuses.count("done")
-    return seconds, done, len(statuses) - done, stack_profile(before, after, seconds)
+    return seconds, done, len(statuses) - done, stack_profile(before, after, seconds), moderate_now
+
+
+MODERATE_NOW_CALLS = 20
+MODERATE_NOW_WAIT_S = 30
+
+
+def moderate_now_latency(api: ApiClient, files: list[Path]) -> dict[str, Any]:
+    """One `Prefer: wait` submission at a time on an idle worker: seconds from sending the upload to holding its
+    decision (p50, p99 over the calls), and how many were decided within the wait (200) rather than 202."""
+    seconds: list[float] = []
+    decided = 0
+    for path in files:
+        started = time.perf_counter()
+        reply = api.submit_job(
+            path, filename=path.name, mime="image/jpeg", policy="moderation", wait_s=MODERATE_NOW_WAIT_S
+        )
+        seconds.append(time.perf_counter() - started)
+        decided += reply.status == 200 and reply.body.get("status") == "done"
+    ordered = sorted(seconds)
+    return {
+        "calls": len(seconds),
+        "decided_in_time": decided,
+        "p50_s": _quantile(ordered, 0.50),
+        "p99_s": _quantile(ordered, 0.99),
+        "max_s": ordered[-1] if ordered else None,
+    }
+
+
+def _quantile(ordered: list[float], q: float) -> float | None:
+    """The nearest-rank quantile of sorted values (the slowest call for p99 of fewer than 100)."""
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
 
 def stack_profile(before: str, after: str, seconds: float) -> dict[str, Any]:

@@ -36,4 +36,8 @@ def test_bench_through_the_stack_reports_both_rates(tiny_models_dir: Path, tmp_p
     assert profile["engine_busy_s"] > 0 and 0 < profile["engine_busy_share"] <= 1
     assert set(profile["worker_s_per_job"]) == {"fetch", "decode", "evaluate", "store"}
     assert all(seconds >= 0 for seconds in profile["worker_s_per_job"].values())
+    # Moderate-now calls on the idle worker, one at a time: each answered with its decision.
+    now = stack["moderate_now"]
+    assert (now["calls"], now["decided_in_time"]) == (3, 3)
+    assert 0 < now["p50_s"] <= now["p99_s"] <= now["max_s"]
     assert not (tmp_path / "untouched").exists()

@@ -181,11 +181,13 @@ def test_bad_arguments_and_an_unreachable_api_are_one_line_each(
         with pytest.raises(SystemExit) as exited:
             main(["backfill", str(source), "--api", "http://127.0.0.1:1", "--rate", rate])
         assert exited.value.code == 2
-    assert main(["backfill", str(tmp_path / "missing.csv"), "--api", "http://127.0.0.1:1"]) == 2
+    assert main(["backfill", str(tmp_path / "missing.csv"), "--api", "http://127.0.0.1:1", "--out", str(tmp_path)]) == 2
     assert "no such file" in capsys.readouterr().err
     (tmp_path / "headerless.csv").write_text("a,b\n1,2\n")
-    assert main(["backfill", str(tmp_path / "headerless.csv"), "--api", "http://127.0.0.1:1"]) == 2
+    headerless = ["backfill", str(tmp_path / "headerless.csv"), "--api", "http://127.0.0.1:1"]
+    assert main([*headerless, "--out", str(tmp_path / "never")]) == 2
     assert "must name a `url` or `path` column" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()  # refused before anything was written
     out = tmp_path / "out"
     unreachable = f"http://127.0.0.1:{free_port()}"
     assert main(["backfill", str(source), "--api", unreachable, "--out", str(out), "--no-progress"]) == 3

@@ -608,14 +608,17 @@ def test_disruption_budgets_select_the_api_and_workers() -> None:
         assert budget["selector"]["matchLabels"].items() <= _pod_labels(k8s_object("Deployment", name)).items()
 
 
-def test_keda_scales_the_workers_on_the_inference_queue() -> None:
+def test_keda_scales_the_workers_on_every_inference_queue() -> None:
     scaled = k8s_object("ScaledObject", "modtag-worker")
     assert scaled["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "modtag-worker"}
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == _queues().INFERENCE.value
+    triggers = scaled["spec"]["triggers"]
+    # One trigger per queue of the one enum the workers' -Q flag is built from: the bulk lane scales too.
+    assert [trigger["metadata"]["listName"] for trigger in triggers] == [queue.value for queue in _queues()]
     worker_env = {item["name"] for item in pod_spec(k8s_object("Deployment", "modtag-worker"))["containers"][0]["env"]}
-    assert trigger["metadata"]["passwordFromEnv"] in worker_env
-    assert trigger["metadata"]["address"].startswith("redis.modtag.svc")
+    for trigger in triggers:
+        assert trigger["type"] == "redis"
+        assert trigger["metadata"]["passwordFromEnv"] in worker_env
+        assert trigger["metadata"]["address"].startswith("redis.modtag.svc")
 
 
 def test_the_scaled_object_validates_against_kedas_crd_schema() -> None:
