@@ -224,29 +224,34 @@ async def read_similar(
 
 def _similar(session: Any, job_id: str, tenant: str, limit: int) -> SimilarJobs:
     job = tenant_job(session, job_id, tenant)
-    embedding = embeddings.get(session, job.id)
-    if embedding is None:
+    found = similar_jobs(session, job, limit)
+    if found is None:
         raise Conflict(
             "this job has no image embedding: only jobs whose policy runs the ITM model (match, describe, tags or "
             "examples checks) or that are examples store one, once decided",
             code="embedding_missing",
         )
+    return SimilarJobs(job_id=job.id, data=found)
+
+
+def similar_jobs(session: Any, job: Job, limit: int) -> list[SimilarJob] | None:
+    """The tenant's jobs nearest to `job`'s image, most similar first; None when the job has no embedding."""
+    embedding = embeddings.get(session, job.id)
+    if embedding is None:
+        return None
     found = embeddings.similar(session, embedding, limit)
     ids = [item.job_id for item in found]
-    jobs = {row.id: row for row in session.exec(select(Job).where(col(Job.id).in_(ids))).all()} if ids else {}
-    actions = (
-        dict(session.exec(select(Decision.job_id, Decision.action).where(col(Decision.job_id).in_(ids))).all())
-        if ids
-        else {}
-    )
-    data = [
+    if not ids:
+        return []
+    rows = {row.id: row for row in session.exec(select(Job).where(col(Job.id).in_(ids))).all()}
+    actions = dict(session.exec(select(Decision.job_id, Decision.action).where(col(Decision.job_id).in_(ids))).all())
+    return [
         SimilarJob(
             job_id=item.job_id,
             similarity=item.similarity,
             action=actions.get(item.job_id),
-            created_at=jobs[item.job_id].created_at,
+            created_at=rows[item.job_id].created_at,
         )
         for item in found
-        if item.job_id in jobs and jobs[item.job_id].tenant == tenant
+        if item.job_id in rows and rows[item.job_id].tenant == job.tenant
     ]
-    return SimilarJobs(job_id=job.id, data=data)

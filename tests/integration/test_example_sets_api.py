@@ -18,6 +18,7 @@ from core.db import session_scope
 from core.tables import AuditEntry, ExampleItem
 from modtag.client import ApiClient
 from tests.support.api import Api, admin_key, assert_error
+from tests.support.dashboard import csrf_of, signed_in
 from tests.support.photos import photo_bytes
 
 pytestmark = pytest.mark.timeout(120)
@@ -220,3 +221,31 @@ def test_similar_images_and_another_tenant_sees_nothing(api: Api) -> None:
 
     assert admin.delete("/v1/example-sets/shared-name").status_code == 204
     assert_error(admin.get("/v1/example-sets/shared-name"), 404, "example_set_not_found")
+
+
+def test_the_job_page_adds_an_example_and_shows_similar_images(api: Api) -> None:
+    admin = api.client
+    assert admin.post("/v1/example-sets", json={"name": "desk"}).status_code == 201
+    shown, neighbour = submitted(admin), submitted(admin, "chelsea")
+    embed(api, shown, "default", 0.0, "desk-itm")
+    embed(api, neighbour, "default", 0.1, "desk-itm")
+    with signed_in(api.base_url, api.key, f"/dashboard/jobs/{shown}") as browser:
+        page = browser.get(f"/dashboard/jobs/{shown}")
+        assert page.status_code == 200
+        assert 'data-testid="add-example"' in page.text and '<option value="desk">desk</option>' in page.text
+        strip = page.text.split('data-testid="similar-images"', 1)[1]
+        assert f'href="/dashboard/jobs/{neighbour}"' in strip and "similarity 0.995" in strip
+        assert 'class="thumb"' in strip  # through the blurred macro, like every image of the desk
+
+        form = {"csrf_token": csrf_of(page), "next": f"/dashboard/jobs/{shown}", "set": "desk", "label": "negative"}
+        pressed = browser.post(f"/dashboard/jobs/{shown}/example", data=form, follow_redirects=False)
+        assert pressed.status_code == 303 and pressed.headers["location"].endswith("notice=example_added")
+        again = browser.post(f"/dashboard/jobs/{shown}/example", data=form, follow_redirects=False)
+        assert again.headers["location"].endswith("notice=example_exists")
+        bad = browser.post(f"/dashboard/jobs/{shown}/example", data=form | {"label": "meh"}, follow_redirects=False)
+        assert bad.headers["location"].endswith("notice=example_label_invalid")
+        forged = browser.post(
+            f"/dashboard/jobs/{shown}/example", data=form | {"csrf_token": "x"}, follow_redirects=False
+        )
+        assert forged.status_code == 403
+    assert admin.get(f"/v1/example-sets/desk/items/{shown}").json()["label"] == "negative"
