@@ -1,10 +1,13 @@
-"""A reviewer works the queue in a real Chromium: sign in, see the flagged item, claim, block; an admin finds the audit.
+"""The dashboard in a real Chromium: a reviewer works the queue (sign in, see the flagged item, claim, block) and an
+admin finds the audit; the job page's text boxes; the kinder review desk (images blurred until clicked, blurred
+again on a second click, greyscale remembered, an erased job's placeholder, the Banks page, block and add to bank);
+single sign-on through a real OpenID Connect provider process.
 
-The stack is real: `modtag api` and a `modtag worker` (tiny random BLIP models) as child processes, Redis,
-SQLite. A test policy sends every image to review, so the worker's own decision fills the queue.
-Chromium is Debian's (`apt-get install chromium`), driven by Playwright for Python (`pip install
-playwright`; `playwright install` is not needed). Screenshots go to $MODTAG_SCREENSHOT_DIR (default: the
-test's temporary directory); their paths are printed.
+The first test's stack is `modtag api` and a `modtag worker` (tiny random BLIP models) as child processes,
+Redis, SQLite, with a policy that sends every image to review. The others share one in-process API per module
+(`desk`) whose decisions are stored as the worker stores them, and one provider process (`oidc-provider-mock`).
+Chromium is Debian's, driven by Playwright (tests/support/browser.py). Screenshots go to
+$MODTAG_SCREENSHOT_DIR (default: the test's temporary directory); their paths are printed.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import io
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +26,15 @@ from PIL import Image, ImageDraw, ImageFont
 from core.db import session_scope
 from core.jobs import claim_job, store_decision
 from core.tables import Decision
-from tests.support.api import admin_key, api_settings, running_api
+from tests.support.api import Api, admin_key, api_settings, running_api
+from tests.support.browser import chromium, screenshot_dir
+from tests.support.dashboard import decided_upload
 from tests.support.deployment import Deployment, child_env, submit, wait_final
+from tests.support.oidc import OidcProvider, oidc_provider
 from tests.support.photos import photo_bytes
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
-CHROMIUM = os.environ.get("MODTAG_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 REVIEW_ALL_POLICY = """\
 name: review-all
 description: Test policy that sends every image to human review.
@@ -55,28 +52,16 @@ categories:
 """
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    try:
-        from playwright.sync_api import Error, sync_playwright
-    except ImportError:
-        pytest.skip("Playwright for Python is not installed (pip install playwright)")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set MODTAG_CHROMIUM)")
-    with sync_playwright() as playwright:
-        try:
-            chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        except Error as exc:
-            pytest.skip(f"Chromium at {CHROMIUM} cannot be launched here: {str(exc).splitlines()[0]}")
-        yield chromium
-        chromium.close()
+    """One Chromium for the module; each test opens its own contexts (cookies apart)."""
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture
 def screenshots(tmp_path: Path) -> Path:
-    folder = Path(os.environ.get("MODTAG_SCREENSHOT_DIR") or tmp_path / "screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return screenshot_dir(tmp_path)
 
 
 @pytest.fixture
@@ -284,3 +269,172 @@ def _judged_by_the_worker(stack: Deployment) -> str:
     assert job["status"] == "done", job
     assert job["decision"]["action"] == "review" and job["review"]["state"] == "open", job
     return str(job_id)
+
+
+# -- the kinder review desk and single sign-on: one API and one identity provider for the module ------------------
+
+
+@dataclass
+class Desk:
+    api: Api
+    provider: OidcProvider
+    reviewer_key: str
+    kept: str  # a job in the review queue
+    erased: str  # a job whose image was erased
+
+
+@pytest.fixture(scope="module")
+def desk(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> Iterator[Desk]:
+    folder = tmp_path_factory.mktemp("desk")
+    with oidc_provider(folder) as provider:
+        settings = api_settings(
+            folder / "api", f"sqlite:///{folder / 'modtag.db'}", redis_server.url, **provider.settings()
+        )
+        with running_api(settings) as api:
+            kept, erased = decided_upload(api, "astronaut"), decided_upload(api, "coffee")
+            assert api.client.delete(f"/v1/jobs/{erased}").status_code == 200
+            reviewer_key = admin_key(api.db_url, role="review", name="Rui (reviewer)")
+            yield Desk(api, provider, reviewer_key, kept, erased)
+
+
+def signed_in_page(browser: Any, base_url: str, key: str, next_path: str) -> Any:
+    """A page of a new browser context signed in with `key` through the form, at `next_path`."""
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    page.goto(f"{base_url}/dashboard/login?next={next_path}")
+    page.fill("#key", key)
+    page.click("button[type=submit]")
+    page.wait_for_url(re.compile(re.escape(next_path) + "$"))
+    return page
+
+
+def css_filter(locator: Any) -> str:
+    return str(locator.evaluate("element => getComputedStyle(element).filter"))
+
+
+def loaded(page: Any, image: Any) -> None:
+    image.scroll_into_view_if_needed()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+
+
+def test_images_are_blurred_until_clicked_and_greyscale_is_remembered(
+    desk: Desk, browser: Any, screenshots: Path
+) -> None:
+    base = desk.api.base_url
+    page = signed_in_page(browser, base, desk.reviewer_key, "/dashboard/review")
+    card = page.locator(f"article[data-job='{desk.kept}']")
+    image = card.locator("img.thumb")
+    loaded(page, image)
+    every_image_blurred = (
+        "() => [...document.querySelectorAll('main img')].every(i => /blur/.test(getComputedStyle(i).filter))"
+    )
+    assert page.evaluate(every_image_blurred)
+    assert css_filter(image) == "blur(24px)"
+    page.screenshot(path=str(screenshots / "desk-blurred.png"), full_page=True)
+
+    card.locator("label.sensitive").click()  # reveal this one
+    assert css_filter(image) == "none"
+    card.screenshot(path=str(screenshots / "desk-revealed.png"))
+    card.locator("label.sensitive").click()  # and blur it again
+    assert css_filter(image) == "blur(24px)"
+    card.locator("input.reveal").focus()  # the keyboard does the same: Space on the focused control
+    page.keyboard.press("Space")
+    assert css_filter(image) == "none"
+
+    page.click("[data-testid=greyscale]")
+    page.wait_for_url(re.compile(r"/dashboard/review$"))
+    image = page.locator(f"article[data-job='{desk.kept}'] img.thumb")
+    assert css_filter(image) == "grayscale(1) blur(24px)"  # still blurred after the reload, grey too
+    page.locator(f"article[data-job='{desk.kept}'] label.sensitive").click()
+    assert css_filter(image) == "grayscale(1)"
+    page.screenshot(path=str(screenshots / "desk-greyscale.png"), full_page=True)
+
+    # Remembered: on every page, in a new tab, and after signing out and in again in this browser.
+    page.goto(f"{base}/dashboard/jobs/{desk.kept}")
+    assert css_filter(page.locator("img.thumb")) == "grayscale(1) blur(24px)"
+    other_tab = page.context.new_page()
+    other_tab.goto(f"{base}/dashboard/flagged?action=all")
+    assert other_tab.locator("body.greyscale").count() == 1
+    other_tab.click("text=Sign out")
+    other_tab.fill("#key", desk.reviewer_key)
+    other_tab.click("button[type=submit]")
+    other_tab.wait_for_url(re.compile(r"/dashboard/flagged$"))
+    assert other_tab.locator("body.greyscale").count() == 1
+
+    # An erased job: a placeholder where its image was, never a broken image.
+    other_tab.goto(f"{base}/dashboard/jobs/{desk.erased}")
+    assert other_tab.locator("[data-testid=erased]").is_visible()
+    assert other_tab.locator("main img").count() == 0
+    other_tab.goto(f"{base}/dashboard/flagged?action=all")
+    erased_card = other_tab.locator(f"article[data-job='{desk.erased}']")
+    assert erased_card.locator("[data-testid=erased]").is_visible() and erased_card.locator("img").count() == 0
+    other_tab.screenshot(path=str(screenshots / "desk-erased-placeholder.png"), full_page=True)
+
+    other_tab.click("[data-testid=greyscale]")  # back to colour
+    other_tab.wait_for_load_state()
+    assert other_tab.locator("body.greyscale").count() == 0
+    page.context.close()
+
+
+def test_the_banks_page_and_block_and_add_to_bank(desk: Desk, browser: Any, screenshots: Path, tmp_path: Path) -> None:
+    base = desk.api.base_url
+    created = desk.api.client.post("/v1/banks", json={"name": "known-bad", "description": "images reviewers blocked"})
+    assert created.status_code == 201, created.text
+    job_id = decided_upload(desk.api, "chelsea")
+    page = signed_in_page(browser, base, desk.api.key, "/dashboard/review")
+
+    card = page.locator(f"article[data-job='{job_id}']")
+    card.locator("textarea[name=reason]").fill("Known bad image: bank it")
+    card.locator("[data-testid=bank]").select_option("known-bad")
+    card.locator("[data-testid=block-and-bank]").click()
+    page.wait_for_load_state()
+    assert "hashes added to the bank" in page.inner_text("[role=status]")
+
+    page.click("header >> text=Banks")
+    page.wait_for_url(re.compile(r"/dashboard/banks$"))
+    row = page.locator("tr.bank[data-bank='known-bad']")
+    assert "block" in row.inner_text() and "images reviewers blocked" in row.inner_text()
+    page.screenshot(path=str(screenshots / "banks.png"), full_page=True)
+    row.locator("a").click()
+    page.wait_for_url(re.compile(r"/dashboard/banks/known-bad$"))
+    items = page.locator("tr.bank-item")
+    assert items.count() == 1 and f"review of job {job_id}: Known bad image" in items.first.inner_text()
+
+    hash_list = tmp_path / "partner-list.csv"
+    hash_list.write_text(f"signal_type,signal,note\npdq,{'a' * 64},from a partner\nsha256,{'c' * 64},\n")
+    page.set_input_files("[data-testid=import] input[type=file]", str(hash_list))
+    page.click("[data-testid=import] button[type=submit]")
+    page.wait_for_url(re.compile(r"/dashboard/banks/known-bad\?notice=imported"))
+    assert "2 hashes added, 0 the bank already held" in page.inner_text("[role=status]")
+    assert items.count() == 3
+    page.screenshot(path=str(screenshots / "bank-items.png"), full_page=True)
+
+    items.first.locator("[data-testid=remove]").click()
+    page.wait_for_url(re.compile(r"notice=item_removed$"))
+    assert "Removed" in page.inner_text("[role=status]") and items.count() == 2
+    page.context.close()
+    job = desk.api.client.get(f"/v1/jobs/{job_id}").json()
+    assert job["review"]["resolution"]["action"] == "block"
+
+
+def test_signing_in_through_the_identity_provider(desk: Desk, browser: Any, screenshots: Path) -> None:
+    """The provider's own sign-in form in Chromium; back on the dashboard with the mapped tenant and role."""
+    desk.provider.set_user("mia", {"name": "Mia Moderator", "modtag_tenant": "default", "modtag_role": "review"})
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    assert page.goto(f"{desk.api.base_url}/dashboard/review").status == 401
+    page.click("[data-testid=sso]")
+    page.wait_for_url(re.compile(re.escape(desk.provider.issuer) + r"/oauth2/authorize\?"))
+    page.screenshot(path=str(screenshots / "sso-provider-form.png"), full_page=True)
+    page.fill("input[name=sub]", "mia")
+    page.click("button:text-is('Authorize')")
+    page.wait_for_url(re.compile(r"/dashboard/review$"))
+    assert "Mia Moderator (sso) · review · tenant default" in page.inner_text("header")
+    assert page.locator(f"article[data-job='{desk.kept}']").count() == 1  # the tenant's queue
+    cookie = next(c for c in context.cookies() if c["name"] == "modtag_session")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    page.screenshot(path=str(screenshots / "sso-signed-in.png"), full_page=True)
+    assert page.goto(f"{desk.api.base_url}/dashboard/audit").status == 403  # a reviewer, not an admin
+    page.goto(f"{desk.api.base_url}/dashboard/review")
+    page.click("text=Sign out")
+    page.wait_for_url(re.compile(r"/dashboard/login$"))
+    context.close()

@@ -15,17 +15,12 @@ import pytest
 from sqlmodel import select
 
 from core.db import session_scope
-from core.hashes import image_hashes
-from core.images import ImageLimits, decode_image
-from core.jobs import claim_job, record_hashes, store_decision
-from core.tables import Bank, BankItem, Decision
+from core.tables import Bank, BankItem
 from tests.support.api import Api, admin_key, assert_error
-from tests.support.dashboard import csrf_of, signed_in
-from tests.support.photos import photo_bytes
+from tests.support.dashboard import csrf_of, decided_upload, signed_in
 
 pytestmark = pytest.mark.timeout(120)
 
-CATEGORIES = {"weapons": {"score": 0.8, "action": "review", "fired": True, "decided_by": "probe", "reason": None}}
 THUMBNAIL = re.compile(r'<img class="thumb" src="/v1/jobs/([0-9a-f]+)/thumbnail"')
 
 
@@ -38,27 +33,9 @@ class Jobs:
 
 @pytest.fixture(scope="module")
 def jobs(api: Api) -> Jobs:
-    kept, erased = upload(api), upload(api)
+    kept, erased = decided_upload(api), decided_upload(api)
     assert api.client.delete(f"/v1/jobs/{erased}").status_code == 200
     return Jobs(kept, erased, admin_key(api.db_url, role="review", name="Rui (reviewer)"))
-
-
-def upload(api: Api, photo: str = "astronaut") -> str:
-    """A job of `photo` decided `review` the way the worker stores it: hashes recorded, then the decision."""
-    data = photo_bytes(photo)
-    response = api.upload(data, filename=f"{photo}.jpg", mime="image/jpeg")
-    assert response.status_code == 202, response.text
-    job_id: str = response.json()["id"]
-    hashes = image_hashes(data, decode_image(data, ImageLimits.from_settings(api.settings)))
-    with session_scope(api.db_url) as session:
-        job = claim_job(session, job_id, "test-worker", 60)
-        assert job is not None
-        record_hashes(session, job, hashes.sha256, hashes.pdq, hashes.pdq_quality)
-        decision = Decision(
-            job_id=job_id, action="review", policy="moderation", policy_version="v1", categories=CATEGORIES
-        )
-        store_decision(session, job, decision)
-    return job_id
 
 
 def veiled_images(html: str) -> tuple[list[str], list[str]]:
@@ -236,7 +213,7 @@ def test_the_banks_pages_list_import_and_remove(api: Api, jobs: Jobs) -> None:
 def test_block_and_add_to_bank_in_one_click(api: Api, jobs: Jobs) -> None:
     make_bank(api, "reviewed-bad")
     make_bank(api, "reviewed-fine", kind="allow")
-    job_id = upload(api, "coffee")
+    job_id = decided_upload(api, "coffee")
     with signed_in(api.base_url, jobs.reviewer_key) as reviewer:
         queue = reviewer.get("/dashboard/review")
         card = re.search(rf'<article class="card" data-job="{job_id}">(.*?)</article>', queue.text, re.S)
@@ -254,7 +231,11 @@ def test_block_and_add_to_bank_in_one_click(api: Api, jobs: Jobs) -> None:
         assert_error(
             reviewer.post(f"/dashboard/review/{job_id}/resolve", data={**form, "csrf_token": "x"}), 403, "csrf_invalid"
         )
-        for bank, notice in (("no-such-bank", "bank_not_found"), ("reviewed-fine", "bank_is_allow_list"), ("x" * 65, None)):
+        for bank, notice in (
+            ("no-such-bank", "bank_not_found"),
+            ("reviewed-fine", "bank_is_allow_list"),
+            ("x" * 65, None),
+        ):
             refused = reviewer.post(
                 f"/dashboard/review/{job_id}/resolve", data={**form, "bank": bank}, follow_redirects=False
             )
