@@ -33,6 +33,11 @@ _OPERATIONS = [
     ("GET", "/v1/decisions", _CURSOR_REFUSALS),
     ("GET", "/v1/audit", _CURSOR_REFUSALS),
     ("GET", "/v1/review/queue", _CURSOR_REFUSALS),
+    ("GET", "/v1/labels", _CURSOR_REFUSALS),
+    # A hash list that fits the schema (a file) may still hold lines that are not hashes (422), or name no bank (404).
+    ("POST", "/v1/banks/{name}/import", _CONTENT_REFUSALS),
+    # A policy or category name that fits the pattern may still name none that is loaded (404, 422).
+    ("GET", "/v1/calibration", _CONTENT_REFUSALS),
 ]
 CONFIG = schemathesis.config.SchemathesisConfig.from_str(
     "\n".join(
