@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from typing import Literal
 
 from core.banks import MAX_IMPORT_ITEMS, NewBankItem
 from core.errors import InvalidField, ModtagError
@@ -41,7 +42,8 @@ _REPORTED_LINES = 20  # malformed lines named in one error
 _UNSUPPORTED_TYPES = 16  # distinct signal types modtag does not match that one file may hold (HMA has about a dozen)
 _NOTE_CHARS = 2000
 # modtag's name of a signal -> the BankItem column it goes in.
-SIGNAL_COLUMNS = {"pdq": "pdq", "sha256": "sha256", "video_sha256": "sha256"}
+SignalType = Literal["pdq", "sha256", "video_sha256"]  # the names modtag matches
+SIGNAL_COLUMNS: dict[str, str] = {"pdq": "pdq", "sha256": "sha256", "video_sha256": "sha256"}
 _TYPE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,39}$")  # python-threatexchange's SignalType.get_name() style
 _HASH_LIKE = re.compile(r"^[0-9a-f]{32,}$")
 

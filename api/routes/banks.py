@@ -29,7 +29,7 @@ from core import banks
 from core.banks import NewBankItem
 from core.errors import InvalidField, PayloadTooLarge
 from core.hashes import image_hashes, parse_pdq, parse_sha256
-from core.hashexchange import ExchangeFormat, HashList, read_hash_list, write_csv, write_hma
+from core.hashexchange import ExchangeFormat, HashList, SignalType, read_hash_list, write_csv, write_hma
 from core.images import ImageLimits, decode_image
 from core.principals import Principal
 from core.public import BankImport, BankItemPublic, BankList, BankPublic
@@ -42,10 +42,7 @@ ItemId = Annotated[str, Path(max_length=64)]
 FormatParam = Annotated[
     ExchangeFormat, Query(description="`hma`: HMA's signal file, `<signal_type> <signal>` per line; `csv`: a CSV.")
 ]
-SignalTypeParam = Annotated[
-    str | None,
-    Query(max_length=40, description="The type of lines that give a hash alone (`pdq`, `sha256`, `video_sha256`)."),
-]
+SignalTypeParam = Annotated[SignalType | None, Query(description="The type of lines that give a hash alone.")]
 _NOTE_CHARS = 2000
 _ITEM_BODY = {
     "multipart/form-data": {

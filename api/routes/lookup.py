@@ -18,9 +18,8 @@ from api.auth import Reader
 from api.deps import SessionDep
 from api.errors import error_responses
 from core.banks import BankMatcher
-from core.errors import InvalidField
 from core.hashes import DEFAULT_MAX_DISTANCE, PDQ_BITS, parse_pdq, parse_sha256
-from core.hashexchange import SIGNAL_COLUMNS
+from core.hashexchange import SIGNAL_COLUMNS, SignalType
 from core.public import BankMatchPublic, LookupResult
 
 router = APIRouter(tags=["banks"])
@@ -31,19 +30,14 @@ def lookup(
     request: Request,
     session: SessionDep,
     principal: Reader,
-    signal_type: Annotated[str, Query(max_length=40, description="`pdq`, `sha256` or `video_sha256`.")],
-    signal: Annotated[str, Query(max_length=128, description="The hash: 64 hex digits.")],
+    signal_type: Annotated[SignalType, Query(description="HMA's signal type name.")],
+    signal: Annotated[str, Query(pattern=r"^[0-9a-fA-F]{64}$", description="The hash: 64 hex digits.")],
     max_distance: Annotated[
         int, Query(ge=0, le=PDQ_BITS, description="The largest PDQ Hamming distance that matches.")
     ] = DEFAULT_MAX_DISTANCE,
 ) -> LookupResult:
     """The tenant's banks holding this hash, each with its closest item and distance (roles admin, review, submit)."""
-    column = SIGNAL_COLUMNS.get(signal_type.strip().lower())
-    if column is None:
-        raise InvalidField(
-            f"signal_type {signal_type[:40]!r} is not one modtag matches: use one of {', '.join(SIGNAL_COLUMNS)}",
-            code="signal_type_invalid",
-        )
+    column = SIGNAL_COLUMNS[signal_type]
     value = parse_pdq(signal) if column == "pdq" else parse_sha256(signal)
     matches = _matcher(request).match_signal(session, principal.tenant, column, value, max_distance)
     return LookupResult(

@@ -100,7 +100,7 @@ def test_hma_dumps_with_other_signal_types_bare_hashes_and_comments(api: Api) ->
     bare = f"{1:064x}\n{2:064x}\n".encode()
     assert_error(upload(admin, "dump", bare), 422, "bank_import_malformed")
     assert upload(admin, "dump", bare, signal_type="pdq").json()["added"] == 2
-    assert_error(upload(admin, "dump", bare, signal_type="md5"), 422, "signal_type_invalid")
+    assert_error(upload(admin, "dump", bare, signal_type="md5"), 422, "invalid_field")
     # threatexchange's `dataset -P --csv` columns.
     table = f"collab,signal_type,signal_str,category,tags\nSample,pdq,{3:064x},POSITIVE_CLASS,a b\n".encode()
     assert upload(admin, "dump", table, format="csv").json()["added"] == 1
@@ -167,8 +167,8 @@ def test_who_may_exchange_and_look_up(api: Api) -> None:
     assert upload(admin, "shared", f"sha256 {sha}\n".encode()).status_code == 201
     [exact] = admin.get("/v1/lookup", params={"signal_type": "video_sha256", "signal": sha.upper()}).json()["matches"]
     assert (exact["bank"], exact["distance"], exact["signal_type"]) == ("shared", 0, "sha256")
-    assert_error(admin.get("/v1/lookup", params={"signal_type": "md5", "signal": sha}), 422, "signal_type_invalid")
-    assert_error(admin.get("/v1/lookup", params={"signal_type": "pdq", "signal": "zz"}), 422, "pdq_invalid")
+    assert_error(admin.get("/v1/lookup", params={"signal_type": "md5", "signal": sha}), 422, "invalid_field")
+    assert_error(admin.get("/v1/lookup", params={"signal_type": "pdq", "signal": "zz"}), 422, "invalid_field")
     assert admin.get("/v1/lookup", params={"signal_type": "pdq"}).status_code == 422
 
 
