@@ -65,7 +65,9 @@ def test_malformed_lines_are_named(text: str | bytes, fmt: ExchangeFormat, probl
 def test_prose_is_not_a_list_of_unknown_signal_types() -> None:
     with pytest.raises(MalformedHashList) as caught:
         read("".join(f"word{index} and more words\n" for index in range(40)))
-    assert caught.value.message.startswith("24 malformed lines") and "line 17: not a signal type" in caught.value.message
+    assert (
+        caught.value.message.startswith("24 malformed lines") and "line 17: not a signal type" in caught.value.message
+    )
 
 
 def test_many_bad_lines_are_summed_up_and_too_many_hashes_refused() -> None:
