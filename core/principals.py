@@ -23,7 +23,7 @@ class Permission(StrEnum):
     REOPEN = "review:reopen"  # appeals: reopen a resolved item
     AUDIT = "audit:read"
     BANKS = "banks:edit"  # hash banks: list them, add, read and delete items
-    BANKS_CREATE = "banks:create"  # create a bank (admin)
+    BANKS_CREATE = "banks:create"  # create a bank; import and export hash lists (admin)
     EXAMPLES = "examples:edit"  # example sets: list them, add, read and delete items
     EXAMPLES_CREATE = "examples:create"  # create and delete an example set (admin)
     ERASE = "jobs:erase"  # DELETE /v1/jobs/{id}: submit keys only their own jobs (core/erasure.py checks)
