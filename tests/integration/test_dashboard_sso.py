@@ -138,17 +138,15 @@ def test_a_new_role_at_the_provider_ends_the_old_sessions(api: Api, provider: Oi
         assert len(session.exec(select(DashboardSession).where(col(DashboardSession.key_id).in_(live))).all()) == 1
 
 
+# Every shape of a bad claim is in tests/unit/test_sso_claims.py; these go through the provider end to end.
 @pytest.mark.parametrize(
     ("claims", "code_words"),
     [
         ({ROLE_CLAIM: "modtag-moderators"}, f"no `{TENANT_CLAIM}` claim"),
-        ({TENANT_CLAIM: "acme"}, f"no `{ROLE_CLAIM}` claim"),
         ({TENANT_CLAIM: "acme", ROLE_CLAIM: ["admin", "root"]}, "names no modtag role"),  # raw names are not mapped
-        ({TENANT_CLAIM: "Acme Corp!", ROLE_CLAIM: "modtag-admins"}, "is not a modtag tenant"),
-        ({TENANT_CLAIM: ["acme"], ROLE_CLAIM: "modtag-admins"}, "is not a modtag tenant"),
         ({TENANT_CLAIM: "a" * 5000, ROLE_CLAIM: "modtag-admins"}, "is not a modtag tenant"),
     ],
-    ids=["no-tenant", "no-role", "unknown-role", "bad-tenant", "list-tenant", "huge-tenant"],
+    ids=["no-tenant", "unknown-role", "huge-tenant"],
 )
 def test_a_missing_or_unknown_claim_is_refused_with_a_page(
     api: Api, provider: OidcProvider, claims: dict[str, Any], code_words: str
@@ -225,7 +223,7 @@ def test_an_unreachable_provider_is_a_page_not_a_500(tmp_path: Path, redis_serve
     with oidc_provider(tmp_path) as going:
         going.set_user("vic", {TENANT_CLAIM: "acme", ROLE_CLAIM: "admin"})
         settings = api_settings(
-            tmp_path / "gone", f"sqlite:///{tmp_path / 'gone.db'}", redis_server.url,
+            tmp_path / "gone", f"sqlite:///{tmp_path / 'none.db'}", redis_server.url,
             **going.settings(oidc_timeout_s=2),
         )  # fmt: skip
         with serve(create_app(settings)) as base_url, httpx.Client(base_url=base_url, timeout=30) as client:
