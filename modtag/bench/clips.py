@@ -20,7 +20,7 @@ _ENCODERS = {"h264": ("mp4", "libx264"), "vp9": ("webm", "libvpx-vp9"), "mpeg4":
 
 @dataclass(frozen=True)
 class Shot:
-    """`picture` shown for `seconds`; `pan` > 0 moves the view across it by that share of its width per second."""
+    """`picture` shown for `seconds`; `pan` > 0 moves the view across it by that share of the way per second."""
 
     seconds: float
     picture: Image.Image
@@ -49,12 +49,13 @@ def write_clip(
         stream.pix_fmt = "rgb24" if encoder in ("png", "qtrle", "rawvideo") else "yuv420p"
         stream.time_base = Fraction(1, fps)
         if encoder == "libx264":
-            stream.options = {"preset": "ultrafast", "tune": "stillimage"}
+            stream.options = {"preset": "ultrafast"}
         number = 0
         for shot in shots:
-            still = None if shot.pan else av.VideoFrame.from_image(_view(shot.picture, size, None))
+            still = None if shot.pan else av.VideoFrame.from_image(shot.picture.convert("RGB").resize(size))
+            strip = _strip(shot.picture, size) if shot.pan else None
             for step in range(round(shot.seconds * fps)):
-                frame = still or av.VideoFrame.from_image(_view(shot.picture, size, shot.pan * step / fps))
+                frame = still or av.VideoFrame.from_image(_window(strip, size, shot.pan * step / fps))
                 frame.pts = number
                 number += 1
                 for packet in stream.encode(frame):
@@ -64,11 +65,16 @@ def write_clip(
     return path
 
 
-def _view(picture: Image.Image, size: tuple[int, int], offset: float | None) -> Image.Image:
-    """The part of `picture` in view at `offset` (a share of its width; None: all of it), scaled to `size`."""
-    if offset is None:
-        return picture.convert("RGB").resize(size)
-    width, height = picture.size
-    window = int(width * 0.6)
-    left = int((width - window) * (offset % 1.0))
-    return picture.convert("RGB").crop((left, 0, left + window, height)).resize(size)
+def _strip(picture: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """`picture` scaled to the clip's height and at least half as wide again as the clip: what a pan moves over."""
+    width, height = size
+    scaled_width = max(round(width * 1.5), round(picture.width * height / picture.height))
+    return picture.convert("RGB").resize((scaled_width, height))
+
+
+def _window(strip: Image.Image | None, size: tuple[int, int], offset: float) -> Image.Image:
+    """The part of `strip` in view at `offset` (a share of the way across it; cropped, never rescaled per frame)."""
+    assert strip is not None
+    travel = strip.width - size[0]
+    left = round(travel * (offset % 1.0))
+    return strip.crop((left, 0, left + size[0], size[1]))

@@ -1,0 +1,306 @@
+"""`modtag bench --video`: what a minute of video costs the sampler and the engine, against the naive way.
+
+A generated clip (1080p, 60 s, 25 fps, H.264 by PyAV: still shots, panning shots and cuts between them; kept in the
+models cache so that a second run skips the encoding) is judged twice in one process, on the same models:
+
+- **modtag**: `core.video.sample_frames` (fps samples plus scene changes, PDQ repeats skipped), each kept frame sent
+  to the engine in batches as it is found: decode + sample + hash time, frames kept (and why), engine time;
+- **naive**: every frame decoded, one a second taken (no scene score, no skipping) and every one through the engine.
+
+Each way's figures: seconds, and seconds per minute of video. Memory: the resident set sampled every 10 ms while
+each way runs, as the rise over the resident set just before it (the models are loaded by then); and the sampler's
+rise alone on a quarter-length clip beside the full one: bounded by the decoding window, it does not grow with the
+video's length. The engine's workload per frame is the engine bench's (a caption, 8 probes, 16 texts).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from core.video import Sampling, VideoLimits, probe, sample_frames
+from modtag.bench.clips import Shot, write_clip
+from modtag.bench.common import (
+    CAPTION_TOKENS,
+    PROBES,
+    TEXTS,
+    BenchOptions,
+    Log,
+    bench_fast_dtype,
+    check_options,
+    dtype_name,
+    load_average,
+    load_roles,
+    machine_info,
+)
+from modtag.bench.upload_memory import process_memory_mb
+from worker.families.blip.engine import Engine, ImageRequest
+from worker.families.blip.models import resolve_device
+
+# The clip's shots as shares of its length: (share, photo, pan per second). Still stretches, two pans, five cuts,
+# and a return to the first photo (a repeat the PDQ skip does not hide: it is not the previous kept frame).
+_SHOTS: tuple[tuple[float, str, float], ...] = (
+    (10 / 60, "astronaut", 0.0),
+    (8 / 60, "coffee", 0.04),
+    (12 / 60, "chelsea", 0.0),
+    (6 / 60, "rocket", 0.08),
+    (9 / 60, "astronaut", 0.0),
+    (15 / 60, "coffee", 0.0),
+)
+_MEMORY_POLL_S = 0.01
+
+
+@dataclass(frozen=True)
+class VideoBenchOptions:
+    """The clip: its length, frame size and rate; the sampling judged (`Sampling`'s defaults: the settings')."""
+
+    seconds: float = 60.0
+    size: tuple[int, int] = (1920, 1080)
+    fps: int = 25
+    sampling: Sampling = field(default_factory=Sampling)
+
+
+def run_video_bench(options: BenchOptions, video: VideoBenchOptions | None = None) -> dict[str, Any]:
+    """Both ways on the same clip and models; the report `modtag bench --video --json` prints."""
+    check_options(options)
+    video = video or VideoBenchOptions()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    device = resolve_device(options.device)
+    fast = bench_fast_dtype(options, device)
+    log = Log(options.progress)
+    load_before = load_average()
+    clip, encode_s = _clip(options.cache_dir, video, video.seconds, log)
+    quarter, _ = _clip(options.cache_dir, video, video.seconds / 4, log)
+    limits = VideoLimits(max_bytes=1 << 40, max_seconds=max(video.seconds, 1.0) * 2, max_side=8192, min_side=8)
+    info = probe(clip, limits)
+
+    log(f"video: loading {options.models} at {dtype_name(fast)}")
+    models = load_roles(options, fast)
+    engine = Engine(
+        models, max_caption_tokens=CAPTION_TOKENS, min_caption_tokens=CAPTION_TOKENS, max_batch=options.batch_size
+    )
+    engine.run([_request(Image.new("RGB", video.size, (128, 128, 128)))])  # kernels and caches, not timed
+
+    log("video: the sampler alone on a quarter and on the whole clip (memory)")
+    _sampler_alone(quarter, video.sampling, limits)  # the decoder's buffers and pools, allocated once: not timed
+    quarter_rise = _sampler_alone(quarter, video.sampling, limits)
+    whole_rise = _sampler_alone(clip, video.sampling, limits)
+    log("video: modtag's way (sampled frames through the engine)")
+    modtag = _modtag_way(clip, video.sampling, limits, engine, options.batch_size)
+    log("video: the naive way (every second's frame through the engine)")
+    naive = _naive_way(clip, engine, options.batch_size, video.sampling.threads)
+    minutes = info.duration_s / 60
+    for way in (modtag, naive):
+        way["seconds_per_minute_of_video"] = way["total_s"] / minutes
+    return {
+        "clip": {
+            "seconds": info.duration_s,
+            "size": f"{info.width}x{info.height}",
+            "fps": video.fps,
+            "codec": info.codec,
+            "bytes": clip.stat().st_size,
+            "shots": len(_SHOTS),
+            "cuts": len(_SHOTS) - 1,
+            "encode_s": encode_s,
+        },
+        "sampling": {
+            "fps": video.sampling.fps,
+            "scene_threshold": video.sampling.scene_threshold,
+            "pdq_skip": video.sampling.pdq_skip,
+            "max_frames": video.sampling.max_frames,
+            "decode_threads": video.sampling.threads or min(4, os.cpu_count() or 1),
+        },
+        "modtag": modtag,
+        "naive": naive,
+        "speedup": naive["total_s"] / modtag["total_s"],
+        "sampler_memory_rise_mb": {
+            f"{info.duration_s / 4:g}s": quarter_rise,
+            f"{info.duration_s:g}s": whole_rise,
+        },
+        "models": options.models,
+        "dtype": models.dtype_name,
+        "batch_size": options.batch_size,
+        "machine": machine_info(device),
+        "load_average": {"before": load_before, "after": load_average()},
+    }
+
+
+def format_video_report(report: dict[str, Any]) -> str:
+    """The report as a few lines a person reads."""
+    clip, modtag, naive = report["clip"], report["modtag"], report["naive"]
+    reasons = ", ".join(f"{count} {reason}" for reason, count in modtag["reasons"].items())
+    memory = ", ".join(f"{length}: {rise:.1f} MB" for length, rise in report["sampler_memory_rise_mb"].items())
+    return "\n".join(
+        [
+            f"video bench: {clip['seconds']:g} s of {clip['size']} {clip['codec']} at {clip['fps']} fps, "
+            f"{clip['cuts']} cuts; {report['models']} at {report['dtype']} on {report['machine']['processor']}",
+            f"modtag: {modtag['frames']} frames kept ({reasons}); decode + sample + hash "
+            f"{modtag['decode_sample_hash_s']:.2f} s, engine {modtag['engine_s']:.2f} s, "
+            f"total {modtag['total_s']:.2f} s "
+            f"= {modtag['seconds_per_minute_of_video']:.2f} s per minute of video; "
+            f"memory +{modtag['peak_rss_rise_mb']:.1f} MB",
+            f"naive:  {naive['frames']} frames (1 a second); decode {naive['decode_s']:.2f} s, engine "
+            f"{naive['engine_s']:.2f} s, total {naive['total_s']:.2f} s = "
+            f"{naive['seconds_per_minute_of_video']:.2f} s per minute of video; "
+            f"memory +{naive['peak_rss_rise_mb']:.1f} MB",
+            f"speedup {report['speedup']:.1f}x; the sampler's memory rise by clip length: {memory}",
+        ]
+    )
+
+
+# --- the two ways ----------------------------------------------------------------------------------
+
+
+def _modtag_way(clip: Path, sampling: Sampling, limits: VideoLimits, engine: Engine, batch_size: int) -> dict[str, Any]:
+    reasons: dict[str, int] = {}
+    timer = _Timer()
+    batch: list[Image.Image] = []
+    with _peak_rise() as rise:
+        started = time.perf_counter()
+        for frame in timer.timed_iter(sample_frames(clip, sampling, limits)):
+            reasons[frame.reason] = reasons.get(frame.reason, 0) + 1
+            batch.append(frame.image)
+            if len(batch) == batch_size:
+                timer.engine(engine, batch)
+                batch = []
+        if batch:
+            timer.engine(engine, batch)
+        total = time.perf_counter() - started
+    return {
+        "frames": sum(reasons.values()),
+        "reasons": reasons,
+        "decode_sample_hash_s": timer.producing_s,
+        "engine_s": timer.engine_s,
+        "total_s": total,
+        "peak_rss_rise_mb": rise(),
+    }
+
+
+def _naive_way(clip: Path, engine: Engine, batch_size: int, threads: int) -> dict[str, Any]:
+    timer = _Timer()
+    batch: list[Image.Image] = []
+    frames = 0
+    with _peak_rise() as rise:
+        started = time.perf_counter()
+        for image in timer.timed_iter(_every_second(clip, threads)):
+            frames += 1
+            batch.append(image)
+            if len(batch) == batch_size:
+                timer.engine(engine, batch)
+                batch = []
+        if batch:
+            timer.engine(engine, batch)
+        total = time.perf_counter() - started
+    return {
+        "frames": frames,
+        "decode_s": timer.producing_s,
+        "engine_s": timer.engine_s,
+        "total_s": total,
+        "peak_rss_rise_mb": rise(),
+    }
+
+
+def _every_second(clip: Path, threads: int) -> Iterator[Image.Image]:
+    """The first decoded frame at or after each whole second, as RGB: what a plain 1 fps sampler sends."""
+    import av
+
+    with av.open(str(clip)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        stream.thread_count = threads or min(4, os.cpu_count() or 1)
+        next_second = 0.0
+        for frame in container.decode(stream):
+            if frame.time is not None and frame.time >= next_second:
+                next_second = float(int(frame.time) + 1)
+                yield frame.to_image()
+
+
+def _sampler_alone(clip: Path, sampling: Sampling, limits: VideoLimits) -> float:
+    """The resident set's rise while the sampler runs through `clip`, its frames dropped as they come."""
+    with _peak_rise() as rise:
+        for _ in sample_frames(clip, sampling, limits):
+            pass
+    return rise()
+
+
+class _Timer:
+    """Splits a way's time between producing frames (the iterator) and the engine."""
+
+    def __init__(self) -> None:
+        self.producing_s = 0.0
+        self.engine_s = 0.0
+
+    def timed_iter(self, frames: Iterator[Any]) -> Iterator[Any]:
+        while True:
+            started = time.perf_counter()
+            try:
+                item = next(frames)
+            except StopIteration:
+                self.producing_s += time.perf_counter() - started
+                return
+            self.producing_s += time.perf_counter() - started
+            yield item
+
+    def engine(self, engine: Engine, images: Sequence[Image.Image]) -> None:
+        started = time.perf_counter()
+        engine.run([_request(image) for image in images])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.engine_s += time.perf_counter() - started
+
+
+def _request(image: Image.Image) -> ImageRequest:
+    return ImageRequest(image, caption=True, probes=PROBES, texts=TEXTS)
+
+
+@contextmanager
+def _peak_rise() -> Iterator[Callable[[], float]]:
+    """The highest resident set (MB) seen while the block runs, less the one before it; read after the block."""
+    pid = os.getpid()
+    baseline = process_memory_mb(pid)["VmRSS"]
+    peak = baseline
+    stop = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not stop.wait(_MEMORY_POLL_S):
+            peak = max(peak, process_memory_mb(pid)["VmRSS"])
+
+    watcher = threading.Thread(target=watch, name="bench-memory", daemon=True)
+    watcher.start()
+    try:
+        yield lambda: round(peak - baseline, 1)
+    finally:
+        stop.set()
+        watcher.join()
+        peak = max(peak, process_memory_mb(pid)["VmRSS"])
+
+
+def _clip(cache_dir: Path, video: VideoBenchOptions, seconds: float, log: Log) -> tuple[Path, float | None]:
+    """The bench clip of `seconds`, encoded once into the cache (None: it was there already)."""
+    from skimage import data
+
+    width, height = video.size
+    path = cache_dir / "bench-video" / f"clip-{seconds:g}s-{width}x{height}-{video.fps}fps.mp4"
+    if path.exists():
+        return path, None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log(f"video: encoding a {seconds:g} s {width}x{height} clip (once; kept in {path.parent})")
+    shots = [
+        Shot(seconds * share, Image.fromarray(getattr(data, name)()).convert("RGB"), pan) for share, name, pan in _SHOTS
+    ]
+    started = time.perf_counter()
+    partial = path.with_suffix(".partial.mp4")
+    write_clip(partial, shots, size=video.size, fps=video.fps)
+    partial.rename(path)
+    return path, time.perf_counter() - started
