@@ -44,6 +44,7 @@ FormatParam = Annotated[
 ]
 SignalTypeParam = Annotated[SignalType | None, Query(description="The type of lines that give a hash alone.")]
 _NOTE_CHARS = 2000
+_EXPORT_CHUNK = 64 * 1024
 _ITEM_BODY = {
     "multipart/form-data": {
         "schema": {
@@ -180,6 +181,7 @@ async def import_bank_items(
     def from_json(document: dict[str, Any]) -> HashList:
         return HashList(items=[_item(entry) for entry in validate_body(BankImportRequest, document).items])
 
+    await run_in_threadpool(_existing_bank, settings, principal, name)  # 404 before a byte of the list is read
     async with open_body(request, limits, from_form=from_form, from_json=from_json) as found:
         return await run_in_threadpool(_import, settings, principal, name, found, format)
 
@@ -209,7 +211,7 @@ def export_bank_items(
         lines = write_hma((sha256, pdq, quality) for _, sha256, pdq, quality, _, _ in rows)
         media_type, suffix = "text/plain; charset=utf-8", "txt"
     return StreamingResponse(
-        (line.encode() for line in lines),
+        _chunks(lines),
         media_type=media_type,
         headers={"Content-Disposition": f'attachment; filename="{bank.name}.{suffix}"'},
     )
@@ -233,6 +235,25 @@ def delete_bank_item(name: BankName, item_id: ItemId, session: SessionDep, princ
     bank = banks.get_bank(session, principal.tenant, name)
     banks.delete_item(session, principal, bank, item_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def _existing_bank(settings: Settings, principal: Principal, name: str) -> None:
+    with new_session(settings) as session:
+        banks.get_bank(session, principal.tenant, name)
+
+
+def _chunks(lines: Iterator[str]) -> Iterator[bytes]:
+    """The lines in pieces of about _EXPORT_CHUNK bytes: one write (and one thread hop) per piece, not per line."""
+    piece: list[str] = []
+    size = 0
+    for line in lines:
+        piece.append(line)
+        size += len(line)
+        if size >= _EXPORT_CHUNK:
+            yield "".join(piece).encode()
+            piece, size = [], 0
+    if piece:
+        yield "".join(piece).encode()
 
 
 def _import(settings: Settings, principal: Principal, name: str, found: HashList, fmt: ExchangeFormat) -> BankImport:
