@@ -29,6 +29,7 @@ def test_the_exact_answer_is_the_worker_index_ranking() -> None:
     assert [int(n.job_id) for n in worker] == nearest_ids(stored, query / np.linalg.norm(query), 5)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_command_prints_every_figure(postgres_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["bench", "--examples", "1500", "--database-url", postgres_url, "--json", "--no-progress"])
