@@ -133,7 +133,11 @@ class FinalWaiter:
 
         pause = 0.1
         while True:
-            client = aioredis.Redis.from_url(self._url, socket_connect_timeout=self._connect_timeout_s)
+            # The health check pings a quiet subscription now and then: a connection that died without a word is
+            # noticed and made again, instead of leaving the waiters to their rechecks for good.
+            client = aioredis.Redis.from_url(
+                self._url, socket_connect_timeout=self._connect_timeout_s, health_check_interval=30
+            )
             try:
                 async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(CHANNEL)
