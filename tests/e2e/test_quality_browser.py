@@ -83,7 +83,7 @@ def test_quality_page_draws_each_curve_and_the_review_form_labels_categories(tmp
         assert page.locator(f"article[data-job='{audit_job}'] [data-testid=audit]").inner_text() == "audit"
         assert page.locator(f"article[data-job='{open_job}'] [data-testid=audit]").count() == 0
         card = page.locator(f"article[data-job='{open_job}']")
-        boxes = card.locator("[data-testid=labels] input[type=checkbox]")
+        boxes = card.locator("[data-testid=label-choices] input[type=checkbox]")
         assert [boxes.nth(i).get_attribute("value") for i in range(boxes.count())] == ["drugs", "weapons"]
         card.locator("[data-testid=label-weapons]").check()
         card.locator("textarea[name=reason]").fill("a rifle, no drugs")
