@@ -70,8 +70,11 @@ def greedy_captions(
     bert, head = text.bert, text.cls.predictions
     layers = list(bert.encoder.layer)
     batch = image_embeds.shape[0]
-    device, dtype = image_embeds.device, image_embeds.dtype
     self_attention = layers[0].attention.self
+    # The decoder's products read the image tokens in its dtype (float32 ones from a mixed-precision encoder
+    # are rounded once, here: see worker/families/blip/precision.py).
+    device, dtype = image_embeds.device, self_attention.query.weight.dtype
+    image_embeds = image_embeds.to(dtype)
     heads, head_size = self_attention.num_attention_heads, self_attention.attention_head_size
     cache_shape = (len(layers), 2, batch, heads, max_new_tokens, head_size)
     cache = torch.empty(cache_shape, dtype=dtype, device=device)

@@ -36,6 +36,7 @@ from transformers.models.blip.modeling_blip_text import BlipTextIntermediate
 
 from worker.families.blip.linear import is_exact_gelu
 from worker.families.blip.native import native_quantizer
+from worker.families.blip.precision import compute_input
 
 _INT8 = "_modtag_int8_weight"
 
@@ -134,6 +135,8 @@ def _int8_forward(self: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
 
 def _int8_linear(layer: nn.Linear, inputs: torch.Tensor, activation: str) -> torch.Tensor:
     weight: _Int8Weight = getattr(layer, _INT8)
+    # A float32 residual (worker/families/blip/precision.py) is quantized from the model's dtype, as before.
+    inputs = compute_input(layer, inputs)
     if (
         torch.is_grad_enabled()
         or inputs.device.type != "cpu"
