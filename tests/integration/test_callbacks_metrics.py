@@ -10,6 +10,7 @@ from modtag.client import ApiClient
 from modtag.servers import free_port
 from tests.support.deployment import Deployment, submit, wait_final
 from tests.support.photos import photo_bytes
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -23,6 +24,8 @@ def test_callback_and_worker_metrics(deployment: Deployment, receiver: tuple[str
     failed = submit(deployment, photo_bytes("coffee")[:2000], "cut.jpg", callback_url=hook)
     assert wait_final(deployment, done["id"])["status"] == "done"
     assert wait_final(deployment, failed["id"])["status"] == "failed"
+    # The worker posts a job's webhook after it commits the final state: a final job may not have called yet.
+    wait_for(lambda: len(received) >= 2, 60, "both webhooks")
     types = {body["data"]["id"]: body["type"] for body in received}
     assert types == {done["id"]: "job.decided", failed["id"]: "job.failed"}
     by_id = {body["data"]["id"]: body["data"] for body in received}
