@@ -31,7 +31,6 @@ from core.hashes import image_hashes
 from core.images import ImageLimits, decode_image, sniff_image
 from core.settings import Settings
 from core.tables import Decision, Job, ShadowDecision, as_utc, utcnow
-from core.urls import fetch_image_bytes
 from policies import ModelOutputs, Policy, PolicyDecision, Requirements, decide
 from policies.capabilities import Capability
 from policies.evaluate import decide_early
@@ -42,6 +41,7 @@ from worker.embedding import ITM_CAPABILITIES, EmbeddingStep
 from worker.inference import InferenceService
 from worker.lifecycle import JobLifecycle, JobResult, Unclaimed
 from worker.pixels import PixelBudget, decode_peak_bytes, pixel_bytes
+from worker.url_media import fetch_url_media
 from worker.video import VideoJudge
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,8 @@ class WorkerRuntime:
             return self._run_video(job, policy, context, needs, timings)
         with _stage(timings, "fetch"):
             data = self._image_bytes(job)
+        if data is None:  # an image_url that holds a video or an animation: now stored, decided on its frames
+            return self._run_video(job, policy, context, needs, timings)
         header = sniff_image(data, self.limits)
         # Decoded pixels are held against the worker-wide budget until the models are done with them: the decode's
         # peak first, then the bytes of the RGB image kept.
@@ -217,6 +219,7 @@ class WorkerRuntime:
             banks=self.banks,
             inference=self.inference,
             dependencies=self.lifecycle.dependencies,
+            pixels=self.pixels,
         )
         with _stage(timings, "video"):
             judged = judge.judge(job, policy, context, needs)
@@ -334,18 +337,14 @@ class WorkerRuntime:
             plans.append((shadow, shadow_needs, None))
         return plans
 
-    def _image_bytes(self, job: Job) -> bytes:
+    def _image_bytes(self, job: Job) -> bytes | None:
+        """The image's bytes; None for a URL whose file is a video (worker/url_media.py stored it on the job)."""
         if job.blob_key:
             with self.lifecycle.dependencies.watch(Dependency.BLOB_STORE):
                 return self.blobs.get(job.blob_key)
         if not job.image_url:
             raise ModtagError("job has neither an uploaded image nor an image_url", code="job_invalid")
-        return fetch_image_bytes(
-            job.image_url,
-            max_bytes=self.settings.max_upload_bytes,
-            timeout_s=self.settings.fetch_timeout_s,
-            allow_private=self.settings.fetch_allow_private,
-        )
+        return fetch_url_media(job, self.settings, self.blobs, self.lifecycle.dependencies)
 
     def _fail(self, job: Job, code: str, message: str) -> JobResult:
         result = self.lifecycle.fail(job, code, message)

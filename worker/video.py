@@ -39,6 +39,7 @@ from policies import ModelOutputs, Policy, PolicyDecision, Requirements, decide
 from policies.evaluate import decide_model_free
 from policies.subject import SubjectPart, frame_summary, segments, subject_verdict
 from worker.inference import InferenceService
+from worker.pixels import PixelBudget, pixel_bytes
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +79,14 @@ class VideoJudge:
         banks: BankMatcher,
         inference: InferenceService,
         dependencies: DependencyRecord,
+        pixels: PixelBudget,
     ) -> None:
         self.settings = settings
         self.blobs = blobs
         self.banks = banks
         self.inference = inference
         self.dependencies = dependencies
+        self.pixels = pixels
 
     def judge(self, job: Job, policy: Policy, context: Mapping[str, Any], needs: Requirements) -> VideoDecision:
         """The video's decision (not stored); VideoError for a video that cannot be read to its end."""
@@ -155,12 +158,15 @@ class VideoJudge:
             if needs.empty:
                 fresh = [ModelOutputs() for _ in numbers]
             else:
-                images = [_load(folder / f"{number}.png") for number in numbers]
-                fresh = self.inference.infer_all(
-                    [(image, needs) for image in images], timeout_s=self.settings.job_timeout_s
-                )
-                for image in images:
-                    image.close()
+                # A window's frames are held against the worker's decoded-bytes budget like images (worker/pixels.py).
+                held = sum(_rgb_bytes(folder / f"{number}.png") for number in numbers)
+                with self.pixels.hold(held, timeout_s=self.settings.job_timeout_s):
+                    images = [_load(folder / f"{number}.png") for number in numbers]
+                    fresh = self.inference.infer_all(
+                        [(image, needs) for image in images], timeout_s=self.settings.job_timeout_s
+                    )
+                    for image in images:
+                        image.close()
             for number, outputs in zip(numbers, fresh, strict=True):
                 merged = known[number].merged(outputs)
                 text = None if merged.text is None else [line.public() for line in merged.text]
@@ -249,6 +255,12 @@ def _spread(count: int, most: int, keep: int) -> list[int]:
 def _thumbnail(image: Image.Image) -> Image.Image:
     width = max(1, round(image.width * FILMSTRIP_HEIGHT / max(1, image.height)))
     return image.convert("RGB").resize((min(width, 4 * FILMSTRIP_HEIGHT), FILMSTRIP_HEIGHT), Image.Resampling.BILINEAR)
+
+
+def _rgb_bytes(path: Path) -> int:
+    """The bytes a spooled frame takes once loaded as RGB, read from its header (nothing decoded)."""
+    with Image.open(path, formats=["PNG"]) as image:
+        return pixel_bytes(image.width, image.height, "RGB")
 
 
 def _load(path: Path) -> Image.Image:
