@@ -9,7 +9,6 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from core import __version__
-
 from tests.support.deployment import Deployment, submit, wait_final
 from tests.support.photos import photo_bytes
 from tests.support.receiver import WebhookReceiver
