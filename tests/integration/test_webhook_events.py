@@ -198,3 +198,26 @@ def test_migration_0010_renames_and_wraps_the_stored_messages(database_url: str)
         types = set(connection.execute(text("SELECT event_type FROM webhook_deliveries")).scalars())
     assert back == {row["id"]: row["body"] for row in legacy} and types == {"job.completed", "listing.completed"}
     command.upgrade(config, "head")
+
+
+def test_each_resolution_records_its_own_review_resolved_message(api: Api) -> None:
+    hook = "https://hooks.example.com/reviews"
+    job_id = decided_for_review(api.db_url, callback_url=hook)
+    silent = decided_for_review(api.db_url)  # no callback URL: nothing to send
+    for step, body in (
+        ("resolve", {"action": "block", "reason": "a rifle"}),
+        ("reopen", {"reason": "appeal: a toy"}),
+        ("resolve", {"action": "allow", "reason": "a toy rifle"}),
+    ):
+        assert api.client.post(f"/v1/review/{job_id}/{step}", json=body).status_code == 200
+    assert api.client.post(f"/v1/review/{silent}/resolve", json={"action": "allow", "reason": "ok"}).status_code == 200
+    with session_scope(api.db_url) as session:
+        rows = session.exec(
+            select(WebhookDelivery).where(WebhookDelivery.event_type == "review.resolved").order_by("sequence")
+        ).all()
+        assert {row.subject_id for row in rows} == {job_id}
+        assert [(row.sequence, row.url, row.status) for row in rows] == [(0, hook, "pending"), (1, hook, "pending")]
+        bodies = [json.loads(row.payload) for row in rows]
+    assert [body["type"] for body in bodies] == ["review.resolved", "review.resolved"]
+    assert [body["data"]["review"]["resolution"]["action"] for body in bodies] == ["block", "allow"]
+    assert all(body["data"]["id"] == job_id and body["timestamp"] for body in bodies)
