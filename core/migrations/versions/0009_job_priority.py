@@ -15,5 +15,5 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("jobs") as batch:
-        batch.drop_column("priority")
+    # A plain DROP COLUMN (SQLite 3.35+ has it): a batch copy of `jobs` would trip the decisions' foreign key.
+    op.drop_column("jobs", "priority")
