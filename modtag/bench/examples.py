@@ -1,8 +1,10 @@
 """`modtag bench --examples N`: what an embedding lookup costs per image against 1,000 ... N stored embeddings.
 
-Random unit vectors of the base ITM model's dimension (256) stand in for stored image embeddings; each query
-is a stored vector with noise added (a near copy, as an example's look-alike is). Timed per image, best of
-`repeat` rounds, at each size of 1,000, 100,000, 1,000,000 up to N (and N itself):
+Synthetic unit vectors of the base ITM model's dimension (256) stand in for stored image embeddings, in groups
+of `CLUSTER` near one another (variants of one product or scene: real embeddings are clustered, and uniformly
+random ones would be the one case no approximate index handles); each query is a new member of a stored
+vector's group. Timed per image, best of `repeat` rounds, at each size of 1,000, 100,000, 1,000,000 up to N
+(and N itself):
 
 - `memory_exact`: the worker's example-set index, one numpy matrix in memory (core/embeddings.py ExampleIndex);
 - `sqlite_exact`: a similar-image search on SQLite, float32 blobs read from the database and scanned in numpy;
@@ -33,6 +35,8 @@ from tqdm import tqdm
 DIM = 256
 SIZES = (1_000, 100_000, 1_000_000)
 _INSERT_CHUNK = 5_000
+CLUSTER = 20  # stored vectors per group of near ones
+NOISE = 0.5
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,8 @@ def run_examples_bench(options: ExamplesBenchOptions) -> dict[str, Any]:
     largest = options.largest
     say = _Progress(options.progress)
     say(f"{largest:,} random unit vectors of {options.dim} dimensions")
-    vectors = _unit(rng.standard_normal((largest, options.dim), dtype=np.float32))
+    centres = _unit(rng.standard_normal((largest // CLUSTER + 1, options.dim), dtype=np.float32))
+    vectors = _unit(centres[np.arange(largest) // CLUSTER] + _noise(rng, largest, options.dim))
     rows: list[dict[str, Any]] = []
     with (
         tempfile.TemporaryDirectory(prefix="modtag-bench-examples-") as scratch,
@@ -66,10 +71,8 @@ def run_examples_bench(options: ExamplesBenchOptions) -> dict[str, Any]:
         os.chmod(scratch, 0o755)
         for size in bench_sizes(largest):
             stored = vectors[:size]
-            picks = rng.integers(0, size, options.queries)
-            # Noise of norm about 0.3 on a unit vector: a near copy (cosine about 0.96), as look-alike images are.
-            noise = rng.standard_normal((options.queries, options.dim), dtype=np.float32) * (0.3 / np.sqrt(options.dim))
-            queries = _unit(stored[picks] + noise)
+            picks = rng.integers(0, size, options.queries) // CLUSTER
+            queries = _unit(centres[picks] + _noise(rng, options.queries, options.dim))
             say(f"{size:,} embeddings: in memory")
             exact = [_top_k(stored, query, options.k) for query in queries]
             row: dict[str, Any] = {"size": size, "k": options.k, "queries": options.queries}
@@ -235,6 +238,11 @@ def _best(repeat: int, work: Callable[[], Any]) -> float:
         work()
         timings.append(time.perf_counter() - started)
     return min(timings)
+
+
+def _noise(rng: np.random.Generator, count: int, dim: int) -> np.ndarray:
+    # Of norm about NOISE: members of a group have a cosine similarity of about 0.8 with each other.
+    return rng.standard_normal((count, dim), dtype=np.float32) * np.float32(NOISE / np.sqrt(dim))
 
 
 def _unit(matrix: np.ndarray) -> np.ndarray:
