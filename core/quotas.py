@@ -214,8 +214,13 @@ class QuotaGate:
 
 def refusal(verdict: Verdict, tenant: str, lane: str, cost: int, limits: Limits) -> QuotaExceeded:
     """The 429 a refused verdict answers, saying which limit and when to come back."""
-    what = "photos" if cost > 1 else "submission"
-    if verdict.reason == "daily_cap":
+    what = f"these {cost} photos fit" if cost > 1 else "this submission fits"
+    if verdict.reason == "daily_cap" and limits.daily_cap is not None and cost > limits.daily_cap:
+        detail = (
+            f"these {cost} photos are more than tenant {tenant!r}'s whole daily cap of {limits.daily_cap} "
+            "submissions: send fewer at once, or ask an operator to raise the cap"
+        )
+    elif verdict.reason == "daily_cap":
         detail = (
             f"tenant {tenant!r} reached its daily cap of {limits.daily_cap} submissions (UTC day); "
             f"retry after {verdict.retry_after_s} s, or ask an operator to raise it"
@@ -224,7 +229,7 @@ def refusal(verdict: Verdict, tenant: str, lane: str, cost: int, limits: Limits)
         bucket = limits.bucket(lane)
         rate = f"{bucket[0]:g}/s, burst {bucket[1]}" if bucket else "?"
         detail = (
-            f"tenant {tenant!r} is over its {lane} submission rate ({rate}); this {what} fits in "
+            f"tenant {tenant!r} is over its {lane} submission rate ({rate}); {what} in "
             f"{verdict.retry_after_s} s: retry after it (Retry-After)"
         )
     return QuotaExceeded(detail, retry_after_s=verdict.retry_after_s)

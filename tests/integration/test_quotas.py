@@ -16,7 +16,7 @@ import redis
 
 from core.dependencies import DependencyRecord
 from core.errors import ConfigError
-from core.quotas import KEY_PREFIX, Limits, QuotaGate
+from core.quotas import KEY_PREFIX, Limits, QuotaGate, refusal
 from core.settings import load_settings
 from modtag.client import ApiClient
 from modtag.servers import free_port
@@ -93,6 +93,9 @@ def test_the_daily_cap_counts_both_lanes_until_the_utc_day_rolls_over(client: re
     clock.now += 30
     assert gate.charge("capped", "interactive", 3, limits).admitted  # a new day
     assert not gate.charge("capped", "interactive", 1, limits).admitted
+    # A listing larger than the whole cap would never fit: the answer says so instead of "come back tomorrow".
+    oversized = gate.charge("fresh", "interactive", 4, limits)
+    assert "more than tenant 'fresh''s whole daily cap" in refusal(oversized, "fresh", "interactive", 4, limits).message
 
 
 def test_redis_unreachable_admits_with_one_log_line_per_outage(
