@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -16,6 +17,7 @@ from tests.support.dashboard import csrf_of, signed_in
 from tests.support.deployment import Deployment, submit, wait_final
 from tests.support.photos import photo_bytes, photo_image
 from tests.support.videos import Shot, animated_image, write_clip
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -23,7 +25,10 @@ SIZE = (160, 120)
 
 
 def test_a_video_through_api_and_worker(
-    deployment: Deployment, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    deployment: Deployment,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    receiver: tuple[str, list[dict[str, Any]]],
 ) -> None:
     deployment.start_api()
     deployment.start_worker()
@@ -36,7 +41,8 @@ def test_a_video_through_api_and_worker(
     shots = [Shot(seconds, photo_image(name, SIZE)) for name, seconds in timeline]
     clip_path = write_clip(tmp_path / "clip.mp4", shots, size=SIZE, fps=5)
     clip = clip_path.read_bytes()
-    accepted = submit(deployment, clip, name="clip.mp4")
+    hook, received = receiver
+    accepted = submit(deployment, clip, name="clip.mp4", callback_url=hook)
     assert accepted["media"] == "video", accepted
     job = wait_final(deployment, accepted["id"])
     decision = job["decision"]
@@ -46,6 +52,11 @@ def test_a_video_through_api_and_worker(
     [segment] = decision["segments"]
     assert segment["category"] == "known_bad" and segment["start_s"] == pytest.approx(3, abs=0.3)
     assert segment["end_s"] == pytest.approx(5, abs=0.3)
+
+    # Its webhook carries the frames and segments.
+    [event] = wait_for(lambda: received, what="the clip's webhook")
+    assert event["type"] == "job.decided" and event["data"]["decision"]["segments"] == decision["segments"]
+    assert event["data"]["decision"]["frames"] == decision["frames"]
 
     # The thumbnail is the filmstrip of the judged frames; the video itself comes in ranges.
     strip = client.get(f"/v1/jobs/{job['id']}/thumbnail")
