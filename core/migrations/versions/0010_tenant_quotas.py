@@ -95,7 +95,7 @@ def _wrap(kind: str, created_at: Any, payload: str) -> str:
     moment = created_at.isoformat() if hasattr(created_at, "isoformat") else str(created_at)
     if moment and "+" not in moment[10:] and not moment.endswith("Z"):
         moment += "+00:00"  # SQLite hands back naive datetimes, every one written in UTC
-    return json.dumps({"type": kind, "timestamp": moment, "data": json.loads(payload)})
+    return json.dumps({"type": kind, "timestamp": moment, "data": json.loads(payload)}, separators=(",", ":"))
 
 
 def _unwrap(payload: str) -> str:
