@@ -123,6 +123,10 @@ def replay_policy(
         for job, decision in rows:
             entry = ReplayedJob(job.id, decision.decided_at, decision.action, None)
             replayed.append(entry)
+            if job.media == "video":
+                # Its evidence is the deciding frame's only: a replay would judge the video by one frame.
+                entry.skipped = "a video is decided on all its frames, which replay does not decode (video_skipped)"
+                continue
             try:
                 needs = policy.requirements(job.context or {})
             except PolicyError as exc:

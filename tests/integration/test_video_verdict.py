@@ -8,6 +8,7 @@ on the frames the banks let through; its thresholds sit above what it can score.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,12 @@ from core.jobs import NewJob, create_job, get_decision
 from core.principals import cli_principal
 from core.public import DecisionPublic
 from core.settings import Settings
-from core.tables import Job
+from core.tables import Job, utcnow
 from core.videobanks import frame_items
 from tests.support.jobs import stored
 from tests.support.photos import photo_image
 from tests.support.videos import Shot, animated_image, write_clip
+from worker.replay import replay_policy
 from worker.runtime import WorkerRuntime
 
 pytestmark = pytest.mark.timeout(300)
@@ -171,6 +173,15 @@ def test_a_video_is_decided_on_its_frames_banks_first(runtime: WorkerRuntime, tm
     _, decision = judge(runtime, again)
     assert decision["action"] == "block" and decision["models"] == {}, decision
     assert decision["evidence"][0]["time_s"] == pytest.approx(3, abs=0.3)
+
+
+def test_a_replay_skips_videos_saying_why(runtime: WorkerRuntime, tmp_path: Path) -> None:
+    """A video's evidence is its deciding frame's only: replaying it would judge it by one frame."""
+    clip = write_clip(tmp_path / "clip.mp4", [Shot(2, photo_image("coffee", SIZE))], size=SIZE)
+    job, _ = judge(runtime, clip)
+    report = replay_policy(runtime.policies["clips"], runtime.settings, since=utcnow() - timedelta(hours=1))
+    [entry] = report.jobs
+    assert entry.job_id == job.id and entry.new_action is None and "video" in (entry.skipped or "")
 
 
 def test_an_animated_gif_is_judged_on_its_frames_not_its_first(runtime: WorkerRuntime, tmp_path: Path) -> None:
