@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from pydantic import ValidationError
+
 from core.public import JobPublic, ListingPublic
 from core.tables import Decision, Job, Listing
 from policies.evaluate import CategoryResult, PolicyDecision
@@ -91,7 +93,7 @@ def stored_decision(decision: Mapping[str, Any]) -> PolicyDecision:
     return PolicyDecision(
         action=decision.get("action", "allow"),
         categories=categories,
-        evidence=[_known(Evidence, {"score": 0.0, **entry}) for entry in decision.get("evidence") or []],
+        evidence=[_known(Evidence, entry) for entry in decision.get("evidence") or []],
         policy=str(decision.get("policy", "")),
         policy_version=str(decision.get("policy_version", "")),
         tags=[_known(Tag, tag) for tag in decision.get("tags") or []],
@@ -115,8 +117,20 @@ def _image(photo: JobPublic) -> ListingImage:
 Model = TypeVar("Model", Evidence, Tag, Contradiction)
 
 
+# What a stored entry lacking a required key reads as (decisions written by hand, or by an older version).
+_ABSENT: dict[str, Any] = {"category": "", "kind": "", "text": "", "score": 0.0, "field": "", "claimed": ""}
+_ABSENT |= {"seen": None, "tag": "", "group": ""}
+
+
 def _known(model: type[Model], values: Mapping[str, Any]) -> Model:
-    return model.model_validate({key: value for key, value in values.items() if key in model.model_fields})
+    """The stored entry as `model`: unknown keys left out, absent required ones neutral; as stored when it does not
+    validate (the verdict reads stored decisions as they are, as it always has)."""
+    known = {key: value for key, value in values.items() if key in model.model_fields}
+    absent = {key: _ABSENT[key] for key in model.model_fields if key in _ABSENT and key not in known}
+    try:
+        return model.model_validate({**absent, **known})
+    except ValidationError:
+        return model.model_construct(**{**absent, **known})
 
 
 def _photo(image: ListingImage) -> int:
