@@ -121,6 +121,20 @@ def max_score_diff(outputs: Sequence[ImageOutput], reference: Sequence[ImageOutp
     return max(_score_diffs(outputs, reference), default=0.0)
 
 
+def max_match_diff(outputs: Sequence[ImageOutput], reference: Sequence[ImageOutput]) -> float:
+    """The largest |difference| of the ITM match probabilities alone (what `match` and `describe` thresholds see)."""
+    diffs = [abs(o.matches[t] - r.matches[t]) for o, r in zip(outputs, reference, strict=False) for t in r.matches]
+    return max(diffs, default=0.0)
+
+
+def vision_drift(outputs: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float | None:
+    """The largest |difference| of the vision encoders' last hidden states, over the roles both ran."""
+    roles = [role for role in outputs if role in reference]
+    if not roles:
+        return None
+    return max(float((outputs[role] - reference[role]).abs().max()) for role in roles)
+
+
 def mean_score_diff(outputs: Sequence[ImageOutput], reference: Sequence[ImageOutput]) -> float:
     diffs = _score_diffs(outputs, reference)
     return sum(diffs) / len(diffs) if diffs else 0.0

@@ -45,6 +45,7 @@ from modtag.bench.common import (
     load_average,
     load_roles,
     machine_info,
+    max_match_diff,
     max_score_diff,
     mean_score_diff,
     photos,
@@ -52,6 +53,7 @@ from modtag.bench.common import (
     ratio,
     stage_totals,
     sync,
+    vision_drift,
     workload,
 )
 from modtag.bench.tags import run_tags_bench
@@ -78,17 +80,19 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
     with quiet_transformers():
         baseline, baseline_outputs = (None, []) if options.skip_baseline else _baseline(options, requests, log)
         log(f"engine float32: loading {options.models} and counting FLOPs")
-        engine_fp32, fp32_outputs, flops = _engine_phase(options, requests, torch.float32, log, count=True)
+        engine_fp32, fp32_outputs, flops, fp32_vision = _engine_phase(options, requests, torch.float32, log, count=True)
         if fast == torch.float32:
-            engine_fast, fast_outputs = dict(engine_fp32), fp32_outputs
+            engine_fast, fast_outputs, fast_vision = dict(engine_fp32), fp32_outputs, fp32_vision
         else:
             log(f"engine {dtype_name(fast)}: loading {options.models}")
-            engine_fast, fast_outputs, _ = _engine_phase(options, requests, fast, log, count=False)
+            engine_fast, fast_outputs, _, fast_vision = _engine_phase(options, requests, fast, log, count=False)
         engine_int8 = None
         if options.dtype == "int8" or (device.type == "cpu" and int8_linear_available()):
             log(f"engine int8: loading {options.models}")
-            engine_int8, int8_outputs, _ = _engine_phase(options, requests, "int8", log, count=False)
+            engine_int8, int8_outputs, _, int8_vision = _engine_phase(options, requests, "int8", log, count=False)
             engine_int8["fidelity"] = {
+                "max_abs_vision_diff": vision_drift(int8_vision, fp32_vision),
+                "max_abs_match_diff": max_match_diff(int8_outputs, fp32_outputs),
                 "max_abs_score_diff": max_score_diff(int8_outputs, fp32_outputs),
                 "mean_abs_score_diff": mean_score_diff(int8_outputs, fp32_outputs),
                 "caption_token_agreement": caption_agreement(int8_outputs, fp32_outputs),
@@ -126,6 +130,9 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
             "caption_token_agreement_fp32": (
                 caption_agreement(fp32_outputs, baseline_outputs) if baseline_outputs else None
             ),
+            # The vision encoders' output (max over the roles) and the ITM probabilities, beside every score.
+            "max_abs_vision_diff_fast": vision_drift(fast_vision, fp32_vision),
+            "max_abs_match_diff_fast": max_match_diff(fast_outputs, fp32_outputs),
             "max_abs_score_diff_fast": max_score_diff(fast_outputs, fp32_outputs),
             "mean_abs_score_diff_fast": mean_score_diff(fast_outputs, fp32_outputs),
             "caption_token_agreement_fast": caption_agreement(fast_outputs, fp32_outputs),
@@ -300,7 +307,7 @@ def _engine_phase(
     log: Callable[[str], None],
     *,
     count: bool,
-) -> tuple[dict[str, Any], list[ImageOutput], float]:
+) -> tuple[dict[str, Any], list[ImageOutput], float, dict[str, torch.Tensor]]:
     models = load_roles(options, dtype)
     engine = Engine(
         models, max_caption_tokens=CAPTION_TOKENS, min_caption_tokens=CAPTION_TOKENS, max_batch=options.batch_size
@@ -325,6 +332,10 @@ def _engine_phase(
         timed = run_all()
         runs.append((time.perf_counter() - started, timed))
     seconds, best_outputs = min(runs, key=lambda run: run[0])
+    # The vision encoders' output for the first batch, for the drift against float32.
+    with torch.inference_mode():
+        pixels = engine.preprocess(requests[: options.batch_size]).pixels
+        vision = {role: engine.encode_images(role, values).float() for role, values in pixels.items()}
     stats = {
         "dtype": models.dtype_name,
         "images": len(requests),
@@ -341,7 +352,7 @@ def _engine_phase(
             "fast_decoding": engine.fast_decoding,
         },
     }
-    return stats, outputs, flops  # the models go with this frame: the next phase has the memory
+    return stats, outputs, flops, vision  # the models go with this frame: the next phase has the memory
 
 
 def _sdpa_flops(

@@ -50,14 +50,16 @@ def format_report(report: dict[str, Any]) -> str:
         )
     lines.append(
         f"parity {report['engine_fast']['dtype']} vs fp32: max |score diff| {parity['max_abs_score_diff_fast']:.3f} "
-        f"(mean {parity['mean_abs_score_diff_fast']:.4f}), caption tokens identical "
+        f"(mean {parity['mean_abs_score_diff_fast']:.4f}; ITM {parity['max_abs_match_diff_fast']:.1e}), vision output "
+        f"{_drift(parity['max_abs_vision_diff_fast'])}, caption tokens identical "
         f"{parity['caption_token_agreement_fast']:.1%}"
     )
     if int8:
         fidelity = int8["fidelity"]
         lines.append(
             f"int8 vs fp32: {report['speedup_int8_over_fast']:.2f}x the {report['engine_fast']['dtype']} engine; "
-            f"max |score diff| {fidelity['max_abs_score_diff']:.3f} (mean {fidelity['mean_abs_score_diff']:.4f}), "
+            f"max |score diff| {fidelity['max_abs_score_diff']:.3f} (mean {fidelity['mean_abs_score_diff']:.4f}; "
+            f"ITM {fidelity['max_abs_match_diff']:.1e}), vision output {_drift(fidelity['max_abs_vision_diff'])}, "
             f"caption tokens identical {fidelity['caption_token_agreement']:.1%}, {fidelity['policy']} decisions "
             f"identical {fidelity['decision_agreement']:.1%} of {fidelity['decisions']}"
         )
@@ -152,3 +154,7 @@ def format_tags_report(report: dict[str, Any]) -> str:
         f"scores are within {naive['max_abs_score_diff']:.1e} of the naive way's",
     ]
     return "\n".join(lines)
+
+
+def _drift(value: float | None) -> str:
+    return "not run" if value is None else f"max |diff| {value:.1e}"

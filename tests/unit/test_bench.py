@@ -32,6 +32,8 @@ REQUIRED_KEYS = [
     "parity.max_abs_score_diff_fp32",
     "parity.caption_token_agreement_fp32",
     "parity.max_abs_score_diff_fast",
+    "parity.max_abs_match_diff_fast",
+    "parity.max_abs_vision_diff_fast",
     "flops_per_image",
     "peak_flops_fast",
     "fraction_of_peak_fast",
@@ -188,6 +190,7 @@ def test_command_prints_only_json(
     assert printed["parity"]["max_abs_score_diff_fp32"] is None
     assert printed["engine_fast"]["dtype"] == "float32"
     assert printed["parity"]["max_abs_score_diff_fast"] == 0.0  # the fp32 run is the fast run
+    assert printed["parity"]["max_abs_vision_diff_fast"] == 0.0
     assert printed["peak_flops_fast"] == 1e9
     assert printed["targets"]["speedup_fast"] is None
     assert printed["peers"] is None  # only with --peers
@@ -322,6 +325,8 @@ def test_int8_engine_is_reported_with_its_fidelity(report: dict[str, Any]) -> No
     fidelity = int8["fidelity"]
     # Close to float32 on the tiny models, not equal (measured: max 0.08, mean 0.015).
     assert 0 < fidelity["max_abs_score_diff"] < 0.3 and fidelity["mean_abs_score_diff"] < 0.05
+    assert 0 < fidelity["max_abs_match_diff"] <= fidelity["max_abs_score_diff"]
+    assert 0 < fidelity["max_abs_vision_diff"] < 1.0
     assert 0.0 <= fidelity["caption_token_agreement"] <= 1.0
     assert fidelity["policy"] == "moderation" and fidelity["decisions"] == 3
     assert 0.0 <= fidelity["decision_agreement"] <= 1.0 and 0.0 <= fidelity["category_agreement"] <= 1.0
