@@ -22,10 +22,7 @@ from starlette.datastructures import UploadFile
 from api.bodies import SpooledUpload
 from core.images import ImageLimits, sniff_image
 from core.settings import Settings
-from core.video import VideoLimits, probe, sniff_video
-
-# The formats whose header may announce several frames, and the container `core.video` reads them as.
-_ANIMATED = {"GIF": "gif", "WEBP": "webp", "PNG": "apng"}
+from core.video import VideoLimits, animation_of, probe, sniff_video
 
 
 @dataclass(frozen=True)
@@ -70,8 +67,8 @@ def check_upload(upload: SpooledUpload, images: ImageLimits, videos: VideoLimits
         info = probe(upload.rewound(), videos, container=container)
         return UploadHeader("video", container.upper(), info.width, info.height, info.duration_s)
     header = sniff_image(upload.read_whole(), images)
-    animated = _ANIMATED.get(header.format)
-    if videos is None or animated is None or header.frames == 1:
+    animated = animation_of(header)
+    if videos is None or animated is None:
         return UploadHeader("image", header.format, header.width, header.height)
     # More than one frame (or a GIF that has a second one): judged as a video of its frames.
     info = probe(upload.rewound(), videos, container=animated)

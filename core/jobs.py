@@ -227,6 +227,26 @@ def record_hashes(session: Session, job: Job, sha256: str, pdq: str, pdq_quality
     job.image_sha256, job.pdq, job.pdq_quality = sha256, pdq, pdq_quality
 
 
+def record_fetched_video(
+    session: Session, job: Job, *, blob_key: str, size: int, fmt: str, width: int, height: int
+) -> None:
+    """An `image_url` job whose file is a video or an animation: stored like an upload (the blob store's key is its
+    SHA-256) and decided on its frames from now on (`media` video)."""
+    values: dict[str, Any] = {
+        "blob_key": blob_key,
+        "image_sha256": blob_key,
+        "image_bytes": size,
+        "image_format": fmt,
+        "image_width": width,
+        "image_height": height,
+        "media": "video",
+    }
+    session.execute(update(Job).where(col(Job.id) == job.id, col(Job.erased_at).is_(None)).values(**values))
+    session.commit()
+    for name, value in values.items():
+        setattr(job, name, value)
+
+
 # Candidates read per reuse lookup: jobs with the same bytes whose context differs are skipped in Python.
 _REUSE_CANDIDATES = 20
 

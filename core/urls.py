@@ -22,10 +22,10 @@ import socket
 import ssl
 import unicodedata
 import zlib
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 import certifi
@@ -37,6 +37,7 @@ from core.errors import FetchError
 logger = logging.getLogger(__name__)
 
 MAX_URL_LENGTH = 2048
+HEAD_BYTES = 64  # how much of a body `fetch_to_file` reads before it knows which cap applies
 CALLBACK_CHECK_TIMEOUT_S = 2.0
 ALLOW_PRIVATE_HINT = "set MODTAG_FETCH_ALLOW_PRIVATE=true only for trusted test setups"
 USER_AGENT = "modtag-image-fetcher/0.1"
@@ -145,6 +146,37 @@ def fetch_image_bytes(
     return _run_blocking(fetch.run(url, timeout_s))
 
 
+def fetch_to_file(
+    url: str,
+    sink: BinaryIO,
+    *,
+    max_bytes: int,
+    cap_for: Callable[[bytes], tuple[int, str]],
+    timeout_s: float,
+    allow_private: bool,
+    max_redirects: int = 3,
+    allowed_networks: Sequence[IPNetwork] = (),
+    ssl_context: ssl.SSLContext | None = None,
+) -> bytes:
+    """`fetch_image_bytes` for files too large to hold (a video): the body written to `sink` as it arrives.
+
+    `max_bytes` is the largest body taken; `cap_for(head)` names the byte limit and the setting behind it from the
+    body's first `HEAD_BYTES` (an image's limit for an image, a video's for a video); past either, 413
+    `fetch_too_large`. Returns those first bytes (the
+    whole body when shorter); the caller reads the rest from `sink`. Raises what `fetch_image_bytes` raises.
+    """
+    fetch = _Fetch(
+        max_bytes=max_bytes,
+        allow_private=allow_private,
+        max_redirects=max_redirects,
+        allowed_networks=tuple(allowed_networks),
+        ssl_context=ssl_context or _default_ssl_context(),
+        sink=sink,
+        cap_for=cap_for,
+    )
+    return _run_blocking(fetch.run(url, timeout_s))
+
+
 def check_callback_url(url: str, *, allow_private: bool, timeout_s: float = CALLBACK_CHECK_TIMEOUT_S) -> None:
     """Refuse at submit a callback URL (already through `validate_image_url`) that could never be delivered: a
     host that resolves to a private or reserved address, or a name that does not exist (one code and sentence for
@@ -200,6 +232,8 @@ class _Fetch:
     max_redirects: int
     allowed_networks: tuple[IPNetwork, ...]
     ssl_context: ssl.SSLContext
+    sink: BinaryIO | None = None  # set: the body goes there as it arrives (`fetch_to_file`), not into memory
+    cap_for: Callable[[bytes], tuple[int, str]] | None = None  # the limit by the body's first bytes
 
     async def run(self, url: str, timeout_s: float) -> bytes:
         current = validate_image_url(url)
@@ -323,6 +357,8 @@ class _Fetch:
         raise FetchError(f"cannot connect to {host} port {port} ({'; '.join(errors)})", code="fetch_connect")
 
     async def _read_body(self, response: httpx.Response, parts: SplitResult) -> bytes:
+        if self.sink is not None and self.cap_for is not None:
+            return await self._write_body(response, parts, self.sink, self.cap_for)
         declared = response.headers.get("content-length")
         if declared and declared.strip().isdigit() and int(declared) > self.max_bytes:
             raise self._too_large(parts, f"is {int(declared)} bytes (Content-Length), more")
@@ -340,10 +376,41 @@ class _Fetch:
             raise _failed(parts, exc) from None
         return bytes(body)
 
-    def _too_large(self, parts: SplitResult, found: str) -> FetchError:
+    async def _write_body(
+        self, response: httpx.Response, parts: SplitResult, sink: BinaryIO, cap_for: Callable[[bytes], tuple[int, str]]
+    ) -> bytes:
+        """The body into `sink`, cut off past the cap its first bytes call for; returns those first bytes."""
+        decoder = _BodyDecoder(response.headers.get("content-encoding", ""), parts)
+        most = self.max_bytes  # until the first bytes say what this is: the largest cap
+        cap: tuple[int, str] | None = None
+        head = b""
+        written = 0
+        try:
+            async for raw in response.aiter_raw():
+                piece = decoder.feed(raw, room=most - written + 1)
+                if len(head) < HEAD_BYTES:
+                    head += piece[: HEAD_BYTES - len(head)]
+                if cap is None and len(head) >= HEAD_BYTES:
+                    cap = cap_for(head)
+                    most = cap[0]
+                written += len(piece)
+                if written > most:
+                    raise self._too_large(parts, "sends more", cap)
+                await asyncio.to_thread(sink.write, piece)
+        except httpx.TimeoutException:
+            raise
+        except httpx.HTTPError as exc:
+            raise _failed(parts, exc) from None
+        cap = cap or cap_for(head)
+        if written > cap[0]:
+            raise self._too_large(parts, "is larger", cap)
+        return head
+
+    def _too_large(self, parts: SplitResult, found: str, cap: tuple[int, str] | None = None) -> FetchError:
+        limit, setting = cap or (self.max_bytes, "MODTAG_MAX_UPLOAD_BYTES")
         return FetchError(
-            f"the image at {_short(parts.geturl())} {found} than the limit of {self.max_bytes} bytes "
-            "(MODTAG_MAX_UPLOAD_BYTES)",
+            f"the {'file' if self.sink else 'image'} at {_short(parts.geturl())} {found} than the limit of {limit} "
+            f"bytes ({setting})",
             code="fetch_too_large",
             http_status=413,
         )

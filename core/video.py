@@ -44,6 +44,7 @@ from core.errors import VideoError
 from core.hashes import pdq_distance, pdq_hash
 
 if TYPE_CHECKING:
+    from core.images import ImageHeader
     from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ Container = Literal["mp4", "mov", "webm", "matroska", "gif", "apng", "webp"]
 # is refused before a job exists rather than handed to a rarely exercised decoder.
 SUPPORTED_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "gif", "apng", "webp"})
 ANIMATED_IMAGE_CONTAINERS = frozenset({"gif", "apng", "webp"})
+_ANIMATED_FORMATS = {"GIF": "gif", "WEBP": "webp", "PNG": "apng"}  # core.images' format -> the container read
 _ACCEPTED = "MP4, MOV or WebM (H.264, HEVC, VP8, VP9, AV1 or MPEG-4), or an animated GIF, WebP or PNG"
 _DEMUXER: dict[str, str] = {
     "mp4": "mov",
@@ -168,6 +170,13 @@ def sniff_video(head: bytes) -> Container | None:
     if head.startswith(b"\x1a\x45\xdf\xa3"):
         return "webm" if b"webm" in head[:64] else "matroska"
     return None
+
+
+def animation_of(header: ImageHeader) -> str | None:
+    """The container an image is read as when its header says it has more frames than one (or, for a GIF, may
+    have: counting them needs a walk), else None: a still image. `probe` then says how many it has."""
+    container = _ANIMATED_FORMATS.get(header.format)
+    return None if container is None or header.frames == 1 else container
 
 
 def probe(source: Source, limits: VideoLimits, *, container: str | None = None) -> VideoInfo:

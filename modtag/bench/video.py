@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from core.video import Sampling, VideoLimits, probe, sample_frames
-from modtag.bench.clips import Shot, write_clip
+from modtag.clips import Shot, write_clip
 from modtag.bench.common import (
     CAPTION_TOKENS,
     PROBES,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from modtag.bench.clips import Shot, write_clip
+from modtag.clips import Shot, write_clip
 from tests.support.photos import photo_image
 
 __all__ = [
