@@ -332,7 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
         "frame through the engine; seconds per minute of video, frames kept, memory",
     )
     bench.add_argument(
-        "--video-seconds", type=_positive_int, default=60, help="with --video: the clip's length (default 60)"
+        "--video-seconds",
+        type=_video_seconds,
+        default=60,
+        help="with --video: the clip's length (default 60, at most 600)",
     )
     bench.add_argument("--json", action="store_true", help="print only the JSON report")
     bench.add_argument("--no-progress", action="store_true")
@@ -1020,6 +1023,9 @@ _positive_int = _bounded(int, "a whole number", lambda value: 1 <= value <= 256,
 _positive_float = _bounded(float, "a number", lambda value: value > 0, "{text} must be above 0")
 _wait_seconds = _bounded(int, "a whole number of seconds", lambda value: 0 <= value <= 3600, "{value} is not 0 to 3600")
 _port = _bounded(int, "a port number", lambda value: 0 <= value <= 65535, "{value} is not a port (0 to 65535)")
+_video_seconds = _bounded(
+    int, "a whole number of seconds", lambda value: 1 <= value <= 600, "{value} is out of range (1 to 600)"
+)
 _bank_size = _bounded(
     lambda text: int(float(text)),  # 1e6 reads as one million
     "a number of hashes",

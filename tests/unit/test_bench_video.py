@@ -95,3 +95,11 @@ def test_the_command_line_prints_the_json_report(
     printed = json.loads(capsys.readouterr().out)
     assert printed["clip"]["size"] == "1920x1080" and printed["sampling"]["pdq_skip"] == 0
     assert printed["naive"]["frames"] == 2
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "601", "1e9", "sixty", ""])
+def test_a_bad_clip_length_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--video", "--video-seconds", value])
+    assert exited.value.code == 2
+    assert "--video-seconds" in capsys.readouterr().err

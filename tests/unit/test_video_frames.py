@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import VideoError
+from core.errors import ConfigError, VideoError
 from core.hashes import pdq_distance, pdq_hash
+from core.settings import load_settings
 from core.video import Sampling, VideoLimits, probe, sample_frames, sniff_video
 from tests.support import videos
 from tests.support.photos import photo_image
@@ -162,3 +163,27 @@ def test_sniff_names_video_containers_and_nothing_else() -> None:
     assert sniff_video(b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00") is None  # a still AVIF image
     assert sniff_video(b"\xff\xd8\xff\xe0\x00\x10JFIF") is None
     assert sniff_video(b"") is None
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("MODTAG_VIDEO_FPS", "0"),
+        ("MODTAG_VIDEO_FPS", "1000"),
+        ("MODTAG_VIDEO_SCENE_THRESHOLD", "1.5"),
+        ("MODTAG_VIDEO_PDQ_SKIP", "-1"),
+        ("MODTAG_VIDEO_MAX_FRAMES", "0"),
+        ("MODTAG_VIDEO_MAX_FRAMES", "99999999"),
+        ("MODTAG_MAX_VIDEO_BYTES", "-1"),
+        ("MODTAG_MAX_VIDEO_SECONDS", "nan"),
+        ("MODTAG_MAX_VIDEO_SIDE", "lots"),
+        ("MODTAG_VIDEO_DECODE_THREADS", "1000"),
+    ],
+)
+def test_a_bad_video_setting_stops_the_process_naming_it(
+    variable: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as refused:
+        load_settings(_env_file=None)
+    assert variable in refused.value.message and refused.value.code == "settings_invalid"
