@@ -400,6 +400,15 @@ class ListingSubmission(Submission[Listing]):
         return create_listing(session, listing, photos)
 
 
+# Documented on both answers of a submission: the `Prefer: wait` the API honoured (api/moderate_now.py).
+_PREFERENCE_APPLIED = {
+    "Preference-Applied": {
+        "description": "`wait=N` (or `respond-async, wait=N`): the wait honoured, when `Prefer: wait` asked for one.",
+        "schema": {"type": "string"},
+    }
+}
+
+
 def submission_route(kind: type[Submission[Any]]) -> dict[str, Any]:
     """The `router.post` arguments of a submission route: 202 (200 when replayed), and both request bodies
     documented (the body is read by hand, so FastAPI cannot infer them)."""
@@ -412,7 +421,12 @@ def submission_route(kind: type[Submission[Any]]) -> dict[str, Any]:
         "response_model": kind.public,
         "openapi_extra": {"requestBody": {"required": True, "content": content}},
         "responses": {
-            200: {"model": kind.public, "description": kind.replayed},
+            200: {
+                "model": kind.public,
+                "description": f"{kind.replayed} Or, with `Prefer: wait=N`, decided within the wait.",
+                "headers": _PREFERENCE_APPLIED,
+            },
+            202: {"description": "Accepted: decided later.", "headers": _PREFERENCE_APPLIED},
             **error_responses(400, 401, 403, 404, 409, 413, 415, 422),
             429: {
                 "model": ErrorBody,
