@@ -30,7 +30,7 @@ from core.banks import BankMatcher
 from core.blobs import BlobStore
 from core.db import session_scope
 from core.dependencies import Dependency, DependencyRecord
-from core.errors import ModtagError
+from core.errors import ModtagError, TransientError
 from core.hashes import ImageHashes
 from core.settings import Settings
 from core.tables import Decision, Job
@@ -92,7 +92,11 @@ class VideoJudge:
         """The video's decision (not stored); VideoError for a video that cannot be read to its end."""
         if not job.blob_key:
             raise ModtagError("a video job needs its video in the blob store", code="job_invalid")
-        with tempfile.TemporaryDirectory(prefix="modtag-video-") as work:
+        try:
+            spool = tempfile.TemporaryDirectory(prefix="modtag-video-")
+        except OSError as exc:
+            raise _spool_failed(exc) from exc
+        with spool as work:
             folder = Path(work)
             video = folder / "video"
             self._copy(job.blob_key, video)
@@ -127,7 +131,7 @@ class VideoJudge:
             model_free.append(free)
             thumbs.append(_thumbnail(frame.image))
             if banked is None and not needs.empty:
-                frame.image.save(folder / f"{number}.png", compress_level=1)
+                _spool(frame.image, folder / f"{number}.png")
             frame.image.close()
         if not times:
             raise ModtagError("the video has no frame that could be judged", code="video_corrupt")
@@ -255,6 +259,19 @@ def _spread(count: int, most: int, keep: int) -> list[int]:
 def _thumbnail(image: Image.Image) -> Image.Image:
     width = max(1, round(image.width * FILMSTRIP_HEIGHT / max(1, image.height)))
     return image.convert("RGB").resize((min(width, 4 * FILMSTRIP_HEIGHT), FILMSTRIP_HEIGHT), Image.Resampling.BILINEAR)
+
+
+def _spool(image: Image.Image, path: Path) -> None:
+    """A frame kept on the worker's disk until its window goes to the models (lossless, quick to write)."""
+    try:
+        image.save(path, format="PNG", compress_level=1)
+    except OSError as exc:
+        raise _spool_failed(exc) from exc
+
+
+def _spool_failed(exc: OSError) -> TransientError:
+    """The worker's temporary disk failed, not the video: another attempt (maybe on another worker) may do."""
+    return TransientError(f"the worker could not keep a video's frames on its disk: {exc}", code="video_spool_failed")
 
 
 def _rgb_bytes(path: Path) -> int:

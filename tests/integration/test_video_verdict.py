@@ -8,6 +8,7 @@ on the frames the banks let through; its thresholds sit above what it can score.
 
 from __future__ import annotations
 
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from core.videobanks import frame_items
 from tests.support.jobs import stored
 from tests.support.photos import photo_image
 from tests.support.videos import Shot, animated_image, write_clip
+from worker.lifecycle import RetryLater
 from worker.replay import replay_policy
 from worker.runtime import WorkerRuntime
 
@@ -189,3 +191,22 @@ def test_an_animated_gif_is_judged_on_its_frames_not_its_first(runtime: WorkerRu
     _, decision = judge(runtime, gif)
     assert decision["action"] == "block" and decision["evidence"][0]["time_s"] == pytest.approx(1.0), decision
     assert len(decision["frames"]) == 3 and decision["frames"][0]["action"] == "allow"
+
+
+def test_a_worker_disk_that_cannot_take_the_frames_is_a_retry_not_a_failure(
+    runtime: WorkerRuntime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real filesystem fault: the temporary directory is a file, so nothing can be created under it."""
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_bytes(b"")
+    monkeypatch.setattr(tempfile, "tempdir", str(blocked))
+    clip = write_clip(tmp_path / "clip.mp4", [Shot(1, photo_image("coffee", SIZE))], size=SIZE)
+    key = LocalBlobStore(runtime.settings.resolved_blob_dir).put(clip.read_bytes())
+    url = runtime.settings.resolved_database_url
+    with session_scope(url) as session:
+        job, _ = create_job(session, NewJob(tenant="default", policy="clips", policy_version=None, source="upload",
+                                            blob_key=key, image_sha256=key, media="video"))  # fmt: skip
+    with pytest.raises(RetryLater) as retried:
+        runtime.process(job.id)
+    assert retried.value.code == "video_spool_failed"
+    assert stored(url, job.id).status == "queued"  # back in the queue, to be judged when the disk takes it
