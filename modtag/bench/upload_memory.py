@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
+from modtag.memory import process_memory_mb
 from modtag.servers import RedisServer, free_port, wait_for_port
 
 
@@ -158,16 +159,6 @@ def _wait_ready(base: str, api: subprocess.Popen[bytes]) -> None:
             pass
         time.sleep(0.1)
     raise TimeoutError("the API was not ready within 60 s")
-
-
-def process_memory_mb(pid: int) -> dict[str, float]:
-    """VmRSS and VmHWM (the peak resident set) of `pid`, in MB."""
-    fields: dict[str, float] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            fields[name] = round(int(value.split()[0]) / 1024, 1)
-    return fields
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import torch
 from PIL import Image
 
 from core.video import Sampling, VideoLimits, probe, sample_frames
-from modtag.clips import Shot, write_clip
 from modtag.bench.common import (
     CAPTION_TOKENS,
     PROBES,
@@ -42,7 +41,8 @@ from modtag.bench.common import (
     load_roles,
     machine_info,
 )
-from modtag.bench.upload_memory import process_memory_mb
+from modtag.clips import Shot, write_clip
+from modtag.memory import process_memory_mb
 from worker.families.blip.engine import Engine, ImageRequest
 from worker.families.blip.models import resolve_device
 

@@ -15,7 +15,7 @@ import pytest
 
 from core.db import session_scope
 from core.tables import Job
-from modtag.bench.upload_memory import process_memory_mb
+from modtag.memory import process_memory_mb
 from tests.support import videos
 from tests.support.api import Api, assert_error
 from tests.support.deployment import Deployment
