@@ -30,6 +30,8 @@ _CURSOR_REFUSALS = '["2xx", "3xx", "400", "401", "403", "404", "409", "429"]'
 _OPERATIONS = [
     ("POST", "/v1/jobs", _CONTENT_REFUSALS),
     ("POST", "/v1/listings", _CONTENT_REFUSALS),
+    # An example: an upload whose bytes are not an image (415), a job id that names no job (404), a set that has it.
+    ("POST", "/v1/example-sets/{name}/items", _CONTENT_REFUSALS),
     ("GET", "/v1/decisions", _CURSOR_REFUSALS),
     ("GET", "/v1/audit", _CURSOR_REFUSALS),
     ("GET", "/v1/review/queue", _CURSOR_REFUSALS),
