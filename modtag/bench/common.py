@@ -202,12 +202,33 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return {
         "device": str(device),
         "processor": processor,
+        **({} if device.type == "cuda" else cpu_identity()),
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
+
+
+# The matrix instructions that decide which dtype is fast on a CPU (AMX: Intel Xeon since Sapphire Rapids).
+MATRIX_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+
+
+def cpu_identity() -> dict[str, Any]:
+    """The CPU's vendor, family and model numbers (AMD family 25 is Zen 3/4, 26 Zen 5) and its matrix flags."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("vendor_id", "cpu family", "model", "flags") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip() and fields:
+                break  # the first processor describes them all
+    flags = set(fields.get("flags", "").split())
+    family = f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+    return {"cpu_family": family, "matrix_flags": [flag for flag in MATRIX_FLAGS if flag in flags]}
 
 
 def load_average() -> list[float] | None:

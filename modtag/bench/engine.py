@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from modtag.bench.common import (
@@ -61,8 +62,8 @@ from modtag.bench.through import through_stack
 from worker.families.blip.attention import has_fused_attention, has_native_attention
 from worker.families.blip.engine import Engine, ImageOutput, ImageRequest
 from worker.families.blip.linear import has_packed_linear, packed_linear_available
-from worker.families.blip.models import load_models, resolve_device
-from worker.families.blip.quant import has_int8_linear, int8_linear_available
+from worker.families.blip.models import fast_dtype, load_models, resolve_device
+from worker.families.blip.quant import has_int8_linear, install_int8_linear, int8_linear_available
 
 
 def run_bench(options: BenchOptions) -> dict[str, Any]:
@@ -101,6 +102,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         log("matrix-product peak")
         peak_fast = matmul_peak(device, fast, options.peak_size)
         peak_fp32 = peak_fast if fast == torch.float32 else matmul_peak(device, torch.float32, options.peak_size)
+        peak_int8 = int8_matmul_peak(options.peak_size) if engine_int8 else None
 
     flops_per_image = flops / len(requests)
     report: dict[str, Any] = {
@@ -143,6 +145,11 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         "achieved_flops_fast": flops_per_image * engine_fast["images_per_s"],
         "fraction_of_peak_fast": flops_per_image * engine_fast["images_per_s"] / peak_fast,
         "fraction_of_peak_fp32": flops_per_image * engine_fp32["images_per_s"] / peak_fp32,
+        # int8: against the int8 product the engine's layers run (its input quantized per call), not a bf16 one.
+        "peak_flops_int8": peak_int8,
+        "fraction_of_peak_int8": flops_per_image * engine_int8["images_per_s"] / peak_int8
+        if engine_int8 and peak_int8
+        else None,
         "through_stack": None,
     }
     report["peers"] = None
@@ -175,6 +182,26 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = Non
     if device.type == "cpu" and packed_linear_available(dtype):
         packed = torch.ops.mkldnn._reorder_linear_weight(right, size)
         products.append(lambda: torch.ops.mkldnn._linear_pointwise(left, packed, None, "none", [], ""))
+    return _best_flops(products, size, reps, device)
+
+
+def int8_matmul_peak(size: int | None = None, reps: int = 5) -> float:
+    """FLOP/s of the int8 product the engine's int8 layers run (oneDNN, a bf16 input quantized per call), square.
+
+    Through `worker/families/blip/quant.py` itself: the input's quantization is part of every int8 layer's cost
+    (a square pass beside a cubic product).
+    """
+    size = size or 3072
+    generator = torch.Generator().manual_seed(0)
+    layer = nn.Linear(size, size, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(size, size, generator=generator))
+    install_int8_linear(nn.Sequential(layer))
+    left = torch.randn(size, size, generator=generator).to(fast_dtype(torch.device("cpu")))
+    return _best_flops([lambda: layer(left)], size, reps, torch.device("cpu"))
+
+
+def _best_flops(products: list[Callable[[], object]], size: int, reps: int, device: torch.device) -> float:
     best = math.inf
     with torch.inference_mode():
         for product in products:

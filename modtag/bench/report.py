@@ -16,7 +16,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"modtag bench: {workload['images']} photos x (caption of {workload['caption_tokens']} tokens, "
         f"{workload['probes']} probes, {workload['texts']} texts), models {workload['models']}",
-        f"machine: {machine['processor']} ({machine['device']}, {machine['threads']} threads), "
+        f"machine: {machine['processor']} ({machine['device']}, {machine['threads']} threads"
+        f"{_cpu(machine)}), "
         f"torch {machine['torch']}, transformers {machine['transformers']}"
         + (f"; load average {load[0]:.1f} at the end" if load else ""),
         "",
@@ -66,7 +67,13 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(
         f"useful work {report['flops_per_image'] / 1e9:.0f} GFLOP/image; engine fast "
         f"{report['achieved_flops_fast'] / 1e9:.0f} GFLOP/s = {report['fraction_of_peak_fast']:.0%} of the "
-        f"{report['peak_flops_fast'] / 1e9:.0f} GFLOP/s a plain matrix product reaches here"
+        f"{report['peak_flops_fast'] / 1e9:.0f} GFLOP/s a plain matrix product reaches here; fp32 "
+        f"{report['fraction_of_peak_fp32']:.0%} of {report['peak_flops_fp32'] / 1e9:.0f}"
+        + (
+            f"; int8 {report['fraction_of_peak_int8']:.0%} of {report['peak_flops_int8'] / 1e9:.0f}"
+            if report.get("peak_flops_int8")
+            else ""
+        )
     )
     stack = report.get("through_stack")
     if stack:
@@ -114,7 +121,8 @@ def format_tags_report(report: dict[str, Any]) -> str:
         f"{tags['dtype']}, batches of {tags['batch_size']}; policy {tags['policy']}: taxonomy {tags['taxonomy']}, "
         f"{tags['texts']} tags in {tags['groups']} groups, ITM on the top {tags['top_k']} of each "
         f"({tags['itm_texts_per_image']} texts per image)",
-        f"machine: {machine['processor']} ({machine['device']}, {machine['threads']} threads), "
+        f"machine: {machine['processor']} ({machine['device']}, {machine['threads']} threads"
+        f"{_cpu(machine)}), "
         f"torch {machine['torch']}, transformers {machine['transformers']}"
         + (f"; load average {before[0]:.1f} at the start, {after[0]:.1f} at the end" if before and after else ""),
         "",
@@ -158,3 +166,9 @@ def format_tags_report(report: dict[str, Any]) -> str:
 
 def _drift(value: float | None) -> str:
     return "not run" if value is None else f"max |diff| {value:.1e}"
+
+
+def _cpu(machine: dict[str, Any]) -> str:
+    if "cpu_family" not in machine:
+        return ""
+    return f"; {machine['cpu_family']}, {' '.join(machine['matrix_flags']) or 'no matrix flags'}"

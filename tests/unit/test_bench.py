@@ -16,6 +16,7 @@ from torch.nn import functional
 from core.errors import ConfigError
 from modtag.bench import BenchOptions, count_flops, format_report, peers, run_bench
 from modtag.bench import engine as bench
+from modtag.bench.common import MATRIX_FLAGS
 from modtag.cli import main
 from worker.families.blip.engine import ImageOutput
 from worker.families.blip.linear import install_packed_linear
@@ -79,6 +80,10 @@ def test_report_has_every_promised_figure(report: dict[str, Any]) -> None:
         "models": "tiny-random",
     }
     assert report["engine_fast"]["dtype"] in ("bfloat16", "float32")
+    # The machine, so that figures from different CPUs read side by side: this one's family and matrix flags.
+    machine = report["machine"]
+    assert machine["cpu_family"].count("family") == 1 and set(machine["matrix_flags"]) <= set(MATRIX_FLAGS)
+    assert machine["cpu_family"] in format_report(report)
     json.dumps(report)  # plain JSON all the way down
 
 
@@ -332,6 +337,11 @@ def test_int8_engine_is_reported_with_its_fidelity(report: dict[str, Any]) -> No
     assert 0.0 <= fidelity["decision_agreement"] <= 1.0 and 0.0 <= fidelity["category_agreement"] <= 1.0
     assert report["targets"]["int8_over_fast"] is (report["speedup_int8_over_fast"] >= bench.TARGET_INT8_OVER_FAST)
     assert "int8 vs fp32:" in format_report(report)
+    # Held to the int8 product's own peak, measured through the same int8 layer code.
+    assert report["peak_flops_int8"] > 0
+    assert report["fraction_of_peak_int8"] == pytest.approx(
+        report["flops_per_image"] * int8["images_per_s"] / report["peak_flops_int8"]
+    )
 
 
 def test_without_peers_the_report_says_how_to_install_them(
