@@ -15,9 +15,10 @@ from sqlmodel import col
 
 from core.blobs import open_blob_store
 from core.db import session_scope
-from core.jobs import NewJob, create_job
-from core.tables import Job
+from core.jobs import NewJob, claim_job, create_job, store_decision
+from core.tables import Decision, Job
 from tests.support.api import Api, admin_key, api_settings, assert_error, running_api
+from tests.support.dashboard import signed_in
 from tests.support.photos import photo_image
 from tests.support.s3 import S3Bucket
 from tests.support.videos import Shot, write_clip
@@ -137,3 +138,35 @@ def test_bank_frames_refuses_what_it_cannot_bank(api: Api, clip: bytes) -> None:
         assert bank_frames(job_id, hostile).status_code in (400, 422), hostile
     submitter = admin_key(api.db_url, role="submit", name=f"submitter {job_id[:6]}")
     assert bank_frames(job_id, {"bank": bank}, key=submitter).status_code == 403
+
+
+def test_the_review_queue_shows_a_videos_segments_and_player(api: Api, clip: bytes) -> None:
+    """A video decided `review` (its decision written as the worker writes it) in the queue page and its job page."""
+    job_id = video_job(api, clip)
+    frames = [
+        {"time_s": 0.0, "action": "allow", "scores": {"weapons": 0.1}, "pdq": "a" * 64},
+        {"time_s": 4.0, "action": "review", "scores": {"weapons": 0.7}, "pdq": "b" * 64},
+    ]
+    segments = [{"category": "weapons", "start_s": 4.0, "end_s": 8.5, "max_score": 0.7}]
+    with session_scope(api.db_url) as session:
+        job = claim_job(session, job_id, "test-worker", 60)
+        assert job is not None
+        decision = Decision(
+            job_id=job_id,
+            action="review",
+            policy="moderation",
+            policy_version="v",
+            categories={"weapons": {"score": 0.7, "action": "review", "fired": True, "decided_by": "probe"}},
+            frames=frames,
+            segments=segments,
+        )
+        assert store_decision(session, job, decision) is not None
+    with signed_in(api.base_url, api.key, "/dashboard/review") as browser:
+        queue = browser.get("/dashboard/review")
+        assert queue.status_code == 200
+        assert "video, 2 frames judged: <b>weapons</b> 4.0-8.5 s" in queue.text
+        assert f'src="/v1/jobs/{job_id}/video"' in queue.text
+        page = browser.get(f"/dashboard/jobs/{job_id}")
+        assert page.status_code == 200 and 'data-testid="bank-frames"' not in page.text  # no block bank yet
+        table = page.text.split('data-testid="segments"', 1)[1].split("</table>", 1)[0]
+        assert "weapons" in table and "4.0 s" in table and "8.5 s" in table
