@@ -297,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--naive-images", type=_positive_int, default=1, help="with --tags: photos for ITM over every tag (default 1)"
     )
     bench.add_argument(
+        "--precision",
+        action="store_true",
+        help="instead: the fast dtype's drift from float32 (vision output, ITM, scores, caption tokens) with and "
+        "without mixed precision, and their times interleaved (--repeat rounds); no baseline",
+    )
+    bench.add_argument(
         "--peers",
         action="store_true",
         help="also time the vision stage through OpenVINO and ONNX Runtime (pip install 'modtag[peers]')",
@@ -736,6 +742,14 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         naive_images=args.naive_images,
         peers=args.peers,
     )
+    if args.precision:
+        from modtag.bench.precision import format_precision_report, run_precision_bench
+
+        precision_report = run_precision_bench(options)
+        if not args.json:
+            print(format_precision_report(precision_report) + "\n")
+        print(json.dumps(precision_report, indent=2))
+        return EXIT_OK
     report = run_bench(options)
     if not args.json:
         print(format_report(report) + "\n")

@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from core.errors import ConfigError
-from worker.families.blip.engine import ImageOutput, ImageRequest
+from worker.families.blip.engine import Engine, ImageOutput, ImageRequest
 from worker.families.blip.models import LoadedModels, fast_dtype, load_models, resolve_dtype
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "hubble_deep_field", "moon")
@@ -125,6 +125,21 @@ def max_match_diff(outputs: Sequence[ImageOutput], reference: Sequence[ImageOutp
     """The largest |difference| of the ITM match probabilities alone (what `match` and `describe` thresholds see)."""
     diffs = [abs(o.matches[t] - r.matches[t]) for o, r in zip(outputs, reference, strict=False) for t in r.matches]
     return max(diffs, default=0.0)
+
+
+def run_batches(engine: Engine, requests: Sequence[ImageRequest], batch_size: int) -> list[ImageOutput]:
+    """The engine's outputs for `requests`, `batch_size` images per call."""
+    outputs: list[ImageOutput] = []
+    for start in range(0, len(requests), batch_size):
+        outputs.extend(engine.run(requests[start : start + batch_size]))
+    return outputs
+
+
+def vision_outputs(engine: Engine, requests: Sequence[ImageRequest], batch_size: int) -> dict[str, torch.Tensor]:
+    """The vision encoders' last hidden states (float32) for the first batch of `requests`, by role."""
+    with torch.inference_mode():
+        pixels = engine.preprocess(list(requests[:batch_size])).pixels
+        return {role: engine.encode_images(role, values).float() for role, values in pixels.items()}
 
 
 def vision_drift(outputs: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float | None:

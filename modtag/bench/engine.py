@@ -52,9 +52,11 @@ from modtag.bench.common import (
     photos,
     quiet_transformers,
     ratio,
+    run_batches,
     stage_totals,
     sync,
     vision_drift,
+    vision_outputs,
     workload,
 )
 from modtag.bench.tags import run_tags_bench
@@ -341,10 +343,7 @@ def _engine_phase(
     )
 
     def run_all() -> list[ImageOutput]:
-        outputs: list[ImageOutput] = []
-        for start in range(0, len(requests), options.batch_size):
-            outputs.extend(engine.run(requests[start : start + options.batch_size]))
-        return outputs
+        return run_batches(engine, requests, options.batch_size)
 
     # The first run warms up (and, at float32, counts the FLOPs); its outputs are the parity outputs.
     log(f"engine {dtype_name(dtype)}: first run" + (" (counting FLOPs)" if count else ""))
@@ -359,10 +358,7 @@ def _engine_phase(
         timed = run_all()
         runs.append((time.perf_counter() - started, timed))
     seconds, best_outputs = min(runs, key=lambda run: run[0])
-    # The vision encoders' output for the first batch, for the drift against float32.
-    with torch.inference_mode():
-        pixels = engine.preprocess(requests[: options.batch_size]).pixels
-        vision = {role: engine.encode_images(role, values).float() for role, values in pixels.items()}
+    vision = vision_outputs(engine, requests, options.batch_size)  # for the drift against float32
     stats = {
         "dtype": models.dtype_name,
         "images": len(requests),

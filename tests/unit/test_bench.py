@@ -17,9 +17,11 @@ from core.errors import ConfigError
 from modtag.bench import BenchOptions, count_flops, format_report, peers, run_bench
 from modtag.bench import engine as bench
 from modtag.bench.common import MATRIX_FLAGS
+from modtag.bench.precision import run_precision_bench
 from modtag.cli import main
 from worker.families.blip.engine import ImageOutput
 from worker.families.blip.linear import install_packed_linear
+from worker.families.blip.models import fast_dtype
 from worker.families.blip.quant import int8_linear_available
 
 # The keys the issue promises to scripts comparing runs.
@@ -362,3 +364,23 @@ def test_peers_time_the_same_vision_stage(tiny_models_dir: Path) -> None:
     for peer in result["installed"]:
         assert peer in result["errors"] or any(name.startswith(peer) for name in result["ms_per_image"])
     assert all(ms > 0 for ms in result["ms_per_image"].values())
+
+
+@pytest.mark.skipif(fast_dtype(torch.device("cpu")) == torch.float32, reason="this CPU computes no bf16")
+def test_precision_command_compares_plain_and_mixed_bf16(
+    tiny_models_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["bench", "--precision", "--models", "tiny-random", "--models-cache", str(tiny_models_dir.parent)]
+    assert main([*common, "--images", "2", "--repeat", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    text, _, printed = out.partition("\n\n")
+    report = json.loads(printed)
+    plain, mixed = report["fidelity"]["plain"], report["fidelity"]["mixed"]
+    # Against float32, mixed precision's vision output and scores drift less than plain bf16's.
+    assert 0 < mixed["max_abs_vision_diff"] < plain["max_abs_vision_diff"]
+    assert mixed["mean_abs_score_diff"] < plain["mean_abs_score_diff"]
+    assert len(report["seconds"]["plain"]) == len(report["seconds"]["mixed"]) == 2
+    assert report["time_ratio_best"] == pytest.approx(min(report["seconds"]["mixed"]) / min(report["seconds"]["plain"]))
+    assert "mixed precision costs" in text
+    with pytest.raises(ConfigError, match="float32 only"):
+        run_precision_bench(BenchOptions(cache_dir=tiny_models_dir.parent, models="tiny-random", dtype="float32"))
