@@ -506,7 +506,7 @@ async def read_job_submission(request: Request, settings: SettingsDep) -> AsyncI
             uploads=[spooled_upload(image, upload_limit(image, settings), "the image")],
             urls=[],
             callback_url=form_text(form, "callback_url") or None,
-            priority=read_priority(form_text(form, "priority")),
+            priority=read_priority(form_text(form, "priority") or None),
             context=form_text(form, "context"),
             context_is_text=True,
         )
@@ -574,7 +574,7 @@ async def read_listing_submission(request: Request, settings: SettingsDep) -> As
             uploads=images,
             urls=[],
             callback_url=form_text(form, "callback_url") or None,
-            priority=read_priority(form_text(form, "priority")),
+            priority=read_priority(form_text(form, "priority") or None),
             title=form_text(form, "title"),
             description=form_text(form, "description"),
             attributes=form_text(form, "attributes"),

@@ -77,6 +77,10 @@ def test_a_bad_form_priority_is_refused(api: Api, photos: dict[str, bytes]) -> N
     photo = next(iter(photos.values()))
     before = api.job_count()
     assert_error(api.upload(photo, priority="later"), 422, "invalid_priority")
+    assert_error(api.upload(photo, priority=" BULK"), 422, "invalid_priority")
+    assert api.job_count() == before
+    assert api.upload(photo, priority="").json()["priority"] == "interactive"  # an empty form field: the default
+    before += 1
     response = api.client.post("/v1/jobs", files={"image": ("a.jpg", photo), "priority": ("p.txt", b"bulk")}, data={})
     assert_error(response, 400, "invalid_multipart")  # a second file: refused before any field is read
     assert api.job_count() == before
