@@ -136,9 +136,16 @@ class BankImportRequest(BaseModel):
     items: list[BankItemRequest] = Field(min_length=1, max_length=100_000)
 
 
-# Quota numbers: JSON numbers only (a string is refused, not read), finite, within core.settings' bounds.
-_QuotaRate = Annotated[float, Field(strict=True, gt=0, le=1_000_000, allow_inf_nan=False)]
-_QuotaCount = Annotated[int, Field(strict=True, ge=1, le=1_000_000_000)]
+def _json_number(value: object) -> object:
+    # A string or a boolean is refused, not read as a number; 13.0 is the integer 13, as JSON Schema has it.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+# Quota numbers: JSON numbers only, finite, within core.settings' bounds.
+_QuotaRate = Annotated[float, Field(gt=0, le=1_000_000, allow_inf_nan=False), BeforeValidator(_json_number)]
+_QuotaCount = Annotated[int, Field(ge=1, le=1_000_000_000), BeforeValidator(_json_number)]
 
 
 class QuotaRequest(BaseModel):
@@ -151,7 +158,7 @@ class QuotaRequest(BaseModel):
     burst: _QuotaCount | None = Field(default=None, description="How many at once above the rate.")
     bulk_rate: _QuotaRate | None = Field(default=None, description="Submissions per second in the bulk lane.")
     bulk_burst: _QuotaCount | None = Field(default=None, description="The bulk lane's burst.")
-    daily_cap: Annotated[int, Field(strict=True, ge=0, le=1_000_000_000)] | None = Field(
+    daily_cap: Annotated[int, Field(ge=0, le=1_000_000_000), BeforeValidator(_json_number)] | None = Field(
         default=None, description="Submissions per UTC day, both lanes together; 0 stops the tenant's submissions."
     )
 

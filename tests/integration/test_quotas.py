@@ -196,11 +196,13 @@ def test_overrides_through_the_api_are_audited(api: Api) -> None:
     assert put.json()["updated_by"] == "test admin"
     assert api.client.get(f"/v1/quotas/{tenant}").json() == put.json()
     assert tenant in [entry["tenant"] for entry in api.client.get("/v1/quotas").json()["data"]]
+    whole = api.client.put(f"/v1/quotas/{tenant}", json={"burst": 13.0})  # JSON Schema's integer 13
+    assert whole.status_code == 200 and whole.json()["override"] == {"burst": 13}
     deleted = api.client.delete(f"/v1/quotas/{tenant}")
     assert deleted.status_code == 200 and deleted.json()["override"] is None
     assert_error(api.client.delete(f"/v1/quotas/{tenant}"), 404, "quota_not_found")
     actions = [e["action"] for e in api.client.get("/v1/audit", params={"action": "quota."}).json()["data"]]
-    assert actions[:2] == ["quota.delete", "quota.set"]
+    assert actions[:3] == ["quota.delete", "quota.set", "quota.set"]
 
 
 def test_the_admin_route_refuses_hostile_input(api: Api) -> None:
