@@ -8,10 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
+import redis
 from sqlmodel import col, select
 
 from core.broker import enqueue_job, make_celery
 from core.db import session_scope
+from core.finality import CHANNEL, job_subject
 from core.jobs import mark_enqueued
 from core.queues import Priority
 from core.settings import Settings
@@ -39,12 +41,18 @@ def test_moderate_now_answers_200_with_the_decision_from_an_idle_worker(
     client = ApiClient(deployment.api_url, key=deployment.key, timeout_s=LONG_WAIT_S + 30)
     name, photo = next(iter(photos.items()))
     wait = {"Prefer": f"wait={LONG_WAIT_S}"}
+    notices = redis.Redis.from_url(deployment.env["MODTAG_REDIS_URL"]).pubsub(ignore_subscribe_messages=True)
+    notices.subscribe(CHANNEL)
     response = client.post("/v1/jobs", files={"image": (f"{name}.jpg", photo)}, headers=wait)
     assert response.status_code == 200, response.text
     assert response.headers["Preference-Applied"] == f"wait={LONG_WAIT_S}"
     job = response.json()
     assert job["status"] == "done" and job["decision"]["action"] in ("allow", "review", "block")
     assert job == client.get(f"/v1/jobs/{job['id']}").json()
+    # The worker said so on Redis (what woke the waiting call, rather than its once-a-second recheck).
+    heard = wait_for(lambda: notices.get_message(timeout=1.0), 30, "the worker's final-state notice")
+    assert heard["data"] == job_subject(job["id"]).encode()
+    notices.close()
 
     listing = client.post(
         "/v1/listings",
