@@ -94,7 +94,7 @@ def read_example_sets(session: SessionDep, principal: ExampleEditor) -> ExampleS
     )
 
 
-@router.get("/{name}", response_model=ExampleSetPublic, responses=error_responses(401, 403, 404))
+@router.get("/{name}", response_model=ExampleSetPublic, responses=error_responses(401, 403, 404, 422))
 def read_example_set(name: SetName, session: SessionDep, principal: ExampleEditor) -> ExampleSetPublic:
     """One example set with its counts (roles admin, review)."""
     example_set = examples.get_set(session, principal.tenant, name)
@@ -102,7 +102,10 @@ def read_example_set(name: SetName, session: SessionDep, principal: ExampleEdito
 
 
 @router.delete(
-    "/{name}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response, responses=error_responses(401, 403, 404)
+    "/{name}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses=error_responses(401, 403, 404, 422),
 )
 def delete_example_set(name: SetName, session: SessionDep, principal: ExampleCreator) -> Response:
     """Delete an example set and its items; the jobs stay (role admin). Checks naming it then find no examples."""
@@ -191,7 +194,7 @@ def read_examples(
     return ExampleItemList(data=data, next_cursor=data[-1].job_id if len(data) == limit else None)
 
 
-@router.get("/{name}/items/{job_id}", response_model=ExampleItemPublic, responses=error_responses(401, 403, 404))
+@router.get("/{name}/items/{job_id}", response_model=ExampleItemPublic, responses=error_responses(401, 403, 404, 422))
 def read_example(name: SetName, job_id: JobId, session: SessionDep, principal: ExampleEditor) -> ExampleItemPublic:
     """One example of a set, by its job's id (roles admin, review)."""
     example_set = examples.get_set(session, principal.tenant, name)
@@ -203,7 +206,7 @@ def read_example(name: SetName, job_id: JobId, session: SessionDep, principal: E
     "/{name}/items/{job_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
-    responses=error_responses(401, 403, 404),
+    responses=error_responses(401, 403, 404, 422),
 )
 def delete_example(name: SetName, job_id: JobId, session: SessionDep, principal: ExampleEditor) -> Response:
     """Remove an example from a set (the job stays); it stops voting at once (roles admin, review)."""
