@@ -402,6 +402,11 @@ class Engine:
             chunks.append(model.vision_model(pixel_values=pixel_values).last_hidden_state)
         return torch.cat(chunks)
 
+    def _cross_attention_input(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        # Under mixed precision the vision output is float32, and every text layer's key and value products
+        # would round it to the models' dtype again, per layer and per pass: round it once, here.
+        return image_embeds.to(self.models.dtype)
+
     def _generate_captions(self, image_embeds: torch.Tensor) -> list[torch.Tensor]:
         # What BlipForConditionalGeneration.generate does, minus its vision pass: the decoder's
         # generate from the [DEC] bos, eos = [SEP], over the image tokens (greedy, KV cache on).
@@ -456,6 +461,7 @@ class Engine:
         model = cast(BlipForQuestionAnswering, self.models.get("vqa").model)
         assert self._answer_ids is not None  # set in __init__ whenever the VQA model is loaded
         bos_id = self._text["vqa"].bos
+        image_embeds = self._cross_attention_input(image_embeds)
         result = torch.empty(count, dtype=torch.float32)
         for text_pass in passes:
             hidden = self._encode_texts(model.text_encoder, image_embeds, text_pass)
@@ -482,6 +488,7 @@ class Engine:
         # BlipForImageTextRetrieval.forward with use_itm_head: the ITM head on each text's [CLS].
         model = cast(BlipForImageTextRetrieval, self.models.get("itm").model)
         result = torch.empty(count, dtype=torch.float32)
+        image_embeds = self._cross_attention_input(image_embeds)
         for text_pass in passes:
             hidden = self._encode_texts(model.text_encoder, image_embeds, text_pass)
             cls = hidden.flatten(0, 1)[text_pass.first.to(hidden.device)]
