@@ -46,16 +46,18 @@ from modtag.memory import process_memory_mb
 from worker.families.blip.engine import Engine, ImageRequest
 from worker.families.blip.models import resolve_device
 
-# The clip's shots as shares of its length: (share, photo, pan per second). Still stretches, two pans, five cuts,
-# and a return to the first photo (a repeat the PDQ skip does not hide: it is not the previous kept frame).
+# The clip's shots as shares of its length: (share, photo, pan per second). Still stretches, two pans, five cuts
+# between sample points (at 10.5, 18.2, 30.5, 36.4 and 45.5 s of a minute), and a return to the first photo (a repeat
+# the PDQ skip does not hide: it is not the previous kept frame).
 _SHOTS: tuple[tuple[float, str, float], ...] = (
-    (10 / 60, "astronaut", 0.0),
-    (8 / 60, "coffee", 0.04),
-    (12 / 60, "chelsea", 0.0),
-    (6 / 60, "rocket", 0.08),
-    (9 / 60, "astronaut", 0.0),
-    (15 / 60, "coffee", 0.0),
+    (10.5 / 60, "astronaut", 0.0),
+    (7.7 / 60, "coffee", 0.04),
+    (12.3 / 60, "chelsea", 0.0),
+    (5.9 / 60, "rocket", 0.08),
+    (9.1 / 60, "astronaut", 0.0),
+    (14.5 / 60, "coffee", 0.0),
 )
+_CLIP_VERSION = 2  # in the cached clip's name: a change to the shots encodes a new one
 _MEMORY_POLL_S = 0.01
 
 
@@ -291,7 +293,7 @@ def _clip(cache_dir: Path, video: VideoBenchOptions, seconds: float, log: Log) -
     from skimage import data
 
     width, height = video.size
-    path = cache_dir / "bench-video" / f"clip-{seconds:g}s-{width}x{height}-{video.fps}fps.mp4"
+    path = cache_dir / "bench-video" / f"clip-v{_CLIP_VERSION}-{seconds:g}s-{width}x{height}-{video.fps}fps.mp4"
     if path.exists():
         return path, None
     path.parent.mkdir(parents=True, exist_ok=True)

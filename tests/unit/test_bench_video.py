@@ -40,8 +40,8 @@ def test_the_report_compares_both_ways_on_the_same_clip(report: dict[str, Any]) 
     modtag, naive = report["modtag"], report["naive"]
     assert naive["frames"] == 12  # one a second, every second
     # Still stretches cost a frame each, pans a frame a second, every cut is seen: fewer than the naive way's.
-    # (cuts at 2, 3.6, 6, 7.2 and 9 s: those on a whole second are interval samples, the others scene changes)
-    assert modtag["reasons"]["first"] == 1 and modtag["reasons"]["scene"] == 2
+    # (cuts at 2.1, 3.6, 6.1, 7.3 and 9.1 s: between sample points, each one a scene change)
+    assert modtag["reasons"]["first"] == 1 and modtag["reasons"]["scene"] == 5
     assert 6 <= modtag["frames"] < naive["frames"]
     for way in (modtag, naive):
         assert way["total_s"] > 0 and way["engine_s"] > 0
@@ -61,7 +61,7 @@ def test_a_second_run_reuses_the_encoded_clip(report: dict[str, Any], tiny_model
     assert report["clip"]["encode_s"] is None or report["clip"]["encode_s"] > 0
     video = VideoBenchOptions(seconds=12, size=(320, 180), fps=10)
     path, encode_s = _clip(tiny_models_dir.parent, video, 12, Log(False))
-    assert encode_s is None and path.name == "clip-12s-320x180-10fps.mp4"
+    assert encode_s is None and path.name == "clip-v2-12s-320x180-10fps.mp4"
 
 
 @pytest.mark.slow
