@@ -394,11 +394,9 @@ class Engine:
     def encode_images(self, role: ModelRole, pixels: torch.Tensor) -> torch.Tensor:
         """The last hidden state of `role`'s vision encoder for `pixels` (float32 under mixed precision)."""
         model = cast(_BlipModel, self.models.get(role).model)
-        # The patch embedding's dtype: float32 under mixed precision (worker/families/blip/precision.py).
-        dtype = model.vision_model.embeddings.patch_embedding.weight.dtype
         chunks = []
         for chunk in pixels.split(self.max_batch):
-            pixel_values = chunk.to(self.models.device, dtype, non_blocking=chunk.is_pinned())
+            pixel_values = chunk.to(self.models.device, self.models.dtype, non_blocking=chunk.is_pinned())
             chunks.append(model.vision_model(pixel_values=pixel_values).last_hidden_state)
         return torch.cat(chunks)
 
