@@ -91,16 +91,36 @@ def run_video_bench(options: BenchOptions, video: VideoBenchOptions | None = Non
     engine = Engine(
         models, max_caption_tokens=CAPTION_TOKENS, min_caption_tokens=CAPTION_TOKENS, max_batch=options.batch_size
     )
-    engine.run([_request(Image.new("RGB", video.size, (128, 128, 128)))])  # kernels and caches, not timed
+    # Kernels, caches and a full batch's buffers, not timed: the first way measured must not pay for them.
+    engine.run([_request(Image.new("RGB", video.size, (128, 128, 128)))] * options.batch_size)
 
     log("video: the sampler alone on a quarter and on the whole clip (memory)")
     _sampler_alone(quarter, video.sampling, limits)  # the decoder's buffers and pools, allocated once: not timed
     quarter_rise = _sampler_alone(quarter, video.sampling, limits)
     whole_rise = _sampler_alone(clip, video.sampling, limits)
-    log("video: modtag's way (sampled frames through the engine)")
-    modtag = _modtag_way(clip, video.sampling, limits, engine, options.batch_size)
-    log("video: the naive way (every second's frame through the engine)")
-    naive = _naive_way(clip, engine, options.batch_size, video.sampling.threads)
+    log("video: both ways' frames (modtag's sampler; every second's frame)")
+    kept, sample_s = _timed_list(sample_frames(clip, video.sampling, limits))
+    every, decode_s = _timed_list(_every_second(clip, video.sampling.threads))
+    reasons: dict[str, int] = {}
+    for frame in kept:
+        reasons[frame.reason] = reasons.get(frame.reason, 0) + 1
+    log(f"video: {len(kept)} and {len(every)} frames through the engine, the two ways' batches interleaved")
+    modtag_engine_s, naive_engine_s = _interleaved(
+        engine, options.batch_size, [frame.image for frame in kept], every, log
+    )
+    modtag: dict[str, Any] = {
+        "frames": len(kept),
+        "reasons": reasons,
+        "decode_sample_hash_s": sample_s,
+        "engine_s": modtag_engine_s,
+        "total_s": sample_s + modtag_engine_s,
+    }
+    naive: dict[str, Any] = {
+        "frames": len(every),
+        "decode_s": decode_s,
+        "engine_s": naive_engine_s,
+        "total_s": decode_s + naive_engine_s,
+    }
     minutes = info.duration_s / 60
     for way in (modtag, naive):
         way["seconds_per_minute_of_video"] = way["total_s"] / minutes
@@ -125,6 +145,7 @@ def run_video_bench(options: BenchOptions, video: VideoBenchOptions | None = Non
         "modtag": modtag,
         "naive": naive,
         "speedup": naive["total_s"] / modtag["total_s"],
+        "process_peak_rss_mb": process_memory_mb(os.getpid())["VmHWM"],
         "sampler_memory_rise_mb": {
             f"{info.duration_s / 4:g}s": quarter_rise,
             f"{info.duration_s:g}s": whole_rise,
@@ -149,67 +170,17 @@ def format_video_report(report: dict[str, Any]) -> str:
             f"modtag: {modtag['frames']} frames kept ({reasons}); decode + sample + hash "
             f"{modtag['decode_sample_hash_s']:.2f} s, engine {modtag['engine_s']:.2f} s, "
             f"total {modtag['total_s']:.2f} s "
-            f"= {modtag['seconds_per_minute_of_video']:.2f} s per minute of video; "
-            f"memory +{modtag['peak_rss_rise_mb']:.1f} MB",
+            f"= {modtag['seconds_per_minute_of_video']:.2f} s per minute of video",
             f"naive:  {naive['frames']} frames (1 a second); decode {naive['decode_s']:.2f} s, engine "
             f"{naive['engine_s']:.2f} s, total {naive['total_s']:.2f} s = "
-            f"{naive['seconds_per_minute_of_video']:.2f} s per minute of video; "
-            f"memory +{naive['peak_rss_rise_mb']:.1f} MB",
-            f"speedup {report['speedup']:.1f}x; the sampler's memory rise by clip length: {memory}",
+            f"{naive['seconds_per_minute_of_video']:.2f} s per minute of video",
+            f"speedup {report['speedup']:.1f}x; the sampler's memory rise by clip length: {memory}; the process's "
+            f"peak {report['process_peak_rss_mb']:.0f} MB (models included)",
         ]
     )
 
 
 # --- the two ways ----------------------------------------------------------------------------------
-
-
-def _modtag_way(clip: Path, sampling: Sampling, limits: VideoLimits, engine: Engine, batch_size: int) -> dict[str, Any]:
-    reasons: dict[str, int] = {}
-    timer = _Timer()
-    batch: list[Image.Image] = []
-    with _peak_rise() as rise:
-        started = time.perf_counter()
-        for frame in timer.timed_iter(sample_frames(clip, sampling, limits)):
-            reasons[frame.reason] = reasons.get(frame.reason, 0) + 1
-            batch.append(frame.image)
-            if len(batch) == batch_size:
-                timer.engine(engine, batch)
-                batch = []
-        if batch:
-            timer.engine(engine, batch)
-        total = time.perf_counter() - started
-    return {
-        "frames": sum(reasons.values()),
-        "reasons": reasons,
-        "decode_sample_hash_s": timer.producing_s,
-        "engine_s": timer.engine_s,
-        "total_s": total,
-        "peak_rss_rise_mb": rise(),
-    }
-
-
-def _naive_way(clip: Path, engine: Engine, batch_size: int, threads: int) -> dict[str, Any]:
-    timer = _Timer()
-    batch: list[Image.Image] = []
-    frames = 0
-    with _peak_rise() as rise:
-        started = time.perf_counter()
-        for image in timer.timed_iter(_every_second(clip, threads)):
-            frames += 1
-            batch.append(image)
-            if len(batch) == batch_size:
-                timer.engine(engine, batch)
-                batch = []
-        if batch:
-            timer.engine(engine, batch)
-        total = time.perf_counter() - started
-    return {
-        "frames": frames,
-        "decode_s": timer.producing_s,
-        "engine_s": timer.engine_s,
-        "total_s": total,
-        "peak_rss_rise_mb": rise(),
-    }
 
 
 def _every_second(clip: Path, threads: int) -> Iterator[Image.Image]:
@@ -235,30 +206,32 @@ def _sampler_alone(clip: Path, sampling: Sampling, limits: VideoLimits) -> float
     return rise()
 
 
-class _Timer:
-    """Splits a way's time between producing frames (the iterator) and the engine."""
+def _timed_list(frames: Iterator[Any]) -> tuple[list[Any], float]:
+    """Everything `frames` yields, and the seconds spent producing it."""
+    started = time.perf_counter()
+    items = list(frames)
+    return items, time.perf_counter() - started
 
-    def __init__(self) -> None:
-        self.producing_s = 0.0
-        self.engine_s = 0.0
 
-    def timed_iter(self, frames: Iterator[Any]) -> Iterator[Any]:
-        while True:
-            started = time.perf_counter()
-            try:
-                item = next(frames)
-            except StopIteration:
-                self.producing_s += time.perf_counter() - started
-                return
-            self.producing_s += time.perf_counter() - started
-            yield item
-
-    def engine(self, engine: Engine, images: Sequence[Image.Image]) -> None:
+def _interleaved(
+    engine: Engine, batch_size: int, first: Sequence[Image.Image], second: Sequence[Image.Image], log: Log
+) -> tuple[float, float]:
+    """Engine seconds of each list's batches, run interleaved in proportion (modtag's third batch among the naive
+    way's eighth or so), so that a machine whose load changes during the run slows both alike."""
+    chunks: list[tuple[float, int, Sequence[Image.Image]]] = [
+        ((index + 0.5) / -(-len(images) // batch_size), way, images[start : start + batch_size])
+        for way, images in enumerate((first, second))
+        for index, start in enumerate(range(0, len(images), batch_size))
+    ]
+    spent = [0.0, 0.0]
+    for position, way, batch in sorted(chunks, key=lambda chunk: (chunk[0], chunk[1])):
         started = time.perf_counter()
-        engine.run([_request(image) for image in images])
+        engine.run([_request(image) for image in batch])
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.engine_s += time.perf_counter() - started
+        spent[way] += time.perf_counter() - started
+        log(f"video: {'modtag' if way == 0 else 'naive'} batch at {position:.0%}")
+    return spent[0], spent[1]
 
 
 def _request(image: Image.Image) -> ImageRequest:
