@@ -585,8 +585,8 @@ def test_requirements_are_deduplicated_in_first_seen_order() -> None:
         (
             "unknown_kind.yaml",
             "policy_invalid",
-            "unknown check kind 'ocr'; known kinds: attribute, caption, describe, examples, hash, match, photo, probe, tags, "
-            "text",
+            "unknown check kind 'ocr'; known kinds: attribute, caption, describe, examples, hash, match, photo, probe, "
+            "tags, text",
         ),
     ],
 )

@@ -56,7 +56,5 @@ def test_segments_are_runs_of_consecutive_fired_frames() -> None:
 
 
 def test_a_frame_summary_keeps_its_time_action_and_top_scores() -> None:
-    summary = frame_summary(
-        3.14159, decision(a=("allow", 0.1), b=("review", 0.8), c=("allow", 0.3), d=("block", 0.95))
-    )
+    summary = frame_summary(3.14159, decision(a=("allow", 0.1), b=("review", 0.8), c=("allow", 0.3), d=("block", 0.95)))
     assert summary == {"time_s": 3.142, "action": "block", "scores": {"d": 0.95, "b": 0.8, "c": 0.3}}
