@@ -34,6 +34,7 @@ from policies.listing import listing_public
 
 log = logging.getLogger(__name__)
 
+
 def send_callbacks(settings: Settings, job: Job) -> None:
     """Record the final job's webhook, and its listing's when this job was the last photo; try each once now."""
     try:
