@@ -67,6 +67,10 @@ def install_mixed_precision(model: nn.Module) -> bool:
             module.forward = types.MethodType(_float32_layer_norm, module)  # type: ignore[method-assign]
         elif isinstance(module, BlipTextLMPredictionHead):
             module.forward = types.MethodType(_refined_logits, module)  # type: ignore[method-assign]
+        elif isinstance(module, nn.Embedding):
+            # Token and position embeddings are summed in float32: the text side's residual stream starts there.
+            object.__setattr__(module, _STOCK, module.forward)
+            module.forward = types.MethodType(_float32_output, module)  # type: ignore[method-assign]
         elif isinstance(module, BlipVisionEmbeddings):
             # The patch product and position sum stay in the fast dtype: in float32 they cost 2% of the vision
             # encoder's time and moved its output no closer to float32's (measured at base size).
