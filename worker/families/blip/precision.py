@@ -9,8 +9,8 @@ themselves accumulate in float32 inside the kernels; only their inputs and outpu
 `install_mixed_precision` keeps, on one model instance:
 
 - every layer norm in float32 (weights, arithmetic and output), so the residual stream that runs
-  between them (from the vision embeddings' output on: the sums of each sublayer's output and its input)
-  stays float32;
+  between them (from the embeddings' output on: the sums of each sublayer's output and its input) stays
+  float32; the text embeddings' token and position rows are summed in float32;
 - the final projections (`vision_proj`, `text_proj`, `itm_head`) in float32: the ITC features and
   the ITM logits a policy's thresholds are compared with;
 - the language-model heads' largest logits (and those of the ids `exact_logits` names, such as the yes/no
