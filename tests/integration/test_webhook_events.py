@@ -56,7 +56,12 @@ def test_a_review_resolution_is_a_review_resolved_event_and_redelivery_repeats_i
     assert event["data"]["review"]["resolution"]["action"] == "block"
     assert headers["user-agent"] == f"modtag-webhooks/{__version__}"
 
-    (entry,) = deployment.client.get("/v1/webhooks/deliveries", params={"status": "delivered"}).json()["data"]
+    # The receiver has the message; the sender records it as delivered just after its answer.
+    (entry,) = wait_for(
+        lambda: deployment.client.get("/v1/webhooks/deliveries", params={"status": "delivered"}).json()["data"],
+        30,
+        "the delivery recorded as delivered",
+    )
     assert entry["event_type"] == "review.resolved" and entry["id"] == headers["webhook-id"]
     again = deployment.client.post(f"/v1/webhooks/deliveries/{entry['id']}/redeliver")
     assert again.status_code == 202, again.text

@@ -71,9 +71,13 @@ def reset_postgres(url: str) -> None:
 
     from core.db import get_engine
 
-    with get_engine(url).begin() as connection:
+    engine = get_engine(url)
+    with engine.begin() as connection:
         connection.execute(text("DROP SCHEMA public CASCADE"))
         connection.execute(text("CREATE SCHEMA public"))
+    # The pool's connections hold statements psycopg prepared against the old schema, pgvector's `vector` type
+    # among them (dropped with the schema and made again by the migrations under a new oid): close them.
+    engine.dispose()
 
 
 @dataclass
