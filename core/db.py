@@ -6,13 +6,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine
 
 from core.settings import get_settings
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -47,14 +50,21 @@ def session_scope(url: str) -> Iterator[Session]:
             raise
 
 
-def migrate(url: str) -> None:
-    """Bring the schema to the newest revision (idempotent; safe from several processes on PostgreSQL)."""
-    from alembic import command
+def alembic_config(url: str) -> Config:
+    """Alembic's configuration for the migrations on the database at `url` (for `alembic.command`)."""
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.attributes["engine"] = get_engine(url)
+    return config
+
+
+def migrate(url: str) -> None:
+    """Bring the schema to the newest revision (idempotent; safe from several processes on PostgreSQL)."""
+    from alembic import command
+
+    config = alembic_config(url)
     if url.startswith("sqlite"):
         # SQLite has no advisory locks: a file lock keeps an API and a worker starting together apart.
         import fcntl

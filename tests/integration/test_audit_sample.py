@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from alembic.config import Config
 from sqlalchemy import text
 from sqlmodel import select
 
 from core import review
 from core.blobs import LocalBlobStore
-from core.db import MIGRATIONS_DIR, get_engine, migrate, session_scope
+from core.db import alembic_config, get_engine, migrate, session_scope
 from core.errors import PolicyError
 from core.jobs import NewJob, create_job, store_decision
 from core.settings import Settings
@@ -92,9 +91,7 @@ def test_migration_0012_keeps_queued_items_both_ways(tmp_path: Path) -> None:
     """SQLite rebuilds review_items for the new columns (batch mode): an item queued before 0012 reads as a
     `review` item without labels, and survives a downgrade and a second upgrade."""
     url = f"sqlite:///{tmp_path / 'm.db'}"
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.attributes["engine"] = get_engine(url)
+    config = alembic_config(url)
     command.upgrade(config, "0011")
     with get_engine(url).begin() as connection:
         for statement in (

@@ -228,12 +228,14 @@ def test_outages_of_each_dependency_fail_no_job_and_end_no_worker(
 def hold(dependency: str, minimum_s: float, met: Any, *, restore: Any) -> Outage:
     """Keep the outage (already begun) until it lasted `minimum_s` and `met()` holds, then `restore()` it."""
     started, since = utcnow(), time.monotonic()
-    wait_for(
-        lambda: time.monotonic() - since >= minimum_s and met(),
-        minimum_s + 120,
-        f"the {dependency} outage met by every worker",
-    )
-    restore()
+    try:
+        wait_for(
+            lambda: time.monotonic() - since >= minimum_s and met(),
+            minimum_s + 120,
+            f"the {dependency} outage met by every worker",
+        )
+    finally:
+        restore()  # even when the wait failed: a session's Redis left dead would fail every later test
     return Outage(dependency, started, utcnow())
 
 

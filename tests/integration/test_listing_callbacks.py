@@ -9,13 +9,12 @@ from typing import Any
 
 import pytest
 from alembic import command
-from alembic.config import Config
 from sqlalchemy import inspect, text
 from sqlmodel import select
 from standardwebhooks.webhooks import Webhook
 
 from core import metrics, webhooks
-from core.db import MIGRATIONS_DIR, get_engine, session_scope
+from core.db import alembic_config, get_engine, session_scope
 from core.jobs import NewJob, fail_job
 from core.listings import NewListing, create_listing, listing_callback_due
 from core.settings import Settings
@@ -140,9 +139,7 @@ def job_of(database_url: str, job_id: str) -> Job:
 
 
 def test_migration_0004_adds_the_callback_columns_to_existing_listings(database_url: str) -> None:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.attributes["engine"] = get_engine(database_url)
+    config = alembic_config(database_url)
     command.downgrade(config, "0003")
     assert not {"callback_url", "callback_sent_at"} & listing_columns(database_url)
     with get_engine(database_url).begin() as connection:

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from alembic.config import Config
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import text
 
-from core.db import MIGRATIONS_DIR, get_engine
+from core.db import alembic_config, get_engine
 from tests.support.servers import reset_postgres
 
 
@@ -25,9 +24,7 @@ def test_migration_0009_gives_earlier_jobs_the_interactive_lane_and_goes_back(
     else:
         url = request.getfixturevalue("postgres_url")
         reset_postgres(url)
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.attributes["engine"] = get_engine(url)
+    config = alembic_config(url)
     command.upgrade(config, "0008")
     with get_engine(url).begin() as connection:
         connection.execute(

@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from alembic import command
-from alembic.config import Config
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import text
 
 from core import embeddings
-from core.db import MIGRATIONS_DIR, get_engine, session_scope
+from core.db import alembic_config, get_engine, session_scope
 from tests.support.servers import reset_postgres
 
 TABLES = {"job_embeddings", "example_sets", "example_items"}
@@ -31,9 +30,7 @@ def test_migration_0013_stores_vectors_and_goes_back(
     else:
         url = request.getfixturevalue("postgres_url")
         reset_postgres(url)
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.attributes["engine"] = get_engine(url)
+    config = alembic_config(url)
     command.upgrade(config, "0013")
     with get_engine(url).begin() as connection:
         connection.execute(

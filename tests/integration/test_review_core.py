@@ -17,7 +17,7 @@ from sqlmodel import col, select
 
 from core import review
 from core.auth import authenticate, create_key, hash_key
-from core.db import get_engine, session_scope
+from core.db import alembic_config, get_engine, session_scope
 from core.errors import AuthError, Conflict, NotFound
 from core.jobs import claim_job, store_decision
 from core.principals import Principal, cli_principal
@@ -187,13 +187,8 @@ def test_queue_stats_count_open_items_and_their_age(database_url: str) -> None:
 def test_migration_0002_queues_existing_review_decisions(database_url: str) -> None:
     """A database at 0001 with decisions in it: upgrading queues the `review` ones, downgrading drops the tables."""
     from alembic import command
-    from alembic.config import Config
 
-    from core.db import MIGRATIONS_DIR
-
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.attributes["engine"] = get_engine(database_url)
+    config = alembic_config(database_url)
     command.downgrade(config, "0001")
     with get_engine(database_url).begin() as connection:
         connection.execute(text("DELETE FROM decision_categories"))

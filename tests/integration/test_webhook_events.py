@@ -11,13 +11,12 @@ from typing import Any
 
 import pytest
 from alembic import command
-from alembic.config import Config
 from sqlalchemy import text
 from sqlmodel import select
 from standardwebhooks.webhooks import Webhook
 
 from core import __version__, webhooks
-from core.db import MIGRATIONS_DIR, get_engine, session_scope
+from core.db import alembic_config, get_engine, session_scope
 from core.events import EventType, envelope
 from core.principals import cli_principal
 from core.settings import Settings
@@ -165,9 +164,7 @@ def test_the_deliveries_page_lists_and_redelivers_with_csrf(api: Api) -> None:
 
 
 def test_migration_0010_renames_and_wraps_the_stored_messages(database_url: str) -> None:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.attributes["engine"] = get_engine(database_url)
+    config = alembic_config(database_url)
     done, failed, listing = new_job(database_url, status="done"), new_job(database_url, status="failed"), "l" * 32
     command.downgrade(config, "0009")
     legacy: list[dict[str, Any]] = [
