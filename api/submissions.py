@@ -88,6 +88,8 @@ class Fingerprint:
     images: tuple[str, ...]  # each upload's SHA-256, then each URL, in order
     context: dict[str, Any] | None
     callback_url: str | None
+    # A key replayed with the other lane would answer a bulk request with an interactive job, or the reverse.
+    priority: str
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,7 @@ def accept(
         images=tuple(digests + urls),
         context=context,
         callback_url=callback_url,
+        priority=submission.priority.value,
     )
     if idempotency_key and (existing := submission.find(session, principal.tenant, idempotency_key)) is not None:
         return _replay(submission, session, existing, fingerprint, idempotency_key)
@@ -242,8 +245,8 @@ def _replay(
     """
     if submission.fingerprint_of(session, record) != fingerprint:
         raise Conflict(
-            f"the Idempotency-Key {key[:64]!r} was used for a different request (another image, policy, context "
-            "or callback_url); use a new key for a new request",
+            f"the Idempotency-Key {key[:64]!r} was used for a different request (another image, policy, context, "
+            "callback_url or priority); use a new key for a new request",
             code="idempotency_conflict",
         )
     return Accepted(record, [], created=False)
@@ -306,7 +309,7 @@ class JobSubmission(Submission[Job]):
         return find_by_idempotency_key(session, tenant, key)
 
     def fingerprint_of(self, session: Session, record: Job) -> Fingerprint:
-        return Fingerprint(record.policy, (_image_of(record),), record.context, record.callback_url)
+        return Fingerprint(record.policy, (_image_of(record),), record.context, record.callback_url, record.priority)
 
     def insert(
         self, session: Session, photos: list[NewJob], key: str | None, callback_url: str | None
@@ -379,7 +382,8 @@ class ListingSubmission(Submission[Listing]):
         uploads = [_image_of(job) for job in jobs if job.source == "upload"]
         urls = [_image_of(job) for job in jobs if job.source != "upload"]
         context = listing_context(record.title, record.description, record.attributes)
-        return Fingerprint(record.policy, (*uploads, *urls), context, record.callback_url)
+        priority = jobs[0].priority if jobs else Priority.INTERACTIVE.value  # every photo's job has the listing's
+        return Fingerprint(record.policy, (*uploads, *urls), context, record.callback_url, priority)
 
     def insert(
         self, session: Session, photos: list[NewJob], key: str | None, callback_url: str | None

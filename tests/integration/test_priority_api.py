@@ -56,6 +56,29 @@ def test_json_jobs_and_listings_take_a_priority(api: Api, photos: dict[str, byte
     assert all(task_id_for(photo["id"]) in waiting for photo in listing.json()["photos"])
 
 
+def test_an_idempotency_key_replayed_in_the_other_lane_is_a_conflict(api: Api, photos: dict[str, bytes]) -> None:
+    """The same key and photo with another `priority` is another request: answering it with the first job would put
+    a catalogue re-check in the live lane (or a live upload behind the catalogue)."""
+    photo = next(iter(photos.values()))
+    key = {"Idempotency-Key": "lane-1"}
+    first = api.client.post("/v1/jobs", files={"image": ("a.jpg", photo)}, data={"priority": "bulk"}, headers=key)
+    assert first.status_code == 202, first.text
+    again = api.client.post("/v1/jobs", files={"image": ("a.jpg", photo)}, data={"priority": "bulk"}, headers=key)
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    before = api.job_count()
+    other = api.client.post("/v1/jobs", files={"image": ("a.jpg", photo)}, headers=key)  # the default: interactive
+    assert_error(other, 409, "idempotency_conflict")
+    assert "priority" in other.json()["detail"] and api.job_count() == before
+
+    listing_key = {"Idempotency-Key": "lane-2"}
+    body = {"image_urls": ["https://example.com/a.jpg"], "title": "a red mug"}
+    live = api.client.post("/v1/listings", json=body, headers=listing_key)
+    assert live.status_code == 202, live.text
+    assert api.client.post("/v1/listings", json=body, headers=listing_key).status_code == 200
+    bulk = api.client.post("/v1/listings", json={**body, "priority": "bulk"}, headers=listing_key)
+    assert_error(bulk, 409, "idempotency_conflict")
+
+
 @pytest.mark.parametrize(
     "value",
     ["urgent", "", "BULK ", "bulk\x00", "b" * 100_000, 1, True, None, ["bulk"], {"priority": "bulk"}],
