@@ -5,6 +5,9 @@ resolutions of the review queue (`review` items and the `audit` sample of automa
 is set against is the machine's category score of that decision. A policy acts on `score >= threshold`, so every
 point's threshold is a labelled score: a policy written with it decides the labelled jobs as the point says.
 
+An erased job's labels no longer count (as the labels export never holds it): erasure ends every use of what a
+person said about its image, the thresholds tuned on it included; its tombstone keeps only its own decision.
+
 The labelled jobs are the ones people saw: `review` items sit between the thresholds, and only the audit sample
 reaches below and above them. The curve is exact for those jobs; how well it speaks for all traffic depends on
 the audit rate.
@@ -28,7 +31,7 @@ from core.public import (
     Thresholds,
 )
 from core.review import effective_labels
-from core.tables import Decision, DecisionCategory, ReviewItem, ReviewKind, ReviewState
+from core.tables import Decision, DecisionCategory, Job, ReviewItem, ReviewKind, ReviewState
 
 DEFAULT_BLOCK_PRECISION = 0.95
 DEFAULT_REVIEW_RECALL = 0.9
@@ -70,7 +73,8 @@ def calibrate(
 def labelled_scores(
     session: Session, *, tenant: str, policy: str, category: str, since: datetime
 ) -> list[tuple[float, bool]]:
-    """(machine score, label) of every resolved item of the tenant's `policy` that labels `category`.
+    """(machine score, label) of every resolved item of the tenant's `policy` that labels `category`, erased jobs'
+    left out.
 
     A resolution from before labels were stored reads as its action says (core.review.effective_labels)."""
     rows = session.exec(
@@ -82,7 +86,9 @@ def labelled_scores(
                 col(DecisionCategory.category) == category,
             ),
         )
+        .join(Job, col(Job.id) == col(ReviewItem.job_id))
         .where(
+            col(Job.erased_at).is_(None),
             ReviewItem.tenant == tenant,
             ReviewItem.policy == policy,
             ReviewItem.state == ReviewState.RESOLVED,
@@ -159,11 +165,14 @@ def point_at(points: Sequence[CurvePoint], threshold: float | None) -> CurvePoin
 def audit_precision(
     session: Session, *, tenant: str, policy: str, since: datetime
 ) -> dict[Literal["allow", "block"], MeasuredPrecision]:
-    """Per automatic action (allow, block): how many audit items people resolved and how many they agreed with."""
+    """Per automatic action (allow, block): how many audit items people resolved and how many they agreed with
+    (erased jobs' left out)."""
     rows = session.exec(
         select(Decision.action, ReviewItem.resolution)
         .join(Decision, col(Decision.id) == col(ReviewItem.decision_id))
+        .join(Job, col(Job.id) == col(ReviewItem.job_id))
         .where(
+            col(Job.erased_at).is_(None),
             ReviewItem.tenant == tenant,
             ReviewItem.policy == policy,
             ReviewItem.kind == ReviewKind.AUDIT,
