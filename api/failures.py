@@ -7,7 +7,10 @@ client address (`modtag:authfail:<ip>`) and, for a key of the generated shape, i
 `auth_max_failures` in the window, further failures are 429 `too_many_failures` with Retry-After instead of 401.
 Counters live in Redis (a fixed window: the first failure starts it, the key expires with it), so every API
 process sees the same count and memory stays bounded. If Redis does not answer, limiting is skipped (fail open)
-with one warning. The address is the TCP peer; X-Forwarded-For replaces it only when the peer is one of
+with one warning. Single sign-ons started from an address and not finished count the same way, in a bucket of
+their own (`modtag:authfail:sso:<ip>`; `count_sso_start`, forgiven when the sign-in completes): each one holds a
+flow in Redis for its lifetime, so one address cannot fill Redis with sign-ins nobody finishes. The address is the
+TCP peer; X-Forwarded-For replaces it only when the peer is one of
 `MODTAG_TRUSTED_PROXIES` (empty by default: not even loopback is trusted; see api.app.server_config).
 """
 
@@ -30,6 +33,12 @@ KEY_PREFIX = "modtag:authfail:"
 # The peer address is at most ~45 characters (IPv6); the cap keeps an odd ASGI server's value from bloating keys.
 _MAX_ADDRESS = 64
 _warned = False
+SSO_BUCKET = "sso:"
+# DECR only a live counter: a DECR of a lapsed one would make a key without an expiry.
+_FORGIVE = (
+    "if redis.call('exists', KEYS[1]) == 1 and tonumber(redis.call('get', KEYS[1])) > 0 then "
+    "return redis.call('decr', KEYS[1]) end return 0"
+)
 
 
 def client_address(request: HTTPConnection) -> str:
@@ -49,6 +58,29 @@ def refuse_repeated_failure(redis: Redis, address: str, presented: str | None, s
     finally:
         for bucket in buckets:
             record_failure(redis, bucket, settings)
+
+
+def count_sso_start(redis: Redis, address: str, settings: Settings) -> None:
+    """Count a single sign-on started from `address` as a failure until `forgive_sso_start`; TooManyFailures when
+    the address already has `auth_max_failures` unfinished in the window (Redis down: pass)."""
+    bucket = SSO_BUCKET + address
+    try:
+        check_failures(redis, bucket, settings)
+    except TooManyFailures as exc:
+        raise TooManyFailures(
+            f"too many sign-ins were started from this address and not finished; wait {exc.retry_after_s} s, or "
+            "sign in with a key",
+            retry_after_s=exc.retry_after_s,
+        ) from None
+    record_failure(redis, bucket, settings)
+
+
+def forgive_sso_start(redis: Redis, address: str) -> None:
+    """A single sign-on from `address` completed: it no longer counts (a lapsed window is left lapsed)."""
+    try:
+        redis.eval(_FORGIVE, 1, KEY_PREFIX + SSO_BUCKET + address)
+    except (RedisError, OSError) as exc:
+        _warn_once(exc)
 
 
 def check_failures(redis: Redis, address: str, settings: Settings) -> None:

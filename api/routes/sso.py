@@ -18,10 +18,11 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from api import sso
 from api.auth import SESSION_COOKIE, cookie_is_secure, start_session
 from api.deps import ServicesDep, SessionDep, SettingsDep
+from api.failures import client_address, count_sso_start, forgive_sso_start
 from api.pages import render
 from api.routes.dashboard import DEFAULT_PAGE, login_page, safe_next
 from core import sso as identities
-from core.errors import ModtagError
+from core.errors import ModtagError, TooManyFailures
 from core.metrics import AUTH_FAILURES
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def sso_login(
             request, settings, next_path, "Single sign-on is not set up here; sign in with a key.", status=404
         )
     try:
+        count_sso_start(services.redis, client_address(request), settings)
         url, state = sso.start(settings, services.redis, _redirect_uri(request, settings), next_path)
     except ModtagError as exc:
         return _refused(request, settings, next_path, exc)
@@ -103,6 +105,7 @@ def sso_callback(
         key = identities.sign_in(session, identity)
     except ModtagError as exc:
         return _refused(request, settings, next_path, exc, flow_spent=True)
+    forgive_sso_start(services.redis, client_address(request))
     token, _ = start_session(session, key, settings)
     log.info("single sign-on: %s signed in as %s of tenant %s", key.prefix, key.role, key.tenant)
     # A page that moves on by itself, not a redirect: the session cookie is SameSite=Strict, and a browser does
@@ -126,6 +129,8 @@ def _refused(
     )
     if flow_spent:
         response.delete_cookie(STATE_COOKIE, path=_STATE_PATH)
+    if isinstance(exc, TooManyFailures):
+        response.headers["Retry-After"] = str(exc.retry_after_s)
     return response
 
 

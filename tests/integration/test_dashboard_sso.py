@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+import redis
 from sqlmodel import col, select
 
 from api.app import create_app
@@ -241,3 +242,36 @@ def test_without_settings_there_is_no_single_sign_on(tmp_path: Path, redis_serve
         assert "Sign in with" not in client.get("/dashboard/login").text
         assert client.get("/dashboard/sso/login").status_code == 404
         assert client.get("/dashboard/sso/callback", params={"code": "c", "state": "s"}).status_code == 400
+
+
+def test_sign_ins_started_and_never_finished_are_limited_per_address(
+    tmp_path: Path, redis_server: Any, provider: OidcProvider
+) -> None:
+    """Each press of the button holds a flow in Redis for ten minutes: one address may leave at most
+    MODTAG_AUTH_MAX_FAILURES unfinished in the window, and a finished sign-in gives its place back."""
+    provider.set_user("kim", {TENANT_CLAIM: "acme", ROLE_CLAIM: "modtag-moderators"})
+    settings = api_settings(
+        tmp_path, f"sqlite:///{tmp_path / 'modtag.db'}", redis_server.url, auth_max_failures=3,
+        **provider.settings(oidc_role_claim=ROLE_CLAIM, oidc_tenant_claim=TENANT_CLAIM, oidc_roles=ROLE_MAP),
+    )  # fmt: skip
+    counter = redis.Redis.from_url(redis_server.url)
+    counter.delete("modtag:authfail:sso:127.0.0.1")  # other tests of this module started flows from here too
+    try:
+        with serve(create_app(settings)) as base_url, httpx.Client(base_url=base_url, timeout=30) as client:
+            login = "/dashboard/sso/login"
+            authorize = [client.get(login, follow_redirects=False).headers["location"] for _ in range(3)]
+            refused = client.get(login, follow_redirects=False)
+            assert refused.status_code == 429, refused.text[:500]
+            assert 0 < int(refused.headers["Retry-After"]) <= settings.auth_failure_window_s
+            assert "started from this address and not finished" in alert(refused) and 'id="key"' in refused.text
+            assert int(counter.get("modtag:authfail:sso:127.0.0.1") or 0) == 3  # a refusal holds no flow
+
+            # The last flow (this browser's state cookie) completes: its place is free again, once.
+            back = provider.sign_in_as(client, authorize[-1], "kim").headers["location"]
+            assert client.get(back).status_code == 200
+            assert "tenant acme" in client.get("/dashboard/flagged").text
+            assert client.get(login, follow_redirects=False).status_code == 303
+            assert client.get(login, follow_redirects=False).status_code == 429
+    finally:
+        counter.delete("modtag:authfail:sso:127.0.0.1")
+        counter.close()
