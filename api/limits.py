@@ -12,6 +12,9 @@ dependency cannot protect the memory of a route that takes a body: this ASGI lay
 - Multipart bodies go only to the uploads: elsewhere they are 415 before Starlette spools a part to disk.
 - A connection must send a request's headers within `keep_alive_timeout_s` of opening (or of its previous
   answer), whatever it trickles meanwhile, or it is closed (`HeaderDeadlineProtocol`, the server's protocol).
+- Past `api_max_connections` open connections or requests in progress, a request is 503 `busy` with Retry-After
+  and the connection closed (the same protocol: uvicorn's own check answers a bare text 503, and at the limit
+  itself rather than past it).
 - Request headers past `max_header_bytes` are 431 `headers_too_large`. The server bounds what it buffers the
   same way (`server_config`: h11's incomplete-event size), but h11 lets through headers that arrive whole in one
   read, so they are counted here too.
@@ -22,14 +25,19 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 import re
+from collections.abc import Sized
+from typing import Any
 
 import h11
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.server import ServerState
 
 from api.auth import DECIDED_SCOPE_KEY, Presented, identify, presented
 from api.deps import Services, new_session
@@ -38,6 +46,10 @@ from core.errors import ModtagError
 from core.principals import Principal
 from core.settings import Settings
 
+log = logging.getLogger(__name__)
+
+# What a request refused past the connection limit is told to wait: connections free up as answers go out.
+BUSY_RETRY_AFTER_S = 1
 # (method, path pattern) of the routes that take files: they read and cap their own bodies after the key check.
 UPLOAD_ROUTES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("POST", re.compile(r"^/v1/jobs/?$")),
@@ -138,6 +150,18 @@ class HeaderDeadlineProtocol(H11Protocol):
 
     _header_deadline: asyncio.TimerHandle | None = None
 
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        limit, self.limit_concurrency = self.limit_concurrency, None  # uvicorn's check is replaced by ours
+        if limit is not None:
+            self.app = _connection_limited(self.app, limit, self.connections, self.tasks)
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_header_deadline()
@@ -171,6 +195,21 @@ class HeaderDeadlineProtocol(H11Protocol):
             self.transport.close()
 
 
+def _connection_limited(app: ASGIApp, limit: int, connections: Sized, tasks: Sized) -> ASGIApp:
+    """`app`, answering 503 `busy` while more than `limit` connections are open or requests in progress (this
+    one counted: the server adds its connection and its task before the app runs)."""
+
+    async def limited(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (len(connections) > limit or len(tasks) > limit):
+            log.warning("connection limit reached (MODTAG_API_MAX_CONNECTIONS=%d): answered 503 busy", limit)
+            detail = f"this API process serves {limit} connections at once (MODTAG_API_MAX_CONNECTIONS); try again"
+            await _refuse(send, 503, detail, "busy", retry_after_s=BUSY_RETRY_AFTER_S)
+            return
+        await app(scope, receive, send)
+
+    return limited
+
+
 def _headers(scope: Scope) -> dict[str, str]:
     return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope.get("headers", [])}
 
@@ -191,10 +230,12 @@ def _too_large(cap: int) -> str:
     return f"the request body is larger than {cap} bytes (only image uploads may be larger)"
 
 
-async def _refuse(send: Send, status: int, detail: str, code: str) -> None:
+async def _refuse(send: Send, status: int, detail: str, code: str, *, retry_after_s: int | None = None) -> None:
     body = json.dumps({"detail": detail, "code": code}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if status in (413, 431):
+    if retry_after_s is not None:
+        headers.append((b"retry-after", str(retry_after_s).encode()))
+    if status in (413, 431, 503):
         headers.append((b"connection", b"close"))  # the unread body is not drained; the connection cannot be reused
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -69,6 +69,28 @@ def _busy_then_accepted(api: Api, budget: UploadBudget) -> None:
     assert api.upload(data).status_code in (200, 202)
 
 
+def test_past_the_connection_limit_a_request_is_503_busy_in_json_until_a_connection_closes(api: Api) -> None:
+    """Old code: uvicorn's own limit answered `Service Unavailable` in plain text (no code, no Retry-After), and
+    at the limit itself: MODTAG_API_MAX_CONNECTIONS=2 served one connection."""
+    settings = api.settings.model_copy(update={"api_max_connections": 2, "keep_alive_timeout_s": 30.0})
+    with running_api(settings) as served, _connection(served.base_url):
+        assert served.client.get("/healthz").status_code == 200  # two connections: the limit, not past it
+        with _connection(served.base_url):
+            refused = wait_for(_refused(served), 10, "the third connection refused")
+            assert_error(refused, 503, "busy")
+            assert refused.headers["retry-after"] == "1" and refused.headers["connection"] == "close"
+            assert "MODTAG_API_MAX_CONNECTIONS" in refused.json()["detail"]
+        wait_for(lambda: served.client.get("/healthz").status_code == 200, 10, "served once a connection closed")
+
+
+def _refused(api: Api) -> Any:
+    def answer() -> Any:
+        response = api.client.get("/healthz")
+        return response if response.status_code == 503 else None
+
+    return answer
+
+
 def test_headers_sent_a_byte_at_a_time_are_cut_off_at_the_header_deadline(api: Api) -> None:
     head = _head(api, 100)
     with _connection(api.base_url) as sock:
