@@ -87,6 +87,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.upload_budget = UploadBudget(settings.upload_bytes_in_flight, settings.upload_wait_s)
+    app.state.spool_budget = UploadBudget(
+        settings.upload_spool_bytes, settings.upload_wait_s, setting="MODTAG_UPLOAD_SPOOL_BYTES"
+    )
     install_error_handlers(app)
     app.add_exception_handler(AuthError, dashboard.refusal)  # type: ignore[arg-type]
     app.add_exception_handler(Forbidden, dashboard.refusal)  # type: ignore[arg-type]

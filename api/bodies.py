@@ -8,7 +8,9 @@ gets them off the wire safely.
 Memory stays bounded by design: an uploaded file is spooled to a temporary file as it arrives (in memory only up
 to `SPOOL_MEMORY_BYTES`), hashed on the way (`SpooledUpload.sha256`, the blob store's key), and a multipart body
 is read only with room in the process's `UploadBudget` (MODTAG_UPLOAD_BYTES_IN_FLIGHT): past it the request waits
-MODTAG_UPLOAD_WAIT_S, then is 503 `busy` with Retry-After.
+MODTAG_UPLOAD_WAIT_S, then is 503 `busy` with Retry-After. The temporary disk is bounded the same way: every multipart
+body also holds its whole declared length of a second budget (MODTAG_UPLOAD_SPOOL_BYTES), so concurrent video
+uploads, which hold only an image's share of the first, cannot fill the disk between them.
 """
 
 from __future__ import annotations
@@ -79,9 +81,10 @@ class UploadBudget:
     files, the one photo read whole for its header checks and the store's buffers all live within that time.
     """
 
-    def __init__(self, total: int, wait_s: float) -> None:
+    def __init__(self, total: int, wait_s: float, *, setting: str = "MODTAG_UPLOAD_BYTES_IN_FLIGHT") -> None:
         self.total = total
         self.wait_s = wait_s
+        self.setting = setting  # named in the 503, so an operator knows which limit to raise
         self.held = 0
         self._changed: asyncio.Condition | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -96,7 +99,7 @@ class UploadBudget:
             except TimeoutError:
                 raise UploadsBusy(
                     f"the server is receiving as many uploads as it holds at once ({self.total} bytes, "
-                    "MODTAG_UPLOAD_BYTES_IN_FLIGHT); retry shortly",
+                    f"{self.setting}); retry shortly",
                     retry_after_s=max(1, math.ceil(self.wait_s)),
                 ) from None
             self.held += wanted
@@ -168,8 +171,9 @@ async def open_body(
         code, message = limits.multipart_too_large
         declared = _check_declared_length(request, limits.multipart_cap, code, message)
         budget: UploadBudget = request.app.state.upload_budget
+        spool: UploadBudget = request.app.state.spool_budget
         wanted = limits.multipart_cap if declared is None else declared
-        async with budget.hold(min(wanted, limits.budget_bytes or wanted)):
+        async with spool.hold(wanted), budget.hold(min(wanted, limits.budget_bytes or wanted)):
             form = await _read_form(request, limits)
             try:
                 yield await from_form(form)

@@ -54,6 +54,15 @@ class Settings(BaseSettings):
     native_kernels: bool = Field(
         default=True, description="The vision attention's AVX-512 kernel, built with the C compiler on first use."
     )
+    int8_stages: str | None = Field(
+        default=None,
+        description="With dtype int8: the stages run at int8, comma-separated among vision, caption, probes, matches "
+        "(empty: none); the others at bf16. Default: where `modtag bench` measured int8 to pay (the README).",
+    )
+    int8_calibration: Path | None = Field(
+        default=None,
+        description="With dtype int8: a file of static input scales (`modtag int8-calibrate`); unset: dynamic scales.",
+    )
 
     # Limits on inputs.
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
@@ -91,8 +100,17 @@ class Settings(BaseSettings):
         description="Upload bytes one API process receives and stores at once (each upload counts its Content-Length); "
         "past it an upload waits `upload_wait_s`, then is 503 `busy` with Retry-After.",
     )
+    upload_spool_bytes: int = Field(
+        default=2 * 1024 * 1024 * 1024,
+        gt=0,
+        description="Bytes of uploads one API process keeps on its temporary disk at once (each upload counts its "
+        "Content-Length, a video its whole length); past it an upload waits `upload_wait_s`, then is 503 `busy`. "
+        "An upload larger than it runs alone.",
+    )
     upload_wait_s: float = Field(
-        default=5.0, ge=0, description="How long an upload waits for room under upload_bytes_in_flight."
+        default=5.0,
+        ge=0,
+        description="How long an upload waits for room under upload_bytes_in_flight and upload_spool_bytes.",
     )
     body_read_timeout_s: float = Field(
         default=120.0,
@@ -416,6 +434,13 @@ class Settings(BaseSettings):
     @property
     def resolved_blob_url(self) -> str:
         return self.blob_url or self.resolved_blob_dir.as_uri()
+
+    @property
+    def resolved_int8_stages(self) -> tuple[str, ...] | None:
+        """`int8_stages` as names; None where unset (the engine's default)."""
+        if self.int8_stages is None:
+            return None
+        return tuple(stage for stage in (part.strip() for part in self.int8_stages.split(",")) if stage)
 
     @property
     def resolved_models_cache_dir(self) -> Path:

@@ -6,20 +6,24 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from api.app import create_app
 from core.db import session_scope
 from core.tables import Job
 from modtag.memory import process_memory_mb
 from tests.support import videos
-from tests.support.api import Api, assert_error
+from tests.support.api import Api, assert_error, running_api
 from tests.support.deployment import Deployment
 from tests.support.photos import photo_bytes
+from tests.support.waiting import wait_for
 
 MAX_UPLOAD = 200_000
 MAX_VIDEO = 600_000
@@ -126,6 +130,45 @@ def test_a_listing_takes_no_video(api: Api, clips: Path) -> None:
     assert_error(response, 415, "image_unsupported")
 
 
+def test_concurrent_videos_share_one_cap_on_the_temporary_disk(api: Api, clips: Path) -> None:
+    """A video holds only an image's share of the bytes in flight (it is never read whole), but its whole length of
+    MODTAG_UPLOAD_SPOOL_BYTES while it sits on the API's disk: a second video past that waits, then is 503 `busy`."""
+    settings = api.settings.model_copy(update={"upload_spool_bytes": 700_000, "upload_wait_s": 0.3})
+    app = create_app(settings)
+    clip = videos.shots_clip(clips, ["astronaut"], 0.5).read_bytes()
+    boundary = "modtag-spool-boundary"
+    first = _multipart(clip + _free_box(500_000 - len(clip)), boundary)
+    second = clip + _free_box(250_000 - len(clip))
+    release = threading.Event()
+
+    def stalled() -> Iterator[bytes]:
+        yield first[:1000]
+        assert release.wait(60), "the test never let the first upload finish"
+        yield first[1000:]
+
+    with running_api(settings, app) as served, ThreadPoolExecutor(1) as pool:
+        headers = {
+            "Authorization": f"Bearer {served.key}",
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+            "Content-Length": str(len(first)),  # declared: what it holds of the spool budget from its first byte
+        }
+        pending = pool.submit(httpx.post, f"{served.base_url}/v1/jobs", content=stalled(), headers=headers, timeout=60)
+        try:
+            wait_for(lambda: app.state.spool_budget.held >= len(first), 10, "the first video holding its disk room")
+            assert app.state.upload_budget.held < len(first)  # the bytes-in-flight budget holds an image's share
+            refused = served.upload(second, filename="second.mp4", mime="video/mp4")
+            body = assert_error(refused, 503, "busy")
+            assert "MODTAG_UPLOAD_SPOOL_BYTES" in body["detail"] and int(refused.headers["retry-after"]) >= 1
+        finally:
+            release.set()
+        assert pending.result().status_code == 202, pending.result().text
+        accepted = served.upload(second, filename="second.mp4", mime="video/mp4")
+        assert accepted.status_code == 202, accepted.text
+        assert accepted.json()["media"] == "video"
+        # Each gives its room back as its answer ends (just after the client has it).
+        wait_for(lambda: app.state.spool_budget.held == app.state.upload_budget.held == 0, 10, "the room given back")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the API's memory, not the database, is measured
 def test_a_500_mib_upload_does_not_raise_the_api_memory(deployment: Deployment, tmp_path: Path) -> None:
@@ -186,6 +229,11 @@ class _Chunks:
 
     def read(self, size: int = -1) -> bytes:
         return next(self._chunks, b"")
+
+
+def _multipart(data: bytes, boundary: str) -> bytes:
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="first.mp4"\r\n'
+    return (head + "Content-Type: video/mp4\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
 
 
 def _free_box(size: int) -> bytes:
