@@ -39,15 +39,19 @@ def test_contact_details_in_a_photo_go_to_review_and_the_main_photo_rules_judge_
             product_photo(text="CALL 0176 5550 1423"),  # main photo: white background, a phone number on it
             product_photo(),  # the same photo without the text
             product_photo(background=(40, 90, 200)),  # not the main photo: its blue background is no rule's business
+            product_photo(text="mail sales@cupshop.com"),  # an e-mail address
+            product_photo(text="shop at www.cupshop.com"),  # a link
         ],
     )
     assert listing["verdict"]["status"] == "done"
-    with_text, without_text, blue = listing["photos"]
+    with_text, without_text, blue, with_email, with_link = listing["photos"]
 
-    contact = with_text["decision"]["categories"]["contact_in_photo"]
-    assert contact["fired"] and contact["action"] == "review"
-    line = evidence(with_text, "contact_in_photo")
-    assert "0176" in line["matched"] and line["score"] >= 0.5
+    for photo, seen in ((with_text, "0176"), (with_email, "sales@cupshop.com"), (with_link, "www.cupshop.com")):
+        contact = photo["decision"]["categories"]["contact_in_photo"]
+        assert contact["fired"] and contact["action"] == "review", photo["decision"]["text"]
+        line = evidence(photo, "contact_in_photo")
+        assert seen in line["matched"] and line["score"] >= 0.5, line
+    assert listing["verdict"]["categories"]["contact_in_photo"]["photos"] == [1, 4, 5]
     assert any("0176" in read["text"] for read in with_text["decision"]["text"])
     assert all(v >= 0 for read in with_text["decision"]["text"] for v in read["box"])
     assert not without_text["decision"]["categories"]["contact_in_photo"]["fired"]
