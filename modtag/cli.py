@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from core import __version__
-from core.errors import InvalidField, ModtagError
+from core.errors import ImageError, InvalidField, ModtagError
 from core.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -257,6 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate", help="bring the database to the newest schema, once (a deployment's migration job)"
     )
     migrate_cmd.set_defaults(handler=cmd_migrate, opens_database=True)
+
+    int8_calibrate = sub.add_parser(
+        "int8-calibrate",
+        help="measure int8's static input scales on your own photos; write the file MODTAG_INT8_CALIBRATION names",
+    )
+    int8_calibrate.add_argument("photos", nargs="+", type=Path, metavar="PHOTO")
+    int8_calibrate.add_argument("--out", type=Path, required=True, metavar="FILE", help="the calibration file to write")
+    int8_calibrate.add_argument("--models", default=None, help=_MODELS_HELP)
+    int8_calibrate.set_defaults(handler=cmd_int8_calibrate)
 
     bench = sub.add_parser("bench", help="time the engine against the stock per-call way; print a JSON report")
     bench.add_argument(
@@ -686,6 +695,41 @@ def cmd_listing_check(args: argparse.Namespace, settings: Settings) -> int:
         lambda out: print_listing(listing, args.images, out),
     )
     return EXIT_FAILED_JOBS if listing_failed(listing) else EXIT_OK
+
+
+def cmd_int8_calibrate(args: argparse.Namespace, settings: Settings) -> int:
+    from core.images import ImageLimits, decode_image
+    from modtag.bench.common import PROBES, TEXTS
+    from worker.families.blip.calibration import calibrate
+    from worker.families.blip.engine import INT8_STAGES, Engine, ImageRequest
+    from worker.families.blip.models import load_models
+
+    limits = ImageLimits.from_settings(settings)
+    photos = []
+    for path in args.photos:
+        try:
+            photos.append(decode_image(path.read_bytes(), limits))
+        except ImageError as exc:
+            raise ImageError(f"{path}: {exc.message}", code=exc.code) from None
+    loaded = load_models(
+        settings.models,
+        {"caption", "vqa", "itm"},
+        cache_dir=settings.resolved_models_cache_dir,
+        device=settings.device,
+        dtype="int8",
+    )
+    # Every stage at int8, so that every int8 layer sees the photos; the bench's questions and texts exercise the
+    # text encoders as a policy's probes and matches do.
+    engine = Engine(loaded, int8_stages=INT8_STAGES)
+    requests = [ImageRequest(photo, probes=PROBES, texts=TEXTS) for photo in photos]
+    calibration = calibrate(engine, requests, batch_size=settings.batch_max_images, models=settings.models)
+    calibration.save(args.out)
+    layers = sum(len(ranges.ranges) for ranges in calibration.roles.values())
+    print(
+        f"calibrated {layers} int8 layers of {', '.join(calibration.roles)} on {len(photos)} photos; wrote {args.out}"
+    )
+    print(f"use it: MODTAG_DTYPE=int8 MODTAG_INT8_CALIBRATION={args.out}")
+    return EXIT_OK
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:

@@ -18,10 +18,10 @@ from transformers.models.blip.modeling_blip import BlipMLP
 
 from core.errors import ConfigError
 from core.settings import Settings
-from worker.families.blip.engine import Engine, ImageRequest
+from worker.families.blip.engine import DEFAULT_INT8_STAGES, INT8_STAGES, Engine, ImageRequest, resolve_int8_stages
 from worker.families.blip.linear import has_packed_linear
 from worker.families.blip.models import LoadedModels, load_models
-from worker.families.blip.quant import has_int8_linear, install_int8_linear, int8_linear_available
+from worker.families.blip.quant import has_int8_linear, install_int8_linear, int8_linear_available, is_int8_linear
 
 pytestmark = pytest.mark.skipif(
     not int8_linear_available(), reason="this PyTorch has no oneDNN int8 linear kernels (int8 is refused)"
@@ -88,16 +88,45 @@ def loaded_int8(tiny_models_dir: Path) -> LoadedModels:
     return load_models("tiny-random", {"caption", "vqa", "itm"}, cache_dir=tiny_models_dir.parent, dtype="int8")
 
 
-def test_the_loader_quantizes_every_model_and_records_int8(loaded_int8: LoadedModels) -> None:
-    assert loaded_int8.int8 and loaded_int8.dtype_name == "int8"
-    described = loaded_int8.describe()
+def test_the_loader_records_int8_and_the_engine_quantizes_the_chosen_stages_only(tiny_models_dir: Path) -> None:
+    loaded = load_models("tiny-random", {"caption", "vqa", "itm"}, cache_dir=tiny_models_dir.parent, dtype="int8")
+    assert loaded.int8 and loaded.dtype_name == "int8"
+    described = loaded.describe()
     assert described["dtype"] == "int8"  # what a decision's `models` field records
     assert {info["dtype"] for info in described["roles"].values()} == {"int8"}
-    for loaded in loaded_int8.models.values():
-        assert has_int8_linear(loaded.model)
-        assert loaded.model.dtype == loaded_int8.dtype  # attention and norms at the compute dtype
-        linears = [m for m in loaded.model.modules() if type(m) is nn.Linear]
-        assert all(hasattr(m, "_modtag_int8_weight") for m in linears)
+    # The loader leaves the weights alone: which stages run int8 is the engine's choice.
+    assert not any(has_int8_linear(model.model) for model in loaded.models.values())
+    engine = Engine(loaded, int8_stages=("vision", "matches"))
+    assert engine.int8_stages == ("vision", "matches")
+    for role, model in loaded.models.items():
+        assert model.model.dtype == loaded.dtype  # attention and norms at the compute dtype
+        vision = [m for m in model.model.vision_model.modules() if type(m) is nn.Linear]
+        assert vision and all(is_int8_linear(m) for m in vision)
+        text = getattr(model.model, "text_encoder", None) or model.model.text_decoder
+        text_linears = [m for m in text.modules() if type(m) is nn.Linear]
+        # The ITM text encoder (matches) is int8; the caption decoder and the VQA question encoder stay bf16, packed.
+        assert all(is_int8_linear(m) == (role == "itm") for m in text_linears)
+        assert all(has_packed_linear(m) for m in text_linears if not is_int8_linear(m))
+    itm = loaded.get("itm").model
+    # The float32 heads a threshold sees are never quantized.
+    assert not any(is_int8_linear(getattr(itm, head)) for head in ("vision_proj", "text_proj", "itm_head"))
+
+
+def test_unknown_int8_stages_are_refused_and_float_models_ignore_them(
+    tiny_models_dir: Path, loaded_int8: LoadedModels
+) -> None:
+    with pytest.raises(ConfigError) as error:
+        Engine(loaded_int8, int8_stages=("vision", "decoder"))
+    assert error.value.code == "int8_stages_invalid" and "decoder" in error.value.message
+    assert resolve_int8_stages(None) == DEFAULT_INT8_STAGES
+    assert resolve_int8_stages(["matches", "vision"]) == ("vision", "matches")  # in stage order
+    float_models = load_models("tiny-random", {"itm"}, cache_dir=tiny_models_dir.parent)
+    engine = Engine(float_models, int8_stages=INT8_STAGES)
+    assert engine.int8_stages == () and not has_int8_linear(float_models.get("itm").model)
+    settings = Settings(_env_file=None, int8_stages=" vision, probes ,")  # type: ignore[call-arg]
+    assert settings.resolved_int8_stages == ("vision", "probes")
+    assert Settings(_env_file=None, int8_stages="").resolved_int8_stages == ()  # type: ignore[call-arg]
+    assert Settings(_env_file=None).resolved_int8_stages is None  # type: ignore[call-arg]
 
 
 def test_int8_engine_scores_close_to_float32(
@@ -105,9 +134,8 @@ def test_int8_engine_scores_close_to_float32(
 ) -> None:
     exact_models = load_models("tiny-random", {"caption", "vqa", "itm"}, cache_dir=tiny_models_dir.parent)
     requests = [ImageRequest(photo, probes=QUESTIONS, texts=TEXTS) for photo in photos]
-    engine = Engine(loaded_int8, max_caption_tokens=6)
-    # The engine's packed float layers leave the int8 layers alone.
-    assert not any(has_packed_linear(loaded.model) for loaded in loaded_int8.models.values())
+    engine = Engine(loaded_int8, max_caption_tokens=6, int8_stages=INT8_STAGES)
+    assert all(has_int8_linear(loaded.model) for loaded in loaded_int8.models.values())
     fast = engine.run(requests)
     exact = Engine(exact_models, max_caption_tokens=6).run(requests)
     diffs = []

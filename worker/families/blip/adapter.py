@@ -86,7 +86,17 @@ def build_engine(settings: Settings, roles: set[str]) -> Engine:
     )
     for role, seconds in loaded.load_seconds.items():
         metrics.MODEL_LOAD.labels(role).set(seconds)
-    return Engine(loaded, native_kernels=settings.native_kernels)
+    calibration = None
+    if loaded.int8 and settings.int8_calibration is not None:
+        from worker.families.blip.calibration import Int8Calibration
+
+        calibration = Int8Calibration.load(settings.int8_calibration)
+    return Engine(
+        loaded,
+        native_kernels=settings.native_kernels,
+        int8_stages=settings.resolved_int8_stages,
+        int8_calibration=calibration,
+    )
 
 
 def image_request(image: Image.Image, needs: Requirements) -> ImageRequest:

@@ -16,7 +16,11 @@ the parity tests hold it to 1e-4 in float32) with far less work:
 - on the engine's own model instances (never their classes), attention runs fused (`worker/families/blip/attention.py`:
   SDPA, or cache-sized chunks for bf16 on CPUs) and, on CPUs, linear layers run on weights packed
   once for oneDNN with the bias and the MLPs' GELU fused (`worker/families/blip/linear.py`); everything runs under
-  `torch.inference_mode`.
+  `torch.inference_mode`;
+- on int8 models (`MODTAG_DTYPE=int8`), the linear layers of the stages `int8_stages` names run on int8 weights
+  (`worker/families/blip/quant.py`), with calibrated static input scales when a calibration is given
+  (`worker/families/blip/calibration.py`), and the other stages' at the fast dtype: int8 pays on some stages
+  and not on others (`modtag bench` measures each stage both ways and reports `stage_dtypes`).
 
 On CUDA the pixel tensors are prepared in pinned host memory and copied without blocking.
 
@@ -32,12 +36,14 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 from PIL import Image
+from torch import nn
 from torch.nn import functional
 from transformers import (
     BlipForConditionalGeneration,
@@ -48,15 +54,22 @@ from transformers import (
 
 from core.errors import ConfigError, ModelError
 from worker.families.blip.attention import install_fused_attention
+from worker.families.blip.calibration import Int8Calibration
 from worker.families.blip.captioning import greedy_captions, plain_greedy
 from worker.families.blip.linear import install_packed_linear
 from worker.families.blip.models import LoadedModels, ModelRole
 from worker.families.blip.precision import exact_logits, install_input_casts, install_mixed_precision
+from worker.families.blip.quant import install_int8_linear
 
 STAGES = ("preprocess", "vision", "caption", "probes", "matches", "answers", "tags")
 ANSWER_BUDGET = 16  # at most this many answers of one question are scored in full (see Engine._rank_answers)
 ANSWER_ROUND = 8  # answers scored per round while one could still beat the best
 TAG_FEATURE_CACHE = 16  # tag sets whose ITC text features are kept, besides those pinned by Engine.warm_tags
+INT8_STAGES = ("vision", "caption", "probes", "matches")
+"""The stages int8 can be chosen for: every model's vision encoder; the caption decoder; the VQA question encoder and
+answer decoder (probes, and answer rankings with them); the ITM text encoder (matches, and tags with them)."""
+DEFAULT_INT8_STAGES = ("vision", "matches")
+"""Where int8 pays on the machines measured (`modtag bench`'s `stage_dtypes`: the README has the figures)."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +189,8 @@ class Engine:
     generates captions with `worker/families/blip/captioning.py` (when the decoder's generation config is plain greedy
     search) instead of transformers' `generate`. `mixed_precision` keeps, for models loaded in bf16 or fp16,
     the layer norms, the residual stream and the final projections in float32 (`worker/families/blip/precision.py`).
+    On int8 models, `int8_stages` (of INT8_STAGES; None: DEFAULT_INT8_STAGES) run on int8 linear layers, with
+    `int8_calibration`'s static input scales where given (else dynamic ones); the other stages at the fast dtype.
     """
 
     def __init__(
@@ -194,6 +209,8 @@ class Engine:
         mixed_precision: bool = True,
         answer_budget: int = ANSWER_BUDGET,
         tag_feature_cache: int = TAG_FEATURE_CACHE,
+        int8_stages: Collection[str] | None = None,
+        int8_calibration: Int8Calibration | None = None,
     ) -> None:
         if max_caption_tokens < 1 or not 0 <= min_caption_tokens <= max_caption_tokens:
             raise ConfigError(
@@ -207,9 +224,17 @@ class Engine:
             )
         self.models = models
         self.fast_decoding = fast_decoding
+        self.int8_stages = resolve_int8_stages(int8_stages) if models.int8 else ()
         for loaded in models.models.values():
             if mixed_precision:
                 install_mixed_precision(loaded.model)
+        # After mixed precision (its float32 heads are left out) and before packing (which leaves int8 layers alone).
+        for stage in self.int8_stages:
+            for part in _stage_parts(models, stage):
+                install_int8_linear(part)
+        if int8_calibration is not None and self.int8_stages:
+            int8_calibration.apply(models)
+        for loaded in models.models.values():
             if fused_attention:
                 install_fused_attention(loaded.model, native=native_kernels)
             if packed_linear:
@@ -231,6 +256,8 @@ class Engine:
         self._tag_features: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         self._tag_feature_cache = tag_feature_cache
         self._pinned_tags: frozenset[tuple[str, ...]] = frozenset()
+        # Entered around each forward stage when set (`modtag bench` counts each stage's FLOPs with it).
+        self.stage_observer: Callable[[str], AbstractContextManager[object]] | None = None
 
     def describe(self) -> dict[str, Any]:
         """The loaded models, for a decision's `models` field."""
@@ -318,42 +345,48 @@ class Engine:
         timings: dict[str, float] = {}
         with torch.inference_mode():
             started = time.perf_counter()
-            embeds = {role: self.encode_images(role, pixels) for role, pixels in batch.pixels.items()}
+            with self._observed("vision"):
+                embeds = {role: self.encode_images(role, pixels) for role, pixels in batch.pixels.items()}
             timings["vision"] = _synced_elapsed(started, self.models.device)
 
             started = time.perf_counter()
-            caption_tokens = self._generate_captions(embeds["caption"]) if "caption" in embeds else []
+            with self._observed("caption"):
+                caption_tokens = self._generate_captions(embeds["caption"]) if "caption" in embeds else []
             timings["caption"] = time.perf_counter() - started
 
             started = time.perf_counter()
             questions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
             keep = {work.pair for work in batch.answer_work}
-            probe_yes = (
-                self._probe(embeds["vqa"], batch.probe_passes, len(batch.probe_pairs), keep, questions)
-                if "vqa" in embeds
-                else _EMPTY
-            )
+            with self._observed("probes"):
+                probe_yes = (
+                    self._probe(embeds["vqa"], batch.probe_passes, len(batch.probe_pairs), keep, questions)
+                    if "vqa" in embeds
+                    else _EMPTY
+                )
             timings["probes"] = time.perf_counter() - started
 
             started = time.perf_counter()
-            answers = self._rank_answers(batch.answer_work, questions) if batch.answer_work else []
+            with self._observed("answers"):
+                answers = self._rank_answers(batch.answer_work, questions) if batch.answer_work else []
             timings["answers"] = time.perf_counter() - started
 
             started = time.perf_counter()
-            chosen = self._choose_tags(embeds["itm"], batch.images["itm"], batch.tag_work) if batch.tag_work else []
-            embeddings = self._image_embeddings(embeds["itm"], batch) if "itm" in embeds else {}
+            with self._observed("tags"):
+                chosen = self._choose_tags(embeds["itm"], batch.images["itm"], batch.tag_work) if batch.tag_work else []
+                embeddings = self._image_embeddings(embeds["itm"], batch) if "itm" in embeds else {}
             timings["tags"] = time.perf_counter() - started
 
             started = time.perf_counter()
             tags: list[dict[str, float]] = []
-            if chosen:
-                match_scores, tags = self._match_with_tags(embeds["itm"], batch, chosen)
-            else:
-                match_scores = (
-                    self._match(embeds["itm"], batch.match_passes, len(batch.match_pairs))
-                    if "itm" in embeds
-                    else _EMPTY
-                )
+            with self._observed("matches"):
+                if chosen:
+                    match_scores, tags = self._match_with_tags(embeds["itm"], batch, chosen)
+                else:
+                    match_scores = (
+                        self._match(embeds["itm"], batch.match_passes, len(batch.match_pairs))
+                        if "itm" in embeds
+                        else _EMPTY
+                    )
             timings["matches"] = time.perf_counter() - started
         return RawOutputs(
             caption_tokens=caption_tokens,
@@ -392,6 +425,9 @@ class Engine:
         return BatchOutput(outputs, timings)
 
     # Forward stages.
+
+    def _observed(self, stage: str) -> AbstractContextManager[object]:
+        return nullcontext() if self.stage_observer is None else self.stage_observer(stage)
 
     def encode_images(self, role: ModelRole, pixels: torch.Tensor) -> torch.Tensor:
         """The last hidden state of `role`'s vision encoder for `pixels` (float32 under mixed precision)."""
@@ -790,7 +826,31 @@ class Engine:
         return {stage: totals.get(stage, 0.0) for stage in STAGES if users[stage]}  # the stages that ran
 
 
+def resolve_int8_stages(stages: Collection[str] | None) -> tuple[str, ...]:
+    """The int8 stages in INT8_STAGES order (None: the default); ConfigError `int8_stages_invalid` for unknown names."""
+    if stages is None:
+        return DEFAULT_INT8_STAGES
+    unknown = sorted(set(stages) - set(INT8_STAGES))
+    if unknown:
+        raise ConfigError(
+            f"int8 stages {unknown} are not stages; choose among {', '.join(INT8_STAGES)} (MODTAG_INT8_STAGES)",
+            code="int8_stages_invalid",
+        )
+    return tuple(stage for stage in INT8_STAGES if stage in stages)
+
+
 # Helpers.
+
+
+def _stage_parts(models: LoadedModels, stage: str) -> list[nn.Module]:
+    # The modules whose linear layers compute `stage` (see INT8_STAGES); the float32 heads are outside them.
+    parts: dict[str, list[tuple[ModelRole, str]]] = {
+        "vision": [(role, "vision_model") for role in models.models],
+        "caption": [("caption", "text_decoder")],
+        "probes": [("vqa", "text_encoder"), ("vqa", "text_decoder")],
+        "matches": [("itm", "text_encoder")],
+    }
+    return [getattr(models.get(role).model, name) for role, name in parts[stage] if role in models]
 
 
 @dataclass(frozen=True)

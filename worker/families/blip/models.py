@@ -35,7 +35,7 @@ from worker.families.blip.presets import (
     ROLES,
     ModelRole,
 )
-from worker.families.blip.quant import install_int8_linear, int8_linear_available
+from worker.families.blip.quant import int8_linear_available
 
 MODEL_CLASSES: dict[ModelRole, type[PreTrainedModel]] = {
     "caption": BlipForConditionalGeneration,
@@ -69,9 +69,7 @@ class LoadedModels:
     models: dict[ModelRole, LoadedModel]
     device: torch.device
     dtype: torch.dtype  # what activations, attention and norms compute in
-    int8: bool = (
-        False  # linear layers on int8 weights and dynamically quantized inputs (`worker/families/blip/quant.py`)
-    )
+    int8: bool = False  # the engine runs its int8 stages on int8 linear layers (`worker/families/blip/quant.py`)
 
     def __contains__(self, role: object) -> bool:
         return role in self.models
@@ -126,8 +124,8 @@ def load_models(
     `offline`). Raises ModelError (`model_unavailable`, `model_dir_incomplete`, `model_invalid`) or
     ConfigError (unknown preset, role, device or dtype).
 
-    `int8` (CPUs only) loads at the fast dtype (bf16 where the CPU computes it) and then quantizes every
-    linear layer (`worker/families/blip/quant.py`); the rest of the models computes at that dtype.
+    `int8` (CPUs only) loads at the fast dtype (bf16 where the CPU computes it); the engine then quantizes the
+    linear layers of the stages it runs at int8 (`Engine(int8_stages=...)`, `worker/families/blip/quant.py`).
     """
     unknown = set(roles) - set(ROLES)
     if unknown:
@@ -262,8 +260,6 @@ def _load_role(
     _check_complete(role, source, model, loading_info)
     model.to(device)  # type: ignore[arg-type]  # transformers wraps Module.to, which confuses mypy
     model.eval()
-    if int8:
-        install_int8_linear(model)
     random = local and (Path(source) / RANDOM_MARKER).is_file()
     info: dict[str, Any] = {
         "role": role,

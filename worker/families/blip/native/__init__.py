@@ -1,5 +1,6 @@
 """Native kernels, built on first use with the C compiler: the vision encoders' fused self-attention (attention.c)
-and the int8 layers' input quantizer (quantize.c: two parallel passes over bfloat16, about 5x PyTorch's way).
+and the int8 layers' input quantizer (quantize.c: two parallel passes over bfloat16, about 5x PyTorch's way; one
+pass where the scale was calibrated beforehand).
 
 PyTorch's CPU attention writes each head's (tokens x tokens) scores to memory and reads them back twice; the
 kernel keeps them in the L2 cache a block of query rows at a time (about 1.5x PyTorch's attention here, in
@@ -164,6 +165,17 @@ class NativeQuantizer:
             ctypes.c_int,
         ]
 
+        self._static = library.modtag_quantize_bf16_static
+        self._static.restype = ctypes.c_int
+        self._static.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_double,
+            ctypes.c_int64,
+            ctypes.c_int,
+        ]
+
     def __call__(self, rows: torch.Tensor) -> tuple[torch.Tensor, float, int]:
         rows = rows.contiguous()
         out = torch.empty(rows.shape, dtype=torch.uint8)
@@ -171,6 +183,13 @@ class NativeQuantizer:
         threads = torch.get_num_threads()
         self._function(rows.data_ptr(), rows.numel(), out.data_ptr(), ctypes.byref(scale), ctypes.byref(zero), threads)
         return out, scale.value, zero.value
+
+    def static(self, rows: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+        """bfloat16 rows to uint8 with a given scale and zero point (calibrated): one pass, saturating."""
+        rows = rows.contiguous()
+        out = torch.empty(rows.shape, dtype=torch.uint8)
+        self._static(rows.data_ptr(), rows.numel(), out.data_ptr(), scale, zero_point, torch.get_num_threads())
+        return out
 
 
 def native_quantizer() -> NativeQuantizer | None:

@@ -3,7 +3,8 @@
    q = clamp(round(x / scale) + zero, 0, 255), rounding half to even.
 
    PyTorch needs three passes and a float32 copy for this (the copy, a min/max, and a quantizer that
-   runs on one thread); here it is two parallel passes over the bfloat16 input. */
+   runs on one thread); here it is two parallel passes over the bfloat16 input. With a scale and zero point
+   calibrated beforehand (static quantization, modtag_quantize_bf16_static) the first pass goes. */
 
 #include <immintrin.h>
 #include <math.h>
@@ -21,6 +22,32 @@ static inline float scalar(uint16_t x) {
         float value;
     } u = {.bits = (uint32_t)x << 16};
     return u.value;
+}
+
+/* q = clamp(round(x / scale) + zero, 0, 255) with a given scale and zero point; values outside the range
+   saturate. Returns 0. */
+int modtag_quantize_bf16_static(const uint16_t *x, int64_t n, uint8_t *out, double scale, int64_t zero,
+                                int threads) {
+    const float inverse = (float)(1.0 / scale);
+    const int32_t zero_point = (int32_t)zero;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t start = 0; start < n; start += CHUNK) {
+        const int64_t end = start + CHUNK < n ? start + CHUNK : n;
+        const __m512 factor = _mm512_set1_ps(inverse);
+        const __m512i offset = _mm512_set1_epi32(zero_point), least = _mm512_setzero_si512(),
+                      most = _mm512_set1_epi32(255);
+        int64_t i = start;
+        for (; i + 16 <= end; i += 16) {
+            __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(widen(x + i), factor)), offset);
+            q = _mm512_min_epi32(_mm512_max_epi32(q, least), most);
+            _mm_storeu_si128((__m128i *)(out + i), _mm512_cvtepi32_epi8(q));
+        }
+        for (; i < end; i++) {
+            const float q = nearbyintf(scalar(x[i]) * inverse) + (float)zero_point;
+            out[i] = (uint8_t)(q < 0.0f ? 0.0f : (q > 255.0f ? 255.0f : q));
+        }
+    }
+    return 0;
 }
 
 /* Returns 0, writing the scale and zero point used. */
@@ -52,24 +79,5 @@ int modtag_quantize_bf16(const uint16_t *x, int64_t n, uint8_t *out, double *sca
     zero = zero < 0.0 ? 0.0 : (zero > 255.0 ? 255.0 : zero);
     *scale_out = scale;
     *zero_out = (int64_t)zero;
-    const float inverse = (float)(1.0 / scale);
-    const int32_t zero_point = (int32_t)zero;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t start = 0; start < n; start += CHUNK) {
-        const int64_t end = start + CHUNK < n ? start + CHUNK : n;
-        const __m512 factor = _mm512_set1_ps(inverse);
-        const __m512i offset = _mm512_set1_epi32(zero_point), least = _mm512_setzero_si512(),
-                      most = _mm512_set1_epi32(255);
-        int64_t i = start;
-        for (; i + 16 <= end; i += 16) {
-            __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(widen(x + i), factor)), offset);
-            q = _mm512_min_epi32(_mm512_max_epi32(q, least), most);
-            _mm_storeu_si128((__m128i *)(out + i), _mm512_cvtepi32_epi8(q));
-        }
-        for (; i < end; i++) {
-            const float q = nearbyintf(scalar(x[i]) * inverse) + (float)zero_point;
-            out[i] = (uint8_t)(q < 0.0f ? 0.0f : (q > 255.0f ? 255.0f : q));
-        }
-    }
-    return 0;
+    return modtag_quantize_bf16_static(x, n, out, scale, (int64_t)zero, threads);
 }
