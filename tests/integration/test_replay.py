@@ -21,7 +21,7 @@ from core.tables import Decision, ShadowDecision
 from modtag.cli import main
 from policies import builtin_dir, load_policy
 from policies.capabilities import Capability
-from tests.support.photos import photo_bytes
+from tests.support.photos import photo_bytes, product_photo
 from tests.support.policies import gun_shadow
 from worker.families import FAMILIES, Family, LoadedFamily
 from worker.families.blip import roles_for
@@ -83,10 +83,12 @@ class CountingEngines:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.roles: list[set[str]] = []
+        self.loaded: list[str] = []  # the families loaded, by name, in order
         self.families = [dataclasses.replace(family, load=self._load(family)) for family in FAMILIES]
 
     def _load(self, family: Family) -> Callable[[Settings, frozenset[Capability]], LoadedFamily]:
         def load(settings: Settings, capabilities: frozenset[Capability]) -> LoadedFamily:
+            self.loaded.append(family.name)
             if family.name == "blip":
                 self.roles.append(roles_for(capabilities))
             return family.load(settings, capabilities)
@@ -142,6 +144,69 @@ def test_replay_runs_inference_only_for_new_checks(settings: Settings, decided: 
     # Jobs of another policy, or older than --since, are not touched.
     later = replay_policy(load_policy(new), settings, since=datetime.now(UTC) + timedelta(minutes=1))
     assert later.jobs == []
+
+
+def test_replay_of_text_and_photo_checks_reads_the_stored_lines_and_measures_only_what_is_new(
+    settings: Settings, decided: list[str], tmp_path: Path
+) -> None:
+    """A changed term list re-decides from the lines read and stored with each decision (no model loads); a new
+    photo check loads the pixel measurements alone, not BLIP or OCR."""
+    since = datetime.now(UTC) - timedelta(hours=1)
+    terms = moderation_variant(tmp_path, "telegram, whatsapp, wickr]", "telegram, whatsapp, wickr, signal]")
+    engines = CountingEngines(settings)
+    report = replay_policy(load_policy(terms), settings, since=since, families=engines.families)
+    assert engines.loaded == [] and len(report.jobs) == 3
+    assert all(job.new_action is not None and not job.inferred for job in report.jobs)
+
+    sharp = moderation_variant(
+        tmp_path,
+        "        weight: 2\n",
+        "        weight: 2\n      - kind: photo\n        measure: sharpness\n        min: 0.2\n",
+        name="sharp.yaml",
+    )
+    engines = CountingEngines(settings)
+    report = replay_policy(load_policy(sharp), settings, since=since, families=engines.families)
+    assert engines.loaded == ["pixels"]
+    assert all(job.inferred and job.new_action is not None for job in report.jobs)
+
+
+CONTACT_AND_BACKGROUND = """\
+name: contact_and_background
+description: Contact details on a photo, and photos not on white.
+categories:
+  - name: contact
+    description: A phone number, e-mail address or link written on the photo.
+    review: 0.5
+    checks:
+      - {kind: text, detect: [phone, email, url], min_score: 0.5}
+  - name: background
+    description: Not on a white background.
+    review: 1.0
+    checks:
+      - {kind: photo, measure: white_background, min: 0.6}
+"""
+
+
+def test_policy_test_decides_text_and_photo_checks_on_the_case_images(settings: Settings, tmp_path: Path) -> None:
+    """`modtag policy test` with the new kinds: the real OCR models read the cases, and neither needs BLIP."""
+    cases = tmp_path / "cases"
+    for folder, photos in {
+        "review": {"phone": product_photo(text="CALL 0176 5550 1423"), "blue": product_photo(background=(40, 90, 200))},
+        "allow": {"plain": product_photo()},
+    }.items():
+        (cases / folder).mkdir(parents=True)
+        for name, data in photos.items():
+            (cases / folder / f"{name}.jpg").write_bytes(data)
+    policy_file = tmp_path / "contact.yaml"
+    policy_file.write_text(CONTACT_AND_BACKGROUND)
+    engines = CountingEngines(settings)
+    results = run_cases(load_policy(policy_file), cases, settings, families=engines.families)
+    assert [(r.path.name, r.actual, r.passed) for r in results] == [
+        ("plain.jpg", "allow", True),
+        ("blue.jpg", "review", True),
+        ("phone.jpg", "review", True),
+    ], [r.reason or r.error for r in results]
+    assert sorted(engines.loaded) == ["ocr", "pixels"]
 
 
 def test_replay_skips_jobs_whose_image_is_gone(settings: Settings, decided: list[str], tmp_path: Path) -> None:
