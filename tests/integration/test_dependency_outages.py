@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +14,19 @@ import pytest
 from prometheus_client import REGISTRY
 
 from core.blobs import LocalBlobStore, S3BlobStore
-from core.dependencies import DependencyRecord, outage_delay, outage_of
+from core.db import migrate
+from core.dependencies import RECORD, Dependency, DependencyRecord, outage_delay, outage_of
 from core.errors import DependencyUnavailable, NotFound, TransientError
 from core.settings import Settings
 from core.tables import JobStatus
 from modtag.servers import free_port
 from tests.support.api import api_settings, running_api
 from tests.support.jobs import new_job, stored
+from tests.support.outages import postgres_socket
+from tests.support.proxy import cuttable_proxy
 from tests.support.s3 import S3Bucket
-from tests.support.servers import silent_server
+from tests.support.servers import reset_postgres, silent_server
+from tests.support.waiting import wait_for
 
 BLOB_OUTAGE = DependencyUnavailable("blob_store", "EndpointConnectionError")
 
@@ -219,3 +224,54 @@ def test_readyz_names_a_blob_store_that_refuses_or_hangs(
     )
     assert second.status_code == 503 and "blob_store" in second.json()["detail"]
     assert probes <= 1
+
+
+def test_the_webhook_sender_logs_one_line_per_database_outage_not_a_traceback_per_pass(
+    postgres_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Old code: each worker's webhook sender logged 'webhook retry pass failed' with a traceback every pass (5 s)
+    for the whole of a database outage."""
+    from worker import callbacks
+
+    passes = 0
+    record_missing = callbacks._record_missing
+
+    def counted(settings: Settings) -> None:  # the real pass, counted: its first step, each pass
+        nonlocal passes
+        passes += 1
+        record_missing(settings)
+
+    monkeypatch.setattr(callbacks, "_record_missing", counted)
+    reset_postgres(postgres_url)
+    migrate(postgres_url)
+    socket_path, path = postgres_socket(postgres_url)
+    stop = threading.Event()
+    with cuttable_proxy(socket_path) as database:
+        settings = Settings(
+            _env_file=None,
+            data_dir=tmp_path,
+            database_url=f"postgresql://postgres@{database.address}{path}",
+            webhook_poll_s=0.05,
+        )
+        RECORD.succeeded(Dependency.DATABASE)  # whatever an earlier test left: up, before the lines are read
+        caplog.set_level(logging.INFO)
+        sender = callbacks.start_webhook_sender(settings, stop)
+        try:
+            wait_for(lambda: passes >= 3 and gauge("database") == 1, 30, "passes with the database up")
+            database.cut()
+            cut_at = passes
+            wait_for(lambda: passes >= cut_at + 20 and gauge("database") == 0, 60, "20 passes during the outage")
+            database.restore()
+            wait_for(lambda: gauge("database") == 1, 30, "the database reachable again")
+            back_at = passes
+            wait_for(lambda: passes >= back_at + 3, 30, "passes after the outage")
+        finally:
+            stop.set()
+            sender.join(10)
+    lines = [(r.levelname, r.getMessage().split(":")[0]) for r in caplog.records if r.name == "core.dependencies"]
+    assert [(level, text.split(" after ")[0]) for level, text in lines] == [
+        ("WARNING", "database unreachable"),
+        ("INFO", "database reachable again"),
+    ], lines
+    assert not [r for r in caplog.records if r.name == "worker.callbacks" and r.levelno >= logging.WARNING]
+    assert not [r for r in caplog.records if r.exc_info], "no traceback during the outage"
