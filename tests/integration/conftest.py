@@ -15,7 +15,7 @@ from tests.support.deployment import Deployment, child_env
 from tests.support.photos import encoded_photos
 from tests.support.receiver import receiver, webhook_receiver
 from tests.support.s3 import S3Bucket
-from tests.support.servers import reset_postgres
+from tests.support.servers import empty_database, reset_postgres
 
 __all__ = ["api", "api_overrides", "db_url", "deployment", "encoded_photos", "fleet", "receiver", "webhook_receiver"]
 
@@ -23,11 +23,7 @@ __all__ = ["api", "api_overrides", "db_url", "deployment", "encoded_photos", "fl
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A fresh database per module and backend; the API's lifespan migrates it."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path_factory.mktemp('api-db') / 'modtag.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    reset_postgres(url)
-    return url
+    return empty_database(request, tmp_path_factory.mktemp("api-db"))
 
 
 @pytest.fixture(scope="module")

@@ -87,10 +87,10 @@ def test_audit_rate_is_part_of_the_version_and_zero_changes_nothing() -> None:
     assert zero.version == plain.version != sampled.version
 
 
-def test_migration_0012_keeps_queued_items_both_ways(tmp_path: Path) -> None:
-    """SQLite rebuilds review_items for the new columns (batch mode): an item queued before 0012 reads as a
-    `review` item without labels, and survives a downgrade and a second upgrade."""
-    url = f"sqlite:///{tmp_path / 'm.db'}"
+def test_migration_0012_keeps_queued_items_both_ways(empty_database_url: str) -> None:
+    """On SQLite (which rebuilds review_items for the new columns: batch mode) and PostgreSQL: an item queued before
+    0012 reads as a `review` item without labels, and survives a downgrade and a second upgrade."""
+    url = empty_database_url
     config = alembic_config(url)
     command.upgrade(config, "0011")
     with get_engine(url).begin() as connection:

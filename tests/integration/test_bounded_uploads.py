@@ -6,13 +6,8 @@ off at their deadline."""
 from __future__ import annotations
 
 import hashlib
-import json
-import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -21,6 +16,7 @@ from api.bodies import UploadBudget
 from core.blobs import open_blob_store
 from tests.support.api import Api, assert_error, running_api
 from tests.support.photos import photo_bytes
+from tests.support.sockets import closed, connection, read_answer, readable
 from tests.support.waiting import wait_for
 
 BOUNDARY = "modtagboundary"
@@ -54,7 +50,7 @@ def test_past_the_bytes_in_flight_an_upload_waits_then_is_503_busy_and_then_acce
 def _busy_then_accepted(api: Api, budget: UploadBudget) -> None:
     data = photo_bytes("astronaut")
     body = _multipart(data)
-    with _connection(api.base_url) as stalled:
+    with connection(api.base_url) as stalled:
         # Part of a body declared larger than the budget: it holds all of it until its deadline.
         stalled.sendall(_head(api, 700_000) + body[:1000])
         wait_for(lambda: budget.held > 0, 10, "the stalled upload holding the budget")
@@ -64,7 +60,7 @@ def _busy_then_accepted(api: Api, budget: UploadBudget) -> None:
         assert_error(refused, 503, "busy")
         assert int(refused.headers["retry-after"]) >= 1
         # The stalled body meets its deadline and gives its room back.
-        status, answer = _read_answer(stalled)
+        status, answer = read_answer(stalled)
         assert status == 408 and answer["code"] == "body_timeout"
     assert api.upload(data).status_code in (200, 202)
 
@@ -73,9 +69,9 @@ def test_past_the_connection_limit_a_request_is_503_busy_in_json_until_a_connect
     """Old code: uvicorn's own limit answered `Service Unavailable` in plain text (no code, no Retry-After), and
     at the limit itself: MODTAG_API_MAX_CONNECTIONS=2 served one connection."""
     settings = api.settings.model_copy(update={"api_max_connections": 2, "keep_alive_timeout_s": 30.0})
-    with running_api(settings) as served, _connection(served.base_url):
+    with running_api(settings) as served, connection(served.base_url):
         assert served.client.get("/healthz").status_code == 200  # two connections: the limit, not past it
-        with _connection(served.base_url):
+        with connection(served.base_url):
             refused = wait_for(_refused(served), 10, "the third connection refused")
             assert_error(refused, 503, "busy")
             assert refused.headers["retry-after"] == "1" and refused.headers["connection"] == "close"
@@ -93,25 +89,25 @@ def _refused(api: Api) -> Any:
 
 def test_headers_sent_a_byte_at_a_time_are_cut_off_at_the_header_deadline(api: Api) -> None:
     head = _head(api, 100)
-    with _connection(api.base_url) as sock:
+    with connection(api.base_url) as sock:
         started = time.monotonic()
-        closed = False
+        cut = False
         for byte in head:  # a byte every 50 ms: never idle long enough for a per-read timeout
             try:
                 sock.sendall(bytes([byte]))
             except (BrokenPipeError, ConnectionResetError):
-                closed = True
+                cut = True
                 break
-            if _closed(sock, 0.05):
-                closed = True
+            if closed(sock, 0.05):
+                cut = True
                 break
-        assert closed, "the server kept a connection whose headers never finished"
+        assert cut, "the server kept a connection whose headers never finished"
         assert time.monotonic() - started < 1.0 + 2.0  # keep_alive_timeout_s and some slack
 
 
 def test_a_body_sent_a_byte_at_a_time_is_408_at_the_body_deadline(api: Api) -> None:
     body = _multipart(photo_bytes("astronaut"))
-    with _connection(api.base_url) as sock:
+    with connection(api.base_url) as sock:
         sock.sendall(_head(api, len(body)))
         started = time.monotonic()
         # A byte every 50 ms for 1 s (each read is quick: only the deadline for the whole body can stop it), then
@@ -120,11 +116,11 @@ def test_a_body_sent_a_byte_at_a_time_is_408_at_the_body_deadline(api: Api) -> N
             if time.monotonic() - started > 1.0:
                 break
             sock.sendall(bytes([byte]))
-            assert not _readable(sock, 0.05), "answered before the body deadline"
-        status, answer = _read_answer(sock)
+            assert not readable(sock, 0.05), "answered before the body deadline"
+        status, answer = read_answer(sock)
         assert status == 408 and answer["code"] == "body_timeout", answer
         assert 1.5 - 0.2 < time.monotonic() - started < 1.5 + 2.0  # from the first read, not from the last byte
-        wait_for(lambda: _closed(sock, 0.1), 5, "the server closed the connection")
+        wait_for(lambda: closed(sock, 0.1), 5, "the server closed the connection")
 
 
 def _multipart(data: bytes) -> bytes:
@@ -143,56 +139,3 @@ def _head(api: Api, length: int) -> bytes:
         f"POST /v1/jobs HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {api.key}\r\n"
         f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {length}\r\n\r\n"
     ).encode()
-
-
-@contextmanager
-def _connection(base_url: str) -> Iterator[socket.socket]:
-    address = urlsplit(base_url)
-    with socket.create_connection((address.hostname, address.port), timeout=20) as sock:
-        yield sock
-
-
-def _readable(sock: socket.socket, wait_s: float) -> bool:
-    sock.settimeout(wait_s)
-    try:
-        sock.recv(1, socket.MSG_PEEK)
-        return True
-    except TimeoutError:
-        return False
-    except OSError:
-        return True
-    finally:
-        sock.settimeout(20)
-
-
-def _closed(sock: socket.socket, wait_s: float) -> bool:
-    """The server closed the connection (end of stream, or a reset) within `wait_s`; unread answers are skipped."""
-    sock.settimeout(wait_s)
-    try:
-        while chunk := sock.recv(65536):
-            del chunk
-        return True
-    except TimeoutError:
-        return False
-    except OSError:
-        return True
-    finally:
-        sock.settimeout(20)
-
-
-def _read_answer(sock: socket.socket) -> tuple[int, dict[str, Any]]:
-    received = b""
-    while b"\r\n\r\n" not in received:
-        chunk = sock.recv(65536)
-        assert chunk, f"the server closed without answering: {received!r}"
-        received += chunk
-    head, _, body = received.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return int(lines[0].split()[1]), json.loads(body[:length])

@@ -4,26 +4,15 @@ Its own module: it resets the session's PostgreSQL database, which no other test
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 from alembic import command
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import text
 
 from core.db import alembic_config, get_engine
-from tests.support.servers import reset_postgres
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_migration_0009_gives_earlier_jobs_the_interactive_lane_and_goes_back(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'm.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-        reset_postgres(url)
+def test_migration_0009_gives_earlier_jobs_the_interactive_lane_and_goes_back(empty_database_url: str) -> None:
+    url = empty_database_url
     config = alembic_config(url)
     command.upgrade(config, "0008")
     with get_engine(url).begin() as connection:

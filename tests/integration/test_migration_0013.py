@@ -5,31 +5,21 @@ Its own module: it resets the session's PostgreSQL database, which no other test
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import pytest
 from alembic import command
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import text
 
 from core import embeddings
 from core.db import alembic_config, get_engine, session_scope
-from tests.support.servers import reset_postgres
 
 TABLES = {"job_embeddings", "example_sets", "example_items"}
 VECTOR = np.array([0.5, -0.5, 0.5, -0.5, 0.0, 0.0], dtype="<f4")
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_migration_0013_stores_vectors_and_goes_back(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'm.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-        reset_postgres(url)
+def test_migration_0013_stores_vectors_and_goes_back(empty_database_url: str) -> None:
+    url = empty_database_url
+    backend = get_engine(url).dialect.name
     config = alembic_config(url)
     command.upgrade(config, "0013")
     with get_engine(url).begin() as connection:

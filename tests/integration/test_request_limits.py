@@ -5,11 +5,9 @@ headers."""
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -17,6 +15,7 @@ import pytest
 from core.auth import cli_principal, create_key, revoke_key
 from core.db import session_scope
 from tests.support.api import Api, assert_error
+from tests.support.sockets import connection, read_answer
 
 BIG = 50 * 1024 * 1024
 CHUNK = b"x" * (1024 * 1024)
@@ -30,32 +29,6 @@ def api_overrides() -> dict[str, Any]:
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * 4096
-
-
-@contextlib.contextmanager
-def _connection(base_url: str) -> Iterator[socket.socket]:
-    address = urlsplit(base_url)
-    with socket.create_connection((address.hostname, address.port), timeout=20) as sock:
-        yield sock
-
-
-def _answer(sock: socket.socket) -> tuple[int, dict[str, Any]]:
-    """Read one response up to its declared length (the server may keep the connection open)."""
-    received = b""
-    while b"\r\n\r\n" not in received:
-        chunk = sock.recv(65536)
-        assert chunk, f"the server closed without answering: {received!r}"
-        received += chunk
-    head, _, body = received.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return int(lines[0].split()[1]), json.loads(body[:length]) if length else {}
 
 
 def _promise_a_big_body(
@@ -72,13 +45,13 @@ def _promise_a_big_body(
         f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: {content_type}\r\n".encode()
         + f"{extra_headers}Content-Length: {length}\r\n\r\n".encode()
     )
-    return _answer(sock)
+    return read_answer(sock)
 
 
 def test_an_anonymous_50_mb_post_is_refused_before_its_body_is_read(api: Api) -> None:
     before = _rss_bytes()
     for _ in range(3):
-        with _connection(api.base_url) as sock:
+        with connection(api.base_url) as sock:
             status, body = _promise_a_big_body(sock)
             assert (status, body["code"]) == (401, "auth_required")
             with contextlib.suppress(OSError):  # the server may close while the rest arrives
@@ -109,23 +82,23 @@ def test_a_wrong_or_revoked_key_is_refused_before_the_body_is_read(
         (f"Authorization: Bearer {revoked}", "auth_revoked"),
         ("Cookie: modtag_session=stale", "auth_required"),  # a cookie never makes a /v1 write
     ):
-        with _connection(api.base_url) as sock:
+        with connection(api.base_url) as sock:
             status, body = _promise_a_big_body(
                 sock, header + "\r\n", path=path, content_type=content_type, length=length
             )
         assert (status, body["code"]) == (401, code), (header, body)
     # The same key check as the route's: a valid key reaches the route (which reads and judges the body).
-    with _connection(api.base_url) as sock:
+    with connection(api.base_url) as sock:
         sock.sendall(
             b"POST /v1/review/x/resolve HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
             + f"Authorization: Bearer {api.key}\r\nContent-Length: 2\r\n\r\n{{}}".encode()
         )
-        status, body = _answer(sock)
+        status, body = read_answer(sock)
     assert (status, body["code"]) == (422, "invalid_field")
 
 
 def test_a_large_body_is_413_on_every_route_but_the_uploads(api: Api) -> None:
-    with _connection(api.base_url) as sock:
+    with connection(api.base_url) as sock:
         status, body = _promise_a_big_body(sock, f"Authorization: Bearer {api.key}\r\n")
     assert (status, body["code"]) == (413, "body_too_large")
 
@@ -153,7 +126,7 @@ def test_multipart_goes_only_to_the_upload_routes(api: Api) -> None:
 
 
 def test_oversized_headers_are_refused(api: Api) -> None:
-    with _connection(api.base_url) as sock:
+    with connection(api.base_url) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Padding: " + b"p" * 64 * 1024 + b"\r\n\r\n")
         received = b""
         with contextlib.suppress(ConnectionResetError):

@@ -51,18 +51,34 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.cleanup()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=BACKENDS)
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test using this runs on SQLite and on PostgreSQL, on a database without tables: where a migration
+    test starts (`database_url` is the same, migrated to the newest schema)."""
+    return empty_database(request, tmp_path)
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Each test using this runs on SQLite and on PostgreSQL, migrated to the newest schema."""
     from core.db import migrate
 
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'modtag.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-        reset_postgres(url)
+    url = empty_database(request, tmp_path)
     migrate(url)
-    yield url
+    return url
+
+
+def empty_database(request: pytest.FixtureRequest, directory: Path) -> str:
+    """A database without tables on the backend `request.param` names ("sqlite" or "postgresql"): a new SQLite
+    file in `directory`, or the session's PostgreSQL with its schema dropped (no other test may be using it)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{directory / 'modtag.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    reset_postgres(url)
+    return url
 
 
 def reset_postgres(url: str) -> None:
