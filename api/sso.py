@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import httpx2
@@ -114,6 +115,23 @@ def finish(settings: Settings, flow: Flow, code: str) -> tuple[dict[str, Any], s
         if any(name not in claims for name in wanted) and metadata.get("userinfo_endpoint"):
             claims = {**_userinfo(settings, client, str(metadata["userinfo_endpoint"]), claims), **claims}
     return claims, issuer
+
+
+def end_session_url(settings: Settings, after: str) -> str | None:
+    """Where a browser whose single sign-on session modtag just ended goes next, so that the provider ends its own
+    session too (OpenID Connect RP-initiated logout; `after` is where the provider sends it back, to be registered
+    there as a post-logout redirect URI). None (sign out of modtag alone) when the provider names no
+    `end_session_endpoint` or cannot be reached.
+
+    The request names the client, not the ID token (modtag keeps none): a provider may ask the person to confirm."""
+    try:
+        endpoint = discover(settings).get("end_session_endpoint")
+    except ModtagError:
+        return None
+    if not isinstance(endpoint, str) or not endpoint.startswith(("https://", "http://")):
+        return None
+    query = urlencode({"client_id": settings.oidc_client_id or "", "post_logout_redirect_uri": after})
+    return f"{endpoint}{'&' if '?' in endpoint else '?'}{query}"
 
 
 def discover(settings: Settings) -> dict[str, Any]:

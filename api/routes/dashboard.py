@@ -14,12 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
+from urllib.parse import urljoin
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel
 from sqlmodel import Session, col, select
 
+from api import sso
 from api.auth import (
     SESSION_COOKIE,
     Auditor,
@@ -49,8 +51,9 @@ from core.jobs import decode_cursor, get_decision, list_decisions, tenant_job
 from core.metrics import AUTH_FAILURES
 from core.principals import Permission, Principal
 from core.public import AuditEntryPublic, DecisionPublic, ReviewItemPublic, ReviewQueueEntry, WebhookDeliveryPublic
+from core.sso import PREFIX as SSO_PREFIX
 from core.stats import category_counts, flag_rates, reused_count
-from core.tables import ID_PATTERN, Decision, Job, ReviewState, as_utc, iso, utcnow
+from core.tables import ID_PATTERN, ApiKey, Decision, Job, ReviewState, as_utc, iso, utcnow
 from core.videobanks import bank_frames
 
 router = APIRouter(prefix="/dashboard", tags=["dashboard"], include_in_schema=False)
@@ -174,15 +177,27 @@ def login(
 
 
 @router.post("/logout", response_class=RedirectResponse)
-def logout(request: Request, session: SessionDep, csrf_token: Annotated[str, Form(max_length=256)] = "") -> Response:
-    """End the session and forget the cookie."""
+def logout(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    csrf_token: Annotated[str, Form(max_length=256)] = "",
+) -> Response:
+    """End the session and forget the cookie; a single sign-on session goes on to the provider to end its own."""
     token = request.cookies.get(SESSION_COOKIE)
+    signed_out = "/dashboard/login"
     if token:
         # An expired or revoked sign-in needs no CSRF check: forgetting the cookie is all that is left to do.
         with contextlib.suppress(AuthError):
-            check_csrf(session_principal(session, token), csrf_token)
+            principal = session_principal(session, token)
+            check_csrf(principal, csrf_token)
+            key = session.get(ApiKey, principal.key_id) if principal.key_id else None
+            if key is not None and key.prefix.startswith(SSO_PREFIX) and settings.oidc_issuer:
+                # Otherwise the provider's own session signs the person straight back in at the next button press.
+                after = urljoin(settings.oidc_redirect_url or str(request.url_for("login_form")), "/dashboard/login")
+                signed_out = sso.end_session_url(settings, after) or signed_out
         end_session(session, token)
-    response = RedirectResponse("/dashboard/login", status_code=303)
+    response = RedirectResponse(signed_out, status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
 

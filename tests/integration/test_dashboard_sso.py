@@ -23,6 +23,7 @@ from core.sso import identity_prefix
 from core.tables import ApiKey, AuditEntry, DashboardSession
 from modtag.servers import free_port
 from tests.support.api import Api, api_settings, serve
+from tests.support.dashboard import csrf_of, signed_in
 from tests.support.oidc import CLIENT_ID, OidcProvider, oidc_provider
 
 pytestmark = pytest.mark.timeout(120)
@@ -121,6 +122,40 @@ def test_signing_in_lands_on_the_dashboard_with_the_mapped_tenant_and_role(api: 
             "tenant": "acme",
             "role": "review",
         }
+
+
+def test_signing_out_ends_the_providers_session_too(api: Api, provider: OidcProvider) -> None:
+    """RP-initiated logout: modtag's session ends at once, then the browser goes to the provider's
+    end_session_endpoint (naming the client and where to come back), which sends it back to the sign-in page."""
+    provider.set_user("uma", {TENANT_CLAIM: "acme", ROLE_CLAIM: "modtag-moderators"})
+    endpoint = httpx.get(f"{provider.issuer}/.well-known/openid-configuration").json()["end_session_endpoint"]
+    with browser(api) as client:
+        assert through_provider(api, provider, client, "uma").status_code == 200
+        token = csrf_of(client.get("/dashboard/review"))
+        out = client.post("/dashboard/logout", data={"csrf_token": token}, follow_redirects=False)
+        assert out.status_code == 303 and out.headers["location"].startswith(endpoint + "?"), out.headers
+        query = parse_qs(urlsplit(out.headers["location"]).query)
+        assert query == {"client_id": [CLIENT_ID], "post_logout_redirect_uri": [f"{api.base_url}/dashboard/login"]}
+        assert client.get("/dashboard/review").status_code == 401  # modtag's own session ended first
+        confirm = client.get(out.headers["location"])
+        assert confirm.status_code == 200 and f"{api.base_url}/dashboard/login" in confirm.text
+        back = client.post(
+            f"{provider.issuer}/oauth2/end_session/confirm",
+            data={"redirect_uri": query["post_logout_redirect_uri"][0]},
+            follow_redirects=False,
+        )
+        assert back.headers["location"] == f"{api.base_url}/dashboard/login"
+
+        # A forged sign-out (another site's form) is refused before it reaches either session.
+        assert through_provider(api, provider, client, "uma").status_code == 200
+        out = client.post("/dashboard/logout", data={"csrf_token": "forged"}, follow_redirects=False)
+        assert out.status_code == 403 and out.json()["code"] == "csrf_invalid"
+        assert client.get("/dashboard/review").status_code == 200
+    # A sign-in with a key signs out of modtag only.
+    with signed_in(api.base_url, api.key) as keyed:
+        token = csrf_of(keyed.get("/dashboard/review"))
+        out = keyed.post("/dashboard/logout", data={"csrf_token": token}, follow_redirects=False)
+        assert out.headers["location"] == "/dashboard/login"
 
 
 def test_a_new_role_at_the_provider_ends_the_old_sessions(api: Api, provider: OidcProvider) -> None:
