@@ -139,3 +139,16 @@ def _head(api: Api, length: int) -> bytes:
         f"POST /v1/jobs HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {api.key}\r\n"
         f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {length}\r\n\r\n"
     ).encode()
+
+
+@pytest.mark.slow
+def test_the_apis_peak_memory_under_the_audits_listing_load_stays_under_300_mb() -> None:
+    """Old code: 4-6 concurrent 10-photo listings under one key took the API from 133 MB to 1.34 GB (photos read
+    whole before any check, no cap). `modtag.bench.upload_memory` sends the load to a real `modtag api` process."""
+    from modtag.bench.upload_memory import measure
+
+    report = measure(listings=6, photos=10, photo_mb=2.0, rounds=2)
+    answers = report["answers"]
+    assert isinstance(answers, dict) and set(answers) <= {"202", "503"} and answers.get("202"), answers
+    peak = report["api_peak_rss_mb"]
+    assert isinstance(peak, float) and peak < 300, report
