@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     native_kernels: bool = Field(
         default=True, description="The vision attention's AVX-512 kernel, built with the C compiler on first use."
     )
+    cuda_graphs: bool = Field(
+        default=True, description="On CUDA, each caption decoding step replays one captured CUDA graph; false: eager."
+    )
     int8_stages: str | None = Field(
         default=None,
         description="With dtype int8: the stages run at int8, comma-separated among vision, caption, probes, matches "

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import GenerationConfig
 
-from worker.families.blip.captioning import greedy_captions, plain_greedy
+from worker.families.blip.captioning import _FixedSteps, greedy_captions, plain_greedy
 from worker.families.blip.engine import Engine, ImageRequest
 from worker.families.blip.models import LoadedModels, load_models
 
@@ -53,10 +53,17 @@ def _stock(model: Any, embeds: torch.Tensor, max_new: int, min_new: int) -> torc
     return generated[:, 1:]
 
 
-def _greedy(model: Any, embeds: torch.Tensor, max_new: int, min_new: int) -> torch.Tensor:
+def _greedy(model: Any, embeds: torch.Tensor, max_new: int, min_new: int, fixed: bool = False) -> torch.Tensor:
     bos = model.config.text_config.bos_token_id
     return greedy_captions(
-        model.text_decoder, embeds, bos=bos, eos=EOS, pad=PAD, max_new_tokens=max_new, min_new_tokens=min_new
+        model.text_decoder,
+        embeds,
+        bos=bos,
+        eos=EOS,
+        pad=PAD,
+        max_new_tokens=max_new,
+        min_new_tokens=min_new,
+        fixed_steps=fixed,
     )
 
 
@@ -72,6 +79,43 @@ def test_tokens_equal_stock_generate(models: tuple[Any, Any], images: int, max_n
     ours, stock = models
     embeds = _image_embeds(stock, images, seed=images)
     assert torch.equal(_greedy(ours, embeds, max_new, min_new), _stock(stock, embeds, max_new, min_new))
+
+
+@pytest.mark.parametrize(("images", "max_new", "min_new"), [(1, 6, 0), (3, 12, 0), (4, 9, 9), (5, 7, 3)])
+def test_fixed_shape_steps_equal_stock_generate(
+    models: tuple[Any, Any], images: int, max_new: int, min_new: int
+) -> None:
+    # The steps CUDA replays as a graph, run eagerly on the CPU: the same tokens as stock generate.
+    ours, stock = models
+    embeds = _image_embeds(stock, images, seed=images)
+    assert torch.equal(_greedy(ours, embeds, max_new, min_new, fixed=True), _stock(stock, embeds, max_new, min_new))
+
+
+def test_a_fixed_step_never_waits_for_the_host(models: tuple[Any, Any]) -> None:
+    # A CUDA graph cannot hold an operation that reads a device value on the host or whose output shape
+    # depends on the data; capturing needs a GPU, but the operations a step dispatches can be listed here.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Dispatched(TorchDispatchMode):
+        names: set[str] = set()
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            self.names.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    ours, stock = models
+    embeds = _image_embeds(stock, 2, seed=3)
+    state = _FixedSteps(ours.text_decoder, embeds, (ours.config.text_config.bos_token_id, EOS, PAD), 6, 2)
+    with torch.inference_mode():
+        state.start(embeds)
+        with Dispatched() as dispatched:
+            state.step()
+            state.step()
+    host_reads = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero", "aten.item"}
+    assert "aten.index_copy_" in dispatched.names  # the cache written in place, at the step held in a tensor
+    assert not dispatched.names & host_reads
+    # Its state moved on in the tensors themselves: the step number and the tokens written so far.
+    assert int(state.step_index) == 2 and not bool((state.generated[:, :2] == PAD).all())
 
 
 @pytest.mark.slow
@@ -90,6 +134,8 @@ def test_end_token_rules_and_padding_match_stock(models: tuple[Any, Any]) -> Non
             for min_new in (0, 2):
                 got, expected = _greedy(ours, embeds, 10, min_new), _stock(stock, embeds, 10, min_new)
                 assert torch.equal(got, expected), (shift, min_new)
+                # The fixed-shape steps stop where every row has ended too, whatever step they look at that.
+                assert torch.equal(_greedy(ours, embeds, 10, min_new, fixed=True), expected), (shift, min_new)
                 ends = [row.tolist().index(EOS) if EOS in row.tolist() else None for row in got]
                 assert all(end is None or end >= min_new for end in ends)
                 lengths_seen.add(tuple(ends))

@@ -69,6 +69,7 @@ def build_engine(settings: Settings, roles: set[str]) -> Engine:
     """Load the models of `roles` as the settings say and build the engine on them (on the calling thread)."""
     from worker.families.base import thread_budget
     from worker.families.blip import native
+    from worker.families.blip.cuda import enable_decode_graphs
     from worker.families.blip.engine import Engine
     from worker.families.blip.models import load_models
 
@@ -77,6 +78,7 @@ def build_engine(settings: Settings, roles: set[str]) -> Engine:
 
         torch.set_num_threads(thread_budget(settings))
     native.enable(settings.native_kernels)
+    enable_decode_graphs(settings.cuda_graphs)  # takes effect on CUDA only, in this process's first decode
     loaded = load_models(
         settings.models,
         roles,

@@ -16,6 +16,12 @@ The self-attention cache is a preallocated tensor. Tokens are chosen as stock gr
 them: argmax of the float32 logits, the end token forbidden until `min_new_tokens`, rows that ended
 padded with the pad token.
 
+On CUDA a step is launch-bound rather than compute-bound, and the steps run at one fixed shape instead
+(`_FixedSteps`): the self-attention reads the whole preallocated cache with the positions not yet written
+masked out, and every piece of state (tokens, step number, finished rows) is a tensor updated in place, so
+the step is captured once as a CUDA graph and replayed (`worker/families/blip/cuda.py`). On CPUs the growing
+cache is cheaper and stays.
+
 Equal to stock `generate` up to float rounding: the parity tests compare token for token.
 """
 
@@ -24,7 +30,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.nn import functional
 from transformers import GenerationConfig, PreTrainedModel
+
+from worker.families.blip.cuda import GraphCache, StepGraph, decode_graphs_wanted
 
 # Generation settings that do not change what greedy search picks.
 _NEUTRAL_SETTINGS = {
@@ -64,8 +73,17 @@ def greedy_captions(
     pad: int,
     max_new_tokens: int,
     min_new_tokens: int = 0,
+    fixed_steps: bool | None = None,
 ) -> torch.Tensor:
-    """The tokens generated after `bos` for each image, (images, steps); rows that ended are padded."""
+    """The tokens generated after `bos` for each image, (images, steps); rows that ended are padded.
+
+    `fixed_steps`: every step at one shape, replayed as a CUDA graph on CUDA (`_FixedSteps`); None decides
+    by the device (`decode_graphs_wanted`: CUDA, unless MODTAG_CUDA_GRAPHS is off).
+    """
+    if fixed_steps is None:
+        fixed_steps = decode_graphs_wanted(image_embeds.device)
+    if fixed_steps:
+        return _fixed_captions(decoder, image_embeds, (bos, eos, pad), max_new_tokens, min_new_tokens)
     text: Any = decoder
     bert, head = text.bert, text.cls.predictions
     layers = list(bert.encoder.layer)
@@ -105,6 +123,132 @@ def greedy_captions(
 
 
 # Helpers.
+
+# Steps replayed between two looks at whether every row has ended (each look waits for the device).
+_CHECK_EVERY = 4
+_GRAPHS = "_modtag_decode_graphs"
+
+
+def _fixed_captions(
+    decoder: PreTrainedModel,
+    image_embeds: torch.Tensor,
+    ids: tuple[int, int, int],
+    max_new_tokens: int,
+    min_new_tokens: int,
+) -> torch.Tensor:
+    batch, image_tokens, width = image_embeds.shape
+    text: Any = decoder
+    dtype = text.bert.encoder.layer[0].attention.self.query.weight.dtype
+    key = (batch, image_tokens, width, dtype, str(image_embeds.device), ids, max_new_tokens, min_new_tokens)
+    cache: GraphCache | None = getattr(decoder, _GRAPHS, None)
+    if cache is None:
+        cache = GraphCache()
+        object.__setattr__(decoder, _GRAPHS, cache)  # per model instance, never in its state dict
+
+    def build() -> _FixedSteps:
+        return _FixedSteps(decoder, image_embeds, ids, max_new_tokens, min_new_tokens)
+
+    def capture(state: _FixedSteps) -> StepGraph:
+        state.start(image_embeds)
+        return StepGraph(state.step)
+
+    state: _FixedSteps
+    graph: StepGraph | None
+    if image_embeds.device.type == "cuda":
+        state, graph = cache.get(key, build, capture)
+    else:  # no graphs on CPUs: the fixed steps run eagerly (the tests' way of checking them)
+        state, graph = build(), None
+    state.start(image_embeds)
+    run = graph.replay if graph is not None else state.step
+    for step in range(max_new_tokens):
+        run()
+        if (step + 1) % _CHECK_EVERY == 0 and not bool(state.unfinished.any()):
+            break
+    return state.result()
+
+
+class _FixedSteps:
+    """Greedy decoding with every step at one shape, its state in tensors updated in place (capturable).
+
+    The self-attention attends over the whole cache (max_new_tokens positions) with the positions after the
+    current step masked out; the cache starts zeroed, so the masked positions add exact zeros.
+    """
+
+    def __init__(
+        self,
+        decoder: PreTrainedModel,
+        image_embeds: torch.Tensor,
+        ids: tuple[int, int, int],
+        max_new_tokens: int,
+        min_new_tokens: int,
+    ) -> None:
+        text: Any = decoder
+        self.bert, self.head = text.bert, text.cls.predictions
+        self.layers = list(self.bert.encoder.layer)
+        self.bos, self.eos, self.pad = ids
+        self.min_new_tokens = min_new_tokens
+        module = self.layers[0].attention.self
+        self.heads, self.head_size = module.num_attention_heads, module.attention_head_size
+        batch, image_tokens, width = image_embeds.shape
+        device, dtype = image_embeds.device, module.query.weight.dtype
+        self.image_embeds = torch.empty((batch, image_tokens, width), dtype=dtype, device=device)
+        self.image_t = self.image_embeds.transpose(1, 2)
+        shape = (len(self.layers), 2, batch, self.heads, max_new_tokens, self.head_size)
+        self.cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.tokens = torch.empty(batch, dtype=torch.long, device=device)
+        self.step_index = torch.zeros(1, dtype=torch.long, device=device)
+        self.unfinished = torch.empty(batch, dtype=torch.bool, device=device)
+        self.generated = torch.empty((batch, max_new_tokens), dtype=torch.long, device=device)
+        # (1, positions): SDPA wants a mask of at least two dimensions; it broadcasts over rows and heads.
+        self.positions = torch.arange(max_new_tokens, device=device)[None]
+        self.visible = torch.empty((1, max_new_tokens), dtype=torch.bool, device=device)
+        self.cross = [_Absorbed.of(layer.crossattention.self) for layer in self.layers]
+
+    def start(self, image_embeds: torch.Tensor) -> None:
+        """Set the buffers for a new call on these image tokens."""
+        self.image_embeds.copy_(image_embeds)
+        self.cache.zero_()
+        self.tokens.fill_(self.bos)
+        self.step_index.zero_()
+        self.unfinished.fill_(True)
+        self.generated.fill_(self.pad)
+
+    def step(self) -> None:
+        """One token for every row, from the buffers into the buffers; no host synchronisation."""
+        batch = self.tokens.shape[0]
+        torch.le(self.positions, self.step_index, out=self.visible)
+        position = self.step_index.expand(batch, 1)
+        hidden = self.bert.embeddings(input_ids=self.tokens[:, None], position_ids=position)
+        for index, layer in enumerate(self.layers):
+            hidden = self._self_attention(layer.attention, hidden, self.cache[index])
+            hidden = self.cross[index](layer.crossattention, hidden, self.image_embeds, self.image_t)
+            hidden = layer.output(layer.intermediate(hidden), hidden)
+        logits = self.head(hidden[:, -1, :]).float()
+        if self.min_new_tokens:
+            logits[:, self.eos].masked_fill_(self.step_index < self.min_new_tokens, -torch.inf)
+        chosen = torch.where(self.unfinished, logits.argmax(dim=-1), self.pad)
+        self.generated.index_copy_(1, self.step_index, chosen[:, None])
+        self.unfinished &= chosen != self.eos
+        self.tokens.copy_(chosen)
+        self.step_index += 1
+
+    def result(self) -> torch.Tensor:
+        """The generated tokens up to the step where every row had ended (as the growing path stops), a copy."""
+        ended = (self.generated == self.eos).cummax(dim=1).values.all(dim=0)  # (steps,): every row ended by then
+        steps = int(ended.int().argmax()) + 1 if bool(ended.any()) else self.generated.shape[1]
+        return self.generated[:, :steps].clone()
+
+    def _self_attention(self, attention: Any, hidden: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        module = attention.self
+        batch, heads, head_size = hidden.shape[0], self.heads, self.head_size
+        query = module.query(hidden).view(batch, heads, 1, head_size)
+        cache[0].index_copy_(2, self.step_index, module.key(hidden).view(batch, heads, 1, head_size))
+        cache[1].index_copy_(2, self.step_index, module.value(hidden).view(batch, heads, 1, head_size))
+        context = functional.scaled_dot_product_attention(
+            query, cache[0], cache[1], attn_mask=self.visible, scale=head_size**-0.5
+        )
+        output: torch.Tensor = attention.output(context.view(batch, 1, heads * head_size), hidden)
+        return output
 
 
 def _self_attention(
