@@ -62,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from modtag.quotas import limit_value  # light: the argparse type of `quotas set`'s limits
+
     parser = argparse.ArgumentParser(prog="modtag", description="Self-hosted image moderation and tagging.")
     parser.add_argument("--version", action="version", version=f"modtag {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -238,6 +240,27 @@ def build_parser() -> argparse.ArgumentParser:
     bank_export.add_argument("--api", required=True, help="the API URL")
     bank_export.add_argument("--api-key", default=None, help="the key to send (default MODTAG_API_KEY)")
     bank_export.set_defaults(handler=cmd_banks_export)
+
+    quotas_cmd = sub.add_parser("quotas", help="tenants' submission quotas: list, show, set, delete (admin key)")
+    quotas_sub = quotas_cmd.add_subparsers(dest="quotas_command", required=True, metavar="ACTION")
+    quota_actions = {
+        "list": quotas_sub.add_parser("list", help="the settings' limits and every tenant's override"),
+        "show": quotas_sub.add_parser("show", help="a tenant's limits in force, and which the override sets"),
+        "set": quotas_sub.add_parser("set", help="change the limits named, keeping the tenant's other overrides"),
+        "delete": quotas_sub.add_parser("delete", help="remove the tenant's override: the settings apply again"),
+    }
+    for action, quota_parser in quota_actions.items():
+        if action != "list":
+            quota_parser.add_argument("tenant", metavar="TENANT")
+        quota_parser.add_argument("--api", required=True, help="the API URL")
+        quota_parser.add_argument("--api-key", default=None, help="an admin key (default MODTAG_API_KEY)")
+        quota_parser.add_argument("--json", action="store_true", help="print the API's JSON")
+        quota_parser.set_defaults(handler=cmd_quotas, quota_action=action)
+    for flag in ("rate", "burst", "bulk-rate", "bulk-burst", "daily-cap"):
+        quota_actions["set"].add_argument(
+            f"--{flag}", type=limit_value, default=None, metavar="N|unlimited|default",
+            help="a number, unlimited, or default (the setting applies)",
+        )  # fmt: skip
 
     labels_cmd = sub.add_parser("labels", help="the review labels of the tenant")
     labels_sub = labels_cmd.add_subparsers(dest="labels_command", required=True, metavar="ACTION")
@@ -625,6 +648,35 @@ def cmd_policy_calibrate(args: argparse.Namespace, settings: Settings) -> int:
         )
     for note in notes:
         print(note, file=sys.stderr if args.json else sys.stdout)
+    return EXIT_OK
+
+
+def cmd_quotas(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    from modtag import quotas
+
+    changes = {name: getattr(args, name) for name in quotas.FIELDS if getattr(args, name, None) is not None}
+    if args.quota_action == "set" and not changes:
+        print("modtag: quotas set: name at least one limit (--rate, --burst, --bulk-rate, ...)", file=sys.stderr)
+        return EXIT_USAGE
+    with _api_client(args, settings, timeout_s=30) as client:
+        try:
+            if args.quota_action == "list":
+                page = quotas.list_quotas(client)
+            elif args.quota_action == "show":
+                quota = quotas.read_quota(client, args.tenant)
+            elif args.quota_action == "set":
+                quota = quotas.set_quota(client, args.tenant, changes)
+            else:
+                quota = quotas.delete_quota(client, args.tenant)
+        except quotas.QuotaRefused as exc:
+            print(f"modtag: quotas {args.quota_action}: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+    if args.quota_action == "list":
+        _print_report(args.json, lambda: json.dumps(page, indent=2), lambda out: quotas.write_page(page, out))
+    else:
+        _print_report(args.json, lambda: json.dumps(quota, indent=2), lambda out: quotas.write_quota(quota, out))
     return EXIT_OK
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import quote
 
 import httpx
 
@@ -178,6 +179,22 @@ class ApiClient(httpx.Client):
         """GET /v1/labels: one page of the tenant's labelled jobs, oldest first."""
         params: dict[str, str | int] = {"since": since, "limit": limit, **({"cursor": cursor} if cursor else {})}
         return Reply.of(self.get("/v1/labels", params=params))
+
+    def quotas(self) -> Reply:
+        """GET /v1/quotas: the settings' limits and the tenants' overrides (admin)."""
+        return Reply.of(self.get("/v1/quotas"))
+
+    def quota(self, tenant: str) -> Reply:
+        """GET /v1/quotas/{tenant}: the limits in force and the override behind them (admin)."""
+        return Reply.of(self.get(f"/v1/quotas/{quote(tenant, safe='')}"))
+
+    def put_quota(self, tenant: str, override: dict[str, Any]) -> Reply:
+        """PUT /v1/quotas/{tenant}: replace the tenant's override (admin of the quota admin tenant)."""
+        return Reply.of(self.put(f"/v1/quotas/{quote(tenant, safe='')}", json=override))
+
+    def delete_quota(self, tenant: str) -> Reply:
+        """DELETE /v1/quotas/{tenant}: the settings apply again (admin of the quota admin tenant)."""
+        return Reply.of(self.delete(f"/v1/quotas/{quote(tenant, safe='')}"))
 
     def erase_job(self, job_id: str) -> Reply:
         """DELETE /v1/jobs/{id}: erase the image and content, keep the tombstone."""

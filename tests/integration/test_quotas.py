@@ -18,6 +18,7 @@ from core.dependencies import DependencyRecord
 from core.errors import ConfigError
 from core.quotas import KEY_PREFIX, Limits, QuotaGate, refusal
 from core.settings import load_settings
+from modtag.cli import main
 from modtag.client import ApiClient
 from modtag.servers import free_port
 from tests.support.api import Api, admin_key, api_settings, assert_error, running_api
@@ -203,6 +204,45 @@ def test_overrides_through_the_api_are_audited(api: Api) -> None:
     assert_error(api.client.delete(f"/v1/quotas/{tenant}"), 404, "quota_not_found")
     actions = [e["action"] for e in api.client.get("/v1/audit", params={"action": "quota."}).json()["data"]]
     assert actions[:3] == ["quota.delete", "quota.set", "quota.set"]
+
+
+def test_the_quotas_command_sets_only_the_limits_it_names(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
+    tenant = f"cli-{api.settings.resolved_database_url[:6]}"
+    connect = ["--api", api.base_url, "--api-key", api.key]
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(["quotas", *argv, *connect])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    assert run("set", tenant, "--rate", "5", "--daily-cap", "1000")[0] == 0
+    assert api.client.get(f"/v1/quotas/{tenant}").json()["override"] == {"rate": 5, "daily_cap": 1000}
+    # Another limit later keeps the first ones; `unlimited` is null, `default` leaves the override.
+    code, out, _ = run("set", tenant, "--burst", "unlimited", "--daily-cap", "default", "--bulk-rate", "0.5")
+    assert code == 0 and f"tenant {tenant} (set by test admin)" in out
+    assert api.client.get(f"/v1/quotas/{tenant}").json()["override"] == {"rate": 5, "burst": None, "bulk_rate": 0.5}
+    assert "rate" in out and "unlimited  (override)" in out and "(setting)" in out
+    code, out, _ = run("show", tenant, "--json")
+    assert code == 0 and json.loads(out)["limits"]["rate"] == 5
+    code, out, _ = run("list")
+    assert code == 0 and out.startswith("defaults (MODTAG_TENANT_*): ") and f"{tenant}: rate 5" in out
+    assert run("delete", tenant)[0] == 0
+    assert api.client.get(f"/v1/quotas/{tenant}").json()["override"] is None
+
+    # Refusals: what the API refuses is one line with its code; what is not a limit never reaches it.
+    code, _, err = run("delete", tenant)
+    assert code == 3 and "(quota_not_found)" in err and "Traceback" not in err
+    code, _, err = run("set", tenant, "--rate", "0")
+    assert code == 3 and "(invalid_field)" in err
+    for bad in ("many", "-1", "nan", "inf", "1e999", "x" * 10_000):
+        with pytest.raises(SystemExit) as exited:
+            main(["quotas", "set", tenant, "--rate", bad, *connect])
+        assert exited.value.code == 2, bad
+    assert run("set", tenant)[0] == 2  # no limit named
+    assert run("set", "UPPER", "--rate", "1")[0] == 3
+    reviewer = admin_key(api.db_url, role="review", name="a reviewer")
+    assert main(["quotas", "list", "--api", api.base_url, "--api-key", reviewer]) == 3
+    assert api.client.get(f"/v1/quotas/{tenant}").json()["override"] is None  # nothing refused was stored
 
 
 def test_the_admin_route_refuses_hostile_input(api: Api) -> None:
