@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit test-fast integration e2e bench clean setup lock
+.PHONY: run test lint unit test-fast integration e2e bench bench-gpu clean setup lock
 
 run: $(STAMP)
 	MODTAG_MODELS=$(MODTAG_MODELS) $(BIN)/modtag scan examples/
@@ -42,6 +42,12 @@ e2e: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/modtag bench
+
+# On a machine with an NVIDIA GPU: its own venv (.modtag/venv-gpu) with TORCH_SPEC from a CUDA wheel index, then
+# `modtag bench --device cuda --json` (deploy/gpu/bench-gpu.sh says what it does and its exit statuses).
+TORCH_INDEX_URL_GPU ?= https://download.pytorch.org/whl/cu128
+bench-gpu:
+	PYTHON="$(PYTHON)" TORCH_SPEC="$(TORCH_SPEC)" TORCH_INDEX_URL="$(TORCH_INDEX_URL_GPU)" deploy/gpu/bench-gpu.sh
 
 setup: $(STAMP)
 
