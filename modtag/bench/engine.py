@@ -9,16 +9,21 @@ runs, and the baseline must run the stock code):
    then `repeat` timed runs;
 3. engine at the fast dtype (bf16 on CPUs with AVX512-BF16/AMX and recent GPUs, fp16 on older GPUs):
    a first run for the parity against float32, then `repeat` timed runs;
-4. the throughput of a plain matrix product at both dtypes: the machine's practical peak;
-5. optionally the other programs of the package: the peers (`peers.py`) and the stack (`through.py`).
+4. on CPUs with oneDNN's int8 product: int8 calibrated on the bench photos, decided per stage against the fast
+   dtype, interleaved (`int8.py`), and the policy's decisions at int8 against float32's;
+5. the throughput of a plain matrix product at float32, the fast dtype and int8: the machine's practical peaks,
+   which each stage's achieved FLOP/s is read against (`stage_share_of_peak`);
+6. optionally the other programs of the package: the peers (`peers.py`) and the stack (`through.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,6 +48,7 @@ from modtag.bench.common import (
     caption_agreement,
     check_options,
     dtype_name,
+    engine_techniques,
     load_average,
     load_roles,
     machine_info,
@@ -59,13 +65,14 @@ from modtag.bench.common import (
     vision_outputs,
     workload,
 )
+from modtag.bench.int8 import Int8Phases, run_int8_phases
 from modtag.bench.tags import run_tags_bench
 from modtag.bench.through import through_stack
-from worker.families.blip.attention import has_fused_attention, has_native_attention
+from worker.families.blip.calibration import Int8Calibration
 from worker.families.blip.engine import Engine, ImageOutput, ImageRequest
-from worker.families.blip.linear import has_packed_linear, packed_linear_available
+from worker.families.blip.linear import packed_linear_available
 from worker.families.blip.models import fast_dtype, load_models, resolve_device
-from worker.families.blip.quant import has_int8_linear, install_int8_linear, int8_linear_available
+from worker.families.blip.quant import install_int8_linear, int8_linear_available, set_input_ranges
 
 
 def run_bench(options: BenchOptions) -> dict[str, Any]:
@@ -83,29 +90,39 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
     with quiet_transformers():
         baseline, baseline_outputs = (None, []) if options.skip_baseline else _baseline(options, requests, log)
         log(f"engine float32: loading {options.models} and counting FLOPs")
-        engine_fp32, fp32_outputs, flops, fp32_vision = _engine_phase(options, requests, torch.float32, log, count=True)
+        fp32 = _engine_phase(options, requests, torch.float32, log, count=True)
+        engine_fp32, fp32_outputs, fp32_vision = fp32.stats, fp32.outputs, fp32.vision
         if fast == torch.float32:
-            engine_fast, fast_outputs, fast_vision = dict(engine_fp32), fp32_outputs, fp32_vision
+            fast_phase = fp32
         else:
+            fp32.engine = None  # its memory, before the next models load
             log(f"engine {dtype_name(fast)}: loading {options.models}")
-            engine_fast, fast_outputs, _, fast_vision = _engine_phase(options, requests, fast, log, count=False)
+            fast_phase = _engine_phase(options, requests, fast, log, count=False)
+        engine_fast, fast_outputs, fast_vision = dict(fast_phase.stats), fast_phase.outputs, fast_phase.vision
+        int8: Int8Phases | None = None
         engine_int8 = None
         if options.dtype == "int8" or (device.type == "cpu" and int8_linear_available()):
-            log(f"engine int8: loading {options.models}")
-            engine_int8, int8_outputs, _, int8_vision = _engine_phase(options, requests, "int8", log, count=False)
+            assert fast_phase.engine is not None  # kept for this
+            int8 = run_int8_phases(options, requests, fast_phase.engine, fp32_outputs, fp32_vision, log)
+            fast_phase.engine = None
+            gc.collect()
+            engine_int8 = int8.engine
             engine_int8["fidelity"] = {
-                "max_abs_vision_diff": vision_drift(int8_vision, fp32_vision),
-                "max_abs_match_diff": max_match_diff(int8_outputs, fp32_outputs),
-                "max_abs_score_diff": max_score_diff(int8_outputs, fp32_outputs),
-                "mean_abs_score_diff": mean_score_diff(int8_outputs, fp32_outputs),
-                "caption_token_agreement": caption_agreement(int8_outputs, fp32_outputs),
-                **decision_agreement(options, log),
+                "max_abs_vision_diff": vision_drift(int8.vision, fp32_vision),
+                "max_abs_match_diff": max_match_diff(int8.outputs, fp32_outputs),
+                "max_abs_score_diff": max_score_diff(int8.outputs, fp32_outputs),
+                "mean_abs_score_diff": mean_score_diff(int8.outputs, fp32_outputs),
+                "caption_token_agreement": caption_agreement(int8.outputs, fp32_outputs),
+                **decision_agreement(options, log, int8.chosen, int8.calibration),
             }
+        fast_phase.engine = fp32.engine = None
+        gc.collect()
         log("matrix-product peak")
         peak_fast = matmul_peak(device, fast, options.peak_size)
         peak_fp32 = peak_fast if fast == torch.float32 else matmul_peak(device, torch.float32, options.peak_size)
         peak_int8 = int8_matmul_peak(options.peak_size) if engine_int8 else None
 
+    flops = sum(fp32.stage_flops.values())
     flops_per_image = flops / len(requests)
     report: dict[str, Any] = {
         "workload": {
@@ -123,11 +140,13 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         "engine_fast": engine_fast,
         "speedup_fp32": ratio(engine_fp32["images_per_s"], baseline["images_per_s"] if baseline else None),
         "speedup_fast": ratio(engine_fast["images_per_s"], baseline["images_per_s"] if baseline else None),
-        # int8 linear layers (`worker/families/blip/quant.py`), the rest at the fast dtype; fidelity against float32.
+        # int8 linear layers (`worker/families/blip/quant.py`) on the stages where int8 pays (`stage_dtypes`), the
+        # rest at the fast dtype; fidelity against float32.
         "engine_int8": engine_int8,
-        "speedup_int8_over_fast": ratio(engine_int8["images_per_s"], engine_fast["images_per_s"])
-        if engine_int8
-        else None,
+        "stage_dtypes": int8.stage_dtypes if int8 else None,
+        "int8_workload": int8.workload if int8 else None,
+        # The whole workload, int8 mix against the fast dtype, interleaved: the ratio of the medians.
+        "speedup_int8_over_fast": int8.workload["ratio_median"] if int8 else None,
         "parity": {
             "compared_images": len(baseline_outputs),
             "max_abs_score_diff_fp32": max_score_diff(fp32_outputs, baseline_outputs) if baseline_outputs else None,
@@ -152,6 +171,16 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         "fraction_of_peak_int8": flops_per_image * engine_int8["images_per_s"] / peak_int8
         if engine_int8 and peak_int8
         else None,
+        # Each stage's matrix-product FLOPs (counted at float32) against its time at each dtype and that dtype's peak.
+        "stage_flops_per_image": {stage: count / len(requests) for stage, count in fp32.stage_flops.items()},
+        "stage_share_of_peak": _stage_shares(
+            fp32.stage_flops,
+            {
+                "float32": (engine_fp32["stages_s"], peak_fp32),
+                dtype_name(fast): (int8.stage_seconds["fast"] if int8 else engine_fast["stages_s"], peak_fast),
+                **({"int8": (int8.stage_seconds["int8"], peak_int8)} if int8 and peak_int8 else {}),
+            },
+        ),
         "through_stack": None,
     }
     report["peers"] = None
@@ -188,18 +217,21 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = Non
 
 
 def int8_matmul_peak(size: int | None = None, reps: int = 5) -> float:
-    """FLOP/s of the int8 product the engine's int8 layers run (oneDNN, a bf16 input quantized per call), square.
+    """FLOP/s of the int8 product the engine's int8 layers run (oneDNN, a bf16 input at a calibrated scale), square.
 
-    Through `worker/families/blip/quant.py` itself: the input's quantization is part of every int8 layer's cost
-    (a square pass beside a cubic product).
+    Through `worker/families/blip/quant.py` itself: the input's one quantization pass is part of every int8
+    layer's cost (a square pass beside a cubic product).
     """
     size = size or 3072
     generator = torch.Generator().manual_seed(0)
     layer = nn.Linear(size, size, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(size, size, generator=generator))
-    install_int8_linear(nn.Sequential(layer))
+    model = nn.Sequential(layer)
+    install_int8_linear(model)
     left = torch.randn(size, size, generator=generator).to(fast_dtype(torch.device("cpu")))
+    low, high = (float(value) for value in torch.aminmax(left.float()))
+    set_input_ranges(model, {"0": (low, high)})
     return _best_flops([lambda: layer(left)], size, reps, torch.device("cpu"))
 
 
@@ -219,6 +251,30 @@ def _best_flops(products: list[Callable[[], object]], size: int, reps: int, devi
 
 def count_flops(run: Callable[[], object]) -> tuple[float, object]:
     """The matrix-product FLOPs (matmul, linear, convolution, attention) `run()` performs, and its result."""
+    with _flop_counter() as counter:
+        result = run()
+    return float(counter.get_total_flops()), result
+
+
+def count_stage_flops(engine: Engine, run: Callable[[], object]) -> tuple[dict[str, float], object]:
+    """`count_flops`, split by the engine stage (vision, caption, probes...) each FLOP was spent in."""
+    totals: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def counted(stage: str) -> Iterator[None]:
+        with _flop_counter() as counter:
+            yield
+        totals[stage] = totals.get(stage, 0.0) + float(counter.get_total_flops())
+
+    engine.stage_observer = counted
+    try:
+        result = run()
+    finally:
+        engine.stage_observer = None
+    return totals, result
+
+
+def _flop_counter() -> Any:
     from torch.utils.flop_counter import FlopCounterMode
 
     import worker.families.blip.native  # noqa: F401  (registers modtag's attention operator)
@@ -230,13 +286,18 @@ def count_flops(run: Callable[[], object]) -> tuple[float, object]:
         torch.ops.modtag.vision_attention: _sdpa_flops,
         torch.ops.mkldnn._linear_pointwise: _linear_flops,
     }
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        result = run()
-    return float(counter.get_total_flops()), result
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
-def decision_agreement(options: BenchOptions, log: Callable[[str], None]) -> dict[str, Any]:
+def decision_agreement(
+    options: BenchOptions,
+    log: Callable[[str], None],
+    int8_stages: tuple[str, ...] | None = None,
+    calibration: Int8Calibration | None = None,
+) -> dict[str, Any]:
     """How often the moderation policy decides the same with int8 as with float32, on the workload's photos.
+
+    int8 runs on `int8_stages` (None: the engine's default) with `calibration`'s static scales where given.
 
     Each dtype's engine runs the policy's own checks (caption, probes, texts) on every photo, and the
     policy decides on each; reports the share of identical actions and of identical category verdicts.
@@ -272,7 +333,14 @@ def decision_agreement(options: BenchOptions, log: Callable[[str], None]) -> dic
             device=options.device,
             dtype=dtype,
         )
-        engine = Engine(loaded, max_caption_tokens=CAPTION_TOKENS, max_batch=options.batch_size)
+        int8 = dtype == "int8"
+        engine = Engine(
+            loaded,
+            max_caption_tokens=CAPTION_TOKENS,
+            max_batch=options.batch_size,
+            int8_stages=int8_stages if int8 else None,
+            int8_calibration=calibration if int8 else None,
+        )
         outputs = [
             out
             for start in range(0, len(requests), options.batch_size)
@@ -329,6 +397,17 @@ def _baseline(
     return stats, outputs
 
 
+@dataclass
+class _Phase:
+    """One engine's phase: its stats, first run's outputs and vision outputs, FLOPs by stage (when counted)."""
+
+    stats: dict[str, Any]
+    outputs: list[ImageOutput]
+    vision: dict[str, torch.Tensor]
+    stage_flops: dict[str, float]
+    engine: Engine | None  # kept while a later phase times against it; None once its memory may go
+
+
 def _engine_phase(
     options: BenchOptions,
     requests: list[ImageRequest],
@@ -336,7 +415,7 @@ def _engine_phase(
     log: Callable[[str], None],
     *,
     count: bool,
-) -> tuple[dict[str, Any], list[ImageOutput], float, dict[str, torch.Tensor]]:
+) -> _Phase:
     models = load_roles(options, dtype)
     engine = Engine(
         models, max_caption_tokens=CAPTION_TOKENS, min_caption_tokens=CAPTION_TOKENS, max_batch=options.batch_size
@@ -345,13 +424,14 @@ def _engine_phase(
     def run_all() -> list[ImageOutput]:
         return run_batches(engine, requests, options.batch_size)
 
-    # The first run warms up (and, at float32, counts the FLOPs); its outputs are the parity outputs.
+    # The first run warms up (and, at float32, counts the FLOPs of each stage); its outputs are the parity outputs.
     log(f"engine {dtype_name(dtype)}: first run" + (" (counting FLOPs)" if count else ""))
+    stage_flops: dict[str, float] = {}
     if count:
-        flops, first = count_flops(run_all)
+        stage_flops, first = count_stage_flops(engine, run_all)
         outputs: list[ImageOutput] = first  # type: ignore[assignment]
     else:
-        flops, outputs = 0.0, run_all()
+        outputs = run_all()
     runs: list[tuple[float, list[ImageOutput]]] = []
     for _ in tqdm(range(options.repeat), desc=f"engine {dtype_name(dtype)}", disable=not options.progress, leave=False):
         started = time.perf_counter()
@@ -367,15 +447,23 @@ def _engine_phase(
         "runs_s": [run[0] for run in runs],
         "images_per_s": len(requests) / seconds,
         "stages_s": stage_totals(best_outputs),
-        "techniques": {
-            "fused_attention": all(has_fused_attention(loaded.model) for loaded in models.models.values()),
-            "native_attention": all(has_native_attention(loaded.model) for loaded in models.models.values()),
-            "packed_linear": all(has_packed_linear(loaded.model) for loaded in models.models.values()),
-            "int8_linear": all(has_int8_linear(loaded.model) for loaded in models.models.values()),
-            "fast_decoding": engine.fast_decoding,
-        },
+        "techniques": engine_techniques(engine),
     }
-    return stats, outputs, flops, vision  # the models go with this frame: the next phase has the memory
+    return _Phase(stats, outputs, vision, stage_flops, engine)
+
+
+def _stage_shares(
+    stage_flops: dict[str, float], timed: dict[str, tuple[dict[str, float], float]]
+) -> dict[str, dict[str, float | None]]:
+    # Per stage, per dtype: its FLOPs over its seconds (both for the whole workload) over that dtype's peak.
+    return {
+        stage: {
+            dtype: (flops / seconds[stage] / peak if seconds.get(stage) and peak else None)
+            for dtype, (seconds, peak) in timed.items()
+        }
+        for stage, flops in stage_flops.items()
+        if flops > 0
+    }
 
 
 def _sdpa_flops(

@@ -75,6 +75,7 @@ def format_report(report: dict[str, Any]) -> str:
             else ""
         )
     )
+    lines += _stage_lines(report)
     stack = report.get("through_stack")
     if stack:
         lines.append(
@@ -162,6 +163,52 @@ def format_tags_report(report: dict[str, Any]) -> str:
         f"scores are within {naive['max_abs_score_diff']:.1e} of the naive way's",
     ]
     return "\n".join(lines)
+
+
+def _stage_lines(report: dict[str, Any]) -> list[str]:
+    # Per stage: its FLOPs, its time and share of the peak at each dtype, and the dtype int8's figures chose.
+    shares: dict[str, dict[str, float | None]] = report.get("stage_share_of_peak") or {}
+    if not shares:
+        return []
+    images = report["workload"]["images"]
+    fast = report["engine_fast"]["dtype"]
+    choices: dict[str, dict[str, Any]] = report.get("stage_dtypes") or {}
+    seconds: dict[str, dict[str, float]] = {"float32": report["engine_fp32"]["stages_s"]}
+    seconds[fast] = report["engine_fast"]["stages_s"]
+    if choices:
+        seconds[fast] = {stage: choice["fast_s"] for stage, choice in choices.items() if choice["fast_s"] is not None}
+        seconds["int8"] = {stage: choice["int8_s"] for stage, choice in choices.items() if choice["int8_s"] is not None}
+    dtypes = [dtype for dtype in ("float32", fast, "int8") if dtype in seconds]
+    lines = [
+        "",
+        "per stage: ms/image and share of that dtype's matrix-product peak"
+        + ("; int8 where it is faster and keeps agreement" if choices else ""),
+        f"{'stage':<10}{'GFLOP':>7}" + "".join(f"{dtype:>17}" for dtype in dtypes) + ("   chosen" if choices else ""),
+    ]
+    for stage, by_dtype in shares.items():
+        row = f"{stage:<10}{report['stage_flops_per_image'][stage] / 1e9:>7.1f}"
+        for dtype in dtypes:
+            stage_s, share = seconds[dtype].get(stage), by_dtype.get(dtype)
+            cell = f"{stage_s / images * 1000:.0f} ms" if stage_s is not None else "-"
+            row += f"{cell + (f' {share:4.0%}' if share is not None else '     '):>17}"
+        choice = choices.get(stage)
+        if choice:
+            row += f"   {choice['dtype']} ({choice['int8_over_fast']:.2f}x at int8, {_agreement(choice)})"
+        lines.append(row)
+    workload = report.get("int8_workload")
+    if workload:
+        stages = ", ".join(workload["int8_stages"]) or "no stage"
+        lines.append(
+            f"int8 on {stages} ({fast} elsewhere), the whole workload interleaved over {workload['rounds']} rounds: "
+            f"{workload['ratio_median']:.2f}x the {fast} engine (medians; best runs {workload['ratio_best']:.2f}x)"
+        )
+    return lines
+
+
+def _agreement(choice: dict[str, Any]) -> str:
+    if "caption_token_agreement" in choice:
+        return f"caption tokens {choice['caption_token_agreement']:.0%} as fp32"
+    return f"scores within {choice['max_abs_score_diff']:.3f} of fp32"
 
 
 def _drift(value: float | None) -> str:

@@ -16,10 +16,10 @@ from torch.nn import functional
 from core.errors import ConfigError
 from modtag.bench import BenchOptions, count_flops, format_report, peers, run_bench
 from modtag.bench import engine as bench
-from modtag.bench.common import MATRIX_FLAGS
+from modtag.bench.common import INT8_CAPTION_AGREEMENT, INT8_SCORE_DRIFT, MATRIX_FLAGS
 from modtag.bench.precision import run_precision_bench
 from modtag.cli import main
-from worker.families.blip.engine import ImageOutput
+from worker.families.blip.engine import INT8_STAGES, ImageOutput
 from worker.families.blip.linear import install_packed_linear
 from worker.families.blip.models import fast_dtype
 from worker.families.blip.quant import int8_linear_available
@@ -323,12 +323,14 @@ def test_the_stack_profile_is_the_difference_of_two_scrapes() -> None:
 
 @pytest.mark.skipif(not int8_linear_available(), reason="this PyTorch has no oneDNN int8 linear kernels")
 def test_int8_engine_is_reported_with_its_fidelity(report: dict[str, Any]) -> None:
-    int8 = report["engine_int8"]
-    assert int8["dtype"] == "int8" and int8["techniques"]["int8_linear"] is True
-    assert int8["images_per_s"] > 0
-    assert report["speedup_int8_over_fast"] == pytest.approx(
-        int8["images_per_s"] / report["engine_fast"]["images_per_s"]
-    )
+    int8, workload = report["engine_int8"], report["int8_workload"]
+    assert int8["dtype"] == "int8" and int8["images_per_s"] > 0
+    assert int8["techniques"]["int8_stages"] == workload["int8_stages"]
+    assert int8["calibrated_layers"] > 0  # calibrated on the bench photos: static scales
+    # The whole workload, interleaved: the ratio of the medians of as many runs each.
+    assert len(workload["fast_s"]) == len(workload["int8_s"]) == workload["rounds"] == 1
+    assert report["speedup_int8_over_fast"] == workload["ratio_median"] > 0
+    assert workload["ratio_median"] == pytest.approx(workload["fast_s"][0] / workload["int8_s"][0])
     fidelity = int8["fidelity"]
     # Close to float32 on the tiny models, not equal (measured: max 0.08, mean 0.015).
     assert 0 < fidelity["max_abs_score_diff"] < 0.3 and fidelity["mean_abs_score_diff"] < 0.05
@@ -344,6 +346,45 @@ def test_int8_engine_is_reported_with_its_fidelity(report: dict[str, Any]) -> No
     assert report["fraction_of_peak_int8"] == pytest.approx(
         report["flops_per_image"] * int8["images_per_s"] / report["peak_flops_int8"]
     )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not int8_linear_available(), reason="this PyTorch has no oneDNN int8 linear kernels")
+def test_each_stage_is_decided_by_its_own_timings_and_agreement(report: dict[str, Any]) -> None:
+    choices = report["stage_dtypes"]
+    assert list(choices) == list(INT8_STAGES)
+    for stage, choice in choices.items():
+        assert choice["int8_s"] > 0 and choice["fast_s"] > 0
+        assert choice["int8_over_fast"] == pytest.approx(choice["fast_s"] / choice["int8_s"])
+        assert choice["faster"] is (choice["int8_s"] < choice["fast_s"])
+        if stage == "caption":
+            agrees = choice["caption_token_agreement"] >= INT8_CAPTION_AGREEMENT
+        else:
+            agrees = 0 <= choice["max_abs_score_diff"] <= INT8_SCORE_DRIFT
+        assert choice["keeps_agreement"] is agrees
+        chosen = choice["faster"] and choice["keeps_agreement"]
+        assert choice["dtype"] == ("int8" if chosen else report["engine_fast"]["dtype"])
+        assert (stage in report["int8_workload"]["int8_stages"]) is chosen
+    assert "max_abs_vision_diff" in choices["vision"]
+    assert "the whole workload interleaved" in format_report(report)
+
+
+@pytest.mark.slow
+def test_each_stage_is_read_against_its_own_peak(report: dict[str, Any]) -> None:
+    flops = report["stage_flops_per_image"]
+    assert set(flops) >= {"vision", "caption", "probes", "matches"}
+    # The stages' FLOPs are the workload's, split.
+    assert sum(flops.values()) == pytest.approx(report["flops_per_image"])
+    shares = report["stage_share_of_peak"]
+    fast = report["engine_fast"]["dtype"]
+    for stage in ("vision", "caption", "probes", "matches"):
+        at_fp32 = flops[stage] * 3 / report["engine_fp32"]["stages_s"][stage] / report["peak_flops_fp32"]
+        assert shares[stage]["float32"] == pytest.approx(at_fp32)
+        assert 0 < shares[stage][fast] < 1.5
+        if report["stage_dtypes"]:
+            assert 0 < shares[stage]["int8"] < 1.5
+    text = format_report(report)
+    assert "share of that dtype's matrix-product peak" in text and "vision" in text
 
 
 def test_without_peers_the_report_says_how_to_install_them(
