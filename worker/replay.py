@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from sqlmodel import Session, col, select
 
+from core import embeddings
 from core.banks import BankMatcher
 from core.blobs import open_blob_store
 from core.db import session_scope
@@ -119,6 +120,7 @@ def replay_policy(
     replayed: list[ReplayedJob] = []
     pending: list[tuple[ReplayedJob, Job, Decision, ModelOutputs, Requirements]] = []
     matcher = BankMatcher()
+    index = embeddings.ExampleIndex()
     with session_scope(settings.resolved_database_url) as session:
         for job, decision in rows:
             entry = ReplayedJob(job.id, decision.decided_at, decision.action, None)
@@ -135,6 +137,13 @@ def replay_policy(
             stored = outputs_from_evidence(decision.evidence, decision.caption, decision.text)
             stored = stored.merged(ModelOutputs(position=job.listing_index))
             stored = stored.merged(_bank_lookups(session, matcher, job, needs, stored))
+            stored = stored.merged(_example_lookups(session, index, job, needs, stored))
+            if unanswered := [query.set for query in needs.examples if query.set not in stored.examples]:
+                entry.skipped = (
+                    f"no image embedding is stored for this job, so example set(s) {', '.join(unanswered)} cannot "
+                    "be looked up (embedding_missing)"
+                )
+                continue
             pending.append((entry, job, decision, stored, missing_requirements(needs, stored)))
 
     capabilities: set[Capability] = set()
@@ -224,6 +233,26 @@ def _bank_lookups(
     # A job decided before its hashes were recorded (or erased) matches by neither hash.
     hashes = ImageHashes(job.image_sha256 or "", job.pdq or "0" * 64, job.pdq_quality or 0)
     return ModelOutputs(banks=matcher.lookup(session, job.tenant, queries, hashes))
+
+
+def _example_lookups(
+    session: Session, index: embeddings.ExampleIndex, job: Job, needs: Requirements, stored: ModelOutputs
+) -> ModelOutputs:
+    """The example sets a new policy's examples checks name that the stored evidence lacks (or holds fewer
+    neighbours of than a check now asks for), looked up as they are now with the job's stored image embedding."""
+    queries = [
+        (query.set, query.k)
+        for query in needs.examples
+        if query.set not in stored.examples or len(stored.examples[query.set]) < query.k
+    ]
+    if not queries:
+        return ModelOutputs()
+    embedding = embeddings.get(session, job.id)
+    if embedding is None:  # no embedding: sets with stored neighbours keep them, the others stay unanswered
+        return ModelOutputs()
+    return ModelOutputs(
+        examples=index.lookup(session, job.tenant, queries, embedding.model, embedding.vector, exclude=job.id)
+    )
 
 
 def find_cases(cases_dir: Path) -> list[tuple[Path, str]]:
