@@ -9,11 +9,11 @@ import pytest
 from core.errors import ConfigError
 from core.settings import Settings
 from policies.capabilities import Capability
-from worker.families import FAMILIES, families_for, thread_budget
+from worker.families import FAMILIES, Family, families_for, thread_budget
 
 
-def named(chosen: list[tuple[object, frozenset[Capability]]]) -> list[tuple[str, set[str]]]:
-    return [(family.name, {c.value for c in share}) for family, share in chosen]  # type: ignore[attr-defined]
+def named(chosen: list[tuple[Family, frozenset[Capability]]]) -> list[tuple[str, set[str]]]:
+    return [(family.name, {c.value for c in share}) for family, share in chosen]
 
 
 def test_each_capability_goes_to_the_first_family_that_declares_it() -> None:
