@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     _admin_key_option(up)
     up.add_argument("--host", default=None, help="address the API listens on (default 127.0.0.1)")
     up.add_argument("--port", type=_port, default=None, help="API port (default 8000)")
-    up.set_defaults(handler=cmd_up)
+    up.set_defaults(handler=cmd_up, opens_database=True)
 
     scan = sub.add_parser("scan", help="judge every image and video under PATH... and print the decisions")
     scan.add_argument("paths", nargs="+", type=Path, metavar="PATH")
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="task threads (default: MODTAG_WORKER_CONCURRENCY or twice the batch size)",
     )
-    worker.set_defaults(handler=cmd_worker)
+    worker.set_defaults(handler=cmd_worker, opens_database=True)
 
     policy = sub.add_parser("policy", help="policy tools")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="new checks' models at this dtype (MODTAG_DTYPE)",
     )
-    replay.set_defaults(handler=cmd_policy_replay)
+    replay.set_defaults(handler=cmd_policy_replay, opens_database=True)
     test = policy_sub.add_parser("test", help="run a policy on example images in allow/ review/ block/ folders")
     test.add_argument("file", type=Path, metavar="FILE")
     test.add_argument("cases", type=Path, metavar="CASES_DIR")

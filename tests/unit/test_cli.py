@@ -301,7 +301,18 @@ def test_keys_take_the_data_dir_of_modtag_up(tmp_path: Path, capsys: pytest.Capt
     assert [key["role"] for key in json.loads(listed.out)] == ["review"] and str(data_dir) in listed.err
 
 
-@pytest.mark.parametrize("command", [["keys", "list"], ["migrate"], ["reconcile"], ["api", "--port", "0"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["keys", "list"],
+        ["migrate"],
+        ["reconcile"],
+        ["api", "--port", "0"],
+        ["worker"],
+        ["policy", "replay", str(builtin_dir() / "moderation.yaml"), "--since", "1h"],
+        ["up", "--port", "0"],
+    ],
+)
 def test_an_unreachable_database_is_one_line_and_exit_3(
     command: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
