@@ -86,6 +86,7 @@ class Batcher(Generic[Request, Output]):
                 self._execute_call(first)
                 continue
             batch = [first]
+            del first
             calls: list[tuple[Any, Future[Any]]] = []  # arrived while this batch gathered: run after it
             deadline = time.monotonic() + self._wait_s
             stop = False
@@ -99,6 +100,7 @@ class Batcher(Generic[Request, Output]):
                     stop = True
                     break
                 (calls if isinstance(item[0], _Call) else batch).append(item)
+                del item
             self._execute(batch)
             for call in calls:
                 self._execute_call(call)
@@ -116,7 +118,11 @@ class Batcher(Generic[Request, Output]):
             future.set_exception(exc)
 
     def _execute(self, batch: list[tuple[Request, Future[Output]]]) -> None:
+        """Run the batch and answer each future; `batch` is emptied first, so that the model thread holds none of its
+        requests (their decoded images) while it waits for the next one: a task thread that hands its image back
+        after the answer frees it at once, and the worker's memory goes back down after a burst."""
         live = [(request, future) for request, future in batch if future.set_running_or_notify_cancel()]
+        batch.clear()
         if not live:
             return
         metrics.BATCH_SIZE.observe(len(live))
@@ -134,5 +140,7 @@ class Batcher(Generic[Request, Output]):
                 except Exception as single_exc:
                     future.set_exception(single_exc)
             return
-        for (_, future), output in zip(live, outputs, strict=True):
+        futures = [future for _, future in live]
+        live.clear()
+        for future, output in zip(futures, outputs, strict=True):
             future.set_result(output)

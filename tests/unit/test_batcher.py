@@ -128,3 +128,27 @@ def test_close_runs_the_work_queued_before_it_then_ends_the_thread() -> None:
     assert [future.result(timeout=0) for future in queued] == [10, 20]
     assert recorder.batches == [[1, 2]]
     assert not batcher._thread.is_alive()
+
+
+class Photo:
+    """A request that can be watched being freed (a decoded image, in a worker)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def test_the_model_thread_holds_no_request_once_it_answered() -> None:
+    """Old code: the last batch's requests stayed referenced by the model thread until the next batch arrived, so a
+    burst's decoded images outlived their jobs (and the budget's malloc_trim ran before they were freed)."""
+    import weakref
+
+    batcher: Batcher[Photo, int] = Batcher(lambda photos: [photo.value for photo in photos], max_images=4, wait_ms=0)
+    try:
+        for value in (1, 2):
+            photo = Photo(value)
+            freed = weakref.ref(photo)
+            assert batcher.run(photo, timeout_s=10) == value
+            del photo
+            assert freed() is None, "the model thread still holds the request it answered"
+    finally:
+        batcher.close()
