@@ -25,7 +25,7 @@ from core.public import ReviewItemPublic
 from core.settings import get_settings
 from core.tables import ApiKey, AuditEntry, Decision, ReviewItem, Role, utcnow
 from modtag.cli import main
-from tests.support.jobs import claimed_url_job
+from tests.support.jobs import decided_url_job
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,20 +41,7 @@ def reviewer(name: str, tenant: str = "default") -> Principal:
 
 
 def decided(database_url: str, action: str = "review", tenant: str = "default") -> str:
-    with session_scope(database_url) as session:
-        claimed = claimed_url_job(
-            session,
-            tenant=tenant,
-            policy="moderation",
-            policy_version="v1",
-            image_url="https://x.test/a",
-            worker="worker",
-        )
-        decision = Decision(
-            job_id=claimed.id, action=action, policy="moderation", policy_version="v1", categories=CATEGORIES
-        )
-        store_decision(session, claimed, decision)
-        return claimed.id
+    return decided_url_job(database_url, action, categories=CATEGORIES, tenant=tenant)
 
 
 def test_a_review_decision_enters_the_queue_once(database_url: str) -> None:

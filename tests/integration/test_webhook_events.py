@@ -25,7 +25,7 @@ from modtag.client import ApiClient
 from tests.support.api import Api, admin_key, assert_error
 from tests.support.dashboard import csrf_of, signed_in
 from tests.support.deployment import Deployment
-from tests.support.jobs import decided_for_review, new_job
+from tests.support.jobs import decided_url_job, new_job
 from tests.support.receiver import WebhookReceiver
 from tests.support.waiting import wait_for
 from worker.callbacks import deliver
@@ -38,7 +38,7 @@ def test_a_review_resolution_is_a_review_resolved_event_and_redelivery_repeats_i
     deployment: Deployment, webhook_receiver: WebhookReceiver
 ) -> None:
     database_url = deployment.env["MODTAG_DATABASE_URL"]
-    job_id = decided_for_review(database_url, callback_url=webhook_receiver.url)
+    job_id = decided_url_job(database_url, callback_url=webhook_receiver.url)
     deployment.start_api()
     deployment.start_worker(MODTAG_WEBHOOK_POLL_S="0.1")
     resolved = deployment.client.post(f"/v1/review/{job_id}/resolve", json={"action": "block", "reason": "a rifle"})
@@ -204,8 +204,8 @@ def test_migration_0010_renames_and_wraps_the_stored_messages(database_url: str)
 
 def test_each_resolution_records_its_own_review_resolved_message(api: Api) -> None:
     hook = "https://hooks.example.com/reviews"
-    job_id = decided_for_review(api.db_url, callback_url=hook)
-    silent = decided_for_review(api.db_url)  # no callback URL: nothing to send
+    job_id = decided_url_job(api.db_url, callback_url=hook)
+    silent = decided_url_job(api.db_url)  # no callback URL: nothing to send
     for step, body in (
         ("resolve", {"action": "block", "reason": "a rifle"}),
         ("reopen", {"reason": "appeal: a toy"}),

@@ -43,12 +43,21 @@ def stored(database_url: str, job_id: str) -> Job:
         return job
 
 
-def decided_for_review(database_url: str, *, tenant: str = "default", callback_url: str | None = None) -> str:
-    """A URL job the worker decided `review` (stored as its write path stores it: decision, queue item, audit)."""
+def decided_url_job(
+    database_url: str,
+    action: str = "review",
+    *,
+    categories: dict[str, dict[str, object]] | None = None,
+    tenant: str = "default",
+    callback_url: str | None = None,
+) -> str:
+    """A URL job the worker decided `action` (stored as its write path stores it: decision, a queue item for a
+    review, audit); `categories` default to one weapons score that asked for review."""
     from core.jobs import store_decision
     from core.tables import Decision
 
-    categories = {"weapons": {"score": 0.72, "action": "review", "fired": True, "decided_by": "probe"}}
+    if categories is None:
+        categories = {"weapons": {"score": 0.72, "action": "review", "fired": True, "decided_by": "probe"}}
     with session_scope(database_url) as session:
         job = claimed_url_job(
             session,
@@ -61,7 +70,7 @@ def decided_for_review(database_url: str, *, tenant: str = "default", callback_u
         if callback_url is not None:
             session.execute(update(Job).where(col(Job.id) == job.id).values(callback_url=callback_url))
         decision = Decision(
-            job_id=job.id, action="review", policy="moderation", policy_version="v1", categories=categories
+            job_id=job.id, action=action, policy="moderation", policy_version="v1", categories=categories
         )
         store_decision(session, job, decision)
         return job.id

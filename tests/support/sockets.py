@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -45,28 +45,28 @@ def read_answer(sock: socket.socket) -> tuple[int, dict[str, Any]]:
 
 def readable(sock: socket.socket, wait_s: float) -> bool:
     """The server sent something, or hung up, within `wait_s` (nothing is consumed)."""
-    sock.settimeout(wait_s)
-    try:
-        sock.recv(1, socket.MSG_PEEK)
-        return True
-    except TimeoutError:
-        return False
-    except OSError:
-        return True
-    finally:
-        sock.settimeout(SOCKET_TIMEOUT_S)
+    return _within(sock, wait_s, lambda: sock.recv(1, socket.MSG_PEEK))
 
 
 def closed(sock: socket.socket, wait_s: float) -> bool:
     """The server closed the connection (end of stream, or a reset) within `wait_s`; unread answers are skipped."""
+
+    def drain() -> None:
+        while sock.recv(65536):
+            pass
+
+    return _within(sock, wait_s, drain)
+
+
+def _within(sock: socket.socket, wait_s: float, read: Callable[[], object]) -> bool:
+    """Whether `read` returned, or the connection failed, before a read waited `wait_s`."""
     sock.settimeout(wait_s)
     try:
-        while chunk := sock.recv(65536):
-            del chunk
+        read()
         return True
     except TimeoutError:
         return False
-    except OSError:
+    except OSError:  # a reset: the server is done with this connection
         return True
     finally:
         sock.settimeout(SOCKET_TIMEOUT_S)
