@@ -49,10 +49,15 @@ def sso_login(
         return login_page(
             request, settings, next_path, "Single sign-on is not set up here; sign in with a key.", status=404
         )
+    address = client_address(request)
     try:
-        count_sso_start(services.redis, client_address(request), settings)
+        count_sso_start(services.redis, address, settings)
+    except ModtagError as exc:
+        return _refused(request, settings, next_path, exc)
+    try:
         url, state = sso.start(settings, services.redis, _redirect_uri(request, settings), next_path)
     except ModtagError as exc:
+        forgive_sso_start(services.redis, address)  # no flow was left waiting (an unreachable provider, say)
         return _refused(request, settings, next_path, exc)
     response = RedirectResponse(url, status_code=303)
     # Lax, not Strict: the provider's redirect back is a navigation from another site, and must carry it.
