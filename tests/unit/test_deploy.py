@@ -24,6 +24,9 @@ from typing import Any
 import pytest
 import yaml
 
+if typing.TYPE_CHECKING:
+    from core.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
@@ -466,6 +469,24 @@ def test_k8s_env_names_are_settings_and_values_validate() -> None:
                 env = {item["name"]: item["value"] for item in container.get("env", []) if "value" in item}
                 where = f"k8s {overlay} {workload['metadata']['name']}"
                 assert_settings_env(only_modtag({**configmap, **secret, **env}), where)
+
+
+def test_the_api_pods_temporary_disk_holds_what_uploads_may_spool_there() -> None:
+    """Uploads spool to the API's /tmp (an emptyDir): a spool cap larger than the volume gets the pod evicted."""
+    configmap = k8s_object("ConfigMap", "modtag-config")["data"]
+    settings = assert_settings_env(only_modtag(configmap), "k8s configmap")
+    assert settings.max_video_bytes <= settings.upload_spool_bytes, "the largest video could never be spooled"
+    api_tmp = _empty_dir_bytes(k8s_object("Deployment", "modtag-api"), "tmp")
+    assert settings.upload_spool_bytes < api_tmp, "MODTAG_UPLOAD_SPOOL_BYTES must fit the API's /tmp volume"
+    worker_tmp = _empty_dir_bytes(k8s_object("Deployment", "modtag-worker"), "tmp")
+    assert settings.max_video_bytes < worker_tmp, "a worker copies a video to its /tmp to judge it"
+
+
+def _empty_dir_bytes(workload: dict[str, Any], volume: str) -> int:
+    spec = next(item for item in pod_spec(workload)["volumes"] if item["name"] == volume)
+    quantity = re.fullmatch(r"(\d+)(Mi|Gi)", spec["emptyDir"]["sizeLimit"])
+    assert quantity, f"{volume}: sizeLimit in Mi or Gi expected"
+    return int(quantity[1]) * {"Mi": 2**20, "Gi": 2**30}[quantity[2]]
 
 
 def test_k8s_workloads_reference_what_exists() -> None:
@@ -1021,14 +1042,15 @@ def modtag_env(service: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def assert_settings_env(env: dict[str, str], where: str) -> None:
+def assert_settings_env(env: dict[str, str], where: str) -> Settings:
+    """The settings `env` gives, once every name in it is known to be a setting."""
     from core.settings import Settings
 
     fields = {f"MODTAG_{name.upper()}": name for name in Settings.model_fields}
     unknown = sorted(set(env) - set(fields))
     assert not unknown, f"{where}: {unknown} are not settings (core/settings.py)"
     # Validation only: no environment variable or .env file of this machine takes part.
-    Settings.model_validate({fields[key]: value for key, value in env.items()})  # raises if a value is invalid
+    return Settings.model_validate({fields[key]: value for key, value in env.items()})  # raises if a value is invalid
 
 
 def job_timeout_s(env: dict[str, str]) -> int:
