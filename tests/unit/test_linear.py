@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
-from transformers.models.blip.modeling_blip import BlipMLP
-from transformers.models.blip.modeling_blip_text import BlipTextIntermediate
+from transformers.models.blip.modeling_blip import BlipEncoderLayer, BlipMLP
+from transformers.models.blip.modeling_blip_text import BlipTextIntermediate, BlipTextOutput, BlipTextSelfOutput
 
-from worker.families.blip.linear import has_packed_linear, install_packed_linear, packed_linear_available
+from worker.families.blip.attention import install_fused_attention
+from worker.families.blip.linear import (
+    has_packed_linear,
+    install_packed_linear,
+    linear_add,
+    packed_linear_available,
+)
 from worker.families.blip.models import load_models
 
 pytestmark = pytest.mark.skipif(
@@ -82,3 +89,45 @@ def test_blip_mlps_fuse_their_gelu(tiny_models_dir: Path, dtype: torch.dtype) ->
     # float32: 1e-5; bfloat16: the fused GELU rounds once where the stock layers round twice.
     tolerance = 1e-5 if dtype == torch.float32 else 0.02 * (1 + expected.abs().max().item())
     assert (got - expected).abs().max().item() < tolerance
+
+
+def test_residual_sums_fuse_into_float32_products_with_the_stock_value() -> None:
+    torch.manual_seed(0)
+    stock, packed = nn.Linear(48, 40), nn.Linear(48, 40)
+    packed.load_state_dict(stock.state_dict())
+    install_packed_linear(packed)
+    inputs, residual = torch.randn(2, 9, 48), torch.randn(2, 9, 40)
+    strided = torch.randn(9, 2, 48).transpose(0, 1)
+    with torch.inference_mode():
+        for batch in (inputs, strided):
+            # oneDNN adds the residual to the finished float32 output: the same value as the sum after it.
+            assert torch.equal(linear_add(packed, batch, residual), stock(batch) + residual)
+        # A float32 residual beside a bf16 layer (mixed precision) is the stock sum: promoted to float32.
+        low = nn.Linear(48, 40).bfloat16()
+        install_packed_linear(low)
+        got = linear_add(low, inputs.bfloat16(), residual)
+        assert got.dtype == torch.float32 and torch.equal(got, low(inputs.bfloat16()) + residual)
+
+
+def test_blip_layers_hand_their_residuals_to_the_products(tiny_models_dir: Path) -> None:
+    # The vision layers (through the fused attention's layer) and the text output blocks, as the engine installs them.
+    fused = load_models("tiny-random", {"itm"}, cache_dir=tiny_models_dir.parent)
+    stock = load_models("tiny-random", {"itm"}, cache_dir=tiny_models_dir.parent)
+    model: Any = fused.get("itm").model
+    install_fused_attention(model)
+    install_packed_linear(model)
+    outputs = [m for m in model.modules() if isinstance(m, BlipTextSelfOutput | BlipTextOutput)]
+    assert outputs and all("forward" in vars(m) for m in outputs)
+    assert all("forward" in vars(m) for m in model.modules() if isinstance(m, BlipEncoderLayer))
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[1, 23, 3, 37, 31, 2]] * 2)  # within the tiny vocabulary
+    reference: Any = stock.get("itm").model
+    with torch.inference_mode():
+        for net in (model, reference):
+            net.eval()
+        got = model(input_ids=ids, pixel_values=pixels).itm_score
+        expected = reference(input_ids=ids, pixel_values=pixels).itm_score
+        vision = model.vision_model(pixel_values=pixels).last_hidden_state
+        stock_vision = reference.vision_model(pixel_values=pixels).last_hidden_state
+    assert (vision - stock_vision).abs().max().item() < 1e-5
+    assert (got - expected).abs().max().item() < 1e-5

@@ -10,6 +10,9 @@ products per cache-sized chunk of heads instead. The replacements keep the stock
 masks and cache handling and change only how the attention is computed: in float32 they agree with
 the stock classes to about 1e-6.
 
+The vision encoder layers are replaced too, only to hand the residual to the two products that end in it
+(`worker/families/blip/linear.py`'s `linear_add`: fused into a packed float32 product, the stock sum otherwise).
+
 On CPUs with AVX-512 the vision encoders' self-attention runs a native kernel instead (worker/families/blip/native: the
 scores of a block of query rows kept in cache, about 1.5x PyTorch's attention), where it can be built.
 
@@ -26,9 +29,10 @@ import torch
 from torch import nn
 from torch.nn import functional
 from transformers.cache_utils import EncoderDecoderCache
-from transformers.models.blip.modeling_blip import BlipAttention
+from transformers.models.blip.modeling_blip import BlipAttention, BlipEncoderLayer
 from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
 
+from worker.families.blip.linear import linear_add, mlp_add
 from worker.families.blip.native import HEAD_SIZE, NativeAttention, native_attention
 
 _MARK = "_modtag_fused_attention"
@@ -51,6 +55,11 @@ def install_fused_attention(model: nn.Module, native: bool = True) -> int:
             setattr(module, _NATIVE, kernel)
         elif isinstance(module, BlipTextSelfAttention):
             module.forward = types.MethodType(_text_attention, module)  # type: ignore[method-assign]
+        elif isinstance(module, BlipEncoderLayer):
+            # Not counted: the layer only hands its residual on (see _vision_layer).
+            module.forward = types.MethodType(_vision_layer, module)  # type: ignore[method-assign]
+            setattr(module, _MARK, True)
+            continue
         else:
             continue
         setattr(module, _MARK, True)
@@ -144,9 +153,23 @@ def _masked_softmax_(scores: torch.Tensor, mask: torch.Tensor | None) -> None:
 # Replacement forwards.
 
 
-def _vision_attention(self: BlipAttention, hidden_states: torch.Tensor, **_: Any) -> tuple[torch.Tensor, None]:
-    # The stock forward: one qkv projection, softmax(q k^T * scale) v per head, the output projection.
-    # It returns the attention probabilities as well, which nothing in the engine reads.
+def _vision_layer(self: BlipEncoderLayer, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    # The stock BlipEncoderLayer.forward, each residual sum handed to the product before it.
+    attention = self.self_attn
+    normed = self.layer_norm1(hidden_states)
+    if getattr(attention, _MARK, False):
+        hidden_states = _vision_attention(attention, normed, residual=hidden_states)[0]
+    else:
+        hidden_states = attention(hidden_states=normed, **kwargs)[0] + hidden_states
+    return mlp_add(self.mlp, self.layer_norm2(hidden_states), hidden_states)
+
+
+def _vision_attention(
+    self: BlipAttention, hidden_states: torch.Tensor, residual: torch.Tensor | None = None, **_: Any
+) -> tuple[torch.Tensor, None]:
+    # The stock forward: one qkv projection, softmax(q k^T * scale) v per head, the output projection
+    # (plus `residual`, when the encoder layer hands it over). It returns the attention probabilities as
+    # well, which nothing in the engine reads.
     batch, length, width = hidden_states.shape
     qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
     query, key, value = qkv.unbind(0)
@@ -155,7 +178,10 @@ def _vision_attention(self: BlipAttention, hidden_states: torch.Tensor, **_: Any
         context = kernel(query, key, value, self.scale)
     else:
         context = attend(query, key, value, None, self.scale)
-    return self.projection(context.reshape(batch, length, width)), None
+    context = context.reshape(batch, length, width)
+    if residual is not None:
+        return linear_add(self.projection, context, residual), None
+    return self.projection(context), None
 
 
 def _text_attention(

@@ -8,7 +8,11 @@ decoding. In bfloat16 the results are those of `nn.Linear` (bitwise at BLIP's si
 may differ by the stock layer's extra rounding of its separate bias add); in float32 oneDNN replaces
 MKL, which sums in another order (differences around 1e-6, relative). The GELU after the first layer of
 each MLP (vision and text) is fused into that product too, saving a pass over the widest activations;
-in bfloat16 it then rounds once instead of twice.
+in bfloat16 it then rounds once instead of twice. Where a layer's output is added to the residual stream
+(the text layers' output products here; the vision layers' attention and MLP outputs through
+`linear_add`, from worker/families/blip/attention.py), the sum is fused into the product as well when
+the residual has the layer's dtype (float32 models): one pass over the output instead of two, which at
+batch 1 is a tenth of the vision encoder's time outside the products.
 
 The packed copy doubles the memory of the linear weights. It is made when installed: a model moved
 or cast afterwards falls back to the stock layer for inputs the copy does not match.
@@ -24,7 +28,7 @@ from torch import nn
 from torch.nn import functional
 from transformers.activations import GELUActivation
 from transformers.models.blip.modeling_blip import BlipMLP
-from transformers.models.blip.modeling_blip_text import BlipTextIntermediate
+from transformers.models.blip.modeling_blip_text import BlipTextIntermediate, BlipTextOutput, BlipTextSelfOutput
 
 from worker.families.blip.precision import compute_input
 
@@ -48,7 +52,44 @@ def install_packed_linear(model: nn.Module) -> int:
             and hasattr(module.dense, _PACKED)
         ):
             module.forward = types.MethodType(_fused_intermediate, module)  # type: ignore[method-assign]
+        elif isinstance(module, BlipTextSelfOutput | BlipTextOutput) and hasattr(module.dense, _PACKED):
+            module.forward = types.MethodType(_fused_output, module)  # type: ignore[method-assign]
     return installed
+
+
+def linear_add(layer: nn.Linear, inputs: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """`layer(inputs) + residual`, the sum fused into a packed layer's product where the dtypes allow.
+
+    Exactly the stock sum's value (oneDNN adds the residual to the finished output); any other case runs the
+    layer and adds as the stock code does, dtype promotion included (a float32 residual under mixed precision).
+    """
+    packed: torch.Tensor | None = getattr(layer, _PACKED, None)
+    if (
+        packed is None
+        or torch.is_grad_enabled()
+        or inputs.dtype != packed.dtype
+        or residual.dtype != packed.dtype
+        or layer.weight.dtype != packed.dtype
+        or inputs.device.type != "cpu"
+        or residual.device.type != "cpu"
+        or residual.shape != (*inputs.shape[:-1], layer.weight.shape[0])
+    ):
+        output: torch.Tensor = layer(inputs)
+        return output + residual
+    # The kernel reads both operands as dense rows (see _packed_linear).
+    result: torch.Tensor = torch.ops.mkldnn._linear_pointwise.binary(
+        inputs.contiguous(), residual.contiguous(), packed, layer.bias, "add"
+    )
+    return result
+
+
+def mlp_add(mlp: nn.Module, inputs: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """`mlp(inputs) + residual` for a vision MLP, the sum fused into its second product where it runs packed."""
+    forward = mlp.__dict__.get("forward")
+    if isinstance(mlp, BlipMLP) and getattr(forward, "__func__", None) is _fused_mlp:
+        return linear_add(mlp.fc2, _packed_linear(mlp.fc1, inputs, "gelu"), residual)
+    output: torch.Tensor = mlp(inputs)
+    return output + residual
 
 
 def has_packed_linear(model: nn.Module) -> bool:
@@ -133,6 +174,16 @@ def _fused_mlp(self: BlipMLP, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def _fused_intermediate(self: BlipTextIntermediate, hidden_states: torch.Tensor) -> torch.Tensor:
     return _packed_linear(self.dense, hidden_states, "gelu")
+
+
+def _fused_output(
+    self: BlipTextSelfOutput | BlipTextOutput, hidden_states: torch.Tensor, input_tensor: torch.Tensor
+) -> torch.Tensor:
+    # The stock forward: dense, dropout (the identity outside training), LayerNorm(hidden + input_tensor).
+    if self.training:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+    normed: torch.Tensor = self.LayerNorm(linear_add(self.dense, hidden_states, input_tensor))
+    return normed
 
 
 def is_exact_gelu(activation: object) -> bool:
