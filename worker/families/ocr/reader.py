@@ -271,6 +271,11 @@ def _session(path: Path, threads: int) -> onnxruntime.InferenceSession:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    # ORT's CPU arena keeps the most memory a call ever needed (a large photo's detector pass, or the recognizer over
+    # a burst's lines) for the life of the session, and memory patterns plan buffers per input shape, which differs
+    # from image to image anyway. Without both, a worker's memory goes back down after a burst of large images.
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
     return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
