@@ -9,12 +9,18 @@ import pytest
 import torch
 from torch import nn
 from transformers.models.blip.modeling_blip import BlipEncoderLayer, BlipMLP
-from transformers.models.blip.modeling_blip_text import BlipTextIntermediate, BlipTextOutput, BlipTextSelfOutput
+from transformers.models.blip.modeling_blip_text import (
+    BlipTextIntermediate,
+    BlipTextOutput,
+    BlipTextSelfAttention,
+    BlipTextSelfOutput,
+)
 
 from worker.families.blip.attention import install_fused_attention
 from worker.families.blip.linear import (
     has_packed_linear,
     install_packed_linear,
+    key_value,
     linear_add,
     packed_linear_available,
 )
@@ -131,3 +137,26 @@ def test_blip_layers_hand_their_residuals_to_the_products(tiny_models_dir: Path)
         stock_vision = reference.vision_model(pixel_values=pixels).last_hidden_state
     assert (vision - stock_vision).abs().max().item() < 1e-5
     assert (got - expected).abs().max().item() < 1e-5
+
+
+def test_text_attention_keys_and_values_run_as_one_product(tiny_models_dir: Path) -> None:
+    fused = load_models("tiny-random", {"itm"}, cache_dir=tiny_models_dir.parent)
+    stock = load_models("tiny-random", {"itm"}, cache_dir=tiny_models_dir.parent)
+    model: Any = fused.get("itm").model
+    linears = sum(type(m) is nn.Linear for m in model.modules())
+    assert install_packed_linear(model) == linears
+    assert install_packed_linear(model) == 0  # the fused layers are not packed again
+    attentions = [m for m in model.modules() if isinstance(m, BlipTextSelfAttention)]
+    stock_attentions = [m for m in stock.get("itm").model.modules() if isinstance(m, BlipTextSelfAttention)]
+    assert attentions and all(
+        "forward" not in vars(layer) for m in attentions for layer in (m.key, m.value)
+    )  # their own packed copies went: one copy of the weights, in the fused product
+    states = torch.randn(2, 7, attentions[0].key.in_features)
+    with torch.inference_mode():
+        for ours, theirs in zip(attentions, stock_attentions, strict=True):
+            key, value = key_value(ours, states)
+            assert (key - theirs.key(states)).abs().max().item() < 1e-5
+            assert (value - theirs.value(states)).abs().max().item() < 1e-5
+    # With gradients (the packed kernel has none) the stock layers run.
+    key, value = key_value(attentions[0], states)
+    assert key.requires_grad and torch.allclose(key, stock_attentions[0].key(states), atol=1e-6)

@@ -32,7 +32,7 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.blip.modeling_blip import BlipAttention, BlipEncoderLayer
 from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
 
-from worker.families.blip.linear import linear_add, mlp_add
+from worker.families.blip.linear import key_value, linear_add, mlp_add
 from worker.families.blip.native import HEAD_SIZE, NativeAttention, native_attention
 
 _MARK = "_modtag_fused_attention"
@@ -220,8 +220,8 @@ def _text_attention(
         value = current_cache.layers[self.layer_idx].values
     else:
         kv_shape = (*current_states.shape[:-1], -1, self.attention_head_size)
-        key = self.key(current_states).view(kv_shape).transpose(1, 2)
-        value = self.value(current_states).view(kv_shape).transpose(1, 2)
+        key, value = key_value(self, current_states)  # one packed product where fused (linear.py)
+        key, value = key.view(kv_shape).transpose(1, 2), value.view(kv_shape).transpose(1, 2)
         if cache is not None:
             key, value = current_cache.update(key, value, self.layer_idx, kwargs=kwargs)
             if is_cross_attention and isinstance(cache, EncoderDecoderCache):

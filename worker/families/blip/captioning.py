@@ -34,6 +34,7 @@ from torch.nn import functional
 from transformers import GenerationConfig, PreTrainedModel
 
 from worker.families.blip.cuda import GraphCache, StepGraph, decode_graphs_wanted
+from worker.families.blip.linear import key_value
 
 # Generation settings that do not change what greedy search picks.
 _NEUTRAL_SETTINGS = {
@@ -242,8 +243,9 @@ class _FixedSteps:
         module = attention.self
         batch, heads, head_size = hidden.shape[0], self.heads, self.head_size
         query = module.query(hidden).view(batch, heads, 1, head_size)
-        cache[0].index_copy_(2, self.step_index, module.key(hidden).view(batch, heads, 1, head_size))
-        cache[1].index_copy_(2, self.step_index, module.value(hidden).view(batch, heads, 1, head_size))
+        key, value = key_value(module, hidden)
+        cache[0].index_copy_(2, self.step_index, key.reshape(batch, heads, 1, head_size))
+        cache[1].index_copy_(2, self.step_index, value.reshape(batch, heads, 1, head_size))
         context = functional.scaled_dot_product_attention(
             query, cache[0], cache[1], attn_mask=self.visible, scale=head_size**-0.5
         )
@@ -258,8 +260,9 @@ def _self_attention(
     module = attention.self
     batch = hidden.shape[0]
     query = module.query(hidden).view(batch, heads, 1, head_size)  # one token: (b, 1, h, d) is (b, h, 1, d)
-    cache[0, :, :, step] = module.key(hidden).view(batch, heads, head_size)
-    cache[1, :, :, step] = module.value(hidden).view(batch, heads, head_size)
+    key, value = key_value(module, hidden)
+    cache[0, :, :, step] = key.view(batch, heads, head_size)
+    cache[1, :, :, step] = value.view(batch, heads, head_size)
     keys, values = cache[0, :, :, : step + 1], cache[1, :, :, : step + 1]
     scores = torch.matmul(query, keys.transpose(-1, -2)) * head_size**-0.5
     context = torch.matmul(scores.softmax(dim=-1), values).view(batch, 1, heads * head_size)
