@@ -6,4 +6,6 @@ and workers as child processes. models: the tiny random models as fixtures. rece
 records callbacks. policies: policies written inline (load, failure, a one-category policy). s3: a
 real S3 HTTP server (moto) and a bucket per test. proxy: a TCP path to a server that a test can cut. outages:
 what outage tests read (a worker's metrics, decisions per job, the outage log lines) and do (kill Redis).
+servers: Redis, PostgreSQL, a database empty (`empty_database_url`, where migration tests start) or migrated
+(`database_url`). sockets: HTTP over a raw socket (a head without its body, bytes one at a time).
 """

@@ -1,5 +1,6 @@
 """What outage tests read and do around a deployment: a worker's metrics, each job's decisions, the outage lines
-in a worker's log, a Redis crash, and the TCP path to pgserver's unix socket that a proxy can cut."""
+in a worker's log (a broker outage's among them), a Redis crash, and the TCP path to pgserver's unix socket that a
+proxy can cut."""
 
 from __future__ import annotations
 
@@ -44,6 +45,21 @@ def outage_lines(log: Path, name: str) -> tuple[list[str], list[str]]:
     return [line for line in own if f"{name} unreachable: " in line], [
         line for line in own if f"{name} reachable again" in line
     ]
+
+
+def broker_outage_lines(log: Path) -> Counter[str]:
+    """What a worker logged of broker outages: `down` and `up`, its reconciler's lines for one's start and end, and
+    `restarted`, its Celery consumer started again after an unrecoverable error.
+
+    Such an error (kombu failing to restore unacknowledged messages over the connection Redis dropped) ends the
+    worker's reconciler with its consumer, and the next reconciler starts once Redis answers: a worker whose
+    consumer stopped before its reconciler's next pass logs the restart for that outage and no reconciler line."""
+    text = log.read_text(errors="replace")
+    return Counter(
+        down=text.count("reconciler: Redis unreachable"),
+        up=text.count("reconciler: Redis reachable again"),
+        restarted=text.count("restarting it, models kept"),
+    )
 
 
 def kill_redis(redis_server: RedisServer) -> None:
