@@ -53,7 +53,9 @@ class StepGraph:
             for _ in range(WARMUP_STEPS):
                 step()
         torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(self.graph):
+        # thread_local: a CUDA call another thread makes meanwhile (a task thread pinning memory) is not an error
+        # of this capture, and is not captured either.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             step()
 
     def replay(self) -> None:
