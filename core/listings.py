@@ -1,6 +1,7 @@
 """Listing records: a listing and its photos' jobs, written together; read back in photo order.
 
-The listing body (`GET /v1/listings/{id}` and its callback) is `policies.listing.listing_public` of these rows.
+The listing body (`GET /v1/listings/{id}` and its callback) is `core.public.ListingPublic.from_rows` of these rows,
+with `policies.listing.photos_verdict`.
 """
 
 from __future__ import annotations

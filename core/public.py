@@ -12,7 +12,7 @@ ignore keys they do not know; it says nothing about this version sending undecla
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -380,6 +380,18 @@ class ListingPublic(OpenModel):
     def from_photos(cls, listing: Listing, photos: list[JobPublic], verdict: Mapping[str, Any]) -> ListingPublic:
         """The listing body, given its photos and the verdict the domain read from them (policies.listing)."""
         return _from_row(cls, listing, verdict=verdict, photos=photos)
+
+    @classmethod
+    def from_rows(
+        cls,
+        listing: Listing,
+        rows: Sequence[tuple[Job, Decision | None]],
+        verdict: Callable[[Sequence[JobPublic]], Mapping[str, Any]],
+    ) -> ListingPublic:
+        """The listing body (`GET /v1/listings/{id}`, and the listing's callback) from its rows, with the verdict
+        `verdict` reads from its photos (`policies.listing.photos_verdict`, passed in: core never imports policies)."""
+        photos = cls.photos_of(rows)
+        return cls.from_photos(listing, photos, verdict(photos))
 
 
 # --- policies, shadows, audit ----------------------------------------------------------------------------------

@@ -16,8 +16,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from core.public import JobPublic, ListingPublic
-from core.tables import Decision, Job, Listing
+from core.public import JobPublic
 from policies.evaluate import CategoryResult, PolicyDecision
 from policies.outputs import Contradiction, Evidence, Tag
 from policies.subject import SubjectPart, subject_verdict
@@ -102,10 +101,9 @@ def stored_decision(decision: Mapping[str, Any]) -> PolicyDecision:
     )
 
 
-def listing_public(listing: Listing, rows: Sequence[tuple[Job, Decision | None]]) -> ListingPublic:
-    """The listing body (`GET /v1/listings/{id}`, and the listing's callback): core's shape, this module's verdict."""
-    photos = ListingPublic.photos_of(rows)
-    return ListingPublic.from_photos(listing, photos, listing_verdict([_image(photo) for photo in photos]))
+def photos_verdict(photos: Sequence[JobPublic]) -> dict[str, Any]:
+    """The verdict of a listing's photos as the API shows them (`core.public.ListingPublic.from_rows` takes it)."""
+    return listing_verdict([_image(photo) for photo in photos])
 
 
 def _image(photo: JobPublic) -> ListingImage:

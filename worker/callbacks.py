@@ -26,11 +26,11 @@ from core.dependencies import RECORD, Dependency, outage_of
 from core.errors import ModtagError
 from core.events import JOB_EVENTS, EventType, envelope, job_event_type
 from core.listings import listing_callback_due, listings_missing_callback
-from core.public import JobPublic
+from core.public import JobPublic, ListingPublic
 from core.settings import Settings
 from core.tables import Job, utcnow
 from core.urls import post_json
-from policies.listing import listing_public
+from policies.listing import photos_verdict
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def _record_listing(settings: Settings, listing_id: str) -> list[str]:
         due = listing_callback_due(session, listing_id)
         if due is None:
             return []
-        body = listing_public(due.listing, due.rows).model_dump(mode="json")
+        body = ListingPublic.from_rows(due.listing, due.rows, photos_verdict).model_dump(mode="json")
         row = webhooks.record_delivery(
             session,
             tenant=due.listing.tenant,

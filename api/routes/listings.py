@@ -23,7 +23,7 @@ from core.finality import listing_subject
 from core.listings import get_listing, listing_jobs
 from core.public import ListingPublic
 from core.tables import ID_PATTERN, Listing
-from policies.listing import listing_public
+from policies.listing import photos_verdict
 
 router = APIRouter(prefix="/v1/listings", tags=["listings"])
 
@@ -47,13 +47,13 @@ async def submit_listing(
             waiter,
         )
     if accepted.created:
-        return listing_public(listing, [(job, None) for job in accepted.jobs])
+        return ListingPublic.from_rows(listing, [(job, None) for job in accepted.jobs], photos_verdict)
     return (await run_in_threadpool(_listing_now, intake.session, listing))[1]
 
 
 def _listing_now(session: Session, listing: Listing) -> tuple[bool, ListingPublic]:
     """Whether the listing's verdict is final now (every photo final), and its body as `GET` shows it."""
-    body = listing_public(listing, listing_jobs(session, listing.id))
+    body = ListingPublic.from_rows(listing, listing_jobs(session, listing.id), photos_verdict)
     return body.verdict.status != "pending", body
 
 
@@ -61,7 +61,7 @@ def _listing_now(session: Session, listing: Listing) -> tuple[bool, ListingPubli
 def read_listing_result(listing_id: str, session: SessionDep, principal: Reader) -> ListingPublic:
     """The listing with each photo's result and the listing-level verdict (pending until every photo is final)."""
     listing = _tenant_listing(session, listing_id, principal.tenant)
-    return listing_public(listing, listing_jobs(session, listing.id))
+    return ListingPublic.from_rows(listing, listing_jobs(session, listing.id), photos_verdict)
 
 
 @router.delete("/{listing_id}", response_model=ListingPublic, responses=error_responses(401, 403, 404, 422))
@@ -76,7 +76,7 @@ def delete_listing(listing_id: str, session: SessionDep, services: ServicesDep, 
         key = keys.get(job_id)
         if erasure.blob_deleted and key is not None:
             forget_thumbnail(key, services)
-    body = listing_public(listing, listing_jobs(session, listing.id))
+    body = ListingPublic.from_rows(listing, listing_jobs(session, listing.id), photos_verdict)
     body.photos = [photo.model_copy(update={"kept": erasures[photo.id].kept}) for photo in body.photos]
     return body
 

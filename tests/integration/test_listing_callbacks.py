@@ -17,9 +17,10 @@ from core import metrics, webhooks
 from core.db import alembic_config, get_engine, session_scope
 from core.jobs import NewJob, fail_job
 from core.listings import NewListing, create_listing, listing_callback_due
+from core.public import ListingPublic
 from core.settings import Settings
 from core.tables import Job, Listing, WebhookDelivery
-from policies.listing import listing_public
+from policies.listing import photos_verdict
 from tests.support.api import Api, assert_error
 from tests.support.deployment import Deployment, wait_listing
 from tests.support.photos import photo_bytes
@@ -52,11 +53,9 @@ def due(database_url: str, listing_id: str) -> tuple[str, dict[str, Any]] | None
     """The claimed callback's URL and the body the worker POSTs, or None when not due (or claimed already)."""
     with session_scope(database_url) as session:
         claimed = listing_callback_due(session, listing_id)
-    return (
-        None
-        if claimed is None
-        else (claimed.url, listing_public(claimed.listing, claimed.rows).model_dump(mode="json"))
-    )
+    if claimed is None:
+        return None
+    return claimed.url, ListingPublic.from_rows(claimed.listing, claimed.rows, photos_verdict).model_dump(mode="json")
 
 
 def test_the_callback_is_due_once_every_photo_is_final_and_claimed_once(database_url: str) -> None:

@@ -11,7 +11,7 @@ from core.public import CategoryResult, DecisionPublic, JobPublic, ListingPublic
 from core.settings import Settings
 from core.tables import Decision, Job, Listing
 from policies import CategoryResult as PolicyCategoryResult
-from policies.listing import ListingImage, listing_public, listing_verdict
+from policies.listing import ListingImage, listing_verdict, photos_verdict
 
 
 def decision_row(job_id: str, categories: dict[str, dict[str, object]]) -> Decision:
@@ -58,7 +58,8 @@ def test_index_is_only_in_a_listings_photos() -> None:
     alone = JobPublic.from_row(photos[0], None).model_dump(mode="json")
     assert "index" not in alone and alone["listing"] == {"id": listing.id, "index": 0}
 
-    body = listing_public(listing, [(photos[0], decision_row(photos[0].id, {"colour": REVIEW})), (photos[1], None)])
+    rows = [(photos[0], decision_row(photos[0].id, {"colour": REVIEW})), (photos[1], None)]
+    body = ListingPublic.from_rows(listing, rows, photos_verdict)
     shown = body.model_dump(mode="json")
     assert [photo["index"] for photo in shown["photos"]] == [1, 2]
     assert {key for key in shown["photos"][0] if key != "index"} == set(alone)
