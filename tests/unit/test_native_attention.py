@@ -186,6 +186,23 @@ def test_quantizer_matches_pytorch(shape: tuple[int, int]) -> None:
     assert zero == 0 and positive.max().item() == 255  # all positive: the range starts at 0
 
 
+@pytest.mark.skipif(not cpu_supports(torch.bfloat16), reason="this CPU lacks AVX-512 BF16")
+@pytest.mark.parametrize("shape", [(1, 5), (37, 768), (577, 3072)])
+def test_static_quantizer_matches_pytorch_and_saturates(shape: tuple[int, int]) -> None:
+    # A calibrated scale and zero point (worker/families/blip/calibration.py): one pass, values outside the range
+    # clamped to 0 and 255 as PyTorch's quantizer clamps them.
+    quantizer = native.native_quantizer()
+    assert quantizer is not None
+    rows = (torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0])) * 4).bfloat16()
+    scale, zero = 6.0 / 255, 128  # about [-3, 3]: the tails of the input fall outside
+    got = quantizer.static(rows, scale, zero)
+    expected = torch.quantize_per_tensor(rows.float(), scale, zero, torch.quint8).int_repr()
+    assert got.shape == rows.shape and got.dtype == torch.uint8
+    assert (got.int() - expected.int()).abs().max().item() <= 1  # ties may round the other way
+    outside = rows.float().abs() > 3.5
+    assert torch.equal(got[outside], expected[outside])  # saturated alike
+
+
 def test_native_kernels_off_leaves_int8_to_pytorchs_quantizer() -> None:
     # MODTAG_NATIVE_KERNELS=false: the worker turns the library off for the int8 layers too.
     native.enable(False)
