@@ -13,14 +13,20 @@ PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# checkov (the Kubernetes manifests' checks, tests/unit/test_deploy.py) in a virtual environment of its own: it pins
+# boto3, botocore, packaging and networkx below the lock. Only the checkov command goes on the tests' PATH.
+TOOLS ?= .venv-tools
+CHECKOV_SPEC ?= checkov==3.3.30
+TOOLS_STAMP := $(TOOLS)/.installed
+TOOLS_PATH := $(CURDIR)/$(TOOLS)/path
 
 .PHONY: run test lint unit test-fast integration e2e bench bench-gpu clean setup lock
 
 run: $(STAMP)
 	MODTAG_MODELS=$(MODTAG_MODELS) $(BIN)/modtag scan examples/
 
-test: $(STAMP) lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+test: $(STAMP) $(TOOLS_STAMP) lint
+	PATH="$(TOOLS_PATH):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -57,6 +63,13 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
+# Without a package index checkov does not install: its tests skip, saying so, and the rest runs.
+$(TOOLS_STAMP):
+	test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	if $(TOOLS)/bin/python -m pip install --quiet "$(CHECKOV_SPEC)"; then \
+		mkdir -p $(TOOLS)/path && ln -sf ../bin/checkov $(TOOLS)/path/checkov && touch $(TOOLS_STAMP); \
+	else echo "make: checkov did not install; the tests that need it will be skipped"; fi
+
 # The lock leaves torch (and its CUDA wheels) out: TORCH_SPEC and the image's TORCH_INDEX_URL choose the build.
 lock: $(STAMP)
 	$(BIN)/python -m pip install --quiet uv
@@ -68,4 +81,4 @@ lock: $(STAMP)
 		-o $(LOCK)
 
 clean:
-	rm -rf $(VENV) .modtag .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) .modtag .pytest_cache .mypy_cache .ruff_cache

@@ -42,8 +42,8 @@ RUNBOOK = DEPLOY / "RUNBOOK.md"
 # checkov's Kubernetes checks the manifests skip, each with a reason in a `checkov.io/skipN` annotation.
 CHECKOV_SKIPS = {"CKV_K8S_43", "CKV_K8S_35"}
 CHECKOV_INSTALL = (
-    "pip install checkov, in a virtual environment of its own: it pins boto3, botocore, packaging and networkx "
-    "below requirements.lock, so it is not in the test extra"
+    "make test installs it in .venv-tools, a virtual environment of its own (it pins boto3, botocore, packaging "
+    "and networkx below requirements.lock, so it is not in the test extra), and puts it on the tests' PATH"
 )
 BASE_IMAGE = "python:3.11.11-slim-bookworm"
 COMPOSE_SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD")
