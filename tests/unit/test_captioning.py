@@ -85,7 +85,8 @@ def test_tokens_equal_stock_generate(models: tuple[Any, Any], images: int, max_n
 def test_fixed_shape_steps_equal_stock_generate(
     models: tuple[Any, Any], images: int, max_new: int, min_new: int
 ) -> None:
-    # The steps CUDA replays as a graph, run eagerly on the CPU: the same tokens as stock generate.
+    # The steps CUDA replays as a graph, run eagerly on the CPU: the same tokens as stock generate (3 and 5
+    # images run padded to 4 and 8 rows, the padding finished from the start).
     ours, stock = models
     embeds = _image_embeds(stock, images, seed=images)
     assert torch.equal(_greedy(ours, embeds, max_new, min_new, fixed=True), _stock(stock, embeds, max_new, min_new))
@@ -105,7 +106,9 @@ def test_a_fixed_step_never_waits_for_the_host(models: tuple[Any, Any]) -> None:
 
     ours, stock = models
     embeds = _image_embeds(stock, 2, seed=3)
-    state = _FixedSteps(ours.text_decoder, embeds, (ours.config.text_config.bos_token_id, EOS, PAD), 6, 2)
+    ids = (ours.config.text_config.bos_token_id, EOS, PAD)
+    rows, image_tokens, width = embeds.shape
+    state = _FixedSteps(ours.text_decoder, (rows, image_tokens, width), embeds.device, ids, 6, 2)
     with torch.inference_mode():
         state.start(embeds)
         with Dispatched() as dispatched:

@@ -137,7 +137,10 @@ def _fixed_captions(
     max_new_tokens: int,
     min_new_tokens: int,
 ) -> torch.Tensor:
-    batch, image_tokens, width = image_embeds.shape
+    rows, image_tokens, width = image_embeds.shape
+    # Batches are padded to a power of two: a worker's batches of 1 to 16 images make 5 shapes to capture, not 16.
+    # The padding rows start finished, so they neither delay the end nor take part in it.
+    batch = 1 << (rows - 1).bit_length()
     text: Any = decoder
     dtype = text.bert.encoder.layer[0].attention.self.query.weight.dtype
     key = (batch, image_tokens, width, dtype, str(image_embeds.device), ids, max_new_tokens, min_new_tokens)
@@ -147,7 +150,9 @@ def _fixed_captions(
         object.__setattr__(decoder, _GRAPHS, cache)  # per model instance, never in its state dict
 
     def build() -> _FixedSteps:
-        return _FixedSteps(decoder, image_embeds, ids, max_new_tokens, min_new_tokens)
+        return _FixedSteps(
+            decoder, (batch, image_tokens, width), image_embeds.device, ids, max_new_tokens, min_new_tokens
+        )
 
     def capture(state: _FixedSteps) -> StepGraph:
         state.start(image_embeds)
@@ -165,7 +170,7 @@ def _fixed_captions(
         run()
         if (step + 1) % _CHECK_EVERY == 0 and not bool(state.unfinished.any()):
             break
-    return state.result()
+    return state.result(rows)
 
 
 class _FixedSteps:
@@ -178,7 +183,8 @@ class _FixedSteps:
     def __init__(
         self,
         decoder: PreTrainedModel,
-        image_embeds: torch.Tensor,
+        shape: tuple[int, int, int],
+        device: torch.device,
         ids: tuple[int, int, int],
         max_new_tokens: int,
         min_new_tokens: int,
@@ -190,12 +196,12 @@ class _FixedSteps:
         self.min_new_tokens = min_new_tokens
         module = self.layers[0].attention.self
         self.heads, self.head_size = module.num_attention_heads, module.attention_head_size
-        batch, image_tokens, width = image_embeds.shape
-        device, dtype = image_embeds.device, module.query.weight.dtype
-        self.image_embeds = torch.empty((batch, image_tokens, width), dtype=dtype, device=device)
+        batch = shape[0]  # images and padding rows
+        dtype = module.query.weight.dtype
+        self.image_embeds = torch.zeros(shape, dtype=dtype, device=device)
         self.image_t = self.image_embeds.transpose(1, 2)
-        shape = (len(self.layers), 2, batch, self.heads, max_new_tokens, self.head_size)
-        self.cache = torch.zeros(shape, dtype=dtype, device=device)
+        cache_shape = (len(self.layers), 2, batch, self.heads, max_new_tokens, self.head_size)
+        self.cache = torch.zeros(cache_shape, dtype=dtype, device=device)
         self.tokens = torch.empty(batch, dtype=torch.long, device=device)
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
         self.unfinished = torch.empty(batch, dtype=torch.bool, device=device)
@@ -206,12 +212,15 @@ class _FixedSteps:
         self.cross = [_Absorbed.of(layer.crossattention.self) for layer in self.layers]
 
     def start(self, image_embeds: torch.Tensor) -> None:
-        """Set the buffers for a new call on these image tokens."""
-        self.image_embeds.copy_(image_embeds)
+        """Set the buffers for a new call on these image tokens (as many rows as the buffers or fewer: padding)."""
+        rows = image_embeds.shape[0]
+        self.image_embeds[:rows].copy_(image_embeds)
+        self.image_embeds[rows:].zero_()
         self.cache.zero_()
         self.tokens.fill_(self.bos)
         self.step_index.zero_()
         self.unfinished.fill_(True)
+        self.unfinished[rows:] = False  # padding rows are finished from the start: pad tokens, never the end token
         self.generated.fill_(self.pad)
 
     def step(self) -> None:
@@ -233,11 +242,12 @@ class _FixedSteps:
         self.tokens.copy_(chosen)
         self.step_index += 1
 
-    def result(self) -> torch.Tensor:
-        """The generated tokens up to the step where every row had ended (as the growing path stops), a copy."""
-        ended = (self.generated == self.eos).cummax(dim=1).values.all(dim=0)  # (steps,): every row ended by then
-        steps = int(ended.int().argmax()) + 1 if bool(ended.any()) else self.generated.shape[1]
-        return self.generated[:, :steps].clone()
+    def result(self, rows: int) -> torch.Tensor:
+        """The first `rows` rows' tokens up to the step where each had ended (as the growing path stops), a copy."""
+        generated = self.generated[:rows]
+        ended = (generated == self.eos).cummax(dim=1).values.all(dim=0)  # (steps,): every row ended by then
+        steps = int(ended.int().argmax()) + 1 if bool(ended.any()) else generated.shape[1]
+        return generated[:, :steps].clone()
 
     def _self_attention(self, attention: Any, hidden: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
         module = attention.self
