@@ -22,7 +22,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-GRAPHS_PER_MODEL = 4  # captured shapes kept per decoder (full batches and the odd last one, mostly)
+GRAPHS_PER_MODEL = 6  # captured shapes kept per decoder: batches padded to 1, 2, 4, 8, 16 rows, and one more
 WARMUP_STEPS = 2  # steps run on a side stream before capture, as PyTorch asks (allocator and cuBLAS set-up)
 
 
