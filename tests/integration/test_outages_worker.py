@@ -12,19 +12,21 @@ takes seconds; how long the outage lasts is set by a condition (each job met it 
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import pytest
 from sqlmodel import select
 
 from core.db import session_scope
+from core.dependencies import Dependency
 from core.tables import Job, JobStatus
 from modtag.servers import free_port
 from tests.support.deployment import Deployment, submit
-from tests.support.outages import decisions_per_job, outage_lines, worker_metric
+from tests.support.outages import decisions_per_job, outage_lines, postgres_socket, worker_metric
 from tests.support.photos import NAMES, photo_bytes
 from tests.support.proxy import cuttable_proxy
 from tests.support.s3 import S3Bucket
@@ -73,15 +75,7 @@ def test_an_s3_outage_longer_than_the_old_retry_window_fails_no_job(fleet: Deplo
         s3.cut()
         cut_at = time.monotonic()
         job_ids = submit_photos(fleet, JOBS)
-        # Three deliveries per job would have spent all of the old attempts, and the old window is past.
-        wait_for(
-            lambda: (
-                retries(metrics_port, "blob_store_unavailable") >= 3 * JOBS and time.monotonic() - cut_at > OUTAGE_MIN_S
-            ),
-            240,
-            "every job meeting the outage, for longer than the old window",
-        )
-        assert worker_metric(metrics_port, "modtag_dependency_up", dependency="blob_store") == 0
+        past_the_old_window(metrics_port, Dependency.BLOB_STORE, cut_at)
         assert {job.status for job in rows(database_url, job_ids).values()} <= {JobStatus.QUEUED, JobStatus.RUNNING}
         s3.restore()
         outage_s = time.monotonic() - cut_at
@@ -90,12 +84,7 @@ def test_an_s3_outage_longer_than_the_old_retry_window_fails_no_job(fleet: Deplo
     assert statuses == Counter(done=JOBS), [job.get("error") for job in final.values()]
     assert decisions_per_job(database_url, job_ids) == Counter(dict.fromkeys(job_ids, 1))
     assert {job.attempts for job in rows(database_url, job_ids).values()} == {1}  # the outage cost no attempt
-    assert worker.poll() is None
-    wait_for(
-        lambda: worker_metric(metrics_port, "modtag_dependency_up", dependency="blob_store") == 1, 30, "the gauge at 1"
-    )
-    down, up = outage_lines(fleet.log_dir / "worker.log", "blob store")
-    assert len(down) == 1 and len(up) == 1, (down, up)
+    said_once(fleet, worker, metrics_port, Dependency.BLOB_STORE)
     longest = longest_wait(fleet.log_dir / "worker.log")
     print(
         f"\nS3 outage {outage_s:.1f}s: {statuses['done']} done, {statuses['failed']} failed, "
@@ -107,11 +96,9 @@ def test_an_s3_outage_longer_than_the_old_retry_window_fails_no_job(fleet: Deplo
 @pytest.mark.timeout(600)
 def test_a_database_outage_mid_batch_costs_no_attempt(fleet: Deployment, postgres_url: str) -> None:
     # pgserver listens on a unix socket: the worker reaches it through a TCP port that the test can cut.
-    socket_dir = parse_qs(urlsplit(postgres_url).query)["host"][0]
-    socket_path = next(Path(socket_dir).glob(".s.PGSQL.*"))
-    path = urlsplit(postgres_url).path
+    socket_path, path = postgres_socket(postgres_url)
     metrics_port = free_port()
-    with cuttable_proxy(str(socket_path)) as database:
+    with cuttable_proxy(socket_path) as database:
         fleet.start_api()
         worker = fleet.start_worker(
             "worker",
@@ -131,14 +118,7 @@ def test_a_database_outage_mid_batch_costs_no_attempt(fleet: Deployment, postgre
         database.cut()
         cut_at = time.monotonic()
         running_at_cut = [job.id for job in rows(postgres_url, job_ids).values() if job.status == JobStatus.RUNNING]
-        wait_for(
-            lambda: (
-                retries(metrics_port, "database_unavailable") >= 3 * JOBS and time.monotonic() - cut_at > OUTAGE_MIN_S
-            ),
-            240,
-            "every job meeting the outage, for longer than the old window",
-        )
-        assert worker_metric(metrics_port, "modtag_dependency_up", dependency="database") == 0
+        past_the_old_window(metrics_port, Dependency.DATABASE, cut_at)
         database.restore()
         outage_s = time.monotonic() - cut_at
         final = fleet.client.wait_jobs(job_ids, timeout_s=180)
@@ -147,14 +127,34 @@ def test_a_database_outage_mid_batch_costs_no_attempt(fleet: Deployment, postgre
     assert decisions_per_job(postgres_url, job_ids) == Counter(dict.fromkeys(job_ids, 1))
     attempts = {job.id: job.attempts for job in rows(postgres_url, job_ids).values()}
     assert set(attempts.values()) == {1}, {job_id: attempts[job_id] for job_id in running_at_cut}
-    assert worker.poll() is None
-    wait_for(
-        lambda: worker_metric(metrics_port, "modtag_dependency_up", dependency="database") == 1, 30, "the gauge at 1"
-    )
-    down, up = outage_lines(fleet.log_dir / "worker.log", "database")
-    assert len(down) == 1 and len(up) == 1, (down, up)
+    said_once(fleet, worker, metrics_port, Dependency.DATABASE)
     print(
         f"\ndatabase outage {outage_s:.1f}s ({len(running_at_cut)} job(s) mid-batch): {statuses['done']} done, "
         f"{statuses['failed']} failed, {retries(metrics_port, 'database_unavailable'):.0f} waits, "
         f"longest {longest_wait(fleet.log_dir / 'worker.log'):.1f}s, worker alive: {worker.poll() is None}"
     )
+
+
+def past_the_old_window(metrics_port: int, dependency: Dependency, cut_at: float) -> None:
+    """Until three deliveries per job met the outage (all of the old attempts) and the old window is past; the
+    worker's gauge for `dependency` is then 0."""
+    reason = f"{dependency.value}_unavailable"
+    wait_for(
+        lambda: retries(metrics_port, reason) >= 3 * JOBS and time.monotonic() - cut_at > OUTAGE_MIN_S,
+        240,
+        "every job meeting the outage, for longer than the old window",
+    )
+    assert worker_metric(metrics_port, "modtag_dependency_up", dependency=dependency.value) == 0
+
+
+def said_once(fleet: Deployment, worker: subprocess.Popen[bytes], metrics_port: int, dependency: Dependency) -> None:
+    """The worker lives on, its gauge for `dependency` is back at 1, and its log has one line for the outage's start
+    and one for its end."""
+    assert worker.poll() is None
+    wait_for(
+        lambda: worker_metric(metrics_port, "modtag_dependency_up", dependency=dependency.value) == 1,
+        30,
+        "the gauge at 1",
+    )
+    down, up = outage_lines(fleet.log_dir / "worker.log", dependency.value.replace("_", " "))
+    assert len(down) == 1 and len(up) == 1, (down, up)
