@@ -37,6 +37,17 @@ OUTAGE_MIN_S = 10  # longer than the old window (about 6 s)
 OUTAGE_WAITS = {"MODTAG_DEPENDENCY_RETRY_MAX_S": "4"}
 
 
+def start_worker(fleet: Deployment, metrics_port: int, **env: str) -> subprocess.Popen[bytes]:
+    """The worker, with its metrics on `metrics_port` and the short outage waits; `env` is its path to the cut."""
+    return fleet.start_worker(
+        "worker",
+        MODTAG_WORKER_METRICS_PORT=str(metrics_port),
+        MODTAG_WORKER_METRICS_HOST="127.0.0.1",
+        **OUTAGE_WAITS,
+        **env,
+    )
+
+
 def submit_photos(deployment: Deployment, count: int) -> list[str]:
     return [
         submit(deployment, photo_bytes(NAMES[i % len(NAMES)], size=(72 + i, 40)), name=f"{i}.jpg")["id"]
@@ -65,13 +76,7 @@ def test_an_s3_outage_longer_than_the_old_retry_window_fails_no_job(fleet: Deplo
     metrics_port = free_port()
     with cuttable_proxy((endpoint.hostname or "127.0.0.1", endpoint.port or 80)) as s3:
         fleet.start_api()
-        worker = fleet.start_worker(
-            "worker",
-            AWS_ENDPOINT_URL=f"http://{s3.address}",
-            MODTAG_WORKER_METRICS_PORT=str(metrics_port),
-            MODTAG_WORKER_METRICS_HOST="127.0.0.1",
-            **OUTAGE_WAITS,
-        )
+        worker = start_worker(fleet, metrics_port, AWS_ENDPOINT_URL=f"http://{s3.address}")
         s3.cut()
         cut_at = time.monotonic()
         job_ids = submit_photos(fleet, JOBS)
@@ -100,14 +105,12 @@ def test_a_database_outage_mid_batch_costs_no_attempt(fleet: Deployment, postgre
     metrics_port = free_port()
     with cuttable_proxy(socket_path) as database:
         fleet.start_api()
-        worker = fleet.start_worker(
-            "worker",
+        worker = start_worker(
+            fleet,
+            metrics_port,
             MODTAG_DATABASE_URL=f"postgresql://postgres@{database.address}{path}",
-            MODTAG_WORKER_METRICS_PORT=str(metrics_port),
-            MODTAG_WORKER_METRICS_HOST="127.0.0.1",
             MODTAG_BATCH_WAIT_MS="3000",  # claimed jobs wait in the batcher: the cut lands mid-job
             MODTAG_BATCH_MAX_IMAGES="64",
-            **OUTAGE_WAITS,
         )
         job_ids = submit_photos(fleet, JOBS)
         wait_for(
