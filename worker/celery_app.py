@@ -19,7 +19,7 @@ from typing import Any
 import redis
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import worker_ready, worker_shutting_down
 
 from core import metrics
 from core.broker import enqueue_job_first, make_celery
@@ -41,7 +41,8 @@ app.conf.broker_connection_max_retries = None
 
 _runtime: WorkerRuntime | None = None
 _runtime_lock = threading.Lock()
-_stop = threading.Event()
+_stop = threading.Event()  # ends the process's background threads (set when `supervise` returns)
+_background = threading.Event()  # set once they are started: at the first consumer's worker_ready
 DRAIN_POLL_S = 0.1  # how often a draining worker looks whether its running jobs have finished
 
 
@@ -121,26 +122,32 @@ def supervise(
 ) -> int:
     """Call `run` (one Celery worker's life: its exit status) again each time it ends on its own with a non-zero
     status, at most `restarts` times within `window_s`; the status it ended with otherwise."""
-    global _stop
     recent: deque[float] = deque()
-    while True:
-        _stop = threading.Event()  # this run's: the last run's reconciler, webhook sender and renewals have ended
-        status = run()
-        if status == 0 or stopping():
-            return status
-        now = clock()
-        while recent and now - recent[0] > window_s:
-            recent.popleft()
-        if len(recent) >= restarts:
-            why = last_error() or f"exit status {status}"
-            print(
-                f"modtag worker: the Celery consumer stopped on an error {len(recent) + 1} times in {window_s:g} s "
-                f"(last: {why}); exiting with status {status} for the supervisor to start a fresh process",
-                file=sys.stderr,
+    try:
+        while True:
+            status = run()
+            if status == 0 or stopping():
+                return status
+            now = clock()
+            while recent and now - recent[0] > window_s:
+                recent.popleft()
+            if len(recent) >= restarts:
+                why = last_error() or f"exit status {status}"
+                print(
+                    f"modtag worker: the Celery consumer stopped on an error {len(recent) + 1} times in {window_s:g} s "
+                    f"(last: {why}); exiting with status {status} for the supervisor to start a fresh process",
+                    file=sys.stderr,
+                )
+                return status
+            recent.append(now)
+            log.warning(
+                "the Celery consumer stopped on an error (%s); restarting it, models kept", last_error() or status
             )
-            return status
-        recent.append(now)
-        log.warning("the Celery consumer stopped on an error (%s); restarting it, models kept", last_error() or status)
+    finally:
+        # The reconciler, webhook sender and lease renewals live as long as the process, not one consumer: a consumer
+        # ended by a broker outage must not take with it the renewals of the jobs still running nor the reconciler
+        # that notices the broker come back empty.
+        _stop.set()
 
 
 def _run_celery(argv: list[str]) -> int:
@@ -193,6 +200,10 @@ def serve_metrics(settings: Settings) -> None:
 @worker_ready.connect
 def _on_ready(**_: Any) -> None:
     metrics.set_build_info("worker")
+    with _runtime_lock:
+        if _background.is_set():  # a consumer restarted by `supervise`: the threads of the first one go on
+            return
+        _background.set()
     start_reconciler(settings, app, _stop)
     start_webhook_sender(settings, _stop)
     runtime().lifecycle.start_renewing(_stop)
@@ -203,11 +214,6 @@ def _on_shutting_down(**_: Any) -> None:
     # SIGTERM (a pod evicted, a node drained): Celery stops taking messages and waits for the running tasks;
     # this bounds the wait, so the process exits inside the orchestrator's grace period.
     threading.Thread(target=_drain, args=(runtime(),), name="modtag-drain", daemon=True).start()
-
-
-@worker_shutdown.connect
-def _on_shutdown(**_: Any) -> None:
-    _stop.set()
 
 
 def _drain(current: WorkerRuntime) -> None:

@@ -50,6 +50,10 @@ def test_a_consumer_ended_by_the_audits_error_is_restarted_in_the_same_process(
     outages_while_acking(deployment, redis_server, 2, **fault)
     log = (deployment.log_dir / "worker.log").read_text(errors="replace")
     assert "Unrecoverable error: AttributeError" in log and "restarting it, models kept" in log
+    # The reconciler (and with it the lease renewals and the webhook sender) outlived the consumer the fault ended:
+    # it saw each outage and each return. It used to end with the consumer and start again only once Redis was back.
+    assert log.count("reconciler: Redis unreachable") == 2, log
+    assert log.count("reconciler: Redis reachable again") == 2, log
 
 
 def outages_while_acking(deployment: Deployment, redis_server: Any, outages: int, **worker_env: str) -> None:

@@ -4,10 +4,12 @@ by tests/integration/test_broker_outage.py)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import pytest
 
+from worker import celery_app
 from worker.celery_app import supervise
 
 
@@ -63,3 +65,25 @@ def test_errors_spread_wider_than_the_window_are_restarted_forever() -> None:
         supervise(run, stopping=lambda: False, last_error=lambda: "", restarts=2, window_s=60, clock=lambda: now[0])
         == 0
     )
+
+
+def test_the_background_threads_outlive_a_restarted_consumer_and_end_with_the_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stop = threading.Event()  # what the reconciler, webhook sender and lease renewals wait on
+    monkeypatch.setattr(celery_app, "_stop", stop)
+    seen: list[bool] = []
+
+    def run() -> int:
+        seen.append(stop.is_set())
+        return 1 if len(seen) < 3 else 0
+
+    assert supervise(run, stopping=lambda: False, last_error=lambda: "", restarts=5, window_s=60) == 0
+    assert seen == [False, False, False] and stop.is_set()
+
+
+def test_the_background_threads_end_when_supervision_gives_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    stop = threading.Event()
+    monkeypatch.setattr(celery_app, "_stop", stop)
+    assert supervise(lambda: 1, stopping=lambda: False, last_error=lambda: "", restarts=0, window_s=60) == 1
+    assert stop.is_set()
