@@ -100,6 +100,11 @@ def peers_bench(
                     runners["openvino float32 text"] = _Runner(_openvino_text_runner(text_row), TEXT, 1, TEXT_CALLS)
             except Exception as exc:  # a peer that cannot convert this model is reported, not fatal
                 errors[peer] = f"{type(exc).__name__}: {exc}"[:300]
+        # The stock models were only there to convert: their memory goes before the timings (the shared box of 23 GB
+        # this was written on ran out with them kept).
+        del vision, stock
+        text_row.stock = None
+        gc.collect()
         log("peers: timing, interleaved")
         times: dict[str, list[float]] = {name: [] for name in runners}
         order = list(runners)
@@ -200,7 +205,7 @@ class _TextRow:
     """One match pass as the engine runs it: the bench's texts packed in one row over one photo's image tokens."""
 
     modtag: Callable[[], object]
-    stock: nn.Module  # the stock float32 text encoder, for the peers to convert
+    stock: nn.Module | None  # the stock float32 text encoder, for the peers to convert (then dropped)
     inputs: dict[str, torch.Tensor]  # what the engine hands the text encoder for this row
     tokens: int
 
@@ -279,6 +284,7 @@ def _openvino_compile(converted: Any, dtype: str) -> Any:
 def _openvino_text_runner(row: _TextRow) -> Callable[[], object]:
     import openvino
 
+    assert row.stock is not None  # converted before the timings drop it
     converted = openvino.convert_model(_TextEncoder(row.stock), example_input=tuple(row.inputs.values()))
     compiled = _openvino_compile(converted, "float32")
     inputs = [tensor.numpy() for tensor in row.inputs.values()]
