@@ -474,8 +474,10 @@ def _sdpa_flops(
     return int(sdpa_flop_count(query_shape, key_shape, value_shape))
 
 
-def _linear_flops(input_shape: tuple[int, ...], weight_shape: tuple[int, ...], *_: Any, **__: Any) -> int:
-    # (..., K) x (N, K)^T: 2 K N per input row.
+def _linear_flops(input_shape: tuple[int, ...], *shapes: Any, **__: Any) -> int:
+    # (..., K) x (N, K)^T: 2 K N per input row. The counter looks operators up by name, so both overloads come here:
+    # (X, W, B, attr, scalars, algorithm) and the residual-fused `binary` one, (X, other, W, B, attr).
+    weight_shape = shapes[1] if len(shapes) == 4 else shapes[0]
     return 2 * math.prod(input_shape) * weight_shape[0]
 
 

@@ -132,6 +132,13 @@ def test_count_flops_counts_matmuls_and_cpu_attention() -> None:
     assert install_packed_linear(layer) == 1  # the engine's linear layers on CPUs
     with torch.inference_mode():
         flops, _ = count_flops(lambda: layer(torch.randn(3, 5, 32)))
+        assert flops == 2 * 15 * 32 * 16
+        # The residual-fused overload (worker/families/blip/linear.py) counts the same product.
+        packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight, 4096)
+        inputs, residual = torch.randn(3, 5, 32), torch.randn(3, 5, 16)
+        flops, _ = count_flops(
+            lambda: torch.ops.mkldnn._linear_pointwise.binary(inputs, residual, packed, layer.bias, "add")
+        )
     assert flops == 2 * 15 * 32 * 16
 
 
