@@ -186,6 +186,7 @@ def logout(
     """End the session and forget the cookie; a single sign-on session goes on to the provider to end its own."""
     token = request.cookies.get(SESSION_COOKIE)
     signed_out = "/dashboard/login"
+    provider_url: str | None = None
     if token:
         # An expired or revoked sign-in needs no CSRF check: forgetting the cookie is all that is left to do.
         with contextlib.suppress(AuthError):
@@ -195,9 +196,15 @@ def logout(
             if key is not None and key.prefix.startswith(SSO_PREFIX) and settings.oidc_issuer:
                 # Otherwise the provider's own session signs the person straight back in at the next button press.
                 after = urljoin(settings.oidc_redirect_url or str(request.url_for("login_form")), "/dashboard/login")
-                signed_out = sso.end_session_url(settings, after) or signed_out
+                provider_url = sso.end_session_url(settings, after)
         end_session(session, token)
-    response = RedirectResponse(signed_out, status_code=303)
+    # To the provider by a page that moves on by itself, not a redirect: the dashboard's CSP (`form-action 'self'`)
+    # stops a browser from following a form's redirect to another origin.
+    response: Response = (
+        render(request, "signed_out.html", None, provider_url=provider_url)
+        if provider_url
+        else RedirectResponse(signed_out, status_code=303)
+    )
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
 

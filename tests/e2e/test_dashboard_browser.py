@@ -436,5 +436,9 @@ def test_signing_in_through_the_identity_provider(desk: Desk, browser: Any, scre
     assert page.goto(f"{desk.api.base_url}/dashboard/audit").status == 403  # a reviewer, not an admin
     page.goto(f"{desk.api.base_url}/dashboard/review")
     page.click("text=Sign out")
+    # Signing out ends the provider's session too (RP-initiated logout): its page, then back to modtag's sign-in.
+    page.wait_for_url(re.compile(re.escape(desk.provider.issuer) + r"/oauth2/end_session\?"))
+    assert not any(c["name"] == "modtag_session" for c in context.cookies())  # modtag's own session ended first
+    page.click("button:text-is('End session')")
     page.wait_for_url(re.compile(r"/dashboard/login$"))
     context.close()
