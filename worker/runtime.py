@@ -40,7 +40,7 @@ from worker.callbacks import send_callbacks
 from worker.embedding import ITM_CAPABILITIES, EmbeddingStep
 from worker.inference import InferenceService
 from worker.lifecycle import JobLifecycle, JobResult, Unclaimed
-from worker.pixels import PixelBudget, decode_peak_bytes, pixel_bytes
+from worker.pixels import PixelBudget, decode_peak_bytes, pixel_bytes, release_freed_memory
 from worker.url_media import fetch_url_media
 from worker.video import VideoJudge
 
@@ -138,6 +138,10 @@ class WorkerRuntime:
             return self._decide(job)
         finally:
             self.lifecycle.release(job.id)
+            if not self.lifecycle.held:
+                # The last job out gives back what the burst left in malloc's arenas; the pixel budget's own trim
+                # runs when the images go, before the OCR, thumbnail and store steps have freed theirs.
+                release_freed_memory()
 
     def give_up(self, job_id: str, code: str, message: str) -> None:
         """Fail a job from outside its run (the Celery task's time limit), with its callbacks."""
