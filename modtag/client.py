@@ -22,6 +22,9 @@ from core.tables import FINAL_STATUSES
 
 # Polling gently: in the embedded stack the API shares the cores with the worker it is waiting for.
 POLL_INTERVAL_S = 0.2
+# An idle connection is dropped here before the API closes it (MODTAG_KEEP_ALIVE_TIMEOUT_S, 5 s by default): at
+# equal timeouts a request sent as the server closes the connection meets "connection reset by peer".
+KEEPALIVE_EXPIRY_S = 2.0
 
 
 class ApiUnreachable(ModtagError):
@@ -71,7 +74,8 @@ class ApiClient(httpx.Client):
         headers: dict[str, str] | None = None,
     ) -> None:
         sent = {**(headers or {}), **({"Authorization": f"Bearer {key}"} if key else {})}
-        super().__init__(base_url=base_url, timeout=timeout_s, headers=sent)
+        limits = httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S)
+        super().__init__(base_url=base_url, timeout=timeout_s, headers=sent, limits=limits)
         self.poll_interval_s = poll_interval_s
 
     def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
