@@ -209,6 +209,13 @@ class Settings(BaseSettings):
         description="Bytes of decoded pixels one worker holds at once (RGB 3 per pixel, RGBA 4, 16-bit grey 2...); "
         "more jobs wait. Default: MODTAG_WORKER_DECODED_MEGAPIXELS (deprecated) at 3 bytes per pixel, 960 MB.",
     )
+    worker_malloc_arenas: int = Field(
+        default=2,
+        ge=0,
+        le=1024,
+        description="malloc arenas a worker's threads share (glibc's M_ARENA_MAX); 0: glibc's default, eight per core, "
+        "which after a burst left each task thread an arena of its own that stays resident.",
+    )
     worker_concurrency: int | None = Field(
         default=None, gt=0, le=256, description="Task threads per worker; default twice batch_max_images."
     )

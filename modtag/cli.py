@@ -519,8 +519,10 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from core.queues import Queue
     from worker.celery_app import consume, install_runtime, serve_metrics
+    from worker.pixels import limit_malloc_arenas
     from worker.runtime import WorkerRuntime
 
+    limit_malloc_arenas(settings.worker_malloc_arenas)  # before any thread starts: the models' and the pool's
     serve_metrics(settings)  # first: a taken port stops the worker before the models load
     runtime = WorkerRuntime.from_settings(settings)
     runtime.load()  # fail here, with how to get the weights, before taking any job

@@ -10,7 +10,8 @@ threads past the budget wait; an image larger than the whole budget waits until 
 longer than `timeout_s` gives up with a transient error, so the job is retried later, not failed.
 
 When the budget goes idle (nothing held), freed memory is handed back to the operating system (glibc's
-`malloc_trim`): Pillow's 16 MB blocks are freed into malloc's arenas, which otherwise keep a burst's peak for good.
+`malloc_trim`): Pillow's 16 MB blocks are freed into malloc's arenas, which otherwise keep a burst's peak for good;
+`limit_malloc_arenas` keeps the task threads from each keeping an arena of their own.
 """
 
 from __future__ import annotations
@@ -99,17 +100,33 @@ class PixelBudget:
 
 def release_freed_memory() -> None:
     """Return the free pages of malloc's arenas to the operating system (glibc only; elsewhere nothing)."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
+    if _libc is not None:
+        _libc.malloc_trim(0)
 
 
-def _load_malloc_trim() -> Callable[[int], int] | None:
+def limit_malloc_arenas(arenas: int) -> bool:
+    """At most `arenas` malloc arenas for the threads this process starts from now on (glibc's M_ARENA_MAX; 0 keeps
+    glibc's default of eight per core); whether it was applied.
+
+    glibc gives each new thread an arena of its own, up to eight per core: a burst over a worker's task threads left
+    each of them an arena that `malloc_trim` could not empty (the long-lived small objects the threads left there
+    pin its pages), about 45 MB resident apiece. Call it before the threads start (model loading, the pool)."""
+    if _libc is None or arenas <= 0:
+        return False
+    return bool(_libc.mallopt(_M_ARENA_MAX, arenas))
+
+
+_M_ARENA_MAX = -8  # glibc's malloc.h
+
+
+def _load_glibc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim: Callable[[int], int] = libc.malloc_trim  # absent from musl and macOS: AttributeError
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]  # both absent from musl and macOS: AttributeError
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     except (OSError, AttributeError):
         return None
-    return trim
+    return libc
 
 
-_malloc_trim = _load_malloc_trim()
+_libc = _load_glibc()

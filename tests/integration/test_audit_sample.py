@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -48,9 +47,9 @@ def test_audit_items_reach_the_queue_at_the_configured_rate(database_url: str) -
     audits = [job_id for job_id, _ in decided if job_id in items]
     assert all(items[job_id].kind == "audit" for job_id in audits)
     assert {job_id for job_id, _ in decided if review.audit_sampled(job_id, RATE)} == set(audits)
-    # The share is the rate, within four standard deviations of the binomial (a random job id is a fair draw).
-    spread = 4 * math.sqrt(JOBS * RATE * (1 - RATE))
-    assert abs(len(audits) - JOBS * RATE) <= spread, len(audits)
+    # Which share of random job ids is drawn is left to the fixed ids below: a bound on a random count here would
+    # fail now and then by chance (it did once in CI, at 4.04 standard deviations).
+    assert 0 < len(audits) < JOBS
     # Both automatic actions are sampled; an audit item of an allow shows its top category.
     actions = {decision.action for job_id, decision in decided if job_id in items}
     assert actions == {"allow", "block"}
@@ -65,8 +64,9 @@ def test_sampling_is_a_function_of_the_job_id() -> None:
     ids = [f"{i:032x}" for i in range(20_000)]
     assert not any(review.audit_sampled(job_id, 0.0) for job_id in ids)
     assert all(review.audit_sampled(job_id, 1.0) for job_id in ids)
-    share = sum(review.audit_sampled(job_id, 0.01) for job_id in ids) / len(ids)
-    assert 0.006 < share < 0.014
+    for rate in (0.01, 0.2, 0.5):
+        share = sum(review.audit_sampled(job_id, rate) for job_id in ids) / len(ids)
+        assert abs(share - rate) < 0.1 * rate, (rate, share)
     assert [review.audit_sampled(job_id, 0.3) for job_id in ids[:500]] == [
         review.audit_sampled(job_id, 0.3) for job_id in ids[:500]
     ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -47,3 +49,11 @@ def test_an_image_larger_than_the_budget_runs_alone_and_a_full_budget_times_out_
             pass
     assert busy.value.code == "worker_busy" and busy.value.retryable
     assert budget.held == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_malloc_arenas_are_limited_on_glibc_and_zero_keeps_its_default() -> None:
+    # In a child process: the limit holds for the rest of a process's life.
+    script = "from worker.pixels import limit_malloc_arenas as limit\nprint(limit(0), limit(2))\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["False", "True"]
