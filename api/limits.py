@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 import re
 from collections.abc import Sized
@@ -41,6 +40,7 @@ from uvicorn.server import ServerState
 
 from api.auth import DECIDED_SCOPE_KEY, Presented, identify, presented
 from api.deps import Services, new_session
+from api.errors import error_response
 from api.middleware import HttpMiddleware
 from core.errors import ModtagError
 from core.principals import Principal
@@ -77,6 +77,7 @@ class RequestLimitsMiddleware(HttpMiddleware):
         raw = scope.get("headers", [])
         if sum(len(name) + len(value) + 4 for name, value in raw) > self.settings.max_header_bytes:
             await _refuse(
+                scope,
                 send,
                 431,
                 f"the request headers are larger than {self.settings.max_header_bytes} bytes",
@@ -97,11 +98,11 @@ class RequestLimitsMiddleware(HttpMiddleware):
         cap = self.settings.max_body_bytes
         media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if media_type == "multipart/form-data":
-            await _refuse(send, 415, "this route takes no multipart body; send JSON", "unsupported_media_type")
+            await _refuse(scope, send, 415, "this route takes no multipart body; send JSON", "unsupported_media_type")
             return
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > cap:
-            await _refuse(send, 413, _too_large(cap), "body_too_large")
+            await _refuse(scope, send, 413, _too_large(cap), "body_too_large")
             return
         await self._capped(scope, receive, send, cap)
 
@@ -133,13 +134,13 @@ class RequestLimitsMiddleware(HttpMiddleware):
             if over:
                 if not answered:
                     answered = True
-                    await _refuse(send, 413, _too_large(cap), "body_too_large")
+                    await _refuse(scope, send, 413, _too_large(cap), "body_too_large")
                 return
             await send(message)
 
         await self.app(scope, capped_receive, guarded_send)
         if over and not answered:
-            await _refuse(send, 413, _too_large(cap), "body_too_large")
+            await _refuse(scope, send, 413, _too_large(cap), "body_too_large")
 
 
 class HeaderDeadlineProtocol(H11Protocol):
@@ -203,7 +204,7 @@ def _connection_limited(app: ASGIApp, limit: int, connections: Sized, tasks: Siz
         if scope["type"] == "http" and (len(connections) > limit or len(tasks) > limit):
             log.warning("connection limit reached (MODTAG_API_MAX_CONNECTIONS=%d): answered 503 busy", limit)
             detail = f"this API process serves {limit} connections at once (MODTAG_API_MAX_CONNECTIONS); try again"
-            await _refuse(send, 503, detail, "busy", retry_after_s=BUSY_RETRY_AFTER_S)
+            await _refuse(scope, send, 503, detail, "busy", retry_after_s=BUSY_RETRY_AFTER_S)
             return
         await app(scope, receive, send)
 
@@ -230,12 +231,16 @@ def _too_large(cap: int) -> str:
     return f"the request body is larger than {cap} bytes (only image uploads may be larger)"
 
 
-async def _refuse(send: Send, status: int, detail: str, code: str, *, retry_after_s: int | None = None) -> None:
-    body = json.dumps({"detail": detail, "code": code}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if retry_after_s is not None:
-        headers.append((b"retry-after", str(retry_after_s).encode()))
+async def _refuse(
+    scope: Scope, send: Send, status: int, detail: str, code: str, *, retry_after_s: int | None = None
+) -> None:
+    """Answer with the API's error body (`error_response`) from outside any route: the request never reached one."""
+    headers = {} if retry_after_s is None else {"retry-after": str(retry_after_s)}
     if status in (413, 431, 503):
-        headers.append((b"connection", b"close"))  # the unread body is not drained; the connection cannot be reused
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+        headers["connection"] = "close"  # the unread body is not drained; the connection cannot be reused
+    await error_response(status, detail, code, headers=headers)(scope, _nothing_to_receive, send)
+
+
+async def _nothing_to_receive() -> Message:
+    """What a response sent by `_refuse` would read: it never does (its body is whole)."""
+    return {"type": "http.disconnect"}
