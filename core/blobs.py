@@ -75,7 +75,7 @@ def open_blob_store(settings: Settings) -> BlobStore:
         return LocalBlobStore(Path(unquote(parts.path)))
     if parts.scheme == "s3" and parts.netloc:
         # Enough connections for every task thread of a worker to read at once.
-        connections = max(10, settings.worker_concurrency or 0, 2 * settings.batch_max_images)
+        connections = max(10, settings.resolved_worker_concurrency)
         return S3BlobStore(parts.netloc, parts.path.strip("/"), max_connections=connections)
     raise ConfigError(f"blob store URL {url!r} is neither file:///path nor s3://bucket/prefix", code="blob_url_invalid")
 

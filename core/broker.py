@@ -33,8 +33,9 @@ def make_celery(settings: Settings) -> Celery:
         task_routes={
             TaskName.PROCESS_JOB.value: {"queue": Queue.INFERENCE.value},
         },
-        # The worker's task threads (twice the batch size, see `modtag worker`) already hold the batch that
-        # computes and the next one; reserving more would only keep messages from idle workers.
+        # The worker's task threads (three times the batch size, see `modtag worker`) already hold the batch that
+        # computes, the next one and a batch kept free for live uploads; reserving more would only keep messages from
+        # idle workers.
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,

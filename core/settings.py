@@ -217,7 +217,14 @@ class Settings(BaseSettings):
         "which after a burst left each task thread an arena of its own that stays resident.",
     )
     worker_concurrency: int | None = Field(
-        default=None, gt=0, le=256, description="Task threads per worker; default twice batch_max_images."
+        default=None, gt=0, le=256, description="Task threads per worker; default three times batch_max_images."
+    )
+    worker_bulk_held: int | None = Field(
+        default=None,
+        gt=0,
+        le=256,
+        description="Bulk jobs one worker holds at once; default its task threads minus batch_max_images (at least "
+        "half of them), so a batch of threads is always free for interactive jobs.",
     )
 
     # Webhooks (core/webhooks.py): the waits after each failed attempt, then give up. Standard Webhooks' schedule.
@@ -414,6 +421,16 @@ class Settings(BaseSettings):
     @property
     def resolved_lease_renew_s(self) -> float:
         return self.lease_renew_s or self.running_lease_s / 4
+
+    @property
+    def resolved_worker_concurrency(self) -> int:
+        """Task threads per worker: one batch computes, the next is fetched and decoded, and a batch of threads is
+        kept for interactive jobs while bulk ones hold the rest."""
+        return self.worker_concurrency or 3 * self.batch_max_images
+
+    def resolved_worker_bulk_held(self, concurrency: int) -> int:
+        """Bulk jobs a worker with `concurrency` task threads holds: all but a batch of them, and at least half."""
+        return self.worker_bulk_held or max(concurrency - self.batch_max_images, (concurrency + 1) // 2)
 
     @property
     def resolved_worker_decoded_bytes(self) -> int:

@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency",
         type=_positive_int,
         default=None,
-        help="task threads (default: MODTAG_WORKER_CONCURRENCY or twice the batch size)",
+        help="task threads (default: MODTAG_WORKER_CONCURRENCY or three times the batch size)",
     )
     worker.set_defaults(handler=cmd_worker, opens_database=True)
 
@@ -528,9 +528,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     runtime.load()  # fail here, with how to get the weights, before taking any job
     logging.getLogger("modtag").info("models loaded: %s", runtime.inference.describe())
     install_runtime(runtime)
-    # Twice the batch: while one batch computes, the next one's images are fetched, decoded and waiting,
-    # so batches leave full instead of as each thread comes back from storing its last result.
-    concurrency = args.concurrency or settings.worker_concurrency or 2 * settings.batch_max_images
+    # Three batches of threads: while one batch computes, the next one's images are fetched, decoded and waiting,
+    # so batches leave full instead of as each thread comes back from storing its last result; and while bulk jobs
+    # hold those two, a batch of threads stays free for interactive jobs (worker/bulk_gate.py).
+    concurrency = args.concurrency or settings.resolved_worker_concurrency
     # Celery's exit status, which `worker_main` drops: a consumer that cannot go on ends the process non-zero.
     return consume(
         [
@@ -542,7 +543,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             "--loglevel=INFO",
             "--without-gossip",
             "--without-mingle",
-        ]
+        ],
+        bulk_held=settings.resolved_worker_bulk_held(concurrency),
     )
 
 

@@ -4,6 +4,12 @@ Task threads decode and prepare their image, then `submit` it and wait; one mode
 `max_images` requests, or whatever arrived within `wait_ms` of the first, and runs them as a batch.
 Decoding in the task threads overlaps with model compute in the model thread.
 
+Requests come in two lanes. A `bulk` request (a backfill's) is batched only when no interactive one waits, and never
+shares a batch with one: when a batch ends, the interactive requests that arrived meanwhile form the next batch
+alone, however many bulk requests were there first. A live upload then waits for the batch in progress and its
+own, not behind the bulk batches already decoded (the worker holds up to a batch of task threads back from the bulk
+queue for it: worker/celery_app.py's `BulkGate`).
+
 The model thread is the only thread that should run torch in a worker: `call` runs model loading and
 warm-ups there too. On CPUs each thread that runs torch operators gets its own OpenMP thread team;
 two teams on few cores make every parallel region wake sleeping threads instead of spinning ones
@@ -16,9 +22,10 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar
 
 from core import metrics
 
@@ -48,18 +55,25 @@ class Batcher(Generic[Request, Output]):
         self._run_batch = run_batch
         self._max_images = max(1, max_images)
         self._wait_s = max(0.0, wait_ms) / 1000.0
-        self._pending: queue.Queue[tuple[Request, Future[Output]]] = queue.Queue()
+        # (request, its future, bulk), a call or the stop mark, in arrival order; sorted into the lanes by the model
+        # thread only.
+        self._pending: queue.Queue[tuple[Any, Future[Any], bool]] = queue.Queue()
+        self._interactive: deque[tuple[Request, Future[Output]]] = deque()
+        self._bulk: deque[tuple[Request, Future[Output]]] = deque()
+        self._calls: list[tuple[Any, Future[Any]]] = []
+        self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="modtag-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, request: Request) -> Future[Output]:
+    def submit(self, request: Request, *, bulk: bool = False) -> Future[Output]:
+        """Queue `request` in its lane; its future."""
         future: Future[Output] = Future()
-        self._pending.put((request, future))
+        self._pending.put((request, future, bulk))
         return future
 
-    def run(self, request: Request, timeout_s: float | None = None) -> Output:
+    def run(self, request: Request, timeout_s: float | None = None, *, bulk: bool = False) -> Output:
         """Submit one request and wait for its output (raises what the batch raised for it)."""
-        return self.submit(request).result(timeout=timeout_s)
+        return self.submit(request, bulk=bulk).result(timeout=timeout_s)
 
     def call(self, function: Callable[[], Result]) -> Result:
         """Run `function` on the model thread, between batches, and return its result (or raise its error)."""
@@ -68,44 +82,54 @@ class Batcher(Generic[Request, Output]):
     def call_soon(self, function: Callable[[], Result]) -> Future[Result]:
         """Queue `function` to run on the model thread, between batches; its future, without waiting."""
         future: Future[Any] = Future()
-        self._pending.put((cast(Request, _Call(function)), future))
+        self._pending.put((_Call(function), future, False))
         return future
 
     def close(self) -> None:
         """End the model thread once the work queued before this call has run; later submissions never run."""
-        self._pending.put((cast(Request, _STOP), Future()))
+        self._pending.put((_STOP, Future(), False))
         if threading.current_thread() is not self._thread:
             self._thread.join()
 
     def _loop(self) -> None:
         while True:
-            first = self._pending.get()
-            if first[0] is _STOP:
-                return
-            if isinstance(first[0], _Call):
-                self._execute_call(first)
-                continue
-            batch = [first]
-            del first
-            calls: list[tuple[Any, Future[Any]]] = []  # arrived while this batch gathered: run after it
+            if not (self._interactive or self._bulk or self._calls or self._stopping):
+                self._sort(self._pending.get())
+            self._sort_arrived()
+            lane = self._interactive or self._bulk
             deadline = time.monotonic() + self._wait_s
-            stop = False
-            while len(batch) < self._max_images:
+            while lane and len(lane) < self._max_images and not self._stopping:
                 remaining = deadline - time.monotonic()
                 try:
-                    item = self._pending.get(timeout=remaining) if remaining > 0 else self._pending.get_nowait()
+                    self._sort(self._pending.get(timeout=remaining) if remaining > 0 else self._pending.get_nowait())
                 except queue.Empty:
                     break
-                if item[0] is _STOP:
-                    stop = True
-                    break
-                (calls if isinstance(item[0], _Call) else batch).append(item)
-                del item
+                if lane is self._bulk and self._interactive:
+                    lane = self._interactive  # a live request arrived while a bulk batch gathered: it goes first
+            batch = [lane.popleft() for _ in range(min(len(lane), self._max_images))]
             self._execute(batch)
+            calls, self._calls = self._calls, []  # arrived while this batch gathered: run after it
             for call in calls:
                 self._execute_call(call)
-            if stop:
+            if self._stopping and not (self._interactive or self._bulk):
                 return
+
+    def _sort_arrived(self) -> None:
+        """Sort what has arrived so far into the lanes, without waiting (not past the stop mark)."""
+        while not self._stopping:
+            try:
+                self._sort(self._pending.get_nowait())
+            except queue.Empty:
+                return
+
+    def _sort(self, item: tuple[Any, Future[Any], bool]) -> None:
+        work, future, bulk = item
+        if work is _STOP:
+            self._stopping = True
+        elif isinstance(work, _Call):
+            self._calls.append((work, future))
+        else:
+            (self._bulk if bulk else self._interactive).append((work, future))
 
     @staticmethod
     def _execute_call(item: tuple[Any, Future[Any]]) -> None:

@@ -19,15 +19,16 @@ from typing import Any
 import redis
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import task_postrun, task_received, task_revoked, worker_ready, worker_shutting_down
 
 from core import metrics
 from core.broker import enqueue_job_first, make_celery
 from core.errors import ConfigError
 from core.logs import log_context
-from core.queues import TaskName
+from core.queues import Queue, TaskName
 from core.reconcile import start_reconciler
 from core.settings import Settings, get_settings
+from worker.bulk_gate import BulkGate
 from worker.callbacks import start_webhook_sender
 from worker.lifecycle import RetryLater
 from worker.runtime import WorkerRuntime
@@ -43,6 +44,8 @@ _runtime: WorkerRuntime | None = None
 _runtime_lock = threading.Lock()
 _stop = threading.Event()  # ends the process's background threads (set when `supervise` returns)
 _background = threading.Event()  # set once they are started: at the first consumer's worker_ready
+# The bulk messages this worker holds at once; `consume` sets the cap from the task threads (`modtag worker`).
+bulk_gate = BulkGate(Queue.INFERENCE_BULK.value, settings.batch_max_images)
 DRAIN_POLL_S = 0.1  # how often a draining worker looks whether its running jobs have finished
 
 
@@ -86,7 +89,7 @@ def _process(self: Task, current: WorkerRuntime, job_id: str) -> dict[str, Any]:
     return {"job_id": result.job_id, "outcome": result.outcome, "code": result.code}
 
 
-def consume(argv: list[str]) -> int:
+def consume(argv: list[str], *, bulk_held: int | None = None) -> int:
     """Run Celery's worker (the consumer and its thread pool) in this process until asked to stop; its exit status.
 
     Celery ends its worker on an error it does not expect (`Unrecoverable error` in its log: the audit saw kombu's
@@ -97,6 +100,8 @@ def consume(argv: list[str]) -> int:
     `Restart=on-failure`, Kubernetes or `modtag up` starts a fresh one."""
     from celery.worker import state
 
+    if bulk_held is not None:
+        bulk_gate.reset(bulk_held)
     last_error = _LastError()
     logging.getLogger("celery.worker").addHandler(last_error)
     try:
@@ -197,9 +202,28 @@ def serve_metrics(settings: Settings) -> None:
     log.info("worker metrics on %s:%d/metrics", host, settings.worker_metrics_port)
 
 
+@task_received.connect
+def _on_received(sender: Any = None, request: Any = None, **_: Any) -> None:
+    if request is not None:
+        bulk_gate.received(sender, request.id, (request.delivery_info or {}).get("routing_key"))
+
+
+@task_postrun.connect
+def _on_postrun(task_id: str | None = None, **_: Any) -> None:
+    if task_id is not None:
+        bulk_gate.finished(task_id)
+
+
+@task_revoked.connect
+def _on_revoked(request: Any = None, **_: Any) -> None:
+    if request is not None:
+        bulk_gate.finished(request.id)
+
+
 @worker_ready.connect
 def _on_ready(**_: Any) -> None:
     metrics.set_build_info("worker")
+    bulk_gate.reset()  # this consumer consumes every queue of its -Q, the bulk one too
     with _runtime_lock:
         if _background.is_set():  # a consumer restarted by `supervise`: the threads of the first one go on
             return
@@ -211,6 +235,7 @@ def _on_ready(**_: Any) -> None:
 
 @worker_shutting_down.connect
 def _on_shutting_down(**_: Any) -> None:
+    bulk_gate.close()
     # SIGTERM (a pod evicted, a node drained): Celery stops taking messages and waits for the running tasks;
     # this bounds the wait, so the process exits inside the orchestrator's grace period.
     threading.Thread(target=_drain, args=(runtime(),), name="modtag-drain", daemon=True).start()

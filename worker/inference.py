@@ -105,17 +105,20 @@ class InferenceService:
         """Run `function` on the model thread after the work queued before it (a barrier for warm-ups)."""
         return self._started().call(function)
 
-    def infer(self, image: Image.Image, needs: Requirements, timeout_s: float | None = None) -> ModelOutputs:
-        """The outputs `needs` asks for on one image; TimeoutError after `timeout_s`."""
-        return self._started().run(ImageWork(image, needs), timeout_s=timeout_s)
+    def infer(
+        self, image: Image.Image, needs: Requirements, timeout_s: float | None = None, *, bulk: bool = False
+    ) -> ModelOutputs:
+        """The outputs `needs` asks for on one image; TimeoutError after `timeout_s`. A `bulk` image (a bulk job's)
+        is batched only when no interactive one waits (worker/batcher.py)."""
+        return self._started().run(ImageWork(image, needs), timeout_s=timeout_s, bulk=bulk)
 
     def infer_all(
-        self, work: Sequence[tuple[Image.Image, Requirements]], timeout_s: float | None = None
+        self, work: Sequence[tuple[Image.Image, Requirements]], timeout_s: float | None = None, *, bulk: bool = False
     ) -> list[ModelOutputs]:
         """The outputs of several images, in order, submitted together so that they share batches; TimeoutError
         when one is not done `timeout_s` after the previous one."""
         batcher = self._started()
-        futures = [batcher.submit(ImageWork(image, needs)) for image, needs in work]
+        futures = [batcher.submit(ImageWork(image, needs), bulk=bulk) for image, needs in work]
         return [future.result(timeout=timeout_s) for future in futures]
 
     def close(self) -> None:

@@ -29,6 +29,7 @@ from core.dependencies import Dependency, outage_of
 from core.errors import ModelError, ModtagError, PolicyError, TransientError
 from core.hashes import image_hashes
 from core.images import ImageLimits, decode_image, sniff_image
+from core.queues import Priority
 from core.settings import Settings
 from core.tables import Decision, Job, ShadowDecision, as_utc, utcnow
 from policies import ModelOutputs, Policy, PolicyDecision, Requirements, decide
@@ -279,7 +280,9 @@ class WorkerRuntime:
             outputs = (
                 ModelOutputs()
                 if needs.empty
-                else self.inference.infer(image, needs, timeout_s=self.settings.job_timeout_s)
+                else self.inference.infer(
+                    image, needs, timeout_s=self.settings.job_timeout_s, bulk=Priority.of(job.priority) is Priority.BULK
+                )
             )
         outputs = self.embedding.after_inference(job, needs, known.merged(outputs), self.inference.describe())
         with _stage(timings, "evaluate"):

@@ -32,6 +32,7 @@ from core.db import session_scope
 from core.dependencies import Dependency, DependencyRecord
 from core.errors import ModtagError, TransientError
 from core.hashes import ImageHashes
+from core.queues import Priority
 from core.settings import Settings
 from core.tables import Decision, Job
 from core.video import Sampling, VideoLimits, probe, sample_frames
@@ -141,11 +142,12 @@ class VideoJudge:
                 for t, pdq, free in zip(times, pdqs, model_free, strict=True)
             ]
             return VideoDecision(self._decision(job, policy, judged, duration_s, thumbs, models={}), "hash_match")
-        judged = self._infer(policy, context, needs, known, times, pdqs, folder)
+        judged = self._infer(job, policy, context, needs, known, times, pdqs, folder)
         return VideoDecision(self._decision(job, policy, judged, duration_s, thumbs, self.inference.describe()), "")
 
     def _infer(
         self,
+        job: Job,
         policy: Policy,
         context: Mapping[str, Any],
         needs: Requirements,
@@ -167,7 +169,9 @@ class VideoJudge:
                 with self.pixels.hold(held, timeout_s=self.settings.job_timeout_s):
                     images = [_load(folder / f"{number}.png") for number in numbers]
                     fresh = self.inference.infer_all(
-                        [(image, needs) for image in images], timeout_s=self.settings.job_timeout_s
+                        [(image, needs) for image in images],
+                        timeout_s=self.settings.job_timeout_s,
+                        bulk=Priority.of(job.priority) is Priority.BULK,
                     )
                     for image in images:
                         image.close()

@@ -63,8 +63,12 @@ class Deployment:
         wait_for(ready, 30, f"the API ready (its log: {self.log_dir / 'api.log'})")
         return process
 
-    def start_worker(self, name: str = "worker", **extra_env: str) -> subprocess.Popen[bytes]:
-        process = self._spawn(name, ["worker", "--concurrency", "4"], extra_env)
+    def start_worker(
+        self, name: str = "worker", *, concurrency: int | None = 4, **extra_env: str
+    ) -> subprocess.Popen[bytes]:
+        """A `modtag worker` process, ready; `concurrency` task threads (None: the worker's default)."""
+        threads = [] if concurrency is None else ["--concurrency", str(concurrency)]
+        process = self._spawn(name, ["worker", *threads], extra_env)
 
         def answered(app: Celery) -> bool:
             assert process.poll() is None, self.log(name)

@@ -152,3 +152,34 @@ def test_the_model_thread_holds_no_request_once_it_answered() -> None:
             assert freed() is None, "the model thread still holds the request it answered"
     finally:
         batcher.close()
+
+
+def test_interactive_requests_form_the_next_batch_alone_ahead_of_waiting_bulk_ones() -> None:
+    recorder = Recorder()
+    started, release = threading.Event(), threading.Event()
+
+    def run_batch(requests: Sequence[int]) -> list[int]:
+        if requests == [0]:
+            started.set()
+            release.wait(10)  # the batch in progress while the others arrive
+        return recorder(requests)
+
+    batcher: Batcher[int, int] = Batcher(run_batch, max_images=4, wait_ms=0)
+    first = batcher.submit(0)
+    assert started.wait(10)
+    bulk = [batcher.submit(value, bulk=True) for value in range(100, 108)]
+    live = batcher.submit(7)
+    release.set()
+    assert [future.result(timeout=10) for future in (first, live, *bulk)] == [0, 70, *range(1000, 1080, 10)]
+    assert recorder.batches == [[0], [7], [100, 101, 102, 103], [104, 105, 106, 107]]
+
+
+def test_a_live_request_arriving_while_a_bulk_batch_gathers_goes_first_and_alone() -> None:
+    recorder = Recorder()
+    batcher: Batcher[int, int] = Batcher(recorder, max_images=2, wait_ms=60_000)
+    bulk = batcher.submit(100, bulk=True)  # gathers for up to a minute: nothing else is bulk
+    live = [batcher.submit(1), batcher.submit(2)]
+    assert [future.result(timeout=10) for future in live] == [10, 20]
+    batcher.close()  # the bulk batch runs before the thread ends, without waiting out its window
+    assert bulk.result(timeout=10) == 1000
+    assert recorder.batches == [[1, 2], [100]]
