@@ -8,7 +8,7 @@ Requests come in two lanes. A `bulk` request (a backfill's) is batched only when
 shares a batch with one: when a batch ends, the interactive requests that arrived meanwhile form the next batch
 alone, however many bulk requests were there first. A live upload then waits for the batch in progress and its
 own, not behind the bulk batches already decoded (the worker holds up to a batch of task threads back from the bulk
-queue for it: worker/celery_app.py's `BulkGate`).
+queue for it: worker/bulk_gate.py).
 
 The model thread is the only thread that should run torch in a worker: `call` runs model loading and
 warm-ups there too. On CPUs each thread that runs torch operators gets its own OpenMP thread team;
